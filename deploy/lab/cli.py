@@ -37,10 +37,15 @@ def _error(msg: str) -> int:
 def cmd_up(args: argparse.Namespace) -> int:
     try:
         lab = lab_from_args(args)
+    except LabError as e:
+        return _error(str(e))
+    try:
         lab.up()
     except LabError as e:
-        return _error(f"{e}\n(clean up with: pairproxy lab down --prefix {args.prefix}"
-                      + (f" --dir {args.dir}" if args.dir else "") + ")")
+        if set(lab.namespaces) & lab.existing_namespaces():
+            e = f"{e}\n(clean up with: pairproxy lab down --prefix {args.prefix}" \
+                + (f" --dir {args.dir}" if args.dir else "") + ")"
+        return _error(str(e))
     except Exception as e:  # never a traceback
         return _error(f"lab up failed: {type(e).__name__}: {e}")
     a = lab.addresses

@@ -90,12 +90,36 @@ UP_TIMEOUT = 30.0
 KILL_TIMEOUT = 5.0
 
 
-def _tail(path: Path, lines: int = 15) -> str:
+_ERROR_WORDS = ("error", "fail", "panic", "crit", "fatal", "denied", "unable", "cannot", "can't", "in use")
+
+
+def _tail(path: Path, lines: int = 12) -> str:
+    """The informative end of a server log: its last error-looking lines, else its last lines."""
     try:
-        data = path.read_text(errors="replace").splitlines()
+        data = [l for l in path.read_text(errors="replace").splitlines() if l.strip()]
     except OSError:
         return f"(no log at {path})"
-    return "\n".join(data[-lines:]) if data else f"(log {path} is empty)"
+    if not data:
+        return f"(log {path} is empty)"
+    errs = [l for l in data if any(w in l.lower() for w in _ERROR_WORDS)]
+    return "\n".join((errs or data)[-lines:])
+
+
+def _exit_desc(rc: int | None) -> str:
+    if rc is None:
+        return "is not running"
+    if rc < 0:
+        try:
+            return f"was killed by {signal.Signals(-rc).name}"
+        except ValueError:
+            return f"was killed by signal {-rc}"
+    return f"exited with status {rc}"
+
+
+def _one_line(text: str, lines: int = 3) -> str:
+    """The last few non-empty lines of a tool's output, joined into one line."""
+    keep = [l.strip() for l in text.splitlines() if l.strip()][-lines:]
+    return " | ".join(keep) or "(no output)"
 
 
 def _ns_inode(path: str) -> int | None:
@@ -230,20 +254,20 @@ class Lab:
         argv = ["ip"] + (["-n", ns] if ns else []) + list(args)
         cp = subprocess.run(argv, capture_output=True, text=True)
         if check and cp.returncode != 0:
-            raise LabError(f"'{' '.join(argv)}' failed: {cp.stderr.strip() or cp.stdout.strip()}")
+            raise LabError(f"'{' '.join(argv)}' failed: {_one_line(cp.stderr + cp.stdout)}")
         return cp
 
     def _ip_batch(self, ns: str, lines: Iterable[str]) -> None:
         script = "\n".join(lines) + "\n"
         cp = subprocess.run(["ip", "-n", ns, "-batch", "-"], input=script, capture_output=True, text=True)
         if cp.returncode != 0:
-            raise LabError(f"ip -n {ns} -batch failed: {cp.stderr.strip()}")
+            raise LabError(f"ip -n {ns} -batch failed: {_one_line(cp.stderr)}")
 
     def _sysctl(self, ns: str, settings: dict[str, str]) -> None:
         args = [f"{k}={v}" for k, v in settings.items()]
         cp = self.run(ns, ["sysctl", "-q", "-w", *args], capture_output=True, text=True)
         if cp.returncode != 0:
-            raise LabError(f"sysctl in {ns} failed: {cp.stderr.strip()}")
+            raise LabError(f"sysctl in {ns} failed: {_one_line(cp.stderr)}")
 
     @staticmethod
     def existing_namespaces() -> set[str]:
@@ -338,7 +362,7 @@ class Lab:
         cp = subprocess.run(["useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent",
                              "--shell", "/usr/sbin/nologin", self.smb_user], capture_output=True, text=True)
         if cp.returncode != 0 and cp.returncode != 9:  # 9: exists (race with another lab)
-            raise LabError(f"useradd {self.smb_user} failed: {cp.stderr.strip()}")
+            raise LabError(f"useradd {self.smb_user} failed: {_one_line(cp.stderr)}")
 
     def _write_files(self) -> None:
         r = self.root
@@ -521,7 +545,7 @@ extra_ports = [111, 20048]
         cp = subprocess.run(["smbpasswd", "-c", str(self.smb_conf), "-s", "-a", self.smb_user],
                             input=pw, capture_output=True, text=True)
         if cp.returncode != 0:
-            raise LabError(f"smbpasswd -a {self.smb_user} failed: {(cp.stderr or cp.stdout).strip()}")
+            raise LabError(f"smbpasswd -a {self.smb_user} failed: {_one_line(cp.stderr + cp.stdout)}")
 
     # ------------------------------------------------------------- processes
     def _read_pid(self, name: str) -> int | None:
@@ -616,7 +640,7 @@ extra_ports = [111, 20048]
         deadline = time.monotonic() + 10
         while not (run / "rpcbind.sock").exists():
             if rpc.poll() is not None:
-                raise self._fail(f"rpcbind exited with status {rpc.returncode}", self.rpcbind_log)
+                raise self._fail(f"rpcbind {_exit_desc(rpc.returncode)}", self.rpcbind_log)
             if time.monotonic() > deadline:
                 raise self._fail("rpcbind did not create /run/rpcbind.sock within 10 s", self.rpcbind_log)
             time.sleep(0.02)
@@ -640,8 +664,37 @@ extra_ports = [111, 20048]
                                        *map(str, ports)], capture_output=True, text=True)
         return {int(x) for x in cp.stdout.split()} if cp.returncode == 0 else set()
 
+    def _listening_ports(self, name: str) -> set[int]:
+        """TCP ports in LISTEN state whose socket belongs to the recorded server process."""
+        pid = self._read_pid(name)
+        if not pid:
+            return set()
+        try:
+            inodes = set()
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                try:
+                    link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                except OSError:
+                    continue
+                if link.startswith("socket:["):
+                    inodes.add(link[8:-1])
+            ports = set()
+            for table in ("tcp", "tcp6"):
+                try:
+                    lines = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
+                except OSError:
+                    continue
+                for line in lines:
+                    f = line.split()
+                    if len(f) > 9 and f[3] == "0A" and f[9] in inodes:
+                        ports.add(int(f[1].rsplit(":", 1)[1], 16))
+            return ports
+        except OSError:
+            return set()
+
     def _wait_ready(self, timeout: float = UP_TIMEOUT) -> None:
         want = set(SMB_PORTS) | set(NFS_PORTS)
+        owners = {"smbd": {445}, "rpcbind": {111}, "ganesha": {2049, 20048}}
         deadline = time.monotonic() + timeout
         logs = {"smbd": self.smbd_log, "rpcbind": self.rpcbind_log, "ganesha": self.ganesha_log}
         while True:
@@ -649,14 +702,16 @@ extra_ports = [111, 20048]
                 if not self._server_alive(name):
                     proc = self._procs.get(name)
                     rc = proc.poll() if proc is not None else None
-                    raise self._fail(f"{name} is not running (exit status {rc})", logs[name])
+                    raise self._fail(f"{name} {_exit_desc(rc)}", logs[name])
             missing = want - self._probe(sorted(want))
+            for name, ports in owners.items():
+                missing |= ports - self._listening_ports(name)
             if not missing:
                 return
             if time.monotonic() > deadline:
-                who = "smbd" if missing & set(SMB_PORTS) else "ganesha"
-                raise self._fail(f"port(s) {sorted(missing)} on {self.addresses.server} not answering "
-                                 f"after {timeout:.0f} s", logs[who])
+                who = next(n for n, p in owners.items() if p & missing)
+                raise self._fail(f"{who}: port(s) {sorted(missing)} on {self.addresses.server} not "
+                                 f"answering from its own socket after {timeout:.0f} s", logs[who])
             time.sleep(0.1)
 
     def _kill_pids(self, pids: list[int], timeout: float = KILL_TIMEOUT) -> None:
@@ -742,7 +797,7 @@ extra_ports = [111, 20048]
             if ns in have:
                 cp = self._ip("netns", "del", ns, check=False)
                 if cp.returncode != 0:
-                    errors.append(f"{ns}: {cp.stderr.strip()}")
+                    errors.append(f"{ns}: {_one_line(cp.stderr)}")
         if self.run_dir.exists():
             shutil.rmtree(self.run_dir, ignore_errors=True)
         grun = self.ganesha_dir / "run"
