@@ -32,6 +32,18 @@ Client URL forms that work with libnfs-utils 4.0 against this Ganesha (checked b
 
   (v4 *writes* of >= 4000 bytes fail inside libnfs 4.0's encoder; use v3 or another client to write.)
 
+Quirks handled here:
+
+* Ganesha starts in a 90 s NFSv4 grace period (v4 OPEN fails with NFS4ERR_GRACE): ``Graceless = true``.
+* rpcbind and ganesha share a private mount namespace with root/ganesha/run bound over /run; ganesha is
+  started with ``nsenter -t <rpcbind pid> -m`` so both recorded PIDs are the real daemons.
+* smbd panics (SIGABRT) when 445 is taken; readiness therefore also checks that the listening socket on
+  each port belongs to the recorded daemon, not just that something answers.
+* smbd forks smbd-notifyd/cleanupd; down() also stops whatever still runs in the lab's namespaces (found
+  by network-namespace inode), because ``ip netns del`` would leave such processes running.
+* Daemons outlive the CLI and are reparented to PID 1; on this VM PID 1 does not reap, so stopped daemons
+  may remain as zombies (state Z). Liveness checks treat zombies as dead.
+
 ``Lab.nfs_url(host, relpath, version)`` builds these; ``Lab.smbclient(host, commands)`` runs
 ``smbclient //host/share -U pp%pairproxy -c commands`` in the client namespace.
 """
