@@ -1,0 +1,184 @@
+"""The ``pairproxy`` command line.
+
+Every command returns an exit code; problems are printed as one line each (``KEY.PATH: what is
+wrong``) on standard error, never as a traceback, because operators read them in a terminal or a
+journal and must know at once which key to fix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import trio
+
+from proxy.config import ConfigError, load_config
+
+EXIT_OK, EXIT_PROBLEM, EXIT_USAGE = 0, 1, 2
+
+DESCRIPTION = """\
+pairproxy: a pair of proxy nodes in front of NFS and SMB file servers.
+
+Each node owns a service address that clients mount from and proxies every TCP
+connection on its services' ports to the backend file server.
+"""
+
+EPILOG = """\
+examples:
+  pairproxy check -c /etc/pairproxy/a.toml     validate config and environment
+  pairproxy run -c /etc/pairproxy/a.toml       run the node in the foreground
+  pairproxy status -c /etc/pairproxy/a.toml    ask the running node how it is
+  pairproxy lab up && pairproxy lab demo       try it in a network-namespace lab (root)
+"""
+
+
+def _print_problems(problems: list[str]) -> None:
+    for line in problems:
+        print(f"pairproxy: {line}", file=sys.stderr)
+
+
+def _load(path: str) -> tuple[object | None, list[str]]:
+    try:
+        return load_config(path), []
+    except ConfigError as exc:
+        return None, exc.problems
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from proxy.preflight import environment_problems
+
+    config, problems = _load(args.config)
+    if config is not None:
+        problems = environment_problems(config)
+    if problems:
+        _print_problems(problems)
+        return EXIT_PROBLEM
+    print(f"{args.config}: ok (node {config.node.name}, {len(config.services)} service(s))")
+    return EXIT_OK
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s.%(msecs)03d %(levelname)-7s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from proxy.control import ControlError
+    from proxy.netplane import NetworkError
+    from proxy.node import Node
+    from proxy.preflight import environment_problems
+
+    config, problems = _load(args.config)
+    if config is not None:
+        problems = environment_problems(config)
+    if problems:
+        _print_problems(problems)
+        return EXIT_PROBLEM
+    _setup_logging(args.log_level or config.node.log_level)
+    try:
+        trio.run(Node(config).run)
+    except* (ControlError, NetworkError) as group:
+        _print_problems([str(e) for e in group.exceptions])
+        return EXIT_PROBLEM
+    except* OSError as group:
+        _print_problems([f"cannot start: {e}" for e in group.exceptions])
+        return EXIT_PROBLEM
+    return EXIT_OK
+
+
+def _human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def format_status(status: dict) -> str:
+    lines = [
+        f"node {status['node']} (pid {status['pid']}): {status['state']}, "
+        f"address {status['address']} on {status['interface']}, up {status['uptime']:.1f}s",
+        "",
+        f"{'service':<10} {'proto':<5} {'ports':<16} {'backend':<21} {'active':>6} {'total':>7} "
+        f"{'to backend':>11} {'to client':>11} {'failed':>6}",
+    ]
+    for s in status["services"]:
+        lines.append(
+            f"{s['name']:<10} {s['protocol']:<5} {','.join(map(str, s['ports'])):<16} {s['backend']:<21} "
+            f"{s['connections_active']:>6} {s['connections_total']:>7} {_human_bytes(s['bytes_to_backend']):>11} "
+            f"{_human_bytes(s['bytes_to_client']):>11} {s['backend_failures']:>6}")
+        if s.get("last_backend_error"):
+            lines.append(f"{'':<10} last backend error: {s['last_backend_error']}")
+    return "\n".join(lines)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from proxy.control import ControlError, request
+
+    config, problems = _load(args.config)
+    if problems:
+        _print_problems(problems)
+        return EXIT_PROBLEM
+    try:
+        status = request(config.node.control, "status")
+    except ControlError as exc:
+        _print_problems([str(exc)])
+        return EXIT_PROBLEM
+    print(json.dumps(status, indent=2) if args.json else format_status(status))
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pairproxy", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def with_config(p: argparse.ArgumentParser) -> None:
+        p.add_argument("-c", "--config", required=True, metavar="FILE", help="the node's TOML config")
+
+    p = sub.add_parser("run", help="run a node in the foreground",
+                       description="Check the config and environment, add the node's service address, "
+                                   "proxy every service until SIGTERM/SIGINT, then stop accepting, let open "
+                                   "connections finish for [node] grace, and undo every kernel change. "
+                                   "A second signal cuts open connections at once.")
+    with_config(p)
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
+                   help="overrides [node] log_level")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("check", help="validate a config and the environment",
+                       description="Validate the config and this machine (privileges, interface, directories). "
+                                   "Prints one line per problem naming the key, exits 1 if there is any.")
+    with_config(p)
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("status", help="show a running node's services and counters",
+                       description="Ask the running node over its control socket ([node] control) for its "
+                                   "services, connection counts, bytes each way and uptime.")
+    with_config(p)
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
+    p.set_defaults(func=cmd_status)
+
+    from deploy.lab.cli import add_lab_commands
+
+    add_lab_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

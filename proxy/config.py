@@ -1,0 +1,351 @@
+"""Node configuration: TOML in, validated frozen dataclasses out.
+
+Why a hand-written validator instead of a schema library: the operator must see *every* problem at
+once, each on one line that names the key's path (``service[1].backend: ...``), and the checks are
+specific to networking (addresses, ports, prefixes) where generic schema errors say little.
+
+``load_config`` is pure (no kernel, no sockets); environment checks (does the interface exist, are we
+root) live in :mod:`proxy.preflight`, so a config can be validated on any machine.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+PROTOCOLS = ("smb", "nfs", "tcp")
+
+#: Ports a ``protocol = "nfs"`` service proxies besides its own when ``extra_ports`` is not given:
+#: the portmapper, so that clients which look up MOUNT and NFS ports find them through the node.
+DEFAULT_NFS_EXTRA_PORTS = (111,)
+
+
+class ConfigError(Exception):
+    """A config that cannot be used. ``problems`` holds one line per problem, each naming its key path."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    host: ipaddress.IPv4Address
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    name: str
+    protocol: str
+    port: int
+    backend: Endpoint
+    #: Further ports proxied to the same backend host, each to the same port number there
+    #: (for NFS: the portmapper and a pinned mountd port).
+    extra_ports: tuple[int, ...] = ()
+    connect_timeout: float = 3.0
+
+    @property
+    def ports(self) -> tuple[int, ...]:
+        return (self.port, *self.extra_ports)
+
+    @property
+    def privileged_source_port(self) -> bool:
+        """NFS servers with ``secure`` exports only accept clients from ports below 1024."""
+        return self.protocol == "nfs"
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    name: str
+    interface: str
+    address: ipaddress.IPv4Interface
+    state_dir: Path
+    control: Path
+    grace: float = 10.0
+    log_level: str = "info"
+
+
+@dataclass(frozen=True)
+class Config:
+    node: NodeConfig
+    services: tuple[ServiceConfig, ...] = field(default_factory=tuple)
+    source: Path | None = None
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m)?\s*$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
+_IFNAME = re.compile(r"^[^\s/:]{1,15}$")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def parse_duration(value: Any) -> float:
+    """``"20ms"``, ``"1.5s"``, ``"2m"`` or a number of seconds -> seconds. Raises ValueError."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a duration like '20ms' or '5s', got {value!r}")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    elif isinstance(value, str):
+        match = _DURATION.match(value)
+        if not match:
+            raise ValueError(f"expected a duration like '20ms' or '5s', got {value!r}")
+        number, unit = float(match.group(1)), match.group(2) or "s"
+        seconds = number * {"ms": 0.001, "s": 1.0, "m": 60.0}[unit]
+    else:
+        raise ValueError(f"expected a duration like '20ms' or '5s', got {type(value).__name__}")
+    if seconds < 0:
+        raise ValueError(f"duration must not be negative, got {value!r}")
+    return seconds
+
+
+def parse_endpoint(value: Any) -> Endpoint:
+    """``"10.0.2.10:445"`` -> Endpoint. Raises ValueError naming what is wrong."""
+    if not isinstance(value, str):
+        raise ValueError(f"expected 'IPv4:PORT' as a string, got {type(value).__name__}")
+    host, sep, port = value.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"expected 'IPv4:PORT', got {value!r} (no port)")
+    try:
+        address = ipaddress.IPv4Address(host)
+    except ValueError:
+        raise ValueError(f"{host!r} is not an IPv4 address") from None
+    return Endpoint(address, _port(port))
+
+
+def _port(value: Any) -> int:
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"expected a port number, got {value!r}")
+    if not 1 <= value <= 65535:
+        raise ValueError(f"port {value} is outside 1-65535")
+    return value
+
+
+class _Reader:
+    """Collects problems while reading tables, so every problem is reported in one go."""
+
+    def __init__(self) -> None:
+        self.problems: list[str] = []
+
+    def problem(self, path: str, message: str) -> None:
+        self.problems.append(f"{path}: {message}")
+
+    def table(self, doc: dict, key: str, path: str, required: bool = True) -> dict | None:
+        if key not in doc:
+            if required:
+                self.problem(path, "missing table")
+            return None
+        value = doc[key]
+        if not isinstance(value, dict):
+            self.problem(path, f"expected a table, got {type(value).__name__}")
+            return None
+        return value
+
+    def unknown(self, table: dict, allowed: set[str], path: str) -> None:
+        for key in table:
+            if key not in allowed:
+                hint = _closest(key, allowed)
+                self.problem(f"{path}.{key}" if path else key,
+                             "unknown key" + (f" (did you mean '{hint}'?)" if hint else ""))
+
+    def value(self, table: dict, key: str, path: str, convert, default: Any = ..., ) -> Any:
+        full = f"{path}.{key}"
+        if key not in table:
+            if default is ...:
+                self.problem(full, "missing")
+                return None
+            return default
+        try:
+            return convert(table[key])
+        except ValueError as exc:
+            self.problem(full, str(exc))
+            return None
+
+
+def _closest(key: str, allowed: set[str]) -> str | None:
+    import difflib
+
+    matches = difflib.get_close_matches(key, sorted(allowed), n=1, cutoff=0.6)
+    return matches[0] if matches else None
+
+
+def _string(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {type(value).__name__}")
+    if not value:
+        raise ValueError("must not be empty")
+    return value
+
+
+def _name(value: Any) -> str:
+    value = _string(value)
+    if not _NAME.match(value):
+        raise ValueError(f"{value!r} is not a valid name (letters, digits, '_', '.', '-'; at most 32)")
+    return value
+
+
+def _ifname(value: Any) -> str:
+    value = _string(value)
+    if not _IFNAME.match(value):
+        raise ValueError(f"{value!r} is not a valid interface name (1-15 characters, no spaces, '/' or ':')")
+    return value
+
+
+def _service_address(value: Any) -> ipaddress.IPv4Interface:
+    value = _string(value)
+    if "/" not in value:
+        raise ValueError(f"expected an address with prefix length like '10.0.0.1/24', got {value!r}")
+    try:
+        iface = ipaddress.IPv4Interface(value)
+    except ValueError as exc:
+        raise ValueError(f"{value!r} is not an IPv4 address with prefix: {exc}") from None
+    ip = iface.ip
+    if ip.is_unspecified or ip.is_multicast or ip.is_loopback or ip == iface.network.broadcast_address \
+            and iface.network.prefixlen < 31:
+        raise ValueError(f"{ip} cannot be a service address")
+    return iface
+
+
+def _absolute_path(value: Any) -> Path:
+    path = Path(_string(value))
+    if not path.is_absolute():
+        raise ValueError(f"{str(path)!r} must be an absolute path")
+    return path
+
+
+def _protocol(value: Any) -> str:
+    value = _string(value)
+    if value not in PROTOCOLS:
+        raise ValueError(f"{value!r} is not one of {', '.join(PROTOCOLS)}")
+    return value
+
+
+def _port_list(value: Any) -> tuple[int, ...]:
+    if not isinstance(value, list):
+        raise ValueError(f"expected a list of ports, got {type(value).__name__}")
+    ports = []
+    for i, item in enumerate(value):
+        try:
+            ports.append(_port(item))
+        except ValueError as exc:
+            raise ValueError(f"[{i}]: {exc}") from None
+    return tuple(ports)
+
+
+def _positive_duration(value: Any) -> float:
+    seconds = parse_duration(value)
+    if seconds == 0:
+        raise ValueError("must be greater than zero")
+    return seconds
+
+
+def _log_level(value: Any) -> str:
+    value = _string(value).lower()
+    if value not in LOG_LEVELS:
+        raise ValueError(f"{value!r} is not one of {', '.join(LOG_LEVELS)}")
+    return value
+
+
+NODE_KEYS = {"name", "interface", "address", "state_dir", "control", "grace", "log_level"}
+SERVICE_KEYS = {"name", "protocol", "port", "backend", "extra_ports", "connect_timeout"}
+TOP_KEYS = {"node", "service"}
+
+
+def parse_config(doc: dict, source: Path | None = None) -> Config:
+    """Validate a parsed TOML document. Raises ConfigError with every problem found."""
+    r = _Reader()
+    r.unknown(doc, TOP_KEYS, "")
+
+    node = None
+    node_t = r.table(doc, "node", "node")
+    if node_t is not None:
+        r.unknown(node_t, NODE_KEYS, "node")
+        values = dict(
+            name=r.value(node_t, "name", "node", _name),
+            interface=r.value(node_t, "interface", "node", _ifname),
+            address=r.value(node_t, "address", "node", _service_address),
+            state_dir=r.value(node_t, "state_dir", "node", _absolute_path),
+            control=r.value(node_t, "control", "node", _absolute_path),
+            grace=r.value(node_t, "grace", "node", parse_duration, 10.0),
+            log_level=r.value(node_t, "log_level", "node", _log_level, "info"),
+        )
+        if all(v is not None for v in values.values()):
+            node = NodeConfig(**values)
+
+    services: list[ServiceConfig] = []
+    raw_services = doc.get("service", [])
+    if not isinstance(raw_services, list):
+        r.problem("service", "expected an array of tables ([[service]])")
+        raw_services = []
+    elif not raw_services:
+        r.problem("service", "no [[service]] defined: a node must proxy at least one service")
+    names: dict[str, int] = {}
+    ports: dict[int, str] = {}
+    for i, svc in enumerate(raw_services):
+        path = f"service[{i}]"
+        if not isinstance(svc, dict):
+            r.problem(path, f"expected a table, got {type(svc).__name__}")
+            continue
+        r.unknown(svc, SERVICE_KEYS, path)
+        protocol = r.value(svc, "protocol", path, _protocol)
+        default_extra = DEFAULT_NFS_EXTRA_PORTS if protocol == "nfs" else ()
+        values = dict(
+            name=r.value(svc, "name", path, _name),
+            protocol=protocol,
+            port=r.value(svc, "port", path, _port),
+            backend=r.value(svc, "backend", path, parse_endpoint),
+            extra_ports=r.value(svc, "extra_ports", path, _port_list, default_extra),
+            connect_timeout=r.value(svc, "connect_timeout", path, _positive_duration, 3.0),
+        )
+        if values["name"] is not None:
+            if values["name"] in names:
+                r.problem(f"{path}.name", f"{values['name']!r} is already used by service[{names[values['name']]}]")
+            names.setdefault(values["name"], i)
+        if values["port"] is not None and values["extra_ports"] is not None:
+            seen_here: set[int] = set()
+            for key, port in [("port", values["port"])] + [
+                (f"extra_ports[{j}]", p) for j, p in enumerate(values["extra_ports"])
+            ]:
+                if port in seen_here:
+                    r.problem(f"{path}.{key}", f"port {port} is listed twice in this service")
+                elif port in ports:
+                    r.problem(f"{path}.{key}", f"port {port} is already proxied by {ports[port]}")
+                else:
+                    ports[port] = f"{path}"
+                seen_here.add(port)
+        if all(v is not None for v in values.values()):
+            services.append(ServiceConfig(**values))
+
+    if node is not None:
+        for i, svc in enumerate(services):
+            if svc.backend.host == node.address.ip:
+                r.problem(f"service[{i}].backend", f"{svc.backend} is this node's own service address (a loop)")
+
+    if r.problems:
+        raise ConfigError(r.problems)
+    assert node is not None
+    return Config(node=node, services=tuple(services), source=source)
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a TOML config file. Raises ConfigError (also for unreadable or invalid TOML)."""
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise ConfigError([f"{path}: no such file"]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"{path}: cannot read: {exc}"]) from None
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{path}: invalid TOML: {exc}"]) from None
+    return parse_config(doc, source=path)
