@@ -84,13 +84,28 @@ def cmd_run(args: argparse.Namespace) -> int:
     _setup_logging(args.log_level or config.node.log_level)
     try:
         trio.run(Node(config).run)
-    except* (ControlError, NetworkError) as group:
-        _print_problems([str(e) for e in group.exceptions])
-        return EXIT_PROBLEM
-    except* OSError as group:
-        _print_problems([f"cannot start: {e}" for e in group.exceptions])
+    except (ControlError, NetworkError, OSError, ExceptionGroup) as exc:
+        expected, rest = _flatten(exc).split((ControlError, NetworkError, OSError))
+        if rest is not None:
+            raise
+        _print_problems([f"cannot run: {e}" for e in expected.exceptions])
         return EXIT_PROBLEM
     return EXIT_OK
+
+
+def _flatten(exc: BaseException) -> BaseExceptionGroup:
+    """Every leaf exception of a (possibly nested) group, as one flat group."""
+    leaves: list[BaseException] = []
+
+    def walk(e: BaseException) -> None:
+        if isinstance(e, BaseExceptionGroup):
+            for sub in e.exceptions:
+                walk(sub)
+        else:
+            leaves.append(e)
+
+    walk(exc)
+    return BaseExceptionGroup("errors", leaves)
 
 
 def _human_bytes(n: int) -> str:
@@ -167,8 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_status)
 
     from deploy.lab.cli import add_lab_commands
+    from deploy.lab.demo import add_demo_command
 
-    add_lab_commands(sub)
+    add_demo_command(add_lab_commands(sub))
     return parser
 
 
