@@ -1,0 +1,277 @@
+"""The sync link's wire format: authenticated, msgpack-framed messages, with no I/O.
+
+Like h11, this module owns the bytes and nothing else: the caller owns the socket, the clock and
+the decision what to do about a bad peer. One :class:`SyncSession` serves one TCP connection, so the
+same code runs in :mod:`sync.link`, in a unit test, and on a captured byte stream.
+
+Theory of operation
+-------------------
+1. Each side first sends a preamble: ``MAGIC`` (4 bytes, names the protocol and its version) and a
+   fresh random 16-byte nonce. Nothing is sent before the peer's nonce is known, because the keys
+   depend on it.
+2. From the shared key and both nonces each direction gets its own key::
+
+       low, high = sorted(nonces)
+       key(sender -> receiver) = HMAC-SHA256(shared_key, LABEL + b"low->high" + low + high)
+                                 or LABEL + b"high->low" ..., depending on whose nonce is lower
+
+   Fresh nonces make every connection's keys new, so a message recorded on an earlier connection
+   fails authentication on this one. Separate directions mean a message cannot be reflected back to
+   its sender. Equal nonces (a peer echoing ours) are refused: they would make the directions equal.
+3. A frame is ``u32 length | u64 seq | 32-byte MAC | msgpack(message)``, where
+   ``MAC = HMAC-SHA256(direction key, u64 seq | msgpack bytes)``. ``seq`` starts at 0 and goes up
+   by exactly 1 per message, so a replayed, dropped or reordered message within the connection is
+   caught after its MAC verified (kind ``"replay"``).
+4. The MAC is checked before msgpack touches the bytes: unauthenticated input is never parsed.
+
+Why the length prefix and not a streaming ``msgpack.Unpacker``: the frame size is known before the
+bytes arrive, so an oversize frame is refused without buffering it, and the MAC covers exact bytes.
+
+Errors: bad input from the peer is an event (:class:`Rejected`), never an exception, and is counted
+in :attr:`SyncSession.counters`. Only when the framing itself is lost (bad preamble, an impossible
+length) is the session marked ``broken``: the stream can no longer be cut into frames, so the caller
+must drop the connection and reconnect. A bad MAC or a bad message inside an intact frame is skipped
+and the stream goes on. Misuse by the caller (sealing before the handshake, a message without
+``"type"``) raises :class:`LocalProtocolError`: that is a bug on our side, not the peer's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import stat
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import msgpack
+
+MAGIC = b"PPS\x01"  # "pairproxy sync", wire version 1
+NONCE_SIZE = 16
+MIN_KEY_SIZE = 16
+MAX_FRAME = 1024 * 1024  # bytes after the length prefix
+KEY_LABEL = b"pairproxy sync v1 "
+KEY_MISMATCH_HINT = "authentication failed (different key_file on the two nodes?)"
+
+_LENGTH = struct.Struct("!I")
+_SEQ = struct.Struct("!Q")
+_MAC_SIZE = hashlib.sha256().digest_size
+_HEADER_SIZE = _SEQ.size + _MAC_SIZE
+
+RejectKind = Literal["auth", "parse", "replay", "too_large"]
+
+
+class LocalProtocolError(Exception):
+    """Our own code used the session wrongly (a bug here, not bad input from the peer)."""
+
+
+@dataclass(frozen=True)
+class Ready:
+    """The peer's preamble arrived; :meth:`SyncSession.seal` works from now on."""
+
+
+@dataclass(frozen=True)
+class Message:
+    """An authenticated message in sequence. ``body`` is the whole message dict, ``"type"`` included."""
+
+    type: str
+    body: dict
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """Input from the peer that was refused. If ``broken``, drop the connection: framing is lost."""
+
+    reason: str
+    kind: RejectKind
+    broken: bool = False
+
+
+Event = Ready | Message | Rejected
+
+
+def _direction_keys(shared_key: bytes, mine: bytes, theirs: bytes) -> tuple[bytes, bytes]:
+    """(send key, receive key) for the side whose nonce is ``mine``."""
+    low, high = sorted((mine, theirs))
+
+    def derive(label: bytes) -> bytes:
+        return hmac.new(shared_key, KEY_LABEL + label + low + high, hashlib.sha256).digest()
+
+    low_to_high, high_to_low = derive(b"low->high"), derive(b"high->low")
+    return (low_to_high, high_to_low) if mine == low else (high_to_low, low_to_high)
+
+
+def _mac(key: bytes, seq: int, payload: bytes) -> bytes:
+    return hmac.new(key, _SEQ.pack(seq) + payload, hashlib.sha256).digest()
+
+
+class SyncSession:
+    """The protocol state of one sync-link connection (either side: the protocol is symmetric).
+
+    Use: send :meth:`initial_bytes` first; feed everything received to :meth:`receive_data` and act
+    on the events; once :class:`Ready` was seen, :meth:`seal` messages and send the bytes in the
+    order they were sealed.
+    """
+
+    def __init__(self, key: bytes, *, nonce: bytes | None = None, max_frame: int = MAX_FRAME):
+        if len(key) < MIN_KEY_SIZE:
+            raise ValueError(f"sync key must have at least {MIN_KEY_SIZE} bytes, got {len(key)}")
+        self._key = key
+        self.nonce = nonce if nonce is not None else os.urandom(NONCE_SIZE)
+        if len(self.nonce) != NONCE_SIZE:
+            raise ValueError(f"nonce must have {NONCE_SIZE} bytes")
+        self.max_frame = max_frame
+        self.peer_nonce: bytes | None = None
+        self.broken = False
+        self.counters: dict[str, int] = {
+            "messages_in": 0, "messages_out": 0,
+            "rejected_auth": 0, "rejected_parse": 0, "rejected_replay": 0, "rejected_too_large": 0,
+        }
+        self._buffer = bytearray()
+        self._send_key: bytes | None = None
+        self._receive_key: bytes | None = None
+        self._send_seq = 0
+        self._receive_seq = 0
+        self._any_authenticated = False
+
+    @property
+    def ready(self) -> bool:
+        """True once both nonces are known (the keys exist)."""
+        return self._send_key is not None
+
+    def initial_bytes(self) -> bytes:
+        """The preamble: send it before anything else."""
+        return MAGIC + self.nonce
+
+    def seal(self, message: dict[str, Any]) -> bytes:
+        """Frame and authenticate one message; the next sequence number is used up."""
+        if self._send_key is None:
+            raise LocalProtocolError("cannot seal before the peer's preamble arrived (wait for Ready)")
+        if self.broken:
+            raise LocalProtocolError("session is broken; open a new connection")
+        if not isinstance(message, dict) or not isinstance(message.get("type"), str):
+            raise LocalProtocolError(f'a message must be a dict with a "type" string: {message!r}')
+        try:
+            payload = msgpack.packb(message, use_bin_type=True)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise LocalProtocolError(f"message cannot be encoded: {exc}") from None
+        if _HEADER_SIZE + len(payload) > self.max_frame:
+            raise LocalProtocolError(f"message of {len(payload)} bytes exceeds the frame limit {self.max_frame}")
+        seq = self._send_seq
+        self._send_seq += 1
+        self.counters["messages_out"] += 1
+        frame = _SEQ.pack(seq) + _mac(self._send_key, seq, payload) + payload
+        return _LENGTH.pack(len(frame)) + frame
+
+    def receive_data(self, data: bytes) -> list[Event]:
+        """Consume bytes from the peer; return what they meant. After ``broken``, input is ignored."""
+        if self.broken:
+            return []
+        self._buffer += data
+        events: list[Event] = []
+        if self.peer_nonce is None:
+            preamble = self._take_preamble()
+            if preamble is None or self.broken:
+                return preamble or []
+            events += preamble
+        while not self.broken:
+            event = self._take_frame()
+            if event is None:
+                break
+            events.append(event)
+        return events
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _reject(self, reason: str, kind: RejectKind, *, broken: bool = False) -> Rejected:
+        self.counters[f"rejected_{kind}"] += 1
+        if broken:
+            self.broken = True
+            self._buffer.clear()
+            reason += "; stream lost, reconnect"
+        return Rejected(reason, kind, broken)
+
+    def _take_preamble(self) -> list[Event] | None:
+        size = len(MAGIC) + NONCE_SIZE
+        if self._buffer[:len(MAGIC)] != MAGIC[:len(self._buffer)]:
+            return [self._reject(f"bad preamble {bytes(self._buffer[:len(MAGIC)])!r}: not a pairproxy sync peer "
+                                 "(or another wire version)", "parse", broken=True)]
+        if len(self._buffer) < size:
+            return None
+        peer_nonce = bytes(self._buffer[len(MAGIC):size])
+        del self._buffer[:size]
+        if peer_nonce == self.nonce:
+            return [self._reject("peer echoed our nonce (reflection?)", "auth", broken=True)]
+        self.peer_nonce = peer_nonce
+        self._send_key, self._receive_key = _direction_keys(self._key, self.nonce, peer_nonce)
+        return [Ready()]
+
+    def _take_frame(self) -> Event | None:
+        if len(self._buffer) < _LENGTH.size:
+            return None
+        (length,) = _LENGTH.unpack_from(self._buffer)
+        if length > self.max_frame:
+            return self._reject(f"frame of {length} bytes exceeds the limit {self.max_frame}", "too_large",
+                                broken=True)
+        if length < _HEADER_SIZE:
+            return self._reject(f"frame of {length} bytes is shorter than its header", "parse", broken=True)
+        if len(self._buffer) < _LENGTH.size + length:
+            return None
+        frame = bytes(self._buffer[_LENGTH.size:_LENGTH.size + length])
+        del self._buffer[:_LENGTH.size + length]
+        return self._open(frame)
+
+    def _open(self, frame: bytes) -> Event:
+        (seq,) = _SEQ.unpack_from(frame)
+        mac, payload = frame[_SEQ.size:_HEADER_SIZE], frame[_HEADER_SIZE:]
+        assert self._receive_key is not None
+        if not hmac.compare_digest(mac, _mac(self._receive_key, seq, payload)):
+            if not self._any_authenticated:
+                return self._reject(KEY_MISMATCH_HINT, "auth")
+            return self._reject("authentication failed (forged or corrupted message)", "auth")
+        self._any_authenticated = True
+        if seq != self._receive_seq:
+            what = "replayed" if seq < self._receive_seq else "out of order (messages lost?)"
+            return self._reject(f"message seq {seq} {what}, expected {self._receive_seq}", "replay")
+        self._receive_seq += 1
+        try:
+            message = msgpack.unpackb(payload, raw=False, use_list=True, strict_map_key=True)
+        except Exception as exc:  # msgpack raises many types for bad input; none may escape
+            return self._reject(f"message does not decode: {type(exc).__name__}: {exc}", "parse")
+        if not isinstance(message, dict) or not isinstance(message.get("type"), str):
+            return self._reject(f'message is not a dict with a "type" string: {message!r:.80}', "parse")
+        self.counters["messages_in"] += 1
+        return Message(message["type"], message)
+
+
+def load_key(path: str | os.PathLike[str]) -> bytes:
+    """Read the shared secret from ``key_file``: the file's bytes without surrounding whitespace.
+
+    Raises ValueError with the path when the file is missing, unreadable, or holds less than
+    ``MIN_KEY_SIZE`` bytes, because a short key would make the authentication worthless. Check
+    :func:`key_permission_problem` separately: open permissions are worth a warning, not a refusal.
+    """
+    path = Path(path)
+    try:
+        secret = path.read_bytes().strip()
+    except FileNotFoundError:
+        raise ValueError(f"key_file {path}: does not exist (create it with e.g. "
+                         f"`head -c 32 /dev/urandom | base64 > {path}`, the same file on both nodes)") from None
+    except OSError as exc:
+        raise ValueError(f"key_file {path}: cannot read: {exc.strerror}") from None
+    if len(secret) < MIN_KEY_SIZE:
+        raise ValueError(f"key_file {path}: holds {len(secret)} bytes of secret, needs at least {MIN_KEY_SIZE}")
+    return secret
+
+
+def key_permission_problem(path: str | os.PathLike[str]) -> str | None:
+    """A warning if others than owner and group can read or write the key file, else None."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None  # load_key reports missing files
+    if mode & (stat.S_IROTH | stat.S_IWOTH):
+        return f"key_file {path}: readable or writable by all users (mode {stat.S_IMODE(mode):04o}); chmod 600 it"
+    return None
