@@ -89,6 +89,10 @@ async def _answer(sock: trio.socket.SocketType, handlers: dict[str, Handler]) ->
             reply = {"ok": True, "result": await handler(request)}
         except ValueError as exc:
             reply = {"ok": False, "error": str(exc)}
+        except Exception as exc:
+            # A bug behind one control command must not stop the node from serving clients.
+            log.exception("control command failed")
+            reply = {"ok": False, "error": f"internal error: {type(exc).__name__}: {exc}"}
         try:
             await conn.send_all(json.dumps(reply).encode() + b"\n")
         except (trio.BrokenResourceError, trio.ClosedResourceError):

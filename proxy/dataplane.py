@@ -17,6 +17,7 @@ import ipaddress
 import logging
 import random
 import socket
+import struct
 import time
 from dataclasses import dataclass, field
 
@@ -179,6 +180,7 @@ class ServiceProxy:
         stats.connections_active += 1
         self.connections.add(conn)
         backend = None
+        finished = False
         try:
             try:
                 backend = await connect_backend(self.service, self.address, port)
@@ -187,6 +189,7 @@ class ServiceProxy:
                 stats.last_backend_error = str(exc)
                 log.warning("%s: client %s:%d: backend unavailable: %s; closing the client",
                             self.service.name, *peer, exc)
+                finished = True  # nothing was sent either way: a plain FIN tells the client cleanly
                 return
 
             def to_backend(n: int) -> None:
@@ -199,6 +202,7 @@ class ServiceProxy:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(splice_pump, client, backend, to_backend)
                     nursery.start_soon(splice_pump, backend, client, to_client)
+                finished = True
             except* ConnectionLost as group:
                 stats.connections_reset += 1
                 log.debug("%s: client %s:%d: %s", self.service.name, *peer, group.exceptions[0])
@@ -209,9 +213,12 @@ class ServiceProxy:
         finally:
             self.connections.discard(conn)
             stats.connections_active -= 1
-            if backend is not None:
-                backend.close()
-            client.close()
+            for sock in (client, backend):
+                if sock is None:
+                    continue
+                if not finished:
+                    abort_on_close(sock)
+                sock.close()
 
     def status(self) -> dict:
         return {
@@ -222,3 +229,16 @@ class ServiceProxy:
             "backend": str(self.service.backend),
             **self.stats.as_dict(),
         }
+
+
+def abort_on_close(sock: trio.socket.SocketType) -> None:
+    """Make ``close()`` send RST and free the socket at once.
+
+    For connections that end abnormally (the other side reset, the grace time ran out, a bug): a
+    plain close would leave unsent data and a FIN-WAIT socket retrying for minutes, possibly from
+    an address the node no longer holds; the RST also tells the other side at once.
+    """
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass

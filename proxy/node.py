@@ -80,12 +80,13 @@ class Node:
             active = self._active_connections()
             if active:
                 log.info("stopped accepting; waiting up to %gs for %d open connection(s)", node.grace, active)
-                connections.cancel_scope.deadline = trio.current_time() + node.grace
-            else:
-                connections.cancel_scope.cancel()
-        left = self._active_connections()
-        if left:
-            log.warning("grace time over: %d connection(s) cut", left)
+                with trio.move_on_after(node.grace):
+                    while self._active_connections():
+                        await trio.sleep(0.05)
+                left = self._active_connections()
+                if left:
+                    log.warning("grace time over: %d connection(s) cut", left)
+            connections.cancel_scope.cancel()
 
     def _active_connections(self) -> int:
         return sum(p.stats.connections_active for p in self.proxies)
