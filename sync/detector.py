@@ -1,0 +1,234 @@
+"""Is the peer dead? A pure state machine, and a small trio driver that feeds it.
+
+Rules of this file: everything that decides the peer's liveness lives in :class:`FailureDetector`;
+it knows no sockets, no ARP and no clock of its own (every input carries ``now``), so tests drive it
+with plain numbers and ``MockClock``. It does not take over anything either: it returns actions and
+the owner executes them.
+
+Theory of operation
+-------------------
+Two independent witnesses, as the patent's watchdog (306/406) suggests:
+
+* the sync link: any authenticated message from the peer is a heartbeat;
+* a probe on the service network, run by the owner: an ARP for the peer's service address that the
+  peer's own MAC answers.
+
+A silent sync link alone proves nothing: the link's cable or switch may have failed while the peer
+still serves its clients. Taking over then would put the peer's address on two nodes (split brain).
+So the peer is declared dead only when
+
+    nothing arrived on the sync link for ``dead_after`` seconds, AND
+    a probe *started after that silence began* got no answer.
+
+If the probe is answered, the state is ``link_down``: the peer lives, nobody takes over, and probing
+goes on every ``probe_every`` seconds, so a peer that dies later while the link is still down is
+still caught. Each probe has an id; a result for any probe other than the one currently asked for
+(e.g. a late answer to a probe from before the last heartbeat) is ignored, so an old result can
+never decide about a new silence. ``dead`` is left only by a heartbeat: a peer that comes back must
+come back over the sync link, where the hand-back of its address is negotiated.
+
+``unknown`` is the state before the first heartbeat. Silence is counted from the first input the
+detector sees, so a node that starts while its peer is already dead still finds out (it knows the
+peer's MAC from the persisted hello).
+
+States::
+
+    unknown    no heartbeat seen yet
+    alive      heartbeats arrive
+    suspect    silent for dead_after, probe running
+    link_down  silent, but the peer answers probes: it lives
+    dead       silent, and a probe started during the silence got no answer
+
+Actions (returned by every input; the owner executes them in order):
+:class:`StartProbe`, :class:`PeerDead`, :class:`PeerAlive`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Awaitable, Callable, Literal
+
+import trio
+
+log = logging.getLogger("pairproxy.detector")
+
+State = Literal["unknown", "alive", "suspect", "link_down", "dead"]
+Input = Literal["heartbeat", "silence", "probe_answered", "probe_silent"]
+
+# (state, input) -> new state. An input missing for a state leaves the state alone (and is ignored):
+# e.g. a probe result while alive, or silence while already suspect (probing just goes on).
+TRANSITIONS: dict[tuple[State, Input], State] = {
+    ("unknown", "heartbeat"): "alive",
+    ("unknown", "silence"): "suspect",
+    ("alive", "heartbeat"): "alive",
+    ("alive", "silence"): "suspect",
+    ("suspect", "heartbeat"): "alive",
+    ("suspect", "probe_answered"): "link_down",
+    ("suspect", "probe_silent"): "dead",
+    ("link_down", "heartbeat"): "alive",
+    ("link_down", "probe_answered"): "link_down",
+    ("link_down", "probe_silent"): "dead",
+    ("dead", "heartbeat"): "alive",
+}
+
+# States in which the peer is silent and probes are repeated.
+PROBING: frozenset[State] = frozenset({"suspect", "link_down"})
+
+
+@dataclass(frozen=True)
+class StartProbe:
+    """Probe the peer on the service network; report with ``probe_answered/probe_silent(now, probe_id)``."""
+
+    probe_id: int
+
+
+@dataclass(frozen=True)
+class PeerDead:
+    """Sync link silent and the probe unanswered: the owner may take over the peer's address."""
+
+    silent_for: float
+
+
+@dataclass(frozen=True)
+class PeerAlive:
+    """Heartbeats came back after ``dead`` or ``link_down``."""
+
+
+Action = StartProbe | PeerDead | PeerAlive
+
+
+class FailureDetector:
+    """Decides the peer's liveness from heartbeats and probe results; see the module docstring."""
+
+    def __init__(self, dead_after: float, *, probe_every: float | None = None):
+        if dead_after <= 0:
+            raise ValueError("dead_after must be positive")
+        self.dead_after = dead_after
+        self.probe_every = probe_every if probe_every is not None else dead_after / 2
+        self.state: State = "unknown"
+        self.reason = "no heartbeat seen yet"
+        self.last_heartbeat: float | None = None
+        self._silence_since: float | None = None  # last heartbeat, or the first input seen
+        self._probe_id = 0
+        self._probe_pending = False  # the current probe (self._probe_id) has not reported yet
+        self._probe_started: float = -math.inf
+
+    # -- inputs ------------------------------------------------------------------------------
+
+    def heartbeat(self, now: float) -> list[Action]:
+        """Any authenticated message from the peer arrived at ``now``."""
+        self._start_clock(now)
+        if self.last_heartbeat is not None and now < self.last_heartbeat:
+            return []  # an older observation, already superseded
+        self.last_heartbeat = self._silence_since = now
+        self._probe_pending = False  # a probe asked for before now cannot judge a later silence
+        self._probe_started = -math.inf  # the next silence probes at once
+        was = self.state
+        self._move("heartbeat", "heartbeats arrive")
+        return [PeerAlive()] if was in ("dead", "link_down") else []
+
+    def probe_answered(self, now: float, probe_id: int) -> list[Action]:
+        """The peer's MAC answered probe ``probe_id``: the peer is on the service network."""
+        self._start_clock(now)
+        if not self._is_current_probe(probe_id):
+            return []
+        self._probe_pending = False
+        self._move("probe_answered",
+                   f"sync link silent {self.silent_for(now) * 1000:.0f} ms but the peer answers probes")
+        return []
+
+    def probe_silent(self, now: float, probe_id: int) -> list[Action]:
+        """Probe ``probe_id`` got no answer from the peer's MAC."""
+        self._start_clock(now)
+        if not self._is_current_probe(probe_id):
+            return []
+        self._probe_pending = False
+        was = self.state
+        silent = self.silent_for(now)
+        self._move("probe_silent", f"sync link silent {silent * 1000:.0f} ms and no answer to the probe")
+        return [PeerDead(silent)] if self.state == "dead" and was != "dead" else []
+
+    def tick(self, now: float) -> list[Action]:
+        """Let time pass: notice silence, and ask for (repeated) probes while silent."""
+        self._start_clock(now)
+        if self.state in ("unknown", "alive") and self.silent_for(now) >= self.dead_after:
+            self._move("silence", f"sync link silent {self.silent_for(now) * 1000:.0f} ms, probing")
+        if self.state in PROBING and not self._probe_pending and now - self._probe_started >= self.probe_every:
+            self._probe_id += 1
+            self._probe_pending = True
+            self._probe_started = now
+            return [StartProbe(self._probe_id)]
+        return []
+
+    # -- queries -----------------------------------------------------------------------------
+
+    def silent_for(self, now: float) -> float:
+        """Seconds since the last heartbeat (or since the detector started, before the first one)."""
+        return 0.0 if self._silence_since is None else max(0.0, now - self._silence_since)
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _start_clock(self, now: float) -> None:
+        if self._silence_since is None:
+            self._silence_since = now
+
+    def _is_current_probe(self, probe_id: int) -> bool:
+        return self._probe_pending and probe_id == self._probe_id
+
+    def _move(self, event: Input, reason: str) -> None:
+        new = TRANSITIONS.get((self.state, event))
+        if new is None:
+            return
+        if new != self.state:
+            log.info("peer %s -> %s: %s", self.state, new, reason)
+            self.reason = reason
+        self.state = new
+
+
+async def watch(detector: FailureDetector,
+                probe: Callable[[], Awaitable[bool]],
+                on_action: Callable[[Action], None],
+                *,
+                heard: Callable[[], float | None] | None = None,
+                tick_every: float = 0.005,
+                probe_timeout: float | None = None) -> None:
+    """Drive ``detector`` with trio's clock until cancelled.
+
+    ``probe()`` returns True when the peer answered; it runs in its own task (ticking goes on) and
+    is cut off after ``probe_timeout`` (default ``detector.probe_every``), which counts as silent.
+    A probe that raises counts as silent too: not knowing is not an answer.
+    ``on_action`` is called for every action, PeerDead and PeerAlive included, and must not block;
+    StartProbe is executed here before it is passed on (for logging).
+    ``heard()``, if given, returns the trio time of the last authenticated message from the peer
+    (e.g. ``lambda: link.last_received``); it is polled every tick, so the link needs no reference
+    to the detector. Without it, the owner calls ``detector.heartbeat`` itself.
+    """
+    timeout = probe_timeout if probe_timeout is not None else detector.probe_every
+
+    async def run_probe(probe_id: int) -> None:
+        answered = False
+        with trio.move_on_after(timeout):
+            try:
+                answered = await probe()
+            except Exception as exc:  # a failing probe must not stop failure detection
+                log.warning("probe failed: %s", exc)
+        now = trio.current_time()
+        for action in (detector.probe_answered if answered else detector.probe_silent)(now, probe_id):
+            on_action(action)
+
+    async with trio.open_nursery() as nursery:
+        while True:
+            now = trio.current_time()
+            actions: list[Action] = []
+            if heard is not None:
+                last = heard()
+                if last is not None and (detector.last_heartbeat is None or last > detector.last_heartbeat):
+                    actions += detector.heartbeat(last)
+            actions += detector.tick(now)
+            for action in actions:
+                if isinstance(action, StartProbe):
+                    nursery.start_soon(run_probe, action.probe_id)
+                on_action(action)
+            await trio.sleep(tick_every)
