@@ -73,10 +73,38 @@ class NodeConfig:
     log_level: str = "info"
 
 
+MODES = ("stateless", "stateful")
+
+
+@dataclass(frozen=True)
+class PeerConfig:
+    name: str
+    address: ipaddress.IPv4Address
+    link: Endpoint
+    listen: Endpoint
+    key_file: Path
+    #: UDP port of the liveness probe on the service addresses (see proxy.probe).
+    probe_port: int = 7401
+    #: Name of the macvlan carrying the peer's MAC on the service interface.
+    macvlan: str = ""
+
+
+@dataclass(frozen=True)
+class PairConfig:
+    mode: str = "stateless"
+    heartbeat: float = 0.02
+    dead_after: float = 0.1
+    #: How long a starting node waits to hear from its peer before claiming its own address
+    #: (and then only if no other host answers ARP for it).
+    claim_wait: float = 1.0
+
+
 @dataclass(frozen=True)
 class Config:
     node: NodeConfig
     services: tuple[ServiceConfig, ...] = field(default_factory=tuple)
+    peer: PeerConfig | None = None
+    pair: PairConfig | None = None
     source: Path | None = None
 
 
@@ -254,9 +282,26 @@ def _log_level(value: Any) -> str:
     return value
 
 
+def _mode(value: Any) -> str:
+    value = _string(value)
+    if value not in MODES:
+        raise ValueError(f"{value!r} is not one of {', '.join(MODES)}")
+    return value
+
+
+def _ipv4(value: Any) -> ipaddress.IPv4Address:
+    value = _string(value)
+    try:
+        return ipaddress.IPv4Address(value)
+    except ValueError:
+        raise ValueError(f"{value!r} is not an IPv4 address (without prefix length)") from None
+
+
+PEER_KEYS = {"name", "address", "link", "listen", "key_file", "probe_port", "macvlan"}
+PAIR_KEYS = {"mode", "heartbeat", "dead_after", "claim_wait"}
 NODE_KEYS = {"name", "interface", "address", "state_dir", "control", "grace", "log_level"}
 SERVICE_KEYS = {"name", "protocol", "port", "backend", "extra_ports", "connect_timeout"}
-TOP_KEYS = {"node", "service"}
+TOP_KEYS = {"node", "service", "peer", "pair"}
 
 
 def parse_config(doc: dict, source: Path | None = None) -> Config:
@@ -329,10 +374,54 @@ def parse_config(doc: dict, source: Path | None = None) -> Config:
             if svc.backend.host == node.address.ip:
                 r.problem(f"service[{i}].backend", f"{svc.backend} is this node's own service address (a loop)")
 
+    peer, pair = _parse_pair(r, doc, node)
     if r.problems:
         raise ConfigError(r.problems)
     assert node is not None
-    return Config(node=node, services=tuple(services), source=source)
+    return Config(node=node, services=tuple(services), peer=peer, pair=pair, source=source)
+
+
+def _parse_pair(r: _Reader, doc: dict, node: NodeConfig | None) -> tuple[PeerConfig | None, PairConfig | None]:
+    """[peer] and [pair] come together: a node either has a peer or runs alone."""
+    peer_t = r.table(doc, "peer", "peer", required="pair" in doc)
+    pair_t = r.table(doc, "pair", "pair", required="peer" in doc)
+    if peer_t is None or pair_t is None:
+        return None, None
+    r.unknown(peer_t, PEER_KEYS, "peer")
+    r.unknown(pair_t, PAIR_KEYS, "pair")
+    peer_values = dict(
+        name=r.value(peer_t, "name", "peer", _name),
+        address=r.value(peer_t, "address", "peer", _ipv4),
+        link=r.value(peer_t, "link", "peer", parse_endpoint),
+        listen=r.value(peer_t, "listen", "peer", parse_endpoint),
+        key_file=r.value(peer_t, "key_file", "peer", _absolute_path),
+        probe_port=r.value(peer_t, "probe_port", "peer", _port, 7401),
+        macvlan=r.value(peer_t, "macvlan", "peer", _ifname, ""),
+    )
+    pair_values = dict(
+        mode=r.value(pair_t, "mode", "pair", _mode, "stateless"),
+        heartbeat=r.value(pair_t, "heartbeat", "pair", _positive_duration, 0.02),
+        dead_after=r.value(pair_t, "dead_after", "pair", _positive_duration, 0.1),
+        claim_wait=r.value(pair_t, "claim_wait", "pair", parse_duration, 1.0),
+    )
+    if None in peer_values.values() or None in pair_values.values():
+        return None, None
+    if not peer_values["macvlan"]:
+        peer_values["macvlan"] = f"pp-{peer_values['name']}"[:15]
+    peer, pair = PeerConfig(**peer_values), PairConfig(**pair_values)
+    if pair.dead_after < 2 * pair.heartbeat:
+        r.problem("pair.dead_after", f"{pair.dead_after * 1000:g}ms must be at least two heartbeats "
+                                     f"({2 * pair.heartbeat * 1000:g}ms), or one late heartbeat is a takeover")
+    if node is not None:
+        if peer.name == node.name:
+            r.problem("peer.name", f"{peer.name!r} is this node's own name")
+        if peer.address == node.address.ip:
+            r.problem("peer.address", f"{peer.address} is this node's own service address")
+        elif peer.address not in node.address.network:
+            r.problem("peer.address", f"{peer.address} is not in this node's service network {node.address.network}")
+    if peer.link == peer.listen:
+        r.problem("peer.link", f"{peer.link} is this node's own sync endpoint (peer.listen)")
+    return peer, pair
 
 
 def load_config(path: str | Path) -> Config:

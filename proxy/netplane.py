@@ -92,3 +92,72 @@ class ServiceAddress:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+IFF_NOARP = 0x80
+
+
+def _write_sysctl(path: str, value: str) -> None:
+    with open(path, "w") as f:
+        f.write(value)
+
+
+class PeerMacvlan:
+    """A macvlan on the service interface carrying the *peer's* MAC (patent element 304).
+
+    It receives the frames clients address to the peer. It never speaks with that MAC: IPv6 is off
+    before it comes up (no neighbour discovery that would move the bridge's entry for the peer's
+    MAC), ARP is off (only one host answers ARP for an address: the node's own interface), and
+    rp_filter is 0 (segments from clients arrive on it while the route back is the own interface).
+    With the peer's address as a /32 on it, replies leave through the own interface with the own MAC.
+    """
+
+    def __init__(self, ifname: str, name: str, mac: str):
+        self.ifname = ifname
+        self.name = name
+        self.mac = mac
+        self._index: int | None = None
+
+    def open(self) -> "PeerMacvlan":
+        with IPRoute() as ipr:
+            parent = interface_index(ipr, self.ifname)
+            stale = ipr.link_lookup(ifname=self.name)
+            if stale:
+                log.warning("macvlan %s was left by an earlier run; recreating it", self.name)
+                ipr.link("del", index=stale[0])
+            try:
+                ipr.link("add", ifname=self.name, kind="macvlan", link=parent, macvlan_mode="bridge",
+                         address=self.mac)
+            except NetlinkError as exc:
+                raise NetworkError(f"cannot create macvlan {self.name} with MAC {self.mac} on "
+                                   f"{self.ifname}: {exc.args[-1]}") from None
+            index = interface_index(ipr, self.name)
+            self._index = index
+            try:
+                _write_sysctl(f"/proc/sys/net/ipv6/conf/{self.name}/disable_ipv6", "1")
+                _write_sysctl(f"/proc/sys/net/ipv4/conf/{self.name}/rp_filter", "0")
+                ipr.link("set", index=index, flags=IFF_NOARP, change=IFF_NOARP)
+                ipr.link("set", index=index, state="up")
+            except BaseException:
+                self.close()
+                raise
+        log.info("macvlan %s with the peer's MAC %s is up on %s", self.name, self.mac, self.ifname)
+        return self
+
+    def close(self) -> None:
+        if self._index is None:
+            return
+        with IPRoute() as ipr:
+            try:
+                ipr.link("del", index=self._index)
+                log.info("macvlan %s removed", self.name)
+            except NetlinkError as exc:
+                if exc.code != errno.ENODEV:
+                    log.error("cannot remove macvlan %s: %s", self.name, exc)
+        self._index = None
+
+    def __enter__(self) -> "PeerMacvlan":
+        return self.open()
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()

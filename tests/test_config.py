@@ -166,3 +166,54 @@ def test_parse_config_accepts_a_dict_without_file():
                            "service": [{"name": "t", "protocol": "tcp", "port": 8080, "backend": "10.9.0.2:80"}]})
     assert config.node.grace == 0.25
     assert config.services[0].extra_ports == ()
+
+
+PAIR = GOOD + """
+[peer]
+name = "b"
+address = "10.0.0.2"
+link = "10.1.0.2:7400"
+listen = "10.1.0.1:7400"
+key_file = "/etc/pairproxy/pair.key"
+
+[pair]
+mode = "stateless"
+heartbeat = "20ms"
+dead_after = "100ms"
+"""
+
+
+def test_pair_config(tmp_path):
+    config = load_config(write(tmp_path, PAIR))
+    assert config.peer.name == "b" and str(config.peer.address) == "10.0.0.2"
+    assert str(config.peer.link) == "10.1.0.2:7400" and config.peer.listen.port == 7400
+    assert config.peer.macvlan == "pp-b" and config.peer.probe_port == 7401
+    assert (config.pair.mode, config.pair.heartbeat, config.pair.dead_after) == ("stateless", 0.02, 0.1)
+    assert load_config(write(tmp_path, GOOD)).peer is None
+
+
+@pytest.mark.parametrize("old, new, expected", [
+    ('name = "b"', 'name = "a"', "peer.name: 'a' is this node's own name"),
+    ('address = "10.0.0.2"', 'address = "10.0.0.1"', "peer.address: 10.0.0.1 is this node's own service address"),
+    ('address = "10.0.0.2"', 'address = "10.9.0.2"', "peer.address: 10.9.0.2 is not in this node's service network"),
+    ('address = "10.0.0.2"', 'address = "10.0.0.2/24"', "peer.address: '10.0.0.2/24' is not an IPv4 address"),
+    ('link = "10.1.0.2:7400"', 'link = "10.1.0.1:7400"', "peer.link: 10.1.0.1:7400 is this node's own sync endpoint"),
+    ('link = "10.1.0.2:7400"', 'link = "peer-b"', "peer.link: expected 'IPv4:PORT'"),
+    ('key_file = "/etc/pairproxy/pair.key"', 'key_file = "pair.key"', "peer.key_file: 'pair.key' must be an absolute path"),
+    ('mode = "stateless"', 'mode = "active"', "pair.mode: 'active' is not one of stateless, stateful"),
+    ('heartbeat = "20ms"', 'heartbeat = "0ms"', "pair.heartbeat: must be greater than zero"),
+    ('dead_after = "100ms"', 'dead_after = "30ms"', "pair.dead_after: 30ms must be at least two heartbeats"),
+    ('dead_after = "100ms"', 'dead_after = "100ms"\ndeadafter = 1', "pair.deadafter: unknown key (did you mean 'dead_after'?)"),
+])
+def test_bad_pair_values(tmp_path, old, new, expected):
+    assert old in PAIR
+    problems = problems_of(tmp_path, PAIR.replace(old, new, 1) if old.startswith(("mode", "heartbeat", "dead_after"))
+                           else PAIR[:len(GOOD)] + PAIR[len(GOOD):].replace(old, new, 1))
+    assert any(p.startswith(expected) for p in problems), problems
+
+
+def test_peer_and_pair_come_together(tmp_path):
+    only_peer = PAIR[:PAIR.index("[pair]")]
+    assert "pair: missing table" in problems_of(tmp_path, only_peer)
+    only_pair = GOOD + PAIR[PAIR.index("[pair]"):]
+    assert "peer: missing table" in problems_of(tmp_path, only_pair)

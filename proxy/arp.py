@@ -1,0 +1,93 @@
+"""ARP on the service network: gratuitous announcements and "who holds this address?" probes.
+
+Why ARP at all: when an address moves between nodes, clients still hold the old node's MAC in their
+neighbour caches. A gratuitous ARP with the new holder's MAC updates the entries clients already
+have (Linux accepts that with the default ``arp_accept=0``), so they reach the new holder at once
+instead of after their caches expire. Before a node claims its own address it asks, with an ARP
+probe (RFC 5227: sender address 0.0.0.0, so nobody learns from it), whether anyone else answers for
+it: never two nodes serving one address.
+
+Frames are built once with scapy (rare, crafted frames; its dissection is far too slow for any
+per-packet path) and sent through an AF_PACKET socket bound to the interface.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+import trio
+
+ETH_P_ARP = 0x0806
+BROADCAST = "ff:ff:ff:ff:ff:ff"
+
+
+def _mac_bytes(mac: str) -> bytes:
+    return bytes.fromhex(mac.replace(":", ""))
+
+
+def _mac_str(raw: bytes) -> str:
+    return ":".join(f"{b:02x}" for b in raw)
+
+
+def gratuitous_arp(mac: str, ip: str) -> bytes:
+    """A broadcast ARP request announcing ``ip`` is at ``mac`` (sender and target address both ``ip``)."""
+    from scapy.layers.l2 import ARP, Ether
+
+    return bytes(Ether(src=mac, dst=BROADCAST) / ARP(op=1, hwsrc=mac, psrc=ip, hwdst="00:00:00:00:00:00", pdst=ip))
+
+
+def arp_probe_frame(mac: str, ip: str) -> bytes:
+    """An RFC 5227 probe: who has ``ip``? Sender address 0.0.0.0, so no cache learns from it."""
+    from scapy.layers.l2 import ARP, Ether
+
+    return bytes(Ether(src=mac, dst=BROADCAST) / ARP(op=1, hwsrc=mac, psrc="0.0.0.0", pdst=ip))
+
+
+def _packet_socket(ifname: str) -> trio.socket.SocketType:
+    sock = trio.socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ARP))
+    try:
+        sock._sock.bind((ifname, ETH_P_ARP))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+async def announce(ifname: str, mac: str, ip: str, count: int = 3, interval: float = 0.05) -> None:
+    """Send ``count`` gratuitous ARPs for ``ip`` at ``mac``: the first at once, the rest spaced out
+    (one frame may be lost; clients that were mid-retransmission pick up a later one)."""
+    frame = gratuitous_arp(mac, ip)
+    with _packet_socket(ifname) as sock:
+        for i in range(count):
+            if i:
+                await trio.sleep(interval)
+            await sock.send(frame)
+
+
+def parse_arp_reply(frame: bytes) -> tuple[str, str] | None:
+    """(sender IP, sender MAC) of an ARP reply frame, else None."""
+    if len(frame) < 42 or frame[12:14] != b"\x08\x06":
+        return None
+    htype, ptype, hlen, plen, op = struct.unpack_from("!HHBBH", frame, 14)
+    if (htype, ptype, hlen, plen, op) != (1, 0x0800, 6, 4, 2):
+        return None
+    return socket.inet_ntoa(frame[28:32]), _mac_str(frame[22:28])
+
+
+async def who_has(ifname: str, mac: str, ip: str, timeout: float = 0.2, tries: int = 2) -> set[str]:
+    """MACs that answer an ARP probe for ``ip`` on ``ifname`` within ``timeout`` (empty: nobody)."""
+    frame = arp_probe_frame(mac, ip)
+    answers: set[str] = set()
+    with _packet_socket(ifname) as sock:
+        for _ in range(tries):
+            await sock.send(frame)
+            with trio.move_on_after(timeout / tries):
+                while True:
+                    data = await sock.recv(2048)
+                    reply = parse_arp_reply(data)
+                    if reply and reply[0] == ip and reply[1] != mac:
+                        answers.add(reply[1])
+            if answers:
+                break
+    return answers
