@@ -1,0 +1,456 @@
+"""The sync link: the one authenticated TCP connection between the two nodes of a pair.
+
+:class:`PeerLink` owns the connection and everything about keeping it: it listens and dials at the
+same time (whichever node starts first, or comes back first, gets through), reconnects by itself,
+checks the peer's hello, sends heartbeats and measures their round trip. The bytes are
+:mod:`sync.wire`'s business; liveness decisions are :mod:`sync.detector`'s (feed it
+``link.last_received``). The owner sees a small surface: :meth:`PeerLink.send`, the ``on_message``
+callback, and the status attributes.
+
+Why both nodes listen and dial: either node may be down or starting when the other comes up, and
+neither should wait for the other to restart its dialler. If both connections come up, each node
+keeps the one dialled by the node whose name sorts lower; both nodes apply the same rule to the same
+facts, so they agree without talking about it. Two connections from the same dialler (the peer
+restarted, its old connection is half-open) resolve to the newest. A connection that receives
+nothing for ``idle_timeout`` (default ``dead_after``) is dropped, so a half-open one cannot block a
+fresh one for long.
+
+The first message each way is a ``hello`` (the body the owner passed in, plus ``"type"``). A peer
+with a different name, mode or protocol version, or one whose first message does not authenticate
+(a different ``key_file``), is refused: the connection is closed, :attr:`PeerLink.state` becomes
+``"refused"`` with the reason in :attr:`PeerLink.refused_reason`, and it is tried again after the
+backoff, because the operator may fix the other node's config meanwhile. Before closing, the peer
+is told why (a ``refuse`` message), so both nodes log the same reason. A refused stray connection
+(a port scanner, a forged frame) never changes the state of a working link; it is only counted.
+
+Messages: other than ``hello``, ``refuse``, ``heartbeat`` and ``heartbeat_ack`` (which the link
+handles itself), every authenticated message from the active connection is passed, as the full
+dict, to ``on_message(message)``. The callback is synchronous and must not block: push into a
+memory channel with ``send_nowait`` if the work needs a task. Delivery is at most once: messages
+in flight when a connection breaks are lost, and the owner resynchronises after a reconnect (a new
+hello arrives on every connection).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import statistics
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import trio
+
+from sync.wire import Message, Ready, Rejected, SyncSession
+
+log = logging.getLogger("pairproxy.link")
+
+LinkState = Literal["connecting", "connected", "refused"]
+
+PROTOCOL_MESSAGES = frozenset({"hello", "refuse", "heartbeat", "heartbeat_ack"})
+HELLO_FIELDS = ("name", "mode", "version")
+PEER_HELLO_FILE = "peer-hello.json"
+BACKOFF_MIN = 0.05
+BACKOFF_MAX = 1.0
+RTT_WINDOW = 100
+RECEIVE_SIZE = 64 * 1024
+
+
+@dataclass(eq=False)
+class _Connection:
+    """One TCP connection's state; lives exactly as long as :meth:`PeerLink._serve_connection`."""
+
+    stream: trio.SocketStream
+    session: SyncSession
+    dialled_by: str
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    send_lock: trio.Lock = field(default_factory=trio.Lock)
+    nursery: trio.Nursery | None = None
+    peer: str = "?"  # the remote address, for log lines
+    accepted: bool = False  # the peer's hello passed the checks
+    was_active: bool = False
+    closed: bool = False
+    close_reason: str = ""
+
+
+class PeerLink:
+    """The sync link to the peer; run it with ``await nursery.start(link.run)``.
+
+    ``listen`` and ``dial`` are (host, port). ``hello`` must hold at least ``name`` (= ``my_name``),
+    ``mode`` and ``version``; the peer's hello must match ``peer_name`` and the same mode and
+    version. ``state_dir``, if given, receives ``peer-hello.json`` whenever a new peer hello is
+    accepted (see :func:`load_peer_hello`).
+    """
+
+    def __init__(self, my_name: str, peer_name: str, *,
+                 listen: tuple[str, int], dial: tuple[str, int], key: bytes, hello: dict[str, Any],
+                 on_message: Callable[[dict[str, Any]], None] | None = None,
+                 heartbeat: float = 0.02, dead_after: float = 0.1, idle_timeout: float | None = None,
+                 connect_timeout: float = 1.0, handshake_timeout: float = 1.0,
+                 state_dir: str | os.PathLike[str] | None = None):
+        if my_name == peer_name:
+            raise ValueError(f"peer name {peer_name!r} is this node's own name")
+        missing = [f for f in HELLO_FIELDS if f not in hello]
+        if missing:
+            raise ValueError(f"hello lacks {', '.join(missing)}")
+        if hello["name"] != my_name:
+            raise ValueError(f"hello names {hello['name']!r}, but this node is {my_name!r}")
+        SyncSession(key)  # fail now, not on the first connection, if the key is unusable
+        self.my_name = my_name
+        self.peer_name = peer_name
+        self.listen = listen
+        self.dial = dial
+        self.hello = {k: v for k, v in hello.items() if k != "type"}
+        self.on_message = on_message
+        self.heartbeat = heartbeat
+        self.idle_timeout = idle_timeout if idle_timeout is not None else dead_after
+        self.connect_timeout = connect_timeout
+        self.handshake_timeout = handshake_timeout
+        self.state_dir = Path(state_dir) if state_dir is not None else None
+        self._key = key
+
+        self.state: LinkState = "connecting"
+        self.refused_reason: str | None = None
+        self.peer_hello: dict[str, Any] | None = None
+        self.last_received: float | None = None
+        self.listen_address: tuple[str, int] | None = None
+        self.counters: dict[str, int] = {
+            "messages_in": 0, "messages_out": 0,
+            "rejected_auth": 0, "rejected_parse": 0, "rejected_replay": 0, "rejected_too_large": 0,
+            "connections": 0, "reconnects": 0, "refused": 0, "owner_errors": 0,
+        }
+        self._rtts: deque[float] = deque(maxlen=RTT_WINDOW)
+        self._active: _Connection | None = None
+        self._changed = trio.Event()
+        self._persisted: dict[str, Any] | None = None
+
+    # -- public ------------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen, dial and keep the link up until cancelled. Started once the listener is bound."""
+        listeners = await trio.open_tcp_listeners(self.listen[1], host=self.listen[0])
+        self.listen_address = listeners[0].socket.getsockname()[:2]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._dial_loop)
+            await nursery.start(trio.serve_listeners, self._serve_accepted, listeners)
+            task_status.started()
+
+    async def send(self, message: dict[str, Any]) -> bool:
+        """Send one message to the peer. False if there is no connection (nothing is queued).
+
+        True means the bytes were handed to the kernel, not that the peer processed them. A message
+        the link cannot encode (no ``"type"``, not msgpack-able, over 1 MiB) raises
+        :class:`sync.wire.LocalProtocolError`: that is the caller's bug.
+        """
+        conn = self._active
+        if conn is None:
+            return False
+        return await self._send_on(conn, message)
+
+    async def update_hello(self, hello: dict[str, Any]) -> None:
+        """Replace this node's hello (e.g. its services changed) and send it if connected."""
+        if hello.get("name") != self.my_name or any(hello.get(f) != self.hello.get(f) for f in ("mode", "version")):
+            raise ValueError("update_hello may not change name, mode or version")
+        self.hello = {k: v for k, v in hello.items() if k != "type"}
+        await self.send({"type": "hello", **self.hello})
+
+    def drop(self, reason: str = "dropped on request") -> None:
+        """Close the current connection, if any; the link reconnects by itself."""
+        if self._active is not None:
+            self._drop(self._active, reason)
+
+    async def wait_connected(self) -> None:
+        """Return once a connection with an accepted hello is up."""
+        while self._active is None:
+            await self._changed.wait()
+
+    def rtt(self) -> dict[str, float] | None:
+        """Heartbeat round trip in seconds over the last 100: last, min, max, median; None if none yet."""
+        if not self._rtts:
+            return None
+        return {"last": self._rtts[-1], "min": min(self._rtts), "max": max(self._rtts),
+                "median": statistics.median(self._rtts), "count": len(self._rtts)}
+
+    def status(self) -> dict[str, Any]:
+        """The link as ``pairproxy status`` shows it (JSON-able)."""
+        now = trio.current_time()
+        return {
+            "state": self.state,
+            "refused_reason": self.refused_reason,
+            "peer": self.peer_name,
+            "peer_hello": self.peer_hello,
+            "dialled_by": self._active.dialled_by if self._active else None,
+            "silent_for": None if self.last_received is None else now - self.last_received,
+            "rtt": self.rtt(),
+            "counters": dict(self.counters),
+        }
+
+    # -- connections -------------------------------------------------------------------------
+
+    async def _dial_loop(self) -> None:
+        backoff = BACKOFF_MIN
+        while True:
+            while self._active is not None:
+                await self._changed.wait()
+            stream = None
+            with trio.move_on_after(self.connect_timeout):
+                try:
+                    stream = await trio.open_tcp_stream(*self.dial)
+                except OSError as exc:
+                    log.debug("dial %s:%s: %s", *self.dial, exc)
+            if stream is not None and await self._serve_connection(stream, dialled=True):
+                backoff = BACKOFF_MIN
+            await trio.sleep(backoff)
+            backoff = min(backoff * 2, BACKOFF_MAX)
+
+    async def _serve_accepted(self, stream: trio.SocketStream) -> None:
+        await self._serve_connection(stream, dialled=False)
+
+    async def _serve_connection(self, stream: trio.SocketStream, *, dialled: bool) -> bool:
+        """Run one connection to its end; True if it was ever the active one."""
+        try:
+            stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # heartbeats are tiny
+        except OSError:
+            pass
+        conn = _Connection(stream, SyncSession(self._key), dialled_by=self.my_name if dialled else self.peer_name)
+        try:
+            conn.peer = "%s:%s" % stream.socket.getpeername()[:2]
+        except OSError:
+            pass
+        try:
+            with conn.scope:
+                async with trio.open_nursery() as nursery:
+                    conn.nursery = nursery
+                    async with conn.send_lock:
+                        sent = await self._write(conn, conn.session.initial_bytes())
+                    if sent:
+                        await self._receive_loop(conn)
+                    nursery.cancel_scope.cancel()
+        finally:
+            conn.closed = True
+            if self._active is conn:
+                self._active = None
+                self.state = "connecting"
+                log.info("sync link to %s down: %s", self.peer_name, conn.close_reason or "closed")
+                self._notify()
+            await trio.aclose_forcefully(stream)
+        return conn.was_active
+
+    async def _receive_loop(self, conn: _Connection) -> None:
+        handshake_deadline = trio.current_time() + self.handshake_timeout
+        while not conn.closed:
+            deadline = (trio.current_time() + self.idle_timeout) if conn.accepted else handshake_deadline
+            data = None
+            with trio.move_on_at(deadline):
+                try:
+                    data = await conn.stream.receive_some(RECEIVE_SIZE)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                    self._drop(conn, f"receive failed: {exc}")
+                    return
+            if data is None:
+                what = "hello" if not conn.accepted else "anything"
+                timeout = self.handshake_timeout if not conn.accepted else self.idle_timeout
+                self._drop(conn, f"no {what} from the peer within {timeout * 1000:.0f} ms")
+                return
+            if not data:
+                self._drop(conn, "peer closed the connection")
+                return
+            for event in conn.session.receive_data(data):
+                if conn.closed:
+                    return
+                await self._handle(conn, event)
+
+    async def _handle(self, conn: _Connection, event: Ready | Message | Rejected) -> None:
+        if isinstance(event, Ready):
+            await self._send_on(conn, {"type": "hello", **self.hello})
+        elif isinstance(event, Rejected):
+            self.counters[f"rejected_{event.kind}"] += 1
+            log.warning("sync link: rejected %s message from %s: %s", event.kind, conn.peer, event.reason)
+            if not conn.accepted:
+                await self._refuse(conn, event.reason, tell_peer=False)
+            elif event.broken:
+                self._drop(conn, event.reason)
+        elif event.type == "hello":
+            await self._on_hello(conn, event.body)
+        elif event.type == "refuse":
+            await self._refuse(conn, f"{self.peer_name} refused the link: {event.body.get('reason')}",
+                               tell_peer=False)
+        elif not conn.accepted:
+            await self._refuse(conn, f"peer sent {event.type!r} before its hello")
+        elif conn is self._active:
+            self._on_message(conn, event)
+
+    def _on_message(self, conn: _Connection, event: Message) -> None:
+        now = trio.current_time()
+        self.last_received = now
+        self.counters["messages_in"] += 1
+        body = event.body
+        if event.type == "heartbeat":
+            conn.nursery.start_soon(self._send_on, conn, {"type": "heartbeat_ack", "sent": body.get("sent")})
+        elif event.type == "heartbeat_ack":
+            sent = body.get("sent")
+            if isinstance(sent, (int, float)) and 0 <= now - sent < 60:
+                self._rtts.append(now - sent)
+        elif self.on_message is not None:
+            try:
+                self.on_message(body)
+            except Exception:  # the owner's bug must not take the link down; it is logged and counted
+                self.counters["owner_errors"] += 1
+                log.exception("on_message failed for a %r message", event.type)
+
+    async def _on_hello(self, conn: _Connection, hello: dict[str, Any]) -> None:
+        hello = {k: v for k, v in hello.items() if k != "type"}
+        problem = self._check_hello(hello)
+        if problem:
+            await self._refuse(conn, problem)
+            return
+        if not conn.accepted:
+            conn.accepted = True
+            self._activate(conn)
+        if conn is self._active:
+            self.last_received = trio.current_time()
+            self.counters["messages_in"] += 1
+            self.peer_hello = hello
+            self._persist(hello)
+
+    def _check_hello(self, hello: dict[str, Any]) -> str | None:
+        mine = self.hello
+        if hello.get("name") != self.peer_name:
+            return (f"peer calls itself {hello.get('name')!r}, expected {self.peer_name!r} "
+                    "(check [peer] name on this node and the other node's own name)")
+        if hello.get("mode") != mine["mode"]:
+            return (f"mode mismatch: this node {self.my_name} is {mine['mode']!r}, "
+                    f"peer {self.peer_name} is {hello.get('mode')!r} (set [pair] mode the same on both nodes)")
+        if hello.get("version") != mine["version"]:
+            return (f"protocol version mismatch: this node {self.my_name} speaks {mine['version']!r}, "
+                    f"peer {self.peer_name} speaks {hello.get('version')!r} (upgrade both nodes)")
+        return None
+
+    def _activate(self, conn: _Connection) -> None:
+        old = self._active
+        if old is not None:
+            lower = min(self.my_name, self.peer_name)
+            keep_new = conn.dialled_by == old.dialled_by or conn.dialled_by == lower
+            loser, winner = (old, conn) if keep_new else (conn, old)
+            self._drop(loser, f"a second connection is up; keeping the one dialled by {winner.dialled_by}")
+            if not keep_new:
+                return
+        self._active = conn
+        conn.was_active = True
+        self.counters["connections"] += 1
+        if self.counters["connections"] > 1:
+            self.counters["reconnects"] += 1
+        if self.state != "connected":
+            log.info("sync link to %s up (dialled by %s)", self.peer_name, conn.dialled_by)
+        self.state = "connected"
+        self.refused_reason = None
+        conn.nursery.start_soon(self._send_heartbeats, conn)
+        self._notify()
+
+    async def _refuse(self, conn: _Connection, reason: str, *, tell_peer: bool = True) -> None:
+        self.counters["refused"] += 1
+        if tell_peer:
+            await self._send_on(conn, {"type": "refuse", "reason": reason})
+        if self._active is None or self._active is conn:
+            if self.state != "refused" or self.refused_reason != reason:
+                log.warning("sync link to %s refused: %s", self.peer_name, reason)
+            self.state = "refused"
+            self.refused_reason = reason
+            if self._active is conn:
+                self._active = None
+                self._notify()
+        else:
+            log.warning("sync link: refused a stray connection (the link stays up): %s", reason)
+        self._drop(conn, reason)
+
+    def _drop(self, conn: _Connection, reason: str) -> None:
+        if not conn.closed:
+            conn.close_reason = reason
+            conn.closed = True
+        conn.scope.cancel()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    # -- sending -----------------------------------------------------------------------------
+
+    async def _send_heartbeats(self, conn: _Connection) -> None:
+        n = 0
+        while not conn.closed:
+            await self._send_on(conn, {"type": "heartbeat", "sent": trio.current_time(), "seq": n})
+            n += 1
+            await trio.sleep(self.heartbeat)
+
+    async def _send_on(self, conn: _Connection, message: dict[str, Any]) -> bool:
+        # Seal and write under one lock: frames must reach the socket in sequence-number order.
+        async with conn.send_lock:
+            if conn.closed:
+                return False
+            if not await self._write(conn, conn.session.seal(message)):
+                return False
+        self.counters["messages_out"] += 1
+        return True
+
+    async def _write(self, conn: _Connection, data: bytes) -> bool:
+        """Write with the send lock held; a stalled or failed write drops the connection."""
+        with trio.move_on_after(self.idle_timeout) as stalled:
+            try:
+                await conn.stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                self._drop(conn, f"send failed: {exc}")
+                return False
+        if stalled.cancelled_caught:
+            self._drop(conn, f"send stalled for {self.idle_timeout * 1000:.0f} ms")
+            return False
+        return True
+
+    # -- persistence -------------------------------------------------------------------------
+
+    def _persist(self, hello: dict[str, Any]) -> None:
+        if self.state_dir is None or hello == self._persisted:
+            return
+        try:
+            save_peer_hello(self.state_dir, hello)
+            self._persisted = hello
+        except (OSError, TypeError, ValueError) as exc:
+            log.warning("cannot save the peer's hello in %s: %s", self.state_dir, exc)
+
+
+def save_peer_hello(state_dir: str | os.PathLike[str], hello: dict[str, Any]) -> Path:
+    """Write ``state_dir/peer-hello.json`` atomically (temp file, fsync, rename).
+
+    Why: a node restarted after its peer died must still know the peer's MAC and services to take
+    them over, and a crash mid-write must leave the old file, not half a new one.
+    """
+    state_dir = Path(state_dir)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    path = state_dir / PEER_HELLO_FILE
+    tmp = path.with_name(f".{PEER_HELLO_FILE}.{os.getpid()}.tmp")
+    data = json.dumps(hello, sort_keys=True, indent=1).encode()
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def load_peer_hello(state_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The last accepted peer hello saved in ``state_dir``, or None if there is none (or it is unreadable)."""
+    path = Path(state_dir) / PEER_HELLO_FILE
+    try:
+        hello = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        log.warning("ignoring %s: %s", path, exc)
+        return None
+    return hello if isinstance(hello, dict) else None

@@ -1,0 +1,232 @@
+"""sync.link: two PeerLinks talking over loopback (real sockets, real clock, fast timings)."""
+
+import json
+import os
+import socket
+
+import pytest
+import trio
+
+from sync.link import PeerLink, load_peer_hello, save_peer_hello
+from sync.wire import MAGIC, KEY_MISMATCH_HINT
+
+KEY = b"a shared secret of enough bytes"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def hello(name, mode="stateless", version=1):
+    return {"name": name, "mac": f"02:00:00:00:00:0{ord(name) % 10}", "address": f"10.0.0.{ord(name) - 96}",
+            "services": [{"name": "nfs", "port": 2049}], "mode": mode, "version": version}
+
+
+class Pair:
+    """Links a and b (names sort a < b) wired to each other's ports, with their inboxes."""
+
+    def __init__(self, tmp_path, *, hello_a=None, hello_b=None, key_a=KEY, key_b=KEY):
+        self.ports = {"a": free_port(), "b": free_port()}
+        self.inbox = {"a": [], "b": []}
+        self.tmp_path = tmp_path
+        self.a = self.make("a", "b", hello_a or hello("a"), key_a)
+        self.b = self.make("b", "a", hello_b or hello("b"), key_b)
+
+    def make(self, me, peer, my_hello, key):
+        return PeerLink(me, peer, listen=("127.0.0.1", self.ports[me]), dial=("127.0.0.1", self.ports[peer]),
+                        key=key, hello=my_hello, on_message=self.inbox[me].append, heartbeat=0.02,
+                        dead_after=0.5, connect_timeout=0.5, handshake_timeout=0.5,
+                        state_dir=self.tmp_path / me)
+
+
+async def eventually(predicate, timeout=3.0):
+    with trio.fail_after(timeout):
+        while not predicate():
+            await trio.sleep(0.005)
+
+
+def both_on_one_connection(pair):
+    sa, sb = pair.a.status(), pair.b.status()
+    return sa["state"] == sb["state"] == "connected" and sa["dialled_by"] == sb["dialled_by"]
+
+
+async def test_connect_hello_heartbeats_and_messages(nursery, tmp_path):
+    pair = Pair(tmp_path)
+    await nursery.start(pair.a.run)
+    await nursery.start(pair.b.run)
+    await eventually(lambda: both_on_one_connection(pair))
+
+    assert pair.a.peer_hello == hello("b") and pair.b.peer_hello == hello("a")
+    assert load_peer_hello(tmp_path / "a") == hello("b")
+    assert load_peer_hello(tmp_path / "b") == hello("a")
+    assert not list((tmp_path / "a").glob(".*tmp"))
+
+    await eventually(lambda: (pair.a.rtt() or {}).get("count", 0) >= 5 and (pair.b.rtt() or {}).get("count", 0) >= 5)
+    rtt = pair.a.rtt()
+    assert 0 <= rtt["min"] <= rtt["median"] <= rtt["max"] < 0.5 and rtt["min"] <= rtt["last"] <= rtt["max"]
+    assert trio.current_time() - pair.a.last_received < 0.5
+
+    assert await pair.a.send({"type": "digest", "conns": 3, "blob": b"\x01\x02"})
+    assert await pair.b.send({"type": "snapshot", "sessions": []})
+    await eventually(lambda: pair.inbox["b"] and pair.inbox["a"])
+    assert pair.inbox["b"] == [{"type": "digest", "conns": 3, "blob": b"\x01\x02"}]
+    assert pair.inbox["a"] == [{"type": "snapshot", "sessions": []}]  # heartbeats are not delivered
+
+    # still on one agreed connection a moment later (no flapping between the two candidates)
+    before = pair.a.counters["connections"], pair.b.counters["connections"]
+    await trio.sleep(0.2)
+    assert both_on_one_connection(pair)
+    assert (pair.a.counters["connections"], pair.b.counters["connections"]) == before
+    for link in (pair.a, pair.b):
+        assert all(link.counters[f"rejected_{k}"] == 0 for k in ("auth", "parse", "replay", "too_large"))
+
+
+async def test_send_when_not_connected_returns_false(tmp_path):
+    pair = Pair(tmp_path)
+    assert pair.a.state == "connecting"
+    assert await pair.a.send({"type": "x"}) is False
+
+
+async def test_reconnect_after_the_connection_is_dropped(nursery, tmp_path):
+    pair = Pair(tmp_path)
+    await nursery.start(pair.a.run)
+    await nursery.start(pair.b.run)
+    await eventually(lambda: both_on_one_connection(pair))
+    reconnects = pair.a.counters["reconnects"], pair.b.counters["reconnects"]
+
+    pair.b.drop("test drops it")
+    await eventually(lambda: pair.b.counters["reconnects"] > reconnects[1]
+                     and pair.a.counters["reconnects"] > reconnects[0] and both_on_one_connection(pair))
+    assert await pair.b.send({"type": "after", "n": 1})
+    await eventually(lambda: pair.inbox["a"] == [{"type": "after", "n": 1}])
+
+
+async def test_peer_restart_reconnects(nursery, tmp_path):
+    pair = Pair(tmp_path)
+    await nursery.start(pair.a.run)
+    with trio.CancelScope() as b_scope:
+        async with trio.open_nursery() as b_nursery:
+            await b_nursery.start(pair.b.run)
+            await eventually(lambda: both_on_one_connection(pair))
+            b_scope.cancel()
+    await eventually(lambda: pair.a.state == "connecting")
+    assert await pair.a.send({"type": "x"}) is False
+
+    b2 = pair.make("b", "a", hello("b") | {"services": []}, KEY)  # restarted with other services
+    await nursery.start(b2.run)
+    await eventually(lambda: pair.a.state == b2.state == "connected" and pair.a.peer_hello["services"] == [])
+    assert load_peer_hello(tmp_path / "a")["services"] == []
+
+
+async def test_mode_mismatch_is_refused_with_a_reason(nursery, tmp_path):
+    pair = Pair(tmp_path, hello_b=hello("b", mode="stateful"))
+    await nursery.start(pair.a.run)
+    await nursery.start(pair.b.run)
+    await eventually(lambda: pair.a.counters["refused"] >= 2 and pair.b.counters["refused"] >= 2)
+    for link in (pair.a, pair.b):
+        assert link.state == "refused"
+        assert "mode mismatch" in link.refused_reason and "[pair] mode" in link.refused_reason
+        assert link.counters["connections"] == 0 and link.peer_hello is None
+    assert "'stateless'" in pair.a.refused_reason and "'stateful'" in pair.a.refused_reason
+    assert load_peer_hello(tmp_path / "a") is None
+
+
+async def test_wrong_peer_name_and_version_are_refused(nursery, tmp_path):
+    pair = Pair(tmp_path, hello_b=hello("b", version=2))
+    await nursery.start(pair.a.run)
+    await nursery.start(pair.b.run)
+    await eventually(lambda: pair.a.state == pair.b.state == "refused")
+    assert "version mismatch" in pair.a.refused_reason
+
+    pair2 = Pair(tmp_path / "2")
+    pair2.b.peer_name = "c"  # b expects a peer called c
+    await nursery.start(pair2.a.run)
+    await nursery.start(pair2.b.run)
+    await eventually(lambda: pair2.b.state == "refused" and pair2.a.state == "refused")
+    assert "expected 'c'" in pair2.b.refused_reason
+    assert "b refused the link" in pair2.a.refused_reason  # a learns why from b
+
+
+async def test_wrong_key_is_never_connected(nursery, tmp_path):
+    pair = Pair(tmp_path, key_b=b"another secret of enough bytes")
+    await nursery.start(pair.a.run)
+    await nursery.start(pair.b.run)
+    await eventually(lambda: pair.a.counters["rejected_auth"] >= 2 and pair.b.counters["rejected_auth"] >= 2)
+    for link in (pair.a, pair.b):
+        assert link.state == "refused" and link.refused_reason == KEY_MISMATCH_HINT
+        assert link.counters["connections"] == 0 and link.counters["messages_in"] == 0
+        assert link.peer_hello is None
+
+
+async def raw_client(port):
+    """A plain TCP client that completes the preamble exchange (it has no key)."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    await stream.send_all(MAGIC + os.urandom(16))
+    got = b""
+    while len(got) < len(MAGIC) + 16:
+        got += await stream.receive_some(64)
+    return stream
+
+
+async def test_forged_frame_from_a_stranger_is_rejected_and_counted(nursery, tmp_path):
+    pair = Pair(tmp_path)
+    await nursery.start(pair.a.run)
+    await nursery.start(pair.b.run)
+    await eventually(lambda: both_on_one_connection(pair))
+    connections = pair.a.counters["connections"]
+
+    import msgpack
+    payload = msgpack.packb({"type": "takeover", "address": "10.0.0.2"})
+    frame = (8 + 32 + len(payload)).to_bytes(4, "big") + (0).to_bytes(8, "big") + os.urandom(32) + payload
+    stream = await raw_client(pair.ports["a"])
+    await stream.send_all(frame)
+    await eventually(lambda: pair.a.counters["rejected_auth"] == 1)
+    with trio.fail_after(2):  # a closes the stranger's connection
+        while await stream.receive_some(4096):
+            pass
+
+    garbage = await trio.open_tcp_stream("127.0.0.1", pair.ports["a"])
+    await garbage.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    await eventually(lambda: pair.a.counters["rejected_parse"] == 1)
+
+    assert pair.a.state == "connected" and pair.a.refused_reason is None
+    assert pair.a.counters["connections"] == connections
+    assert pair.inbox["a"] == []
+    assert await pair.b.send({"type": "still", "ok": True})
+    await eventually(lambda: pair.inbox["a"] == [{"type": "still", "ok": True}])
+    await stream.aclose()
+    await garbage.aclose()
+
+
+async def test_silent_stranger_is_cut_off_after_the_handshake_timeout(nursery, tmp_path):
+    pair = Pair(tmp_path)
+    await nursery.start(pair.a.run)
+    stream = await trio.open_tcp_stream("127.0.0.1", pair.ports["a"])
+    with trio.fail_after(2):
+        while await stream.receive_some(4096):  # a's preamble, then EOF when a gives up
+            pass
+    assert pair.a.state == "connecting"
+
+
+def test_hello_persistence(tmp_path):
+    assert load_peer_hello(tmp_path) is None
+    path = save_peer_hello(tmp_path / "state", hello("b"))
+    assert json.loads(path.read_text()) == hello("b")
+    assert load_peer_hello(tmp_path / "state") == hello("b")
+    assert [p.name for p in (tmp_path / "state").iterdir()] == ["peer-hello.json"]
+    path.write_text("{not json")
+    assert load_peer_hello(tmp_path / "state") is None
+
+
+def test_constructor_checks():
+    kw = dict(listen=("127.0.0.1", 0), dial=("127.0.0.1", 1), key=KEY)
+    with pytest.raises(ValueError, match="own name"):
+        PeerLink("a", "a", hello=hello("a"), **kw)
+    with pytest.raises(ValueError, match="lacks mode"):
+        PeerLink("a", "b", hello={"name": "a", "version": 1}, **kw)
+    with pytest.raises(ValueError, match="this node is 'a'"):
+        PeerLink("a", "b", hello=hello("c"), **kw)
+    with pytest.raises(ValueError):
+        PeerLink("a", "b", hello=hello("a"), **(kw | {"key": b"short"}))
