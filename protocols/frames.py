@@ -1,0 +1,168 @@
+"""Ethernet / 802.1Q / IPv4 / TCP, parsed with ``struct`` on a ``memoryview``.
+
+This is the per-packet path (every frame the snooper sees), so it avoids scapy and allocations:
+the payload is a memoryview slice of the caller's buffer. ``parse_frame`` never raises; it returns
+a :class:`TcpSegment`, ``None`` for frames that are simply not IPv4/TCP, or a :class:`FrameError`
+for frames that claim to be IPv4/TCP but do not hold together (counted by the caller).
+
+IPv4 fragments are not reassembled (SMB and NFS over TCP do not produce them on sane paths); they
+come back as ``FrameError(kind="fragment")`` so they show up in the counters instead of silently
+corrupting a stream.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from dataclasses import dataclass, field
+
+__all__ = ["TcpSegment", "FrameError", "TcpOptions", "parse_frame", "parse_ipv4",
+           "FIN", "SYN", "RST", "PSH", "ACK", "URG"]
+
+FIN, SYN, RST, PSH, ACK, URG = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20
+
+_ETH = struct.Struct("!6s6sH")
+_IPV4 = struct.Struct("!BBHHHBBH4s4s")
+_TCP = struct.Struct("!HHIIBBHHH")
+_U16 = struct.Struct("!H")
+_TS = struct.Struct("!II")
+
+ETH_P_IP = 0x0800
+ETH_P_8021Q = 0x8100
+ETH_P_8021AD = 0x88A8
+
+
+@dataclass(frozen=True, slots=True)
+class TcpOptions:
+    """The TCP options a takeover needs to know (only present on the segments that carry them)."""
+
+    mss: int | None = None
+    wscale: int | None = None
+    sack_permitted: bool = False
+    tsval: int | None = None
+    tsecr: int | None = None
+
+
+_NO_OPTIONS = TcpOptions()
+
+
+@dataclass(frozen=True, slots=True)
+class TcpSegment:
+    src: str
+    dst: str
+    sport: int
+    dport: int
+    seq: int
+    ack: int
+    flags: int
+    window: int
+    options: TcpOptions
+    payload: memoryview | bytes = field(repr=False)
+
+    @property
+    def syn(self) -> bool:
+        return bool(self.flags & SYN)
+
+    @property
+    def fin(self) -> bool:
+        return bool(self.flags & FIN)
+
+    @property
+    def rst(self) -> bool:
+        return bool(self.flags & RST)
+
+    @property
+    def has_ack(self) -> bool:
+        return bool(self.flags & ACK)
+
+
+@dataclass(frozen=True, slots=True)
+class FrameError:
+    """A frame that claimed to be IPv4/TCP but is malformed or unsupported.
+
+    kind: "truncated" | "bad-header" | "fragment"; what: one line for a human.
+    """
+
+    kind: str
+    what: str
+
+
+def _parse_options(opts: memoryview) -> TcpOptions:
+    """TCP options; a malformed option list ends parsing (what was read so far is kept)."""
+    mss = wscale = tsval = tsecr = None
+    sack = False
+    i, n = 0, len(opts)
+    while i < n:
+        kind = opts[i]
+        if kind == 0:
+            break
+        if kind == 1:
+            i += 1
+            continue
+        if i + 1 >= n:
+            break
+        length = opts[i + 1]
+        if length < 2 or i + length > n:
+            break
+        if kind == 2 and length == 4:
+            mss = _U16.unpack_from(opts, i + 2)[0]
+        elif kind == 3 and length == 3:
+            wscale = opts[i + 2]
+        elif kind == 4 and length == 2:
+            sack = True
+        elif kind == 8 and length == 10:
+            tsval, tsecr = _TS.unpack_from(opts, i + 2)
+        i += length
+    if mss is None and wscale is None and not sack and tsval is None:
+        return _NO_OPTIONS
+    return TcpOptions(mss, wscale, sack, tsval, tsecr)
+
+
+def parse_ipv4(buf: memoryview, off: int = 0) -> TcpSegment | FrameError | None:
+    """An IPv4 packet starting at ``off`` -> TCP segment / error / None (not TCP)."""
+    n = len(buf)
+    if n - off < 20:
+        return FrameError("truncated", f"IPv4 header needs 20 bytes, frame has {n - off}")
+    vihl, _tos, total, _ident, frag, _ttl, proto, _csum, src, dst = _IPV4.unpack_from(buf, off)
+    if vihl >> 4 != 4:
+        return FrameError("bad-header", f"IP version {vihl >> 4} in an IPv4 frame")
+    ihl = (vihl & 0x0F) * 4
+    if ihl < 20 or total < ihl:
+        return FrameError("bad-header", f"IPv4 header length {ihl}, total length {total}")
+    if proto != 6:
+        return None
+    if frag & 0x3FFF:  # MF set or non-zero offset
+        return FrameError("fragment", "IPv4 fragment (not reassembled)")
+    if off + total > n:
+        return FrameError("truncated", f"IPv4 total length {total} but {n - off} bytes captured")
+    t = off + ihl
+    end = off + total  # ignore Ethernet padding beyond the IP datagram
+    if end - t < 20:
+        return FrameError("truncated", "TCP header truncated")
+    sport, dport, seq, ack, doff, flags, window, _csum, _urg = _TCP.unpack_from(buf, t)
+    thl = (doff >> 4) * 4
+    if thl < 20 or t + thl > end:
+        return FrameError("bad-header", f"TCP data offset {thl} outside the segment")
+    options = _parse_options(buf[t + 20:t + thl]) if thl > 20 else _NO_OPTIONS
+    return TcpSegment(socket.inet_ntoa(src), socket.inet_ntoa(dst), sport, dport, seq, ack,
+                      flags, window, options, buf[t + thl:end])
+
+
+def parse_frame(buf: bytes | bytearray | memoryview) -> TcpSegment | FrameError | None:
+    """An Ethernet frame (optionally one 802.1Q/802.1ad tag) -> TCP segment / error / None."""
+    mv = buf if isinstance(buf, memoryview) else memoryview(buf)
+    try:
+        if len(mv) < 14:
+            return FrameError("truncated", f"Ethernet header needs 14 bytes, frame has {len(mv)}")
+        ethertype = _U16.unpack_from(mv, 12)[0]
+        off = 14
+        if ethertype in (ETH_P_8021Q, ETH_P_8021AD):
+            if len(mv) < 18:
+                return FrameError("truncated", "802.1Q tag truncated")
+            ethertype = _U16.unpack_from(mv, 16)[0]
+            off = 18
+        if ethertype != ETH_P_IP:
+            return None
+        return parse_ipv4(mv, off)
+    except (struct.error, ValueError, IndexError) as exc:  # defensive: never raise to the caller
+        return FrameError("bad-header", f"unparseable frame: {exc}")
