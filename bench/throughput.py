@@ -3,7 +3,7 @@
 Run as root from the repository root::
 
     .venv/bin/python bench/throughput.py [--size-mib 256] [--rounds 3] [--ops 500] [--prefix ppb]
-                                         [--haproxy 1,2] [--keep-lab] [--json FILE]
+                                         [--haproxy 1,2,1s] [--keep-lab] [--json FILE]
 
 Paths (same servers, measured interleaved: direct, pairproxy, haproxy..., repeated --rounds times):
 
@@ -49,7 +49,7 @@ from deploy.lab.core import LabError  # noqa: E402
 
 HAPROXY_PORTS = (445, 2049, 111, 20048)
 THROUGHPUT = ("smb_write", "smb_read", "nfs_write", "nfs_read")
-LATENCY = ("smb_echo", "smb_open", "nfs_null")
+LATENCY = ("smb_echo_raw", "smb_echo", "smb_open", "nfs_null")
 TARGET_THROUGHPUT = 0.9
 TARGET_LATENCY = 1.2
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -181,9 +181,10 @@ def timed_with_cpu(path: Path_, fn, *args) -> tuple[Transfer, float | None]:
 
 
 def run_round(lab: Lab, path: Path_, rnd: int, src: Path, src_sha: str, work: Path, ops: int,
-              verify: bool) -> dict:
+              verify: bool, tag: str) -> dict:
     size = src.stat().st_size
-    name = f"bench-{path.name}-{rnd}.bin"
+    # unique per run too: a kept lab's Ganesha still caches the names an earlier run deleted
+    name = f"bench-{tag}-{path.name}-{rnd}.bin"
     out: dict = {"transfers": {}, "cpu_s": {}}
     local = work / f"back-{path.name}.bin"
     try:
@@ -245,36 +246,38 @@ def medians(results: dict[str, list[dict]]) -> dict[str, dict[str, float]]:
 
 
 def print_table(table: dict[str, dict[str, float]], ref: str) -> list[dict]:
+    """The medians, ratios of pairproxy to every other path, and the targets (against ``ref``)."""
     paths = list(table)
+    others = [p for p in paths if p != "pairproxy"]
+    others = [ref] + [p for p in others if p != ref]
     rows = [(f"{m} MB/s", m, "thr") for m in THROUGHPUT]
-    rows += [(f"{m} MB/s (smbclient's rate)", f"{m}_smbclient", None) for m in THROUGHPUT if m.startswith("smb")]
-    rows += [(f"{m} median us", f"{m}_median", "lat") for m in LATENCY]
+    rows += [(f"{m} MB/s (smbclient rate)", f"{m}_smbclient", None) for m in THROUGHPUT if m.startswith("smb")]
+    rows += [(f"{m} med us", f"{m}_median", "lat") for m in LATENCY]
     rows += [(f"{m} p99 us", f"{m}_p99", None) for m in LATENCY]
     rows += [(f"{m} proxy CPU %", f"{m}_cpu_pct", None) for m in THROUGHPUT]
-    w = max(len(p) for p in paths) + 1
-    head = f"{'metric':<30}" + "".join(f"{p:>{max(w, 11)}}" for p in paths) + f"{'pp/' + ref:>{len(ref) + 5}}" \
-        + f"{'pp/direct':>11}  target"
-    say(head)
-    say("-" * (len(head) + 12))
+    cw = [max(len(p), 6) + 2 for p in paths]
+    rw = [len(f"pp/{o}") + 2 for o in others]
+    say(f"{'metric':<28}" + "".join(f"{p:>{w}}" for p, w in zip(paths, cw))
+        + "".join(f"{'pp/' + o:>{w}}" for o, w in zip(others, rw)) + f"  target vs {ref}")
+    say("-" * (28 + sum(cw) + sum(rw) + 24))
     verdicts = []
+    fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
     for label, key, kind in rows:
         vals = [table[p].get(key) for p in paths]
-        cells = "".join(f"{'-' if v is None else f'{v:.1f}':>{max(w, 11)}}" for v in vals)
-        pp, hp, dr = table["pairproxy"].get(key), table[ref].get(key), table["direct"].get(key)
-        r_ref = pp / hp if pp is not None and hp else None
-        r_dir = pp / dr if pp is not None and dr else None
+        pp = table["pairproxy"].get(key)
+        ratios = [pp / table[o][key] if pp is not None and table[o].get(key) else None for o in others]
+        r_ref = ratios[0]
         target = ""
         if kind == "thr" and r_ref is not None:
             ok = r_ref >= TARGET_THROUGHPUT
-            target = f">= {TARGET_THROUGHPUT}x  {'PASS' if ok else 'MISS'}"
+            target = f">= {TARGET_THROUGHPUT}x {'PASS' if ok else 'MISS'}"
             verdicts.append({"metric": key, "ratio": r_ref, "target": f">={TARGET_THROUGHPUT}", "pass": ok})
         elif kind == "lat" and r_ref is not None:
             ok = r_ref <= TARGET_LATENCY
-            target = f"<= {TARGET_LATENCY}x  {'PASS' if ok else 'MISS'}"
+            target = f"<= {TARGET_LATENCY}x {'PASS' if ok else 'MISS'}"
             verdicts.append({"metric": key, "ratio": r_ref, "target": f"<={TARGET_LATENCY}", "pass": ok})
-        rr = "-" if r_ref is None else f"{r_ref:.2f}"
-        rd = "-" if r_dir is None else f"{r_dir:.2f}"
-        say(f"{label:<30}{cells}{rr:>{len(ref) + 5}}{rd:>11}  {target}")
+        say(f"{label:<28}" + "".join(f"{fmt(v, '.1f'):>{w}}" for v, w in zip(vals, cw))
+            + "".join(f"{fmt(r, '.2f'):>{w}}" for r, w in zip(ratios, rw)) + f"  {target}")
     return verdicts
 
 
@@ -301,9 +304,9 @@ def main() -> int:
     ap.add_argument("--ops", type=int, default=500, help="small operations per series")
     ap.add_argument("--prefix", default="ppb", help="lab prefix (default ppb; the tests use ppt, the demo pp)")
     ap.add_argument("--root", help="lab state directory (default /var/tmp/pairproxy-bench-lab[-PREFIX])")
-    ap.add_argument("--haproxy", default="1,2",
+    ap.add_argument("--haproxy", default="1,2,1s",
                     help="haproxy variants: thread counts, suffix s = option splice-auto; first is the "
-                         "reference for the targets (default 1,2)")
+                         "reference for the targets (default 1,2,1s)")
     ap.add_argument("--workdir", default="/dev/shm", help="where the source and copied files live (tmpfs)")
     ap.add_argument("--keep-lab", action="store_true", help="leave the lab up at the end")
     ap.add_argument("--json", help="write all numbers to this file")
@@ -323,6 +326,8 @@ def main() -> int:
     addr_b_added = False
     started = datetime.datetime.now().astimezone()
     try:
+        load_before = Path("/proc/loadavg").read_text().split()[:3]
+        say(f"load average before: {' '.join(load_before)} (other labs on this machine share its CPUs)")
         say(f"lab {lab.prefix} ({root}): up ...")
         lab.up()
         a = lab.addresses
@@ -341,13 +346,14 @@ def main() -> int:
         paths = [Path_("direct", a.server), Path_("pairproxy", a.service_a, node=node)]
         paths += [Path_(h.name, a.service_b, haproxy=h) for h in haproxies]
         results: dict[str, list[dict]] = {p.name: [] for p in paths}
+        tag = os.urandom(4).hex()
         for rnd in range(args.rounds):
             for path in paths:
                 if path.haproxy is not None:
                     path.haproxy.start()
                 try:
                     t0 = time.monotonic()
-                    r = run_round(lab, path, rnd, src, src_sha, work, args.ops, verify=(rnd == 0))
+                    r = run_round(lab, path, rnd, src, src_sha, work, args.ops, verify=(rnd == 0), tag=tag)
                 finally:
                     if path.haproxy is not None:
                         path.haproxy.stop()
@@ -360,6 +366,8 @@ def main() -> int:
                     + (" sha256 ok" if rnd == 0 else "") + f"  ({time.monotonic() - t0:.1f} s)")
 
         node_status = node.status()
+        load_after = Path("/proc/loadavg").read_text().split()[:3]
+        say(f"load average after: {' '.join(load_after)}")
         table = medians(results)
         ref = haproxies[0].name
         say()
@@ -377,6 +385,7 @@ def main() -> int:
                             "python": platform.python_version()},
                 "git_commit": subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True,
                                              text=True).stdout.strip(),
+                "loadavg_before": load_before, "loadavg_after": load_after,
                 "size_mib": args.size_mib, "rounds": args.rounds, "ops": args.ops,
                 "reference": ref, "medians": table, "targets": verdicts, "rounds_raw": results,
                 "pairproxy_status": node_status,
