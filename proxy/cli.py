@@ -82,8 +82,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         _print_problems(problems)
         return EXIT_PROBLEM
     _setup_logging(args.log_level or config.node.log_level)
+    key = None
+    if config.peer is not None:
+        from sync.wire import load_key
+
+        key = load_key(config.peer.key_file)
     try:
-        trio.run(Node(config).run)
+        trio.run(Node(config, key).run)
     except (ControlError, NetworkError, OSError, ExceptionGroup) as exc:
         expected, rest = _flatten(exc).split((ControlError, NetworkError, OSError))
         if rest is not None:
@@ -131,6 +136,26 @@ def format_status(status: dict) -> str:
             f"{_human_bytes(s['bytes_to_client']):>11} {s['backend_failures']:>6}")
         if s.get("last_backend_error"):
             lines.append(f"{'':<10} last backend error: {s['last_backend_error']}")
+    pair = status.get("pair")
+    if pair:
+        lines += ["", f"pair with {pair['peer']} ({pair['mode']}): peer is {pair['peer_state']}; sync link "
+                      f"{pair['link'].get('state')}" + (f" ({pair['link']['refused_reason']})"
+                                                         if pair['link'].get('refused_reason') else "")]
+        rtt = pair["link"].get("rtt_ms")
+        if rtt:
+            lines.append(f"heartbeat round trip: last {rtt['last']:.2f} ms, median {rtt['median']:.2f} ms, "
+                         f"max {rtt['max']:.2f} ms over {rtt['count']}")
+        lines.append(f"{'address':<16} {'owner':<8} {'held by':<8} role")
+        for address, a in pair["addresses"].items():
+            lines.append(f"{address:<16} {a['owner']:<8} {a['held_by']:<8} {a['role']}")
+        for s in pair.get("peer_services", []):
+            lines.append(f"  taken over: {s['name']} on {s['address']}: {s['connections_active']} active, "
+                         f"{s['connections_total']} total")
+        if pair.get("takeovers"):
+            t = pair["takeovers"][-1]
+            lines.append(f"last takeover of {t['address']} at {t['when']}: silence {t['silence_ms']} ms, "
+                         f"address moved {t['address_moved_ms']} ms, first client {t['first_client_ms']} ms "
+                         "after detection" + (f", handed back after {t['held_for_s']} s" if t['held_for_s'] else ""))
     return "\n".join(lines)
 
 

@@ -304,6 +304,70 @@ SERVICE_KEYS = {"name", "protocol", "port", "backend", "extra_ports", "connect_t
 TOP_KEYS = {"node", "service", "peer", "pair"}
 
 
+def _parse_services(r: _Reader, raw_services: Any, where: str) -> list[ServiceConfig]:
+    """The ``[[service]]`` array (or a peer's services from its hello), problems named under ``where``."""
+    services: list[ServiceConfig] = []
+    if not isinstance(raw_services, list):
+        r.problem(where, "expected an array of tables ([[service]])")
+        raw_services = []
+    elif not raw_services:
+        r.problem(where, "no [[service]] defined: a node must proxy at least one service")
+    names: dict[str, int] = {}
+    ports: dict[int, str] = {}
+    for i, svc in enumerate(raw_services):
+        path = f"{where}[{i}]"
+        if not isinstance(svc, dict):
+            r.problem(path, f"expected a table, got {type(svc).__name__}")
+            continue
+        r.unknown(svc, SERVICE_KEYS, path)
+        protocol = r.value(svc, "protocol", path, _protocol)
+        default_extra = DEFAULT_NFS_EXTRA_PORTS if protocol == "nfs" else ()
+        values = dict(
+            name=r.value(svc, "name", path, _name),
+            protocol=protocol,
+            port=r.value(svc, "port", path, _port),
+            backend=r.value(svc, "backend", path, parse_endpoint),
+            extra_ports=r.value(svc, "extra_ports", path, _port_list, default_extra),
+            connect_timeout=r.value(svc, "connect_timeout", path, _positive_duration, 3.0),
+        )
+        if values["name"] is not None:
+            if values["name"] in names:
+                r.problem(f"{path}.name", f"{values['name']!r} is already used by {where}[{names[values['name']]}]")
+            names.setdefault(values["name"], i)
+        if values["port"] is not None and values["extra_ports"] is not None:
+            seen_here: set[int] = set()
+            for key, port in [("port", values["port"])] + [
+                (f"extra_ports[{j}]", p) for j, p in enumerate(values["extra_ports"])
+            ]:
+                if port in seen_here:
+                    r.problem(f"{path}.{key}", f"port {port} is listed twice in this service")
+                elif port in ports:
+                    r.problem(f"{path}.{key}", f"port {port} is already proxied by {ports[port]}")
+                else:
+                    ports[port] = f"{path}"
+                seen_here.add(port)
+        if all(v is not None for v in values.values()):
+            services.append(ServiceConfig(**values))
+
+    return services
+
+
+def service_to_dict(service: ServiceConfig) -> dict:
+    """A service as plain data (for the peer's hello), readable back with :func:`services_from_dicts`."""
+    return {"name": service.name, "protocol": service.protocol, "port": service.port,
+            "backend": str(service.backend), "extra_ports": list(service.extra_ports),
+            "connect_timeout": service.connect_timeout}
+
+
+def services_from_dicts(raw: Any, where: str = "peer.services") -> tuple[ServiceConfig, ...]:
+    """Services sent by the peer, validated as strictly as our own config. Raises ConfigError."""
+    r = _Reader()
+    services = _parse_services(r, raw, where)
+    if r.problems:
+        raise ConfigError(r.problems)
+    return tuple(services)
+
+
 def parse_config(doc: dict, source: Path | None = None) -> Config:
     """Validate a parsed TOML document. Raises ConfigError with every problem found."""
     r = _Reader()
@@ -325,49 +389,7 @@ def parse_config(doc: dict, source: Path | None = None) -> Config:
         if all(v is not None for v in values.values()):
             node = NodeConfig(**values)
 
-    services: list[ServiceConfig] = []
-    raw_services = doc.get("service", [])
-    if not isinstance(raw_services, list):
-        r.problem("service", "expected an array of tables ([[service]])")
-        raw_services = []
-    elif not raw_services:
-        r.problem("service", "no [[service]] defined: a node must proxy at least one service")
-    names: dict[str, int] = {}
-    ports: dict[int, str] = {}
-    for i, svc in enumerate(raw_services):
-        path = f"service[{i}]"
-        if not isinstance(svc, dict):
-            r.problem(path, f"expected a table, got {type(svc).__name__}")
-            continue
-        r.unknown(svc, SERVICE_KEYS, path)
-        protocol = r.value(svc, "protocol", path, _protocol)
-        default_extra = DEFAULT_NFS_EXTRA_PORTS if protocol == "nfs" else ()
-        values = dict(
-            name=r.value(svc, "name", path, _name),
-            protocol=protocol,
-            port=r.value(svc, "port", path, _port),
-            backend=r.value(svc, "backend", path, parse_endpoint),
-            extra_ports=r.value(svc, "extra_ports", path, _port_list, default_extra),
-            connect_timeout=r.value(svc, "connect_timeout", path, _positive_duration, 3.0),
-        )
-        if values["name"] is not None:
-            if values["name"] in names:
-                r.problem(f"{path}.name", f"{values['name']!r} is already used by service[{names[values['name']]}]")
-            names.setdefault(values["name"], i)
-        if values["port"] is not None and values["extra_ports"] is not None:
-            seen_here: set[int] = set()
-            for key, port in [("port", values["port"])] + [
-                (f"extra_ports[{j}]", p) for j, p in enumerate(values["extra_ports"])
-            ]:
-                if port in seen_here:
-                    r.problem(f"{path}.{key}", f"port {port} is listed twice in this service")
-                elif port in ports:
-                    r.problem(f"{path}.{key}", f"port {port} is already proxied by {ports[port]}")
-                else:
-                    ports[port] = f"{path}"
-                seen_here.add(port)
-        if all(v is not None for v in values.values()):
-            services.append(ServiceConfig(**values))
+    services = _parse_services(r, doc.get("service", []), "service")
 
     if node is not None:
         for i, svc in enumerate(services):

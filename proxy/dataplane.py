@@ -129,6 +129,8 @@ class ServiceProxy:
         self.stats = ServiceStats()
         self.connections: set[Connection] = set()
         self._listeners: list[tuple[int, trio.socket.SocketType]] = []
+        #: trio time of the first accepted client connection (takeover timing: first client served)
+        self.first_client_at: float | None = None
 
     def open_listeners(self) -> None:
         """Bind every port now, so a port in use is reported before the node starts serving."""
@@ -170,6 +172,8 @@ class ServiceProxy:
                 if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
                     continue
                 raise
+            if self.first_client_at is None:
+                self.first_client_at = trio.current_time()
             client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             connections.start_soon(self._proxy, client, peer, port)
 

@@ -1,40 +1,103 @@
-"""One pairproxy node: its service address, its services' proxies and its control socket.
+"""One pairproxy node: its own service address, and (in a pair) its standby for the peer's.
 
-A node is one trio nursery. Order of start-up matters and is deliberate:
-1. control socket (so a second node with the same config fails before touching the kernel),
-2. listening sockets, bound with IP_FREEBIND before the address exists (a port in use fails here),
-3. the service address (from now on clients are served),
-and shutdown runs the other way: stop accepting, let open connections finish for ``grace``
-seconds, cut what is left, remove the address, remove the control socket.
+A node is one trio nursery. Alone, it serves its own address until SIGTERM. In a pair it also runs
+the sync link (:class:`sync.link.PeerLink`), the failure detector (:mod:`sync.detector`, fed by the
+link and by the UDP probe of :mod:`proxy.probe`) and the role state machine (:mod:`proxy.roles`),
+and it executes what the roles decide:
+
+* own address ``serving``   -> :class:`~proxy.serving.AddressService` on the own interface;
+* own address ``yielded``   -> ask the peer to hand it back;
+* peer address ``holding``  -> macvlan with the peer's MAC, the peer's address as /32 on it, the
+  peer's services (from its hello, persisted in ``state_dir``) towards the peer's backends, and
+  gratuitous ARPs with this node's own MAC;
+* peer address ``releasing`` -> stop those services at once, remove the address and the macvlan,
+  tell the peer it may claim.
+
+Every decision runs in one task (``_decide``) that takes events from a memory channel, so role
+changes never interleave; the slow parts (starting services) run as tasks it starts and awaits.
+One log line per state change, with the reason.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import signal
 import time
+from dataclasses import dataclass
+from typing import Any
 
 import trio
 
-from proxy.config import Config
+from proxy import roles
+from proxy.config import Config, ConfigError, service_to_dict, services_from_dicts
 from proxy.control import bind_control_socket, serve_control
-from proxy.dataplane import ServiceProxy
-from proxy.netplane import ServiceAddress
+from proxy.netplane import PeerMacvlan, interface_mac
+from proxy.serving import AddressService
 
 log = logging.getLogger("pairproxy.node")
 
+VERSION = 1
+
+
+@dataclass
+class Takeover:
+    """The timing of one takeover, for status (trio clock seconds; None: not yet)."""
+
+    address: str
+    last_heard_at: float | None
+    detected_at: float
+    wall_time: float
+    address_up_at: float | None = None
+    first_client_at: float | None = None
+    released_at: float | None = None
+
+    def as_dict(self) -> dict:
+        def ms(a: float | None, b: float | None) -> float | None:
+            return None if a is None or b is None else round((b - a) * 1000, 1)
+
+        return {
+            "address": self.address,
+            "when": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(self.wall_time)),
+            "silence_ms": ms(self.last_heard_at, self.detected_at),
+            "address_moved_ms": ms(self.detected_at, self.address_up_at),
+            "first_client_ms": ms(self.detected_at, self.first_client_at),
+            "held_for_s": None if self.released_at is None else round(self.released_at - self.detected_at, 3),
+        }
+
 
 class Node:
-    """Runs one node's services until :meth:`stop` (or SIGTERM/SIGINT when handling signals)."""
+    """Runs one node until :meth:`stop` (or SIGTERM/SIGINT when handling signals)."""
 
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, key: bytes | None = None):
         self.config = config
-        self.proxies = [ServiceProxy(s, config.node.address.ip) for s in config.services]
+        node = config.node
+        self.mac = interface_mac(node.interface)
+        self.own = AddressService(node.address, node.interface, config.services,
+                                  announce_ifname=node.interface, announce_mac=self.mac)
         self.state = "starting"
         self.started_at: float | None = None
         self._stop = trio.Event()
-        self._connections_scope: trio.CancelScope | None = None
+        self._stopping = False
+        self._signals = 0
+        # the pair
+        self.key = key
+        self.roles = roles.PairRoles() if config.peer else None
+        self.link = None
+        self.detector = None
+        self.probe_responder = None
+        self.peer_info: dict[str, Any] | None = None
+        self.peer_service: AddressService | None = None
+        self.macvlan: PeerMacvlan | None = None
+        self.takeovers: list[Takeover] = []
+        self._events_tx, self._events_rx = trio.open_memory_channel[tuple[str, Any]](1000)
+        self._nursery: trio.Nursery | None = None
+        self._own_done = trio.Event()
+        self._peer_done: trio.Event | None = None
+        self.rejected_events = 0
+
+    # -- life cycle ----------------------------------------------------------------------------
 
     def stop(self) -> None:
         """Stop accepting; open connections get the configured grace time."""
@@ -46,72 +109,320 @@ class Node:
         node.state_dir.mkdir(parents=True, exist_ok=True)
         control = bind_control_socket(node.control)
         try:
-            for proxy in self.proxies:
-                proxy.open_listeners()
-            with ServiceAddress(node.interface, node.address):
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(serve_control, control, node.control, {"status": self._status})
-                    if handle_signals:
-                        nursery.start_soon(self._watch_signals)
-                    await self._serve(task_status)
-                    nursery.cancel_scope.cancel()
+            self.own.open_listeners()  # a port in use fails here, before any kernel change
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(serve_control, control, node.control, {"status": self._status})
+                if handle_signals:
+                    nursery.start_soon(self._watch_signals)
+                if self.config.peer is None:
+                    await nursery.start(self._run_own)
+                    self.state = "serving"
+                else:
+                    await self._start_pair(nursery)
+                self.started_at = time.monotonic()
+                task_status.started()
+                if self.config.peer is None:
+                    await self._stop.wait()
+                else:
+                    await self._decide()
+                await self._shutdown()
+                nursery.cancel_scope.cancel()
         finally:
             control.close()
-            for proxy in self.proxies:
-                proxy.close_listeners()
+            self.own.close_listeners()
+            if self.macvlan is not None:
+                self.macvlan.close()
             self.state = "stopped"
         log.info("node %s stopped", node.name)
 
-    async def _serve(self, task_status: trio.TaskStatus[None]) -> None:
-        node = self.config.node
-        async with trio.open_nursery() as connections:
-            self._connections_scope = connections.cancel_scope
-            async with trio.open_nursery() as listeners:
-                for proxy in self.proxies:
-                    listeners.start_soon(proxy.accept_loop, connections)
-                self.state = "serving"
-                self.started_at = time.monotonic()
-                ports = ", ".join(f"{p.service.name}:{'/'.join(map(str, p.service.ports))}" for p in self.proxies)
-                log.info("node %s serving %s on %s (%s)", node.name, node.address.ip, node.interface, ports)
-                task_status.started()
-                await self._stop.wait()
-                listeners.cancel_scope.cancel()
-            self.state = "draining"
-            active = self._active_connections()
-            if active:
-                log.info("stopped accepting; waiting up to %gs for %d open connection(s)", node.grace, active)
-                with trio.move_on_after(node.grace):
-                    while self._active_connections():
-                        await trio.sleep(0.05)
-                left = self._active_connections()
-                if left:
-                    log.warning("grace time over: %d connection(s) cut", left)
-            connections.cancel_scope.cancel()
+    async def _run_own(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            await self.own.run(task_status=task_status)
+        finally:
+            self._own_done.set()
 
-    def _active_connections(self) -> int:
-        return sum(p.stats.connections_active for p in self.proxies)
+    async def _shutdown(self) -> None:
+        self.state = "stopping"
+        self._stopping = True
+        grace = self.config.node.grace
+        waits = []
+        if self.own.state in ("serving", "draining"):
+            self.own.stop(grace)
+            waits.append(self._own_done)
+        if self.peer_service is not None and self._peer_done is not None:
+            self.peer_service.stop(grace)
+            waits.append(self._peer_done)
+        for done in waits:
+            await done.wait()
 
     async def _watch_signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
-                if self._stop.is_set() and self._connections_scope is not None:
-                    log.warning("%s again: cutting open connections now", signal.Signals(signum).name)
-                    self._connections_scope.cancel()
+                name = signal.Signals(signum).name
+                self._signals += 1
+                if self._signals > 1:
+                    log.warning("%s again: cutting open connections now", name)
+                    self.own.cut_now()
+                    if self.peer_service is not None:
+                        self.peer_service.cut_now()
                     continue
-                log.info("%s: stopping", signal.Signals(signum).name)
+                log.info("%s: stopping", name)
                 self.stop()
+                self._events_tx.send_nowait(("stop", None))
+
+    # -- the pair ------------------------------------------------------------------------------
+
+    def hello(self) -> dict[str, Any]:
+        """What this node tells its peer (patent element 300), and what the peer persists."""
+        node = self.config.node
+        holds = []
+        if self.roles is not None and self.roles.serves_own:
+            holds.append(str(node.address.ip))
+        if self.roles is not None and self.roles.holds_peer:
+            holds.append(str(self.config.peer.address))
+        return {
+            "name": node.name, "mode": self.config.pair.mode, "version": VERSION,
+            "mac": self.mac, "address": str(node.address), "interface": node.interface,
+            "services": [service_to_dict(s) for s in self.config.services],
+            "holds": holds, "own_state": self.roles.own if self.roles else None,
+        }
+
+    async def _start_pair(self, nursery: trio.Nursery) -> None:
+        from proxy.probe import ProbeResponder, probe
+        from sync.detector import FailureDetector, watch
+        from sync.link import PeerLink, load_peer_hello
+
+        peer, pair, node = self.config.peer, self.config.pair, self.config.node
+        self.peer_info = load_peer_hello(node.state_dir)
+        if self.peer_info:
+            log.info("peer %s known from its last hello (MAC %s)", peer.name, self.peer_info.get("mac"))
+        self.link = PeerLink(
+            node.name, peer.name, listen=(str(peer.listen.host), peer.listen.port),
+            dial=(str(peer.link.host), peer.link.port), key=self.key, hello=self.hello(),
+            on_message=lambda m: self._post("message", m), on_hello=lambda h: self._post("hello", h),
+            heartbeat=pair.heartbeat, dead_after=pair.dead_after, state_dir=node.state_dir)
+        self.detector = FailureDetector(pair.dead_after)
+        self.probe_responder = ProbeResponder(self.key, str(node.address.ip), peer.probe_port)
+        await nursery.start(self.link.run)
+        nursery.start_soon(self.probe_responder.serve)
+
+        async def probe_peer() -> bool:
+            return await probe(self.key, str(node.address.ip), str(peer.address), peer.probe_port,
+                               timeout=self.detector.probe_every)
+
+        nursery.start_soon(lambda: watch(self.detector, probe_peer, lambda a: self._post("detector", a),
+                                         heard=lambda: self.link.last_received))
+        nursery.start_soon(self._claim_when_alone)
+        self.state = "pair"
+        log.info("node %s: pair with %s (%s mode), claiming %s", node.name, peer.name, pair.mode, node.address.ip)
+
+    def _post(self, kind: str, payload: Any) -> None:
+        try:
+            self._events_tx.send_nowait((kind, payload))
+        except trio.WouldBlock:
+            self.rejected_events += 1
+            log.error("event queue full: %s dropped", kind)
+
+    async def _claim_when_alone(self) -> None:
+        """Claim the own address if the peer stays unreachable and nobody answers ARP for it."""
+        from proxy.arp import who_has
+
+        node, pair = self.config.node, self.config.pair
+        await trio.sleep(pair.claim_wait)
+        while self.roles.own == roles.CLAIMING:
+            if self.link.state != "connected":
+                holders = await who_has(node.interface, self.mac, str(node.address.ip))
+                if not holders:
+                    self._post("claim", "no word from the peer and no ARP answer for the address")
+                    return
+                log.warning("%s: no word from the peer, but %s answers ARP for it: not claiming",
+                            node.address.ip, ", ".join(sorted(holders)))
+            await trio.sleep(pair.claim_wait)
+
+    async def _decide(self) -> None:
+        """The one task that changes roles: events in, transitions executed, until stop."""
+        from sync.detector import PeerAlive, PeerDead
+
+        peer, node = self.config.peer, self.config.node
+        async for kind, payload in self._events_rx:
+            if kind == "stop":
+                return
+            if kind == "hello":
+                self.peer_info = payload
+                holds = set(payload.get("holds") or [])
+                log.info("hello from %s: MAC %s, serving %s", peer.name, payload.get("mac"),
+                         ", ".join(sorted(holds)) or "nothing")
+                if str(node.address.ip) in holds:
+                    if self.roles.own == roles.YIELDED:
+                        await self._send({"type": "handback_request", "address": str(node.address.ip)})
+                    await self._apply(roles.PEER_HOLDS_MINE, f"{peer.name} serves {node.address.ip}")
+                else:
+                    await self._apply(roles.PEER_DOES_NOT_HOLD_MINE, f"{peer.name} does not serve {node.address.ip}")
+            elif kind == "message":
+                await self._on_message(payload)
+            elif kind == "detector":
+                if isinstance(payload, PeerDead):
+                    self._dead_at = trio.current_time()
+                    await self._apply(roles.PEER_DEAD, f"peer {peer.name} silent {payload.silent_for * 1000:.0f} ms "
+                                                       f"and no answer to the probe")
+                elif isinstance(payload, PeerAlive):
+                    log.info("peer %s is alive again", peer.name)
+            elif kind == "claim":
+                await self._apply(roles.NOBODY_ANSWERS, payload)
+
+    async def _send(self, message: dict) -> None:
+        if not await self.link.send(message):
+            log.debug("not sent (no link): %s", message["type"])
+
+    async def _on_message(self, message: dict) -> None:
+        peer, node = self.config.peer, self.config.node
+        kind, address = message.get("type"), message.get("address")
+        if kind == "handback_request":
+            if address != str(peer.address):
+                log.warning("hand-back request for %r, which is not %s's address: ignored", address, peer.name)
+                return
+            if self.roles.peer == roles.STANDBY:
+                await self._send({"type": "handback_done", "address": address})
+                return
+            await self._apply(roles.HANDBACK_REQUESTED, f"{peer.name} is back and asks for {address}")
+        elif kind == "handback_done":
+            if address == str(node.address.ip):
+                await self._apply(roles.PEER_RELEASED_MINE, f"{peer.name} let go of {address}")
+        else:
+            log.debug("message %r ignored", kind)
+
+    async def _apply(self, event: str, reason: str) -> None:
+        for t in self.roles.handle(event):
+            log.info("%s address: %s -> %s (%s)", t.machine, t.old, t.new, reason)
+            if t.machine == "own" and t.new == roles.SERVING:
+                await self._nursery.start(self._run_own)
+                self.state = "pair"
+            elif t.machine == "own" and t.new == roles.YIELDED:
+                await self._send({"type": "handback_request", "address": str(self.config.node.address.ip)})
+            elif t.machine == "peer" and t.new == roles.HOLDING:
+                if not await self._take_over():
+                    self.roles.peer = roles.STANDBY
+            elif t.machine == "peer" and t.new == roles.RELEASING:
+                await self._release()
+                for t2 in self.roles.handle(roles.RELEASED):
+                    log.info("%s address: %s -> %s (released)", t2.machine, t2.old, t2.new)
+                await self._send({"type": "handback_done", "address": str(self.config.peer.address)})
+        if self.link is not None:
+            try:
+                await self.link.update_hello(self.hello())
+            except Exception as exc:  # the hello is re-sent on the next connection anyway
+                log.debug("hello not updated: %s", exc)
+
+    async def _take_over(self) -> bool:
+        """Serve the dead peer's address (patent elements 304/312/314)."""
+        peer, node = self.config.peer, self.config.node
+        info = self.peer_info
+        if not info or not info.get("mac"):
+            log.error("peer %s is dead but was never heard from: its MAC and services are unknown; "
+                      "cannot take over %s", peer.name, peer.address)
+            return False
+        try:
+            services = services_from_dicts(info.get("services", []))
+        except ConfigError as exc:
+            log.error("peer %s's services are unusable, cannot take over: %s", peer.name, "; ".join(exc.problems))
+            return False
+        takeover = Takeover(str(peer.address), self.link.last_received, getattr(self, "_dead_at", trio.current_time()),
+                            time.time())
+        self.takeovers.append(takeover)
+        del self.takeovers[:-20]
+        self.macvlan = PeerMacvlan(node.interface, peer.macvlan, info["mac"]).open()
+        self.peer_service = AddressService(ipaddress.IPv4Interface(f"{peer.address}/32"), peer.macvlan, services,
+                                           announce_ifname=node.interface, announce_mac=self.mac)
+        self._peer_done = trio.Event()
+        done = self._peer_done
+
+        async def run_peer(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+            try:
+                await self.peer_service.run(task_status=task_status)
+            finally:
+                done.set()
+
+        await self._nursery.start(run_peer)
+        takeover.address_up_at = self.peer_service.address_up_at
+        self._nursery.start_soon(self._watch_first_client, takeover, self.peer_service)
+        log.info("took over %s from %s in %.1f ms (detected after %.0f ms of silence); replies leave with MAC %s",
+                 peer.address, peer.name, (takeover.address_up_at - takeover.detected_at) * 1000,
+                 (takeover.detected_at - (takeover.last_heard_at or takeover.detected_at)) * 1000, self.mac)
+        return True
+
+    async def _watch_first_client(self, takeover: Takeover, service: AddressService) -> None:
+        while takeover.first_client_at is None and service.state in ("idle", "serving"):
+            firsts = [p.first_client_at for p in service.proxies if p.first_client_at is not None]
+            if firsts:
+                takeover.first_client_at = min(firsts)
+                log.info("first client served on %s %.1f ms after the peer was declared dead", takeover.address,
+                         (takeover.first_client_at - takeover.detected_at) * 1000)
+                return
+            await trio.sleep(0.001)
+
+    async def _release(self) -> None:
+        """Hand the peer's address back: stop at once (the owner waits), remove address and macvlan."""
+        if self.peer_service is not None and self._peer_done is not None:
+            self.peer_service.stop(0)
+            await self._peer_done.wait()
+        if self.macvlan is not None:
+            self.macvlan.close()
+            self.macvlan = None
+        if self.takeovers:
+            self.takeovers[-1].released_at = trio.current_time()
+        self.peer_service = None
+        self._peer_done = None
+
+    # -- status --------------------------------------------------------------------------------
 
     async def _status(self, request: dict) -> dict:
         return self.status()
 
     def status(self) -> dict:
         node = self.config.node
-        return {
+        services = self.own.status()
+        result: dict[str, Any] = {
             "node": node.name,
             "pid": os.getpid(),
             "state": self.state,
             "interface": node.interface,
+            "mac": self.mac,
             "address": str(node.address),
             "uptime": round(time.monotonic() - self.started_at, 3) if self.started_at else 0.0,
-            "services": [p.status() for p in self.proxies],
+            "services": services,
         }
+        if self.config.peer is not None:
+            peer = self.config.peer
+            link = self.link.status() if self.link else {}
+            link.pop("peer_hello", None)
+            rtt = link.get("rtt")
+            if rtt:
+                link["rtt_ms"] = {k: round(v * 1000, 3) if k != "count" else v for k, v in rtt.items()}
+            link.pop("rtt", None)
+            peer_holds = set((self.peer_info or {}).get("holds") or []) if self.link and \
+                self.link.state == "connected" else set()
+
+            def holder(address: str, mine: bool) -> str:
+                if mine:
+                    return node.name
+                return peer.name if address in peer_holds else "nobody" if self.detector and \
+                    self.detector.state == "dead" else f"{peer.name}?"
+
+            result["pair"] = {
+                "mode": self.config.pair.mode,
+                "peer": peer.name,
+                "peer_state": self.detector.state if self.detector else "unknown",
+                "addresses": {
+                    str(node.address.ip): {"owner": node.name, "role": self.roles.own,
+                                           "held_by": holder(str(node.address.ip), self.roles.serves_own)},
+                    str(peer.address): {"owner": peer.name, "role": self.roles.peer,
+                                        "held_by": holder(str(peer.address), self.roles.holds_peer)},
+                },
+                "link": link,
+                "peer_services": self.peer_service.status() if self.peer_service else [],
+                "takeovers": [t.as_dict() for t in self.takeovers],
+                "probe": {"answered": self.probe_responder.answered if self.probe_responder else 0,
+                          "rejected": self.probe_responder.rejected if self.probe_responder else 0},
+            }
+        return result

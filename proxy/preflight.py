@@ -76,6 +76,18 @@ def environment_problems(config: Config) -> list[str]:
                     other = ipr.get_links(addr["index"])[0].get_attr("IFLA_IFNAME")
                     problems.append(f"node.address: {node.address.ip} is already on another interface ({other})")
 
+    if config.peer is not None:
+        from sync.wire import key_permission_problem, load_key
+
+        try:
+            load_key(config.peer.key_file)
+        except ValueError as exc:
+            problems.append(f"peer.key_file: {exc}")
+        else:
+            loose = key_permission_problem(config.peer.key_file)
+            if loose:
+                problems.append(f"peer.key_file: {loose}")
+
     for key, path in (("node.state_dir", node.state_dir), ("node.control", node.control.parent)):
         why = _writable_dir_problem(path)
         if why:
