@@ -71,6 +71,17 @@ def cpu_seconds(pid: int | None) -> float | None:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def system_busy(seconds: float) -> float:
+    """Percent of all CPUs busy over ``seconds`` (from /proc/stat): how loaded the machine is."""
+    def sample() -> tuple[int, int]:
+        v = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
+        return sum(v), v[3] + v[4]
+    t0, i0 = sample()
+    time.sleep(seconds)
+    t1, i1 = sample()
+    return 100.0 * (1 - (i1 - i0) / max(1, t1 - t0))
+
+
 def smbclient_rate(output: str) -> float | None:
     """smbclient's own rate in MB/s (it prints KiB/s as 'kb/s' for put, 'KiloBytes/sec' for get)."""
     m = re.search(r"\(([\d.]+) (?:kb/s|KiloBytes/sec)\)", output)
@@ -327,7 +338,9 @@ def main() -> int:
     started = datetime.datetime.now().astimezone()
     try:
         load_before = Path("/proc/loadavg").read_text().split()[:3]
-        say(f"load average before: {' '.join(load_before)} (other labs on this machine share its CPUs)")
+        busy_before = system_busy(3.0)
+        say(f"before the run: load average {' '.join(load_before)}, CPUs {busy_before:.0f}% busy over 3 s "
+            f"(anything else on this machine shares the {os.cpu_count()} CPUs with the lab)")
         say(f"lab {lab.prefix} ({root}): up ...")
         lab.up()
         a = lab.addresses
@@ -367,7 +380,8 @@ def main() -> int:
 
         node_status = node.status()
         load_after = Path("/proc/loadavg").read_text().split()[:3]
-        say(f"load average after: {' '.join(load_after)}")
+        busy_after = system_busy(3.0)
+        say(f"after the run: load average {' '.join(load_after)}, CPUs {busy_after:.0f}% busy over 3 s")
         table = medians(results)
         ref = haproxies[0].name
         say()
@@ -386,6 +400,7 @@ def main() -> int:
                 "git_commit": subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True,
                                              text=True).stdout.strip(),
                 "loadavg_before": load_before, "loadavg_after": load_after,
+                "cpu_busy_pct_before": busy_before, "cpu_busy_pct_after": busy_after,
                 "size_mib": args.size_mib, "rounds": args.rounds, "ops": args.ops,
                 "reference": ref, "medians": table, "targets": verdicts, "rounds_raw": results,
                 "pairproxy_status": node_status,
