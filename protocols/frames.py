@@ -166,3 +166,33 @@ def parse_frame(buf: bytes | bytearray | memoryview) -> TcpSegment | FrameError 
         return parse_ipv4(mv, off)
     except (struct.error, ValueError, IndexError) as exc:  # defensive: never raise to the caller
         return FrameError("bad-header", f"unparseable frame: {exc}")
+
+
+# link types of capture files (pcap LINKTYPE_*), for offline readers
+LINKTYPE_ETHERNET = 1
+LINKTYPE_RAW = 101
+LINKTYPE_LINUX_SLL = 113
+LINKTYPE_IPV4 = 228
+LINKTYPE_LINUX_SLL2 = 276
+
+
+def parse_link(buf: bytes | bytearray | memoryview, linktype: int) -> TcpSegment | FrameError | None:
+    """Like :func:`parse_frame` for the link types captures commonly have (Ethernet, Linux cooked
+    v1/v2 from ``tcpdump -i any``, raw IP)."""
+    if linktype == LINKTYPE_ETHERNET:
+        return parse_frame(buf)
+    mv = buf if isinstance(buf, memoryview) else memoryview(buf)
+    try:
+        if linktype in (LINKTYPE_RAW, LINKTYPE_IPV4, 12):
+            return parse_ipv4(mv, 0) if len(mv) and mv[0] >> 4 == 4 else None
+        if linktype == LINKTYPE_LINUX_SLL:
+            if len(mv) < 16:
+                return FrameError("truncated", "Linux cooked header truncated")
+            return parse_ipv4(mv, 16) if _U16.unpack_from(mv, 14)[0] == ETH_P_IP else None
+        if linktype == LINKTYPE_LINUX_SLL2:
+            if len(mv) < 20:
+                return FrameError("truncated", "Linux cooked v2 header truncated")
+            return parse_ipv4(mv, 20) if _U16.unpack_from(mv, 0)[0] == ETH_P_IP else None
+    except (struct.error, ValueError, IndexError) as exc:
+        return FrameError("bad-header", f"unparseable frame: {exc}")
+    return None

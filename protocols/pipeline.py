@@ -18,7 +18,7 @@ import json
 from typing import Callable
 
 from .events import AppDecoder, ConnKey, ProtocolError, StateTable
-from .frames import FrameError, TcpSegment, parse_frame
+from .frames import LINKTYPE_ETHERNET, FrameError, TcpSegment, parse_link
 from .smb2 import Smb2Decoder
 from .smb_state import SmbSessionTable
 from .tcpstream import ConnectionClosed, ConnectionOpened, Data, Gap, TcpConnection, TcpTracker
@@ -60,10 +60,11 @@ class Pipeline:
         self.last_ts: float | None = None
 
     # ----------------------------------------------------------------------- input
-    def feed_frame(self, buf: bytes | memoryview, ts: float = 0.0) -> list[tuple[ConnKey, object]]:
+    def feed_frame(self, buf: bytes | memoryview, ts: float = 0.0,
+                   linktype: int = LINKTYPE_ETHERNET) -> list[tuple[ConnKey, object]]:
         self.counters["frames"] += 1
         self.last_ts = ts
-        seg = parse_frame(buf)
+        seg = parse_link(buf, linktype)
         if seg is None:
             self.counters["non_tcp"] += 1
             return []
