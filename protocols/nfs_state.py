@@ -120,7 +120,8 @@ class NfsStateTable:
         if isinstance(event, RpcCall):
             self._call(conn_key, conn, event)
         elif isinstance(event, RpcReply):
-            conn.outstanding.pop(event.xid, None)
+            if not event.from_client:
+                conn.outstanding.pop(event.xid, None)
             call = event.call
             if call is not None and event.result is not None and call.args is not None:
                 if call.prog == MOUNT:
@@ -229,6 +230,8 @@ class NfsStateTable:
 
     # ------------------------------------------------------------------ calls
     def _call(self, conn_key: ConnKey, conn: _Conn, call: RpcCall) -> None:
+        if not call.from_client:
+            return  # a v4.1 backchannel call from the server: not the client's identity
         conn.outstanding[call.xid] = None
         conn.outstanding.move_to_end(call.xid)
         while len(conn.outstanding) > MAX_OUTSTANDING:
