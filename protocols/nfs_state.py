@@ -117,6 +117,13 @@ class NfsStateTable:
         conn = self._conns.get(conn_key)
         if conn is None:
             conn = self._conns[conn_key] = _Conn()
+        try:
+            self._apply(conn_key, conn, event)
+        except (KeyError, TypeError, AttributeError, ValueError):
+            # a shape of decoded message we did not foresee: count it, never stop the node
+            conn.errors += 1
+
+    def _apply(self, conn_key: ConnKey, conn: _Conn, event: object) -> None:
         if isinstance(event, RpcCall):
             self._call(conn_key, conn, event)
         elif isinstance(event, RpcReply):

@@ -288,11 +288,13 @@ class RpcDecoder:
     """ONC RPC decoder for one TCP connection (an ``AppDecoder``). See the module docstring.
 
     ``programs`` maps ``(prog, vers)`` to a :class:`Program`; by default portmapper, MOUNT v3,
-    NFSv3 and NFSv4 from :mod:`protocols.nfs`.
+    NFSv3 and NFSv4 from :mod:`protocols.nfs`. ``midstream=True`` is for a connection picked up
+    after its start: both directions begin by hunting for a record boundary instead of trusting
+    that the first byte is a record mark.
     """
 
     def __init__(self, programs: dict[tuple[int, int], Program] | None = None,
-                 max_record: int = MAX_RECORD) -> None:
+                 max_record: int = MAX_RECORD, midstream: bool = False) -> None:
         if programs is None:
             from .nfs import PROGRAMS
             programs = PROGRAMS
@@ -300,6 +302,9 @@ class RpcDecoder:
         self._known_progs = {p for p, _ in programs}
         self.max_record = max_record
         self._dirs = {True: _Direction(), False: _Direction()}
+        if midstream:
+            for d in self._dirs.values():
+                d.hunting = True
         # XIDs of calls still waiting for a reply, per direction of the call
         self._outstanding: dict[bool, OrderedDict[int, RpcCall]] = {True: OrderedDict(), False: OrderedDict()}
         self.errors = 0

@@ -171,9 +171,9 @@ def test_any_resegmentation_gives_same_events(sizes):
 
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.tuples(st.booleans(), st.binary(max_size=200)), max_size=20),
-       st.lists(st.integers(min_value=0, max_value=5000), max_size=3))
-def test_arbitrary_bytes_never_raise(chunks, gaps):
-    dec = RpcDecoder()
+       st.lists(st.integers(min_value=0, max_value=5000), max_size=3), st.booleans())
+def test_arbitrary_bytes_never_raise(chunks, gaps, midstream):
+    dec = RpcDecoder(midstream=midstream)
     for i, (from_client, data) in enumerate(chunks):
         for e in dec.feed(from_client, data):
             assert isinstance(e, (RpcCall, RpcReply, ProtocolError))
@@ -203,3 +203,13 @@ def test_gap_then_resync_on_real_stream(data):
     got = [e for e in events if isinstance(e, (RpcCall, RpcReply))]
     assert got[-4:] == REFERENCE[-4:], (victim, start, length)
     assert not dec.unsynchronised
+
+
+def test_midstream_start_hunts_for_first_call():
+    dec = RpcDecoder(midstream=True)
+    assert dec.unsynchronised
+    tail_of_write = bytes(range(256)) * 3
+    events = dec.feed(True, tail_of_write + record(rpc_call(11, NFS, 3, 1, GETATTR)))
+    assert [e.xid for e in events] == [11] and dec.unsynchronised  # replies not found yet
+    events = dec.feed(False, b"\x00" * 37 + record(rpc_reply(11, GETATTR_OK)))
+    assert [e.xid for e in events] == [11] and not dec.unsynchronised
