@@ -147,7 +147,10 @@ class TcpTracker:
         self.idle_timeout = idle_timeout
         self.closing_timeout = closing_timeout
         self.max_connections = max_connections
-        self.connections: dict[ConnKey, TcpConnection] = {}  # insertion order = least recently active first
+        self.connections: dict[ConnKey, TcpConnection] = {}
+        # per-packet lookup by the raw (src, sport, dst, dport) tuple: hashing a tuple of the parsed
+        # fields is several times cheaper than building and hashing a ConnKey dataclass
+        self._index: dict[tuple, tuple[TcpConnection, bool]] = {}
         # TIME_WAIT of a passive observer: the last ACK (or a late retransmission) after a close
         # must not resurrect the connection as a new mid-stream one
         self.recently_closed: dict[ConnKey, float] = {}
@@ -174,15 +177,19 @@ class TcpTracker:
         return ConnKey(seg.dst, seg.dport, seg.src, seg.sport), False
 
     def lookup(self, seg: TcpSegment) -> tuple[TcpConnection | None, bool]:
-        fwd = ConnKey(seg.src, seg.sport, seg.dst, seg.dport)
-        conn = self.connections.get(fwd)
-        if conn is not None:
-            return conn, True
-        rev = ConnKey(seg.dst, seg.dport, seg.src, seg.sport)
-        conn = self.connections.get(rev)
-        if conn is not None:
-            return conn, False
-        return None, True
+        return self._index.get((seg.src, seg.sport, seg.dst, seg.dport), (None, True))
+
+    def _add(self, conn: TcpConnection) -> None:
+        k = conn.key
+        self.connections[k] = conn
+        self._index[(k.client_ip, k.client_port, k.server_ip, k.server_port)] = (conn, True)
+        self._index[(k.server_ip, k.server_port, k.client_ip, k.client_port)] = (conn, False)
+
+    def _remove(self, conn: TcpConnection) -> None:
+        k = conn.key
+        self.connections.pop(k, None)
+        self._index.pop((k.client_ip, k.client_port, k.server_ip, k.server_port), None)
+        self._index.pop((k.server_ip, k.server_port, k.client_ip, k.client_port), None)
 
     # ------------------------------------------------------------------- feed
     def feed(self, seg: TcpSegment, now: float) -> list[object]:
@@ -207,15 +214,11 @@ class TcpTracker:
             mid = not seg.syn
             conn = TcpConnection(key, mid, now)
             if len(self.connections) >= self.max_connections:
-                oldest = next(iter(self.connections.values()))
+                oldest = min(self.connections.values(), key=lambda c: c.last_seen)
                 self.counters["evicted"] += 1
                 events += self._close(oldest, reset=False, reason="evicted")
-            self.connections[key] = conn
+            self._add(conn)
             events.append(ConnectionOpened(key, mid))
-        else:
-            # keep dict order = activity order, so eviction and expiry find the idle ones first
-            self.connections.pop(conn.key)
-            self.connections[conn.key] = conn
         conn.last_seen = now
         self._segment(conn, from_client, seg, events)
         return events
@@ -309,7 +312,15 @@ class TcpTracker:
         if half.fin_seq is not None and not half.fin_done and half.next_seq == half.fin_seq:
             half.fin_done = True
             half.next_seq = (half.next_seq + 1) & _MASK
-        if conn.client.fin_done and conn.server.fin_done and not conn.closed:
+        c, s = conn.client, conn.server
+        if conn.closed:
+            return
+        if c.fin_done and s.fin_done:
+            events += self._close(conn, reset=False, reason="fin")
+        elif (c.fin_seq is not None and s.fin_seq is not None and s.last_ack is not None
+              and c.last_ack is not None and seq_diff(s.last_ack, c.fin_seq) > 0
+              and seq_diff(c.last_ack, s.fin_seq) > 0):
+            # both FINs sent and acknowledged, yet a hole remains: those bytes passed us by for good
             events += self._close(conn, reset=False, reason="fin")
 
     def _flush(self, conn: TcpConnection, events: list) -> None:
@@ -324,7 +335,7 @@ class TcpTracker:
             return events
         self._flush(conn, events)
         conn.closed = True
-        self.connections.pop(conn.key, None)
+        self._remove(conn)
         self.recently_closed.pop(conn.key, None)
         self.recently_closed[conn.key] = conn.last_seen
         if len(self.recently_closed) > self.max_recently_closed:
