@@ -121,10 +121,11 @@ class PeerLink:
         self.counters: dict[str, int] = {
             "messages_in": 0, "messages_out": 0,
             "rejected_auth": 0, "rejected_parse": 0, "rejected_replay": 0, "rejected_too_large": 0,
-            "connections": 0, "reconnects": 0, "refused": 0, "owner_errors": 0,
+            "connections": 0, "duplicates": 0, "reconnects": 0, "refused": 0, "owner_errors": 0,
         }
         self._rtts: deque[float] = deque(maxlen=RTT_WINDOW)
         self._active: _Connection | None = None
+        self._ever_connected = False
         self._changed = trio.Event()
         self._persisted: dict[str, Any] | None = None
 
@@ -132,7 +133,11 @@ class PeerLink:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen, dial and keep the link up until cancelled. Started once the listener is bound."""
-        listeners = await trio.open_tcp_listeners(self.listen[1], host=self.listen[0])
+        try:
+            listeners = await trio.open_tcp_listeners(self.listen[1], host=self.listen[0])
+        except OSError as exc:
+            raise OSError(exc.errno, f"sync link cannot listen on {self.listen[0]}:{self.listen[1]}: "
+                                     f"{exc.strerror or exc}") from None
         self.listen_address = listeners[0].socket.getsockname()[:2]
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._dial_loop)
@@ -199,13 +204,19 @@ class PeerLink:
             stream = None
             with trio.move_on_after(self.connect_timeout):
                 try:
-                    stream = await trio.open_tcp_stream(*self.dial)
+                    stream = await trio.open_tcp_stream(*self.dial, local_address=self._local_address())
                 except OSError as exc:
                     log.debug("dial %s:%s: %s", *self.dial, exc)
             if stream is not None and await self._serve_connection(stream, dialled=True):
                 backoff = BACKOFF_MIN
             await trio.sleep(backoff)
             backoff = min(backoff * 2, BACKOFF_MAX)
+
+    def _local_address(self) -> str | None:
+        """Dial from the listen address, so the link leaves over the sync network and firewalls
+        see one address per node; a wildcard listen address leaves the choice to routing."""
+        host = self.listen[0]
+        return None if host in ("", "0.0.0.0", "::") else host
 
     async def _serve_accepted(self, stream: trio.SocketStream) -> None:
         await self._serve_connection(stream, dialled=False)
@@ -333,6 +344,7 @@ class PeerLink:
     def _activate(self, conn: _Connection) -> None:
         old = self._active
         if old is not None:
+            self.counters["duplicates"] += 1
             lower = min(self.my_name, self.peer_name)
             keep_new = conn.dialled_by == old.dialled_by or conn.dialled_by == lower
             loser, winner = (old, conn) if keep_new else (conn, old)
@@ -342,19 +354,20 @@ class PeerLink:
         self._active = conn
         conn.was_active = True
         self.counters["connections"] += 1
-        if self.counters["connections"] > 1:
-            self.counters["reconnects"] += 1
         if self.state != "connected":
+            # a replacement of a live connection by the preferred one is not a reconnect
+            if self._ever_connected:
+                self.counters["reconnects"] += 1
             log.info("sync link to %s up (dialled by %s)", self.peer_name, conn.dialled_by)
+        self._ever_connected = True
         self.state = "connected"
         self.refused_reason = None
         conn.nursery.start_soon(self._send_heartbeats, conn)
         self._notify()
 
     async def _refuse(self, conn: _Connection, reason: str, *, tell_peer: bool = True) -> None:
+        # State first, then the (awaiting) courtesy message: observers never see a half-done refusal.
         self.counters["refused"] += 1
-        if tell_peer:
-            await self._send_on(conn, {"type": "refuse", "reason": reason})
         if self._active is None or self._active is conn:
             if self.state != "refused" or self.refused_reason != reason:
                 log.warning("sync link to %s refused: %s", self.peer_name, reason)
@@ -364,7 +377,9 @@ class PeerLink:
                 self._active = None
                 self._notify()
         else:
-            log.warning("sync link: refused a stray connection (the link stays up): %s", reason)
+            log.warning("sync link: refused a stray connection from %s (the link stays up): %s", conn.peer, reason)
+        if tell_peer:
+            await self._send_on(conn, {"type": "refuse", "reason": reason})
         self._drop(conn, reason)
 
     def _drop(self, conn: _Connection, reason: str) -> None:

@@ -13,10 +13,10 @@ from sync.wire import MAGIC, KEY_MISMATCH_HINT
 KEY = b"a shared secret of enough bytes"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# A bound socket that never listens: dialling it is refused at once, and no one else gets its port.
+_NOWHERE = socket.socket()
+_NOWHERE.bind(("127.0.0.1", 0))
+NOWHERE = _NOWHERE.getsockname()
 
 
 def hello(name, mode="stateless", version=1):
@@ -25,20 +25,31 @@ def hello(name, mode="stateless", version=1):
 
 
 class Pair:
-    """Links a and b (names sort a < b) wired to each other's ports, with their inboxes."""
+    """Links a and b (names sort a < b) with their inboxes. They listen on port 0 (no port races);
+    :meth:`start` points each link's dial at the other's actual listen address."""
 
     def __init__(self, tmp_path, *, hello_a=None, hello_b=None, key_a=KEY, key_b=KEY):
-        self.ports = {"a": free_port(), "b": free_port()}
         self.inbox = {"a": [], "b": []}
         self.tmp_path = tmp_path
         self.a = self.make("a", "b", hello_a or hello("a"), key_a)
         self.b = self.make("b", "a", hello_b or hello("b"), key_b)
 
-    def make(self, me, peer, my_hello, key):
-        return PeerLink(me, peer, listen=("127.0.0.1", self.ports[me]), dial=("127.0.0.1", self.ports[peer]),
+    def make(self, me, peer, my_hello, key, port=0):
+        return PeerLink(me, peer, listen=("127.0.0.1", port), dial=NOWHERE,
                         key=key, hello=my_hello, on_message=self.inbox[me].append, heartbeat=0.02,
                         dead_after=0.5, connect_timeout=0.5, handshake_timeout=0.5,
                         state_dir=self.tmp_path / me)
+
+    async def start(self, nursery, *links):
+        for link in links or (self.a, self.b):
+            await nursery.start(link.run)
+        self.wire()
+
+    def wire(self):
+        if self.b.listen_address:
+            self.a.dial = self.b.listen_address
+        if self.a.listen_address:
+            self.b.dial = self.a.listen_address
 
 
 async def eventually(predicate, timeout=3.0):
@@ -54,8 +65,7 @@ def both_on_one_connection(pair):
 
 async def test_connect_hello_heartbeats_and_messages(nursery, tmp_path):
     pair = Pair(tmp_path)
-    await nursery.start(pair.a.run)
-    await nursery.start(pair.b.run)
+    await pair.start(nursery)
     await eventually(lambda: both_on_one_connection(pair))
 
     assert pair.a.peer_hello == hello("b") and pair.b.peer_hello == hello("a")
@@ -83,6 +93,20 @@ async def test_connect_hello_heartbeats_and_messages(nursery, tmp_path):
         assert all(link.counters[f"rejected_{k}"] == 0 for k in ("auth", "parse", "replay", "too_large"))
 
 
+async def test_simultaneous_dials_agree_on_the_lower_names_connection(nursery, tmp_path):
+    pair = Pair(tmp_path)
+    await nursery.start(pair.a.run)  # both dial NOWHERE and back off
+    await nursery.start(pair.b.run)
+    await trio.sleep(0.01)
+    pair.wire()  # both redial after the same backoff, with both listeners up
+    await eventually(lambda: both_on_one_connection(pair))
+    await trio.sleep(0.1)
+    assert both_on_one_connection(pair)
+    if pair.a.counters["duplicates"] or pair.b.counters["duplicates"]:
+        assert pair.a.status()["dialled_by"] == "a"
+    assert pair.a.counters["reconnects"] == pair.b.counters["reconnects"] == 0
+
+
 async def test_send_when_not_connected_returns_false(tmp_path):
     pair = Pair(tmp_path)
     assert pair.a.state == "connecting"
@@ -91,8 +115,7 @@ async def test_send_when_not_connected_returns_false(tmp_path):
 
 async def test_reconnect_after_the_connection_is_dropped(nursery, tmp_path):
     pair = Pair(tmp_path)
-    await nursery.start(pair.a.run)
-    await nursery.start(pair.b.run)
+    await pair.start(nursery)
     await eventually(lambda: both_on_one_connection(pair))
     reconnects = pair.a.counters["reconnects"], pair.b.counters["reconnects"]
 
@@ -105,16 +128,17 @@ async def test_reconnect_after_the_connection_is_dropped(nursery, tmp_path):
 
 async def test_peer_restart_reconnects(nursery, tmp_path):
     pair = Pair(tmp_path)
-    await nursery.start(pair.a.run)
+    await pair.start(nursery, pair.a)
     with trio.CancelScope() as b_scope:
         async with trio.open_nursery() as b_nursery:
-            await b_nursery.start(pair.b.run)
+            await pair.start(b_nursery, pair.b)
             await eventually(lambda: both_on_one_connection(pair))
             b_scope.cancel()
     await eventually(lambda: pair.a.state == "connecting")
     assert await pair.a.send({"type": "x"}) is False
 
-    b2 = pair.make("b", "a", hello("b") | {"services": []}, KEY)  # restarted with other services
+    b2 = pair.make("b", "a", hello("b") | {"services": []}, KEY, port=pair.b.listen_address[1])  # restarted
+    b2.dial = pair.a.listen_address
     await nursery.start(b2.run)
     await eventually(lambda: pair.a.state == b2.state == "connected" and pair.a.peer_hello["services"] == [])
     assert load_peer_hello(tmp_path / "a")["services"] == []
@@ -122,8 +146,7 @@ async def test_peer_restart_reconnects(nursery, tmp_path):
 
 async def test_mode_mismatch_is_refused_with_a_reason(nursery, tmp_path):
     pair = Pair(tmp_path, hello_b=hello("b", mode="stateful"))
-    await nursery.start(pair.a.run)
-    await nursery.start(pair.b.run)
+    await pair.start(nursery)
     await eventually(lambda: pair.a.counters["refused"] >= 2 and pair.b.counters["refused"] >= 2)
     for link in (pair.a, pair.b):
         assert link.state == "refused"
@@ -135,15 +158,13 @@ async def test_mode_mismatch_is_refused_with_a_reason(nursery, tmp_path):
 
 async def test_wrong_peer_name_and_version_are_refused(nursery, tmp_path):
     pair = Pair(tmp_path, hello_b=hello("b", version=2))
-    await nursery.start(pair.a.run)
-    await nursery.start(pair.b.run)
+    await pair.start(nursery)
     await eventually(lambda: pair.a.state == pair.b.state == "refused")
     assert "version mismatch" in pair.a.refused_reason
 
     pair2 = Pair(tmp_path / "2")
     pair2.b.peer_name = "c"  # b expects a peer called c
-    await nursery.start(pair2.a.run)
-    await nursery.start(pair2.b.run)
+    await pair2.start(nursery)
     await eventually(lambda: pair2.b.state == "refused" and pair2.a.state == "refused")
     assert "expected 'c'" in pair2.b.refused_reason
     assert "b refused the link" in pair2.a.refused_reason  # a learns why from b
@@ -151,8 +172,7 @@ async def test_wrong_peer_name_and_version_are_refused(nursery, tmp_path):
 
 async def test_wrong_key_is_never_connected(nursery, tmp_path):
     pair = Pair(tmp_path, key_b=b"another secret of enough bytes")
-    await nursery.start(pair.a.run)
-    await nursery.start(pair.b.run)
+    await pair.start(nursery)
     await eventually(lambda: pair.a.counters["rejected_auth"] >= 2 and pair.b.counters["rejected_auth"] >= 2)
     for link in (pair.a, pair.b):
         assert link.state == "refused" and link.refused_reason == KEY_MISMATCH_HINT
@@ -172,22 +192,21 @@ async def raw_client(port):
 
 async def test_forged_frame_from_a_stranger_is_rejected_and_counted(nursery, tmp_path):
     pair = Pair(tmp_path)
-    await nursery.start(pair.a.run)
-    await nursery.start(pair.b.run)
+    await pair.start(nursery)
     await eventually(lambda: both_on_one_connection(pair))
     connections = pair.a.counters["connections"]
 
     import msgpack
     payload = msgpack.packb({"type": "takeover", "address": "10.0.0.2"})
     frame = (8 + 32 + len(payload)).to_bytes(4, "big") + (0).to_bytes(8, "big") + os.urandom(32) + payload
-    stream = await raw_client(pair.ports["a"])
+    stream = await raw_client(pair.a.listen_address[1])
     await stream.send_all(frame)
     await eventually(lambda: pair.a.counters["rejected_auth"] == 1)
     with trio.fail_after(2):  # a closes the stranger's connection
         while await stream.receive_some(4096):
             pass
 
-    garbage = await trio.open_tcp_stream("127.0.0.1", pair.ports["a"])
+    garbage = await trio.open_tcp_stream("127.0.0.1", pair.a.listen_address[1])
     await garbage.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
     await eventually(lambda: pair.a.counters["rejected_parse"] == 1)
 
@@ -202,8 +221,8 @@ async def test_forged_frame_from_a_stranger_is_rejected_and_counted(nursery, tmp
 
 async def test_silent_stranger_is_cut_off_after_the_handshake_timeout(nursery, tmp_path):
     pair = Pair(tmp_path)
-    await nursery.start(pair.a.run)
-    stream = await trio.open_tcp_stream("127.0.0.1", pair.ports["a"])
+    await pair.start(nursery, pair.a)
+    stream = await trio.open_tcp_stream("127.0.0.1", pair.a.listen_address[1])
     with trio.fail_after(2):
         while await stream.receive_some(4096):  # a's preamble, then EOF when a gives up
             pass
@@ -230,3 +249,29 @@ def test_constructor_checks():
         PeerLink("a", "b", hello=hello("c"), **kw)
     with pytest.raises(ValueError):
         PeerLink("a", "b", hello=hello("a"), **(kw | {"key": b"short"}))
+
+
+async def test_detector_fed_by_the_link_sees_the_peer_die(nursery, tmp_path):
+    """The wiring the node uses: watch(heard=lambda: link.last_received) plus a probe."""
+    from sync.detector import FailureDetector, PeerAlive, PeerDead, watch
+
+    pair = Pair(tmp_path)
+    await pair.start(nursery, pair.a)
+    detector, actions = FailureDetector(0.3), []  # roomy: a loaded test machine must not flap it
+
+    async def probe():  # the peer is off the service network too
+        await trio.sleep(0.002)
+        return False
+
+    nursery.start_soon(lambda: watch(detector, probe, actions.append, heard=lambda: pair.a.last_received))
+    with trio.CancelScope() as b_scope:
+        async with trio.open_nursery() as b_nursery:
+            await pair.start(b_nursery, pair.b)
+            await eventually(lambda: detector.state == "alive")
+            await trio.sleep(0.2)
+            assert detector.state == "alive"  # heartbeats every 20 ms keep it so
+            b_scope.cancel()
+    died = trio.current_time()
+    await eventually(lambda: detector.state == "dead")
+    assert trio.current_time() - died >= 0.3 - 0.03
+    assert isinstance(actions[-1], PeerDead)
