@@ -75,6 +75,7 @@ MAX_FRAME = 0xFFFFFF  # 24-bit NetBIOS length
 BULK_THRESHOLD = 64 * 1024  # frames larger than this are decoded from their head and then skipped
 BULK_PEEK = 4096
 MAX_OUTSTANDING = 8192  # requests remembered per connection; beyond, the oldest are forgotten
+MAX_ORPHANS = 64  # responses held while waiting for a request that may arrive late
 
 _HEADER = struct.Struct("<4sHHIHHIIQQQ16s")
 _NBT = struct.Struct(">I")
@@ -543,6 +544,7 @@ class Smb2Decoder:
         self._dirs = {True: _Direction(), False: _Direction()}
         self._pending: dict[int, _Pending] = {}
         self._chain_file_ids: dict[int, str] = {}  # chain -> FileId its CREATE returned
+        self._orphans: dict[int, Smb2Response] = {}  # responses seen before their request
         self.counters = {"messages": 0, "errors": 0, "encrypted": 0, "compressed": 0, "resyncs": 0,
                          "unmatched_responses": 0, "forgotten_requests": 0}
 
@@ -756,8 +758,13 @@ class Smb2Decoder:
             fields["file_id_from_chain"] = True
         req = Smb2Request(command, message_id, session_id, tree_id, flags, fields)
         events.append(req)
+        if self._orphans:
+            self._flush_orphans(message_id, events)
         if command != CANCEL:
             self._remember(req, chain)
+            early = self._orphans.pop(message_id, None)
+            if early is not None:
+                self._finish(self._pending.pop(message_id), early, events)
 
     def _response(self, command: int, message_id: int, session_id: int, tree_id: int, async_id: int | None,
                   status: int, msg: memoryview, events: list) -> None:
@@ -768,10 +775,6 @@ class Smb2Decoder:
         if status == STATUS_PENDING and async_id is not None:
             events.append(Smb2Interim(command, message_id, session_id, async_id))
             return
-        pending = self._pending.pop(message_id, None)
-        request = pending.request if pending else None
-        if pending is None:
-            self.counters["unmatched_responses"] += 1
         fields: dict = {}
         decode = _RESPONSE_DECODERS.get(command)
         error_body = len(msg) >= HEADER_SIZE + 2 and struct.unpack_from("<H", msg, HEADER_SIZE)[0] == 9 \
@@ -779,17 +782,42 @@ class Smb2Decoder:
         if decode and (status in (STATUS_SUCCESS, STATUS_MORE_PROCESSING_REQUIRED, STATUS_BUFFER_OVERFLOW)
                        and not error_body):
             fields = self._body(decode, msg, command, message_id, events)
-        if pending is not None:
-            if command == CREATE and "file_id" in fields:
-                self._chain_file_ids[pending.chain] = fields["file_id"]
-                if len(self._chain_file_ids) > MAX_OUTSTANDING:
-                    self._chain_file_ids.pop(next(iter(self._chain_file_ids)))
-            rf = request.fields
-            if rf.get("file_id_from_chain"):
-                fid = self._chain_file_ids.get(pending.chain)
-                if fid is not None:
-                    request = Smb2Request(request.command, request.message_id, request.session_id,
-                                          request.tree_id, request.flags, {**rf, "file_id": fid})
-            if pending.chain != message_id and not any(p.chain == pending.chain for p in self._pending.values()):
-                self._chain_file_ids.pop(pending.chain, None)
-        events.append(Smb2Response(command, message_id, session_id, tree_id, async_id, status, fields, request))
+        resp = Smb2Response(command, message_id, session_id, tree_id, async_id, status, fields, None)
+        pending = self._pending.pop(message_id, None)
+        if pending is None:
+            # Seen before its request: both directions merged by a mirror port or capture may be
+            # slightly out of order. Hold it until the client stream passes this MessageId.
+            self._orphans[message_id] = resp
+            if len(self._orphans) > MAX_ORPHANS:
+                self._flush_orphans(None, events)
+            return
+        self._finish(pending, resp, events)
+
+    def _flush_orphans(self, below: int | None, events: list) -> None:
+        """Give up on held responses whose request can no longer come (the client already sent a
+        later MessageId), or the oldest one when too many are held."""
+        if below is None:
+            ids = [next(iter(self._orphans))]
+        else:
+            ids = [m for m in self._orphans if m < below]
+        for mid in ids:
+            self.counters["unmatched_responses"] += 1
+            events.append(self._orphans.pop(mid))
+
+    def _finish(self, pending: _Pending, resp: Smb2Response, events: list) -> None:
+        request = pending.request
+        fields = resp.fields
+        if resp.command == CREATE and "file_id" in fields:
+            self._chain_file_ids[pending.chain] = fields["file_id"]
+            if len(self._chain_file_ids) > MAX_OUTSTANDING:
+                self._chain_file_ids.pop(next(iter(self._chain_file_ids)))
+        rf = request.fields
+        if rf.get("file_id_from_chain"):
+            fid = self._chain_file_ids.get(pending.chain)
+            if fid is not None:
+                request = Smb2Request(request.command, request.message_id, request.session_id,
+                                      request.tree_id, request.flags, {**rf, "file_id": fid})
+        if pending.chain != resp.message_id and not any(p.chain == pending.chain for p in self._pending.values()):
+            self._chain_file_ids.pop(pending.chain, None)
+        events.append(Smb2Response(resp.command, resp.message_id, resp.session_id, resp.tree_id,
+                                   resp.async_id, resp.status, fields, request))
