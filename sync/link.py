@@ -139,10 +139,14 @@ class PeerLink:
             raise OSError(exc.errno, f"sync link cannot listen on {self.listen[0]}:{self.listen[1]}: "
                                      f"{exc.strerror or exc}") from None
         self.listen_address = listeners[0].socket.getsockname()[:2]
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._dial_loop)
-            await nursery.start(trio.serve_listeners, self._serve_accepted, listeners)
-            task_status.started()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._dial_loop)
+                await nursery.start(trio.serve_listeners, self._serve_accepted, listeners)
+                task_status.started()
+        finally:
+            for listener in listeners:  # free the port now, so a restarted link can bind it at once
+                await trio.aclose_forcefully(listener)
 
     async def send(self, message: dict[str, Any]) -> bool:
         """Send one message to the peer. False if there is no connection (nothing is queued).

@@ -84,6 +84,12 @@ async def test_connect_hello_heartbeats_and_messages(nursery, tmp_path):
     assert pair.inbox["b"] == [{"type": "digest", "conns": 3, "blob": b"\x01\x02"}]
     assert pair.inbox["a"] == [{"type": "snapshot", "sessions": []}]  # heartbeats are not delivered
 
+    await pair.a.update_hello(hello("a") | {"services": []})
+    await eventually(lambda: pair.b.peer_hello["services"] == [])
+    assert load_peer_hello(tmp_path / "b")["services"] == []
+    with pytest.raises(ValueError):
+        await pair.a.update_hello(hello("a", mode="stateful"))
+
     # still on one agreed connection a moment later (no flapping between the two candidates)
     before = pair.a.counters["connections"], pair.b.counters["connections"]
     await trio.sleep(0.2)
@@ -253,7 +259,7 @@ def test_constructor_checks():
 
 async def test_detector_fed_by_the_link_sees_the_peer_die(nursery, tmp_path):
     """The wiring the node uses: watch(heard=lambda: link.last_received) plus a probe."""
-    from sync.detector import FailureDetector, PeerAlive, PeerDead, watch
+    from sync.detector import FailureDetector, PeerDead, watch
 
     pair = Pair(tmp_path)
     await pair.start(nursery, pair.a)
