@@ -45,7 +45,7 @@ from typing import Any, Callable, Literal
 
 import trio
 
-from sync.wire import Message, Ready, Rejected, SyncSession
+from sync.wire import LocalProtocolError, Message, Ready, Rejected, SyncSession
 
 log = logging.getLogger("pairproxy.link")
 
@@ -153,8 +153,11 @@ class PeerLink:
 
         True means the bytes were handed to the kernel, not that the peer processed them. A message
         the link cannot encode (no ``"type"``, not msgpack-able, over 1 MiB) raises
-        :class:`sync.wire.LocalProtocolError`: that is the caller's bug.
+        :class:`sync.wire.LocalProtocolError`: that is the caller's bug, as is using one of the
+        link's own types (``PROTOCOL_MESSAGES``).
         """
+        if message.get("type") in PROTOCOL_MESSAGES:
+            raise LocalProtocolError(f"message type {message['type']!r} is reserved for the link itself")
         conn = self._active
         if conn is None:
             return False
@@ -165,7 +168,8 @@ class PeerLink:
         if hello.get("name") != self.my_name or any(hello.get(f) != self.hello.get(f) for f in ("mode", "version")):
             raise ValueError("update_hello may not change name, mode or version")
         self.hello = {k: v for k, v in hello.items() if k != "type"}
-        await self.send({"type": "hello", **self.hello})
+        if self._active is not None:
+            await self._send_on(self._active, {"type": "hello", **self.hello})
 
     def drop(self, reason: str = "dropped on request") -> None:
         """Close the current connection, if any; the link reconnects by itself."""

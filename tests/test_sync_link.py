@@ -8,7 +8,7 @@ import pytest
 import trio
 
 from sync.link import PeerLink, load_peer_hello, save_peer_hello
-from sync.wire import MAGIC, KEY_MISMATCH_HINT
+from sync.wire import KEY_MISMATCH_HINT, MAGIC, LocalProtocolError
 
 KEY = b"a shared secret of enough bytes"
 
@@ -117,6 +117,8 @@ async def test_send_when_not_connected_returns_false(tmp_path):
     pair = Pair(tmp_path)
     assert pair.a.state == "connecting"
     assert await pair.a.send({"type": "x"}) is False
+    with pytest.raises(LocalProtocolError):
+        await pair.a.send({"type": "heartbeat"})
 
 
 async def test_reconnect_after_the_connection_is_dropped(nursery, tmp_path):
