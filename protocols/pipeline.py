@@ -106,9 +106,12 @@ class Pipeline:
                 proto = self.protocol_of(key)
                 dec: AppDecoder | None = None
                 if proto == "smb":
-                    dec = Smb2Decoder()
+                    dec = Smb2Decoder(midstream=ev.mid_stream)
                 elif proto == "nfs":
-                    dec = RpcDecoder()
+                    try:
+                        dec = RpcDecoder(midstream=ev.mid_stream)
+                    except TypeError:  # an RpcDecoder without mid-stream support
+                        dec = RpcDecoder()
                 self.decoders[key] = (proto, dec)
             elif isinstance(ev, Data):
                 self._app(key, lambda d: d.feed(ev.from_client, ev.data), out)

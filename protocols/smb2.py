@@ -539,9 +539,14 @@ class _Direction:
 class Smb2Decoder:
     """One SMB connection (both directions). Implements :class:`protocols.events.AppDecoder`."""
 
-    def __init__(self) -> None:
-        self.unsynchronised = False
+    def __init__(self, midstream: bool = False) -> None:
+        """``midstream``: the connection was picked up after its start. Both directions then hunt
+        for a frame boundary, and the connection is unsynchronised from the start (sessions and
+        opens set up before we came in are unknown)."""
+        self.unsynchronised = midstream
         self._dirs = {True: _Direction(), False: _Direction()}
+        for d in self._dirs.values():
+            d.hunting = midstream
         self._pending: dict[int, _Pending] = {}
         self._chain_file_ids: dict[int, str] = {}  # chain -> FileId its CREATE returned
         self._orphans: dict[int, Smb2Response] = {}  # responses seen before their request
@@ -588,30 +593,29 @@ class Smb2Decoder:
         events.append(ProtocolError(what, d.offset + at))
 
     def _resync(self, d: _Direction, pos: int) -> int | None:
-        """Position of the next plausible frame start at or after ``pos``, else None."""
+        """Position (>= ``pos``) of the next plausible frame start: a NetBIOS session header with a
+        sane length, followed by an SMB protocol id (and, for SMB2, a 64-byte header), else None."""
         buf = d.buf
-        start = pos + 4
-        while True:
-            p = buf.find(b"SMB", start + 1)
-            if p < 0:
-                return None
+        p = buf.find(b"SMB", pos + 5)
+        while p >= 0:
             h = p - 1  # protocol id start
-            if h >= 4 and bytes(buf[h:h + 4]) in _MAGICS and buf[h - 4] == 0:
+            magic = bytes(buf[h:h + 4])
+            if magic in _MAGICS and buf[h - 4] == 0:
                 length = _NBT.unpack_from(buf, h - 4)[0] & 0xFFFFFF
-                magic = bytes(buf[h:h + 4])
                 plausible = length >= (32 if magic == SMB1_MAGIC else HEADER_SIZE)
                 if plausible and magic == SMB2_MAGIC and len(buf) >= h + 6:
                     plausible = struct.unpack_from("<H", buf, h + 4)[0] == HEADER_SIZE
                 if plausible:
                     return h - 4
-            start = p
+            p = buf.find(b"SMB", p + 1)
+        return None
 
     def _frames(self, from_client: bool, d: _Direction, events: list) -> None:
         buf = d.buf
         pos = 0
         while True:
             if d.hunting:
-                found = self._resync(d, pos - 4 if pos >= 4 else -4)
+                found = self._resync(d, pos)
                 if found is None:
                     keep = max(pos, len(buf) - 8)
                     pos = keep

@@ -308,6 +308,18 @@ def replay(path: str, at: tuple[str, float] | None = None, on_event=None, progre
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
+    """``pairproxy replay``: exit 0, 1 (unreadable, truncated or corrupt capture) or 2 (bad --at)."""
+    try:
+        return _cmd_replay(args)
+    except BrokenPipeError:  # `pairproxy replay --events x.pcap | head`: not an error
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        return 0
+
+
+def _cmd_replay(args: argparse.Namespace) -> int:
     path = args.capture
     try:
         size = os.path.getsize(path)

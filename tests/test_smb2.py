@@ -292,3 +292,14 @@ def test_pipeline_never_raises_on_arbitrary_frames(frames):
         pipe.feed_frame(eth + ip + tcp + f, float(i))
     pipe.snapshot()
     pipe.digest()
+
+
+def test_connection_picked_up_mid_stream_resynchronises():
+    frames = packets("smb-open.pcap")
+    pipe = Pipeline()
+    events = []
+    for data, ts in frames[12:]:  # after the handshake and session setup, somewhere mid-frame
+        events += [ev for _k, ev in pipe.feed_frame(data, ts)]
+    [conn] = pipe.snapshot()["connections"]
+    assert conn["unsynchronised"] and not conn["tcp"]["handshake_seen"]
+    assert any(isinstance(e, Smb2Response) and e.name == "READ" for e in events)
