@@ -17,6 +17,9 @@ import socket
 import struct
 
 import trio
+# Imported with this module (at node start), never lazily: importing scapy takes a second or more,
+# and a node that blocks its event loop that long during a takeover misses heartbeats.
+from scapy.layers.l2 import ARP, Ether
 
 ETH_P_ARP = 0x0806
 BROADCAST = "ff:ff:ff:ff:ff:ff"
@@ -32,15 +35,11 @@ def _mac_str(raw: bytes) -> str:
 
 def gratuitous_arp(mac: str, ip: str) -> bytes:
     """A broadcast ARP request announcing ``ip`` is at ``mac`` (sender and target address both ``ip``)."""
-    from scapy.layers.l2 import ARP, Ether
-
     return bytes(Ether(src=mac, dst=BROADCAST) / ARP(op=1, hwsrc=mac, psrc=ip, hwdst="00:00:00:00:00:00", pdst=ip))
 
 
 def arp_probe_frame(mac: str, ip: str) -> bytes:
     """An RFC 5227 probe: who has ``ip``? Sender address 0.0.0.0, so no cache learns from it."""
-    from scapy.layers.l2 import ARP, Ether
-
     return bytes(Ether(src=mac, dst=BROADCAST) / ARP(op=1, hwsrc=mac, psrc="0.0.0.0", pdst=ip))
 
 

@@ -206,6 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
     p.set_defaults(func=cmd_status)
 
+    from proxy.replay import add_replay_command
+
+    add_replay_command(sub)
+
     from deploy.lab.cli import add_lab_commands
     from deploy.lab.demo import add_demo_command
 

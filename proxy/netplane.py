@@ -45,6 +45,28 @@ def addresses_on(ifname: str) -> list[ipaddress.IPv4Interface]:
                 for a in ipr.get_addr(index=index, family=2)]
 
 
+def remove_leftovers(ifname: str, address: ipaddress.IPv4Interface, macvlan: str | None = None) -> list[str]:
+    """Undo what a crashed run of this node may have left: its address and the peer macvlan.
+
+    A node in a pair must not serve (or even hold) its address before it knows the peer does not:
+    a kernel that still holds it would answer ARP and reset clients the peer is serving.
+    Returns what was removed, for the log.
+    """
+    removed = []
+    with IPRoute() as ipr:
+        if macvlan:
+            stale = ipr.link_lookup(ifname=macvlan)
+            if stale:
+                ipr.link("del", index=stale[0])
+                removed.append(f"macvlan {macvlan}")
+        index = interface_index(ipr, ifname)
+        for a in ipr.get_addr(index=index, family=2):
+            if a.get_attr("IFA_ADDRESS") == str(address.ip):
+                ipr.addr("del", index=index, address=str(address.ip), prefixlen=a["prefixlen"])
+                removed.append(f"address {address.ip} on {ifname}")
+    return removed
+
+
 class ServiceAddress:
     """An IPv4 address this node serves, present on ``ifname`` exactly while this object is open."""
 

@@ -31,9 +31,10 @@ from typing import Any
 import trio
 
 from proxy import roles
+from proxy.arp import announce
 from proxy.config import Config, ConfigError, service_to_dict, services_from_dicts
 from proxy.control import bind_control_socket, serve_control
-from proxy.netplane import PeerMacvlan, interface_mac
+from proxy.netplane import PeerMacvlan, interface_mac, remove_leftovers
 from proxy.serving import AddressService
 
 log = logging.getLogger("pairproxy.node")
@@ -65,6 +66,14 @@ class Takeover:
             "first_client_ms": ms(self.detected_at, self.first_client_at),
             "held_for_s": None if self.released_at is None else round(self.released_at - self.detected_at, 3),
         }
+
+
+def count_tasks() -> int:
+    """How many trio tasks this node runs (status shows it, so leaks across takeovers are visible)."""
+    def walk(task: trio.lowlevel.Task) -> int:
+        return 1 + sum(walk(child) for nursery in task.child_nurseries for child in nursery.child_tasks)
+
+    return walk(trio.lowlevel.current_root_task())
 
 
 class Node:
@@ -194,6 +203,8 @@ class Node:
         from sync.link import PeerLink, load_peer_hello
 
         peer, pair, node = self.config.peer, self.config.pair, self.config.node
+        for what in remove_leftovers(node.interface, node.address, peer.macvlan):
+            log.warning("removed %s left by an earlier run: not serving before the peer is asked", what)
         self.peer_info = load_peer_hello(node.state_dir)
         if self.peer_info:
             log.info("peer %s known from its last hello (MAC %s)", peer.name, self.peer_info.get("mac"))
@@ -201,7 +212,8 @@ class Node:
             node.name, peer.name, listen=(str(peer.listen.host), peer.listen.port),
             dial=(str(peer.link.host), peer.link.port), key=self.key, hello=self.hello(),
             on_message=lambda m: self._post("message", m), on_hello=lambda h: self._post("hello", h),
-            heartbeat=pair.heartbeat, dead_after=pair.dead_after, state_dir=node.state_dir)
+            heartbeat=pair.heartbeat, dead_after=pair.dead_after, idle_timeout=3 * pair.dead_after,
+            state_dir=node.state_dir)
         self.detector = FailureDetector(pair.dead_after)
         self.probe_responder = ProbeResponder(self.key, str(node.address.ip), peer.probe_port)
         await nursery.start(self.link.run)
@@ -211,8 +223,15 @@ class Node:
             return await probe(self.key, str(node.address.ip), str(peer.address), peer.probe_port,
                                timeout=self.detector.probe_every)
 
-        nursery.start_soon(lambda: watch(self.detector, probe_peer, lambda a: self._post("detector", a),
-                                         heard=lambda: self.link.last_received))
+        async def detect() -> None:
+            # A starting node gives its peer claim_wait to show up before silence can mean death:
+            # both nodes of a pair often start together.
+            with trio.move_on_after(pair.claim_wait):
+                await self.link.wait_connected()
+            await watch(self.detector, probe_peer, lambda a: self._post("detector", a),
+                        heard=lambda: self.link.last_received)
+
+        nursery.start_soon(detect)
         nursery.start_soon(self._claim_when_alone)
         self.state = "pair"
         log.info("node %s: pair with %s (%s mode), claiming %s", node.name, peer.name, pair.mode, node.address.ip)
@@ -256,9 +275,14 @@ class Node:
                 if str(node.address.ip) in holds:
                     if self.roles.own == roles.YIELDED:
                         await self._send({"type": "handback_request", "address": str(node.address.ip)})
+                    elif self.roles.own == roles.SERVING:
+                        log.warning("%s serves %s too (it declared this node dead): it must let go",
+                                    peer.name, node.address.ip)
                     await self._apply(roles.PEER_HOLDS_MINE, f"{peer.name} serves {node.address.ip}")
                 else:
                     await self._apply(roles.PEER_DOES_NOT_HOLD_MINE, f"{peer.name} does not serve {node.address.ip}")
+                if str(peer.address) in holds and payload.get("own_state") == roles.SERVING:
+                    await self._apply(roles.OWNER_SERVES, f"{peer.name} serves {peer.address} itself")
             elif kind == "message":
                 await self._on_message(payload)
             elif kind == "detector":
@@ -288,6 +312,9 @@ class Node:
             await self._apply(roles.HANDBACK_REQUESTED, f"{peer.name} is back and asks for {address}")
         elif kind == "handback_done":
             if address == str(node.address.ip):
+                if self.roles.own == roles.SERVING:
+                    # the peer let go after serving this address too: clients may hold its MAC
+                    self._nursery.start_soon(announce, node.interface, self.mac, address)
                 await self._apply(roles.PEER_RELEASED_MINE, f"{peer.name} let go of {address}")
         else:
             log.debug("message %r ignored", kind)
@@ -391,6 +418,7 @@ class Node:
             "address": str(node.address),
             "uptime": round(time.monotonic() - self.started_at, 3) if self.started_at else 0.0,
             "services": services,
+            "tasks": count_tasks(),
         }
         if self.config.peer is not None:
             peer = self.config.peer

@@ -45,6 +45,7 @@ PEER_RELEASED_MINE = "peer_released_mine"    # hand-back done by the peer
 PEER_DEAD = "peer_dead"                      # failure detector
 HANDBACK_REQUESTED = "handback_requested"    # the peer wants its address back
 RELEASED = "released"                        # this node has let go of the peer's address
+OWNER_SERVES = "owner_serves"                # the peer's hello: it serves its own address itself
 
 OWN_TRANSITIONS: dict[tuple[str, str], str] = {
     (CLAIMING, PEER_HOLDS_MINE): YIELDED,
@@ -59,6 +60,9 @@ OWN_TRANSITIONS: dict[tuple[str, str], str] = {
 PEER_TRANSITIONS: dict[tuple[str, str], str] = {
     (STANDBY, PEER_DEAD): HOLDING,
     (HOLDING, HANDBACK_REQUESTED): RELEASING,
+    # Both serving: only after a wrong death verdict (e.g. the peer's process stalled longer than
+    # dead_after). The owner is authoritative; the holder lets go at once.
+    (HOLDING, OWNER_SERVES): RELEASING,
     (RELEASING, RELEASED): STANDBY,
 }
 

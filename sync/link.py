@@ -23,6 +23,10 @@ backoff, because the operator may fix the other node's config meanwhile. Before 
 is told why (a ``refuse`` message), so both nodes log the same reason. A refused stray connection
 (a port scanner, a forged frame) never changes the state of a working link; it is only counted.
 
+Every accepted peer hello (one per connection, and one per :meth:`PeerLink.update_hello` of the
+peer) is also passed to ``on_hello(hello)``, synchronous and non-blocking like ``on_message``: the
+hello carries what the peer serves, which the owner needs on every reconnect.
+
 Messages: other than ``hello``, ``refuse``, ``heartbeat`` and ``heartbeat_ack`` (which the link
 handles itself), every authenticated message from the active connection is passed, as the full
 dict, to ``on_message(message)``. The callback is synchronous and must not block: push into a
@@ -89,6 +93,7 @@ class PeerLink:
     def __init__(self, my_name: str, peer_name: str, *,
                  listen: tuple[str, int], dial: tuple[str, int], key: bytes, hello: dict[str, Any],
                  on_message: Callable[[dict[str, Any]], None] | None = None,
+                 on_hello: Callable[[dict[str, Any]], None] | None = None,
                  heartbeat: float = 0.02, dead_after: float = 0.1, idle_timeout: float | None = None,
                  connect_timeout: float = 1.0, handshake_timeout: float = 1.0,
                  state_dir: str | os.PathLike[str] | None = None):
@@ -106,6 +111,7 @@ class PeerLink:
         self.dial = dial
         self.hello = {k: v for k, v in hello.items() if k != "type"}
         self.on_message = on_message
+        self.on_hello = on_hello
         self.heartbeat = heartbeat
         self.idle_timeout = idle_timeout if idle_timeout is not None else dead_after
         self.connect_timeout = connect_timeout
@@ -335,6 +341,12 @@ class PeerLink:
             self.counters["messages_in"] += 1
             self.peer_hello = hello
             self._persist(hello)
+            if self.on_hello is not None:
+                try:
+                    self.on_hello(dict(hello))
+                except Exception:
+                    self.counters["owner_errors"] += 1
+                    log.exception("on_hello callback failed")
 
     def _check_hello(self, hello: dict[str, Any]) -> str | None:
         mine = self.hello

@@ -8,7 +8,6 @@ the same thing the same way.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import signal
 import subprocess
@@ -114,11 +113,12 @@ def nfs_cat(lab: Lab, host: str, remote: str, version: int = 4, timeout: float =
 class NodeProcess:
     """``pairproxy run`` of one lab node config in that node's namespace, owned by PID."""
 
-    def __init__(self, lab: Lab, node: str, config: Path | None = None, log: Path | None = None):
+    def __init__(self, lab: Lab, node: str, config: Path | None = None, log: Path | None = None,
+                 pair: bool = False):
         self.lab = lab
         self.node = node
         self.ns = lab.ns_a if node == "a" else lab.ns_b
-        self.config = config or lab.node_config_path(node)
+        self.config = config or lab.node_config_path(node, pair=pair)
         self.log = log or lab.root / f"node-{node}.log"
         self.proc: subprocess.Popen | None = None
 
@@ -137,7 +137,7 @@ class NodeProcess:
                 raise LabError(f"node {self.node} exited with {self.proc.returncode} at start:\n"
                                + self.log.read_text(errors="replace")[-1500:])
             try:
-                if self.status().get("state") == "serving":
+                if self.status().get("state") in ("serving", "pair"):
                     return self
             except LabError:
                 pass
@@ -145,13 +145,46 @@ class NodeProcess:
         self.kill()
         raise LabError(f"node {self.node} did not start serving within {timeout:g}s; log: {self.log}")
 
+    @property
+    def control_socket(self) -> Path:
+        from proxy.config import load_config
+
+        return load_config(self.config).node.control
+
     def status(self) -> dict:
-        """The node's ``pairproxy status --json``; LabError if it does not answer."""
-        cp = self.lab.run(self.ns, self._cli("status", "-c", str(self.config), "--json"),
-                          capture_output=True, text=True, timeout=10)
-        if cp.returncode != 0:
-            raise LabError(f"status of node {self.node}: {cp.stderr.strip()}")
-        return json.loads(cp.stdout)
+        """The node's status over its control socket (what ``pairproxy status --json`` prints);
+        LabError if it does not answer. The socket is a file, so this works from any namespace."""
+        from proxy.control import ControlError, request
+
+        try:
+            return request(self.control_socket, "status", timeout=5)
+        except ControlError as exc:
+            raise LabError(f"status of node {self.node}: {exc}") from None
+
+    def wait_for(self, predicate, timeout: float = 10, what: str = "condition") -> dict:
+        """Poll the status until ``predicate(status)`` holds; the status then. LabError on timeout."""
+        deadline = time.monotonic() + timeout
+        last: dict | str = "no answer"
+        while time.monotonic() < deadline:
+            try:
+                last = self.status()
+                if predicate(last):
+                    return last
+            except LabError as exc:
+                last = str(exc)
+            time.sleep(0.02)
+        raise LabError(f"node {self.node}: {what} not reached within {timeout:g}s; last status: {last}")
+
+    def kill_hard(self, link_down: bool = True) -> float:
+        """A node death: SIGKILL (and the service link down, as a dead machine); the time it happened."""
+        if link_down:
+            self.lab.run(self.ns, ["ip", "link", "set", "eth0", "down"], check=True)
+        at = time.monotonic()
+        self.kill()
+        return at
+
+    def link_up(self) -> None:
+        self.lab.run(self.ns, ["ip", "link", "set", "eth0", "up"], check=True)
 
     @property
     def pid(self) -> int | None:
@@ -182,3 +215,106 @@ class NodeProcess:
 
     def __exit__(self, *exc_info) -> None:
         self.stop()
+
+
+class IoLoop:
+    """Continuous client I/O through one address, like a user's job: write a file, read it back,
+    compare. A failed operation is retried (as a re-mounting client would), and every operation's
+    start, end and outcome are kept, so outages can be measured from the client's side.
+
+    ``kind``: "smb" (smbclient), "nfs" (libnfs nfs-cp, NFSv3) or "smbprotocol" (Python client).
+    Runs in a thread: the clients are separate processes in the client namespace anyway.
+    """
+
+    def __init__(self, lab: Lab, host: str, kind: str, work: Path, size: int = 64 << 10):
+        import threading
+
+        self.lab, self.host, self.kind, self.work, self.size = lab, host, kind, work, size
+        self.stop = threading.Event()
+        self.done: list[tuple[str, str]] = []                  # (remote name, sha256) written and read back
+        self.ops: list[tuple[float, float, bool]] = []        # (start, end, ok), time.monotonic()
+        self.corrupt: list[str] = []
+        self._thread: threading.Thread | None = None
+
+    def _one(self, i: int) -> None:
+        src = random_file(self.work / f"{self.kind}-src-{i}.bin", self.size)
+        remote = f"loop-{self.kind}-{i}.bin"
+        back = self.work / f"{self.kind}-back-{i}.bin"
+        if self.kind == "smb":
+            smb_put(self.lab, self.host, src, remote, timeout=20).check()
+            smb_get(self.lab, self.host, remote, back, timeout=20).check()
+        elif self.kind == "nfs":
+            nfs_put(self.lab, self.host, src, remote, 3, timeout=20).check()
+            nfs_get(self.lab, self.host, remote, back, 3, timeout=20).check()
+        else:
+            script = Path(__file__).resolve().parents[2] / "tests" / "clients" / "smb_copy.py"
+            for op, local in (("put", src), ("get", back)):
+                cp = self.lab.run(self.lab.ns_client, [sys.executable, str(script), op, self.host, self.lab.smb_share,
+                                                       self.lab.smb_user, self.lab.smb_password, str(local), remote],
+                                  capture_output=True, text=True, timeout=20)
+                if cp.returncode:
+                    raise LabError(cp.stderr[-300:])
+        want = sha256_of(src)
+        if sha256_of(back) != want:
+            self.corrupt.append(remote)
+            raise LabError(f"{remote}: read back differs")
+        self.done.append((remote, want))
+        src.unlink()
+        back.unlink()
+
+    def _run(self) -> None:
+        i = 0
+        while not self.stop.is_set():
+            start = time.monotonic()
+            try:
+                self._one(i)
+                ok = True
+                i += 1
+            except (LabError, subprocess.TimeoutExpired, OSError):
+                ok = False
+            self.ops.append((start, time.monotonic(), ok))
+            if not ok:
+                time.sleep(0.02)
+
+    def start(self) -> "IoLoop":
+        import threading
+
+        self._thread = threading.Thread(target=self._run, name=f"io-{self.kind}", daemon=True)
+        self._thread.start()
+        return self
+
+    def finish(self) -> None:
+        self.stop.set()
+        if self._thread is not None:
+            self._thread.join(60)
+
+    def wait_ops(self, more: int, timeout: float = 30) -> None:
+        """Wait until ``more`` further operations have succeeded; LabError if not within ``timeout``."""
+        target = len(self.done) + more
+        deadline = time.monotonic() + timeout
+        while len(self.done) < target and time.monotonic() < deadline and not self.corrupt:
+            time.sleep(0.02)
+        if self.corrupt:
+            raise LabError(f"{self.kind}: data read back differs: {self.corrupt}")
+        if len(self.done) < target:
+            raise LabError(f"{self.kind}: only {len(self.done)} operations within {timeout:g}s, wanted {target}")
+
+    def outage_around(self, at: float) -> float | None:
+        """Client-visible outage around the moment ``at``: from the end of the last operation that
+        succeeded before ``at`` to the end of the first one that succeeded after it, minus one
+        normal operation's duration (so it measures the gap, not the work). None if unknown yet."""
+        before = [end for start, end, ok in self.ops if ok and end <= at]
+        after = [(start, end) for start, end, ok in self.ops if ok and start >= at - 0.0]
+        spanning = [(start, end) for start, end, ok in self.ops if ok and start < at < end]
+        if not before or not (after or spanning):
+            return None
+        first_after = min(end for _, end in after + spanning)
+        normal = sorted(end - start for start, end, ok in self.ops if ok)[len([1 for *_, ok in self.ops if ok]) // 2]
+        return max(0.0, first_after - max(before) - normal)
+
+    def stored(self) -> Path:
+        return self.lab.smb_share_path if self.kind != "nfs" else self.lab.nfs_export_path
+
+    def verify_stored(self) -> list[str]:
+        """Names of files this loop wrote whose content on the server is not what was written."""
+        return [remote for remote, digest in self.done if sha256_of(self.stored() / remote) != digest]

@@ -221,10 +221,15 @@ class Lab:
     def rpcbind_log(self) -> Path:
         return self.ganesha_dir / "rpcbind.out"
 
-    def node_config_path(self, node: str) -> Path:
+    def node_config_path(self, node: str, pair: bool = False) -> Path:
+        """a.toml / b.toml: one node alone; pair-a.toml / pair-b.toml: the two nodes as a pair."""
         if node not in ("a", "b"):
             raise ValueError(f"node must be 'a' or 'b', not {node!r}")
-        return self.root / f"{node}.toml"
+        return self.root / (f"pair-{node}.toml" if pair else f"{node}.toml")
+
+    @property
+    def pair_key_path(self) -> Path:
+        return self.root / "pair.key"
 
     def pid_file(self, name: str) -> Path:
         return self.run_dir / f"{name}.pid"
@@ -503,9 +508,15 @@ LOG {{
         self._write_node_configs()
         self._write_test_data()
 
-    def _write_node_configs(self) -> None:
+    def _write_node_configs(self, mode: str = "stateless") -> None:
         a = self.addresses
-        for node, addr in (("a", a.service_a), ("b", a.service_b)):
+        if not self.pair_key_path.exists():
+            self.pair_key_path.write_bytes(os.urandom(32).hex().encode() + b"\n")
+        os.chmod(self.pair_key_path, 0o600)
+        nodes = {"a": (a.service_a, a.sync_a), "b": (a.service_b, a.sync_b)}
+        for node, (addr, sync) in nodes.items():
+            peer = "b" if node == "a" else "a"
+            peer_addr, peer_sync = nodes[peer]
             sd = self.root / f"node-{node}"
             sd.mkdir(exist_ok=True)
             text = f"""[node]
@@ -530,6 +541,22 @@ backend = "{a.server}:2049"
 extra_ports = [111, 20048]
 """
             self._write_if_changed(self.node_config_path(node), text)
+            psd = self.root / f"pair-node-{node}"
+            psd.mkdir(exist_ok=True)
+            pair_text = text.replace(str(sd), str(psd)) + f"""
+[peer]
+name = "{peer}"
+address = "{peer_addr}"
+link = "{peer_sync}:7400"
+listen = "{sync}:7400"
+key_file = "{self.pair_key_path}"
+
+[pair]
+mode = "{mode}"
+heartbeat = "20ms"
+dead_after = "100ms"
+"""
+            self._write_if_changed(self.node_config_path(node, pair=True), pair_text)
 
     def _write_test_data(self) -> None:
         pw = pwd.getpwnam(self.smb_user)

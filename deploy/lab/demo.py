@@ -78,9 +78,18 @@ def run_demo(lab: Lab, size_mib: int) -> bool:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .cli import lab_from_args
 
+    from .pairdemo import run_pair_demo
+
     lab = lab_from_args(args)
     try:
-        ok = run_demo(lab, args.size_mib)
+        ok = True
+        if not args.failover_only:
+            print("== part 1: one node, real clients, throughput ==", flush=True)
+            ok = run_demo(lab, args.size_mib)
+        if not args.throughput_only:
+            print("\n== part 2: the pair (stateless): node a dies under client load, b takes over, a returns ==",
+                  flush=True)
+            ok = run_pair_demo(lab) and ok
     except LabError as exc:
         print(f"pairproxy lab demo: error: {exc}", file=sys.stderr)
         ok = False
@@ -95,11 +104,16 @@ def add_demo_command(lab_sub: argparse._SubParsersAction) -> None:
     from .cli import add_common_options
 
     p = lab_sub.add_parser(
-        "demo", help="run node a and copy files through it with smbclient and nfs-cp, with numbers",
-        description="Bring the lab up (if it is not), start node a in its namespace, copy a random file "
-                    "over SMB (smbclient) and NFSv3 (nfs-cp) through node a and directly to the server, "
-                    "compare checksums and print throughput. Exit 0 when every copy is byte-identical.")
+        "demo", help="copies through a node with throughput, then a failover of the pair, with numbers",
+        description="Bring the lab up (if it is not). Part 1: start node a alone, copy a random file over SMB "
+                    "(smbclient) and NFSv3 (nfs-cp) through it and directly to the server, compare checksums, "
+                    "print throughput. Part 2: run the pair a+b, keep SMB and NFS clients busy through a's "
+                    "address, kill node a (SIGKILL, link down), show b's takeover and the clients' outage, "
+                    "restart a and show the hand-back, as a timeline. Exit 0 when all data is intact.")
     add_common_options(p)
     p.add_argument("--size-mib", type=int, default=64, help="size of the test file (default: %(default)s)")
     p.add_argument("--down", action="store_true", help="tear the lab down afterwards")
+    only = p.add_mutually_exclusive_group()
+    only.add_argument("--throughput-only", action="store_true", help="only part 1 (one node, copies)")
+    only.add_argument("--failover-only", action="store_true", help="only part 2 (the pair, failover)")
     p.set_defaults(func=cmd_demo)

@@ -1,0 +1,202 @@
+"""The pair in the lab (stateless mode): failure detection, takeover with the own MAC, hand-back.
+
+Nodes a and b run ``pairproxy run`` with the lab's pair configs; real clients (smbclient, smbprotocol,
+libnfs) in the client namespace use a's service address 10.77.0.1 only.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from deploy.lab.clients import IoLoop, NodeProcess, nfs_put, random_file, sha256_of, smb_put
+
+pytestmark = pytest.mark.lab
+
+
+def serving(name_addr: str, node: str):
+    def check(status: dict) -> bool:
+        a = status.get("pair", {}).get("addresses", {}).get(name_addr)
+        return bool(a) and a["held_by"] == node and a["role"] in ("serving", "holding")
+    return check
+
+
+def standing_by(status: dict) -> bool:
+    pair = status.get("pair", {})
+    return all(a["role"] in ("serving", "standby") for a in pair.get("addresses", {}).values()) and \
+        pair.get("link", {}).get("state") == "connected"
+
+
+@pytest.fixture
+def pair(lab):
+    a = NodeProcess(lab, "a", pair=True, log=lab.root / "pair-a.log")
+    b = NodeProcess(lab, "b", pair=True, log=lab.root / "pair-b.log")
+    lab.run(lab.ns_a, ["ip", "link", "set", "eth0", "up"])
+    try:
+        b.start()
+        a.start()
+        addr = lab.addresses
+        a.wait_for(serving(addr.service_a, "a"), 10, "a serving its address")
+        b.wait_for(serving(addr.service_b, "b"), 10, "b serving its address")
+        b.wait_for(standing_by, 10, "b standing by, link up")
+        yield a, b
+    finally:
+        a.stop(10)
+        b.stop(10)
+        lab.run(lab.ns_a, ["ip", "link", "set", "eth0", "up"])
+        lab.run(lab.ns_a, ["ip", "link", "set", "sync0", "up"])
+    assert lab.run(lab.ns_b, ["ip", "link", "show", "pp-a"], capture_output=True).returncode != 0, \
+        "b left its macvlan behind"
+
+
+def test_pair_comes_up_with_link_and_heartbeats(lab, pair):
+    a, b = pair
+    st = b.wait_for(lambda s: (s["pair"]["link"].get("rtt_ms") or {}).get("count", 0) > 5, 5, "heartbeats")
+    assert st["pair"]["peer_state"] == "alive"
+    assert st["pair"]["addresses"][lab.addresses.service_a]["held_by"] == "a"
+    assert st["pair"]["link"]["rtt_ms"]["median"] < 20
+    # the persisted hello lets a restarted node take over without hearing the peer again
+    assert (Path(str(b.control_socket)).parent / "peer-hello.json").exists()
+    human = lab.run(lab.ns_b, [sys.executable, "-m", "proxy.cli", "status", "-c", str(b.config)],
+                    capture_output=True, text=True)
+    assert "pair with a (stateless): peer is alive; sync link connected" in human.stdout, human.stdout
+
+
+def test_node_death_during_io_takeover_and_handback(lab, pair, tmp_path):
+    a, b = pair
+    host = lab.addresses.service_a
+    loops = [IoLoop(lab, host, kind, tmp_path).start() for kind in ("smb", "nfs", "smbprotocol")]
+    try:
+        for loop in loops:
+            loop.wait_ops(2)
+        died = a.kill_hard(link_down=True)
+        st = b.wait_for(serving(host, "b"), 5, "b holding a's address")
+        taken = time.monotonic() - died
+        takeover = st["pair"]["takeovers"][-1]
+        assert takeover["address"] == host
+        assert taken < 2.0
+        assert takeover["address_moved_ms"] < 100
+        for loop in loops:
+            loop.wait_ops(2)          # the clients go on through b
+        st = b.status()
+        assert st["pair"]["peer_state"] == "dead"
+        assert sum(s["connections_total"] for s in st["pair"]["peer_services"]) > 0
+        assert st["pair"]["takeovers"][-1]["first_client_ms"] is not None
+
+        # a comes back: b hands the address back, a claims it; never both
+        a.link_up()
+        a.start()
+        a.wait_for(serving(host, "a"), 15, "a serving again after hand-back")
+        st = b.wait_for(lambda s: s["pair"]["addresses"][host]["role"] == "standby", 5, "b standby")
+        assert st["pair"]["takeovers"][-1]["held_for_s"] > 0
+        assert lab.run(lab.ns_b, ["ip", "link", "show", "pp-a"], capture_output=True).returncode != 0
+        for loop in loops:
+            loop.wait_ops(2)
+        outages = {loop.kind: loop.outage_around(died) for loop in loops}
+    finally:
+        for loop in loops:
+            loop.finish()
+    for loop in loops:
+        assert not loop.corrupt, loop.corrupt
+        assert loop.verify_stored() == [], "files changed on the server"
+        assert outages[loop.kind] is not None and outages[loop.kind] < 10, outages
+
+
+def test_process_death_only_is_taken_over_too(lab, pair, tmp_path):
+    a, b = pair
+    host = lab.addresses.service_a
+    a.kill_hard(link_down=False)          # the kernel of a lives on and still holds 10.77.0.1
+    b.wait_for(serving(host, "b"), 5, "b holding a's address")
+    src = random_file(tmp_path / "src.bin", 1 << 20)
+    deadline = time.monotonic() + 15
+    while True:
+        t = smb_put(lab, host, src, "process-death.bin", timeout=10)
+        if t.ok or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    t.check()
+    assert sha256_of(lab.smb_share_path / "process-death.bin") == sha256_of(src)
+    # the restarted a removes the address its dead process left, and gets it back from b
+    a.start()
+    a.wait_for(serving(host, "a"), 15, "a serving again")
+    b.wait_for(lambda s: s["pair"]["addresses"][host]["role"] == "standby", 5, "b standby")
+    nfs_put(lab, host, src, "after-process-death.bin").check()
+
+
+def test_sync_link_cut_is_no_takeover(lab, pair, tmp_path):
+    a, b = pair
+    addr = lab.addresses
+    lab.run(lab.ns_a, ["ip", "link", "set", "sync0", "down"], check=True)
+    st = b.wait_for(lambda s: s["pair"]["peer_state"] == "link_down", 5, "b sees the link down")
+    time.sleep(1.0)
+    st = b.status()
+    assert st["pair"]["peer_state"] == "link_down"
+    assert st["pair"]["addresses"][addr.service_a]["role"] == "standby"
+    assert st["pair"]["takeovers"] == []
+    assert a.status()["pair"]["addresses"][addr.service_b]["role"] == "standby"
+    (tmp_path / "x").write_bytes(b"both still served\n")
+    for host in (addr.service_a, addr.service_b):
+        smb_put(lab, host, tmp_path / "x", f"linkcut-{host}.txt", timeout=10).check()
+    lab.run(lab.ns_a, ["ip", "link", "set", "sync0", "up"], check=True)
+    b.wait_for(lambda s: s["pair"]["peer_state"] == "alive" and s["pair"]["link"]["state"] == "connected",
+               10, "link back")
+
+
+def fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_repeated_failover_and_handback_without_leaks(lab, pair, tmp_path):
+    a, b = pair
+    host = lab.addresses.service_a
+    (tmp_path / "x").write_bytes(b"cycle\n")
+    baseline = None
+    for cycle in range(10):
+        a.kill_hard(link_down=True)
+        b.wait_for(serving(host, "b"), 5, f"cycle {cycle}: b holding")
+        smb_put(lab, host, tmp_path / "x", f"cycle-{cycle}.txt", timeout=15).check()
+        a.link_up()
+        a.start()
+        a.wait_for(serving(host, "a"), 15, f"cycle {cycle}: a serving again")
+        st = b.wait_for(lambda s: s["pair"]["addresses"][host]["role"] == "standby" and
+                        s["pair"]["link"]["state"] == "connected", 5, f"cycle {cycle}: b standby")
+        nfs_put(lab, host, tmp_path / "x", f"cycle-{cycle}.txt", timeout=15).check()
+        links = lab.run(lab.ns_b, ["ip", "-o", "link"], capture_output=True, text=True).stdout
+        assert "pp-a" not in links
+        addrs = lab.run(lab.ns_b, ["ip", "-4", "-o", "addr"], capture_output=True, text=True).stdout
+        assert f"inet {host}/" not in addrs
+        usage = (fd_count(b.pid), st["tasks"])
+        if cycle == 1:
+            baseline = usage
+        elif cycle > 1:
+            assert usage[0] <= baseline[0] + 2, f"file descriptors grow: {baseline} -> {usage}"
+            assert usage[1] <= baseline[1] + 2, f"tasks grow: {baseline} -> {usage}"
+    assert len(b.status()["pair"]["takeovers"]) == 10
+
+
+def test_forged_sync_messages_change_nothing(lab, pair):
+    a, b = pair
+    before = b.status()["pair"]
+    script = f"""
+import socket, os, msgpack
+s = socket.create_connection(("{lab.addresses.sync_b}", 7400), timeout=5)
+s.sendall(os.urandom(16))                                   # a nonce
+s.sendall(msgpack.packb([0, b"x" * 32, msgpack.packb({{"type": "handback_request", "address": "{lab.addresses.service_b}"}})]))
+s.sendall(os.urandom(200))
+try:
+    s.recv(100)
+except OSError:
+    pass
+"""
+    cp = lab.run(lab.ns_a, [sys.executable, "-c", script], capture_output=True, text=True, timeout=20)
+    assert cp.returncode == 0, cp.stderr
+    st = b.wait_for(lambda s: sum(v for k, v in s["pair"]["link"]["counters"].items() if k.startswith("rejected")) >
+                    sum(v for k, v in before["link"]["counters"].items() if k.startswith("rejected")), 5,
+                    "the forgery counted")
+    assert st["pair"]["addresses"] == before["addresses"]
+    assert st["pair"]["link"]["state"] == "connected"
+    assert a.status()["pair"]["addresses"][lab.addresses.service_a]["role"] == "serving"
