@@ -335,11 +335,19 @@ class Node:
                 for t2 in self.roles.handle(roles.RELEASED):
                     log.info("%s address: %s -> %s (released)", t2.machine, t2.old, t2.new)
                 await self._send({"type": "handback_done", "address": str(self.config.peer.address)})
-        if self.link is not None:
-            try:
-                await self.link.update_hello(self.hello())
-            except Exception as exc:  # the hello is re-sent on the next connection anyway
-                log.debug("hello not updated: %s", exc)
+        await self._update_hello()
+
+    async def _update_hello(self) -> None:
+        """Tell the peer what this node serves now; only when it changed (a hello answers no hello)."""
+        if self.link is None:
+            return
+        hello = self.hello()
+        if hello == self.link.hello:
+            return
+        try:
+            await self.link.update_hello(hello)
+        except Exception as exc:  # the hello is sent again on the next connection anyway
+            log.debug("hello not updated: %s", exc)
 
     async def _take_over(self) -> bool:
         """Serve the dead peer's address (patent elements 304/312/314)."""
@@ -443,9 +451,10 @@ class Node:
                 "peer_state": self.detector.state if self.detector else "unknown",
                 "addresses": {
                     str(node.address.ip): {"owner": node.name, "role": self.roles.own,
-                                           "held_by": holder(str(node.address.ip), self.roles.serves_own)},
+                                           "held_by": holder(str(node.address.ip), self.own.state == "serving")},
                     str(peer.address): {"owner": peer.name, "role": self.roles.peer,
-                                        "held_by": holder(str(peer.address), self.roles.holds_peer)},
+                                        "held_by": holder(str(peer.address), self.peer_service is not None
+                                                          and self.peer_service.state == "serving")},
                 },
                 "link": link,
                 "peer_services": self.peer_service.status() if self.peer_service else [],

@@ -226,10 +226,13 @@ class IoLoop:
     Runs in a thread: the clients are separate processes in the client namespace anyway.
     """
 
-    def __init__(self, lab: Lab, host: str, kind: str, work: Path, size: int = 64 << 10):
+    def __init__(self, lab: Lab, host: str, kind: str, work: Path, size: int = 64 << 10, op_timeout: float = 5.0):
         import threading
 
         self.lab, self.host, self.kind, self.work, self.size = lab, host, kind, work, size
+        #: like a soft mount's timeout: a client waiting for a reply on a connection the dead node
+        #: had acknowledged sends nothing, so only its own timer ends the wait (stateless mode)
+        self.op_timeout = op_timeout
         self.stop = threading.Event()
         self.done: list[tuple[str, str]] = []                  # (remote name, sha256) written and read back
         self.ops: list[tuple[float, float, bool]] = []        # (start, end, ok), time.monotonic()
@@ -240,18 +243,19 @@ class IoLoop:
         src = random_file(self.work / f"{self.kind}-src-{i}.bin", self.size)
         remote = f"loop-{self.kind}-{i}.bin"
         back = self.work / f"{self.kind}-back-{i}.bin"
+        timeout = self.op_timeout
         if self.kind == "smb":
-            smb_put(self.lab, self.host, src, remote, timeout=20).check()
-            smb_get(self.lab, self.host, remote, back, timeout=20).check()
+            smb_put(self.lab, self.host, src, remote, timeout=timeout).check()
+            smb_get(self.lab, self.host, remote, back, timeout=timeout).check()
         elif self.kind == "nfs":
-            nfs_put(self.lab, self.host, src, remote, 3, timeout=20).check()
-            nfs_get(self.lab, self.host, remote, back, 3, timeout=20).check()
+            nfs_put(self.lab, self.host, src, remote, 3, timeout=timeout).check()
+            nfs_get(self.lab, self.host, remote, back, 3, timeout=timeout).check()
         else:
             script = Path(__file__).resolve().parents[2] / "tests" / "clients" / "smb_copy.py"
             for op, local in (("put", src), ("get", back)):
                 cp = self.lab.run(self.lab.ns_client, [sys.executable, str(script), op, self.host, self.lab.smb_share,
                                                        self.lab.smb_user, self.lab.smb_password, str(local), remote],
-                                  capture_output=True, text=True, timeout=20)
+                                  capture_output=True, text=True, timeout=timeout)
                 if cp.returncode:
                     raise LabError(cp.stderr[-300:])
         want = sha256_of(src)
@@ -269,9 +273,9 @@ class IoLoop:
             try:
                 self._one(i)
                 ok = True
-                i += 1
             except (LabError, subprocess.TimeoutExpired, OSError):
                 ok = False
+            i += 1  # a retry writes a new file: an interrupted create may have left the old name
             self.ops.append((start, time.monotonic(), ok))
             if not ok:
                 time.sleep(0.02)
