@@ -54,12 +54,20 @@ async def splice_pump(src: trio.socket.SocketType, dst: trio.socket.SocketType,
     src_fd, dst_fd = src.fileno(), dst.fileno()
     pipe_r, pipe_w = _open_pipe()
     try:
+        readable = False
         while True:
-            await trio.lowlevel.checkpoint()
+            # A short read drained the socket: wait for more instead of asking again (that would
+            # cost a splice returning EAGAIN on every small message). wait_readable returns at once
+            # if bytes arrived meanwhile, and it is a checkpoint, as the explicit one is after a
+            # full chunk (so a bulk transfer still yields to other tasks and to cancellation).
+            if readable:
+                await trio.lowlevel.checkpoint()
+            else:
+                await trio.lowlevel.wait_readable(src)
             try:
                 n = os.splice(src_fd, pipe_w, CHUNK, flags=_FLAGS)
             except BlockingIOError:
-                await trio.lowlevel.wait_readable(src)
+                readable = False
                 continue
             except OSError as exc:
                 if exc.errno in CONNECTION_LOST:
@@ -78,6 +86,7 @@ async def splice_pump(src: trio.socket.SocketType, dst: trio.socket.SocketType,
                         raise ConnectionLost(f"write: {os.strerror(exc.errno)}") from None
                     raise
             on_bytes(n)
+            readable = n == CHUNK
         try:
             dst.shutdown(socket.SHUT_WR)
         except OSError as exc:
