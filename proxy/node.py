@@ -214,14 +214,15 @@ class Node:
             on_message=lambda m: self._post("message", m), on_hello=lambda h: self._post("hello", h),
             heartbeat=pair.heartbeat, dead_after=pair.dead_after, idle_timeout=3 * pair.dead_after,
             state_dir=node.state_dir)
-        self.detector = FailureDetector(pair.dead_after)
+        self.detector = FailureDetector(pair.dead_after, probe_after=pair.dead_after / 2)
         self.probe_responder = ProbeResponder(self.key, str(node.address.ip), peer.probe_port)
         await nursery.start(self.link.run)
         nursery.start_soon(self.probe_responder.serve)
 
         async def probe_peer() -> bool:
+            # answered within half of dead_after, so a probe started at probe_after reports in time
             return await probe(self.key, str(node.address.ip), str(peer.address), peer.probe_port,
-                               timeout=self.detector.probe_every)
+                               timeout=pair.dead_after / 2 * 0.9)
 
         async def detect() -> None:
             # A starting node gives its peer claim_wait to show up before silence can mean death:
@@ -229,7 +230,8 @@ class Node:
             with trio.move_on_after(pair.claim_wait):
                 await self.link.wait_connected()
             await watch(self.detector, probe_peer, lambda a: self._post("detector", a),
-                        heard=lambda: self.link.last_received)
+                        heard=lambda: self.link.last_received, tick_every=min(0.005, pair.heartbeat / 4),
+                        probe_timeout=pair.dead_after / 2)
 
         nursery.start_soon(detect)
         nursery.start_soon(self._claim_when_alone)

@@ -102,11 +102,18 @@ Action = StartProbe | PeerDead | PeerAlive
 class FailureDetector:
     """Decides the peer's liveness from heartbeats and probe results; see the module docstring."""
 
-    def __init__(self, dead_after: float, *, probe_every: float | None = None):
+    def __init__(self, dead_after: float, *, probe_every: float | None = None, probe_after: float | None = None):
         if dead_after <= 0:
             raise ValueError("dead_after must be positive")
         self.dead_after = dead_after
         self.probe_every = probe_every if probe_every is not None else dead_after / 2
+        #: Silence after which probing starts. Below ``dead_after`` the probe's answer is ready when
+        #: the silence reaches dead_after, so the verdict comes at dead_after, not dead_after plus
+        #: a probe's timeout; a result before dead_after is remembered, never acted on.
+        self.probe_after = dead_after if probe_after is None else probe_after
+        if not 0 < self.probe_after <= dead_after:
+            raise ValueError("probe_after must be positive and at most dead_after")
+        self._early_silent = False  # a probe during this silence, before dead_after, got no answer
         self.state: State = "unknown"
         self.reason = "no heartbeat seen yet"
         self.last_heartbeat: float | None = None
@@ -124,6 +131,7 @@ class FailureDetector:
             return []  # an older observation, already superseded
         self.last_heartbeat = self._silence_since = now
         self._probe_pending = False  # a probe asked for before now cannot judge a later silence
+        self._early_silent = False
         self._probe_started = -math.inf  # the next silence probes at once
         was = self.state
         self._move("heartbeat", "heartbeats arrive")
@@ -135,6 +143,9 @@ class FailureDetector:
         if not self._is_current_probe(probe_id):
             return []
         self._probe_pending = False
+        if self.silent_for(now) < self.dead_after:
+            self._early_silent = False  # the peer answers: silence this short is no news yet
+            return []
         self._move("probe_answered",
                    f"sync link silent {self.silent_for(now) * 1000:.0f} ms but the peer answers probes")
         return []
@@ -147,14 +158,22 @@ class FailureDetector:
         self._probe_pending = False
         was = self.state
         silent = self.silent_for(now)
+        if silent < self.dead_after:
+            self._early_silent = True  # judged when the silence reaches dead_after (tick)
+            return []
         self._move("probe_silent", f"sync link silent {silent * 1000:.0f} ms and no answer to the probe")
         return [PeerDead(silent)] if self.state == "dead" and was != "dead" else []
 
     def tick(self, now: float) -> list[Action]:
         """Let time pass: notice silence, and ask for (repeated) probes while silent."""
         self._start_clock(now)
-        if self.state in ("unknown", "alive") and self.silent_for(now) >= self.dead_after:
+        if self.state in ("unknown", "alive") and self.silent_for(now) >= self.probe_after:
             self._move("silence", f"sync link silent {self.silent_for(now) * 1000:.0f} ms, probing")
+        if self.state == "suspect" and self._early_silent and self.silent_for(now) >= self.dead_after:
+            silent = self.silent_for(now)
+            self._early_silent = False
+            self._move("probe_silent", f"sync link silent {silent * 1000:.0f} ms and no answer to the probe")
+            return [PeerDead(silent)]
         if self.state in PROBING and not self._probe_pending and now - self._probe_started >= self.probe_every:
             self._probe_id += 1
             self._probe_pending = True

@@ -213,3 +213,56 @@ async def test_failing_probe_counts_as_silent(autojump_clock):
         await watch(detector, broken_probe, actions.append)
     assert detector.state == "dead"
     assert [type(a) for a in actions] == [StartProbe, PeerDead]
+
+
+# -- probing before dead_after: the verdict comes at dead_after, not dead_after + a probe timeout --
+
+def test_early_probe_silent_gives_the_verdict_at_dead_after():
+    d = FailureDetector(DEAD_AFTER, probe_after=DEAD_AFTER / 2)
+    d.heartbeat(0.0)
+    assert d.tick(0.049) == []
+    [p] = d.tick(0.05)
+    assert d.state == "suspect"
+    assert d.probe_silent(0.07, p.probe_id) == [] and d.state == "suspect"   # too early to judge
+    assert d.tick(0.099) == []
+    assert d.tick(0.1) == [PeerDead(pytest.approx(0.1))] and d.state == "dead"
+
+
+def test_early_probe_answered_is_no_news_and_a_heartbeat_clears_an_early_silence():
+    d = FailureDetector(DEAD_AFTER, probe_after=DEAD_AFTER / 2)
+    d.heartbeat(0.0)
+    [p] = d.tick(0.05)
+    assert d.probe_answered(0.06, p.probe_id) == [] and d.state == "suspect"
+    [p2] = d.tick(0.11)                       # probing goes on; judged after dead_after now
+    assert d.probe_answered(0.12, p2.probe_id) == [] and d.state == "link_down"
+    d2 = FailureDetector(DEAD_AFTER, probe_after=DEAD_AFTER / 2)
+    d2.heartbeat(0.0)
+    [p] = d2.tick(0.05)
+    d2.probe_silent(0.06, p.probe_id)
+    d2.heartbeat(0.07)                        # it was only late
+    assert d2.tick(0.1) == [] and d2.state == "alive"
+    assert d2.tick(0.119) == [] and d2.state == "alive"
+
+
+def test_probe_after_must_not_exceed_dead_after():
+    with pytest.raises(ValueError):
+        FailureDetector(DEAD_AFTER, probe_after=2 * DEAD_AFTER)
+
+
+async def test_early_probing_detects_at_dead_after(autojump_clock):
+    d = FailureDetector(DEAD_AFTER, probe_after=DEAD_AFTER / 2)
+    d.heartbeat(trio.current_time())
+    died = trio.current_time()
+    verdicts = []
+
+    async def probe():
+        await trio.sleep(1)          # the dead peer never answers; the driver's timeout decides
+        return True
+
+    async with trio.open_nursery() as nursery:
+        def on_action(action):
+            if isinstance(action, PeerDead):
+                verdicts.append(trio.current_time())
+                nursery.cancel_scope.cancel()
+        nursery.start_soon(lambda: watch(d, probe, on_action, probe_timeout=DEAD_AFTER / 2 - 0.01))
+    assert DEAD_AFTER <= verdicts[0] - died < DEAD_AFTER + 0.01
