@@ -53,6 +53,7 @@ class Takeover:
     address_up_at: float | None = None
     first_client_at: float | None = None
     released_at: float | None = None
+    resets: int = 0
 
     def as_dict(self) -> dict:
         def ms(a: float | None, b: float | None) -> float | None:
@@ -65,6 +66,7 @@ class Takeover:
             "address_moved_ms": ms(self.detected_at, self.address_up_at),
             "first_client_ms": ms(self.detected_at, self.first_client_at),
             "held_for_s": None if self.released_at is None else round(self.released_at - self.detected_at, 3),
+            "clients_reset": self.resets,
         }
 
 
@@ -105,6 +107,13 @@ class Node:
         self._own_done = trio.Event()
         self._peer_done: trio.Event | None = None
         self.rejected_events = 0
+        # stateful mode
+        self.own_view = None
+        self.peer_view = None
+        self.view_sync = None
+        self.snoopers: list = []
+        self.resume = None
+        self.resets_sent = 0
 
     # -- life cycle ----------------------------------------------------------------------------
 
@@ -218,6 +227,8 @@ class Node:
         self.probe_responder = ProbeResponder(self.key, str(node.address.ip), peer.probe_port)
         await nursery.start(self.link.run)
         nursery.start_soon(self.probe_responder.serve)
+        if pair.mode == "stateful":
+            await self._start_stateful(nursery)
 
         async def probe_peer() -> bool:
             # answered within half of dead_after, so a probe started at probe_after reports in time
@@ -237,6 +248,80 @@ class Node:
         nursery.start_soon(self._claim_when_alone)
         self.state = "pair"
         log.info("node %s: pair with %s (%s mode), claiming %s", node.name, peer.name, pair.mode, node.address.ip)
+
+    # -- stateful mode --------------------------------------------------------------------------
+
+    def _peer_ports(self) -> list[int]:
+        try:
+            services = services_from_dicts((self.peer_info or {}).get("services", []))
+        except ConfigError:
+            services = ()
+        ports = [p for s in services for p in s.ports] or [p for s in self.config.services for p in s.ports]
+        return sorted(set(ports))
+
+    async def _start_stateful(self, nursery: trio.Nursery) -> None:
+        """Snoop both addresses from the start (patent FIG. 3): the own one as the active node sees
+        it, the peer's as a silent observer (element 310), and compare notes with the peer."""
+        from proxy.stateful import AddressView, ViewSync
+        from sync.snooper import Snooper
+
+        node, peer = self.config.node, self.config.peer
+        self.own_view = AddressView(str(node.address.ip), [p for s in self.config.services for p in s.ports])
+        self.peer_view = AddressView(str(peer.address), self._peer_ports())
+        self.view_sync = ViewSync()
+        for view in (self.own_view, self.peer_view):
+            snooper = Snooper(node.interface, [view.address], view.ports, view.on_frame)
+            self.snoopers.append(snooper)
+            await nursery.start(snooper.run)
+        self._open_standby_macvlan()
+        nursery.start_soon(self._send_digests)
+        log.info("stateful: snooping %s (own) and %s (peer) on %s", node.address.ip, peer.address, node.interface)
+
+    def _open_standby_macvlan(self) -> None:
+        """Stateful standby: the macvlan with the peer's MAC exists from the start, without address."""
+        if self.macvlan is None and self.peer_info and self.peer_info.get("mac"):
+            self.macvlan = PeerMacvlan(self.config.node.interface, self.config.peer.macvlan,
+                                       self.peer_info["mac"]).open()
+
+    async def _send_digests(self) -> None:
+        while True:
+            await trio.sleep(0.25)
+            view = self.own_view
+            await self._send({"type": "digest", "address": view.address, "digest": view.digest(),
+                              "frames": view.frames, "bytes": view.bytes})
+
+    async def _on_state_message(self, message: dict) -> None:
+        kind = message.get("type")
+        if self.peer_view is None:
+            return
+        if kind == "digest" and message.get("address") == self.peer_view.address:
+            if self.view_sync.on_peer_digest(message, self.peer_view, trio.current_time()):
+                await self._send({"type": "snapshot_request", "address": self.peer_view.address})
+        elif kind == "snapshot_request" and message.get("address") == self.own_view.address:
+            snap = self.own_view.snapshot()
+            for c in snap["connections"]:
+                c.pop("tcp", None)
+                c.pop("smb", None)
+            await self._send({"type": "snapshot", "address": self.own_view.address,
+                              "snapshot": {"connections": snap["connections"]}})
+        elif kind == "snapshot" and message.get("address") == self.peer_view.address:
+            self.view_sync.on_peer_snapshot(message.get("snapshot") or {}, self.peer_view)
+
+    def _reset_clients(self, connections: list[dict]) -> int:
+        """Send each of the dead peer's clients a valid RST (see proxy.stateful.reset_frames)."""
+        import socket as socket_module
+
+        from proxy.stateful import reset_frames
+
+        sent = 0
+        with socket_module.socket(socket_module.AF_INET, socket_module.SOCK_RAW, socket_module.IPPROTO_RAW) as raw:
+            for client_ip, packet in reset_frames(connections):
+                try:
+                    raw.sendto(packet, (client_ip, 0))
+                    sent += 1
+                except OSError as exc:
+                    log.warning("RST to %s not sent: %s", client_ip, exc)
+        return sent
 
     def _post(self, kind: str, payload: Any) -> None:
         try:
@@ -271,6 +356,8 @@ class Node:
                 return
             if kind == "hello":
                 self.peer_info = payload
+                if self.peer_view is not None:
+                    self._open_standby_macvlan()
                 holds = set(payload.get("holds") or [])
                 log.info("hello from %s: MAC %s, serving %s", peer.name, payload.get("mac"),
                          ", ".join(sorted(holds)) or "nothing")
@@ -318,6 +405,8 @@ class Node:
                     # the peer let go after serving this address too: clients may hold its MAC
                     self._nursery.start_soon(announce, node.interface, self.mac, address)
                 await self._apply(roles.PEER_RELEASED_MINE, f"{peer.name} let go of {address}")
+        elif kind in ("digest", "snapshot_request", "snapshot"):
+            await self._on_state_message(message)
         else:
             log.debug("message %r ignored", kind)
 
@@ -368,7 +457,16 @@ class Node:
                             time.time())
         self.takeovers.append(takeover)
         del self.takeovers[:-20]
-        self.macvlan = PeerMacvlan(node.interface, peer.macvlan, info["mac"]).open()
+        lost = None
+        if self.peer_view is not None:
+            from proxy.stateful import ResumeWatcher
+
+            self._open_standby_macvlan()
+            lost = self.peer_view.live_connections()
+            self.resume = ResumeWatcher.from_snapshot(self.peer_view.snapshot())
+            self.peer_view.watcher = self.resume
+        else:
+            self.macvlan = PeerMacvlan(node.interface, peer.macvlan, info["mac"]).open()
         self.peer_service = AddressService(ipaddress.IPv4Interface(f"{peer.address}/32"), peer.macvlan, services,
                                            announce_ifname=node.interface, announce_mac=self.mac)
         self._peer_done = trio.Event()
@@ -382,6 +480,11 @@ class Node:
 
         await self._nursery.start(run_peer)
         takeover.address_up_at = self.peer_service.address_up_at
+        if lost:
+            takeover.resets = self._reset_clients(lost)
+            self.resets_sent += takeover.resets
+            log.info("stateful: reset %d client connection(s) of %s at once: %s", takeover.resets, peer.name,
+                     ", ".join(c["client"] for c in lost))
         self._nursery.start_soon(self._watch_first_client, takeover, self.peer_service)
         log.info("took over %s from %s in %.1f ms (detected after %.0f ms of silence); replies leave with MAC %s",
                  peer.address, peer.name, (takeover.address_up_at - takeover.detected_at) * 1000,
@@ -403,9 +506,11 @@ class Node:
         if self.peer_service is not None and self._peer_done is not None:
             self.peer_service.stop(0)
             await self._peer_done.wait()
-        if self.macvlan is not None:
-            self.macvlan.close()
+        if self.macvlan is not None and self.peer_view is None:
+            self.macvlan.close()  # stateless: receive the peer's MAC only while serving its address
             self.macvlan = None
+        if self.peer_view is not None:
+            self.peer_view.watcher = None
         if self.takeovers:
             self.takeovers[-1].released_at = trio.current_time()
         self.peer_service = None
@@ -464,4 +569,17 @@ class Node:
                 "probe": {"answered": self.probe_responder.answered if self.probe_responder else 0,
                           "rejected": self.probe_responder.rejected if self.probe_responder else 0},
             }
+            if self.own_view is not None:
+                # the tables in the schema `pairproxy replay --json` prints, for both addresses
+                snaps = [self.own_view.snapshot(), self.peer_view.snapshot()]
+                result["connections"] = snaps[0]["connections"] + snaps[1]["connections"]
+                result["errors"] = {k: snaps[0]["errors"].get(k, 0) + snaps[1]["errors"].get(k, 0)
+                                    for k in snaps[0]["errors"]}
+                result["pair"]["state_sync"] = {
+                    **self.view_sync.status(),
+                    "digests": {self.own_view.address: self.own_view.digest(snaps[0]),
+                                self.peer_view.address: self.peer_view.digest(snaps[1])},
+                    "snoopers": [s.stats() for s in self.snoopers],
+                }
+                result["pair"]["resume"] = self.resume.report() if self.resume else []
         return result

@@ -114,11 +114,11 @@ class NodeProcess:
     """``pairproxy run`` of one lab node config in that node's namespace, owned by PID."""
 
     def __init__(self, lab: Lab, node: str, config: Path | None = None, log: Path | None = None,
-                 pair: bool = False):
+                 pair: bool = False, mode: str = "stateless"):
         self.lab = lab
         self.node = node
         self.ns = lab.ns_a if node == "a" else lab.ns_b
-        self.config = config or lab.node_config_path(node, pair=pair)
+        self.config = config or lab.node_config_path(node, pair=pair, mode=mode)
         self.log = log or lab.root / f"node-{node}.log"
         self.proc: subprocess.Popen | None = None
 

@@ -221,11 +221,21 @@ class Lab:
     def rpcbind_log(self) -> Path:
         return self.ganesha_dir / "rpcbind.out"
 
-    def node_config_path(self, node: str, pair: bool = False) -> Path:
-        """a.toml / b.toml: one node alone; pair-a.toml / pair-b.toml: the two nodes as a pair."""
+    def node_config_path(self, node: str, pair: bool = False, mode: str = "stateless") -> Path:
+        """a.toml / b.toml: one node alone; pair-a.toml / pair-b.toml: the two nodes as a stateless
+        pair; stateful-a.toml / stateful-b.toml: a stateful pair (needs :meth:`flood`)."""
         if node not in ("a", "b"):
             raise ValueError(f"node must be 'a' or 'b', not {node!r}")
-        return self.root / (f"pair-{node}.toml" if pair else f"{node}.toml")
+        if not pair:
+            return self.root / f"{node}.toml"
+        return self.root / (f"pair-{node}.toml" if mode == "stateless" else f"stateful-{node}.toml")
+
+    def flood(self, on: bool) -> None:
+        """Make the service bridge hub-like (``ageing_time 0``: every frame to every port), so a
+        stateful standby sees its peer's traffic both ways, as a site would with a SPAN/mirror port;
+        ``on=False`` restores the default learning bridge (300 s ageing)."""
+        self._ip("link", "set", "br-svc", "type", "bridge", "ageing_time", "0" if on else "30000",
+                 ns=self.ns_switch)
 
     @property
     def pair_key_path(self) -> Path:
@@ -557,6 +567,11 @@ heartbeat = "20ms"
 dead_after = "100ms"
 """
             self._write_if_changed(self.node_config_path(node, pair=True), pair_text)
+            ssd = self.root / f"stateful-node-{node}"
+            ssd.mkdir(exist_ok=True)
+            self._write_if_changed(self.node_config_path(node, pair=True, mode="stateful"),
+                                   pair_text.replace(str(psd), str(ssd)).replace('mode = "stateless"',
+                                                                                 'mode = "stateful"'))
 
     def _write_test_data(self) -> None:
         pw = pwd.getpwnam(self.smb_user)

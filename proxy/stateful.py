@@ -1,0 +1,234 @@
+"""Stateful mode: what a node knows of every connection to an address, and how the pair checks it.
+
+An :class:`AddressView` is the sans-I/O :class:`protocols.pipeline.Pipeline` fed with the frames a
+:class:`sync.snooper.Snooper` sees for one service address. A node in a stateful pair keeps two:
+one of its *own* address (its proxied client connections, seen on its own interface), and one of
+the *peer's* address (the peer's client connections, seen because the service network floods or
+mirrors the peer's frames to it; patent element 310: decode, never reply). Both nodes therefore run
+the same decoders over the same frames of one address, and their digests must agree:
+:class:`ViewSync` compares the digest the owner sends over the sync link with the standby's own,
+asks for a snapshot when they keep differing, and says what differs.
+
+On takeover the standby knows every live connection of the dead peer with its exact sequence numbers
+(:func:`reset_frames`: a valid RST to each client at once, instead of clients waiting for their own
+timers), and a :class:`ResumeWatcher` reports per client what it re-established (a SESSION_SETUP
+naming its old session, durable handle reconnects, NFSv4 reclaims) and what was lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from protocols.pipeline import Pipeline
+
+log = logging.getLogger("pairproxy.stateful")
+
+STATUS_SUCCESS = 0
+SESSION_SETUP, CREATE = 0x01, 0x05
+DURABLE_RECONNECT = {"DHnC", "DH2C"}
+
+
+class AddressView:
+    """The decoded state of the connections to one service address, from the frames seen for it."""
+
+    def __init__(self, address: str, ports: list[int]):
+        self.address = address
+        self.ports = sorted(set(ports))
+        self.pipeline = Pipeline()
+        self.frames = 0
+        self.bytes = 0
+        self.last_frame_at: float | None = None
+        self.watcher: ResumeWatcher | None = None
+
+    def on_frame(self, frame: bytes | memoryview, ts: float) -> None:
+        """Snooper callback: one frame in. Never raises (the pipeline turns bad input into events)."""
+        self.frames += 1
+        self.bytes += len(frame)
+        self.last_frame_at = ts
+        events = self.pipeline.feed_frame(frame, ts)
+        if self.watcher is not None and events:
+            self.watcher.feed(events)
+
+    def snapshot(self) -> dict:
+        """This address's connections in the schema shared with ``pairproxy replay --json``."""
+        snap = self.pipeline.snapshot()
+        snap["connections"] = [c for c in snap["connections"] if c["server"].rsplit(":", 1)[0] == self.address]
+        return snap
+
+    def digest(self, snapshot: dict | None = None) -> str:
+        return self.pipeline.digest(snapshot if snapshot is not None else self.snapshot())
+
+    def live_connections(self) -> list[dict]:
+        """Connections with known sequence numbers each way (those a valid RST can end)."""
+        return [c for c in self.snapshot()["connections"]
+                if c["tcp"].get("server_next_seq") is not None and c["tcp"].get("client_next_seq") is not None]
+
+
+def reset_frames(connections: list[dict]) -> list[tuple[str, bytes]]:
+    """One RST per client connection, as the server would send it: (client IP, IPv4 packet).
+
+    The sequence number is exactly the next one the client expects from the server, so the client's
+    kernel accepts the reset (RFC 5961 accepts only an exact match) and its application learns at once
+    that the connection is gone, even if it had nothing to send and would otherwise wait for its own
+    timers (an NFS client waiting for a reply the dead node had already acknowledged the call for).
+    """
+    from scapy.layers.inet import IP, TCP
+
+    out = []
+    for c in connections:
+        client_ip, client_port = c["client"].rsplit(":", 1)
+        server_ip, server_port = c["server"].rsplit(":", 1)
+        seq = c["tcp"]["server_next_seq"]
+        ack = c["tcp"]["client_next_seq"]
+        pkt = IP(src=server_ip, dst=client_ip) / TCP(sport=int(server_port), dport=int(client_port),
+                                                      flags="RA", seq=seq, ack=ack, window=0)
+        out.append((client_ip, bytes(pkt)))
+    return out
+
+
+def _by_client(snapshot: dict) -> dict[str, dict]:
+    clients: dict[str, dict] = {}
+    for c in snapshot["connections"]:
+        ip = c["client"].rsplit(":", 1)[0]
+        entry = clients.setdefault(ip, {"client": ip, "protocols": set(), "connections": 0, "sessions": {},
+                                        "opens": [], "nfs_v4_opens": []})
+        entry["protocols"].add(c["protocol"])
+        entry["connections"] += 1
+        for s in c["sessions"]:
+            entry["sessions"][s["session_id"]] = s["user"]
+        entry["opens"] += [{"path": o["path"], "durable": o["durable"]} for o in c["opens"]]
+        nfs = c.get("nfs") or {}
+        entry["nfs_v4_opens"] += [o.get("path") for o in (nfs.get("v4") or {}).get("opens", [])]
+    return clients
+
+
+@dataclass
+class ResumeWatcher:
+    """After a takeover: what each client of the dead peer re-established, from the decoded events."""
+
+    before: dict[str, dict]
+    started: float = field(default_factory=time.time)
+    reconnected: dict[str, float] = field(default_factory=dict)
+    resumed_sessions: dict[str, list[dict]] = field(default_factory=dict)
+    new_sessions: dict[str, int] = field(default_factory=dict)
+    reopened: dict[str, list[dict]] = field(default_factory=dict)
+    nfs_reclaims: dict[str, list[str]] = field(default_factory=dict)
+
+    @classmethod
+    def from_snapshot(cls, snapshot: dict) -> "ResumeWatcher":
+        return cls(before=_by_client(snapshot))
+
+    def feed(self, events: list[tuple[Any, object]]) -> None:
+        from protocols.smb2 import Smb2Response
+
+        for key, ev in events:
+            ip = key.client_ip
+            if ip not in self.before:
+                continue
+            if type(ev).__name__ == "ConnectionOpened" and ip not in self.reconnected:
+                self.reconnected[ip] = time.time() - self.started
+            if isinstance(ev, Smb2Response) and ev.status == STATUS_SUCCESS and ev.request is not None:
+                fields = ev.request.fields or {}
+                if ev.command == SESSION_SETUP:
+                    previous = fields.get("previous_session_id") or 0
+                    if previous and previous in self.before[ip]["sessions"]:
+                        self.resumed_sessions.setdefault(ip, []).append(
+                            {"old_session_id": previous, "new_session_id": ev.session_id})
+                    else:
+                        self.new_sessions[ip] = self.new_sessions.get(ip, 0) + 1
+                elif ev.command == CREATE:
+                    contexts = set(fields.get("contexts") or [])
+                    self.reopened.setdefault(ip, []).append(
+                        {"path": fields.get("name"), "durable_reconnect": bool(contexts & DURABLE_RECONNECT)})
+            elif type(ev).__name__ == "RpcCall" and getattr(ev, "name", "") == "NFSv4.COMPOUND":
+                for op in (getattr(ev, "args", None) or {}).get("ops", []):
+                    if (op.get("op") == "OPEN" and op.get("claim") == "PREVIOUS") or op.get("op") == "RECLAIM_COMPLETE":
+                        self.nfs_reclaims.setdefault(ip, []).append(op.get("op"))
+
+    def report(self) -> list[dict]:
+        """Per client: what it had, whether it came back, what it resumed, what it lost."""
+        out = []
+        for ip, b in sorted(self.before.items()):
+            reopened_paths = {r["path"] for r in self.reopened.get(ip, [])}
+            lost_opens = [o for o in b["opens"] if o["path"] not in reopened_paths]
+            resumed = self.resumed_sessions.get(ip, [])
+            out.append({
+                "client": ip,
+                "protocols": sorted(b["protocols"]),
+                "before": {"connections": b["connections"],
+                           "sessions": [{"session_id": k, "user": v} for k, v in sorted(b["sessions"].items())],
+                           "opens": b["opens"], "nfs_v4_opens": b["nfs_v4_opens"]},
+                "reconnected_after_s": None if ip not in self.reconnected else round(self.reconnected[ip], 3),
+                "resumed_sessions": resumed,
+                "new_sessions": self.new_sessions.get(ip, 0),
+                "reopened": self.reopened.get(ip, []),
+                "nfs_reclaims": self.nfs_reclaims.get(ip, []),
+                "lost_opens": lost_opens,
+                "verdict": ("not back yet" if ip not in self.reconnected else
+                            "resumed" if not lost_opens and (resumed or not b["sessions"]) else
+                            "reconnected, state lost" if lost_opens or b["sessions"] else "reconnected"),
+            })
+        return out
+
+
+@dataclass
+class ViewSync:
+    """Is the standby's view of the peer's address the same as the peer's own? (digest comparison)"""
+
+    mismatch_limit: int = 3
+    compared: int = 0
+    matches: int = 0
+    mismatches_in_a_row: int = 0
+    in_sync: bool | None = None
+    last_match_at: float | None = None
+    behind: dict = field(default_factory=dict)
+    last_difference: dict | None = None
+    snapshots_requested: int = 0
+
+    def on_peer_digest(self, message: dict, view: AddressView, now: float) -> bool:
+        """Compare; True when a snapshot should be requested (the views keep differing)."""
+        self.compared += 1
+        mine = view.digest()
+        self.behind = {
+            "frames": max(0, int(message.get("frames", 0)) - view.frames),
+            "bytes": max(0, int(message.get("bytes", 0)) - view.bytes),
+            "ms": None if self.last_match_at is None else round((now - self.last_match_at) * 1000, 1),
+        }
+        if mine == message.get("digest"):
+            self.matches += 1
+            self.mismatches_in_a_row = 0
+            self.in_sync = True
+            self.last_match_at = now
+            self.behind["ms"] = 0.0
+            return False
+        self.mismatches_in_a_row += 1
+        if self.mismatches_in_a_row >= self.mismatch_limit:
+            self.in_sync = False
+            if self.mismatches_in_a_row == self.mismatch_limit or self.mismatches_in_a_row % 20 == 0:
+                self.snapshots_requested += 1
+                return True
+        return False
+
+    def on_peer_snapshot(self, theirs: dict, view: AddressView) -> dict:
+        """What differs between the peer's snapshot and ours; logged and kept for status."""
+        def index(snap: dict) -> dict[str, dict]:
+            return {c["client"]: {"protocol": c["protocol"], "sessions": c["sessions"], "opens": c["opens"]}
+                    for c in snap.get("connections", [])}
+
+        ours, peer = index(view.snapshot()), index(theirs)
+        diff = {
+            "only_at_peer": sorted(set(peer) - set(ours)),
+            "only_here": sorted(set(ours) - set(peer)),
+            "different": sorted(k for k in set(ours) & set(peer) if ours[k] != peer[k]),
+        }
+        self.last_difference = diff
+        log.warning("the view of the peer's address differs from the peer's own: %s", diff)
+        return diff
+
+    def status(self) -> dict:
+        return {"in_sync": self.in_sync, "compared": self.compared, "matches": self.matches,
+                "mismatches_in_a_row": self.mismatches_in_a_row, "behind": self.behind,
+                "snapshots_requested": self.snapshots_requested, "last_difference": self.last_difference}

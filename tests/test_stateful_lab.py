@@ -1,0 +1,186 @@
+"""The stateful pair in the lab: the standby snoops, keeps the peer's sessions, resets its clients at
+once on takeover, and reports what they resumed (real Samba, real smbprotocol and libnfs clients)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from deploy.lab.clients import NodeProcess
+
+from .test_pair_lab import serving
+
+pytestmark = pytest.mark.lab
+
+SMB_HOLD = Path(__file__).parent / "clients" / "smb_hold.py"
+
+
+@pytest.fixture
+def stateful_pair(lab):
+    lab.flood(True)
+    a = NodeProcess(lab, "a", pair=True, mode="stateful", log=lab.root / "stateful-a.log")
+    b = NodeProcess(lab, "b", pair=True, mode="stateful", log=lab.root / "stateful-b.log")
+    try:
+        b.start()
+        a.start()
+        addr = lab.addresses
+        a.wait_for(serving(addr.service_a, "a"), 10, "a serving")
+        b.wait_for(lambda s: s["pair"]["link"]["state"] == "connected" and
+                   s["pair"]["addresses"][addr.service_b]["held_by"] == "b", 10, "b serving, link up")
+        yield a, b
+    finally:
+        a.stop(10)
+        b.stop(10)
+        lab.run(lab.ns_a, ["ip", "link", "set", "eth0", "up"])
+        lab.flood(False)
+    assert lab.run(lab.ns_b, ["ip", "link", "show", "pp-a"], capture_output=True).returncode != 0
+
+
+def connections_to(status: dict, address: str) -> list[dict]:
+    return [c for c in status.get("connections", []) if c["server"].startswith(address + ":")]
+
+
+def established(lab, address: str, port: int) -> set[str]:
+    """Local addresses of the client's established connections to address:port."""
+    out = lab.run(lab.ns_client, ["ss", "-tnH", "state", "established", "dst", f"{address}:{port}"],
+                  capture_output=True, text=True).stdout
+    return {line.split()[2] for line in out.splitlines() if line.strip()}
+
+
+def wait_gone(lab, address: str, port: int, old: set[str], timeout: float = 1.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while old & established(lab, address, port) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return not (old & established(lab, address, port))
+
+
+class Holder:
+    """The smb_hold.py client, driven line by line."""
+
+    def __init__(self, lab, host: str, name: str):
+        self.proc = lab.popen(lab.ns_client, [sys.executable, str(SMB_HOLD), host, lab.smb_share, lab.smb_user,
+                                              lab.smb_password, name],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline()
+        assert json.loads(line or "{}").get("ready"), self.proc.stderr.read() if not line else line
+
+    def do(self, command: str) -> dict:
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write("exit\n")
+                self.proc.stdin.flush()
+                self.proc.wait(10)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+def test_standby_sees_the_peers_session_tree_and_open_and_agrees(lab, stateful_pair):
+    a, b = stateful_pair
+    host = lab.addresses.service_a
+    holder = Holder(lab, host, "stateful-hold.bin")
+    try:
+        started = time.monotonic()
+
+        def b_sees_the_open(s):
+            conns = [c for c in connections_to(s, host) if c["protocol"] == "smb" and c["opens"]]
+            return conns and any(o["path"] == "stateful-hold.bin" for o in conns[0]["opens"])
+
+        st = b.wait_for(b_sees_the_open, 5, "b seeing the client's open")
+        assert time.monotonic() - started < 1.5
+        [conn] = [c for c in connections_to(st, host) if c["opens"]]
+        assert conn["client"].startswith(lab.addresses.client + ":")
+        [session] = conn["sessions"]
+        assert session["user"] == "pp"
+        assert [t["share"] for t in session["trees"]] == [f"\\\\{host}\\share"]
+        # a (the owner) sees the same, and the digests the nodes exchange agree
+        st_a = a.wait_for(lambda s: any(c["opens"] for c in connections_to(s, host)), 5, "a seeing it")
+        assert [c["sessions"] for c in connections_to(st_a, host) if c["opens"]] == [conn["sessions"]]
+        st = b.wait_for(lambda s: s["pair"]["state_sync"]["in_sync"] and
+                        s["pair"]["state_sync"]["digests"][host] ==
+                        a.status()["pair"]["state_sync"]["digests"][host], 5, "digests agreeing")
+        assert st["pair"]["state_sync"]["matches"] > 0
+        assert all(s["kernel_drops"] == 0 for s in st["pair"]["state_sync"]["snoopers"])
+    finally:
+        holder.close()
+
+
+def test_stateful_takeover_resets_idle_clients_at_once_and_reports_the_resume(lab, stateful_pair):
+    a, b = stateful_pair
+    host = lab.addresses.service_a
+    holder = Holder(lab, host, "stateful-resume.bin")
+    try:
+        b.wait_for(lambda s: any(o["path"] == "stateful-resume.bin" for c in connections_to(s, host)
+                                 for o in c["opens"]), 5, "b seeing the open")
+        old = established(lab, host, 445)
+        assert old, "the client holds its connection to a"
+        died = a.kill_hard(link_down=True)
+        st = b.wait_for(serving(host, "b"), 5, "b holding a's address")
+        assert st["pair"]["takeovers"][-1]["clients_reset"] >= 1
+        # the idle client sent nothing, yet its connection is gone at once: b reset it
+        assert wait_gone(lab, host, 445, old), "the client's connection survived the takeover"
+        reset_after = time.monotonic() - died
+        assert reset_after < 1.0
+
+        answer = holder.do("write")
+        assert not answer["ok"], "the old connection cannot work any more"
+        assert holder.do("reopen")["ok"]
+        assert holder.do("write")["ok"]
+
+        def resumed(s):
+            report = {r["client"]: r for r in s["pair"]["resume"]}
+            r = report.get(lab.addresses.client)
+            return r if r and any(o["path"] == "stateful-resume.bin" for o in r["reopened"]) else None
+
+        st = b.wait_for(resumed, 5, "the resume report")
+        report = resumed(st)
+        assert report["before"]["sessions"] and report["before"]["sessions"][0]["user"] == "pp"
+        assert {"path": "stateful-resume.bin", "durable": False} in report["before"]["opens"] or \
+            any(o["path"] == "stateful-resume.bin" for o in report["before"]["opens"])
+        assert report["reconnected_after_s"] is not None
+        assert report["lost_opens"] == []
+        assert report["new_sessions"] >= 1
+    finally:
+        holder.close()
+
+
+def test_stateful_nfs4_client_is_seen_and_reset(lab, stateful_pair, tmp_path):
+    a, b = stateful_pair
+    host = lab.addresses.service_a
+    (lab.nfs_export_path / "stateful-v4.bin").write_bytes(b"v" * (32 << 20))
+    # nfs-cat into a pipe nobody reads: it blocks with the file open and its connection idle
+    reader = lab.popen(lab.ns_client, ["sh", "-c", f"nfs-cat '{lab.nfs_url(host, 'stateful-v4.bin', 4)}' | "
+                                                   "sleep 30"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        def v4_open(s):
+            for c in connections_to(s, host):
+                nfs = c.get("nfs") or {}
+                opens = (nfs.get("v4") or {}).get("opens", [])
+                if any((o.get("path") or "").endswith("stateful-v4.bin") for o in opens):
+                    return c
+            return None
+
+        st = b.wait_for(v4_open, 5, "b seeing the NFSv4 open")
+        conn = v4_open(st)
+        assert conn["nfs"]["version"] == 4
+        assert conn["nfs"]["v4"]["client_id"]
+        old = established(lab, host, 2049)
+        assert old
+        a.kill_hard(link_down=True)
+        b.wait_for(serving(host, "b"), 5, "b holding a's address")
+        assert wait_gone(lab, host, 2049, old), "the NFS client's idle connection survived the takeover"
+        report = {r["client"]: r for r in b.status()["pair"]["resume"]}
+        assert any(p.endswith("stateful-v4.bin") for p in report[lab.addresses.client]["before"]["nfs_v4_opens"])
+    finally:
+        reader.kill()
+        reader.wait(10)
