@@ -139,14 +139,20 @@ def first_success_after(records: list[dict], proto: str, at: float) -> float | N
     return min(ends) - at if ends else None
 
 
-def longest_gap(records: list[dict], proto: str, start: float, end: float) -> tuple[float | None, int]:
-    """Longest time between two successive successful completions within [start, end], and the
-    number of failed attempts in that window."""
+def longest_gap(records: list[dict], proto: str, start: float, end: float, ref: float) -> dict:
+    """Longest time between two successive successful completions within [start, end], where it
+    lies (relative to ``ref``), and the failed attempts in the window by reason."""
     ends = sorted(r["e"] for r in records if r["p"] == proto and r["ok"] and start <= r["e"] <= end)
-    fails = sum(1 for r in records if r["p"] == proto and not r["ok"] and start <= r["s"] <= end)
-    if len(ends) < 2:
-        return None, fails
-    return max(b - a for a, b in zip(ends, ends[1:])), fails
+    reasons: dict[str, int] = {}
+    for r in records:
+        if r["p"] == proto and not r["ok"] and start <= r["s"] <= end:
+            reasons[r.get("err", "?")] = reasons.get(r.get("err", "?"), 0) + 1
+    out = {"longest_gap_s": None, "gap_from_s": None, "failed_attempts": sum(reasons.values()),
+           "failures": reasons}
+    if len(ends) >= 2:
+        gap, a = max((b - a, a) for a, b in zip(ends, ends[1:]))
+        out["longest_gap_s"], out["gap_from_s"] = gap, a - ref
+    return out
 
 
 # ------------------------------------------------------------------------- keepalived + haproxy
@@ -368,8 +374,7 @@ def run_pairproxy(lab: Lab, st: State, work: Path, i: int) -> dict:
         out["handback_restart_to_serving_s"] = done - back
         out["handback"] = {}
         for p in PROTOS:
-            gap, fails = longest_gap(recs, p, back - 0.1, done + 0.5)
-            out["handback"][p] = {"longest_gap_s": gap, "failed_attempts": fails}
+            out["handback"][p] = longest_gap(recs, p, back - 0.1, done + 0.5, back)
     finally:
         for n in (a, b):
             n.stop(10)
@@ -426,8 +431,7 @@ def run_keepalived(lab: Lab, st: State, work: Path, i: int) -> dict:
         out["handback_restart_to_serving_s"] = done - back
         out["handback"] = {}
         for p in PROTOS:
-            gap, fails = longest_gap(recs, p, back - 0.1, done + 0.5)
-            out["handback"][p] = {"longest_gap_s": gap, "failed_attempts": fails}
+            out["handback"][p] = longest_gap(recs, p, back - 0.1, done + 0.5, back)
     finally:
         for k in (ka_a, ka_b):
             k.stop()
