@@ -82,6 +82,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         _print_problems(problems)
         return EXIT_PROBLEM
     _setup_logging(args.log_level or config.node.log_level)
+    if config.peer is not None:
+        # first thing, before the slow imports: an address a killed run left would make this kernel
+        # answer (and reset) clients the peer is serving now
+        _remove_leftovers(config)
     key = None
     if config.peer is not None:
         from sync.wire import load_key
@@ -111,6 +115,32 @@ def _flatten(exc: BaseException) -> BaseExceptionGroup:
 
     walk(exc)
     return BaseExceptionGroup("errors", leaves)
+
+
+def _remove_leftovers(config) -> list[str]:
+    from proxy.netplane import remove_leftovers
+
+    removed = remove_leftovers(config.node.interface, config.node.address,
+                               config.peer.macvlan if config.peer else None)
+    for what in removed:
+        logging.getLogger("pairproxy.node").warning("removed %s left by an earlier run", what)
+    return removed
+
+
+def cmd_cleanup(args: argparse.Namespace) -> int:
+    from proxy.netplane import NetworkError
+
+    config, problems = _load(args.config)
+    if problems:
+        _print_problems(problems)
+        return EXIT_PROBLEM
+    try:
+        removed = _remove_leftovers(config)
+    except (NetworkError, OSError) as exc:
+        _print_problems([f"cleanup: {exc}"])
+        return EXIT_PROBLEM
+    print(f"removed: {', '.join(removed)}" if removed else "nothing left behind")
+    return EXIT_OK
 
 
 def _human_bytes(n: int) -> str:
@@ -198,6 +228,15 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Prints one line per problem naming the key, exits 1 if there is any.")
     with_config(p)
     p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("cleanup", help="remove what a killed node left in the kernel (address, macvlan)",
+                       description="Remove the node's service address and the macvlan with the peer's MAC if a "
+                                   "node killed with SIGKILL left them. Run it when the node's process died "
+                                   "(systemd ExecStopPost=, see deploy/systemd/): a kernel that keeps the "
+                                   "address answers ARP and resets clients the peer serves after its takeover. "
+                                   "Do not run it while the node runs.")
+    with_config(p)
+    p.set_defaults(func=cmd_cleanup)
 
     p = sub.add_parser("status", help="show a running node's services and counters",
                        description="Ask the running node over its control socket ([node] control) for its "

@@ -54,6 +54,7 @@ class Takeover:
     first_client_at: float | None = None
     released_at: float | None = None
     resets: int = 0
+    backend_resets: int = 0
 
     def as_dict(self) -> dict:
         def ms(a: float | None, b: float | None) -> float | None:
@@ -67,6 +68,7 @@ class Takeover:
             "first_client_ms": ms(self.detected_at, self.first_client_at),
             "held_for_s": None if self.released_at is None else round(self.released_at - self.detected_at, 3),
             "clients_reset": self.resets,
+            "backend_connections_reset": self.backend_resets,
         }
 
 
@@ -110,6 +112,7 @@ class Node:
         # stateful mode
         self.own_view = None
         self.peer_view = None
+        self.peer_backend_view = None
         self.view_sync = None
         self.snoopers: list = []
         self.resume = None
@@ -173,6 +176,9 @@ class Node:
             waits.append(self._peer_done)
         for done in waits:
             await done.wait()
+        if self.link is not None and self.roles is not None and self.roles.own == roles.SERVING:
+            # a planned stop: the peer may take the address now instead of after dead_after
+            await self._send({"type": "leaving", "address": str(self.config.node.address.ip)})
 
     async def _watch_signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -259,6 +265,15 @@ class Node:
         ports = [p for s in services for p in s.ports] or [p for s in self.config.services for p in s.ports]
         return sorted(set(ports))
 
+    def _peer_backends(self) -> list[tuple[str, int]]:
+        """(host, port) of every backend endpoint the peer's services connect to."""
+        try:
+            services = services_from_dicts((self.peer_info or {}).get("services", []))
+        except ConfigError:
+            services = ()
+        services = services or self.config.services
+        return sorted({(str(s.backend.host), p) for s in services for p in s.ports})
+
     async def _start_stateful(self, nursery: trio.Nursery) -> None:
         """Snoop both addresses from the start (patent FIG. 3): the own one as the active node sees
         it, the peer's as a silent observer (element 310), and compare notes with the peer."""
@@ -268,9 +283,13 @@ class Node:
         node, peer = self.config.node, self.config.peer
         self.own_view = AddressView(str(node.address.ip), [p for s in self.config.services for p in s.ports])
         self.peer_view = AddressView(str(peer.address), self._peer_ports())
+        backends = self._peer_backends()
+        self.peer_backend_view = AddressView(str(peer.address), sorted({port for _, port in backends}),
+                                             as_client_of=sorted({host for host, _ in backends}))
         self.view_sync = ViewSync()
-        for view in (self.own_view, self.peer_view):
-            snooper = Snooper(node.interface, [view.address], view.ports, view.on_frame)
+        for view in (self.own_view, self.peer_view, self.peer_backend_view):
+            # 128 MiB: with 8 MiB a bulk transfer through the lab lost a fifth of its frames (bench/SNOOPER.md)
+            snooper = Snooper(node.interface, view.capture_addresses, view.ports, view.on_frame, rcvbuf=128 << 20)
             self.snoopers.append(snooper)
             await nursery.start(snooper.run)
         self._open_standby_macvlan()
@@ -307,15 +326,16 @@ class Node:
         elif kind == "snapshot" and message.get("address") == self.peer_view.address:
             self.view_sync.on_peer_snapshot(message.get("snapshot") or {}, self.peer_view)
 
-    def _reset_clients(self, connections: list[dict]) -> int:
-        """Send each of the dead peer's clients a valid RST (see proxy.stateful.reset_frames)."""
+    def _reset_clients(self, connections: list[dict], toward: str = "client") -> int:
+        """Send each of the dead peer's clients (or its backend servers) a valid RST (see
+        proxy.stateful.reset_frames)."""
         import socket as socket_module
 
         from proxy.stateful import reset_frames
 
         sent = 0
         with socket_module.socket(socket_module.AF_INET, socket_module.SOCK_RAW, socket_module.IPPROTO_RAW) as raw:
-            for client_ip, packet in reset_frames(connections):
+            for client_ip, packet in reset_frames(connections, toward):
                 try:
                     raw.sendto(packet, (client_ip, 0))
                     sent += 1
@@ -405,6 +425,10 @@ class Node:
                     # the peer let go after serving this address too: clients may hold its MAC
                     self._nursery.start_soon(announce, node.interface, self.mac, address)
                 await self._apply(roles.PEER_RELEASED_MINE, f"{peer.name} let go of {address}")
+        elif kind == "leaving":
+            if address == str(peer.address):
+                self._dead_at = trio.current_time()
+                await self._apply(roles.PEER_DEAD, f"{peer.name} is stopping and has let go of {address}")
         elif kind in ("digest", "snapshot_request", "snapshot"):
             await self._on_state_message(message)
         else:
@@ -457,8 +481,9 @@ class Node:
                             time.time())
         self.takeovers.append(takeover)
         del self.takeovers[:-20]
-        lost = None
+        lost = lost_backend = None
         if self.peer_view is not None:
+            lost_backend = self.peer_backend_view.live_connections()
             from proxy.stateful import ResumeWatcher
 
             self._open_standby_macvlan()
@@ -485,6 +510,10 @@ class Node:
             self.resets_sent += takeover.resets
             log.info("stateful: reset %d client connection(s) of %s at once: %s", takeover.resets, peer.name,
                      ", ".join(c["client"] for c in lost))
+        if lost_backend:
+            takeover.backend_resets = self._reset_clients(lost_backend, toward="server")
+            log.info("stateful: reset %d backend connection(s) %s had left open: %s", takeover.backend_resets,
+                     peer.name, ", ".join(f"{c['client']}->{c['server']}" for c in lost_backend))
         self._nursery.start_soon(self._watch_first_client, takeover, self.peer_service)
         log.info("took over %s from %s in %.1f ms (detected after %.0f ms of silence); replies leave with MAC %s",
                  peer.address, peer.name, (takeover.address_up_at - takeover.detected_at) * 1000,

@@ -34,10 +34,16 @@ DURABLE_RECONNECT = {"DHnC", "DH2C"}
 class AddressView:
     """The decoded state of the connections to one service address, from the frames seen for it."""
 
-    def __init__(self, address: str, ports: list[int]):
+    def __init__(self, address: str, ports: list[int], *, as_client_of: list[str] | None = None):
+        """The connections *to* ``address`` on ``ports``; or, with ``as_client_of`` (backend hosts),
+        the connections *from* ``address`` to those hosts on ``ports``: the peer's backend side."""
         self.address = address
         self.ports = sorted(set(ports))
-        self.pipeline = Pipeline()
+        self.as_client_of = sorted(set(as_client_of)) if as_client_of else None
+        #: what the snooper must capture: the service address, or the backend hosts
+        self.capture_addresses = self.as_client_of or [address]
+        self.pipeline = Pipeline(smb_ports=[p for p in self.ports if p == 445],
+                                 nfs_ports=[p for p in self.ports if p != 445])
         self.frames = 0
         self.bytes = 0
         self.last_frame_at: float | None = None
@@ -55,7 +61,8 @@ class AddressView:
     def snapshot(self) -> dict:
         """This address's connections in the schema shared with ``pairproxy replay --json``."""
         snap = self.pipeline.snapshot()
-        snap["connections"] = [c for c in snap["connections"] if c["server"].rsplit(":", 1)[0] == self.address]
+        side = "client" if self.as_client_of else "server"
+        snap["connections"] = [c for c in snap["connections"] if c[side].rsplit(":", 1)[0] == self.address]
         return snap
 
     def digest(self, snapshot: dict | None = None) -> str:
@@ -67,8 +74,13 @@ class AddressView:
                 if c["tcp"].get("server_next_seq") is not None and c["tcp"].get("client_next_seq") is not None]
 
 
-def reset_frames(connections: list[dict]) -> list[tuple[str, bytes]]:
-    """One RST per client connection, as the server would send it: (client IP, IPv4 packet).
+def reset_frames(connections: list[dict], toward: str = "client") -> list[tuple[str, bytes]]:
+    """One RST per connection, as the server would send it to the client (``toward="client"``) or
+    the client to the server (``"server"``): (destination IP, IPv4 packet).
+
+    Toward the server is for the dead peer's *backend* connections: the file server would otherwise
+    keep their sessions and opens (and refuse the reconnecting client with a sharing violation)
+    until its own keepalive gives up on them.
 
     The sequence number is exactly the next one the client expects from the server, so the client's
     kernel accepts the reset (RFC 5961 accepts only an exact match) and its application learns at once
@@ -81,11 +93,15 @@ def reset_frames(connections: list[dict]) -> list[tuple[str, bytes]]:
     for c in connections:
         client_ip, client_port = c["client"].rsplit(":", 1)
         server_ip, server_port = c["server"].rsplit(":", 1)
-        seq = c["tcp"]["server_next_seq"]
-        ack = c["tcp"]["client_next_seq"]
-        pkt = IP(src=server_ip, dst=client_ip) / TCP(sport=int(server_port), dport=int(client_port),
-                                                      flags="RA", seq=seq, ack=ack, window=0)
-        out.append((client_ip, bytes(pkt)))
+        server_next, client_next = c["tcp"]["server_next_seq"], c["tcp"]["client_next_seq"]
+        if toward == "client":
+            pkt = IP(src=server_ip, dst=client_ip) / TCP(sport=int(server_port), dport=int(client_port),
+                                                          flags="RA", seq=server_next, ack=client_next, window=0)
+            out.append((client_ip, bytes(pkt)))
+        else:
+            pkt = IP(src=client_ip, dst=server_ip) / TCP(sport=int(client_port), dport=int(server_port),
+                                                          flags="RA", seq=client_next, ack=server_next, window=0)
+            out.append((server_ip, bytes(pkt)))
     return out
 
 

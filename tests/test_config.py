@@ -217,3 +217,8 @@ def test_peer_and_pair_come_together(tmp_path):
     assert "pair: missing table" in problems_of(tmp_path, only_peer)
     only_pair = GOOD + PAIR[PAIR.index("[pair]"):]
     assert "peer: missing table" in problems_of(tmp_path, only_pair)
+
+
+def test_the_shipped_example_config_is_valid():
+    config = load_config(Path(__file__).parent.parent / "deploy" / "example-a.toml")
+    assert config.peer.name == "b" and config.pair.mode == "stateless"

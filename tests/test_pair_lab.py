@@ -181,13 +181,15 @@ def test_repeated_failover_and_handback_without_leaks(lab, pair, tmp_path):
 def test_forged_sync_messages_change_nothing(lab, pair):
     a, b = pair
     before = b.status()["pair"]
+    # a well-formed preamble and frame, but a MAC made without the pair's key: a forgery
     script = f"""
-import socket, os, msgpack
+import os, socket, struct, hmac, hashlib, msgpack
 s = socket.create_connection(("{lab.addresses.sync_b}", 7400), timeout=5)
-s.sendall(os.urandom(16))                                   # a nonce
-s.sendall(msgpack.packb([0, b"x" * 32, msgpack.packb({{"type": "handback_request", "address": "{lab.addresses.service_b}"}})]))
-s.sendall(os.urandom(200))
+payload = msgpack.packb({{"type": "handback_request", "address": "{lab.addresses.service_b}"}})
+mac = hmac.new(os.urandom(32), struct.pack("!Q", 0) + payload, hashlib.sha256).digest()
+frame = struct.pack("!Q", 0) + mac + payload
 try:
+    s.sendall(b"PPS\\x01" + os.urandom(16) + struct.pack("!I", len(frame)) + frame)
     s.recv(100)
 except OSError:
     pass
@@ -200,3 +202,34 @@ except OSError:
     assert st["pair"]["addresses"] == before["addresses"]
     assert st["pair"]["link"]["state"] == "connected"
     assert a.status()["pair"]["addresses"][lab.addresses.service_a]["role"] == "serving"
+
+
+def test_planned_stop_hands_over_without_waiting_for_the_detector(lab, pair):
+    a, b = pair
+    host = lab.addresses.service_a
+    assert a.stop(15) == 0
+    st = b.wait_for(serving(host, "b"), 5, "b holding a's address")
+    assert "is stopping and has let go" in (lab.root / "pair-b.log").read_text()
+    takeover = st["pair"]["takeovers"][-1]
+    assert takeover["silence_ms"] < 50, takeover   # told, not detected: no dead_after of silence
+    a.start()
+    a.wait_for(serving(host, "a"), 15, "a serving again")
+
+
+def test_cleanup_removes_what_a_killed_node_left(lab, pair):
+    a, b = pair
+    host = lab.addresses.service_a
+    a.kill_hard(link_down=False)
+    out = lab.run(lab.ns_a, ["ip", "-4", "-o", "addr", "show", "dev", "eth0"], capture_output=True, text=True).stdout
+    assert f"inet {host}/" in out, "SIGKILL leaves the address in the kernel"
+    cp = lab.run(lab.ns_a, [sys.executable, "-m", "proxy.cli", "cleanup", "-c", str(a.config)],
+                 capture_output=True, text=True)
+    assert cp.returncode == 0 and f"address {host} on eth0" in cp.stdout, cp.stdout + cp.stderr
+    out = lab.run(lab.ns_a, ["ip", "-4", "-o", "addr", "show", "dev", "eth0"], capture_output=True, text=True).stdout
+    assert f"inet {host}/" not in out
+    cp = lab.run(lab.ns_a, [sys.executable, "-m", "proxy.cli", "cleanup", "-c", str(a.config)],
+                 capture_output=True, text=True)
+    assert cp.returncode == 0 and "nothing left behind" in cp.stdout
+    b.wait_for(serving(host, "b"), 5, "b holding a's address")
+    a.start()
+    a.wait_for(serving(host, "a"), 15, "a serving again")

@@ -134,7 +134,8 @@ def test_stateful_takeover_resets_idle_clients_at_once_and_reports_the_resume(la
 
         answer = holder.do("write")
         assert not answer["ok"], "the old connection cannot work any more"
-        assert holder.do("reopen")["ok"]
+        reopened = holder.do("reopen")
+        assert reopened["ok"], reopened
         assert holder.do("write")["ok"]
 
         def resumed(s):
@@ -184,3 +185,34 @@ def test_stateful_nfs4_client_is_seen_and_reset(lab, stateful_pair, tmp_path):
     finally:
         reader.kill()
         reader.wait(10)
+
+
+def test_replay_of_what_the_standby_saw_gives_its_live_digest(lab, stateful_pair, tmp_path):
+    a, b = stateful_pair
+    host = lab.addresses.service_a
+    capture = tmp_path / "standby.pcap"
+    tcpdump = lab.popen(lab.ns_b, ["tcpdump", "-i", "eth0", "-s", "0", "-B", "16384", "--immediate-mode", "-U",
+                                   "-w", str(capture), f"tcp and ((dst host {host} and (dst port 445 or dst port 2049 "
+                                   f"or dst port 111 or dst port 20048)) or (src host {host} and (src port 445 or "
+                                   "src port 2049 or src port 111 or src port 20048)))"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    holder = None
+    try:
+        time.sleep(1.0)  # tcpdump is capturing
+        holder = Holder(lab, host, "replay-hold.bin")
+        assert holder.do("write")["ok"]
+        st = b.wait_for(lambda s: any(o["path"] == "replay-hold.bin" for c in connections_to(s, host)
+                                      for o in c["opens"]), 5, "b seeing the open")
+        time.sleep(0.5)  # quiet: nothing in flight
+        live = b.status()["pair"]["state_sync"]["digests"][host]
+    finally:
+        tcpdump.send_signal(2)
+        tcpdump.wait(10)
+        if holder:
+            holder.close()
+    cp = subprocess.run([sys.executable, "-m", "proxy.cli", "replay", str(capture), "--json"],
+                        capture_output=True, text=True, timeout=60)
+    assert cp.returncode == 0, cp.stderr
+    replayed = json.loads(cp.stdout)
+    assert any(o["path"] == "replay-hold.bin" for c in replayed["connections"] for o in c["opens"])
+    assert replayed["digest"] == live
