@@ -14,11 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from deploy.lab.clients import NodeProcess, nfs_cat, nfs_get, nfs_put, random_file, sha256_of, smb_get, smb_put
+from deploy.lab.clients import SMB_COPY, NodeProcess, nfs_cat, nfs_get, nfs_put, random_file, sha256_of, smb_get, smb_put
 
 pytestmark = pytest.mark.lab
 
-SMB_COPY = Path(__file__).parent / "clients" / "smb_copy.py"
 SIZES = {"0B": 0, "1B": 1, "1MiB": 1 << 20, "64MiB": 64 << 20}
 
 

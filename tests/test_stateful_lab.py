@@ -11,13 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from deploy.lab.clients import NodeProcess
-
-from .test_pair_lab import serving
+from deploy.lab.clients import NodeProcess, SmbHolder, serving
 
 pytestmark = pytest.mark.lab
 
-SMB_HOLD = Path(__file__).parent / "clients" / "smb_hold.py"
 
 
 @pytest.fixture
@@ -59,36 +56,10 @@ def wait_gone(lab, address: str, port: int, old: set[str], timeout: float = 1.0)
     return not (old & established(lab, address, port))
 
 
-class Holder:
-    """The smb_hold.py client, driven line by line."""
-
-    def __init__(self, lab, host: str, name: str):
-        self.proc = lab.popen(lab.ns_client, [sys.executable, str(SMB_HOLD), host, lab.smb_share, lab.smb_user,
-                                              lab.smb_password, name],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        line = self.proc.stdout.readline()
-        assert json.loads(line or "{}").get("ready"), self.proc.stderr.read() if not line else line
-
-    def do(self, command: str) -> dict:
-        self.proc.stdin.write(command + "\n")
-        self.proc.stdin.flush()
-        return json.loads(self.proc.stdout.readline())
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                self.proc.stdin.write("exit\n")
-                self.proc.stdin.flush()
-                self.proc.wait(10)
-            except (OSError, subprocess.TimeoutExpired):
-                self.proc.kill()
-                self.proc.wait(10)
-
-
 def test_standby_sees_the_peers_session_tree_and_open_and_agrees(lab, stateful_pair):
     a, b = stateful_pair
     host = lab.addresses.service_a
-    holder = Holder(lab, host, "stateful-hold.bin")
+    holder = SmbHolder(lab, host, "stateful-hold.bin")
     try:
         started = time.monotonic()
 
@@ -118,7 +89,7 @@ def test_standby_sees_the_peers_session_tree_and_open_and_agrees(lab, stateful_p
 def test_stateful_takeover_resets_idle_clients_at_once_and_reports_the_resume(lab, stateful_pair):
     a, b = stateful_pair
     host = lab.addresses.service_a
-    holder = Holder(lab, host, "stateful-resume.bin")
+    holder = SmbHolder(lab, host, "stateful-resume.bin")
     try:
         b.wait_for(lambda s: any(o["path"] == "stateful-resume.bin" for c in connections_to(s, host)
                                  for o in c["opens"]), 5, "b seeing the open")
@@ -199,7 +170,7 @@ def test_replay_of_what_the_standby_saw_gives_its_live_digest(lab, stateful_pair
     holder = None
     try:
         time.sleep(1.0)  # tcpdump is capturing
-        holder = Holder(lab, host, "replay-hold.bin")
+        holder = SmbHolder(lab, host, "replay-hold.bin")
         assert holder.do("write")["ok"]
         st = b.wait_for(lambda s: any(o["path"] == "replay-hold.bin" for c in connections_to(s, host)
                                       for o in c["opens"]), 5, "b seeing the open")

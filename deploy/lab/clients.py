@@ -8,6 +8,7 @@ the same thing the same way.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -17,6 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .core import Lab, LabError
+
+
+#: Small smbprotocol clients run inside the client namespace (see their docstrings).
+SCRIPTS = Path(__file__).resolve().parent / "scripts"
+SMB_COPY = SCRIPTS / "smb_copy.py"
+SMB_HOLD = SCRIPTS / "smb_hold.py"
 
 
 def sha256_of(path: Path) -> str:
@@ -108,6 +115,14 @@ def nfs_cat(lab: Lab, host: str, remote: str, version: int = 4, timeout: float =
     if cp.returncode != 0:
         raise LabError(f"nfs-cat v{version} {remote} via {host} failed: {cp.stderr.decode(errors='replace')[-300:]}")
     return cp.stdout
+
+
+def serving(address: str, node: str):
+    """A status predicate: ``node`` serves ``address`` now (its own, or the peer's after a takeover)."""
+    def check(status: dict) -> bool:
+        a = status.get("pair", {}).get("addresses", {}).get(address)
+        return bool(a) and a["held_by"] == node and a["role"] in ("serving", "holding")
+    return check
 
 
 class NodeProcess:
@@ -237,6 +252,7 @@ class IoLoop:
         self.done: list[tuple[str, str]] = []                  # (remote name, sha256) written and read back
         self.ops: list[tuple[float, float, bool]] = []        # (start, end, ok), time.monotonic()
         self.corrupt: list[str] = []
+        self.last_error: str | None = None
         self._thread: threading.Thread | None = None
 
     def _one(self, i: int) -> None:
@@ -251,7 +267,7 @@ class IoLoop:
             nfs_put(self.lab, self.host, src, remote, 3, timeout=timeout).check()
             nfs_get(self.lab, self.host, remote, back, 3, timeout=timeout).check()
         else:
-            script = Path(__file__).resolve().parents[2] / "tests" / "clients" / "smb_copy.py"
+            script = SMB_COPY
             for op, local in (("put", src), ("get", back)):
                 cp = self.lab.run(self.lab.ns_client, [sys.executable, str(script), op, self.host, self.lab.smb_share,
                                                        self.lab.smb_user, self.lab.smb_password, str(local), remote],
@@ -273,8 +289,9 @@ class IoLoop:
             try:
                 self._one(i)
                 ok = True
-            except (LabError, subprocess.TimeoutExpired, OSError):
+            except (LabError, subprocess.TimeoutExpired, OSError) as exc:
                 ok = False
+                self.last_error = str(exc)[-300:]
             i += 1  # a retry writes a new file: an interrupted create may have left the old name
             self.ops.append((start, time.monotonic(), ok))
             if not ok:
@@ -322,3 +339,32 @@ class IoLoop:
     def verify_stored(self) -> list[str]:
         """Names of files this loop wrote whose content on the server is not what was written."""
         return [remote for remote, digest in self.done if sha256_of(self.stored() / remote) != digest]
+
+
+class SmbHolder:
+    """An idle SMB client holding a file open (scripts/smb_hold.py in the client namespace), driven
+    one command at a time: ``do("write")``, ``do("reopen")``; each answer is a dict."""
+
+    def __init__(self, lab, host: str, name: str):
+        self.proc = lab.popen(lab.ns_client, [sys.executable, str(SMB_HOLD), host, lab.smb_share, lab.smb_user,
+                                              lab.smb_password, name],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline()
+        if not json.loads(line or "{}").get("ready"):
+            self.close()
+            raise LabError(f"smb_hold.py did not start: {line or self.proc.stderr.read()[-500:]}")
+
+    def do(self, command: str) -> dict:
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write("exit\n")
+                self.proc.stdin.flush()
+                self.proc.wait(10)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait(10)

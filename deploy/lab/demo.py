@@ -78,7 +78,7 @@ def run_demo(lab: Lab, size_mib: int) -> bool:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .cli import lab_from_args
 
-    from .pairdemo import run_pair_demo
+    from .pairdemo import run_pair_demo, run_stateful_demo
 
     lab = lab_from_args(args)
     try:
@@ -90,6 +90,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
             print("\n== part 2: the pair (stateless): node a dies under client load, b takes over, a returns ==",
                   flush=True)
             ok = run_pair_demo(lab) and ok
+            print("\n== part 3: the stateful pair: b knows a's sessions, resets a's idle client at once ==",
+                  flush=True)
+            ok = run_stateful_demo(lab) and ok
     except LabError as exc:
         print(f"pairproxy lab demo: error: {exc}", file=sys.stderr)
         ok = False
@@ -109,11 +112,13 @@ def add_demo_command(lab_sub: argparse._SubParsersAction) -> None:
                     "(smbclient) and NFSv3 (nfs-cp) through it and directly to the server, compare checksums, "
                     "print throughput. Part 2: run the pair a+b, keep SMB and NFS clients busy through a's "
                     "address, kill node a (SIGKILL, link down), show b's takeover and the clients' outage, "
-                    "restart a and show the hand-back, as a timeline. Exit 0 when all data is intact.")
+                    "restart a and show the hand-back, as a timeline. Part 3: the stateful pair: b's tables "
+                    "of a's SMB session, the takeover that resets a's idle client at once, and the resume "
+                    "report. Exit 0 when all data is intact and every step worked.")
     add_common_options(p)
     p.add_argument("--size-mib", type=int, default=64, help="size of the test file (default: %(default)s)")
     p.add_argument("--down", action="store_true", help="tear the lab down afterwards")
     only = p.add_mutually_exclusive_group()
     only.add_argument("--throughput-only", action="store_true", help="only part 1 (one node, copies)")
-    only.add_argument("--failover-only", action="store_true", help="only part 2 (the pair, failover)")
+    only.add_argument("--failover-only", action="store_true", help="only parts 2 and 3 (the pair, failover)")
     p.set_defaults(func=cmd_demo)

@@ -12,7 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .clients import IoLoop, NodeProcess
+from .clients import IoLoop, NodeProcess, SmbHolder, serving
 from .core import Lab, LabError
 
 
@@ -23,13 +23,6 @@ class Timeline:
     def say(self, text: str, at: float | None = None) -> None:
         at = time.monotonic() if at is None else at
         print(f"  {at - self.t0:8.3f} s  {text}", flush=True)
-
-
-def _serving(address: str, node: str):
-    def check(status: dict) -> bool:
-        a = status.get("pair", {}).get("addresses", {}).get(address)
-        return bool(a) and a["held_by"] == node and a["role"] in ("serving", "holding")
-    return check
 
 
 def run_pair_demo(lab: Lab, seconds: float = 3.0) -> bool:
@@ -47,7 +40,7 @@ def run_pair_demo(lab: Lab, seconds: float = 3.0) -> bool:
         print("\ntimeline (seconds since start):", flush=True)
         b.start()
         a.start()
-        a.wait_for(_serving(addr.service_a, "a"), 15, "a serving")
+        a.wait_for(serving(addr.service_a, "a"), 15, "a serving")
         st = b.wait_for(lambda s: s["pair"]["link"]["state"] == "connected" and
                         (s["pair"]["link"].get("rtt_ms") or {}).get("count", 0) > 3, 10, "link up")
         rtt = st["pair"]["link"]["rtt_ms"]
@@ -62,7 +55,7 @@ def run_pair_demo(lab: Lab, seconds: float = 3.0) -> bool:
 
         died = a.kill_hard(link_down=True)
         tl.say("node a killed (SIGKILL, and its service link down: a dead machine)", died)
-        st = b.wait_for(_serving(addr.service_a, "b"), 10, "b taking over")
+        st = b.wait_for(serving(addr.service_a, "b"), 10, "b taking over")
         t = st["pair"]["takeovers"][-1]
         tl.say(f"node b: a silent {t['silence_ms']:.0f} ms and no answer to the probe: a is dead")
         tl.say(f"node b: {addr.service_a} up on the macvlan with a's MAC, gratuitous ARP with b's own MAC "
@@ -82,7 +75,7 @@ def run_pair_demo(lab: Lab, seconds: float = 3.0) -> bool:
         a.link_up()
         a.start()
         tl.say("node a restarted (link up, pairproxy run)", back)
-        a.wait_for(_serving(addr.service_a, "a"), 20, "a serving again")
+        a.wait_for(serving(addr.service_a, "a"), 20, "a serving again")
         tl.say("hand-back: b stopped serving and removed the address and macvlan, then a claimed it")
         b.wait_for(lambda s: s["pair"]["addresses"][addr.service_a]["role"] == "standby", 5, "b standby")
         for loop in loops:
@@ -103,6 +96,77 @@ def run_pair_demo(lab: Lab, seconds: float = 3.0) -> bool:
         failed = sum(1 for *_, ok_ in loop.ops if not ok_)
         print(f"  {loop.kind}: {len(loop.done)} files written and read back, {failed} failed attempts retried, "
               f"{'all intact on the server' if not bad and not loop.corrupt else f'DAMAGED: {bad + loop.corrupt}'}")
+        if failed and loop.last_error:
+            print(f"      last failure: {loop.last_error.strip().splitlines()[-1][:160]}")
         ok = ok and not bad and not loop.corrupt
     print("demo " + ("passed" if ok else "FAILED"))
+    return ok
+
+
+def _established(lab: Lab, address: str, port: int) -> set[str]:
+    out = lab.run(lab.ns_client, ["ss", "-tnH", "state", "established", "dst", f"{address}:{port}"],
+                  capture_output=True, text=True).stdout
+    return {line.split()[2] for line in out.splitlines() if line.strip()}
+
+
+def run_stateful_demo(lab: Lab) -> bool:
+    """The stateful pair: b keeps a's sessions, resets a's idle client at once, reports the resume."""
+    addr = lab.addresses
+    lab.up()
+    lab.flood(True)
+    a = NodeProcess(lab, "a", pair=True, mode="stateful", log=lab.root / "demo-stateful-a.log")
+    b = NodeProcess(lab, "b", pair=True, mode="stateful", log=lab.root / "demo-stateful-b.log")
+    holder = None
+    tl = Timeline()
+    ok = True
+    try:
+        print("\ntimeline (seconds since start):", flush=True)
+        b.start()
+        a.start()
+        a.wait_for(serving(addr.service_a, "a"), 15, "a serving")
+        b.wait_for(lambda s: s["pair"]["link"]["state"] == "connected", 10, "link up")
+        tl.say("stateful pair up: the bridge floods, so b sees a's frames; b decodes them, never replies")
+        holder = SmbHolder(lab, addr.service_a, "demo-stateful.bin")
+        tl.say(f"an SMB client (smbprotocol) opens demo-stateful.bin on {addr.service_a} and goes idle")
+
+        def b_sees(s):
+            return [c for c in s.get("connections", []) if c["server"].startswith(addr.service_a + ":") and c["opens"]]
+
+        st = b.wait_for(b_sees, 5, "b seeing the open")
+        conn = b_sees(st)[0]
+        session = conn["sessions"][0]
+        tl.say(f"node b's tables: {conn['client']} session 0x{session['session_id']:x} user {session['user']}, "
+               f"tree {session['trees'][0]['share']}, open {conn['opens'][0]['path']}")
+        st = b.wait_for(lambda s: s["pair"]["state_sync"]["in_sync"], 5, "views in sync")
+        tl.say(f"b's view of {addr.service_a} agrees with a's own (digest {st['pair']['state_sync']['digests'][addr.service_a][:12]}..., "
+               f"{st['pair']['state_sync']['matches']} matching comparisons)")
+        old = _established(lab, addr.service_a, 445)
+        died = a.kill_hard(link_down=True)
+        tl.say("node a killed (SIGKILL, link down); the client is idle and sends nothing", died)
+        st = b.wait_for(serving(addr.service_a, "b"), 10, "b taking over")
+        t = st["pair"]["takeovers"][-1]
+        tl.say(f"node b: took over {addr.service_a} after {t['silence_ms']:.0f} ms of silence; reset "
+               f"{t['clients_reset']} client and {t['backend_connections_reset']} backend connection(s) of a at once")
+        deadline = time.monotonic() + 2
+        while old & _established(lab, addr.service_a, 445) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        gone = not (old & _established(lab, addr.service_a, 445))
+        tl.say("the idle client's connection is " + ("gone: it knows at once" if gone else "STILL THERE"))
+        ok = ok and gone
+        answer = holder.do("reopen")
+        tl.say(f"the client reconnects through b and reopens its file: {'ok' if answer['ok'] else answer['error']}")
+        ok = ok and answer["ok"] and holder.do("write")["ok"]
+        st = b.wait_for(lambda s: any(r["reopened"] for r in s["pair"]["resume"]), 5, "resume report")
+        for r in st["pair"]["resume"]:
+            tl.say(f"resume report for {r['client']}: {r['verdict']}; reconnected after {r['reconnected_after_s']} s, "
+                   f"reopened {[o['path'] for o in r['reopened']]}, new sessions {r['new_sessions']}, "
+                   f"resumed sessions {r['resumed_sessions']}, lost opens {r['lost_opens']}")
+    finally:
+        if holder is not None:
+            holder.close()
+        a.stop(10)
+        b.stop(10)
+        lab.run(lab.ns_a, ["ip", "link", "set", "eth0", "up"])
+        lab.flood(False)
+    print("stateful demo " + ("passed" if ok else "FAILED"))
     return ok
