@@ -401,6 +401,11 @@ class Node:
                                                        f"and no answer to the probe")
                 elif isinstance(payload, PeerAlive):
                     log.info("peer %s is alive again", peer.name)
+                    info = self.peer_info or {}
+                    if str(peer.address) in (info.get("holds") or []) and info.get("own_state") == roles.SERVING:
+                        # the verdict was wrong (the peer only stalled): it never stopped serving
+                        await self._apply(roles.OWNER_SERVES, f"{peer.name} was only late; it serves "
+                                                              f"{peer.address} itself")
             elif kind == "claim":
                 await self._apply(roles.NOBODY_ANSWERS, payload)
 

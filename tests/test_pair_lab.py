@@ -97,6 +97,7 @@ def test_node_death_during_io_takeover_and_handback(lab, pair, tmp_path):
         assert not loop.corrupt, loop.corrupt
         assert loop.verify_stored() == [], "files changed on the server"
         assert outages[loop.kind] is not None and outages[loop.kind] < 10, outages
+        loop.remove_stored()
 
 
 def test_process_death_only_is_taken_over_too(lab, pair, tmp_path):

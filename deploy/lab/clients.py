@@ -199,6 +199,10 @@ class NodeProcess:
         return at
 
     def link_up(self) -> None:
+        """The dead node's machine comes back: as after a reboot, its kernel holds none of the
+        addresses the killed process had (``pairproxy cleanup``, what boot or systemd's
+        ExecStopPost would do), then its service link comes up."""
+        self.lab.run(self.ns, self._cli("cleanup", "-c", str(self.config)), check=True, capture_output=True)
         self.lab.run(self.ns, ["ip", "link", "set", "eth0", "up"], check=True)
 
     @property
@@ -253,11 +257,13 @@ class IoLoop:
         self.ops: list[tuple[float, float, bool]] = []        # (start, end, ok), time.monotonic()
         self.corrupt: list[str] = []
         self.last_error: str | None = None
+        #: names are unique per loop: files of earlier runs must not collide (libnfs creates exclusively)
+        self.token = os.urandom(3).hex()
         self._thread: threading.Thread | None = None
 
     def _one(self, i: int) -> None:
         src = random_file(self.work / f"{self.kind}-src-{i}.bin", self.size)
-        remote = f"loop-{self.kind}-{i}.bin"
+        remote = f"loop-{self.kind}-{self.token}-{i}.bin"
         back = self.work / f"{self.kind}-back-{i}.bin"
         timeout = self.op_timeout
         if self.kind == "smb":
@@ -335,6 +341,11 @@ class IoLoop:
 
     def stored(self) -> Path:
         return self.lab.smb_share_path if self.kind != "nfs" else self.lab.nfs_export_path
+
+    def remove_stored(self) -> None:
+        """Delete the files this loop wrote (and any an interrupted attempt left) on the server."""
+        for path in self.stored().glob(f"loop-{self.kind}-{self.token}-*.bin"):
+            path.unlink(missing_ok=True)
 
     def verify_stored(self) -> list[str]:
         """Names of files this loop wrote whose content on the server is not what was written."""

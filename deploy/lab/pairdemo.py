@@ -99,6 +99,7 @@ def run_pair_demo(lab: Lab, seconds: float = 3.0) -> bool:
         if failed and loop.last_error:
             print(f"      last failure: {loop.last_error.strip().splitlines()[-1][:160]}")
         ok = ok and not bad and not loop.corrupt
+        loop.remove_stored()
     print("demo " + ("passed" if ok else "FAILED"))
     return ok
 
