@@ -237,3 +237,23 @@ def test_cleanup_removes_what_a_killed_node_left(lab, pair):
     b.wait_for(serving(host, "b"), 5, "b holding a's address")
     a.start()
     a.wait_for(serving(host, "a"), 15, "a serving again")
+
+
+def test_a_stalled_node_keeps_its_address_and_the_peer_lets_go(lab, pair, tmp_path):
+    """A wrong verdict (a's process stalled past dead_after) must not leave two nodes serving."""
+    import signal as signals
+
+    a, b = pair
+    host = lab.addresses.service_a
+    a.signal(signals.SIGSTOP)
+    try:
+        b.wait_for(serving(host, "b"), 5, "b taking over the stalled node's address")
+    finally:
+        a.signal(signals.SIGCONT)
+    st = b.wait_for(lambda s: s["pair"]["addresses"][host]["role"] == "standby", 5, "b letting go")
+    assert st["pair"]["peer_state"] == "alive"
+    assert a.status()["pair"]["addresses"][host]["role"] == "serving"
+    assert lab.run(lab.ns_b, ["ip", "link", "show", "pp-a"], capture_output=True).returncode != 0
+    assert "was only late" in (lab.root / "pair-b.log").read_text()
+    (tmp_path / "x").write_bytes(b"after the stall\n")
+    smb_put(lab, host, tmp_path / "x", "after-stall.txt", timeout=15).check()
