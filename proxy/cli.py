@@ -47,12 +47,18 @@ def _load(path: str) -> tuple[object | None, list[str]]:
         return None, exc.problems
 
 
-def cmd_check(args: argparse.Namespace) -> int:
+def _load_checked(path: str) -> tuple[object | None, list[str]]:
+    """The config, and every problem of it and of this machine (what ``check`` and ``run`` report)."""
     from proxy.preflight import environment_problems
 
-    config, problems = _load(args.config)
+    config, problems = _load(path)
     if config is not None:
         problems = environment_problems(config)
+    return config, problems
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    config, problems = _load_checked(args.config)
     if problems:
         _print_problems(problems)
         return EXIT_PROBLEM
@@ -73,11 +79,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from proxy.control import ControlError
     from proxy.netplane import NetworkError
     from proxy.node import Node
-    from proxy.preflight import environment_problems
 
-    config, problems = _load(args.config)
-    if config is not None:
-        problems = environment_problems(config)
+    config, problems = _load_checked(args.config)
     if problems:
         _print_problems(problems)
         return EXIT_PROBLEM

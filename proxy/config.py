@@ -249,11 +249,18 @@ def _absolute_path(value: Any) -> Path:
     return path
 
 
-def _protocol(value: Any) -> str:
-    value = _string(value)
-    if value not in PROTOCOLS:
-        raise ValueError(f"{value!r} is not one of {', '.join(PROTOCOLS)}")
-    return value
+def _one_of(choices: tuple[str, ...], *, lower: bool = False):
+    """A converter accepting only ``choices`` (the error lists them)."""
+    def convert(value: Any) -> str:
+        value = _string(value)
+        value = value.lower() if lower else value
+        if value not in choices:
+            raise ValueError(f"{value!r} is not one of {', '.join(choices)}")
+        return value
+    return convert
+
+
+_protocol = _one_of(PROTOCOLS)
 
 
 def _port_list(value: Any) -> tuple[int, ...]:
@@ -275,18 +282,10 @@ def _positive_duration(value: Any) -> float:
     return seconds
 
 
-def _log_level(value: Any) -> str:
-    value = _string(value).lower()
-    if value not in LOG_LEVELS:
-        raise ValueError(f"{value!r} is not one of {', '.join(LOG_LEVELS)}")
-    return value
+_log_level = _one_of(LOG_LEVELS, lower=True)
 
 
-def _mode(value: Any) -> str:
-    value = _string(value)
-    if value not in MODES:
-        raise ValueError(f"{value!r} is not one of {', '.join(MODES)}")
-    return value
+_mode = _one_of(MODES)
 
 
 def _ipv4(value: Any) -> ipaddress.IPv4Address:
