@@ -289,7 +289,9 @@ class Node:
         self.view_sync = ViewSync()
         for view in (self.own_view, self.peer_view, self.peer_backend_view):
             # 128 MiB: with 8 MiB a bulk transfer through the lab lost a fifth of its frames (bench/SNOOPER.md)
-            snooper = Snooper(node.interface, view.capture_addresses, view.ports, view.on_frame, rcvbuf=128 << 20)
+            # batches of 64 frames: decoding runs in the event loop that also sends heartbeats
+            snooper = Snooper(node.interface, view.capture_addresses, view.ports, view.on_frame, rcvbuf=128 << 20,
+                              batch=64)
             self.snoopers.append(snooper)
             await nursery.start(snooper.run)
         self._open_standby_macvlan()

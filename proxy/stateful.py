@@ -22,6 +22,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+# Imported with the module (at node start), never at takeover: importing scapy's IP layers takes
+# about 70 ms, which a takeover must not spend with its event loop blocked.
+from scapy.layers.inet import IP, TCP
+
 from protocols.pipeline import Pipeline
 
 log = logging.getLogger("pairproxy.stateful")
@@ -87,8 +91,6 @@ def reset_frames(connections: list[dict], toward: str = "client") -> list[tuple[
     that the connection is gone, even if it had nothing to send and would otherwise wait for its own
     timers (an NFS client waiting for a reply the dead node had already acknowledged the call for).
     """
-    from scapy.layers.inet import IP, TCP
-
     out = []
     for c in connections:
         client_ip, client_port = c["client"].rsplit(":", 1)
