@@ -92,7 +92,6 @@ class Node:
         self.state = "starting"
         self.started_at: float | None = None
         self._stop = trio.Event()
-        self._stopping = False
         self._signals = 0
         # the pair
         self.key = key
@@ -122,7 +121,9 @@ class Node:
 
     def stop(self) -> None:
         """Stop accepting; open connections get the configured grace time."""
-        self._stop.set()
+        if not self._stop.is_set():
+            self._stop.set()
+            self._post("stop", None)
 
     async def run(self, *, handle_signals: bool = True,
                   task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -165,7 +166,6 @@ class Node:
 
     async def _shutdown(self) -> None:
         self.state = "stopping"
-        self._stopping = True
         grace = self.config.node.grace
         waits = []
         if self.own.state in ("serving", "draining"):
@@ -193,7 +193,6 @@ class Node:
                     continue
                 log.info("%s: stopping", name)
                 self.stop()
-                self._events_tx.send_nowait(("stop", None))
 
     # -- the pair ------------------------------------------------------------------------------
 

@@ -166,6 +166,17 @@ class ResumeWatcher:
                     if (op.get("op") == "OPEN" and op.get("claim") == "PREVIOUS") or op.get("op") == "RECLAIM_COMPLETE":
                         self.nfs_reclaims.setdefault(ip, []).append(op.get("op"))
 
+    def _verdict(self, ip: str, before: dict, resumed: list, lost_opens: list) -> str:
+        if ip not in self.reconnected:
+            return "not back yet"
+        durable = all(r["durable_reconnect"] for r in self.reopened.get(ip, [])) and self.reopened.get(ip)
+        if len(resumed) >= len(before["sessions"]) and not lost_opens and (durable or not before["opens"]):
+            return "resumed"
+        words = ["reconnected with a new session" if before["sessions"] and not resumed else "reconnected"]
+        if lost_opens:
+            words.append(f"{len(lost_opens)} open(s) not reopened")
+        return ", ".join(words)
+
     def report(self) -> list[dict]:
         """Per client: what it had, whether it came back, what it resumed, what it lost."""
         out = []
@@ -185,9 +196,7 @@ class ResumeWatcher:
                 "reopened": self.reopened.get(ip, []),
                 "nfs_reclaims": self.nfs_reclaims.get(ip, []),
                 "lost_opens": lost_opens,
-                "verdict": ("not back yet" if ip not in self.reconnected else
-                            "resumed" if not lost_opens and (resumed or not b["sessions"]) else
-                            "reconnected, state lost" if lost_opens or b["sessions"] else "reconnected"),
+                "verdict": self._verdict(ip, b, resumed, lost_opens),
             })
         return out
 
