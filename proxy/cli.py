@@ -189,6 +189,24 @@ def format_status(status: dict) -> str:
             lines.append(f"last takeover of {t['address']} at {t['when']}: silence {t['silence_ms']} ms, "
                          f"address moved {t['address_moved_ms']} ms, first client {t['first_client_ms']} ms "
                          "after detection" + (f", handed back after {t['held_for_s']} s" if t['held_for_s'] else ""))
+        sync = pair.get("state_sync")
+        if sync:
+            behind = sync.get("behind") or {}
+            lines.append(f"state sync with {pair['peer']}: " + ("in sync" if sync["in_sync"] else
+                         "NOT in sync" if sync["in_sync"] is False else "not compared yet") +
+                         f" ({sync['matches']}/{sync['compared']} digests matched; behind: "
+                         f"{behind.get('frames', 0)} frames, {behind.get('bytes', 0)} bytes, "
+                         f"{behind.get('ms') if behind.get('ms') is not None else '?'} ms)")
+            drops = sum(s.get("kernel_drops", 0) for s in sync.get("snoopers", []))
+            lines.append(f"snoopers: {sum(s.get('frames', 0) for s in sync.get('snoopers', []))} frames, "
+                         f"{drops} dropped by the kernel")
+        for r in pair.get("resume", []):
+            lines.append(f"resume {r['client']}: {r['verdict']}; reopened {[o['path'] for o in r['reopened']]}, "
+                         f"lost {[o['path'] for o in r['lost_opens']]}")
+    if "connections" in status:
+        from proxy.replay import format_tables
+
+        lines += ["", format_tables(status)]
     return "\n".join(lines)
 
 

@@ -82,6 +82,11 @@ def test_standby_sees_the_peers_session_tree_and_open_and_agrees(lab, stateful_p
                         a.status()["pair"]["state_sync"]["digests"][host], 5, "digests agreeing")
         assert st["pair"]["state_sync"]["matches"] > 0
         assert all(s["kernel_drops"] == 0 for s in st["pair"]["state_sync"]["snoopers"])
+        human = lab.run(lab.ns_b, [sys.executable, "-m", "proxy.cli", "status", "-c", str(b.config)],
+                        capture_output=True, text=True)
+        assert human.returncode == 0, human.stderr
+        assert "state sync with a: in sync" in human.stdout
+        assert "open " in human.stdout and "stateful-hold.bin" in human.stdout and "user pp" in human.stdout
     finally:
         holder.close()
 
