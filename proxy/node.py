@@ -109,12 +109,9 @@ class Node:
         self._peer_done: trio.Event | None = None
         self.rejected_events = 0
         # stateful mode
-        self.own_view = None
-        self.peer_view = None
-        self.peer_backend_view = None
+        self.observer = None        # proxy.observer.ObserverProcess: snoopers and decoders
+        self.stateful_addresses: dict[str, str] = {}   # view name -> address
         self.view_sync = None
-        self.snoopers: list = []
-        self.resume = None
         self.resets_sent = 0
 
     # -- life cycle ----------------------------------------------------------------------------
@@ -275,27 +272,39 @@ class Node:
 
     async def _start_stateful(self, nursery: trio.Nursery) -> None:
         """Snoop both addresses from the start (patent FIG. 3): the own one as the active node sees
-        it, the peer's as a silent observer (element 310), and compare notes with the peer."""
-        from proxy.stateful import AddressView, ViewSync
-        from sync.snooper import Snooper
+        it, the peer's as a silent observer (element 310), and compare notes with the peer. The
+        snooping and decoding run in a child process (proxy.observer), off this event loop."""
+        from proxy.observer import ObserverProcess
+        from proxy.stateful import ViewSync
 
         node, peer = self.config.node, self.config.peer
-        self.own_view = AddressView(str(node.address.ip), [p for s in self.config.services for p in s.ports])
-        self.peer_view = AddressView(str(peer.address), self._peer_ports())
         backends = self._peer_backends()
-        self.peer_backend_view = AddressView(str(peer.address), sorted({port for _, port in backends}),
-                                             as_client_of=sorted({host for host, _ in backends}))
+        views = {
+            "own": {"address": str(node.address.ip), "ports": [p for s in self.config.services for p in s.ports]},
+            "peer": {"address": str(peer.address), "ports": self._peer_ports()},
+            # the peer's own connections to its backends: reset at takeover, or the file server
+            # keeps their sessions and opens (sharing violations for the reconnecting clients)
+            "peer_backend": {"address": str(peer.address), "ports": sorted({port for _, port in backends}),
+                             "as_client_of": sorted({host for host, _ in backends})},
+        }
+        self.stateful_addresses = {name: v["address"] for name, v in views.items()}
         self.view_sync = ViewSync()
-        for view in (self.own_view, self.peer_view, self.peer_backend_view):
-            # 128 MiB: with 8 MiB a bulk transfer through the lab lost a fifth of its frames (bench/SNOOPER.md)
-            # batches of 64 frames: decoding runs in the event loop that also sends heartbeats
-            snooper = Snooper(node.interface, view.capture_addresses, view.ports, view.on_frame, rcvbuf=128 << 20,
-                              batch=64)
-            self.snoopers.append(snooper)
-            await nursery.start(snooper.run)
+        # 128 MiB: with 8 MiB a bulk transfer through the lab lost a fifth of its frames (bench/SNOOPER.md)
+        self.observer = ObserverProcess(node.interface, views, rcvbuf=128 << 20)
+        await nursery.start(self.observer.run)
         self._open_standby_macvlan()
         nursery.start_soon(self._send_digests)
         log.info("stateful: snooping %s (own) and %s (peer) on %s", node.address.ip, peer.address, node.interface)
+
+    async def _observe(self, op: str, view: str | None = None, default: Any = None) -> Any:
+        """Ask the observer; ``default`` (and a log line) if it cannot answer."""
+        from proxy.observer import ObserverError
+
+        try:
+            return await self.observer.request(op, **({"view": view} if view else {}))
+        except ObserverError as exc:
+            log.warning("stateful: %s", exc)
+            return default
 
     def _open_standby_macvlan(self) -> None:
         """Stateful standby: the macvlan with the peer's MAC exists from the start, without address."""
@@ -306,26 +315,28 @@ class Node:
     async def _send_digests(self) -> None:
         while True:
             await trio.sleep(0.25)
-            view = self.own_view
-            await self._send({"type": "digest", "address": view.address, "digest": view.digest(),
-                              "frames": view.frames, "bytes": view.bytes})
+            ours = await self._observe("digest", "own")
+            if ours is not None:
+                await self._send({"type": "digest", "address": self.stateful_addresses["own"], **ours})
 
     async def _on_state_message(self, message: dict) -> None:
         kind = message.get("type")
-        if self.peer_view is None:
+        if self.observer is None:
             return
-        if kind == "digest" and message.get("address") == self.peer_view.address:
-            if self.view_sync.on_peer_digest(message, self.peer_view, trio.current_time()):
-                await self._send({"type": "snapshot_request", "address": self.peer_view.address})
-        elif kind == "snapshot_request" and message.get("address") == self.own_view.address:
-            snap = self.own_view.snapshot()
+        own, peer = self.stateful_addresses["own"], self.stateful_addresses["peer"]
+        if kind == "digest" and message.get("address") == peer:
+            ours = await self._observe("digest", "peer")
+            if ours is not None and self.view_sync.on_peer_digest(message, ours, trio.current_time()):
+                await self._send({"type": "snapshot_request", "address": peer})
+        elif kind == "snapshot_request" and message.get("address") == own:
+            snap = await self._observe("snapshot", "own", {"connections": []})
             for c in snap["connections"]:
                 c.pop("tcp", None)
                 c.pop("smb", None)
-            await self._send({"type": "snapshot", "address": self.own_view.address,
-                              "snapshot": {"connections": snap["connections"]}})
-        elif kind == "snapshot" and message.get("address") == self.peer_view.address:
-            self.view_sync.on_peer_snapshot(message.get("snapshot") or {}, self.peer_view)
+            await self._send({"type": "snapshot", "address": own, "snapshot": {"connections": snap["connections"]}})
+        elif kind == "snapshot" and message.get("address") == peer:
+            ours = await self._observe("snapshot", "peer", {"connections": []})
+            self.view_sync.on_peer_snapshot(message.get("snapshot") or {}, ours)
 
     def _reset_clients(self, connections: list[dict], toward: str = "client") -> int:
         """Send each of the dead peer's clients (or its backend servers) a valid RST (see
@@ -377,7 +388,7 @@ class Node:
                 return
             if kind == "hello":
                 self.peer_info = payload
-                if self.peer_view is not None:
+                if self.observer is not None:
                     self._open_standby_macvlan()
                 holds = set(payload.get("holds") or [])
                 log.info("hello from %s: MAC %s, serving %s", peer.name, payload.get("mac"),
@@ -488,14 +499,12 @@ class Node:
         self.takeovers.append(takeover)
         del self.takeovers[:-20]
         lost = lost_backend = None
-        if self.peer_view is not None:
-            lost_backend = self.peer_backend_view.live_connections()
-            from proxy.stateful import ResumeWatcher
-
+        if self.observer is not None:
+            # before the address moves: after it, new clients' connections would be in the view too
+            lost = await self._observe("live", "peer", [])
+            lost_backend = await self._observe("live", "peer_backend", [])
+            await self._observe("watch", "peer")
             self._open_standby_macvlan()
-            lost = self.peer_view.live_connections()
-            self.resume = ResumeWatcher.from_snapshot(self.peer_view.snapshot())
-            self.peer_view.watcher = self.resume
         else:
             self.macvlan = PeerMacvlan(node.interface, peer.macvlan, info["mac"]).open()
         self.peer_service = AddressService(ipaddress.IPv4Interface(f"{peer.address}/32"), peer.macvlan, services,
@@ -541,11 +550,11 @@ class Node:
         if self.peer_service is not None and self._peer_done is not None:
             self.peer_service.stop(0)
             await self._peer_done.wait()
-        if self.macvlan is not None and self.peer_view is None:
+        if self.macvlan is not None and self.observer is None:
             self.macvlan.close()  # stateless: receive the peer's MAC only while serving its address
             self.macvlan = None
-        if self.peer_view is not None:
-            self.peer_view.watcher = None
+        if self.observer is not None:
+            await self._observe("unwatch")
         if self.takeovers:
             self.takeovers[-1].released_at = trio.current_time()
         self.peer_service = None
@@ -554,9 +563,26 @@ class Node:
     # -- status --------------------------------------------------------------------------------
 
     async def _status(self, request: dict) -> dict:
-        return self.status()
+        result = self.status()
+        if self.observer is not None:
+            # the tables in the schema `pairproxy replay --json` prints, for both addresses
+            empty = {"connections": [], "errors": {}}
+            snaps = [await self._observe("snapshot", "own", empty), await self._observe("snapshot", "peer", empty)]
+            result["connections"] = snaps[0]["connections"] + snaps[1]["connections"]
+            result["errors"] = {k: snaps[0]["errors"].get(k, 0) + snaps[1]["errors"].get(k, 0)
+                                for k in set(snaps[0]["errors"]) | set(snaps[1]["errors"])}
+            digests = {}
+            for name in ("own", "peer"):
+                d = await self._observe("digest", name)
+                digests[self.stateful_addresses[name]] = d["digest"] if d else None
+            result["pair"]["state_sync"] = {**self.view_sync.status(), "digests": digests,
+                                            "observer": self.observer.failed or "running",
+                                            "snoopers": await self._observe("stats", default=[])}
+            result["pair"]["resume"] = await self._observe("report", default=[])
+        return result
 
     def status(self) -> dict:
+        """What this node knows without asking its observer (see ``_status`` for the full answer)."""
         node = self.config.node
         services = self.own.status()
         result: dict[str, Any] = {
@@ -604,17 +630,4 @@ class Node:
                 "probe": {"answered": self.probe_responder.answered if self.probe_responder else 0,
                           "rejected": self.probe_responder.rejected if self.probe_responder else 0},
             }
-            if self.own_view is not None:
-                # the tables in the schema `pairproxy replay --json` prints, for both addresses
-                snaps = [self.own_view.snapshot(), self.peer_view.snapshot()]
-                result["connections"] = snaps[0]["connections"] + snaps[1]["connections"]
-                result["errors"] = {k: snaps[0]["errors"].get(k, 0) + snaps[1]["errors"].get(k, 0)
-                                    for k in snaps[0]["errors"]}
-                result["pair"]["state_sync"] = {
-                    **self.view_sync.status(),
-                    "digests": {self.own_view.address: self.own_view.digest(snaps[0]),
-                                self.peer_view.address: self.peer_view.digest(snaps[1])},
-                    "snoopers": [s.stats() for s in self.snoopers],
-                }
-                result["pair"]["resume"] = self.resume.report() if self.resume else []
         return result

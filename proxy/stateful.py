@@ -215,13 +215,14 @@ class ViewSync:
     last_difference: dict | None = None
     snapshots_requested: int = 0
 
-    def on_peer_digest(self, message: dict, view: AddressView, now: float) -> bool:
-        """Compare; True when a snapshot should be requested (the views keep differing)."""
+    def on_peer_digest(self, message: dict, ours: dict, now: float) -> bool:
+        """Compare the peer's digest message with ours (``{"digest", "frames", "bytes"}`` of our view
+        of its address); True when a snapshot should be requested (the views keep differing)."""
         self.compared += 1
-        mine = view.digest()
+        mine = ours["digest"]
         self.behind = {
-            "frames": max(0, int(message.get("frames", 0)) - view.frames),
-            "bytes": max(0, int(message.get("bytes", 0)) - view.bytes),
+            "frames": max(0, int(message.get("frames", 0)) - ours["frames"]),
+            "bytes": max(0, int(message.get("bytes", 0)) - ours["bytes"]),
             "ms": None if self.last_match_at is None else round((now - self.last_match_at) * 1000, 1),
         }
         if mine == message.get("digest"):
@@ -239,13 +240,13 @@ class ViewSync:
                 return True
         return False
 
-    def on_peer_snapshot(self, theirs: dict, view: AddressView) -> dict:
+    def on_peer_snapshot(self, theirs: dict, ours: dict) -> dict:
         """What differs between the peer's snapshot and ours; logged and kept for status."""
         def index(snap: dict) -> dict[str, dict]:
             return {c["client"]: {"protocol": c["protocol"], "sessions": c["sessions"], "opens": c["opens"]}
                     for c in snap.get("connections", [])}
 
-        ours, peer = index(view.snapshot()), index(theirs)
+        ours, peer = index(ours), index(theirs)
         diff = {
             "only_at_peer": sorted(set(peer) - set(ours)),
             "only_here": sorted(set(ours) - set(peer)),

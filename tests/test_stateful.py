@@ -51,13 +51,16 @@ def test_view_sync_agrees_on_equal_views_and_asks_for_a_snapshot_when_they_keep_
     owner, standby = view_of("smb-open.pcap"), view_of("smb-open.pcap")
     sync = ViewSync()
     message = {"digest": owner.digest(), "frames": owner.frames, "bytes": owner.bytes}
-    assert sync.on_peer_digest(message, standby, now=1.0) is False
+    def ours(view):
+        return {"digest": view.digest(), "frames": view.frames, "bytes": view.bytes}
+
+    assert sync.on_peer_digest(message, ours(standby), now=1.0) is False
     assert sync.in_sync and sync.behind == {"frames": 0, "bytes": 0, "ms": 0.0}
     behind = AddressView(SERVER, [445])           # a standby that saw nothing
-    asks = [sync.on_peer_digest(message, behind, now=1.25 * i) for i in range(2, 6)]
+    asks = [sync.on_peer_digest(message, ours(behind), now=1.25 * i) for i in range(2, 6)]
     assert asks == [False, False, True, False]    # on the third mismatch in a row, once
     assert sync.in_sync is False and sync.behind["frames"] == owner.frames
-    diff = sync.on_peer_snapshot(owner.snapshot(), behind)
+    diff = sync.on_peer_snapshot(owner.snapshot(), behind.snapshot())
     assert diff["only_at_peer"] == [c["client"] for c in owner.snapshot()["connections"]]
     assert diff["only_here"] == [] and diff["different"] == []
 

@@ -1,0 +1,200 @@
+"""The stateful node's observer: snoopers and decoders in a child process of their own.
+
+Why a separate process: decoding every frame of the node's own and its peer's traffic is the most
+CPU-hungry thing a node does. In the node's event loop it competed with the splice pumps (a stateful
+node proxied at about half the rate of a stateless one) and with the heartbeats (late heartbeats
+are how false takeovers start). As a child process it runs on the other core, and the node's loop
+only asks it questions: a digest every 250 ms, a snapshot for status, and, at a takeover, the live
+connections with their exact sequence numbers.
+
+The child owns the :class:`~sync.snooper.Snooper` s and :class:`~proxy.stateful.AddressView` s. The
+protocol is requests and answers on the child's standard input and output: a 4-byte length and a
+msgpack map each way, one request at a time. When the node dies, even by SIGKILL, the child reads EOF
+on its standard input and exits: it never outlives its node.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import subprocess
+import sys
+from typing import Any
+
+import msgpack
+import trio
+
+log = logging.getLogger("pairproxy.observer")
+
+_LENGTH = struct.Struct("!I")
+MAX_MESSAGE = 64 << 20
+
+
+class ObserverError(Exception):
+    """The observer process is gone or answered nonsense; stateful features are unavailable."""
+
+
+async def _read_message(stream: trio.abc.ReceiveStream, buffer: bytearray) -> dict | None:
+    """One length-prefixed msgpack message, or None at EOF."""
+    while True:
+        if len(buffer) >= _LENGTH.size:
+            (length,) = _LENGTH.unpack_from(buffer)
+            if length > MAX_MESSAGE:
+                raise ObserverError(f"message of {length} bytes is over the limit")
+            if len(buffer) >= _LENGTH.size + length:
+                body = bytes(buffer[_LENGTH.size:_LENGTH.size + length])
+                del buffer[:_LENGTH.size + length]
+                return msgpack.unpackb(body, strict_map_key=False)
+        chunk = await stream.receive_some(1 << 20)
+        if not chunk:
+            return None
+        buffer += chunk
+
+
+def _frame(message: dict) -> bytes:
+    body = msgpack.packb(message, use_bin_type=True)
+    return _LENGTH.pack(len(body)) + body
+
+
+# ------------------------------------------------------------------------------------ node side
+class ObserverProcess:
+    """The node's handle on its observer child: start it, ask it things."""
+
+    def __init__(self, ifname: str, views: dict[str, dict], *, rcvbuf: int = 128 << 20, batch: int = 256):
+        self.setup = {"ifname": ifname, "views": views, "rcvbuf": rcvbuf, "batch": batch}
+        self._process: trio.Process | None = None
+        self._lock = trio.Lock()
+        self._next_id = 0
+        self._buffer = bytearray()
+        self.failed: str | None = None
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Start the child and keep it until cancelled (then it is terminated)."""
+        process = await trio.lowlevel.open_process([sys.executable, "-m", "proxy.observer"],
+                                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        try:
+            await process.stdin.send_all(_frame(self.setup))
+            ready = await _read_message(process.stdout, self._buffer)
+            if not ready or not ready.get("ok"):
+                raise ObserverError(f"observer did not start: {(ready or {}).get('error', 'no answer')}")
+            self._process = process  # from now on requests may be made
+            task_status.started()
+            code = await process.wait()
+            self.failed = f"observer process exited with {code}"
+            log.error("%s; stateful state is no longer kept", self.failed)
+        finally:
+            with trio.CancelScope(shield=True):
+                if process.returncode is None:
+                    process.terminate()
+                    with trio.move_on_after(2):
+                        await process.wait()
+                    if process.returncode is None:
+                        process.kill()
+                        await process.wait()
+                for pipe in (process.stdin, process.stdout):
+                    await pipe.aclose()
+
+    async def request(self, op: str, **args: Any) -> Any:
+        """Ask the observer; its answer. Raises ObserverError if it is gone or refused."""
+        if self._process is None or self.failed:
+            raise ObserverError(self.failed or "observer not started")
+        async with self._lock:
+            self._next_id += 1
+            want = self._next_id
+            try:
+                await self._process.stdin.send_all(_frame({"op": op, "id": want, **args}))
+                while True:
+                    answer = await _read_message(self._process.stdout, self._buffer)
+                    # an answer to a request whose asker was cancelled may still be in the pipe
+                    if answer is None or answer.get("id") == want:
+                        break
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                raise ObserverError(f"observer gone: {exc}") from None
+        if answer is None:
+            raise ObserverError("observer gone (EOF)")
+        if not answer.get("ok"):
+            raise ObserverError(f"observer refused {op}: {answer.get('error')}")
+        return answer.get("result")
+
+
+# ---------------------------------------------------------------------------------- child side
+class _Observer:
+    def __init__(self, setup: dict):
+        from proxy.stateful import AddressView
+
+        self.setup = setup
+        self.views = {name: AddressView(v["address"], v["ports"], as_client_of=v.get("as_client_of"))
+                      for name, v in setup["views"].items()}
+        self.snoopers: list = []
+        self.watcher = None
+
+    async def run(self, stdin: trio.lowlevel.FdStream, buffer: bytearray) -> None:
+        from sync.snooper import Snooper
+
+        stdout = trio.lowlevel.FdStream(1)
+        async with trio.open_nursery() as nursery:
+            try:
+                for view in self.views.values():
+                    snooper = Snooper(self.setup["ifname"], view.capture_addresses, view.ports, view.on_frame,
+                                      rcvbuf=self.setup["rcvbuf"], batch=self.setup["batch"])
+                    self.snoopers.append(snooper)
+                    await nursery.start(snooper.run)
+            except OSError as exc:
+                await stdout.send_all(_frame({"ok": False, "error": f"snooper on {self.setup['ifname']}: {exc}"}))
+                return
+            await stdout.send_all(_frame({"ok": True}))
+            while True:
+                request = await _read_message(stdin, buffer)
+                if request is None:  # the node is gone
+                    nursery.cancel_scope.cancel()
+                    return
+                try:
+                    answer = {"ok": True, "result": self.answer(request)}
+                except Exception as exc:  # a bad request must not end the observer
+                    answer = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+                answer["id"] = request.get("id")
+                await stdout.send_all(_frame(answer))
+
+    def answer(self, request: dict) -> Any:
+        from proxy.stateful import ResumeWatcher
+
+        op = request.get("op")
+        view = self.views.get(request.get("view", ""))
+        if view is None and op in ("digest", "snapshot", "live", "watch"):
+            raise ValueError(f"unknown view {request.get('view')!r}")
+        if op == "digest":
+            return {"digest": view.digest(), "frames": view.frames, "bytes": view.bytes}
+        if op == "snapshot":
+            return view.snapshot()
+        if op == "live":
+            return view.live_connections()
+        if op == "watch":  # a takeover: remember who had what, and watch them come back
+            self.watcher = ResumeWatcher.from_snapshot(view.snapshot())
+            view.watcher = self.watcher
+            return None
+        if op == "unwatch":
+            for v in self.views.values():
+                v.watcher = None
+            return None
+        if op == "report":
+            return self.watcher.report() if self.watcher else []
+        if op == "stats":
+            return [s.stats() for s in self.snoopers]
+        raise ValueError(f"unknown request {op!r}")
+
+
+async def _child_main() -> None:
+    stdin, buffer = trio.lowlevel.FdStream(0), bytearray()
+    setup = await _read_message(stdin, buffer)
+    if setup is None:
+        return
+    await _Observer(setup).run(stdin, buffer)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)-7s pairproxy.observer: %(message)s")
+    try:
+        trio.run(_child_main)
+    except KeyboardInterrupt:
+        pass
