@@ -103,6 +103,7 @@ class Node:
         self.peer_service: AddressService | None = None
         self.macvlan: PeerMacvlan | None = None
         self.takeovers: list[Takeover] = []
+        self._dead_at: float | None = None  # trio time of the last death verdict (or "leaving")
         self._events_tx, self._events_rx = trio.open_memory_channel[tuple[str, Any]](1000)
         self._nursery: trio.Nursery | None = None
         self._own_done = trio.Event()
@@ -291,10 +292,21 @@ class Node:
         self.view_sync = ViewSync()
         # 128 MiB: with 8 MiB a bulk transfer through the lab lost a fifth of its frames (bench/SNOOPER.md)
         self.observer = ObserverProcess(node.interface, views, rcvbuf=128 << 20)
-        await nursery.start(self.observer.run)
+        # started in the background: the node claims its address meanwhile (the child needs a second
+        # or so to import its decoders); until it is ready a takeover is a stateless one
+        nursery.start_soon(self._run_observer)
         self._open_standby_macvlan()
         nursery.start_soon(self._send_digests)
         log.info("stateful: snooping %s (own) and %s (peer) on %s", node.address.ip, peer.address, node.interface)
+
+    async def _run_observer(self) -> None:
+        from proxy.observer import ObserverError
+
+        try:
+            await self.observer.run()
+        except (ObserverError, OSError) as exc:
+            self.observer.failed = str(exc)
+            log.error("stateful: %s; this node keeps no state of its peer's connections", exc)
 
     async def _observe(self, op: str, view: str | None = None, default: Any = None) -> Any:
         """Ask the observer; ``default`` (and a log line) if it cannot answer."""
@@ -313,6 +325,7 @@ class Node:
                                        self.peer_info["mac"]).open()
 
     async def _send_digests(self) -> None:
+        await self.observer.ready.wait()
         while True:
             await trio.sleep(0.25)
             ours = await self._observe("digest", "own")
@@ -494,7 +507,7 @@ class Node:
         except ConfigError as exc:
             log.error("peer %s's services are unusable, cannot take over: %s", peer.name, "; ".join(exc.problems))
             return False
-        takeover = Takeover(str(peer.address), self.link.last_received, getattr(self, "_dead_at", trio.current_time()),
+        takeover = Takeover(str(peer.address), self.link.last_received, self._dead_at or trio.current_time(),
                             time.time())
         self.takeovers.append(takeover)
         del self.takeovers[:-20]
@@ -576,7 +589,8 @@ class Node:
                 d = await self._observe("digest", name)
                 digests[self.stateful_addresses[name]] = d["digest"] if d else None
             result["pair"]["state_sync"] = {**self.view_sync.status(), "digests": digests,
-                                            "observer": self.observer.failed or "running",
+                                            "observer": self.observer.failed or
+                                            ("running" if self.observer.ready.is_set() else "starting"),
                                             "snoopers": await self._observe("stats", default=[])}
             result["pair"]["resume"] = await self._observe("report", default=[])
         return result

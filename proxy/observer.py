@@ -65,6 +65,8 @@ class ObserverProcess:
         self._process: trio.Process | None = None
         self._lock = trio.Lock()
         self._next_id = 0
+        #: set once the child has its snoopers running and answers requests
+        self.ready = trio.Event()
         self._buffer = bytearray()
         self.failed: str | None = None
 
@@ -78,6 +80,7 @@ class ObserverProcess:
             if not ready or not ready.get("ok"):
                 raise ObserverError(f"observer did not start: {(ready or {}).get('error', 'no answer')}")
             self._process = process  # from now on requests may be made
+            self.ready.set()
             task_status.started()
             code = await process.wait()
             self.failed = f"observer process exited with {code}"
@@ -97,7 +100,7 @@ class ObserverProcess:
     async def request(self, op: str, **args: Any) -> Any:
         """Ask the observer; its answer. Raises ObserverError if it is gone or refused."""
         if self._process is None or self.failed:
-            raise ObserverError(self.failed or "observer not started")
+            raise ObserverError(self.failed or "observer still starting")
         async with self._lock:
             self._next_id += 1
             want = self._next_id

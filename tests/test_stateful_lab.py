@@ -29,6 +29,8 @@ def stateful_pair(lab):
         a.wait_for(serving(addr.service_a, "a"), 10, "a serving")
         b.wait_for(lambda s: s["pair"]["link"]["state"] == "connected" and
                    s["pair"]["addresses"][addr.service_b]["held_by"] == "b", 10, "b serving, link up")
+        for node in (a, b):  # the observers decode from the start of the clients' connections
+            node.wait_for(lambda s: s["pair"]["state_sync"]["observer"] == "running", 10, "observer running")
         yield a, b
     finally:
         a.stop(10)

@@ -126,6 +126,8 @@ def run_stateful_demo(lab: Lab) -> bool:
         a.start()
         a.wait_for(serving(addr.service_a, "a"), 15, "a serving")
         b.wait_for(lambda s: s["pair"]["link"]["state"] == "connected", 10, "link up")
+        for node in (a, b):
+            node.wait_for(lambda s: s["pair"]["state_sync"]["observer"] == "running", 10, "observer running")
         tl.say("stateful pair up: the bridge floods, so b sees a's frames; b decodes them, never replies")
         holder = SmbHolder(lab, addr.service_a, "demo-stateful.bin")
         tl.say(f"an SMB client (smbprotocol) opens demo-stateful.bin on {addr.service_a} and goes idle")
