@@ -15,6 +15,7 @@ on its standard input and exits: it never outlives its node.
 
 from __future__ import annotations
 
+import gc
 import logging
 import struct
 import subprocess
@@ -191,7 +192,10 @@ async def _child_main() -> None:
     setup = await _read_message(stdin, buffer)
     if setup is None:
         return
-    await _Observer(setup).run(stdin, buffer)
+    observer = _Observer(setup)
+    gc.collect()
+    gc.freeze()  # see proxy.cli.cmd_run: no long collections of what lives as long as the process
+    await observer.run(stdin, buffer)
 
 
 if __name__ == "__main__":

@@ -179,7 +179,11 @@ def test_repeated_failover_and_handback_without_leaks(lab, pair, tmp_path):
         elif cycle > 1:
             assert usage[0] <= baseline[0] + 2, f"file descriptors grow: {baseline} -> {usage}"
             assert usage[1] <= baseline[1] + 2, f"tasks grow: {baseline} -> {usage}"
-    assert len(b.status()["pair"]["takeovers"]) == 10
+    takeovers = len(b.status()["pair"]["takeovers"])
+    assert takeovers >= 10
+    # a wrong verdict (the restarted a stalling past dead_after on a loaded machine) may add one, but
+    # only one that b undid at once because a turned out alive and serving
+    assert takeovers - 10 <= (lab.root / "pair-b.log").read_text().count("was only late"), takeovers
 
 
 def test_forged_sync_messages_change_nothing(lab, pair):
