@@ -69,6 +69,11 @@ def run_pair_demo(lab: Lab, seconds: float = 3.0) -> bool:
         outages = {loop.kind: loop.outage_around(died) for loop in loops}
         tl.say("clients going on through node b; client-visible outage: " +
                ", ".join(f"{k} {v * 1000:.0f} ms" if v is not None else f"{k} ?" for k, v in outages.items()))
+        slow = [loop.kind for loop in loops if (outages[loop.kind] or 0) >= loop.op_timeout * 0.9]
+        if slow:
+            tl.say(f"({', '.join(slow)}: a request a had acknowledged but never answered; in stateless mode "
+                   f"the client notices only by its own timeout, here {loops[0].op_timeout:g} s; part 3 shows "
+                   "stateful mode resetting such clients at once)")
         time.sleep(seconds / 2)
 
         back = time.monotonic()
