@@ -55,6 +55,7 @@ class Takeover:
     released_at: float | None = None
     resets: int = 0
     backend_resets: int = 0
+    resume: list | None = None  # stateful: the resume report as it stood at the hand-back
 
     def as_dict(self) -> dict:
         def ms(a: float | None, b: float | None) -> float | None:
@@ -113,6 +114,7 @@ class Node:
         self.observer = None        # proxy.observer.ObserverProcess: snoopers and decoders
         self.stateful_addresses: dict[str, str] = {}   # view name -> address
         self.view_sync = None
+        self._prefetched: tuple[float | None, list, list] | None = None  # see _prefetch_peer_state
         self.resets_sent = 0
 
     # -- life cycle ----------------------------------------------------------------------------
@@ -299,6 +301,27 @@ class Node:
         nursery.start_soon(self._send_digests)
         log.info("stateful: snooping %s (own) and %s (peer) on %s", node.address.ip, peer.address, node.interface)
 
+    async def _prefetch_peer_state(self, force: bool = False) -> None:
+        """While the peer is silent, fetch what a takeover needs from the observer: its live client and
+        backend connections, and a resume watcher armed with who had what.
+
+        Exact for the resets even before the verdict: they carry the *peer's* next sequence numbers,
+        and a silent peer sends nothing more. Fetching it here, not after the verdict, keeps the
+        observer's round trips out of the takeover's critical path; and it must be before the address
+        moves, or new clients' connections would be reset too.
+        """
+        if self.observer is None or not self.observer.ready.is_set():
+            return
+        if not force and self.roles.peer != roles.STANDBY:
+            return
+        silence = self.detector.last_heartbeat  # the same silence as long as no heartbeat came
+        if self._prefetched is not None and self._prefetched[0] == silence:
+            return
+        lost = await self._observe("live", "peer", [])
+        lost_backend = await self._observe("live", "peer_backend", [])
+        await self._observe("watch", "peer")
+        self._prefetched = (silence, lost, lost_backend)
+
     async def _run_observer(self) -> None:
         from proxy.observer import ObserverError
 
@@ -393,7 +416,7 @@ class Node:
 
     async def _decide(self) -> None:
         """The one task that changes roles: events in, transitions executed, until stop."""
-        from sync.detector import PeerAlive, PeerDead
+        from sync.detector import PeerAlive, PeerDead, StartProbe
 
         peer, node = self.config.peer, self.config.node
         async for kind, payload in self._events_rx:
@@ -424,7 +447,12 @@ class Node:
                     self._dead_at = trio.current_time()
                     await self._apply(roles.PEER_DEAD, f"peer {peer.name} silent {payload.silent_for * 1000:.0f} ms "
                                                        f"and no answer to the probe")
+                elif isinstance(payload, StartProbe):
+                    await self._prefetch_peer_state()
                 elif isinstance(payload, PeerAlive):
+                    self._prefetched = None
+                    if self.observer is not None and self.roles.peer == roles.STANDBY:
+                        await self._observe("unwatch")
                     log.info("peer %s is alive again", peer.name)
                     info = self.peer_info or {}
                     if str(peer.address) in (info.get("holds") or []) and info.get("own_state") == roles.SERVING:
@@ -513,10 +541,9 @@ class Node:
         del self.takeovers[:-20]
         lost = lost_backend = None
         if self.observer is not None:
-            # before the address moves: after it, new clients' connections would be in the view too
-            lost = await self._observe("live", "peer", [])
-            lost_backend = await self._observe("live", "peer_backend", [])
-            await self._observe("watch", "peer")
+            await self._prefetch_peer_state(force=True)  # nothing to do if fetched during this silence
+            _, lost, lost_backend = self._prefetched or (None, [], [])
+            self._prefetched = None
             self._open_standby_macvlan()
         else:
             self.macvlan = PeerMacvlan(node.interface, peer.macvlan, info["mac"]).open()
@@ -567,6 +594,8 @@ class Node:
             self.macvlan.close()  # stateless: receive the peer's MAC only while serving its address
             self.macvlan = None
         if self.observer is not None:
+            if self.takeovers:
+                self.takeovers[-1].resume = await self._observe("report", default=[])
             await self._observe("unwatch")
         if self.takeovers:
             self.takeovers[-1].released_at = trio.current_time()
@@ -592,7 +621,10 @@ class Node:
                                             "observer": self.observer.failed or
                                             ("running" if self.observer.ready.is_set() else "starting"),
                                             "snoopers": await self._observe("stats", default=[])}
-            result["pair"]["resume"] = await self._observe("report", default=[])
+            # what the clients of the peer's address re-established: live while holding it, else as it
+            # stood when it was handed back
+            result["pair"]["resume"] = (await self._observe("report", default=[]) if self.roles.holds_peer
+                                        else (self.takeovers[-1].resume or []) if self.takeovers else [])
         return result
 
     def status(self) -> dict:
