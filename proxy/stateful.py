@@ -18,13 +18,11 @@ naming its old session, durable handle reconnects, NFSv4 reclaims) and what was 
 from __future__ import annotations
 
 import logging
+import socket
+import struct
 import time
 from dataclasses import dataclass, field
 from typing import Any
-
-# Imported with the module (at node start), never at takeover: importing scapy's IP layers takes
-# about 70 ms, which a takeover must not spend with its event loop blocked.
-from scapy.layers.inet import IP, TCP
 
 from protocols.pipeline import Pipeline
 
@@ -78,18 +76,39 @@ class AddressView:
                 if c["tcp"].get("server_next_seq") is not None and c["tcp"].get("client_next_seq") is not None]
 
 
+def _checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def tcp_reset(src: str, dst: str, sport: int, dport: int, seq: int, ack: int) -> bytes:
+    """An IPv4 packet carrying a TCP RST+ACK, built with struct (a takeover may need thousands, and
+    they are built while the event loop waits; scapy takes ~0.5 ms for each)."""
+    saddr, daddr = socket.inet_aton(src), socket.inet_aton(dst)
+    tcp = struct.pack("!HHIIBBHHH", sport, dport, seq & 0xFFFFFFFF, ack & 0xFFFFFFFF, 5 << 4, 0x14, 0, 0, 0)
+    pseudo = saddr + daddr + struct.pack("!BBH", 0, socket.IPPROTO_TCP, len(tcp))
+    tcp = tcp[:16] + struct.pack("!H", _checksum(pseudo + tcp)) + tcp[18:]
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 0, 0x4000, 64, socket.IPPROTO_TCP, 0, saddr, daddr)
+    ip = ip[:10] + struct.pack("!H", _checksum(ip)) + ip[12:]
+    return ip + tcp
+
+
 def reset_frames(connections: list[dict], toward: str = "client") -> list[tuple[str, bytes]]:
     """One RST per connection, as the server would send it to the client (``toward="client"``) or
     the client to the server (``"server"``): (destination IP, IPv4 packet).
 
+    The sequence number is exactly the next one the receiver expects (RFC 5961 accepts only an exact
+    match), so its kernel takes the reset and its application learns at once that the connection is
+    gone, even if it had nothing to send and would otherwise wait for its own timers (an NFS client
+    waiting for a reply the dead node had already acknowledged the call for).
+
     Toward the server is for the dead peer's *backend* connections: the file server would otherwise
     keep their sessions and opens (and refuse the reconnecting client with a sharing violation)
     until its own keepalive gives up on them.
-
-    The sequence number is exactly the next one the client expects from the server, so the client's
-    kernel accepts the reset (RFC 5961 accepts only an exact match) and its application learns at once
-    that the connection is gone, even if it had nothing to send and would otherwise wait for its own
-    timers (an NFS client waiting for a reply the dead node had already acknowledged the call for).
     """
     out = []
     for c in connections:
@@ -97,13 +116,11 @@ def reset_frames(connections: list[dict], toward: str = "client") -> list[tuple[
         server_ip, server_port = c["server"].rsplit(":", 1)
         server_next, client_next = c["tcp"]["server_next_seq"], c["tcp"]["client_next_seq"]
         if toward == "client":
-            pkt = IP(src=server_ip, dst=client_ip) / TCP(sport=int(server_port), dport=int(client_port),
-                                                          flags="RA", seq=server_next, ack=client_next, window=0)
-            out.append((client_ip, bytes(pkt)))
+            out.append((client_ip, tcp_reset(server_ip, client_ip, int(server_port), int(client_port),
+                                             server_next, client_next)))
         else:
-            pkt = IP(src=client_ip, dst=server_ip) / TCP(sport=int(client_port), dport=int(server_port),
-                                                          flags="RA", seq=client_next, ack=server_next, window=0)
-            out.append((server_ip, bytes(pkt)))
+            out.append((server_ip, tcp_reset(client_ip, server_ip, int(client_port), int(server_port),
+                                             client_next, server_next)))
     return out
 
 

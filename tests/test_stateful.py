@@ -33,6 +33,10 @@ def test_view_of_a_live_smb_session_and_the_rst_that_ends_it():
     assert rst.src == SERVER and rst[TCP].sport == 445 and rst[TCP].dport == int(conn["client"].rsplit(":", 1)[1])
     assert rst[TCP].flags == "RA"
     assert rst[TCP].seq == conn["tcp"]["server_next_seq"]   # exactly what the client expects next
+    # checksums right (scapy recomputes them when they are deleted)
+    again = IP(packet)
+    del again.chksum, again[TCP].chksum
+    assert IP(bytes(again)).chksum == rst.chksum and IP(bytes(again))[TCP].chksum == rst[TCP].chksum
     [(dest, packet)] = reset_frames([conn], toward="server")
     rst = IP(packet)
     assert dest == SERVER and rst.dst == SERVER and rst[TCP].dport == 445
