@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from deploy.lab.clients import NodeProcess, SmbHolder, serving
+from deploy.lab.clients import NodeProcess, SmbHolder, established, serving
 
 pytestmark = pytest.mark.lab
 
@@ -42,13 +42,6 @@ def stateful_pair(lab):
 
 def connections_to(status: dict, address: str) -> list[dict]:
     return [c for c in status.get("connections", []) if c["server"].startswith(address + ":")]
-
-
-def established(lab, address: str, port: int) -> set[str]:
-    """Local addresses of the client's established connections to address:port."""
-    out = lab.run(lab.ns_client, ["ss", "-tnH", "state", "established", "dst", f"{address}:{port}"],
-                  capture_output=True, text=True).stdout
-    return {line.split()[2] for line in out.splitlines() if line.strip()}
 
 
 def wait_gone(lab, address: str, port: int, old: set[str], timeout: float = 1.0) -> bool:

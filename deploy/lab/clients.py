@@ -117,6 +117,13 @@ def nfs_cat(lab: Lab, host: str, remote: str, version: int = 4, timeout: float =
     return cp.stdout
 
 
+def established(lab: Lab, address: str, port: int) -> set[str]:
+    """Local ends ("IP:PORT") of the client namespace's established connections to address:port."""
+    out = lab.run(lab.ns_client, ["ss", "-tnH", "state", "established", "dst", f"{address}:{port}"],
+                  capture_output=True, text=True).stdout
+    return {line.split()[2] for line in out.splitlines() if line.strip()}
+
+
 def serving(address: str, node: str):
     """A status predicate: ``node`` serves ``address`` now (its own, or the peer's after a takeover)."""
     def check(status: dict) -> bool:

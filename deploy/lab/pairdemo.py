@@ -12,7 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .clients import IoLoop, NodeProcess, SmbHolder, serving
+from .clients import IoLoop, NodeProcess, SmbHolder, established, serving
 from .core import Lab, LabError
 
 
@@ -109,12 +109,6 @@ def run_pair_demo(lab: Lab, seconds: float = 3.0) -> bool:
     return ok
 
 
-def _established(lab: Lab, address: str, port: int) -> set[str]:
-    out = lab.run(lab.ns_client, ["ss", "-tnH", "state", "established", "dst", f"{address}:{port}"],
-                  capture_output=True, text=True).stdout
-    return {line.split()[2] for line in out.splitlines() if line.strip()}
-
-
 def run_stateful_demo(lab: Lab) -> bool:
     """The stateful pair: b keeps a's sessions, resets a's idle client at once, reports the resume."""
     addr = lab.addresses
@@ -148,7 +142,7 @@ def run_stateful_demo(lab: Lab) -> bool:
         st = b.wait_for(lambda s: s["pair"]["state_sync"]["in_sync"], 5, "views in sync")
         tl.say(f"b's view of {addr.service_a} agrees with a's own (digest {st['pair']['state_sync']['digests'][addr.service_a][:12]}..., "
                f"{st['pair']['state_sync']['matches']} matching comparisons)")
-        old = _established(lab, addr.service_a, 445)
+        old = established(lab, addr.service_a, 445)
         died = a.kill_hard(link_down=True)
         tl.say("node a killed (SIGKILL, link down); the client is idle and sends nothing", died)
         st = b.wait_for(serving(addr.service_a, "b"), 10, "b taking over")
@@ -156,9 +150,9 @@ def run_stateful_demo(lab: Lab) -> bool:
         tl.say(f"node b: took over {addr.service_a} after {t['silence_ms']:.0f} ms of silence; reset "
                f"{t['clients_reset']} client and {t['backend_connections_reset']} backend connection(s) of a at once")
         deadline = time.monotonic() + 2
-        while old & _established(lab, addr.service_a, 445) and time.monotonic() < deadline:
+        while old & established(lab, addr.service_a, 445) and time.monotonic() < deadline:
             time.sleep(0.005)
-        gone = not (old & _established(lab, addr.service_a, 445))
+        gone = not (old & established(lab, addr.service_a, 445))
         tl.say("the idle client's connection is " + ("gone: it knows at once" if gone else "STILL THERE"))
         ok = ok and gone
         answer = holder.do("reopen")
