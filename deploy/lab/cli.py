@@ -41,6 +41,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         return _error(str(e))
     try:
         lab.up()
+        lab.flood(args.flood)
     except LabError as e:
         if set(lab.namespaces) & lab.existing_namespaces():
             e = f"{e}\n(clean up with: pairproxy lab down --prefix {args.prefix}" \
@@ -49,7 +50,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     except Exception as e:  # never a traceback
         return _error(f"lab up failed: {type(e).__name__}: {e}")
     a = lab.addresses
-    print(f"lab {lab.prefix} is up (state in {lab.root})")
+    print(f"lab {lab.prefix} is up (state in {lab.root})" + ("; the service bridge floods" if args.flood else ""))
     print(f"  client ns {lab.ns_client} ({a.client}); nodes {lab.ns_a} ({a.admin_a}) and "
           f"{lab.ns_b} ({a.admin_b}); server ns {lab.ns_server} ({a.server})")
     print(f"  SMB //{a.server}/{lab.smb_share} user {lab.smb_user}%{lab.smb_password}; "
@@ -104,8 +105,13 @@ def add_lab_commands(subparsers) -> argparse._SubParsersAction:
         "up", help="create the namespaces and bridges, start smbd and ganesha, wait until they answer",
         description="Build whatever is missing of the lab (idempotent), (re)start servers that are not "
                     "running and wait until SMB (445) and NFS (2049/111/20048) answer from the client "
-                    "namespace. Also writes the node configs a.toml/b.toml and test files.")
+                    "namespace. Also writes the node configs a.toml/b.toml (one node), pair-a.toml/"
+                    "pair-b.toml (a stateless pair), stateful-a.toml/stateful-b.toml and test files.")
     _add_common(up)
+    up.add_argument("--flood", action="store_true",
+                    help="make the service bridge hub-like, so each node sees its peer's frames both ways "
+                         "(what a stateful pair needs; a site would use a mirror port); without it the "
+                         "bridge learns as usual")
     up.set_defaults(func=cmd_up)
 
     down = lab_sub.add_parser(
