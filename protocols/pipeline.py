@@ -21,7 +21,7 @@ from .events import AppDecoder, ConnKey, ProtocolError, StateTable
 from .frames import LINKTYPE_ETHERNET, FrameError, TcpSegment, parse_link
 from .smb2 import Smb2Decoder
 from .smb_state import SmbSessionTable
-from .tcpstream import ConnectionClosed, ConnectionOpened, Data, Gap, TcpConnection, TcpTracker
+from .tcpstream import ConnectionClosed, ConnectionOpened, Data, Gap, TcpTracker
 
 try:  # the NFS side is written separately; until it exists NFS streams are plain TCP
     from .nfs_state import NfsStateTable

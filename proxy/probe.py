@@ -22,6 +22,8 @@ import socket
 
 import trio
 
+from proxy.dataplane import IP_FREEBIND
+
 log = logging.getLogger("pairproxy.probe")
 
 MAGIC = b"PPPROBE1"
@@ -57,7 +59,7 @@ class ProbeResponder:
         self.answered = 0
         self.rejected = 0
         self._sock = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self._sock.setsockopt(socket.IPPROTO_IP, 15, 1)  # IP_FREEBIND: bind before the address is up
+        self._sock.setsockopt(socket.IPPROTO_IP, IP_FREEBIND, 1)  # bind before the address is up
         self._sock._sock.bind((address, port))
 
     async def serve(self) -> None:

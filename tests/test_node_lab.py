@@ -50,6 +50,14 @@ def smbprotocol_copy(lab, op: str, host: str, local: Path, remote: str, *extra: 
                    capture_output=True, text=True, timeout=120)
 
 
+def slow_get(lab, host: str, remote: str, out: Path, rate: int) -> subprocess.Popen:
+    """An smbprotocol client reading ``remote`` at about ``rate`` bytes/s: one still mid-transfer
+    when a test cuts it off or stops the node."""
+    return lab.popen(lab.ns_client, [sys.executable, str(SMB_COPY), "slow-get", host, lab.smb_share, lab.smb_user,
+                                     lab.smb_password, str(out), remote, str(rate)],
+                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
 @pytest.mark.parametrize("label", SIZES)
 def test_smbclient_both_ways(lab, node_a, files, tmp_path, label):
     src, remote = files[label], f"smbclient-{label}.bin"
@@ -141,9 +149,7 @@ def test_client_disconnects_mid_transfer(lab, node_a, files, tmp_path):
     remote = "midway-64MiB.bin"
     (lab.smb_share_path / remote).write_bytes(files["64MiB"].read_bytes())
     out = tmp_path / "partial.bin"
-    proc = lab.popen(lab.ns_client, [sys.executable, str(SMB_COPY), "slow-get", lab.addresses.service_a,
-                                     lab.smb_share, lab.smb_user, lab.smb_password, str(out), remote,
-                                     str(8 << 20)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = slow_get(lab, lab.addresses.service_a, remote, out, 8 << 20)
     assert wait_for(lambda: out.exists() and out.stat().st_size > (1 << 20), timeout=30)
     assert proc.poll() is None, "the client finished before it could be cut off"
     proc.kill()

@@ -5,7 +5,6 @@ These run node b's namespace with configs written per test, so each test owns it
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import sys
@@ -16,7 +15,7 @@ import pytest
 
 from deploy.lab.clients import NodeProcess, random_file, sha256_of
 
-from .test_node_lab import SMB_COPY, has_address, wait_for
+from .test_node_lab import has_address, slow_get, wait_for
 
 pytestmark = pytest.mark.lab
 
@@ -106,10 +105,7 @@ def test_sigterm_lets_running_transfers_finish(lab, tmp_path):
     node = NodeProcess(lab, "b", config, log=tmp_path / "node.log").start()
     try:
         out = tmp_path / "out.bin"
-        client = lab.popen(lab.ns_client, [sys.executable, str(SMB_COPY), "slow-get", lab.addresses.service_b,
-                                           lab.smb_share, lab.smb_user, lab.smb_password, str(out),
-                                           "sigterm-finish.bin", str(8 << 20)],
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        client = slow_get(lab, lab.addresses.service_b, "sigterm-finish.bin", out, 8 << 20)
         assert wait_for(lambda: out.exists() and out.stat().st_size > (1 << 20), timeout=30)
         stopped_at = time.monotonic()
         node.signal(signal.SIGTERM)
@@ -137,10 +133,7 @@ def test_sigterm_cuts_transfers_after_the_grace_time(lab, tmp_path):
     node = NodeProcess(lab, "b", config, log=tmp_path / "node.log").start()
     try:
         out = tmp_path / "out.bin"
-        client = lab.popen(lab.ns_client, [sys.executable, str(SMB_COPY), "slow-get", lab.addresses.service_b,
-                                           lab.smb_share, lab.smb_user, lab.smb_password, str(out),
-                                           "sigterm-cut.bin", str(4 << 20)],
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        client = slow_get(lab, lab.addresses.service_b, "sigterm-cut.bin", out, 4 << 20)
         assert wait_for(lambda: out.exists() and out.stat().st_size > (1 << 20), timeout=30)
         stopped_at = time.monotonic()
         node.signal(signal.SIGTERM)
@@ -162,10 +155,7 @@ def test_second_signal_cuts_at_once(lab, tmp_path):
     node = NodeProcess(lab, "b", config, log=tmp_path / "node.log").start()
     try:
         out = tmp_path / "out.bin"
-        client = lab.popen(lab.ns_client, [sys.executable, str(SMB_COPY), "slow-get", lab.addresses.service_b,
-                                           lab.smb_share, lab.smb_user, lab.smb_password, str(out),
-                                           "second-signal.bin", str(1 << 20)],
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        client = slow_get(lab, lab.addresses.service_b, "second-signal.bin", out, 1 << 20)
         assert wait_for(lambda: out.exists() and out.stat().st_size > (256 << 10), timeout=30)
         node.signal(signal.SIGTERM)
         time.sleep(0.3)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import random
 import struct
 from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from protocols.events import ConnKey, ProtocolError
-from protocols.frames import TcpSegment, parse_frame
+from protocols.frames import parse_frame
 from protocols.pipeline import Pipeline
 from protocols.smb2 import (CLOSE, CREATE, Smb1Negotiate, Smb2Decoder, Smb2Interim, Smb2Opaque, Smb2Request,
                             Smb2Response, parse_ntlmssp_user)

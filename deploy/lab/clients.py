@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -253,8 +254,6 @@ class IoLoop:
     """
 
     def __init__(self, lab: Lab, host: str, kind: str, work: Path, size: int = 64 << 10, op_timeout: float = 5.0):
-        import threading
-
         self.lab, self.host, self.kind, self.work, self.size = lab, host, kind, work, size
         #: like a soft mount's timeout: a client waiting for a reply on a connection the dead node
         #: had acknowledged sends nothing, so only its own timer ends the wait (stateless mode)
@@ -311,8 +310,6 @@ class IoLoop:
                 time.sleep(0.02)
 
     def start(self) -> "IoLoop":
-        import threading
-
         self._thread = threading.Thread(target=self._run, name=f"io-{self.kind}", daemon=True)
         self._thread.start()
         return self

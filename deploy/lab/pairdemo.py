@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from .clients import IoLoop, NodeProcess, SmbHolder, established, serving
-from .core import Lab, LabError
+from .core import Lab
 
 
 class Timeline:
