@@ -552,14 +552,22 @@ class Node:
         self._peer_done = trio.Event()
         done = self._peer_done
 
+        service = self.peer_service
+
         async def run_peer(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+            class Started:
+                # the takeover record is complete the moment the service serves: a status request
+                # may be answered before this task's caller resumes
+                def started(self, value: None = None) -> None:
+                    takeover.address_up_at = service.address_up_at
+                    task_status.started(value)
+
             try:
-                await self.peer_service.run(task_status=task_status)
+                await service.run(task_status=Started())
             finally:
                 done.set()
 
         await self._nursery.start(run_peer)
-        takeover.address_up_at = self.peer_service.address_up_at
         if lost:
             takeover.resets = self._reset_clients(lost)
             self.resets_sent += takeover.resets
