@@ -1,4 +1,7 @@
-"""Shared fixtures. `lab`: one namespace lab (prefix "ppt") for the whole test session."""
+"""Shared fixtures. `lab`: one namespace lab (prefix "ppt") for the whole test session.
+
+``PAIRPROXY_TEST_LAB=<prefix>`` picks another prefix, so that two test runs on one machine (two
+checkouts) build separate labs instead of tearing down each other's."""
 
 import os
 import shutil
@@ -15,8 +18,9 @@ def lab():
                     pytrace=False)
     from deploy.lab import Lab
 
-    root = tempfile.mkdtemp(prefix="pairproxy-lab-ppt-", dir="/var/tmp")
-    the_lab = Lab(prefix="ppt", root=root)
+    prefix = os.environ.get("PAIRPROXY_TEST_LAB", "ppt")
+    root = tempfile.mkdtemp(prefix=f"pairproxy-lab-{prefix}-", dir="/var/tmp")
+    the_lab = Lab(prefix=prefix, root=root)
     try:
         the_lab.up()
         yield the_lab

@@ -136,8 +136,9 @@ def test_restarts_dead_server(lab):
 
 
 def test_up_down_leaves_nothing():
-    root = tempfile.mkdtemp(prefix="pairproxy-lab-ppd-", dir="/var/tmp")
-    lab = Lab(prefix="ppd", root=root)
+    prefix = os.environ.get("PAIRPROXY_TEST_LAB", "ppt") + "d"  # apart from the session's lab
+    root = tempfile.mkdtemp(prefix=f"pairproxy-lab-{prefix}-", dir="/var/tmp")
+    lab = Lab(prefix=prefix, root=root)
     names = {lab.ns_client, lab.ns_a, lab.ns_b, lab.ns_server, lab.ns_switch}
     try:
         lab.up()
