@@ -48,7 +48,7 @@ def snoop_main(ifname: str, out: str, rcvbuf: int) -> None:
     import trio
 
     from protocols.pipeline import Pipeline
-    from sync.snooper import Snooper
+    from capture.snooper import Snooper
 
     pipe = Pipeline()
     smb_seen: dict[str, dict] = {}

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from .rpc import Program, Xdr, XdrError
+from .xdr import Program, Xdr, XdrError
 
 __all__ = ["PROGRAMS", "NFS3_PROCS", "NFS4_OPS", "MOUNT_PROCS", "nfs3_status", "nfs4_status"]
 

@@ -210,7 +210,7 @@ def format_status(status: dict) -> str:
             lines.append(f"resume {r['client']}: {r['verdict']}; reopened {[o['path'] for o in r['reopened']]}, "
                          f"lost {[o['path'] for o in r['lost_opens']]}")
     if "connections" in status:
-        from proxy.replay import format_tables
+        from capture.replay import format_tables
 
         lines += ["", format_tables(status)]
     return "\n".join(lines)
@@ -272,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
     p.set_defaults(func=cmd_status)
 
-    from proxy.replay import add_replay_command
+    from capture.replay import add_replay_command
 
     add_replay_command(sub)
 

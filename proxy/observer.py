@@ -7,7 +7,7 @@ are how false takeovers start). As a child process it runs on the other core, an
 only asks it questions: a digest every 250 ms, a snapshot for status, and, at a takeover, the live
 connections with their exact sequence numbers.
 
-The child owns the :class:`~sync.snooper.Snooper` s and :class:`~proxy.stateful.AddressView` s. The
+The child owns the :class:`~capture.snooper.Snooper` s and :class:`~proxy.stateful.AddressView` s. The
 protocol is requests and answers on the child's standard input and output: a 4-byte length and a
 msgpack map each way, one request at a time. When the node dies, even by SIGKILL, the child reads EOF
 on its standard input and exits: it never outlives its node.
@@ -133,7 +133,7 @@ class _Observer:
         self.watcher = None
 
     async def run(self, stdin: trio.lowlevel.FdStream, buffer: bytearray) -> None:
-        from sync.snooper import Snooper
+        from capture.snooper import Snooper
 
         stdout = trio.lowlevel.FdStream(1)
         async with trio.open_nursery() as nursery:

@@ -1,7 +1,7 @@
 """Stateful mode: what a node knows of every connection to an address, and how the pair checks it.
 
 An :class:`AddressView` is the sans-I/O :class:`protocols.pipeline.Pipeline` fed with the frames a
-:class:`sync.snooper.Snooper` sees for one service address. A node in a stateful pair keeps two:
+:class:`capture.snooper.Snooper` sees for one service address. A node in a stateful pair keeps two:
 one of its *own* address (its proxied client connections, seen on its own interface), and one of
 the *peer's* address (the peer's client connections, seen because the service network floods or
 mirrors the peer's frames to it; patent element 310: decode, never reply). Both nodes therefore run

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from proxy.replay import add_replay_command, read_capture
+from capture.pcapfile import read_capture
+from capture.replay import add_replay_command
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

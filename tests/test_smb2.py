@@ -13,7 +13,7 @@ from protocols.pipeline import Pipeline
 from protocols.smb2 import (CLOSE, CREATE, Smb1Negotiate, Smb2Decoder, Smb2Interim, Smb2Opaque, Smb2Request,
                             Smb2Response, parse_ntlmssp_user)
 from protocols.smb_state import SmbSessionTable
-from proxy.replay import read_capture
+from capture.pcapfile import read_capture
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

@@ -1,8 +1,8 @@
-"""sync.bpf and sync.snooper: the filter program, and a live snooper on a veth pair.
+"""capture.bpf and capture.snooper: the filter program, and a live snooper on a veth pair.
 
 Two layers of checks:
 
-* the BPF program run by a Python interpreter (``sync.bpf.interpret``) on scapy-built frames gives
+* the BPF program run by a Python interpreter (``capture.bpf.interpret``) on scapy-built frames gives
   the same verdict as ``tcpdump -dd`` for the equivalent expression (property test);
 * the program attached in the kernel: a Snooper in namespace A on one end of a veth pair, real TCP,
   UDP and ARP traffic from namespace B, and a 50 MB bulk transfer.
@@ -26,8 +26,8 @@ import time
 import pytest
 import trio
 
-from sync import bpf
-from sync.snooper import Snooper
+from capture import bpf
+from capture.snooper import Snooper
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (namespaces, packet sockets)")
 

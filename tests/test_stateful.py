@@ -6,7 +6,7 @@ from pathlib import Path
 
 from scapy.layers.inet import IP, TCP
 
-from proxy.replay import read_capture
+from capture.pcapfile import read_capture
 from proxy.stateful import AddressView, ResumeWatcher, ViewSync, reset_frames
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -1,7 +1,7 @@
 """The standby's capture loop: frames of the peer's service traffic, from the kernel to a callback.
 
 One ``AF_PACKET``/``SOCK_RAW`` socket on one interface (the macvlan carrying the peer's MAC), with a
-classic BPF filter from :mod:`sync.bpf` so that only TCP to/from the service addresses on the service
+classic BPF filter from :mod:`capture.bpf` so that only TCP to/from the service addresses on the service
 ports ever reaches Python. Everything else (ARP, the sync link, other hosts) is dropped in the kernel.
 
 Order of setup, and why: the socket is created with protocol 0, which the kernel does not hook into
