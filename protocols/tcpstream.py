@@ -6,10 +6,23 @@ Each direction is a :class:`HalfStream` that remembers the next sequence number 
 (``next_seq``); a segment is placed relative to it with 32-bit wrap-around arithmetic:
 
 * at or before ``next_seq``: a retransmission or an overlap; the already delivered prefix is trimmed;
-* after ``next_seq``: out of order; buffered (at most ``ooo_limit`` bytes per direction);
+* after ``next_seq`` but inside the receiver's window: out of order; buffered (at most ``ooo_limit``
+  bytes and ``ooo_max_segments`` segments per direction) in a heap keyed by absolute stream position,
+  so placing a segment and filling a hole cost O(log n) each, whatever order the segments come in;
+* beyond the receiver's window (its last ACK plus its last advertised window, scaled per RFC 7323;
+  the protocol maximum of 2**30 while the receiver is not yet heard from), or more than that maximum
+  behind: dropped and counted (``out_of_window``), changing nothing -- a blind spoofer cannot fill the
+  buffer or open holes with random sequence numbers;
 * when the buffer bound is hit, or the connection ends (RST, idle expiry, :meth:`TcpTracker.close_all`)
   with a hole still open, the hole is given up: a :class:`Gap` event says how many bytes were lost and
   delivery resumes at the next buffered segment. The application decoder then resynchronises.
+
+Resets (RFC 5961 section 3): an RST ends the connection only if its sequence number is exactly the one
+the receiver expects next (our ``next_seq`` for its sender, or the receiver's last ACK). An RST inside
+the window but not exact is what a blind attacker sends: a real receiver would answer with a challenge
+ACK and keep the connection, so we ignore it and count it (``rst_challenged``); outside the window it
+is dropped (``rst_out_of_window``). An RST from a side whose sequence numbers we never saw (a refused
+SYN) counts only if it acknowledges exactly what the other side sent (``rst_unverified`` otherwise).
 
 Who is the client: the sender of a bare SYN; the receiver of a SYN-ACK; for connections picked up
 mid-stream (no handshake seen), the side *not* using a known server port (else the higher port).
@@ -18,11 +31,14 @@ A mid-stream direction starts at the first sequence number seen from it.
 What a takeover needs (``TcpConnection.sequence_state``): next sequence each way, each side's last ACK
 and window, the handshake options (MSS, both window scales, SACK, timestamps) and the last TSval each
 way. Memory is bounded: per-direction buffers, a maximum number of connections (the least recently
-active is evicted), and idle expiry driven by *capture* time (the caller's clock, never ours).
+active is evicted in O(1): connections are kept in least-recently-active order), and idle expiry
+driven by *capture* time (the caller's clock, never ours).
 """
 
 from __future__ import annotations
 
+import heapq
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -33,6 +49,8 @@ __all__ = ["TcpTracker", "TcpConnection", "HalfStream", "ConnectionOpened", "Dat
            "ConnectionClosed"]
 
 _MASK = 0xFFFFFFFF
+MAX_WINDOW = 0xFFFF << 14
+"""The largest receive window TCP can advertise (65535 scaled by 14, RFC 7323 section 2.3)."""
 
 
 def seq_diff(a: int, b: int) -> int:
@@ -79,6 +97,7 @@ class HalfStream:
     isn: int | None = None
     last_ack: int | None = None  # last ACK number this sender sent
     window: int = 0  # raw window field from this sender's last segment
+    window_in_syn: bool = False  # that segment was a SYN: its window is never scaled (RFC 7323)
     wscale: int | None = None  # from this sender's SYN
     mss: int | None = None
     sack_permitted: bool = False
@@ -86,7 +105,9 @@ class HalfStream:
     last_tsval: int | None = None
     fin_seq: int | None = None  # sequence number of this sender's FIN, once seen
     fin_done: bool = False  # FIN reached in order
-    ooo: dict[int, bytes] = field(default_factory=dict)
+    pos: int = 0  # absolute stream position of next_seq (bytes, gaps and FIN since we came in)
+    ooo: dict[int, bytes] = field(default_factory=dict)  # absolute position -> longest copy there
+    ooo_heap: list[int] = field(default_factory=list)  # the keys of ``ooo``, as a min-heap
     ooo_bytes: int = 0
     delivered: int = 0
     retransmitted: int = 0
@@ -141,13 +162,15 @@ class TcpTracker:
 
     def __init__(self, server_ports: Iterable[int] = (), ooo_limit: int = 1 << 20,
                  idle_timeout: float = 7200.0, closing_timeout: float = 120.0,
-                 max_connections: int = 65536) -> None:
+                 max_connections: int = 65536, ooo_max_segments: int = 16384) -> None:
         self.server_ports = frozenset(server_ports)
         self.ooo_limit = ooo_limit
         self.idle_timeout = idle_timeout
         self.closing_timeout = closing_timeout
         self.max_connections = max_connections
-        self.connections: dict[ConnKey, TcpConnection] = {}
+        self.ooo_max_segments = ooo_max_segments
+        # least recently active first: evicting the oldest is popping the first entry, O(1)
+        self.connections: OrderedDict[ConnKey, TcpConnection] = OrderedDict()
         # per-packet lookup by the raw (src, sport, dst, dport) tuple: hashing a tuple of the parsed
         # fields is several times cheaper than building and hashing a ConnKey dataclass
         self._index: dict[tuple, tuple[TcpConnection, bool]] = {}
@@ -157,7 +180,8 @@ class TcpTracker:
         self.time_wait = 240.0
         self.max_recently_closed = 16384
         self.counters = {"segments": 0, "retransmitted_bytes": 0, "gaps": 0, "gap_bytes": 0,
-                         "ooo_segments": 0, "evicted": 0, "late_segments": 0}
+                         "ooo_segments": 0, "evicted": 0, "late_segments": 0, "out_of_window": 0,
+                         "rst_challenged": 0, "rst_out_of_window": 0, "rst_unverified": 0}
 
     # ----------------------------------------------------------------- lookup
     def _orient(self, seg: TcpSegment) -> tuple[ConnKey, bool]:
@@ -213,22 +237,40 @@ class TcpTracker:
                 del self.recently_closed[key]
             mid = not seg.syn
             conn = TcpConnection(key, mid, now)
-            if len(self.connections) >= self.max_connections:
-                oldest = min(self.connections.values(), key=lambda c: c.last_seen)
+            while len(self.connections) >= self.max_connections:
+                oldest = next(iter(self.connections.values()))
                 self.counters["evicted"] += 1
                 events += self._close(oldest, reset=False, reason="evicted")
             self._add(conn)
             events.append(ConnectionOpened(key, mid))
-        conn.last_seen = now
-        self._segment(conn, from_client, seg, events)
+        if self._segment(conn, from_client, seg, events) and not conn.closed:
+            conn.last_seen = now
+            self.connections.move_to_end(conn.key)
         return events
 
-    def _segment(self, conn: TcpConnection, from_client: bool, seg: TcpSegment, events: list) -> None:
+    def _segment(self, conn: TcpConnection, from_client: bool, seg: TcpSegment, events: list) -> bool:
+        """Apply one segment; False if it was dropped (out of window, unacceptable RST)."""
         half = conn.half(from_client)
         opts = seg.options
+        if not seg.syn:
+            if seg.rst:
+                return self._reset(conn, from_client, half, seg, events)
+            if half.next_seq is not None:
+                d = seq_diff(seg.seq, half.next_seq)
+                if d > 0 and d >= self._window_ahead(conn, from_client, half) or d < -MAX_WINDOW:
+                    self.counters["out_of_window"] += 1
+                    return False
+            elif conn.half(not from_client).last_ack is not None:
+                # first segment seen from this side (picked up mid-stream): the other side's ACK says
+                # where its data must be
+                d = seq_diff(seg.seq, conn.half(not from_client).last_ack)
+                if not -MAX_WINDOW <= d < MAX_WINDOW:
+                    self.counters["out_of_window"] += 1
+                    return False
         if seg.has_ack:
             half.last_ack = seg.ack
         half.window = seg.window
+        half.window_in_syn = seg.syn
         if opts.tsval is not None:
             half.last_tsval = opts.tsval
         if seg.syn:
@@ -239,10 +281,7 @@ class TcpTracker:
                 half.next_seq = (seg.seq + 1) & _MASK
             if not from_client:
                 conn.handshake = True
-            return
-        if seg.rst:
-            events += self._close(conn, reset=True, reason="rst")
-            return
+            return True
         seq = seg.seq
         if half.next_seq is None:
             half.next_seq = seq  # picked up mid-stream: start where we came in
@@ -252,6 +291,48 @@ class TcpTracker:
         if payload:
             self._place(conn, from_client, half, seq, payload, events)
         self._check_fin(conn, half, events)
+        return True
+
+    def _window_ahead(self, conn: TcpConnection, from_client: bool, half: HalfStream) -> int:
+        """How far past ``half.next_seq`` a segment from this sender may start (its right window edge)."""
+        peer = conn.half(not from_client)
+        if peer.last_ack is None:  # the receiver has not spoken yet: only the protocol's maximum
+            return MAX_WINDOW
+        if peer.window_in_syn:
+            wnd = peer.window
+        elif conn.window_scaling():
+            wnd = peer.window << min(peer.wscale or 0, 14)
+        elif conn.handshake:
+            wnd = peer.window  # both SYNs seen, at most one offered scaling: none is used
+        else:
+            wnd = peer.window << 14  # picked up mid-stream: the scale factor is unknown
+        # the receiver's last ACK plus its window; our own next_seq plus the window if that is further
+        # (its ACKs may have passed us by while its data did not)
+        return max(seq_diff((peer.last_ack + wnd) & _MASK, half.next_seq), wnd)
+
+    def _reset(self, conn: TcpConnection, from_client: bool, half: HalfStream, seg: TcpSegment,
+               events: list) -> bool:
+        """RFC 5961 section 3: only an RST at exactly the expected sequence number ends the connection."""
+        peer = conn.half(not from_client)
+        if half.next_seq is None:
+            # we never saw this sender's sequence numbers (a refused SYN is answered with an RST
+            # carrying seq 0): it must acknowledge exactly what the other side sent
+            if seg.has_ack and peer.next_seq is not None and seg.ack == peer.next_seq:
+                events += self._close(conn, reset=True, reason="rst")
+                return True
+            self.counters["rst_unverified"] += 1
+            return False
+        if seg.seq == half.next_seq or seg.seq == peer.last_ack:
+            events += self._close(conn, reset=True, reason="rst")
+            return True
+        d = seq_diff(seg.seq, half.next_seq)
+        if peer.last_ack is not None:
+            d = min(d, seq_diff(seg.seq, peer.last_ack), key=abs)
+        if -MAX_WINDOW <= d < self._window_ahead(conn, from_client, half):
+            self.counters["rst_challenged"] += 1  # a real receiver sends a challenge ACK, keeps the connection
+        else:
+            self.counters["rst_out_of_window"] += 1
+        return False
 
     def _place(self, conn: TcpConnection, from_client: bool, half: HalfStream, seq: int,
                payload, events: list) -> None:
@@ -264,54 +345,71 @@ class TcpTracker:
                 return
             if d < 0:
                 self.counters["retransmitted_bytes"] += -d
-            data = bytes(payload[-d:])
-            half.next_seq = (half.next_seq + len(data)) & _MASK
-            half.delivered += len(data)
-            events.append(Data(conn.key, from_client, data))
+            chunks = [bytes(payload[-d:])]
+            self._advance(half, len(chunks[0]))
             if half.ooo:
-                self._drain(conn, from_client, half, events)
+                self._drain(half, chunks)
+            self._deliver(conn, from_client, half, chunks, events)
             return
-        # out of order: keep it (the longest copy per starting sequence number)
+        # out of order (and in window): keep it, the longest copy per starting position
         self.counters["ooo_segments"] += 1
-        old = half.ooo.get(seq)
-        if old is None or len(old) < n:
-            half.ooo[seq] = bytes(payload)
-            half.ooo_bytes += n - (len(old) if old else 0)
-        while half.ooo_bytes > self.ooo_limit and half.ooo:
+        start = half.pos + d
+        old = half.ooo.get(start)
+        if old is None:
+            heapq.heappush(half.ooo_heap, start)
+            half.ooo[start] = bytes(payload)
+            half.ooo_bytes += n
+        elif len(old) < n:
+            half.ooo[start] = bytes(payload)
+            half.ooo_bytes += n - len(old)
+        while half.ooo and (half.ooo_bytes > self.ooo_limit or len(half.ooo) > self.ooo_max_segments):
             self._give_up_hole(conn, from_client, half, events)
 
-    def _drain(self, conn: TcpConnection, from_client: bool, half: HalfStream, events: list) -> None:
-        """Deliver buffered segments that became in-order."""
-        while half.ooo:
-            best = min(half.ooo, key=lambda s: seq_diff(s, half.next_seq))
-            d = seq_diff(best, half.next_seq)
-            if d > 0:
-                return
-            data = half.ooo.pop(best)
+    @staticmethod
+    def _advance(half: HalfStream, n: int) -> None:
+        half.next_seq = (half.next_seq + n) & _MASK
+        half.pos += n
+
+    def _drain(self, half: HalfStream, chunks: list[bytes]) -> None:
+        """Move buffered segments that became in-order to ``chunks`` (O(log n) each)."""
+        heap, ooo = half.ooo_heap, half.ooo
+        while heap and heap[0] <= half.pos:
+            start = heapq.heappop(heap)
+            data = ooo.pop(start)
             half.ooo_bytes -= len(data)
-            if -d >= len(data):
+            skip = half.pos - start
+            if skip >= len(data):
                 continue
-            data = data[-d:] if d else data
-            half.next_seq = (half.next_seq + len(data)) & _MASK
+            data = data[skip:] if skip else data
+            self._advance(half, len(data))
+            chunks.append(data)
+
+    def _deliver(self, conn: TcpConnection, from_client: bool, half: HalfStream, chunks: list[bytes],
+                 events: list) -> None:
+        """One Data event for bytes that became in-order together (a filled hole is one event)."""
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        if data:
             half.delivered += len(data)
             events.append(Data(conn.key, from_client, data))
 
     def _give_up_hole(self, conn: TcpConnection, from_client: bool, half: HalfStream,
                       events: list) -> None:
         """The bytes before the first buffered segment are not coming: report them lost, go on."""
-        first = min(half.ooo, key=lambda s: seq_diff(s, half.next_seq))
-        length = seq_diff(first, half.next_seq)
+        length = half.ooo_heap[0] - half.pos
         if length > 0:
             self.counters["gaps"] += 1
             self.counters["gap_bytes"] += length
             events.append(Gap(conn.key, from_client, length))
-            half.next_seq = first
-        self._drain(conn, from_client, half, events)
+            self._advance(half, length)
+        chunks: list[bytes] = []
+        self._drain(half, chunks)
+        if chunks:
+            self._deliver(conn, from_client, half, chunks, events)
 
     def _check_fin(self, conn: TcpConnection, half: HalfStream, events: list) -> None:
         if half.fin_seq is not None and not half.fin_done and half.next_seq == half.fin_seq:
             half.fin_done = True
-            half.next_seq = (half.next_seq + 1) & _MASK
+            self._advance(half, 1)
         c, s = conn.client, conn.server
         if conn.closed:
             return

@@ -95,3 +95,221 @@ def test_idle_expiry_and_connection_bound():
     for port in (1, 2, 3):
         t.feed(TcpSegment("1.1.1.1", "2.2.2.2", port, 445, 0, 0, ACK, 0, TcpOptions(), b""), 30)
     assert len(t.connections) == 2 and t.counters["evicted"] == 1
+
+
+# ------------------------------------------------------------------ hostile input (issue 8, items 6 and 7)
+import time  # noqa: E402
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from protocols.tcpstream import MAX_WINDOW  # noqa: E402
+
+
+def _big_window_handshake(t, cisn=1000, sisn=5000):
+    """Handshake whose server advertises 65535 << 7 (about 8 MiB) after the SYN-ACK."""
+    ev = handshake(t, cisn, sisn)
+    ev += t.feed(seg("s", sisn + 1, flags=ACK, ack=cisn + 1, window=0xFFFF), 0)
+    return ev
+
+
+def _fill_hole_seconds(n: int) -> float:
+    """Seconds to deliver ``n`` one-byte segments buffered behind a one-byte hole (best of 3)."""
+    best = float("inf")
+    for _ in range(3):
+        t = TcpTracker([445])
+        _big_window_handshake(t)
+        for i in range(n):
+            t.feed(seg("c", 1002 + i, b"x"), 1)
+        start = time.perf_counter()
+        ev = t.feed(seg("c", 1001, b"y"), 1)
+        best = min(best, time.perf_counter() - start)
+        assert data(ev) == b"y" + b"x" * n
+    return best
+
+
+def test_filling_a_hole_is_near_linear_in_the_buffered_segments():
+    # quadratic reassembly (a min() scan per delivered segment) makes 4x the segments cost 16x
+    t1, t4 = _fill_hole_seconds(1024), _fill_hole_seconds(4096)
+    assert t4 / t1 < 8, f"1k segments {t1 * 1e3:.2f} ms, 4k segments {t4 * 1e3:.2f} ms"
+
+
+def test_a_filled_hole_is_one_data_event():
+    t = TcpTracker([445])
+    _big_window_handshake(t)
+    for i in range(100):
+        assert t.feed(seg("c", 1002 + i, b"x"), 1) == []
+    ev = t.feed(seg("c", 1001, b"y"), 1)
+    assert [type(e) for e in ev] == [Data] and ev[0].data == b"y" + b"x" * 100
+
+
+def test_out_of_order_segment_count_is_bounded():
+    t = TcpTracker([445], ooo_max_segments=64)
+    _big_window_handshake(t)
+    ev = []
+    for i in range(200):  # one-byte segments with a one-byte hole before each: 200 holes
+        ev += t.feed(seg("c", 1002 + 2 * i, b"x"), 1)
+    half = next(iter(t.connections.values())).client
+    assert len(half.ooo) <= 64 and len(half.ooo_heap) <= 64
+    assert sum(1 for e in ev if isinstance(e, Gap)) == 200 - 64
+
+
+def test_segment_beyond_the_receivers_window_is_dropped_and_counted():
+    t = TcpTracker([445])
+    handshake(t)
+    t.feed(seg("s", 5001, flags=ACK, ack=1001, window=100), 0)  # 100 << 5 = 3200 bytes of window
+    assert t.feed(seg("c", 1001 + 3200, b"spoof"), 1) == []
+    assert t.feed(seg("c", (1001 + 2 ** 31 - 1), b"spoof"), 1) == []
+    assert t.counters["out_of_window"] == 2 and t.counters["ooo_segments"] == 0
+    ev = t.feed(seg("c", 1001 + 3199, b"z"), 1)  # the last byte of the window: buffered
+    assert t.counters["ooo_segments"] == 1 and ev == []
+    # nothing of the spoofed segments shows up as a hole when the connection ends
+    ev = t.close_all()
+    assert [e.length for e in ev if isinstance(e, Gap)] == [3199]
+
+
+def test_out_of_window_segment_changes_no_state():
+    t = TcpTracker([445])
+    handshake(t)
+    t.feed(seg("s", 5001, flags=ACK, ack=1001, window=100), 0)
+    conn = next(iter(t.connections.values()))
+    before = conn.sequence_state()
+    t.feed(seg("c", 1001 + 10 ** 6, b"", flags=FIN | ACK, ack=12345, window=7), 5)
+    assert conn.sequence_state() == before and conn.client.fin_seq is None and conn.last_seen == 0
+
+
+def test_window_in_a_syn_is_not_scaled():
+    t = TcpTracker([445])
+    handshake(t)  # the SYN-ACK advertised 100, unscaled, though the server's wscale is 5
+    assert t.feed(seg("c", 1001 + 150, b"x"), 1) == [] and t.counters["out_of_window"] == 1
+
+
+def test_mid_stream_pickup_accepts_any_start_but_not_a_jump():
+    t = TcpTracker([445])
+    t.feed(seg("c", 10 ** 9, b"abc", ack=77), 0)  # mid-stream, unknown window scale
+    assert t.feed(seg("s", 77, b"ok", ack=10 ** 9 + 3, window=10), 0)[-1].data == b"ok"
+    assert t.feed(seg("c", 10 ** 9 + 3 + (10 << 14) + 5, b"far"), 1) == []
+    assert t.counters["out_of_window"] == 1
+
+
+def test_rst_exactly_at_next_seq_resets():
+    t = TcpTracker([445])
+    handshake(t)
+    t.feed(seg("c", 1001, b"abc", ack=5001), 1)
+    ev = t.feed(seg("c", 1004, flags=RST), 2)
+    assert isinstance(ev[-1], ConnectionClosed) and ev[-1].reset and not t.connections
+
+
+def test_rst_at_the_receivers_last_ack_resets():
+    t = TcpTracker([445])
+    handshake(t)
+    t.feed(seg("c", 1001, b"abc", ack=5001), 1)
+    t.feed(seg("s", 5001, b"12345", ack=1004), 1)
+    # the server's data was lost to the capture after this point; the client acknowledged more
+    t.feed(seg("c", 1004, flags=ACK, ack=5010), 1)
+    ev = t.feed(seg("s", 5010, flags=RST), 2)
+    assert ev and ev[-1].reset
+
+
+def test_in_window_rst_that_is_not_exact_is_a_challenge_not_a_reset():
+    t = TcpTracker([445])
+    handshake(t)
+    t.feed(seg("s", 5001, flags=ACK, ack=1001, window=100), 0)
+    assert t.feed(seg("c", 1001 + 500, flags=RST), 1) == []
+    assert t.feed(seg("c", 1001 + 10 ** 6, flags=RST), 1) == []
+    assert t.counters["rst_challenged"] == 1 and t.counters["rst_out_of_window"] == 1
+    assert len(t.connections) == 1
+    assert data(t.feed(seg("c", 1001, b"still here"), 2)) == b"still here"
+
+
+def test_rst_refusing_a_syn_must_acknowledge_it():
+    t = TcpTracker([445])
+    t.feed(seg("c", 1000, flags=SYN), 0)
+    assert t.feed(seg("s", 0, flags=RST | ACK, ack=999), 0) == []  # acknowledges nothing we saw
+    assert t.counters["rst_unverified"] == 1 and len(t.connections) == 1
+    ev = t.feed(seg("s", 0, flags=RST | ACK, ack=1001), 0)
+    assert ev[-1].reset and not t.connections
+
+
+def test_evicting_the_least_recently_active_connection():
+    t = TcpTracker([445], max_connections=3)
+    for port in (1, 2, 3):
+        t.feed(TcpSegment("1.1.1.1", "2.2.2.2", port, 445, 0, 0, ACK, 0, TcpOptions(), b""), port)
+    t.feed(TcpSegment("1.1.1.1", "2.2.2.2", 1, 445, 0, 0, ACK, 0, TcpOptions(), b""), 4)  # 1 is active again
+    ev = t.feed(TcpSegment("1.1.1.1", "2.2.2.2", 4, 445, 0, 0, ACK, 0, TcpOptions(), b""), 5)
+    closed = [e for e in ev if isinstance(e, ConnectionClosed)]
+    assert [(e.key.client_port, e.reason) for e in closed] == [(2, "evicted")]
+    assert sorted(k.client_port for k in t.connections) == [1, 3, 4]
+
+
+def _new_connections_seconds(t: TcpTracker, first_port: int, n: int) -> float:
+    segs = [TcpSegment("1.1.%d.%d" % (p >> 8 & 255, p & 255), "2.2.2.2", 1024 + p % 60000, 445, 0, 0, ACK, 0,
+                       TcpOptions(), b"") for p in range(first_port, first_port + n)]
+    start = time.perf_counter()
+    for s in segs:
+        t.feed(s, 1.0)
+    return time.perf_counter() - start
+
+
+def test_eviction_from_a_full_table_of_65536_is_constant_time():
+    t = TcpTracker([445])
+    assert t.max_connections == 65536
+    filling = _new_connections_seconds(t, 0, 2000)  # 2000 new connections, table not full
+    _new_connections_seconds(t, 2000, 65536 - 2000)
+    evicting = _new_connections_seconds(t, 65536, 2000)  # 2000 new ones, each evicting the oldest
+    assert t.counters["evicted"] == 2000 and len(t.connections) == 65536
+    # an O(n) scan per eviction makes this hundreds of times slower
+    assert evicting < 5 * filling + 0.05, f"filling {filling * 1e3:.1f} ms, evicting {evicting * 1e3:.1f} ms"
+
+
+@st.composite
+def _scrambled(draw):
+    """A byte string, cut into overlapping pieces, with duplicates, in a random order."""
+    payload = draw(st.binary(min_size=1, max_size=3000))
+    isn = draw(st.integers(0, 0xFFFFFFFF))
+    pieces = []
+    pos = 0
+    while pos < len(payload):
+        n = draw(st.integers(1, 200))
+        back = draw(st.integers(0, min(pos, 50)))  # overlap with what came before
+        pieces.append((pos - back, payload[pos - back:pos + n]))
+        pos += n
+    extra = draw(st.lists(st.sampled_from(pieces), max_size=10))  # duplicates
+    order = draw(st.permutations(pieces + extra))
+    return payload, isn, order
+
+
+@settings(max_examples=300, deadline=None)
+@given(_scrambled())
+def test_any_order_with_duplicates_and_overlaps_reassembles_the_original(case):
+    payload, isn, order = case
+    t = TcpTracker([445])
+    ev = _big_window_handshake(t, cisn=isn)
+    for off, piece in order:
+        ev += t.feed(seg("c", isn + 1 + off, piece, ack=5001), 1)
+    assert data(ev) == payload
+    assert not any(isinstance(e, Gap) for e in ev)
+    half = next(iter(t.connections.values())).client
+    assert half.ooo == {} and half.ooo_heap == [] and half.ooo_bytes == 0
+    assert t.counters["out_of_window"] == 0 and MAX_WINDOW == 0xFFFF << 14
+
+
+@settings(max_examples=200, deadline=None)
+@given(_scrambled(), st.integers(1, 64))
+def test_bounded_buffer_loses_bytes_only_as_reported_gaps(case, limit):
+    """With a tiny buffer bound holes are given up, but delivered bytes + gap bytes = the stream."""
+    payload, isn, order = case
+    t = TcpTracker([445], ooo_limit=limit * 8, ooo_max_segments=limit)
+    ev = _big_window_handshake(t, cisn=isn)
+    for off, piece in order:
+        ev += t.feed(seg("c", isn + 1 + off, piece, ack=5001), 1)
+    ev += t.close_all()
+    pos, lost = 0, 0
+    for e in ev:
+        if isinstance(e, Data) and e.from_client:
+            assert e.data == payload[pos:pos + len(e.data)]
+            pos += len(e.data)
+        elif isinstance(e, Gap) and e.from_client:
+            pos += e.length
+            lost += e.length
+    assert pos == len(payload) and lost == t.counters["gap_bytes"]
