@@ -234,7 +234,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     if result.error is not None:
         e = result.error
         if e.packet == 0:
-            print(f"replay: {path}: {e.what}", file=sys.stderr)
+            print(f"replay: {path}: {e}", file=sys.stderr)
         else:
             print(f"replay: {path} is truncated or corrupt at packet {e.packet} (byte offset {e.offset}): "
                   f"{e.what}; showing the state after the {result.packets} packets before it",

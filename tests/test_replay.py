@@ -109,3 +109,17 @@ def test_help_mentions_the_options(capsys):
         run(capsys, "--help")
     out = capsys.readouterr().out
     assert "--json" in out and "--events" in out and "--at" in out and "pcapng" in out
+
+
+def test_corrupt_pcapng_block_after_packets(capsys, tmp_path):
+    """An empty interface block in the middle: an error naming its offset, the state before it kept."""
+    data = (FIXTURES / "smb-smbclient.pcapng").read_bytes()
+    with open(FIXTURES / "smb-smbclient.pcapng", "rb") as f:
+        pkts = list(read_capture(f))
+    at = pkts[30].offset
+    bad = tmp_path / "bad.pcapng"
+    bad.write_bytes(data[:at] + b"\x01\x00\x00\x00\x0c\x00\x00\x00\x0c\x00\x00\x00" + data[at:])
+    rc, out, err = run(capsys, bad)
+    assert rc == 1 and "Traceback" not in err
+    assert f"byte offset {at}" in err and "interface description block length 12 is invalid" in err
+    assert "showing the state after the 30 packets before it" in err and "digest" in out
