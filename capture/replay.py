@@ -17,8 +17,10 @@ import json
 import os
 import sys
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
+from capture.nfs_text import describe_rpc, nfs_table_lines, nfs_version
 from capture.pcapfile import CaptureError, Packet, read_capture
 from protocols.events import ConnKey, ProtocolError
 from protocols.pipeline import Pipeline
@@ -32,9 +34,11 @@ def _short(key: ConnKey) -> str:
     return f"{key.client}>{key.server}"
 
 
-def describe_event(ev: object) -> str:
-    """One human line per event (the replay timeline)."""
+def describe_event(ev: object, latency_ms: float | None = None) -> str:
+    """One human line per event (the replay timeline); ``latency_ms``: an RPC reply's, if known."""
     name = type(ev).__name__
+    if name in ("RpcCall", "RpcReply"):
+        return describe_rpc(ev, latency_ms)
     if name == "Smb2Request" or name == "Smb2Response":
         f = dict(ev.fields)
         kind = "request " if name == "Smb2Request" else "response"
@@ -60,7 +64,8 @@ def describe_event(ev: object) -> str:
         cmd = COMMAND_NAMES[ev.command] if ev.command < len(COMMAND_NAMES) else ev.command
         return f"SMB2 {cmd} interim mid={ev.message_id} STATUS_PENDING async_id={ev.async_id}"
     if name == "Smb2Notification":
-        return f"SMB2 notification command={ev.command} {ev.fields}"
+        fields = " ".join(f"{k}={v}" for k, v in dict(ev.fields).items() if v not in ("", [], None))
+        return f"SMB2 notification command={ev.command} {fields}".rstrip()
     if name == "Smb2Opaque":
         return f"SMB3 {ev.kind} message {'c>s' if ev.from_client else 's>c'} {ev.length} bytes " \
                f"sid=0x{ev.session_id or 0:x}"
@@ -85,6 +90,8 @@ def format_tables(snap: dict) -> str:
     for c in conns:
         smb = c.get("smb") or {}
         extra = f"  dialect {smb['dialect']}" if smb.get("dialect") else ""
+        if isinstance(c.get("nfs"), dict) and nfs_version(c["nfs"]):
+            extra = f"  {nfs_version(c['nfs'])}"
         flag = "  UNSYNCHRONISED" if c["unsynchronised"] else ""
         lines.append(f"  {c['client']} -> {c['server']}  {c['protocol']}{extra}{flag}")
         for s in c["sessions"]:
@@ -95,8 +102,8 @@ def format_tables(snap: dict) -> str:
             flags = " ".join(x for x in ("durable" if o.get("durable") else "", "lease" if o.get("lease") else "") if x)
             lines.append(f"    open {o['file_id']}  {o['path'] or '(share root)'}  "
                          f"session 0x{o['session_id']:x} tree 0x{o['tree_id']:x}  {flags}".rstrip())
-        if c.get("nfs"):
-            lines.append("    nfs " + json.dumps(c["nfs"], sort_keys=True)[:400])
+        if isinstance(c.get("nfs"), dict):
+            lines += nfs_table_lines(c["nfs"])
         t = c["tcp"]
         lines.append(f"    tcp next seq c>s {t['client_next_seq']} s>c {t['server_next_seq']}  "
                      f"wscale {t['client_wscale']}/{t['server_wscale']}  mss {t['client_mss']}/{t['server_mss']}"
@@ -104,6 +111,30 @@ def format_tables(snap: dict) -> str:
     nonzero = {k: v for k, v in snap["errors"].items() if v}
     lines.append("counters: " + ", ".join(f"{k}={v}" for k, v in nonzero.items()))
     return "\n".join(lines)
+
+
+class EventPrinter:
+    """``on_event`` for ``--events``: one line per event, RPC replies with the latency of their call."""
+
+    MAX_PENDING = 65536  # calls remembered for their reply's latency (the oldest are forgotten)
+
+    def __init__(self, out) -> None:
+        self.out = out
+        self._calls: OrderedDict[tuple[ConnKey, int], float] = OrderedDict()
+
+    def __call__(self, rel: float, key: ConnKey, ev: object) -> None:
+        name = type(ev).__name__
+        if name == "Data":
+            return
+        latency = None
+        if name == "RpcCall":
+            self._calls[(key, ev.xid)] = rel
+            if len(self._calls) > self.MAX_PENDING:
+                self._calls.popitem(last=False)
+        elif name == "RpcReply":
+            sent = self._calls.pop((key, ev.xid), None)
+            latency = None if sent is None else (rel - sent) * 1e3
+        self.out.write(f"{rel:12.6f}  {_short(key)}  {describe_event(ev, latency)}\n")
 
 
 # ------------------------------------------------------------------------------------------ replay
@@ -165,9 +196,13 @@ def cmd_replay(args: argparse.Namespace) -> int:
     try:
         return _cmd_replay(args)
     except BrokenPipeError:  # `pairproxy replay --events x.pcap | head`: not an error
+        # what is still buffered for the closed pipe must not fail again at exit: point the
+        # descriptor at /dev/null (the way Python's documentation advises for SIGPIPE)
         try:
-            sys.stdout = open(os.devnull, "w")
-        except OSError:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        except (OSError, ValueError):
             pass
         return 0
 
@@ -189,10 +224,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     out = sys.stdout
     on_event = None
     if args.events:
-        def on_event(rel: float, key: ConnKey, ev: object) -> None:
-            if type(ev).__name__ == "Data":
-                return
-            out.write(f"{rel:12.6f}  {_short(key)}  {describe_event(ev)}\n")
+        on_event = EventPrinter(out)
     progress = None
     show_progress = args.progress or (sys.stderr.isatty() and size > 16 << 20)
     started = time.monotonic()
@@ -209,6 +241,8 @@ def _cmd_replay(args: argparse.Namespace) -> int:
                 sys.stderr.flush()
     try:
         result = replay(path, at, on_event, progress)
+    except BrokenPipeError:
+        raise  # stdout closed (`| head`), not the capture: cmd_replay ends quietly
     except OSError as exc:
         print(f"replay: cannot read {path}: {exc.strerror or exc}", file=sys.stderr)
         return 1
