@@ -134,6 +134,17 @@ class TcpConnection:
         """RFC 7323: scaling applies only when both SYNs carried the option."""
         return self.client.wscale is not None and self.server.wscale is not None
 
+    def window_bytes(self, half: HalfStream) -> int | None:
+        """``half``'s last advertised window in bytes; None if picked up mid-stream with scaling unknown.
+
+        RFC 7323: the window of a SYN is never scaled; after it, only when both SYNs offered scaling.
+        """
+        if half.window_in_syn or (self.handshake and not self.window_scaling()):
+            return half.window
+        if self.window_scaling():
+            return half.window << min(half.wscale or 0, 14)
+        return None
+
     def sequence_state(self) -> dict:
         """What a TCP_REPAIR takeover of this connection needs, as plain JSON-able values."""
         c, s = self.client, self.server
@@ -143,8 +154,8 @@ class TcpConnection:
             "server_next_seq": s.next_seq,
             "client_last_ack": c.last_ack,
             "server_last_ack": s.last_ack,
-            "client_window": c.window << (c.wscale or 0) if scaling else c.window,
-            "server_window": s.window << (s.wscale or 0) if scaling else s.window,
+            "client_window": self.window_bytes(c) if scaling else c.window,
+            "server_window": self.window_bytes(s) if scaling else s.window,
             "client_wscale": c.wscale if scaling else None,
             "server_wscale": s.wscale if scaling else None,
             "client_mss": c.mss,
@@ -298,14 +309,9 @@ class TcpTracker:
         peer = conn.half(not from_client)
         if peer.last_ack is None:  # the receiver has not spoken yet: only the protocol's maximum
             return MAX_WINDOW
-        if peer.window_in_syn:
-            wnd = peer.window
-        elif conn.window_scaling():
-            wnd = peer.window << min(peer.wscale or 0, 14)
-        elif conn.handshake:
-            wnd = peer.window  # both SYNs seen, at most one offered scaling: none is used
-        else:
-            wnd = peer.window << 14  # picked up mid-stream: the scale factor is unknown
+        wnd = conn.window_bytes(peer)
+        if wnd is None:
+            wnd = peer.window << 14  # picked up mid-stream: the scale factor is unknown, assume the largest
         # the receiver's last ACK plus its window; our own next_seq plus the window if that is further
         # (its ACKs may have passed us by while its data did not)
         return max(seq_diff((peer.last_ack + wnd) & _MASK, half.next_seq), wnd)

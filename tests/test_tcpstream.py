@@ -313,3 +313,11 @@ def test_bounded_buffer_loses_bytes_only_as_reported_gaps(case, limit):
             pos += e.length
             lost += e.length
     assert pos == len(payload) and lost == t.counters["gap_bytes"]
+
+
+def test_takeover_window_of_a_syn_is_unscaled():
+    t = TcpTracker([445])
+    handshake(t)  # the server's last segment is its SYN-ACK: window 100, not 100 << 5
+    t.feed(seg("c", 1001, b"hi", ack=5001, window=200), 1)
+    state = next(iter(t.connections.values())).sequence_state()
+    assert state["server_window"] == 100 and state["client_window"] == 200 << 7
