@@ -33,7 +33,6 @@ from __future__ import annotations
 import struct
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Callable
 
 from .events import ProtocolError
 from .nfs import PROGRAMS
