@@ -4,6 +4,7 @@ through tomllib, and every lab config is one the node accepts, with the timings 
 from __future__ import annotations
 
 import math
+import sys
 import tomllib
 
 import pytest
@@ -79,3 +80,29 @@ def test_milliseconds_never_in_exponent_form():
     assert PairTimings.from_ms(1e6, 2e6) == PairTimings("1000000ms", "2000000ms")
     with pytest.raises(ValueError):
         PairTimings.from_ms(0, 100)
+
+
+def test_benchmark_timings_reach_the_configs_as_values(tmp_path, monkeypatch):
+    """bench/driver.py's Bench.pair_configs: the lab's own files for the lab's timings, copies holding
+    exactly the asked-for values otherwise (no text rewriting of the lab's TOML)."""
+    import importlib.util
+    import shutil
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "driver.py"
+    spec = importlib.util.spec_from_file_location("bench_driver", path)
+    driver = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_driver", driver)  # dataclasses look their module up
+    spec.loader.exec_module(driver)
+    bench = driver.Bench("unit", prefix="q7u", root=str(tmp_path / "lab"), workdir=str(tmp_path))
+    try:
+        own = bench.pair_configs("stateless", PairTimings())
+        assert own == {n: bench.lab.node_config_path(n, pair=True) for n in ("a", "b")}
+        copies = bench.pair_configs("stateful", PairTimings.from_ms(25, 75))
+        for node, cfg in copies.items():
+            assert cfg.parent.parent == bench.work
+            config = load_config(cfg)
+            assert (config.node.name, config.pair.mode) == (node, "stateful")
+            assert (config.pair.heartbeat, config.pair.dead_after) == (0.025, 0.075)
+    finally:
+        shutil.rmtree(bench.work, ignore_errors=True)

@@ -153,6 +153,8 @@ class Lab:
         return nodeconfigs.write_toml(path, self.node_config(node, pair, mode, timings))
 
     def _write_node_state(self) -> None:
+        """The pair's key and the nodes' state directories (what the configs point to)."""
+        self.root.mkdir(parents=True, exist_ok=True)
         if not self.pair_key_path.exists():
             self.pair_key_path.write_bytes(os.urandom(32).hex().encode() + b"\n")
         os.chmod(self.pair_key_path, 0o600)
