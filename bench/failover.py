@@ -8,8 +8,8 @@ same lab, same probes.
 Setups are **interleaved**: run i measures every setup once, in the order stateless, stateful,
 keepalived for the first ``--dead-after`` value, then the pairproxy modes for each further value
 (``--extra-runs`` of them; default ``--runs``). ``--heartbeat``/``--dead-after`` other than the lab's
-(20/100 ms) are applied to copies of the lab's pair configs in the bench's temp dir (``config=`` of
-NodeProcess). Stateful setups run with the lab's bridge in flood mode (``lab.flood(True)``), the
+(20/100 ms) are written as config values (``Lab.write_node_config``) to copies of the lab's pair configs
+in the bench's temp dir (``config=`` of NodeProcess). Stateful setups run with the lab's bridge in flood mode (``lab.flood(True)``), the
 others without.
 
 Each run measures, in its own lab (prefix ``ppf``, root /var/tmp/pairproxy-failover-lab):
@@ -20,6 +20,9 @@ Each run measures, in its own lab (prefix ``ppf``, root /var/tmp/pairproxy-failo
   priority 150 in ns a, 100 in ns b, preempt on) and haproxy 2.6 ``mode tcp`` in both namespaces
   listening on the VIP (``net.ipv4.ip_nonlocal_bind=1`` in the two node namespaces, so the standby's
   haproxy is already bound when the VIP arrives), backends 10.77.0.10:445 / :2049.
+
+Lab, probes, nodes, baselines and cleanup come from bench/driver.py (shared with the other
+benchmarks).
 
 The probe (bench/_failprobe.py, in the client namespace) starts a new TCP connection + SMB2 NEGOTIATE
 and, separately, a new TCP connection + ONC RPC NULL (NFSv3) every 5 ms while anything looks wrong
@@ -58,166 +61,17 @@ import argparse
 import datetime
 import json
 import os
-import platform
-import re
-import shutil
-import signal
 import statistics
 import subprocess
 import sys
-import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from driver import (PROTOS, Bench, IdleProbe, KeepalivedNode, LabError, NodeProcess, PairTimings, Probe, ms,
+                    run_info, say, serving, standing_by, stats, wait_until)
 
-from deploy.lab.clients import NodeProcess  # noqa: E402
-from deploy.lab.core import Lab, LabError  # noqa: E402
-
-PROBE = REPO / "bench" / "_failprobe.py"
-IDLE_PROBE = REPO / "bench" / "_idleprobe.py"
 VIP = "10.77.0.50"
-VRID = 77
-PROTOS = ("smb", "nfs")
-
-
-def say(text: str = "") -> None:
-    print(text, flush=True)
-
-
-# ------------------------------------------------------------------------------------------ probe
-class Probe:
-    """bench/_failprobe.py in the client namespace; collects its records in a thread."""
-
-    def __init__(self, lab: Lab, host: str):
-        self.lab, self.host = lab, host
-        self.records: list[dict] = []
-        self.proc: subprocess.Popen | None = None
-        self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> "Probe":
-        self.proc = self.lab.popen(self.lab.ns_client, [sys.executable, str(PROBE), self.host],
-                                   stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                   text=True, bufsize=1)
-        self._thread = threading.Thread(target=self._read, daemon=True)
-        self._thread.start()
-        return self
-
-    def _read(self) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
-        for line in self.proc.stdout:
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            with self._lock:
-                self.records.append(rec)
-
-    def snapshot(self) -> list[dict]:
-        with self._lock:
-            return list(self.records)
-
-    def oks(self, proto: str, started_after: float = 0.0) -> list[dict]:
-        return [r for r in self.snapshot() if r["p"] == proto and r["ok"] and r["s"] >= started_after]
-
-    def wait(self, predicate, timeout: float, what: str) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc is not None and self.proc.poll() is not None:
-                err = self.proc.stderr.read() if self.proc.stderr else ""
-                raise LabError(f"probe exited with {self.proc.returncode}: {err[-800:]}")
-            if predicate():
-                return
-            time.sleep(0.01)
-        fails = [r for r in self.snapshot() if not r["ok"]][-3:]
-        raise LabError(f"probe via {self.host}: {what} not within {timeout:g}s (last failures: {fails})")
-
-    def wait_ok(self, n: int = 10, after: float = 0.0, timeout: float = 10) -> None:
-        self.wait(lambda: all(len(self.oks(p, after)) >= n for p in PROTOS), timeout,
-                  f"{n} successes per protocol")
-
-    def stop(self) -> list[dict]:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        if self._thread is not None:
-            self._thread.join(5)
-        return self.snapshot()
-
-
-class IdleProbe:
-    """bench/_idleprobe.py in the client namespace: K idle connections, and when each one ended."""
-
-    def __init__(self, lab: Lab, host: str, smb: int = 2, nfs: int = 2):
-        self.lab, self.host, self.smb, self.nfs = lab, host, smb, nfs
-        self.proc: subprocess.Popen | None = None
-        self.ready: list[dict] = []
-        self.events: list[dict] = []
-        self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-        self._ready = threading.Event()
-
-    def start(self, timeout: float = 10) -> "IdleProbe":
-        self.proc = self.lab.popen(self.lab.ns_client, [sys.executable, str(IDLE_PROBE), self.host,
-                                                        "--smb", str(self.smb), "--nfs", str(self.nfs)],
-                                   stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                   text=True, bufsize=1)
-        self._thread = threading.Thread(target=self._read, daemon=True)
-        self._thread.start()
-        if not self._ready.wait(timeout):
-            err = ""
-            if self.proc.poll() is not None and self.proc.stderr:
-                err = self.proc.stderr.read()[-800:]
-            raise LabError(f"idle probe via {self.host} not ready within {timeout:g}s {err}")
-        return self
-
-    def _read(self) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
-        for line in self.proc.stdout:
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            with self._lock:
-                if "ready" in rec:
-                    self.ready = rec["ready"]
-                    self._ready.set()
-                else:
-                    self.events.append(rec)
-
-    def ended(self) -> list[dict]:
-        with self._lock:
-            return list(self.events)
-
-    def notice_times(self, died: float, cap: float) -> list[dict]:
-        """Per idle connection: death -> its recv() returned (None: not within ``cap``)."""
-        by_i = {e["i"]: e for e in self.ended()}
-        out = []
-        for r in self.ready:
-            e = by_i.get(r["i"])
-            dt = None if e is None or e["t"] - died > cap else e["t"] - died
-            out.append({"p": r["p"], "local": r["local"], "notice_s": dt, "ev": None if e is None else e["ev"],
-                        "ended_before_death": e is not None and e["t"] < died})
-        return out
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        if self._thread is not None:
-            self._thread.join(5)
 
 
 def first_success_after(records: list[dict], proto: str, at: float) -> float | None:
@@ -242,181 +96,7 @@ def longest_gap(records: list[dict], proto: str, start: float, end: float, ref: 
     return out
 
 
-# ------------------------------------------------------------------------- keepalived + haproxy
-def _alive(pid: int, comm: str) -> bool:
-    try:
-        os.waitpid(pid, os.WNOHANG)
-    except (ChildProcessError, OSError):
-        pass
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        if stat[stat.rindex(")") + 2:].split()[0] in ("Z", "X"):
-            return False
-        return Path(f"/proc/{pid}/comm").read_text().strip() == comm
-    except (OSError, ValueError):
-        return False
-
-
-class KaNode:
-    """haproxy + keepalived (foreground, our PIDs) in one node namespace."""
-
-    def __init__(self, lab: Lab, node: str, priority: int, work: Path):
-        self.lab, self.node, self.priority = lab, node, priority
-        self.ns = lab.ns_a if node == "a" else lab.ns_b
-        self.dir = work / f"ka-{node}"
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.haproxy: subprocess.Popen | None = None
-        self.keepalived: subprocess.Popen | None = None
-
-    @property
-    def vrrp_pid_file(self) -> Path:
-        return self.dir / "vrrp.pid"
-
-    def _haproxy_cfg(self) -> str:
-        srv = self.lab.addresses.server
-        lines = ["global", "    maxconn 2000", f"    pidfile {self.dir / 'haproxy.pid'}",
-                 "defaults", "    mode tcp", "    timeout connect 5s", "    timeout client 1h",
-                 "    timeout server 1h"]
-        for port in (445, 2049):
-            lines += [f"listen p{port}", f"    bind {VIP}:{port}", f"    server s {srv}:{port}"]
-        return "\n".join(lines) + "\n"
-
-    def _keepalived_cfg(self) -> str:
-        return f"""global_defs {{
-    router_id ppf_{self.node}
-    vrrp_version 3
-    enable_script_security
-}}
-vrrp_instance VI_PPF {{
-    state BACKUP
-    interface eth0
-    virtual_router_id {VRID}
-    priority {self.priority}
-    advert_int 0.01
-    virtual_ipaddress {{
-        {VIP}/{self.lab.addresses.prefixlen} dev eth0
-    }}
-}}
-"""
-
-    def start(self) -> "KaNode":
-        cfg = self.dir / "haproxy.cfg"
-        cfg.write_text(self._haproxy_cfg())
-        with open(self.dir / "haproxy.log", "ab") as log:
-            self.haproxy = self.lab.popen(self.ns, ["haproxy", "-db", "-f", str(cfg)],
-                                          stdin=subprocess.DEVNULL, stdout=log, stderr=log)
-        kcfg = self.dir / "keepalived.conf"
-        kcfg.write_text(self._keepalived_cfg())
-        self.vrrp_pid_file.unlink(missing_ok=True)
-        with open(self.dir / "keepalived.log", "ab") as log:
-            self.keepalived = self.lab.popen(
-                self.ns, ["keepalived", "-n", "-l", "-D", "-G", "-P", "-R", "-f", str(kcfg),
-                          "-p", str(self.dir / "keepalived.pid"), "-r", str(self.vrrp_pid_file),
-                          "-c", str(self.dir / "checkers.pid"), "-b", str(self.dir / "bfd.pid")],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            for name, p in (("haproxy", self.haproxy), ("keepalived", self.keepalived)):
-                if p.poll() is not None:
-                    raise LabError(f"{name} in {self.ns} exited with {p.returncode}; see {self.dir}")
-            if self.vrrp_pid() and self.listening():
-                return self
-            time.sleep(0.02)
-        raise LabError(f"keepalived/haproxy in {self.ns} not ready within 10 s; see {self.dir}")
-
-    def vrrp_pid(self) -> int | None:
-        try:
-            pid = int(self.vrrp_pid_file.read_text().split()[0])
-        except (OSError, ValueError, IndexError):
-            return None
-        return pid if _alive(pid, "keepalived") else None
-
-    def listening(self) -> bool:
-        cp = self.lab.run(self.ns, ["ss", "-Hltn"], capture_output=True, text=True)
-        ports = {l.split()[3] for l in cp.stdout.splitlines() if len(l.split()) >= 4}
-        return {f"{VIP}:445", f"{VIP}:2049"} <= ports
-
-    def has_vip(self) -> bool:
-        cp = self.lab.run(self.ns, ["ip", "-4", "-o", "addr", "show", "dev", "eth0"], capture_output=True, text=True)
-        return f" {VIP}/" in cp.stdout
-
-    def remove_vip(self) -> None:
-        self.lab.run(self.ns, ["ip", "addr", "del", f"{VIP}/{self.lab.addresses.prefixlen}", "dev", "eth0"],
-                     capture_output=True)
-
-    def kill_hard(self) -> float:
-        """Link down, then SIGKILL of keepalived's VRRP child, keepalived and haproxy: a dead machine."""
-        self.lab.run(self.ns, ["ip", "link", "set", "eth0", "down"], check=True)
-        at = time.monotonic()
-        vp = self.vrrp_pid()
-        if vp:
-            os.kill(vp, signal.SIGKILL)
-        for p in (self.keepalived, self.haproxy):
-            if p is not None and p.poll() is None:
-                p.kill()
-                p.wait(5)
-        return at
-
-    def stop(self) -> None:
-        """SIGTERM (keepalived then drops the VIP), SIGKILL if it overstays; VRRP child too."""
-        vp = self.vrrp_pid()
-        for p in (self.keepalived, self.haproxy):
-            if p is not None and p.poll() is None:
-                p.terminate()
-                try:
-                    p.wait(5)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait(5)
-        if vp and _alive(vp, "keepalived"):
-            os.kill(vp, signal.SIGKILL)
-        self.remove_vip()
-
-
 # ------------------------------------------------------------------------------------ the runs
-def serving(address: str, node: str):
-    def check(status: dict) -> bool:
-        a = status.get("pair", {}).get("addresses", {}).get(address)
-        return bool(a) and a["held_by"] == node and a["role"] in ("serving", "holding")
-    return check
-
-
-def standing_by(status: dict) -> bool:
-    pair = status.get("pair", {})
-    return all(a["role"] in ("serving", "standby") for a in pair.get("addresses", {}).values()) and \
-        pair.get("link", {}).get("state") == "connected"
-
-
-def wait_until(predicate, timeout: float, what: str, step: float = 0.005) -> float:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return time.monotonic()
-        time.sleep(step)
-    raise LabError(f"{what} not within {timeout:g}s")
-
-
-class State:
-    """Everything started, for cleanup."""
-
-    def __init__(self) -> None:
-        self.probes: list[Probe] = []
-        self.idle: list[IdleProbe] = []
-        self.nodes: list[NodeProcess] = []
-        self.ka: list[KaNode] = []
-        self.flooding = False
-
-
-def link_up(lab: Lab, ns: str) -> None:
-    lab.run(ns, ["ip", "link", "set", "eth0", "up"], check=True)
-
-
-def set_flood(lab: Lab, st: State, on: bool) -> None:
-    if st.flooding != on:
-        lab.flood(on)
-        st.flooding = on
-
-
 @dataclass(frozen=True)
 class Setup:
     """One measured setup: a pairproxy mode with a detector setting, or keepalived."""
@@ -438,35 +118,10 @@ class Setup:
             return "keepalived+haproxy"
         return f"{self.kind} {self.heartbeat_ms:g}/{self.dead_after_ms:g}"
 
-
-def pair_configs(lab: Lab, setup: Setup, work: Path) -> dict[str, Path]:
-    """The lab's pair configs for the setup's mode, or copies with its heartbeat/dead_after."""
-    out = {}
-    for node in ("a", "b"):
-        src = lab.node_config_path(node, pair=True, mode=setup.kind)
-        text = src.read_text()
-        new = re.sub(r'(?m)^heartbeat = ".*"$', f'heartbeat = "{setup.heartbeat_ms:g}ms"', text)
-        new = re.sub(r'(?m)^dead_after = ".*"$', f'dead_after = "{setup.dead_after_ms:g}ms"', new)
-        if new == text:
-            out[node] = src
-            continue
-        if f'heartbeat = "{setup.heartbeat_ms:g}ms"' not in new or f'dead_after = "{setup.dead_after_ms:g}ms"' not in new:
-            raise LabError(f"cannot set heartbeat/dead_after in a copy of {src}")
-        dst = work / "configs" / f"{setup.key}-{node}.toml"
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        dst.write_text(new)
-        out[node] = dst
-    return out
-
-
-def idle_phase(idle: IdleProbe, died: float, cap: float) -> list[dict]:
-    """Wait until every idle connection ended or ``cap`` after the death; stop the idle probe."""
-    deadline = died + cap + 0.05
-    while time.monotonic() < deadline and len([e for e in idle.ended() if e["t"] >= died]) < len(idle.ready):
-        time.sleep(0.01)
-    out = idle.notice_times(died, cap)
-    idle.stop()
-    return out
+    @property
+    def timings(self) -> PairTimings:
+        """The [pair] timings of this setup, as config values."""
+        return PairTimings.from_ms(self.heartbeat_ms, self.dead_after_ms)
 
 
 def count_suspects(log: Path) -> int:
@@ -475,21 +130,37 @@ def count_suspects(log: Path) -> int:
     except OSError:
         return 0
 
+def takeover_phase(bench: Bench, probe: Probe, died: float, out: dict) -> None:
+    """After a death: stop the probe; death -> first success per protocol, failed attempts."""
+    probe.wait_ok(10, after=died, timeout=10)
+    time.sleep(0.2)
+    recs = bench.stop(probe)
+    out["takeover_s"] = {p: first_success_after(recs, p, died) for p in PROTOS}
+    out["takeover_failed_attempts"] = {p: sum(1 for r in recs if r["p"] == p and not r["ok"] and r["s"] >= died)
+                                       for p in PROTOS}
 
-def run_pairproxy(lab: Lab, st: State, work: Path, i: int, setup: Setup, idle_cap: float) -> dict:
+
+def handback_phase(bench: Bench, probe: Probe, back: float, done: float, out: dict) -> None:
+    """After a hand-back from ``back`` (restart) to ``done``: stop the probe; the longest gap per protocol."""
+    time.sleep(0.5)
+    recs = bench.stop(probe)
+    out["handback_restart_to_serving_s"] = done - back
+    out["handback"] = {p: longest_gap(recs, p, back - 0.1, done + 0.5, back) for p in PROTOS}
+
+
+def run_pairproxy(bench: Bench, i: int, setup: Setup, idle_cap: float) -> dict:
+    lab, work = bench.lab, bench.work
     addr = lab.addresses
     host = addr.service_a
-    cfg = pair_configs(lab, setup, work)
+    cfg = bench.pair_configs(setup.kind, setup.timings)
     logs = {n: work / f"{setup.key}-{n}-{i}.log" for n in ("a", "b")}
-    a = NodeProcess(lab, "a", config=cfg["a"], log=logs["a"])
-    b = NodeProcess(lab, "b", config=cfg["b"], log=logs["b"])
     stateful = setup.kind == "stateful"
     out: dict = {"config": {n: str(p) for n, p in cfg.items()}}
-    idle = None
+    bench.flood(stateful)
+    lab.run(lab.ns_a, ["ip", "link", "set", "eth0", "up"], check=True)
+    a = bench.started(NodeProcess(lab, "a", config=cfg["a"], log=logs["a"]))
+    b = bench.started(NodeProcess(lab, "b", config=cfg["b"], log=logs["b"]))
     try:
-        set_flood(lab, st, stateful)
-        link_up(lab, lab.ns_a)
-        st.nodes += [a, b]
         b.start()
         a.start()
         a.wait_for(serving(host, "a"), 15, "a serving its address")
@@ -499,8 +170,7 @@ def run_pairproxy(lab: Lab, st: State, work: Path, i: int, setup: Setup, idle_ca
         if stateful:
             b.wait_for(lambda s: s["pair"].get("state_sync", {}).get("in_sync"), 10, "b's view of a in sync")
         # --- idle connections, then the takeover
-        idle = IdleProbe(lab, host).start()
-        st.idle.append(idle)
+        idle = bench.started(IdleProbe(lab, host)).start()
         locals_ = {r["local"] for r in idle.ready}
         if stateful:
             def b_sees_idle(s: dict) -> bool:
@@ -511,8 +181,7 @@ def run_pairproxy(lab: Lab, st: State, work: Path, i: int, setup: Setup, idle_ca
                 out["idle_seen_by_b"] = True
             except LabError:
                 out["idle_seen_by_b"] = False
-        probe = Probe(lab, host).start()
-        st.probes.append(probe)
+        probe = bench.started(Probe(lab, host)).start()
         probe.wait_ok(10)
         time.sleep(0.2)
         before = b.status()["pair"]
@@ -522,22 +191,15 @@ def run_pairproxy(lab: Lab, st: State, work: Path, i: int, setup: Setup, idle_ca
                                                                                    "snapshots_requested")}
         died = a.kill_hard(link_down=True)
         b.wait_for(serving(host, "b"), 10, "b holding a's address")
-        probe.wait_ok(10, after=died, timeout=10)
-        time.sleep(0.2)
-        recs = probe.stop()
-        st.probes.remove(probe)
-        out["takeover_s"] = {p: first_success_after(recs, p, died) for p in PROTOS}
-        out["takeover_failed_attempts"] = {p: sum(1 for r in recs if r["p"] == p and not r["ok"] and r["s"] >= died)
-                                           for p in PROTOS}
-        out["idle"] = idle_phase(idle, died, idle_cap)
-        st.idle.remove(idle)
+        takeover_phase(bench, probe, died, out)
+        out["idle"] = idle.wait_ended(died, idle_cap)
+        bench.stop(idle)
         status = b.status()
         out["node"] = status["pair"]["takeovers"][-1]
         if stateful:
             out["resume"] = status["pair"].get("resume", [])
         # --- hand-back
-        probe = Probe(lab, host).start()
-        st.probes.append(probe)
+        probe = bench.started(Probe(lab, host)).start()
         probe.wait_ok(10)
         time.sleep(0.2)
         back = time.monotonic()
@@ -545,106 +207,61 @@ def run_pairproxy(lab: Lab, st: State, work: Path, i: int, setup: Setup, idle_ca
         a.start()
         a.wait_for(serving(host, "a"), 20, "a serving again")
         b.wait_for(lambda s: s["pair"]["addresses"][host]["role"] == "standby", 10, "b standby")
-        done = time.monotonic()
-        time.sleep(0.5)
-        recs = probe.stop()
-        st.probes.remove(probe)
-        out["handback_restart_to_serving_s"] = done - back
-        out["handback"] = {}
-        for p in PROTOS:
-            out["handback"][p] = longest_gap(recs, p, back - 0.1, done + 0.5, back)
+        handback_phase(bench, probe, back, time.monotonic(), out)
         # false takeovers: b should have taken over exactly once (the kill), a (restarted) never
         out["takeovers_b"] = len(b.status()["pair"]["takeovers"])
         out["takeovers_a_after_restart"] = len(a.status()["pair"]["takeovers"])
         out["suspect_lines"] = {n: count_suspects(logs[n]) for n in ("a", "b")}
     finally:
-        if idle is not None and idle in st.idle:
-            idle.stop()
-            st.idle.remove(idle)
-        for n in (a, b):
-            if n in st.nodes:
-                n.stop(10)
-                st.nodes.remove(n)
-        link_up(lab, lab.ns_a)
+        bench.stop_all()
+        lab.run(lab.ns_a, ["ip", "link", "set", "eth0", "up"], check=True)
     return out
 
 
-def run_keepalived(lab: Lab, st: State, work: Path, i: int, setup: Setup, idle_cap: float) -> dict:
-    ka_a = KaNode(lab, "a", 150, work / f"run{i}")
-    ka_b = KaNode(lab, "b", 100, work / f"run{i}")
+def run_keepalived(bench: Bench, i: int, setup: Setup, idle_cap: float) -> dict:
+    lab = bench.lab
     out: dict = {}
-    idle = None
+    bench.flood(False)
+    lab.run(lab.ns_a, ["ip", "link", "set", "eth0", "up"], check=True)
+    ka_a = KeepalivedNode(lab, "a", 150, VIP, bench.work / f"run{i}")
+    ka_b = KeepalivedNode(lab, "b", 100, VIP, bench.work / f"run{i}")
     try:
-        set_flood(lab, st, False)
-        link_up(lab, lab.ns_a)
         ka_a.remove_vip()
         ka_b.remove_vip()
-        st.ka.append(ka_a)
-        ka_a.start()
+        bench.started(ka_a).start()
         wait_until(ka_a.has_vip, 10, "keepalived a MASTER (VIP on a)")
-        st.ka.append(ka_b)
-        ka_b.start()
+        bench.started(ka_b).start()
         time.sleep(0.3)
         if ka_b.has_vip() or not ka_a.has_vip():
             raise LabError("keepalived: VIP not on a alone after b started")
         # --- idle connections, then the takeover
-        idle = IdleProbe(lab, VIP).start()
-        st.idle.append(idle)
-        probe = Probe(lab, VIP).start()
-        st.probes.append(probe)
+        idle = bench.started(IdleProbe(lab, VIP)).start()
+        probe = bench.started(Probe(lab, VIP)).start()
         probe.wait_ok(10)
         time.sleep(0.2)
         died = ka_a.kill_hard()
         moved = wait_until(ka_b.has_vip, 10, "VIP on b")
-        probe.wait_ok(10, after=died, timeout=10)
-        time.sleep(0.2)
-        recs = probe.stop()
-        st.probes.remove(probe)
-        out["takeover_s"] = {p: first_success_after(recs, p, died) for p in PROTOS}
-        out["takeover_failed_attempts"] = {p: sum(1 for r in recs if r["p"] == p and not r["ok"] and r["s"] >= died)
-                                           for p in PROTOS}
+        takeover_phase(bench, probe, died, out)
         out["vip_seen_on_b_s"] = moved - died  # polled every 5 ms with `ip addr`: coarse, an upper bound
-        out["idle"] = idle_phase(idle, died, idle_cap)
-        st.idle.remove(idle)
+        out["idle"] = idle.wait_ended(died, idle_cap)
+        bench.stop(idle)
         # --- hand-back (preemption by the higher priority)
-        probe = Probe(lab, VIP).start()
-        st.probes.append(probe)
+        probe = bench.started(Probe(lab, VIP)).start()
         probe.wait_ok(10)
         time.sleep(0.2)
         ka_a.remove_vip()          # a rebooted machine has lost it; SIGKILL left it on a's eth0
         back = time.monotonic()
-        link_up(lab, lab.ns_a)
+        lab.run(lab.ns_a, ["ip", "link", "set", "eth0", "up"], check=True)
         ka_a.start()
-        wait_until(lambda: ka_a.has_vip() and not ka_b.has_vip(), 10, "VIP back on a only")
-        done = time.monotonic()
-        time.sleep(0.5)
-        recs = probe.stop()
-        st.probes.remove(probe)
-        out["handback_restart_to_serving_s"] = done - back
-        out["handback"] = {}
-        for p in PROTOS:
-            out["handback"][p] = longest_gap(recs, p, back - 0.1, done + 0.5, back)
+        done = wait_until(lambda: ka_a.has_vip() and not ka_b.has_vip(), 10, "VIP back on a only")
+        handback_phase(bench, probe, back, done, out)
     finally:
-        if idle is not None and idle in st.idle:
-            idle.stop()
-            st.idle.remove(idle)
-        for k in (ka_a, ka_b):
-            k.stop()
-            if k in st.ka:
-                st.ka.remove(k)
-        link_up(lab, lab.ns_a)
+        bench.stop_all()
+        lab.run(lab.ns_a, ["ip", "link", "set", "eth0", "up"], check=True)
     return out
 
 
 # ---------------------------------------------------------------------------------- reporting
-def stats(values: list[float | None]) -> dict:
-    vals = [v for v in values if v is not None]
-    if not vals:
-        return {"n": 0, "median": None, "worst": None, "best": None, "missing": len(values)}
-    return {"n": len(vals), "median": statistics.median(vals), "worst": max(vals), "best": min(vals),
-            "missing": len(values) - len(vals)}
-
-
 def capped_stats(values: list[float | None], cap: float) -> dict:
     """Median/worst where None means "not within cap" (ranks above every measured value)."""
     if not values:
@@ -656,10 +273,6 @@ def capped_stats(values: list[float | None], cap: float) -> dict:
     return {"n": len(vals), "median": fix(med), "worst": fix(vals[-1]), "best": fix(vals[0]),
             "over_cap": vals.count(inf), "cap": cap,
             "median_over_cap": med == inf, "worst_over_cap": vals[-1] == inf}
-
-
-def ms(v: float | None) -> str:
-    return "-" if v is None else f"{v * 1000:.1f}"
 
 
 def summarise(runs: list[dict], setups: list[Setup], idle_cap: float) -> dict:
@@ -776,36 +389,7 @@ def verdicts(summ: dict, setups: list[Setup]) -> list[dict]:
                         p[f"takeover_{proto}"][stat], k[f"takeover_{proto}"][stat])
     return out
 
-
 # ------------------------------------------------------------------------------------------- main
-def _terminate(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
-def cleanup(lab: Lab, st: State, sysctl_old: dict[str, str]) -> None:
-    for pr in list(st.probes):
-        pr.stop()
-    for ip in list(st.idle):
-        ip.stop()
-    for n in list(st.nodes):
-        n.stop(10)
-    for k in list(st.ka):
-        k.stop()
-    if st.flooding and lab.ns_switch in Lab.existing_namespaces():
-        try:
-            lab.flood(False)
-            st.flooding = False
-        except (LabError, subprocess.SubprocessError, OSError) as exc:
-            say(f"failover.py: flood off: {exc}")
-    for ns in (lab.ns_a, lab.ns_b):
-        if ns in Lab.existing_namespaces():
-            lab.run(ns, ["ip", "addr", "del", f"{VIP}/{lab.addresses.prefixlen}", "dev", "eth0"], capture_output=True)
-            lab.run(ns, ["ip", "link", "set", "eth0", "up"], capture_output=True)
-            lab.run(ns, ["ip", "link", "set", "sync0", "up"], capture_output=True)
-            if ns in sysctl_old:
-                lab.run(ns, ["sysctl", "-q", "-w", f"net.ipv4.ip_nonlocal_bind={sysctl_old[ns]}"], capture_output=True)
-
-
 def ms_list(text: str) -> list[float]:
     try:
         vals = [float(v) for v in text.split(",") if v.strip()]
@@ -857,93 +441,68 @@ def main() -> int:
     if os.geteuid() != 0:
         say("failover.py: needs root (network namespaces)")
         return 1
-    root = args.root or ("/var/tmp/pairproxy-failover-lab" if args.prefix == "ppf"
-                         else f"/var/tmp/pairproxy-failover-lab-{args.prefix}")
-    signal.signal(signal.SIGTERM, _terminate)
-    lab = Lab(prefix=args.prefix, root=root)
-    work = Path(tempfile.mkdtemp(prefix="pairproxy-failover-", dir="/var/tmp"))
-    st = State()
-    sysctl_old: dict[str, str] = {}
     started = datetime.datetime.now().astimezone()
     t_start = time.monotonic()
     runs: list[dict] = []
     load_before = os.getloadavg()
-    try:
-        say(f"lab {lab.prefix} ({root}): up ...; setups (interleaved per run): "
-            + ", ".join(f"{s.label} x{s.runs}" for s in setups))
-        lab.up()
-        for ns in (lab.ns_a, lab.ns_b):
-            cp = lab.run(ns, ["sysctl", "-n", "net.ipv4.ip_nonlocal_bind"], capture_output=True, text=True)
-            sysctl_old[ns] = cp.stdout.strip() or "0"
-            lab.run(ns, ["sysctl", "-q", "-w", "net.ipv4.ip_nonlocal_bind=1"], check=True)
-        for i in range(max(s.runs for s in setups)):
-            r: dict = {"run": i + 1}
-            runs.append(r)
-            for setup in setups:
-                if i >= setup.runs:
-                    continue
-                fn = run_keepalived if setup.kind == "keepalived" else run_pairproxy
-                res = r[setup.key] = fn(lab, st, work, i, setup, idle_cap)
-                idle = sorted(("-" if c["notice_s"] is None else f"{c['notice_s'] * 1000:.0f}") for c in res["idle"])
-                extra = ""
-                if "node" in res:
-                    n = res["node"]
-                    extra = (f" (b: silence {n['silence_ms']} moved {n['address_moved_ms']} first client "
-                             f"{n['first_client_ms']} resets {n['clients_reset']}/{n['backend_connections_reset']}"
-                             f"; takeovers b {res['takeovers_b']})")
-                say(f"run {i + 1} {setup.label}: takeover smb {ms(res['takeover_s']['smb'])} "
-                    f"nfs {ms(res['takeover_s']['nfs'])} ms, idle ended {','.join(idle)} ms{extra}, hand-back gap "
-                    f"smb {ms(res['handback']['smb']['longest_gap_s'])} nfs {ms(res['handback']['nfs']['longest_gap_s'])}"
-                    f"  [{time.monotonic() - t_start:.0f} s]")
-        summ = summarise(runs, setups, idle_cap)
-        say()
-        say("median / worst (ms)")
-        tab = table(summ, setups)
-        for line in tab:
-            say(line)
-        say()
-        vs = verdicts(summ, setups)
-        for v in vs:
-            say(f"{'PASS' if v['pass'] else 'MISS'}  {v['target']}: {v['value_ms']} ms vs {v['limit_ms']} ms")
-        if args.json:
-            doc = {
-                "date": started.isoformat(timespec="seconds"),
-                "command": " ".join([".venv/bin/python", "bench/failover.py", *sys.argv[1:]]),
-                "machine": {"cpus": os.cpu_count(), "kernel": platform.release(),
-                            "python": platform.python_version(), "loadavg_before": load_before},
-                "git_commit": subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True,
-                                             text=True).stdout.strip(),
-                "duration_s": round(time.monotonic() - t_start, 1),
-                "order": "interleaved: every run measures each setup once, in this order",
-                "setups": [{"key": s.key, "label": s.label, "kind": s.kind, "heartbeat_ms": s.heartbeat_ms,
-                            "dead_after_ms": s.dead_after_ms, "runs": s.runs} for s in setups],
-                "idle_cap_ms": args.idle_cap_ms,
-                "summary": summ, "targets": vs, "table": tab, "runs": runs,
-            }
-            Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
-            say(f"numbers written to {args.json}")
-        return 0
-    except (LabError, subprocess.SubprocessError, OSError) as exc:
-        say(f"failover.py: {exc}")
-        return 1
-    except KeyboardInterrupt:
-        say("failover.py: interrupted; cleaning up")
-        return 130
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        cleanup(lab, st, sysctl_old)
-        if not args.keep_lab:
-            try:
-                lab.down()
-            except LabError as exc:
-                say(f"failover.py: lab down: {exc}")
-        else:
-            say(f"lab {lab.prefix} left up (--keep-lab); logs in {work}")
-        if args.keep_logs and not args.keep_lab:
-            say(f"logs kept in {work}")
-        elif not args.keep_lab:
-            shutil.rmtree(work, ignore_errors=True)
+    with Bench("failover", args.prefix, default_prefix="ppf", root=args.root, keep_lab=args.keep_lab,
+               keep_work=args.keep_logs or args.keep_lab) as bench:
+        try:
+            say("setups (interleaved per run): " + ", ".join(f"{s.label} x{s.runs}" for s in setups))
+            lab = bench.up()
+            for ns in (lab.ns_a, lab.ns_b):
+                bench.sysctl(ns, "net.ipv4.ip_nonlocal_bind", "1")
+                bench.links_up_at_end(ns, ("eth0", "sync0"))
+                bench.defer(bench.at_end_in, ns, ["ip", "addr", "del", f"{VIP}/{lab.addresses.prefixlen}", "dev", "eth0"])
+            for i in range(max(s.runs for s in setups)):
+                r: dict = {"run": i + 1}
+                runs.append(r)
+                for setup in setups:
+                    if i >= setup.runs:
+                        continue
+                    fn = run_keepalived if setup.kind == "keepalived" else run_pairproxy
+                    res = r[setup.key] = fn(bench, i, setup, idle_cap)
+                    idle = sorted(("-" if c["notice_s"] is None else f"{c['notice_s'] * 1000:.0f}") for c in res["idle"])
+                    extra = ""
+                    if "node" in res:
+                        n = res["node"]
+                        extra = (f" (b: silence {n['silence_ms']} moved {n['address_moved_ms']} first client "
+                                 f"{n['first_client_ms']} resets {n['clients_reset']}/{n['backend_connections_reset']}"
+                                 f"; takeovers b {res['takeovers_b']})")
+                    say(f"run {i + 1} {setup.label}: takeover smb {ms(res['takeover_s']['smb'])} "
+                        f"nfs {ms(res['takeover_s']['nfs'])} ms, idle ended {','.join(idle)} ms{extra}, hand-back gap "
+                        f"smb {ms(res['handback']['smb']['longest_gap_s'])} nfs {ms(res['handback']['nfs']['longest_gap_s'])}"
+                        f"  [{time.monotonic() - t_start:.0f} s]")
+            summ = summarise(runs, setups, idle_cap)
+            say()
+            say("median / worst (ms)")
+            tab = table(summ, setups)
+            for line in tab:
+                say(line)
+            say()
+            vs = verdicts(summ, setups)
+            for v in vs:
+                say(f"{'PASS' if v['pass'] else 'MISS'}  {v['target']}: {v['value_ms']} ms vs {v['limit_ms']} ms")
+            if args.json:
+                doc = run_info("failover.py", started)
+                doc["machine"]["loadavg_before"] = load_before
+                doc.update({
+                    "duration_s": round(time.monotonic() - t_start, 1),
+                    "order": "interleaved: every run measures each setup once, in this order",
+                    "setups": [{"key": s.key, "label": s.label, "kind": s.kind, "heartbeat_ms": s.heartbeat_ms,
+                                "dead_after_ms": s.dead_after_ms, "runs": s.runs} for s in setups],
+                    "idle_cap_ms": args.idle_cap_ms,
+                    "summary": summ, "targets": vs, "table": tab, "runs": runs,
+                })
+                Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
+                say(f"numbers written to {args.json}")
+            return 0
+        except (LabError, subprocess.SubprocessError, OSError) as exc:
+            say(f"failover.py: {exc}")
+            return 1
+        except KeyboardInterrupt:
+            say("failover.py: interrupted; cleaning up")
+            return 130
 
 
 if __name__ == "__main__":

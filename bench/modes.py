@@ -10,32 +10,30 @@ the other mode. In stateful mode the lab's bridge floods (``lab.flood(True)``) a
 observer process snoops and decodes both addresses. Prints MB/s per mode (median over rounds) and the
 stateful/stateless ratio, plus the snoopers' kernel drops. Everything runs on this machine's cores:
 client, servers, both nodes and both observers share them, which a real site would not.
+Lab, nodes, copies and cleanup come from bench/driver.py (shared with the other benchmarks).
 """
 
 from __future__ import annotations
 
 import argparse
-import shutil
+import os
 import statistics
+import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from deploy.lab import Lab  # noqa: E402
-from deploy.lab.clients import (NodeProcess, nfs_get, nfs_put, random_file, serving, sha256_of,  # noqa: E402
-                                smb_get, smb_put)
+from driver import Bench, LabError, NodeProcess, copies, random_file, say, serving, sha256_of
 
 MODES = ("stateless", "stateful")
-METRICS = ("smb_put", "smb_get", "nfs_put", "nfs_get")
+METRICS = {"smb_put": "smb_write", "smb_get": "smb_read", "nfs_put": "nfs_write", "nfs_get": "nfs_read"}
 
 
-def one_round(lab: Lab, mode: str, src: Path, work: Path, tag: str) -> tuple[dict, list[int]]:
-    lab.flood(mode == "stateful")
-    a = NodeProcess(lab, "a", pair=True, mode=mode, log=work / f"{mode}-a.log")
-    b = NodeProcess(lab, "b", pair=True, mode=mode, log=work / f"{mode}-b.log")
+def one_round(bench: Bench, mode: str, src: Path, src_sha: str, tag: str) -> tuple[dict, list[int]]:
+    lab = bench.lab
+    bench.flood(mode == "stateful")
+    a = bench.started(NodeProcess(lab, "a", pair=True, mode=mode, log=bench.work / f"{mode}-a.log"))
+    b = bench.started(NodeProcess(lab, "b", pair=True, mode=mode, log=bench.work / f"{mode}-b.log"))
     host = lab.addresses.service_a
     try:
         b.start()
@@ -44,26 +42,16 @@ def one_round(lab: Lab, mode: str, src: Path, work: Path, tag: str) -> tuple[dic
         if mode == "stateful":
             for node in (a, b):
                 node.wait_for(lambda s: s["pair"]["state_sync"]["observer"] == "running", 15, "observer")
-        want = sha256_of(src)
-        name = f"modes-{tag}.bin"
-        back = work / "back.bin"
-        out = {"smb_put": smb_put(lab, host, src, name).check().mb_per_s,
-               "smb_get": smb_get(lab, host, name, back).check().mb_per_s}
-        assert sha256_of(back) == want, "SMB copy differs"
-        out["nfs_put"] = nfs_put(lab, host, src, name).check().mb_per_s
-        out["nfs_get"] = nfs_get(lab, host, name, back).check().mb_per_s
-        assert sha256_of(back) == want, "NFS copy differs"
+        done = copies(lab, host, src, f"modes-{tag}.bin", bench.work / "back.bin", expect_sha256=src_sha)
+        out = {k: done[c].transfer.mb_per_s for k, c in METRICS.items()}
         drops = []
         if mode == "stateful":
             for node in (a, b):
                 drops += [s["kernel_drops"] for s in node.status()["pair"]["state_sync"]["snoopers"]]
-        for d in (lab.smb_share_path, lab.nfs_export_path):
-            (d / name).unlink(missing_ok=True)
         return out, drops
     finally:
-        a.stop(10)
-        b.stop(10)
-        lab.flood(False)
+        bench.stop_all()
+        bench.flood(False)
 
 
 def main() -> int:
@@ -71,34 +59,39 @@ def main() -> int:
     parser.add_argument("--size-mib", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--prefix", default="ppm")
+    parser.add_argument("--root", help="lab state directory (default /var/tmp/pairproxy-modes-lab-PREFIX)")
     parser.add_argument("--keep-lab", action="store_true")
     args = parser.parse_args()
-    lab = Lab(prefix=args.prefix, root=f"/var/tmp/pairproxy-modes-lab-{args.prefix}")
-    work = Path(tempfile.mkdtemp(prefix="pairproxy-modes-", dir="/dev/shm"))
+    if os.geteuid() != 0:
+        say("modes.py: needs root (network namespaces)")
+        return 1
     results: dict[str, dict[str, list[float]]] = {m: {k: [] for k in METRICS} for m in MODES}
     drops: list[int] = []
-    try:
-        print(f"lab {lab.prefix}: up ...", flush=True)
-        lab.up()
-        src = random_file(work / "src.bin", args.size_mib << 20)
-        for r in range(args.rounds):
-            for mode in MODES:
-                got, d = one_round(lab, mode, src, work, f"{r}-{mode}-{time.time():.0f}")
-                drops += d
-                for k, v in got.items():
-                    results[mode][k].append(v)
-                print(f"round {r + 1}/{args.rounds} {mode:<9} " +
-                      " ".join(f"{k}={v:.0f}" for k, v in got.items()) + " MB/s", flush=True)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-        if not args.keep_lab:
-            lab.down()
-    print(f"\nmedians over {args.rounds} round(s), {args.size_mib} MiB, MB/s")
-    print(f"{'metric':<10} {'stateless':>10} {'stateful':>10} {'ratio':>7}")
+    with Bench("modes", args.prefix, root=args.root, keep_lab=args.keep_lab, workdir="/dev/shm") as bench:
+        try:
+            bench.up()
+            src = random_file(bench.work / "src.bin", args.size_mib << 20)
+            src_sha = sha256_of(src)
+            for r in range(args.rounds):
+                for mode in MODES:
+                    got, d = one_round(bench, mode, src, src_sha, f"{r}-{mode}-{time.time():.0f}")
+                    drops += d
+                    for k, v in got.items():
+                        results[mode][k].append(v)
+                    say(f"round {r + 1}/{args.rounds} {mode:<9} " + " ".join(f"{k}={v:.0f}" for k, v in got.items())
+                        + " MB/s")
+        except (LabError, subprocess.TimeoutExpired) as exc:
+            say(f"modes.py: {exc}")
+            return 1
+        except KeyboardInterrupt:
+            say("modes.py: interrupted; cleaning up")
+            return 130
+    say(f"\nmedians over {args.rounds} round(s), {args.size_mib} MiB, MB/s")
+    say(f"{'metric':<10} {'stateless':>10} {'stateful':>10} {'ratio':>7}")
     for k in METRICS:
         sl, sf = statistics.median(results["stateless"][k]), statistics.median(results["stateful"][k])
-        print(f"{k:<10} {sl:>10.0f} {sf:>10.0f} {sf / sl:>7.2f}")
-    print(f"snooper kernel drops (all observers, all stateful rounds): {sum(drops)}")
+        say(f"{k:<10} {sl:>10.0f} {sf:>10.0f} {sf / sl:>7.2f}")
+    say(f"snooper kernel drops (all observers, all stateful rounds): {sum(drops)}")
     return 0
 
 

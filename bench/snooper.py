@@ -1,11 +1,11 @@
 """Benchmark: the snooper on node b watching node a's bulk SMB and NFS traffic, and replay speed.
 
-    sudo .venv/bin/python bench/snooper.py [--size-mib 256] [--rcvbuf BYTES] [--keep-lab]
+    sudo .venv/bin/python bench/snooper.py [--size-mib 256] [--rcvbuf BYTES] [--prefix pps] [--keep-lab]
 
 What it does (results in bench/SNOOPER.md):
 
-1. the lab ``pps`` (state in /var/tmp/pairproxy-snoop-lab), service bridge hub-like (``flood``), so
-   pps-b's eth0 receives node a's frames both ways, as a standby on a mirror port would;
+1. the lab ``pps`` (state in /var/tmp/pairproxy-snoop-lab[-PREFIX]), service bridge hub-like (``flood``),
+   so pps-b's eth0 receives node a's frames both ways, as a standby on a mirror port would;
 2. node a serving; in pps-b a snooper process (this file, ``snoop`` mode) with a Pipeline, filter
    10.77.0.1 ports 445/2049/111/20048;
 3. smbclient put/get and nfs-cp put/get (v3) of one random file through 10.77.0.1;
@@ -14,7 +14,8 @@ What it does (results in bench/SNOOPER.md):
 5. the same transfers again under ``tcpdump -w`` in pps-b, then ``pairproxy replay`` of that capture
    timed (MB of capture per second); the capture is deleted.
 
-Everything started is stopped by PID; the bridge is set back to learning; the lab goes down.
+Everything started is stopped by PID; the bridge is set back to learning; the lab goes down
+(lab, node, copies and cleanup from bench/driver.py, shared with the other benchmarks).
 """
 
 from __future__ import annotations
@@ -34,8 +35,6 @@ sys.path.insert(0, str(ROOT))
 
 ADDRESSES = ["10.77.0.1"]
 PORTS = [445, 2049, 111, 20048]
-LAB_ROOT = "/var/tmp/pairproxy-snoop-lab"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 # ------------------------------------------------------------------ the snooper process (in pps-b)
@@ -79,61 +78,55 @@ def snoop_main(ifname: str, out: str, rcvbuf: int) -> None:
 
 
 # ------------------------------------------------------------------------------ the benchmark
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime
+class Child:
+    """A process this benchmark started (snooper, tcpdump): killed by PID at the end if still running."""
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self.proc = proc
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
 
 
-def transfers(lab, clients, src: Path, work: Path, tag: str) -> list:
-    host = lab.addresses.service_a
-    out = []
-    out.append(clients.smb_put(lab, host, src, f"snoop-{tag}.bin", timeout=600).check())
-    out.append(clients.smb_get(lab, host, f"snoop-{tag}.bin", work / f"smb-get-{tag}.bin", timeout=600).check())
-    out.append(clients.nfs_put(lab, host, src, f"snoop-{tag}.bin", timeout=600).check())
-    out.append(clients.nfs_get(lab, host, f"snoop-{tag}.bin", work / f"nfs-get-{tag}.bin", timeout=600).check())
-    for p in work.glob(f"*-get-{tag}.bin"):
-        p.unlink()
-    for p in (lab.smb_share_path / f"snoop-{tag}.bin", lab.nfs_export_path / f"snoop-{tag}.bin"):
-        p.unlink(missing_ok=True)
-    return out
+def transfers(bench, src: Path, tag: str) -> list:
+    from driver import copies
+
+    done = copies(bench.lab, bench.lab.addresses.service_a, src, f"snoop-{tag}.bin", bench.work / f"get-{tag}.bin",
+                  timeout=600)
+    return [c.transfer for c in done.values()]
 
 
-def bench(size: int, rcvbuf: int, keep_lab: bool) -> dict:
-    from deploy.lab import Lab
-    from deploy.lab import clients
+def bench_run(size: int, rcvbuf: int, prefix: str, root: str | None, keep_lab: bool) -> dict:
+    from driver import Bench, NodeProcess, cpu_seconds, random_file
 
-    lab = Lab(prefix="pps", root=LAB_ROOT)
-    node = None
-    snoop = None
-    tcpdump = None
-    capture = Path(LAB_ROOT) / "snoop-bench.pcap"
     result: dict = {"date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "machine": platform.uname()._asdict(),
                     "cpus": os.cpu_count(), "size": size, "rcvbuf": rcvbuf}
-    try:
-        lab.up()
-        lab.flood(True)
-        work = Path(LAB_ROOT) / "bench-work"
-        work.mkdir(exist_ok=True)
-        src = clients.random_file(work / "src.bin", size)
-        node = clients.NodeProcess(lab, "a").start()
+    with Bench("snoop", prefix, default_prefix="pps", root=root, keep_lab=keep_lab) as bench:
+        lab = bench.up()
+        bench.flood(True)
+        work = bench.work
+        capture = work / "snoop-bench.pcap"
+        src = random_file(work / "src.bin", size)
+        bench.started(NodeProcess(lab, "a")).start()
 
         # ---- round 1: live snooper
         stats_file = work / "snoop-stats.json"
-        stats_file.unlink(missing_ok=True)
-        snoop = lab.popen(lab.ns_b, [sys.executable, __file__, "snoop", "eth0", str(stats_file),
-                                     "--rcvbuf", str(rcvbuf)],
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-        line = snoop.stdout.readline().strip()
+        snoop = bench.started(Child(lab.popen(lab.ns_b, [sys.executable, __file__, "snoop", "eth0", str(stats_file),
+                                                         "--rcvbuf", str(rcvbuf)],
+                                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)))
+        line = snoop.proc.stdout.readline().strip()
         if line != "ready":
-            raise RuntimeError(f"snooper did not start: {line} {snoop.stderr.read()[-2000:]}")
-        cpu0, t0 = cpu_seconds(snoop.pid), time.monotonic()
-        xfers = transfers(lab, clients, src, work, "live")
+            raise RuntimeError(f"snooper did not start: {line} {snoop.proc.stderr.read()[-2000:]}")
+        cpu0, t0 = cpu_seconds(snoop.proc.pid), time.monotonic()
+        xfers = transfers(bench, src, "live")
         time.sleep(0.5)  # let the queue drain
-        cpu1, t1 = cpu_seconds(snoop.pid), time.monotonic()
-        snoop.send_signal(signal.SIGTERM)
-        snoop.wait(timeout=30)
-        if snoop.returncode != 0:
-            raise RuntimeError(f"snooper exited {snoop.returncode}: {snoop.stderr.read()[-2000:]}")
+        cpu1, t1 = cpu_seconds(snoop.proc.pid), time.monotonic()
+        snoop.proc.send_signal(signal.SIGTERM)
+        snoop.proc.wait(timeout=30)
+        if snoop.proc.returncode != 0:
+            raise RuntimeError(f"snooper exited {snoop.proc.returncode}: {snoop.proc.stderr.read()[-2000:]}")
         live = json.loads(stats_file.read_text())
         wall = t1 - t0
         busy = sum(x.seconds for x in xfers)
@@ -147,15 +140,15 @@ def bench(size: int, rcvbuf: int, keep_lab: bool) -> dict:
             **live}
 
         # ---- round 2: tcpdump capture of the same transfers, then replay
-        tcpdump = lab.popen(lab.ns_b, ["tcpdump", "-i", "eth0", "-s", "0", "-B", "65536", "--immediate-mode",
-                                       "-w", str(capture), "tcp and host 10.77.0.1 and (port 445 or port 2049)"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        tcpdump = bench.started(Child(lab.popen(
+            lab.ns_b, ["tcpdump", "-i", "eth0", "-s", "0", "-B", "65536", "--immediate-mode",
+                       "-w", str(capture), "tcp and host 10.77.0.1 and (port 445 or port 2049)"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)))
         time.sleep(1.0)
-        transfers(lab, clients, src, work, "cap")
+        transfers(bench, src, "cap")
         time.sleep(0.5)
-        tcpdump.send_signal(signal.SIGINT)
-        _, err = tcpdump.communicate(timeout=30)
-        tcpdump = None
+        tcpdump.proc.send_signal(signal.SIGINT)
+        _, err = tcpdump.proc.communicate(timeout=30)
         result["tcpdump"] = [l for l in err.splitlines() if "packets" in l]
         cap_size = capture.stat().st_size
         t0 = time.monotonic()
@@ -171,20 +164,6 @@ def bench(size: int, rcvbuf: int, keep_lab: bool) -> dict:
         result["replay"] = {"returncode": rp.returncode, "capture_MB": round(cap_size / 1e6, 1),
                             "seconds": round(rt, 2), "MB_per_s": round(cap_size / rt / 1e6, 1), **summary}
         return result
-    finally:
-        for proc in (snoop, tcpdump):
-            if proc is not None and proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        if node is not None:
-            node.stop()
-        capture.unlink(missing_ok=True)
-        try:
-            lab.flood(False)
-        except Exception:
-            pass
-        if not keep_lab:
-            lab.down()
 
 
 def main() -> None:
@@ -197,13 +176,15 @@ def main() -> None:
     ap.add_argument("--size-mib", type=int, default=256)
     ap.add_argument("--rcvbuf", type=int, default=128 << 20,
                     help="snooper SO_RCVBUFFORCE (8 MiB, the Snooper default, dropped 22%% here)")
+    ap.add_argument("--prefix", default="pps", help="lab prefix (default pps)")
+    ap.add_argument("--root", help="lab state directory (default /var/tmp/pairproxy-snoop-lab[-PREFIX])")
     ap.add_argument("--keep-lab", action="store_true")
     ap.add_argument("--json-out", default=None)
     args = ap.parse_args()
     if args.cmd == "snoop":
         snoop_main(args.ifname, args.out, args.rcvbuf)
         return
-    res = bench(args.size_mib << 20, args.rcvbuf, args.keep_lab)
+    res = bench_run(args.size_mib << 20, args.rcvbuf, args.prefix, args.root, args.keep_lab)
     text = json.dumps(res, indent=2)
     print(text)
     if args.json_out:

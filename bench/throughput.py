@@ -20,6 +20,7 @@ NFS NULL RPC (bench/_smallops.py, run in the client namespace). The table shows 
 
 Targets (from the issue): pairproxy throughput >= 0.9 x haproxy, small-op latency <= 1.2 x haproxy.
 The script is a measurement: it prints PASS/MISS and exits 0 either way (1 only if something broke).
+Lab, node, haproxy, probes, copies and cleanup come from bench/driver.py (shared with the other benchmarks).
 """
 
 from __future__ import annotations
@@ -28,58 +29,21 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import re
-import shutil
-import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from deploy.lab import Lab  # noqa: E402
-from deploy.lab.clients import (NodeProcess, Transfer, nfs_get, nfs_put, random_file, sha256_of,  # noqa: E402
-                                smb_get, smb_put)
-from deploy.lab.core import LabError  # noqa: E402
+from driver import (Bench, HAProxy, LabError, NodeProcess, copies, random_file, say, sha256_of,
+                    small_ops, run_info, system_busy)
 
 HAPROXY_PORTS = (445, 2049, 111, 20048)
 THROUGHPUT = ("smb_write", "smb_read", "nfs_write", "nfs_read")
 LATENCY = ("smb_echo_raw", "smb_echo", "smb_open", "nfs_null")
 TARGET_THROUGHPUT = 0.9
 TARGET_LATENCY = 1.2
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def say(text: str = "") -> None:
-    print(text, flush=True)
-
-
-def cpu_seconds(pid: int | None) -> float | None:
-    """utime+stime of a whole process (all threads) from /proc."""
-    if not pid:
-        return None
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat[stat.rindex(")") + 2:].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def system_busy(seconds: float) -> float:
-    """Percent of all CPUs busy over ``seconds`` (from /proc/stat): how loaded the machine is."""
-    def sample() -> tuple[int, int]:
-        v = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
-        return sum(v), v[3] + v[4]
-    t0, i0 = sample()
-    time.sleep(seconds)
-    t1, i1 = sample()
-    return 100.0 * (1 - (i1 - i0) / max(1, t1 - t0))
 
 
 def smbclient_rate(output: str) -> float | None:
@@ -88,88 +52,8 @@ def smbclient_rate(output: str) -> float | None:
     return float(m.group(1)) * 1024 / 1e6 if m else None
 
 
-# --------------------------------------------------------------------------------------- haproxy
-class HAProxy:
-    """haproxy in the foreground (-db) in the lab's node-b namespace, bound to the service address b."""
-
-    def __init__(self, lab: Lab, threads: int, splice: bool, workdir: Path):
-        self.lab = lab
-        self.threads = threads
-        self.splice = splice
-        self.name = f"haproxy-{threads}t" + ("-splice" if splice else "")
-        self.dir = workdir / self.name
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.cfg = self.dir / "haproxy.cfg"
-        self.log = self.dir / "haproxy.log"
-        self.proc: subprocess.Popen | None = None
-
-    def config(self) -> str:
-        a = self.lab.addresses
-        lines = [
-            "global",
-            f"    nbthread {self.threads}",
-            "    maxconn 1000",
-            f"    pidfile {self.dir / 'haproxy.pid'}",
-            "defaults",
-            "    mode tcp",
-            "    timeout connect 5s",
-            "    timeout client 1h",
-            "    timeout server 1h",
-        ]
-        if self.splice:
-            lines.append("    option splice-auto")
-        for port in HAPROXY_PORTS:
-            # like pairproxy: server side leaves from the service address; NFS ports from a
-            # privileged source port (the range pairproxy uses, 665-1023) for 'secure' exports
-            src = a.service_b if port == 445 else f"{a.service_b}:665-1023"
-            lines += [f"listen p{port}",
-                      f"    bind {a.service_b}:{port}",
-                      f"    server s {a.server}:{port} source {src}"]
-        return "\n".join(lines) + "\n"
-
-    def start(self, timeout: float = 10) -> "HAProxy":
-        self.cfg.write_text(self.config())
-        with open(self.log, "ab") as log:
-            self.proc = self.lab.popen(self.lab.ns_b, ["haproxy", "-db", "-f", str(self.cfg)],
-                                       stdin=subprocess.DEVNULL, stdout=log, stderr=log)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise LabError(f"{self.name} exited with {self.proc.returncode}:\n"
-                               + self.log.read_text(errors="replace")[-1500:])
-            if set(HAPROXY_PORTS) <= listening_ports(self.lab, self.lab.ns_b, self.lab.addresses.service_b):
-                return self
-            time.sleep(0.05)
-        self.stop()
-        raise LabError(f"{self.name} did not listen on {HAPROXY_PORTS} within {timeout:g}s; log {self.log}")
-
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc and self.proc.poll() is None else None
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
-
-
-def listening_ports(lab: Lab, ns: str, address: str) -> set[int]:
-    cp = lab.run(ns, ["ss", "-Hltn"], capture_output=True, text=True)
-    ports = set()
-    for line in cp.stdout.splitlines():
-        f = line.split()
-        if len(f) >= 4 and f[3].rsplit(":", 1)[0] == address:
-            ports.add(int(f[3].rsplit(":", 1)[1]))
-    return ports
-
-
 # ------------------------------------------------------------------------------------- measuring
-class Path_:
+class Route:
     """One way from the client to the servers: a host address and the proxy process (if any)."""
 
     def __init__(self, name: str, host: str, haproxy: HAProxy | None = None, node: NodeProcess | None = None):
@@ -184,54 +68,22 @@ class Path_:
         return None
 
 
-def timed_with_cpu(path: Path_, fn, *args) -> tuple[Transfer, float | None]:
-    before = cpu_seconds(path.proxy_pid)
-    t = fn(*args).check()
-    after = cpu_seconds(path.proxy_pid)
-    return t, (after - before if before is not None and after is not None else None)
-
-
-def run_round(lab: Lab, path: Path_, rnd: int, src: Path, src_sha: str, work: Path, ops: int,
-              verify: bool, tag: str) -> dict:
-    size = src.stat().st_size
+def run_round(bench: Bench, route: Route, rnd: int, src: Path, ops: int, expect_sha256: str | None,
+              tag: str) -> dict:
+    lab = bench.lab
     # unique per run too: a kept lab's Ganesha still caches the names an earlier run deleted
-    name = f"bench-{tag}-{path.name}-{rnd}.bin"
-    out: dict = {"transfers": {}, "cpu_s": {}}
-    local = work / f"back-{path.name}.bin"
-    try:
-        for proto, put, get in (("smb", smb_put, smb_get), ("nfs", nfs_put, nfs_get)):
-            t, cpu = timed_with_cpu(path, put, lab, path.host, src, name)
-            rec = {"seconds": t.seconds, "mb_s": t.mb_per_s, "proxy_cpu_s": cpu}
-            if proto == "smb":
-                rec["smbclient_mb_s"] = smbclient_rate(t.output)
-            out["transfers"][f"{proto}_write"] = rec
-            local.unlink(missing_ok=True)
-            t, cpu = timed_with_cpu(path, get, lab, path.host, name, local)
-            if t.size != size:
-                raise LabError(f"{t.what}: got {t.size} bytes, want {size}")
-            rec = {"seconds": t.seconds, "mb_s": t.mb_per_s, "proxy_cpu_s": cpu}
-            if proto == "smb":
-                rec["smbclient_mb_s"] = smbclient_rate(t.output)
-            if verify:
-                same = sha256_of(local) == src_sha
-                rec["sha256_ok"] = same
-                if not same:
-                    raise LabError(f"{t.what}: sha256 of the copy differs from the source")
-            out["transfers"][f"{proto}_read"] = rec
-            local.unlink(missing_ok=True)
-            # unique names, removed on the server's file system (Ganesha caches directory entries, so
-            # a name is never reused after deleting it behind its back)
-            base = lab.smb_share_path if proto == "smb" else lab.nfs_export_path
-            (base / name).unlink(missing_ok=True)
-        cp = lab.run(lab.ns_client, [sys.executable, str(REPO / "bench" / "_smallops.py"), path.host, str(ops)],
-                     capture_output=True, text=True, timeout=300)
-        if cp.returncode != 0:
-            raise LabError(f"_smallops.py via {path.host} failed: {cp.stderr.strip()[-800:]}")
-        out["latency"] = json.loads(cp.stdout)
-    finally:
-        local.unlink(missing_ok=True)
-        for base in (lab.smb_share_path, lab.nfs_export_path):
-            (base / name).unlink(missing_ok=True)
+    name = f"bench-{tag}-{route.name}-{rnd}.bin"
+    out: dict = {"transfers": {}}
+    done = copies(lab, route.host, src, name, bench.work / f"back-{route.name}.bin", proxy_pid=route.proxy_pid,
+                  expect_sha256=expect_sha256)
+    for metric, c in done.items():
+        rec = {"seconds": c.transfer.seconds, "mb_s": c.transfer.mb_per_s, "proxy_cpu_s": c.proxy_cpu_s}
+        if metric.startswith("smb"):
+            rec["smbclient_mb_s"] = smbclient_rate(c.transfer.output)
+        if c.sha256_ok is not None:
+            rec["sha256_ok"] = c.sha256_ok
+        out["transfers"][metric] = rec
+    out["latency"] = small_ops(lab, route.host, ops)
     return out
 
 
@@ -304,10 +156,6 @@ def parse_variants(spec: str) -> list[tuple[int, bool]]:
     return out
 
 
-def _terminate(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size-mib", type=int, default=256, help="size of the large-transfer file (MiB)")
@@ -326,112 +174,78 @@ def main() -> int:
         say("throughput.py: needs root (network namespaces)")
         return 1
     variants = parse_variants(args.haproxy)
-    root = args.root or ("/var/tmp/pairproxy-bench-lab" if args.prefix == "ppb"
-                         else f"/var/tmp/pairproxy-bench-lab-{args.prefix}")
-    signal.signal(signal.SIGTERM, _terminate)
-
-    lab = Lab(prefix=args.prefix, root=root)
-    work = Path(tempfile.mkdtemp(prefix="pairproxy-bench-", dir=args.workdir))
-    node: NodeProcess | None = None
-    haproxies = [HAProxy(lab, t, s, work) for t, s in variants]
-    addr_b_added = False
     started = datetime.datetime.now().astimezone()
-    try:
-        load_before = Path("/proc/loadavg").read_text().split()[:3]
-        busy_before = system_busy(3.0)
-        say(f"before the run: load average {' '.join(load_before)}, CPUs {busy_before:.0f}% busy over 3 s "
-            f"(anything else on this machine shares the {os.cpu_count()} CPUs with the lab)")
-        say(f"lab {lab.prefix} ({root}): up ...")
-        lab.up()
-        a = lab.addresses
-        say(f"source file: {args.size_mib} MiB random in {work}")
-        src = random_file(work / "src.bin", args.size_mib << 20)
-        src_sha = sha256_of(src)
+    with Bench("bench", args.prefix, default_prefix="ppb", root=args.root, keep_lab=args.keep_lab,
+               workdir=args.workdir) as bench:
+        try:
+            load_before = Path("/proc/loadavg").read_text().split()[:3]
+            busy_before = system_busy(3.0)
+            say(f"before the run: load average {' '.join(load_before)}, CPUs {busy_before:.0f}% busy over 3 s "
+                f"(anything else on this machine shares the {os.cpu_count()} CPUs with the lab)")
+            lab = bench.up()
+            a = lab.addresses
+            say(f"source file: {args.size_mib} MiB random in {bench.work}")
+            src = random_file(bench.work / "src.bin", args.size_mib << 20)
+            src_sha = sha256_of(src)
 
-        node = NodeProcess(lab, "a", log=work / "node-a.log").start()
-        say(f"pairproxy node a: pid {node.pid} serving {a.service_a}")
-        cp = subprocess.run(["ip", "-n", lab.ns_b, "address", "add", f"{a.service_b}/{a.prefixlen}", "dev", "eth0"],
-                            capture_output=True, text=True)
-        if cp.returncode != 0:
-            raise LabError(f"cannot add {a.service_b} in {lab.ns_b}: {cp.stderr.strip()}")
-        addr_b_added = True
+            node = bench.started(NodeProcess(lab, "a", log=bench.work / "node-a.log")).start()
+            say(f"pairproxy node a: pid {node.pid} serving {a.service_a}")
+            bench.add_address(lab.ns_b, a.service_b)
+            haproxies = [HAProxy(lab, lab.ns_b, a.service_b, HAPROXY_PORTS, bench.work, threads=t, splice=sp,
+                                 source=a.service_b) for t, sp in variants]
+            routes = [Route("direct", a.server), Route("pairproxy", a.service_a, node=node)]
+            routes += [Route(h.name, a.service_b, haproxy=h) for h in haproxies]
+            results: dict[str, list[dict]] = {r.name: [] for r in routes}
+            tag = os.urandom(4).hex()
+            for rnd in range(args.rounds):
+                for route in routes:
+                    if route.haproxy is not None:
+                        bench.started(route.haproxy).start()
+                    try:
+                        t0 = time.monotonic()
+                        r = run_round(bench, route, rnd, src, args.ops, src_sha if rnd == 0 else None, tag)
+                    finally:
+                        if route.haproxy is not None:
+                            bench.stop(route.haproxy)
+                    results[route.name].append(r)
+                    tr = r["transfers"]
+                    lat = r["latency"]
+                    say(f"round {rnd + 1}/{args.rounds} {route.name:<18} "
+                        + " ".join(f"{m}={tr[m]['mb_s']:.0f}" for m in THROUGHPUT) + " MB/s  "
+                        + " ".join(f"{m}={lat[m]['median_us']:.0f}" for m in LATENCY) + " us"
+                        + (" sha256 ok" if rnd == 0 else "") + f"  ({time.monotonic() - t0:.1f} s)")
 
-        paths = [Path_("direct", a.server), Path_("pairproxy", a.service_a, node=node)]
-        paths += [Path_(h.name, a.service_b, haproxy=h) for h in haproxies]
-        results: dict[str, list[dict]] = {p.name: [] for p in paths}
-        tag = os.urandom(4).hex()
-        for rnd in range(args.rounds):
-            for path in paths:
-                if path.haproxy is not None:
-                    path.haproxy.start()
-                try:
-                    t0 = time.monotonic()
-                    r = run_round(lab, path, rnd, src, src_sha, work, args.ops, verify=(rnd == 0), tag=tag)
-                finally:
-                    if path.haproxy is not None:
-                        path.haproxy.stop()
-                results[path.name].append(r)
-                tr = r["transfers"]
-                lat = r["latency"]
-                say(f"round {rnd + 1}/{args.rounds} {path.name:<18} "
-                    + " ".join(f"{m}={tr[m]['mb_s']:.0f}" for m in THROUGHPUT) + " MB/s  "
-                    + " ".join(f"{m}={lat[m]['median_us']:.0f}" for m in LATENCY) + " us"
-                    + (" sha256 ok" if rnd == 0 else "") + f"  ({time.monotonic() - t0:.1f} s)")
-
-        node_status = node.status()
-        load_after = Path("/proc/loadavg").read_text().split()[:3]
-        busy_after = system_busy(3.0)
-        say(f"after the run: load average {' '.join(load_after)}, CPUs {busy_after:.0f}% busy over 3 s")
-        table = medians(results)
-        ref = haproxies[0].name
-        say()
-        say(f"medians over {args.rounds} round(s), {args.size_mib} MiB transfers, {args.ops} small ops per series; "
-            f"targets against {ref}")
-        verdicts = print_table(table, ref)
-        say()
-        say("targets: " + ", ".join(f"{v['metric']} {v['ratio']:.2f}x {'PASS' if v['pass'] else 'MISS'}"
-                                    for v in verdicts))
-        if args.json:
-            doc = {
-                "date": started.isoformat(timespec="seconds"),
-                "command": " ".join([".venv/bin/python", "bench/throughput.py", *sys.argv[1:]]),
-                "machine": {"cpus": os.cpu_count(), "kernel": platform.release(),
-                            "python": platform.python_version()},
-                "git_commit": subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True,
-                                             text=True).stdout.strip(),
-                "loadavg_before": load_before, "loadavg_after": load_after,
-                "cpu_busy_pct_before": busy_before, "cpu_busy_pct_after": busy_after,
-                "size_mib": args.size_mib, "rounds": args.rounds, "ops": args.ops,
-                "reference": ref, "medians": table, "targets": verdicts, "rounds_raw": results,
-                "pairproxy_status": node_status,
-            }
-            Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
-            say(f"numbers written to {args.json}")
-        return 0
-    except (LabError, subprocess.TimeoutExpired) as exc:
-        say(f"throughput.py: {exc}")
-        return 1
-    except KeyboardInterrupt:
-        say("throughput.py: interrupted; cleaning up")
-        return 130
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        for h in haproxies:
-            h.stop()
-        if node is not None:
-            node.stop()
-        if addr_b_added:
-            subprocess.run(["ip", "-n", lab.ns_b, "address", "del", f"{lab.addresses.service_b}/"
-                            f"{lab.addresses.prefixlen}", "dev", "eth0"], capture_output=True)
-        shutil.rmtree(work, ignore_errors=True)
-        if not args.keep_lab:
-            try:
-                lab.down()
-            except LabError as exc:
-                say(f"throughput.py: lab down: {exc}")
-        else:
-            say(f"lab {lab.prefix} left up (--keep-lab); tear down: pairproxy lab down --prefix {lab.prefix}")
+            node_status = node.status()
+            load_after = Path("/proc/loadavg").read_text().split()[:3]
+            busy_after = system_busy(3.0)
+            say(f"after the run: load average {' '.join(load_after)}, CPUs {busy_after:.0f}% busy over 3 s")
+            table = medians(results)
+            ref = haproxies[0].name
+            say()
+            say(f"medians over {args.rounds} round(s), {args.size_mib} MiB transfers, {args.ops} small ops per "
+                f"series; targets against {ref}")
+            verdicts = print_table(table, ref)
+            say()
+            say("targets: " + ", ".join(f"{v['metric']} {v['ratio']:.2f}x {'PASS' if v['pass'] else 'MISS'}"
+                                        for v in verdicts))
+            if args.json:
+                doc = run_info("throughput.py", started)
+                doc.update({
+                    "loadavg_before": load_before, "loadavg_after": load_after,
+                    "cpu_busy_pct_before": busy_before, "cpu_busy_pct_after": busy_after,
+                    "size_mib": args.size_mib, "rounds": args.rounds, "ops": args.ops,
+                    "reference": ref, "medians": table, "targets": verdicts, "rounds_raw": results,
+                    "pairproxy_status": node_status,
+                })
+                Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
+                say(f"numbers written to {args.json}")
+            return 0
+        except (LabError, subprocess.TimeoutExpired) as exc:
+            say(f"throughput.py: {exc}")
+            return 1
+        except KeyboardInterrupt:
+            say("throughput.py: interrupted; cleaning up")
+            return 130
 
 
 if __name__ == "__main__":

@@ -276,10 +276,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_replay_command(sub)
 
-    from deploy.lab.cli import add_lab_commands
-    from deploy.lab.demo import add_demo_command
+    # Commands from plugins (entry point group "pairproxy.commands", e.g. `pairproxy lab` from
+    # deploy.lab): the product never imports its lab, the lab registers itself when installed.
+    from importlib.metadata import entry_points
 
-    add_demo_command(add_lab_commands(sub))
+    for plugin in entry_points(group="pairproxy.commands"):
+        try:
+            plugin.load()(sub)
+        except Exception as exc:  # a broken plugin must not take `run`/`status` down with it
+            print(f"pairproxy: command {plugin.name!r} ({plugin.value}) unavailable: {exc}", file=sys.stderr)
     return parser
 
 

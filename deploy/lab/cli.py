@@ -1,4 +1,9 @@
-"""`pairproxy lab up|down|status`: argparse hook for the main CLI (proxy/cli.py calls add_lab_commands)."""
+"""`pairproxy lab up|down|status|demo`: a plugin of the main CLI.
+
+pyproject.toml names :func:`register` in the entry point group ``pairproxy.commands``; proxy/cli.py
+calls every function of that group with its sub-parsers. So the product never imports the lab (the lab
+imports the product: it runs nodes), and an installation without the lab simply has no ``lab`` command.
+"""
 
 from __future__ import annotations
 
@@ -134,3 +139,10 @@ def add_lab_commands(subparsers) -> argparse._SubParsersAction:
 
 
 add_common_options = _add_common
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Entry point ``pairproxy.commands:lab``: add ``lab up|down|status|demo`` to the main CLI."""
+    from .demo import add_demo_command
+
+    add_demo_command(add_lab_commands(subparsers))
