@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
 import trio
+from pyroute2.netlink.exceptions import NetlinkError
 
 from proxy.config import Config, ConfigError, ServiceConfig, services_from_dicts
 from proxy.netplane import NetworkError
@@ -111,7 +112,7 @@ class StatefulStandby:
         if self.peer_hello and self.peer_hello.get("mac"):
             try:
                 self.macvlan.open(self.peer_hello["mac"])
-            except NetworkError as exc:  # a takeover tries again (and reports it)
+            except (NetworkError, NetlinkError, OSError) as exc:  # a takeover tries again (and reports it)
                 log.error("stateful: standby macvlan not opened: %s", exc)
 
     # -- what the peer says ------------------------------------------------------------------------
