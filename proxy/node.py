@@ -21,7 +21,7 @@ import os
 import logging
 import signal
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -29,16 +29,20 @@ from proxy import roles
 from proxy.arp import announce, who_has
 from proxy.config import Config, service_to_dict
 from proxy.control import bind_control_socket, serve_control
-from proxy.handback import release
+from proxy import drain
+from proxy.drain import DrainRedirect, DrainTunnel, flows_from_message
+from proxy.handback import leave, release
 from proxy.netplane import interface_mac, remove_leftovers
 from proxy.probe import ProbeResponder, probe
 from proxy.serving import AddressService
-from proxy.standby import StatefulStandby
 from proxy.takeover import HeldAddress, PeerMacvlanSlot, Takeover, TakeoverError, take_over
 from proxy.timings import PairTimings
 from sync import detector as verdicts
 from sync.detector import FailureDetector, watch
 from sync.link import PeerLink, load_peer_hello
+
+if TYPE_CHECKING:
+    from proxy.standby import StatefulStandby
 
 log = logging.getLogger("pairproxy.node")
 
@@ -148,18 +152,16 @@ class Node:
     async def _shutdown(self) -> None:
         self.state = "stopping"
         grace = self.config.node.grace
-        waits = []
-        if self.own_service.state in ("serving", "draining"):
-            self.own_service.stop(grace)
-            waits.append(self._own_done)
         if self.held is not None:
             self.held.service.stop(grace)
-            waits.append(self.held.done)
-        for done in waits:
-            await done.wait()
         if self.core is not None and self.link is not None:
-            # a planned stop: the peer may take the address now instead of after dead_after
+            # a planned stop: the peer takes the own address now instead of after dead_after
             await self._execute(self.core.handle(roles.Stopping()))
+        if self.own_service.state in ("serving", "draining"):
+            self.own_service.stop(grace)
+            await self._own_done.wait()
+        if self.held is not None:
+            await self.held.done.wait()
 
     async def _watch_signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -189,7 +191,8 @@ class Node:
 
     async def _start_pair(self, nursery: trio.Nursery) -> None:
         peer, pair, node, timings = self.config.peer, self.config.pair, self.config.node, self.timings
-        for what in remove_leftovers(node.interface, node.address, peer.macvlan):
+        for what in remove_leftovers(node.interface, node.address, peer.macvlan) + \
+                drain.remove_leftovers(node.interface):
             log.warning("removed %s left by an earlier run: not serving before the peer is asked", what)
         self.peer_info = load_peer_hello(node.state_dir)
         if self.peer_info:
@@ -207,6 +210,11 @@ class Node:
         await nursery.start(self.link.run)
         nursery.start_soon(self.probe_responder.serve)
         if pair.mode == "stateful":
+            # imported here, the one exception to imports at the top: proxy.standby loads the protocol
+            # decoders (0.4 s of a loaded machine's start-up), which a stateless node never needs, and a
+            # peer gives a starting node only claim_wait to connect before it may declare it dead
+            from proxy.standby import StatefulStandby
+
             self.standby = StatefulStandby(self.config, self.peer_info, self.peer_macvlan, self._send,
                                            lambda: self.detector.last_heartbeat, timings)
             await nursery.start(self.standby.run)
@@ -264,7 +272,10 @@ class Node:
         elif kind == "handback_done":
             self._enqueue(roles.HandbackDone(address))
         elif kind == "leaving":
-            self._enqueue(roles.PeerLeaving(address, trio.current_time()))
+            grace = message.get("grace")
+            grace = min(float(grace), 3600.0) if isinstance(grace, (int, float)) and grace > 0 else 0.0
+            self._enqueue(roles.PeerLeaving(address, trio.current_time(), flows_from_message(message.get("drain")),
+                                            grace))
         elif kind in ("digest", "snapshot_request", "snapshot") and self.standby is not None:
             self.standby.on_message(message)
         else:
@@ -317,7 +328,13 @@ class Node:
             node = self.config.node
             self._nursery.start_soon(announce, node.interface, self.mac, str(node.address.ip))
         elif isinstance(action, roles.TakeOverPeerAddress):
-            return await self._take_over(action.detected_at)
+            return await self._take_over(action)
+        elif isinstance(action, roles.LeaveOwnAddress):
+            peer = self.config.peer
+            await leave(service=self.own_service, done=self._own_done, grace=self.config.node.grace,
+                        ifname=self.config.node.interface, peer_mac=(self.peer_info or {}).get("mac"),
+                        tunnel_local=str(peer.listen.host), tunnel_remote=str(peer.link.host),
+                        link_connected=self.link.state == "connected", send=self._send)
         elif isinstance(action, roles.ReleasePeerAddress):
             if self.held is not None:
                 await release(self.held, macvlan=self.peer_macvlan, standby=self.standby)
@@ -335,13 +352,19 @@ class Node:
             raise AssertionError(f"no executor for {action!r}")
         return None
 
-    async def _take_over(self, detected_at: float | None) -> roles.Event:
+    async def _take_over(self, action: roles.TakeOverPeerAddress) -> roles.Event:
+        peer = self.config.peer
+        redirect = None
+        if action.drain:  # a leaving peer's connections: passed on to it through the tunnel
+            redirect = DrainRedirect(self.config.node.interface, str(peer.address), action.drain,
+                                     DrainTunnel(str(peer.listen.host), str(peer.link.host)), action.drain_for)
+        detected_at = action.detected_at
         try:
             self.held = await take_over(
-                node=self.config.node, peer=self.config.peer, peer_hello=self.peer_info, mac=self.mac,
+                node=self.config.node, peer=peer, peer_hello=self.peer_info, mac=self.mac,
                 nursery=self._nursery, macvlan=self.peer_macvlan, standby=self.standby,
                 last_heard_at=self.link.last_received,
-                detected_at=detected_at if detected_at is not None else trio.current_time())
+                detected_at=detected_at if detected_at is not None else trio.current_time(), drain=redirect)
         except TakeoverError as exc:
             log.error("cannot take over %s: %s%s", self.config.peer.address, exc,
                       "; retrying, still serving own address" if exc.retry else "")

@@ -93,10 +93,13 @@ class HandbackDone:
 
 @dataclass(frozen=True)
 class PeerLeaving:
-    """Message ``leaving``: a planned stop; the peer has let go of ``address`` (its own)."""
+    """Message ``leaving``: a planned stop; the peer hands over ``address`` (its own) now, and drains
+    the connections in ``drain`` for ``grace`` seconds through this node (see :mod:`proxy.drain`)."""
 
     address: str | None
     at: float
+    drain: tuple = ()
+    grace: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -154,7 +157,7 @@ class AnnounceOwnAddress:
 class SendMessage:
     """Send ``{"type": type, "address": address}`` to the peer over the sync link."""
 
-    type: Literal["handback_request", "handback_done", "leaving"]
+    type: Literal["handback_request", "handback_done"]
     address: str
 
 
@@ -173,6 +176,13 @@ class TakeOverPeerAddress:
     """Run the takeover sequence; report :class:`TakeoverDone` or :class:`TakeoverFailed`."""
 
     detected_at: float | None  # trio time of the verdict (a retry keeps the verdict's time)
+    drain: tuple = ()          # a leaving peer's connections to pass on to it (and not reset)
+    drain_for: float = 0.0
+
+
+@dataclass(frozen=True)
+class LeaveOwnAddress:
+    """This node stops: hand the own address to the peer first, then drain (:func:`proxy.handback.leave`)."""
 
 
 @dataclass(frozen=True)
@@ -188,7 +198,7 @@ class ReleasePeerAddress:
 
 
 Action = (ServeOwnAddress | AnnounceOwnAddress | SendMessage | PrepareTakeover | DropTakeoverPreparation
-          | TakeOverPeerAddress | RetryTakeoverLater | ReleasePeerAddress)
+          | TakeOverPeerAddress | RetryTakeoverLater | ReleasePeerAddress | LeaveOwnAddress)
 
 
 # -- the tables --------------------------------------------------------------------------------
@@ -322,6 +332,8 @@ class PairCore:
     ignored: Counter = field(default_factory=Counter)     # (state, kind) -> count
     unexpected: Counter = field(default_factory=Counter)  # (state, kind) -> count
     _detected_at: float | None = None
+    _drain: tuple = ()
+    _drain_for: float = 0.0
 
     # -- queries ---------------------------------------------------------------------------------
     @property
@@ -367,13 +379,14 @@ class PairCore:
                 kinds.append((OWNER_SERVES, f"{peer} was only late; it serves {theirs} itself"))
             return kinds
         if isinstance(event, PeerDeclaredDead):
-            self._detected_at = event.at
+            self._detected_at, self._drain, self._drain_for = event.at, (), 0.0
             return [(PEER_DEAD, f"peer {peer} silent {event.silent_for * 1000:.0f} ms and no answer to the probe")]
         if isinstance(event, PeerLeaving):
             if event.address != theirs:
                 return self._wrong_address("leaving", event.address, theirs)
-            self._detected_at = event.at
-            return [(PEER_DEAD, f"{peer} is stopping and has let go of {theirs}")]
+            self._detected_at, self._drain, self._drain_for = event.at, tuple(event.drain), event.grace
+            draining = f" (draining {len(event.drain)} connection(s) through here)" if event.drain else ""
+            return [(PEER_DEAD, f"{peer} is stopping and has let go of {theirs}{draining}")]
         if isinstance(event, HandbackRequested):
             if event.address != theirs:
                 return self._wrong_address("handback_request", event.address, theirs)
@@ -434,9 +447,9 @@ class PairCore:
         if step == ASK_BACK:
             return [_ask_for_my_address(self.my_address)]
         if step == LEAVE:
-            return [SendMessage("leaving", self.my_address)]
+            return [LeaveOwnAddress()]
         if step == TAKE_OVER:
-            return [TakeOverPeerAddress(self._detected_at)]
+            return [TakeOverPeerAddress(self._detected_at, self._drain, self._drain_for)]
         if step == RETRY_LATER:
             self.takeover_attempts += 1
             return [RetryTakeoverLater(min(self.retry_max, self.retry_first * 2 ** (self.takeover_attempts - 1)))]

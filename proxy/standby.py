@@ -19,6 +19,7 @@ decisions, because digests and snapshots are handled in this object's own task.
 from __future__ import annotations
 
 import logging
+import socket
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
@@ -28,7 +29,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from proxy.config import Config, ConfigError, ServiceConfig, services_from_dicts
 from proxy.netplane import NetworkError
 from proxy.observer import ObserverError, ObserverProcess
-from proxy.stateful import ViewSync
+from proxy.stateful import ViewSync, reset_frames
 from proxy.takeover import PeerMacvlanSlot, Takeover, TakeoverPlan
 from proxy.timings import PairTimings
 
@@ -227,6 +228,19 @@ class StatefulStandby:
         await self._ask("unwatch", None, None, self.timings.observer_timeout)
         return report
 
+    def send_resets(self, plan: TakeoverPlan) -> tuple[int, int]:
+        """End the dead peer's connections at once: a valid RST to each client, and to each backend it
+        left connected (see :func:`proxy.stateful.reset_frames`); how many of each were sent."""
+        clients = _send_resets(plan.clients_to_reset)
+        if clients:
+            log.info("stateful: reset %d client connection(s) of the peer at once: %s", clients,
+                     ", ".join(c["client"] for c in plan.clients_to_reset))
+        backends = _send_resets(plan.backends_to_reset, toward="server")
+        if backends:
+            log.info("stateful: reset %d backend connection(s) the peer had left open: %s", backends,
+                     ", ".join(f"{c['client']}->{c['server']}" for c in plan.backends_to_reset))
+        return clients, backends
+
     # -- status ------------------------------------------------------------------------------------
     async def add_status(self, result: dict, *, holds_peer: bool, takeovers: list[Takeover]) -> None:
         """Add the stateful parts to a node's status: connections and decoder errors of both
@@ -264,6 +278,22 @@ class StatefulStandby:
         self.observer_timeouts += 1
         log.warning("stateful: observer did not answer %s within %.0f ms", op, timeout * 1000)
         return default
+
+
+def _send_resets(connections: list[dict], toward: str = "client") -> int:
+    """Send each of the dead peer's clients (or its backend servers) a valid RST (see
+    proxy.stateful.reset_frames); how many were sent."""
+    sent = 0
+    if not connections:
+        return sent
+    with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW) as raw:
+        for client_ip, packet in reset_frames(connections, toward):
+            try:
+                raw.sendto(packet, (client_ip, 0))
+                sent += 1
+            except OSError as exc:
+                log.warning("RST to %s not sent: %s", client_ip, exc)
+    return sent
 
 
 def _services_of(hello: dict[str, Any] | None) -> tuple[ServiceConfig, ...]:

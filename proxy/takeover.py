@@ -6,8 +6,10 @@ keepalived's ``become_master``/``restore_interface`` and :mod:`proxy.serving` do
 
 1. check what the peer's hello told us (its MAC and services): without them there is nothing to serve;
 2. stateful: ask the standby what the takeover needs (the peer's live connections), before the address
-   moves (afterwards new clients' connections would be in the list too), bounded in time;
+   moves (afterwards new clients' connections would be in the list too), bounded in time; none when
+   the peer is leaving (it drains them itself);
 3. the macvlan with the peer's MAC (already there in stateful mode: then it is not ours to undo);
+   a leaving peer's connections passed on to it (:mod:`proxy.drain`), before its clients come here;
 4. the peer's services on its address, as a /32 on the macvlan, announced with this node's own MAC
    (:class:`~proxy.serving.AddressService`: listeners, address, gratuitous ARP);
 5. stateful: exact-sequence resets to the peer's clients and to the backends it left connected;
@@ -22,7 +24,6 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import socket
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -31,9 +32,9 @@ import trio
 from pyroute2.netlink.exceptions import NetlinkError
 
 from proxy.config import ConfigError, NodeConfig, PeerConfig, services_from_dicts
+from proxy.drain import DrainRedirect
 from proxy.netplane import NetworkError, PeerMacvlan
 from proxy.serving import AddressService
-from proxy.stateful import reset_frames
 
 if TYPE_CHECKING:  # only for annotations: proxy.standby imports this module
     from proxy.standby import StatefulStandby
@@ -117,11 +118,13 @@ class HeldAddress:
     done: trio.Event
     takeover: Takeover
     opened_macvlan: bool
+    drain: DrainRedirect | None = None
 
 
 async def take_over(*, node: NodeConfig, peer: PeerConfig, peer_hello: dict[str, Any] | None, mac: str,
                     nursery: trio.Nursery, macvlan: PeerMacvlanSlot, standby: StatefulStandby | None,
-                    last_heard_at: float | None, detected_at: float) -> HeldAddress:
+                    last_heard_at: float | None, detected_at: float,
+                    drain: DrainRedirect | None = None) -> HeldAddress:
     """Run the sequence in the module docstring; the held address, or TakeoverError."""
     # 1. what the peer told us
     if not peer_hello or not peer_hello.get("mac"):
@@ -134,12 +137,18 @@ async def take_over(*, node: NodeConfig, peer: PeerConfig, peer_hello: dict[str,
                             retry=False) from None
     takeover = Takeover(str(peer.address), last_heard_at, detected_at, time.time())
     # 2. what the standby knows (bounded: a stuck observer costs a stateless takeover, no more)
-    plan = await standby.takeover_plan() if standby is not None else TakeoverPlan()
+    plan = await standby.takeover_plan() if standby is not None and drain is None else TakeoverPlan()
     # 3. the macvlan
     try:
         opened = macvlan.open(peer_hello["mac"])
     except (NetworkError, NetlinkError, OSError) as exc:
         raise TakeoverError(f"macvlan {peer.macvlan}: {exc}", retry=True) from None
+    if drain is not None:
+        try:
+            await drain.open()
+        except OSError as exc:  # the takeover goes on; the leaving peer's clients reconnect
+            log.error("drain: cannot pass the leaving peer's connections on: %s", exc)
+            drain = None
     # 4. the peer's services on its address
     service = AddressService(ipaddress.IPv4Interface(f"{peer.address}/32"), peer.macvlan, services,
                              announce_ifname=node.interface, announce_mac=mac)
@@ -161,38 +170,23 @@ async def take_over(*, node: NodeConfig, peer: PeerConfig, peer_hello: dict[str,
     try:
         await nursery.start(serve_peer_address)
     except (NetworkError, NetlinkError, OSError) as exc:
+        if drain is not None:
+            with trio.CancelScope(shield=True):
+                await drain.close()
         if opened:
             macvlan.close()
         raise TakeoverError(f"serving {peer.address}: {exc}", retry=True) from None
     # 5. resets
-    if plan.clients_to_reset:
-        takeover.resets = send_resets(plan.clients_to_reset)
-        log.info("stateful: reset %d client connection(s) of %s at once: %s", takeover.resets, peer.name,
-                 ", ".join(c["client"] for c in plan.clients_to_reset))
-    if plan.backends_to_reset:
-        takeover.backend_resets = send_resets(plan.backends_to_reset, toward="server")
-        log.info("stateful: reset %d backend connection(s) %s had left open: %s", takeover.backend_resets,
-                 peer.name, ", ".join(f"{c['client']}->{c['server']}" for c in plan.backends_to_reset))
-    # 6. the first client
+    if standby is not None:
+        takeover.resets, takeover.backend_resets = standby.send_resets(plan)
+    # 6. the first client, and the end of a drain
     nursery.start_soon(_watch_first_client, takeover, service)
+    if drain is not None:
+        nursery.start_soon(drain.close_after, drain.seconds + 1.0)
     log.info("took over %s from %s in %.1f ms (detected after %.0f ms of silence); replies leave with MAC %s",
              peer.address, peer.name, (takeover.address_up_at - takeover.detected_at) * 1000,
              (takeover.detected_at - (takeover.last_heard_at or takeover.detected_at)) * 1000, mac)
-    return HeldAddress(service, done, takeover, opened)
-
-
-def send_resets(connections: list[dict], toward: str = "client") -> int:
-    """Send each of the dead peer's clients (or its backend servers) a valid RST (see
-    proxy.stateful.reset_frames); how many were sent."""
-    sent = 0
-    with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW) as raw:
-        for client_ip, packet in reset_frames(connections, toward):
-            try:
-                raw.sendto(packet, (client_ip, 0))
-                sent += 1
-            except OSError as exc:
-                log.warning("RST to %s not sent: %s", client_ip, exc)
-    return sent
+    return HeldAddress(service, done, takeover, opened, drain)
 
 
 async def _watch_first_client(takeover: Takeover, service: AddressService) -> None:

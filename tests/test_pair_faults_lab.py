@@ -1,16 +1,18 @@
-"""The pair in the lab under faults of its own machine: a kernel error during takeover.
+"""The pair in the lab under faults and stops of its own machine: a kernel error during takeover, SIGTERM.
 
 Uses the stateless pair of test_pair_lab.py (same fixture).
 """
 
 from __future__ import annotations
 
+import signal
 import time
 
 import pytest
 
-from deploy.lab.clients import serving, smb_put
+from deploy.lab.clients import random_file, serving, sha256_of, smb_put
 
+from .test_node_lab import slow_get, wait_for
 from .test_pair_lab import pair  # noqa: F401  (the fixture)
 
 pytestmark = pytest.mark.lab
@@ -51,3 +53,44 @@ def test_kernel_error_during_takeover_is_retried_and_the_survivor_keeps_serving(
     a.start()
     a.wait_for(serving(host, "a"), 15, "a serving again")
     b.wait_for(lambda s: s["pair"]["addresses"][host]["role"] == "standby", 5, "b standby")
+
+
+def test_sigterm_hands_the_address_over_at_once_while_old_connections_drain(lab, pair, tmp_path):  # noqa: F811
+    """Issue 8 item 10: a SIGTERM'd node in a pair tells its peer first; the peer serves new clients at
+    once, and a transfer that was running through the stopping node finishes there (grace 5 s)."""
+    a, b = pair
+    host = lab.addresses.service_a
+    src = random_file(tmp_path / "src.bin", 8 << 20)
+    (lab.smb_share_path / "drain.bin").write_bytes(src.read_bytes())
+    out = tmp_path / "out.bin"
+    client = slow_get(lab, host, "drain.bin", out, 3 << 20)   # about 3 s
+    try:
+        assert wait_for(lambda: out.exists() and out.stat().st_size > (512 << 10), timeout=30)
+        stopped_at = time.monotonic()
+        a.signal(signal.SIGTERM)
+        b.wait_for(serving(host, "b"), 3, "b serving a's address for new clients")
+        handed_over = time.monotonic() - stopped_at
+        assert a.proc.poll() is None, "a must still be draining its old connection"
+        (tmp_path / "new.txt").write_bytes(b"a new client during the drain\n")
+        smb_put(lab, host, tmp_path / "new.txt", "drain-new-client.txt", timeout=10).check()
+        assert a.proc.poll() is None
+        stdout, stderr = client.communicate(timeout=30)
+        assert client.returncode == 0, stderr[-2000:]
+        assert sha256_of(out) == sha256_of(src)
+        assert a.proc.wait(15) == 0
+    finally:
+        if client.poll() is None:
+            client.kill()
+    assert handed_over < 1.0, handed_over
+    log_b = (lab.root / "pair-b.log").read_text()
+    assert "draining 1 connection(s) through here" in log_b or "draining 2 connection(s) through here" in log_b
+    # a removed its tunnel when it exited; b removes its own once a's grace time (5 s) is over
+    assert lab.run(lab.ns_a, ["ip", "link", "show", "pp-drain"], capture_output=True).returncode != 0
+    assert wait_for(lambda: lab.run(lab.ns_b, ["ip", "link", "show", "pp-drain"], capture_output=True).returncode,
+                    timeout=8), "b left its drain tunnel behind"
+    assert "clsact" not in lab.run(lab.ns_b, ["tc", "qdisc", "show", "dev", "eth0"], capture_output=True,
+                                   text=True).stdout
+    assert lab.run(lab.ns_a, ["sysctl", "-n", "net.ipv4.conf.eth0.arp_ignore"], capture_output=True,
+                   text=True).stdout.strip() == "0"
+    a.start()
+    a.wait_for(serving(host, "a"), 15, "a serving again")

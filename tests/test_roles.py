@@ -7,7 +7,8 @@ import pytest
 from proxy import roles
 from proxy.roles import (CLAIMING, HOLDING, IGNORED, KINDS, OWN_STATES, OWN_TRANSITIONS, PEER_STATES,
                          PEER_TRANSITIONS, RELEASING, RETRYING, SERVING, STANDBY, YIELDED, AnnounceOwnAddress,
-                         DropTakeoverPreparation, HandbackDone, HandbackRequested, HelloReceived, NobodyAnswers,
+                         DropTakeoverPreparation, HandbackDone, HandbackRequested, HelloReceived, LeaveOwnAddress,
+                         NobodyAnswers,
                          PairCore, PeerAlive, PeerDeclaredDead, PeerLeaving, PeerProbing, PrepareTakeover, Released,
                          ReleasePeerAddress, RetryTakeover, RetryTakeoverLater, SendMessage, ServeOwnAddress, Stopping,
                          TakeOverPeerAddress, TakeoverDone, TakeoverFailed)
@@ -105,7 +106,7 @@ def test_every_event_in_every_state(own, peer, kind):
     for action in actions:  # only the actions the tables' steps name
         assert type(action).__name__ in {
             "ServeOwnAddress", "AnnounceOwnAddress", "SendMessage", "PrepareTakeover", "DropTakeoverPreparation",
-            "TakeOverPeerAddress", "RetryTakeoverLater", "ReleasePeerAddress"}
+            "TakeOverPeerAddress", "RetryTakeoverLater", "ReleasePeerAddress", "LeaveOwnAddress"}
 
 
 @pytest.mark.parametrize("own, peer", list(itertools.product(OWN_STATES, PEER_STATES)))
@@ -126,7 +127,7 @@ def test_the_hand_back_request_is_asked_on_yielding_and_on_every_hello_that_stil
 
 def test_the_holders_side_of_the_hand_back():
     c, actions = run([NobodyAnswers(), PeerDeclaredDead(7.5, 0.12)])
-    assert actions == [ServeOwnAddress(), TakeOverPeerAddress(7.5)]
+    assert actions == [ServeOwnAddress(), TakeOverPeerAddress(7.5, (), 0.0)]
     assert c.handle(TakeoverDone()) == []
     assert c.holds() == [MINE, THEIRS]
     assert c.handle(HandbackRequested(THEIRS)) == [ReleasePeerAddress()]
@@ -170,7 +171,7 @@ def test_takeover_retry_backs_off_and_resets_after_success():
     for _ in range(8):
         actions = c.handle(TakeoverFailed("RTNETLINK answers: File exists", retry=True))
         delays.append(actions[0].delay)
-        assert c.handle(RetryTakeover()) == [TakeOverPeerAddress(1.0)]  # the verdict's time is kept
+        assert c.handle(RetryTakeover()) == [TakeOverPeerAddress(1.0, (), 0.0)]  # the verdict's time is kept
     assert delays == [0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 2.0, 2.0]
     assert c.last_takeover_error == "RTNETLINK answers: File exists"
     c.handle(TakeoverDone())
@@ -197,7 +198,17 @@ def test_messages_for_the_wrong_address_are_counted_as_unexpected():
 
 def test_stopping_tells_the_peer_only_when_serving_the_own_address():
     assert core(CLAIMING).handle(Stopping()) == []
-    assert core(SERVING).handle(Stopping()) == [SendMessage("leaving", MINE)]
+    assert core(SERVING).handle(Stopping()) == [LeaveOwnAddress()]
+
+
+def test_a_leaving_peers_connections_go_with_the_takeover_and_a_verdict_clears_them():
+    c, _ = run([NobodyAnswers()])
+    assert c.handle(PeerLeaving(THEIRS, 4.0, drain=(("10.0.0.9", 5000, 445),), grace=5.0)) == [
+        TakeOverPeerAddress(4.0, (("10.0.0.9", 5000, 445),), 5.0)]
+    c.handle(TakeoverFailed("EEXIST", retry=True))
+    assert c.handle(RetryTakeover()) == [TakeOverPeerAddress(4.0, (("10.0.0.9", 5000, 445),), 5.0)]
+    c2, actions = run([NobodyAnswers(), PeerDeclaredDead(1.0, 0.1)])
+    assert actions[-1] == TakeOverPeerAddress(1.0, (), 0.0)
 
 
 def test_never_serving_the_peers_address_without_a_death_or_a_departure():

@@ -85,6 +85,10 @@ class FakeStandby:
         self.calls.append("plan")
         return self.plan
 
+    def send_resets(self, plan):
+        self.calls.append("resets")
+        return len(plan.clients_to_reset), len(plan.backends_to_reset)
+
     async def end_takeover(self):
         self.calls.append("end")
         return [{"client": "10.0.0.9", "verdict": "resumed"}]
@@ -95,7 +99,6 @@ def fake_service(monkeypatch):
     FakeService.fail_address = 0
     FakeService.instances = []
     monkeypatch.setattr(takeover, "AddressService", FakeService)
-    monkeypatch.setattr(takeover, "send_resets", lambda conns, toward="client": len(conns))
 
 
 async def run_takeover(nursery, slot, standby=None, hello=HELLO):
@@ -131,7 +134,7 @@ def test_a_stateful_standby_keeps_its_macvlan_and_gives_the_resets_and_the_resum
             assert (held.takeover.resets, held.takeover.backend_resets) == (1, 1)
             await handback.release(held, macvlan=slot, standby=standby)
             assert slot.is_open and slot.log == []
-            assert standby.calls == ["plan", "end"] and held.takeover.resume[0]["verdict"] == "resumed"
+            assert standby.calls == ["plan", "resets", "end"] and held.takeover.resume[0]["verdict"] == "resumed"
             nursery.cancel_scope.cancel()
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
@@ -186,4 +189,4 @@ def test_without_the_peers_hello_there_is_nothing_to_retry(hello, words):
 
 
 def test_held_address_is_what_release_needs():
-    assert set(HeldAddress.__dataclass_fields__) == {"service", "done", "takeover", "opened_macvlan"}
+    assert set(HeldAddress.__dataclass_fields__) == {"service", "done", "takeover", "opened_macvlan", "drain"}
