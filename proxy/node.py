@@ -239,17 +239,14 @@ class Node:
                     tick_every=timings.detector_tick, probe_timeout=timings.probe_timeout)
 
     async def _claim_when_alone(self) -> None:
-        """Claim the own address if the peer stays unreachable and nobody answers ARP for it."""
+        """Every claim_wait while claiming: tell the core whether the link is up and who answers ARP
+        for the own address (it claims when the peer stays unreachable and nobody answers)."""
         node = self.config.node
         await trio.sleep(self.timings.claim_wait)
         while self.core.own_role == roles.CLAIMING:
-            if self.link.state != "connected":
-                holders = await who_has(node.interface, self.mac, str(node.address.ip))
-                if not holders:
-                    self._enqueue(roles.NobodyAnswers())
-                    return
-                log.warning("%s: no word from the peer, but %s answers ARP for it: not claiming",
-                            node.address.ip, ", ".join(sorted(holders)))
+            connected = self.link.state == "connected"
+            holders = set() if connected else await who_has(node.interface, self.mac, str(node.address.ip))
+            self._enqueue(roles.ClaimWaitOver(connected, frozenset(holders)))
             await trio.sleep(self.timings.claim_wait)
 
     # -- events in -----------------------------------------------------------------------------

@@ -103,8 +103,12 @@ class PeerLeaving:
 
 
 @dataclass(frozen=True)
-class NobodyAnswers:
-    """The claim: no word from the peer within claim_wait, and no ARP answer for the own address."""
+class ClaimWaitOver:
+    """Another ``claim_wait`` passed while claiming: is the sync link up, and which MACs answered ARP
+    for the own address (asked only while the link is down)? Alone and unanswered, the node claims."""
+
+    link_connected: bool
+    arp_holders: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -139,7 +143,7 @@ class Stopping:
 
 
 Event = (HelloReceived | PeerDeclaredDead | PeerProbing | PeerAlive | HandbackRequested | HandbackDone | PeerLeaving
-         | NobodyAnswers | TakeoverDone | TakeoverFailed | RetryTakeover | Released | Stopping)
+         | ClaimWaitOver | TakeoverDone | TakeoverFailed | RetryTakeover | Released | Stopping)
 
 
 # -- actions out -------------------------------------------------------------------------------
@@ -207,7 +211,7 @@ Action = (ServeOwnAddress | AnnounceOwnAddress | SendMessage | PrepareTakeover |
 PEER_HOLDS_MINE = "peer_holds_mine"          # hello: it serves my address
 PEER_DOES_NOT_HOLD_MINE = "peer_does_not_hold_mine"
 OWNER_SERVES = "owner_serves"                # hello/alive: it serves its own address itself
-NOBODY_ANSWERS = "nobody_answers"
+NOBODY_ANSWERS = "nobody_answers"           # claim_wait over, link down, no ARP answer
 PEER_RELEASED_MINE = "peer_released_mine"
 PEER_DEAD = "peer_dead"                      # verdict, or "leaving"
 PEER_PROBING = "peer_probing"
@@ -365,6 +369,8 @@ class PairCore:
     def _kinds(self, event: Event) -> list[tuple[str, str]]:
         """What ``event`` means for the machines, with the reason for the log."""
         peer, mine, theirs = self.peer_name, self.my_address, self.peer_address
+        if isinstance(event, (HelloReceived, PeerAlive)):  # the peer lives: a failed takeover is moot
+            self.takeover_attempts, self.last_takeover_error = 0, None
         if isinstance(event, HelloReceived):
             self.remember_hello(event.holds, event.peer_own_role)
             kinds = [(PEER_HOLDS_MINE, f"{peer} serves {mine}") if mine in event.holds
@@ -401,8 +407,16 @@ class PairCore:
         if isinstance(event, TakeoverDone):
             self.takeover_attempts, self.last_takeover_error = 0, None
             return [(TAKEOVER_DONE, f"serving {theirs}")]
+        if isinstance(event, ClaimWaitOver):
+            if event.arp_holders:
+                self.unexpected[("claim", "arp_answered")] += 1
+                log.warning("%s: no word from the peer, but %s answers ARP for it: not claiming", mine,
+                            ", ".join(sorted(event.arp_holders)))
+                return []
+            if event.link_connected:  # the peer's hello decides
+                return []
+            return [(NOBODY_ANSWERS, "no word from the peer and no ARP answer for the address")]
         simple = {PeerProbing: (PEER_PROBING, f"{peer} silent, probing"),
-                  NobodyAnswers: (NOBODY_ANSWERS, "no word from the peer and no ARP answer for the address"),
                   RetryTakeover: (RETRY_TAKEOVER, f"retrying the takeover of {theirs}"),
                   Released: (RELEASED, f"let go of {theirs}"),
                   Stopping: (STOPPING, "stopping")}

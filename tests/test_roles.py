@@ -8,12 +8,13 @@ from proxy import roles
 from proxy.roles import (CLAIMING, HOLDING, IGNORED, KINDS, OWN_STATES, OWN_TRANSITIONS, PEER_STATES,
                          PEER_TRANSITIONS, RELEASING, RETRYING, SERVING, STANDBY, YIELDED, AnnounceOwnAddress,
                          DropTakeoverPreparation, HandbackDone, HandbackRequested, HelloReceived, LeaveOwnAddress,
-                         NobodyAnswers,
+                         ClaimWaitOver,
                          PairCore, PeerAlive, PeerDeclaredDead, PeerLeaving, PeerProbing, PrepareTakeover, Released,
                          ReleasePeerAddress, RetryTakeover, RetryTakeoverLater, SendMessage, ServeOwnAddress, Stopping,
                          TakeOverPeerAddress, TakeoverDone, TakeoverFailed)
 
 MINE, THEIRS = "10.0.0.1", "10.0.0.2"
+ALONE = ClaimWaitOver(link_connected=False, arp_holders=frozenset())  # claim_wait over: nobody answers
 
 
 def core(own=CLAIMING, peer=STANDBY) -> PairCore:
@@ -35,24 +36,24 @@ def run(events, c=None):
 @pytest.mark.parametrize("events, own, peer", [
     ([], CLAIMING, STANDBY),
     ([hello()], SERVING, STANDBY),
-    ([NobodyAnswers()], SERVING, STANDBY),
+    ([ALONE], SERVING, STANDBY),
     ([hello(MINE)], YIELDED, STANDBY),
     ([hello(MINE), HandbackDone(MINE)], SERVING, STANDBY),
     ([hello(MINE), PeerDeclaredDead(1.0, 0.1)], SERVING, HOLDING),       # the holder died: serve both
     ([PeerDeclaredDead(1.0, 0.1)], SERVING, HOLDING),                    # started while the peer is dead
-    ([NobodyAnswers(), PeerDeclaredDead(1.0, 0.1), HandbackRequested(THEIRS)], SERVING, RELEASING),
-    ([NobodyAnswers(), PeerDeclaredDead(1.0, 0.1), HandbackRequested(THEIRS), Released()], SERVING, STANDBY),
-    ([NobodyAnswers(), PeerDeclaredDead(1.0, 0.1), hello(THEIRS)], SERVING, RELEASING),   # wrong verdict
-    ([NobodyAnswers(), PeerDeclaredDead(1.0, 0.1), PeerDeclaredDead(2.0, 0.1)], SERVING, HOLDING),  # repeated
-    ([NobodyAnswers(), HandbackRequested(THEIRS)], SERVING, STANDBY),   # nothing to hand back
-    ([NobodyAnswers(), hello(MINE)], SERVING, STANDBY),                 # the owner keeps serving
-    ([NobodyAnswers(), PeerLeaving(THEIRS, 3.0)], SERVING, HOLDING),    # planned stop
-    ([NobodyAnswers(), PeerLeaving("10.9.9.9", 3.0)], SERVING, STANDBY),   # not the peer's address
-    ([NobodyAnswers(), PeerDeclaredDead(1.0, 0.1), TakeoverFailed("no MAC", retry=False)], SERVING, STANDBY),
-    ([NobodyAnswers(), PeerDeclaredDead(1.0, 0.1), TakeoverFailed("EEXIST", retry=True)], SERVING, RETRYING),
-    ([NobodyAnswers(), PeerDeclaredDead(1.0, 0.1), TakeoverFailed("EEXIST", retry=True), RetryTakeover()],
+    ([ALONE, PeerDeclaredDead(1.0, 0.1), HandbackRequested(THEIRS)], SERVING, RELEASING),
+    ([ALONE, PeerDeclaredDead(1.0, 0.1), HandbackRequested(THEIRS), Released()], SERVING, STANDBY),
+    ([ALONE, PeerDeclaredDead(1.0, 0.1), hello(THEIRS)], SERVING, RELEASING),   # wrong verdict
+    ([ALONE, PeerDeclaredDead(1.0, 0.1), PeerDeclaredDead(2.0, 0.1)], SERVING, HOLDING),  # repeated
+    ([ALONE, HandbackRequested(THEIRS)], SERVING, STANDBY),   # nothing to hand back
+    ([ALONE, hello(MINE)], SERVING, STANDBY),                 # the owner keeps serving
+    ([ALONE, PeerLeaving(THEIRS, 3.0)], SERVING, HOLDING),    # planned stop
+    ([ALONE, PeerLeaving("10.9.9.9", 3.0)], SERVING, STANDBY),   # not the peer's address
+    ([ALONE, PeerDeclaredDead(1.0, 0.1), TakeoverFailed("no MAC", retry=False)], SERVING, STANDBY),
+    ([ALONE, PeerDeclaredDead(1.0, 0.1), TakeoverFailed("EEXIST", retry=True)], SERVING, RETRYING),
+    ([ALONE, PeerDeclaredDead(1.0, 0.1), TakeoverFailed("EEXIST", retry=True), RetryTakeover()],
      SERVING, HOLDING),
-    ([NobodyAnswers(), PeerDeclaredDead(1.0, 0.1), TakeoverFailed("EEXIST", retry=True), PeerAlive()],
+    ([ALONE, PeerDeclaredDead(1.0, 0.1), TakeoverFailed("EEXIST", retry=True), PeerAlive()],
      SERVING, STANDBY),
 ])
 def test_transitions(events, own, peer):
@@ -74,7 +75,7 @@ def test_every_kind_in_every_state_is_handled_or_explicitly_ignored():
 EVENT_OF_KIND = {
     roles.PEER_HOLDS_MINE: hello(MINE, own=CLAIMING),
     roles.PEER_DOES_NOT_HOLD_MINE: hello(own=CLAIMING),
-    roles.NOBODY_ANSWERS: NobodyAnswers(),
+    roles.NOBODY_ANSWERS: ALONE,
     roles.PEER_RELEASED_MINE: HandbackDone(MINE),
     roles.PEER_DEAD: PeerDeclaredDead(5.0, 0.1),
     roles.PEER_PROBING: PeerProbing(),
@@ -126,7 +127,7 @@ def test_the_hand_back_request_is_asked_on_yielding_and_on_every_hello_that_stil
 
 
 def test_the_holders_side_of_the_hand_back():
-    c, actions = run([NobodyAnswers(), PeerDeclaredDead(7.5, 0.12)])
+    c, actions = run([ALONE, PeerDeclaredDead(7.5, 0.12)])
     assert actions == [ServeOwnAddress(), TakeOverPeerAddress(7.5, (), 0.0)]
     assert c.handle(TakeoverDone()) == []
     assert c.holds() == [MINE, THEIRS]
@@ -139,12 +140,12 @@ def test_the_holders_side_of_the_hand_back():
 
 
 def test_serving_owner_announces_when_the_peer_lets_go_of_its_address():
-    c, _ = run([NobodyAnswers()])
+    c, _ = run([ALONE])
     assert c.handle(HandbackDone(MINE)) == [AnnounceOwnAddress()]
 
 
 def test_stateful_preparation_only_on_standby():
-    c, _ = run([NobodyAnswers()])
+    c, _ = run([ALONE])
     assert c.handle(PeerProbing()) == [PrepareTakeover()]
     assert c.handle(PeerAlive()) == [DropTakeoverPreparation()]
     c.handle(PeerDeclaredDead(1.0, 0.1))
@@ -166,7 +167,7 @@ def test_a_restarted_peer_asks_back_and_its_hello_alone_does_not_release():
 
 
 def test_takeover_retry_backs_off_and_resets_after_success():
-    c, _ = run([NobodyAnswers(), PeerDeclaredDead(1.0, 0.1)])
+    c, _ = run([ALONE, PeerDeclaredDead(1.0, 0.1)])
     delays = []
     for _ in range(8):
         actions = c.handle(TakeoverFailed("RTNETLINK answers: File exists", retry=True))
@@ -180,14 +181,15 @@ def test_takeover_retry_backs_off_and_resets_after_success():
 
 
 def test_a_retry_after_the_peer_came_back_is_ignored_and_counted():
-    c, _ = run([NobodyAnswers(), PeerDeclaredDead(1.0, 0.1), TakeoverFailed("x", retry=True), PeerAlive()])
+    c, _ = run([ALONE, PeerDeclaredDead(1.0, 0.1), TakeoverFailed("x", retry=True), PeerAlive()])
+    assert c.last_takeover_error is None and c.takeover_attempts == 0
     assert c.handle(RetryTakeover()) == []
     assert c.ignored[(STANDBY, roles.RETRY_TAKEOVER)] == 1
     assert c.peer_role == STANDBY
 
 
 def test_messages_for_the_wrong_address_are_counted_as_unexpected():
-    c, _ = run([NobodyAnswers(), PeerDeclaredDead(1.0, 0.1)])
+    c, _ = run([ALONE, PeerDeclaredDead(1.0, 0.1)])
     assert c.handle(HandbackRequested(MINE)) == []
     assert c.handle(HandbackDone(THEIRS)) == []
     assert c.handle(PeerLeaving(MINE, 2.0)) == []
@@ -196,18 +198,27 @@ def test_messages_for_the_wrong_address_are_counted_as_unexpected():
                             ("message", "leaving"): 1}
 
 
+def test_the_claim_needs_a_silent_link_and_no_arp_answer():
+    c = core()
+    assert c.handle(ClaimWaitOver(link_connected=True)) == []              # the hello will decide
+    assert c.handle(ClaimWaitOver(False, frozenset({"02:00:00:00:00:09"}))) == []   # someone holds it
+    assert c.own_role == CLAIMING and c.unexpected == {("claim", "arp_answered"): 1}
+    assert c.handle(ALONE) == [ServeOwnAddress()]
+    assert c.handle(ALONE) == [] and c.ignored[(SERVING, roles.NOBODY_ANSWERS)] == 1
+
+
 def test_stopping_tells_the_peer_only_when_serving_the_own_address():
     assert core(CLAIMING).handle(Stopping()) == []
     assert core(SERVING).handle(Stopping()) == [LeaveOwnAddress()]
 
 
 def test_a_leaving_peers_connections_go_with_the_takeover_and_a_verdict_clears_them():
-    c, _ = run([NobodyAnswers()])
+    c, _ = run([ALONE])
     assert c.handle(PeerLeaving(THEIRS, 4.0, drain=(("10.0.0.9", 5000, 445),), grace=5.0)) == [
         TakeOverPeerAddress(4.0, (("10.0.0.9", 5000, 445),), 5.0)]
     c.handle(TakeoverFailed("EEXIST", retry=True))
     assert c.handle(RetryTakeover()) == [TakeOverPeerAddress(4.0, (("10.0.0.9", 5000, 445),), 5.0)]
-    c2, actions = run([NobodyAnswers(), PeerDeclaredDead(1.0, 0.1)])
+    c2, actions = run([ALONE, PeerDeclaredDead(1.0, 0.1)])
     assert actions[-1] == TakeOverPeerAddress(1.0, (), 0.0)
 
 
