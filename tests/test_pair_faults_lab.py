@@ -1,6 +1,6 @@
 """The pair in the lab under faults and stops of its own machine: a kernel error during takeover, SIGTERM.
 
-Uses the stateless pair of test_pair_lab.py (same fixture).
+Uses the pairs of test_pair_lab.py and test_stateful_lab.py (same fixtures).
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import pytest
 from deploy.lab.clients import random_file, serving, sha256_of, smb_put
 
 from .test_node_lab import slow_get, wait_for
-from .test_pair_lab import pair  # noqa: F401  (the fixture)
+from .test_pair_lab import pair  # noqa: F401  (the fixtures)
+from .test_stateful_lab import stateful_pair  # noqa: F401
 
 pytestmark = pytest.mark.lab
 
@@ -92,5 +93,30 @@ def test_sigterm_hands_the_address_over_at_once_while_old_connections_drain(lab,
                                    text=True).stdout
     assert lab.run(lab.ns_a, ["sysctl", "-n", "net.ipv4.conf.eth0.arp_ignore"], capture_output=True,
                    text=True).stdout.strip() == "0"
+    a.start()
+    a.wait_for(serving(host, "a"), 15, "a serving again")
+
+
+def test_sigterm_in_a_stateful_pair_drains_too_and_resets_nothing(lab, stateful_pair):  # noqa: F811
+    """The same planned stop in stateful mode: the standby passes the old connection on instead of
+    resetting it (the leaving node drains it), and serves new clients at once."""
+    a, b = stateful_pair
+    host = lab.addresses.service_a
+    (lab.smb_share_path / "drain-stateful.bin").write_bytes(b"s" * (6 << 20))
+    out = lab.root / "drain-stateful.out"
+    client = slow_get(lab, host, "drain-stateful.bin", out, 3 << 20)
+    try:
+        assert wait_for(lambda: out.exists() and out.stat().st_size > (512 << 10), timeout=30)
+        a.signal(signal.SIGTERM)
+        st = b.wait_for(serving(host, "b"), 3, "b serving a's address")
+        assert a.proc.poll() is None
+        _, stderr = client.communicate(timeout=30)
+        assert client.returncode == 0, stderr[-2000:]
+        assert out.read_bytes() == b"s" * (6 << 20)
+        assert a.proc.wait(15) == 0
+        assert st["pair"]["takeovers"][-1]["clients_reset"] == 0
+    finally:
+        if client.poll() is None:
+            client.kill()
     a.start()
     a.wait_for(serving(host, "a"), 15, "a serving again")
