@@ -142,7 +142,7 @@ async def take_over(*, node: NodeConfig, peer: PeerConfig, peer_hello: dict[str,
     try:
         opened = macvlan.open(peer_hello["mac"])
     except (NetworkError, NetlinkError, OSError) as exc:
-        raise TakeoverError(f"macvlan {peer.macvlan}: {exc}", retry=True) from None
+        raise TakeoverError(f"macvlan {peer.macvlan}: {_describe(exc)}", retry=True) from None
     if drain is not None:
         try:
             await drain.open()
@@ -175,7 +175,7 @@ async def take_over(*, node: NodeConfig, peer: PeerConfig, peer_hello: dict[str,
                 await drain.close()
         if opened:
             macvlan.close()
-        raise TakeoverError(f"serving {peer.address}: {exc}", retry=True) from None
+        raise TakeoverError(f"serving {peer.address}: {_describe(exc)}", retry=True) from None
     # 5. resets
     if standby is not None:
         takeover.resets, takeover.backend_resets = standby.send_resets(plan)
@@ -187,6 +187,13 @@ async def take_over(*, node: NodeConfig, peer: PeerConfig, peer_hello: dict[str,
              peer.address, peer.name, (takeover.address_up_at - takeover.detected_at) * 1000,
              (takeover.detected_at - (takeover.last_heard_at or takeover.detected_at)) * 1000, mac)
     return HeldAddress(service, done, takeover, opened, drain)
+
+
+def _describe(exc: Exception) -> str:
+    """A kernel error for a person: pyroute2's NetlinkError prints as a tuple."""
+    if isinstance(exc, NetlinkError):
+        return f"{exc.args[-1]} (errno {exc.code})"
+    return str(exc)
 
 
 async def _watch_first_client(takeover: Takeover, service: AddressService) -> None:

@@ -11,6 +11,7 @@ import ipaddress
 import pytest
 import trio
 import trio.testing
+from pyroute2.netlink.exceptions import NetlinkError
 
 from proxy import handback, takeover
 from proxy.config import NodeConfig, PeerConfig, parse_endpoint, service_to_dict, ServiceConfig
@@ -27,8 +28,9 @@ HELLO = {"mac": "02:00:00:00:00:01", "services": [service_to_dict(SERVICE)]}
 class FakeSlot:
     """A PeerMacvlanSlot whose open may fail like the kernel does."""
 
-    def __init__(self, fail: int = 0, already_open: bool = False):
+    def __init__(self, fail: int = 0, already_open: bool = False, error: Exception | None = None):
         self.fail = fail
+        self.error = error or NetworkError("cannot create macvlan pp-a: Address already in use")
         self.is_open = already_open
         self.log: list[str] = []
 
@@ -36,7 +38,7 @@ class FakeSlot:
         if self.fail:
             self.fail -= 1
             self.log.append("open failed")
-            raise NetworkError("cannot create macvlan pp-a: Address already in use")
+            raise self.error
         if self.is_open:
             return False
         self.is_open = True
@@ -140,10 +142,12 @@ def test_a_stateful_standby_keeps_its_macvlan_and_gives_the_resets_and_the_resum
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
 
 
-def test_kernel_error_on_the_macvlan_is_a_retryable_takeover_error():
+@pytest.mark.parametrize("error", [NetworkError("cannot create macvlan pp-a: Address already in use"),
+                                   NetlinkError(98, "Address already in use")])  # from "link set up"
+def test_kernel_error_on_the_macvlan_is_a_retryable_takeover_error(error):
     async def main():
         async with trio.open_nursery() as nursery:
-            slot = FakeSlot(fail=1)
+            slot = FakeSlot(fail=1, error=error)
             with pytest.raises(TakeoverError) as error:
                 await run_takeover(nursery, slot)
             assert error.value.retry and "Address already in use" in str(error.value)
