@@ -142,12 +142,12 @@ def test_a_stateful_standby_keeps_its_macvlan_and_gives_the_resets_and_the_resum
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
 
 
-@pytest.mark.parametrize("error", [NetworkError("cannot create macvlan pp-a: Address already in use"),
-                                   NetlinkError(98, "Address already in use")])  # from "link set up"
-def test_kernel_error_on_the_macvlan_is_a_retryable_takeover_error(error):
+@pytest.mark.parametrize("kernel_error", [NetworkError("cannot create macvlan pp-a: Address already in use"),
+                                          NetlinkError(98, "Address already in use")])  # "link set up"
+def test_kernel_error_on_the_macvlan_is_a_retryable_takeover_error(kernel_error):
     async def main():
         async with trio.open_nursery() as nursery:
-            slot = FakeSlot(fail=1, error=error)
+            slot = FakeSlot(fail=1, error=kernel_error)
             with pytest.raises(TakeoverError) as error:
                 await run_takeover(nursery, slot)
             assert error.value.retry and "Address already in use" in str(error.value)
