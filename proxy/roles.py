@@ -1,70 +1,304 @@
-"""Who serves which address: the node's role state machine.
+"""Who serves which address: the pair's decisions, as one sans-I/O core (events in, actions out).
 
-Rules of this file: every decision about serving an address lives in the two transition tables
-below; this file does no I/O and keeps no time. The node feeds it events (from the sync link, the
-failure detector and its own claim logic) and executes the transitions it reports: adding or
-removing an address, starting or stopping services, sending hand-back messages.
+Rules of this file: every decision about serving an address lives here, in the two transition
+tables below; this file does no I/O and keeps no clock (events that need a time carry it). The
+node (:mod:`proxy.node`) feeds :class:`PairCore` events (the peer's hello, the failure detector's
+verdicts, hand-back messages, the claim's result, the results of the actions it ran) and executes
+the actions :meth:`PairCore.handle` returns, in order. The node never sets a role itself.
 
 Theory of operation
 -------------------
-A node has two addresses to think about.
+A node has two addresses to think about, each with its own small machine.
 
 Its *own* address starts ``claiming``: a node must never serve its address while the peer does (the
 peer may have taken it over while this node was dead). It learns from the peer's hello, over the sync
 link, whether the peer holds it; if the peer cannot be reached within ``claim_wait``, it claims only
-if no other host answers ARP for the address. If the peer holds it, the node ``yielded`` and asks for
-it back (patent element 316); it serves once the peer says it has let go, or once the peer is dead.
+if no other host answers ARP for the address. If the peer holds it, the node has ``yielded`` and
+asks for it back (patent element 316; the only place a ``handback_request`` is made is
+:func:`_ask_for_my_address`); it serves once the peer says it has let go, or once the peer is dead.
 
-The *peer's* address is on ``standby`` until the failure detector declares the peer dead; then this
-node is ``holding`` it. When the peer returns and asks for it back, the node is ``releasing`` (stops
-its services there, removes the address) and then ``standby`` again, after which the peer claims.
-Because the holder lets go before the owner claims, at no moment do both serve one address.
+The *peer's* address is on ``standby`` until the failure detector declares the peer dead (or the peer
+says it is leaving); then this node is ``holding`` it and the node runs the takeover sequence
+(:mod:`proxy.takeover`), reporting :class:`TakeoverDone` or :class:`TakeoverFailed`. A takeover
+that failed on a kernel error is ``retrying``: the core asks to be woken after a backoff
+(:class:`RetryTakeoverLater`) and tries again while the peer stays dead. When the peer returns and
+asks for its address, the node is ``releasing`` (:mod:`proxy.handback`) and then ``standby`` again,
+and only then tells the peer it may claim. Because the holder lets go before the owner claims, at no
+moment do both serve one address.
 
-Events a table does not list for the current state are ignored (and logged by the node): e.g. a
-second ``peer_dead`` while already holding.
+Every (state, event) pair is in a table, or in :data:`IGNORED` (known and harmless, e.g. a second
+verdict while holding); anything else is unexpected. Both are logged and counted (``ignored``,
+``unexpected``), so a surprise in the field shows up in the log instead of vanishing.
 """
 
 from __future__ import annotations
 
+import logging
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Literal
 
+log = logging.getLogger("pairproxy.roles")
+
+# -- states ------------------------------------------------------------------------------------
 # own address
 CLAIMING, SERVING, YIELDED = "claiming", "serving", "yielded"
 # peer address
-STANDBY, HOLDING, RELEASING = "standby", "holding", "releasing"
+STANDBY, HOLDING, RETRYING, RELEASING = "standby", "holding", "retrying", "releasing"
 
-OwnState = Literal["claiming", "serving", "yielded"]
-PeerState = Literal["standby", "holding", "releasing"]
+OWN_STATES = (CLAIMING, SERVING, YIELDED)
+PEER_STATES = (STANDBY, HOLDING, RETRYING, RELEASING)
 
-# events
-PEER_HOLDS_MINE = "peer_holds_mine"          # peer's hello/roles: it serves my address
+
+# -- events in ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class HelloReceived:
+    """The peer's hello (patent element 300): which addresses it serves, and its own address's role."""
+
+    holds: frozenset[str]
+    peer_own_role: str | None
+
+
+@dataclass(frozen=True)
+class PeerDeclaredDead:
+    """The failure detector's verdict: sync link silent and the probe unanswered (trio time ``at``)."""
+
+    at: float
+    silent_for: float
+
+
+@dataclass(frozen=True)
+class PeerProbing:
+    """The detector started probing a silent peer: time to prepare a takeover (stateful prefetch)."""
+
+
+@dataclass(frozen=True)
+class PeerAlive:
+    """Heartbeats came back after ``dead`` or ``link_down``."""
+
+
+@dataclass(frozen=True)
+class HandbackRequested:
+    """Message ``handback_request``: the peer wants ``address`` back."""
+
+    address: str | None
+
+
+@dataclass(frozen=True)
+class HandbackDone:
+    """Message ``handback_done``: the peer has let go of ``address``."""
+
+    address: str | None
+
+
+@dataclass(frozen=True)
+class PeerLeaving:
+    """Message ``leaving``: a planned stop; the peer hands over ``address`` (its own) now, and drains
+    the connections in ``drain`` for ``grace`` seconds through this node (see :mod:`proxy.drain`)."""
+
+    address: str | None
+    at: float
+    drain: tuple = ()
+    grace: float = 0.0
+
+
+@dataclass(frozen=True)
+class ClaimWaitOver:
+    """Another ``claim_wait`` passed while claiming: is the sync link up, and which MACs answered ARP
+    for the own address (asked only while the link is down)? Alone and unanswered, the node claims."""
+
+    link_connected: bool
+    arp_holders: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class TakeoverDone:
+    """The takeover sequence serves the peer's address."""
+
+
+@dataclass(frozen=True)
+class TakeoverFailed:
+    """The takeover sequence could not serve the peer's address (and undid what it did).
+
+    ``retry``: the failure may pass (a kernel error), try again later; else (the peer's MAC or
+    services are unknown) only a new verdict can help."""
+
+    reason: str
+    retry: bool
+
+
+@dataclass(frozen=True)
+class RetryTakeover:
+    """The backoff asked for by :class:`RetryTakeoverLater` has passed."""
+
+
+@dataclass(frozen=True)
+class Released:
+    """The hand-back sequence has let go of the peer's address."""
+
+
+@dataclass(frozen=True)
+class Stopping:
+    """This node is stopping (SIGTERM, ``Node.stop``)."""
+
+
+Event = (HelloReceived | PeerDeclaredDead | PeerProbing | PeerAlive | HandbackRequested | HandbackDone | PeerLeaving
+         | ClaimWaitOver | TakeoverDone | TakeoverFailed | RetryTakeover | Released | Stopping)
+
+
+# -- actions out -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ServeOwnAddress:
+    """Start serving the own address (listeners, address, gratuitous ARP)."""
+
+
+@dataclass(frozen=True)
+class AnnounceOwnAddress:
+    """Gratuitous ARP for the own address: the peer served it too, clients may hold its MAC."""
+
+
+@dataclass(frozen=True)
+class SendMessage:
+    """Send ``{"type": type, "address": address}`` to the peer over the sync link."""
+
+    type: Literal["handback_request", "handback_done"]
+    address: str
+
+
+@dataclass(frozen=True)
+class PrepareTakeover:
+    """Fetch now what a takeover will need (stateful: the peer's live connections)."""
+
+
+@dataclass(frozen=True)
+class DropTakeoverPreparation:
+    """The peer lives: what :class:`PrepareTakeover` fetched is stale."""
+
+
+@dataclass(frozen=True)
+class TakeOverPeerAddress:
+    """Run the takeover sequence; report :class:`TakeoverDone` or :class:`TakeoverFailed`."""
+
+    detected_at: float | None  # trio time of the verdict (a retry keeps the verdict's time)
+    drain: tuple = ()          # a leaving peer's connections to pass on to it (and not reset)
+    drain_for: float = 0.0
+
+
+@dataclass(frozen=True)
+class LeaveOwnAddress:
+    """This node stops: hand the own address to the peer first, then drain (:func:`proxy.handback.leave`)."""
+
+
+@dataclass(frozen=True)
+class RetryTakeoverLater:
+    """Feed :class:`RetryTakeover` after ``delay`` seconds."""
+
+    delay: float
+
+
+@dataclass(frozen=True)
+class ReleasePeerAddress:
+    """Run the hand-back sequence (stop serving the peer's address at once); report :class:`Released`."""
+
+
+Action = (ServeOwnAddress | AnnounceOwnAddress | SendMessage | PrepareTakeover | DropTakeoverPreparation
+          | TakeOverPeerAddress | RetryTakeoverLater | ReleasePeerAddress | LeaveOwnAddress)
+
+
+# -- the tables --------------------------------------------------------------------------------
+# What an event means for the machines is a *kind*; one event may be two kinds (a hello says
+# whether the peer holds my address, and whether it serves its own). Kinds:
+PEER_HOLDS_MINE = "peer_holds_mine"          # hello: it serves my address
 PEER_DOES_NOT_HOLD_MINE = "peer_does_not_hold_mine"
-NOBODY_ANSWERS = "nobody_answers"            # no sync link within claim_wait, no ARP answer for my address
-PEER_RELEASED_MINE = "peer_released_mine"    # hand-back done by the peer
-PEER_DEAD = "peer_dead"                      # failure detector
-HANDBACK_REQUESTED = "handback_requested"    # the peer wants its address back
-RELEASED = "released"                        # this node has let go of the peer's address
-OWNER_SERVES = "owner_serves"                # the peer's hello: it serves its own address itself
+OWNER_SERVES = "owner_serves"                # hello/alive: it serves its own address itself
+NOBODY_ANSWERS = "nobody_answers"           # claim_wait over, link down, no ARP answer
+PEER_RELEASED_MINE = "peer_released_mine"
+PEER_DEAD = "peer_dead"                      # verdict, or "leaving"
+PEER_PROBING = "peer_probing"
+PEER_ALIVE = "peer_alive"
+HANDBACK_REQUESTED = "handback_requested"
+TAKEOVER_DONE = "takeover_done"
+TAKEOVER_FAILED = "takeover_failed"
+TAKEOVER_FAILED_RETRY = "takeover_failed_retry"
+RETRY_TAKEOVER = "retry_takeover"
+RELEASED = "released"
+STOPPING = "stopping"
 
-OWN_TRANSITIONS: dict[tuple[str, str], str] = {
-    (CLAIMING, PEER_HOLDS_MINE): YIELDED,
-    (CLAIMING, PEER_DOES_NOT_HOLD_MINE): SERVING,
-    (CLAIMING, NOBODY_ANSWERS): SERVING,
-    (CLAIMING, PEER_DEAD): SERVING,
-    (YIELDED, PEER_RELEASED_MINE): SERVING,
-    (YIELDED, PEER_DOES_NOT_HOLD_MINE): SERVING,
-    (YIELDED, PEER_DEAD): SERVING,
+KINDS = (PEER_HOLDS_MINE, PEER_DOES_NOT_HOLD_MINE, OWNER_SERVES, NOBODY_ANSWERS, PEER_RELEASED_MINE, PEER_DEAD,
+         PEER_PROBING, PEER_ALIVE, HANDBACK_REQUESTED, TAKEOVER_DONE, TAKEOVER_FAILED, TAKEOVER_FAILED_RETRY,
+         RETRY_TAKEOVER, RELEASED, STOPPING)
+
+# Steps a transition takes (turned into actions by PairCore._step_actions):
+SERVE, ANNOUNCE, ASK_BACK, LEAVE = "serve", "announce", "ask_back", "leave"
+TAKE_OVER, RETRY_LATER, RELEASE, TELL_RELEASED = "take_over", "retry_later", "release", "tell_released"
+PREPARE, DROP_PREPARATION, WARN_BOTH_SERVE = "prepare", "drop_preparation", "warn_both_serve"
+
+# (state, kind) -> (new state, steps)
+OWN_TRANSITIONS: dict[tuple[str, str], tuple[str, tuple[str, ...]]] = {
+    (CLAIMING, PEER_HOLDS_MINE): (YIELDED, (ASK_BACK,)),
+    (CLAIMING, PEER_DOES_NOT_HOLD_MINE): (SERVING, (SERVE,)),
+    (CLAIMING, NOBODY_ANSWERS): (SERVING, (SERVE,)),
+    (CLAIMING, PEER_DEAD): (SERVING, (SERVE,)),
+    # every new hello that still shows my address held asks again (the last request may have been
+    # sent into a connection that broke)
+    (YIELDED, PEER_HOLDS_MINE): (YIELDED, (ASK_BACK,)),
+    (YIELDED, PEER_RELEASED_MINE): (SERVING, (SERVE,)),
+    (YIELDED, PEER_DOES_NOT_HOLD_MINE): (SERVING, (SERVE,)),
+    (YIELDED, PEER_DEAD): (SERVING, (SERVE,)),
+    # the peer declared this node dead wrongly: this node is the owner and keeps serving; the peer
+    # lets go when it sees this node's hello (OWNER_SERVES on its side)
+    (SERVING, PEER_HOLDS_MINE): (SERVING, (WARN_BOTH_SERVE,)),
+    # the peer let go after serving this address too: clients may still hold its MAC
+    (SERVING, PEER_RELEASED_MINE): (SERVING, (ANNOUNCE,)),
+    (SERVING, STOPPING): (SERVING, (LEAVE,)),
 }
 
-PEER_TRANSITIONS: dict[tuple[str, str], str] = {
-    (STANDBY, PEER_DEAD): HOLDING,
-    (HOLDING, HANDBACK_REQUESTED): RELEASING,
+PEER_TRANSITIONS: dict[tuple[str, str], tuple[str, tuple[str, ...]]] = {
+    (STANDBY, PEER_PROBING): (STANDBY, (PREPARE,)),
+    (STANDBY, PEER_ALIVE): (STANDBY, (DROP_PREPARATION,)),
+    (STANDBY, PEER_DEAD): (HOLDING, (TAKE_OVER,)),
+    # nothing to hand back (e.g. the takeover failed, or this node restarted): say so, the peer claims
+    (STANDBY, HANDBACK_REQUESTED): (STANDBY, (TELL_RELEASED,)),
+    (HOLDING, TAKEOVER_DONE): (HOLDING, ()),
+    (HOLDING, TAKEOVER_FAILED): (STANDBY, ()),
+    (HOLDING, TAKEOVER_FAILED_RETRY): (RETRYING, (RETRY_LATER,)),
+    (HOLDING, HANDBACK_REQUESTED): (RELEASING, (RELEASE,)),
     # Both serving: only after a wrong death verdict (e.g. the peer's process stalled longer than
     # dead_after). The owner is authoritative; the holder lets go at once.
-    (HOLDING, OWNER_SERVES): RELEASING,
-    (RELEASING, RELEASED): STANDBY,
+    (HOLDING, OWNER_SERVES): (RELEASING, (RELEASE,)),
+    (RETRYING, RETRY_TAKEOVER): (HOLDING, (TAKE_OVER,)),
+    (RETRYING, PEER_ALIVE): (STANDBY, (DROP_PREPARATION,)),
+    (RETRYING, OWNER_SERVES): (STANDBY, ()),
+    (RETRYING, HANDBACK_REQUESTED): (STANDBY, (TELL_RELEASED,)),
+    (RELEASING, RELEASED): (STANDBY, (TELL_RELEASED,)),
 }
+
+# Known and harmless: logged at debug level and counted, nothing happens.
+IGNORED: frozenset[tuple[str, str]] = frozenset({
+    *((CLAIMING, k) for k in (OWNER_SERVES, PEER_RELEASED_MINE, PEER_PROBING, PEER_ALIVE, HANDBACK_REQUESTED,
+                              TAKEOVER_DONE, TAKEOVER_FAILED, TAKEOVER_FAILED_RETRY, RETRY_TAKEOVER, RELEASED,
+                              STOPPING)),
+    *((YIELDED, k) for k in (OWNER_SERVES, NOBODY_ANSWERS, PEER_PROBING, PEER_ALIVE, HANDBACK_REQUESTED,
+                             TAKEOVER_DONE, TAKEOVER_FAILED, TAKEOVER_FAILED_RETRY, RETRY_TAKEOVER, RELEASED,
+                             STOPPING)),
+    *((SERVING, k) for k in (PEER_DOES_NOT_HOLD_MINE, OWNER_SERVES, NOBODY_ANSWERS, PEER_DEAD, PEER_PROBING,
+                             PEER_ALIVE, HANDBACK_REQUESTED, TAKEOVER_DONE, TAKEOVER_FAILED, TAKEOVER_FAILED_RETRY,
+                             RETRY_TAKEOVER, RELEASED)),
+    # results of sequences that are over, or that a later event overtook (a stale retry timer)
+    *((STANDBY, k) for k in (PEER_HOLDS_MINE, PEER_DOES_NOT_HOLD_MINE, OWNER_SERVES, NOBODY_ANSWERS,
+                             PEER_RELEASED_MINE, STOPPING, TAKEOVER_DONE, TAKEOVER_FAILED, TAKEOVER_FAILED_RETRY,
+                             RETRY_TAKEOVER, RELEASED)),
+    *((HOLDING, k) for k in (PEER_HOLDS_MINE, PEER_DOES_NOT_HOLD_MINE, NOBODY_ANSWERS, PEER_RELEASED_MINE,
+                             PEER_DEAD, PEER_PROBING, PEER_ALIVE, STOPPING, RETRY_TAKEOVER, RELEASED)),
+    # retrying: the retry timer runs on; a new verdict changes nothing
+    *((RETRYING, k) for k in (PEER_HOLDS_MINE, PEER_DOES_NOT_HOLD_MINE, NOBODY_ANSWERS, PEER_RELEASED_MINE,
+                              PEER_DEAD, PEER_PROBING, STOPPING, TAKEOVER_DONE, TAKEOVER_FAILED,
+                              TAKEOVER_FAILED_RETRY, RELEASED)),
+    # releasing runs to its end before the next event is handled
+    *((RELEASING, k) for k in (PEER_HOLDS_MINE, PEER_DOES_NOT_HOLD_MINE, OWNER_SERVES, NOBODY_ANSWERS,
+                               PEER_RELEASED_MINE, PEER_DEAD, PEER_PROBING, PEER_ALIVE, HANDBACK_REQUESTED,
+                               STOPPING, TAKEOVER_DONE, TAKEOVER_FAILED, TAKEOVER_FAILED_RETRY, RETRY_TAKEOVER)),
+})
 
 
 @dataclass(frozen=True)
@@ -72,34 +306,182 @@ class Transition:
     machine: Literal["own", "peer"]
     old: str
     new: str
-    event: str
+    kind: str
+    reason: str
 
 
 @dataclass
-class PairRoles:
-    own: str = CLAIMING
-    peer: str = STANDBY
+class PairCore:
+    """The pair's decisions for one node: ``handle(event)`` -> actions, in the order to execute them.
+
+    ``my_address``/``peer_address`` are the two service addresses (as strings, as messages carry them),
+    the names are for the reasons in the log.
+    """
+
+    my_name: str
+    peer_name: str
+    my_address: str
+    peer_address: str
+    own_role: str = CLAIMING
+    peer_role: str = STANDBY
+    #: what the peer's last hello said (also the persisted one before the first hello)
+    peer_holds: frozenset[str] = frozenset()
+    peer_own_role: str | None = None
+    #: takeover retries since the last successful takeover (for the backoff)
+    takeover_attempts: int = 0
+    last_takeover_error: str | None = None
+    retry_first: float = 0.05
+    retry_max: float = 2.0
     history: list[Transition] = field(default_factory=list)
+    ignored: Counter = field(default_factory=Counter)     # (state, kind) -> count
+    unexpected: Counter = field(default_factory=Counter)  # (state, kind) -> count
+    _detected_at: float | None = None
+    _drain: tuple = ()
+    _drain_for: float = 0.0
 
-    def handle(self, event: str) -> list[Transition]:
-        """Apply ``event`` to both machines; the transitions that happened, in order (own first)."""
-        done = []
-        new_own = OWN_TRANSITIONS.get((self.own, event))
-        if new_own is not None:
-            done.append(Transition("own", self.own, new_own, event))
-            self.own = new_own
-        new_peer = PEER_TRANSITIONS.get((self.peer, event))
-        if new_peer is not None:
-            done.append(Transition("peer", self.peer, new_peer, event))
-            self.peer = new_peer
-        self.history.extend(done)
-        del self.history[:-100]
-        return done
-
+    # -- queries ---------------------------------------------------------------------------------
     @property
     def serves_own(self) -> bool:
-        return self.own == SERVING
+        return self.own_role == SERVING
 
     @property
     def holds_peer(self) -> bool:
-        return self.peer in (HOLDING, RELEASING)
+        return self.peer_role in (HOLDING, RELEASING)
+
+    def holds(self) -> list[str]:
+        """The addresses this node serves, for its hello."""
+        return ([self.my_address] if self.serves_own else []) + ([self.peer_address] if self.holds_peer else [])
+
+    def remember_hello(self, holds: frozenset[str], peer_own_role: str | None) -> None:
+        """What the peer said last (a persisted hello at start): used by :class:`PeerAlive`."""
+        self.peer_holds, self.peer_own_role = frozenset(holds), peer_own_role
+
+    # -- the one entry point ---------------------------------------------------------------------
+    def handle(self, event: Event) -> list[Action]:
+        """Apply ``event`` to both machines (own first); the actions to execute, in order."""
+        actions: list[Action] = []
+        for kind, reason in self._kinds(event):
+            for machine in ("own", "peer"):
+                actions += self._step(machine, kind, reason, event)
+        return actions
+
+    # -- internals -------------------------------------------------------------------------------
+    def _kinds(self, event: Event) -> list[tuple[str, str]]:
+        """What ``event`` means for the machines, with the reason for the log."""
+        peer, mine, theirs = self.peer_name, self.my_address, self.peer_address
+        if isinstance(event, (HelloReceived, PeerAlive)):  # the peer lives: a failed takeover is moot
+            self.takeover_attempts, self.last_takeover_error = 0, None
+        if isinstance(event, HelloReceived):
+            self.remember_hello(event.holds, event.peer_own_role)
+            kinds = [(PEER_HOLDS_MINE, f"{peer} serves {mine}") if mine in event.holds
+                     else (PEER_DOES_NOT_HOLD_MINE, f"{peer} does not serve {mine}")]
+            if self._owner_serves():
+                kinds.append((OWNER_SERVES, f"{peer} serves {theirs} itself"))
+            return kinds
+        if isinstance(event, PeerAlive):
+            kinds = [(PEER_ALIVE, f"{peer} is alive again")]
+            if self._owner_serves():
+                # the verdict was wrong (the peer only stalled): it never stopped serving
+                kinds.append((OWNER_SERVES, f"{peer} was only late; it serves {theirs} itself"))
+            return kinds
+        if isinstance(event, PeerDeclaredDead):
+            self._detected_at, self._drain, self._drain_for = event.at, (), 0.0
+            return [(PEER_DEAD, f"peer {peer} silent {event.silent_for * 1000:.0f} ms and no answer to the probe")]
+        if isinstance(event, PeerLeaving):
+            if event.address != theirs:
+                return self._wrong_address("leaving", event.address, theirs)
+            self._detected_at, self._drain, self._drain_for = event.at, tuple(event.drain), event.grace
+            draining = f" (draining {len(event.drain)} connection(s) through here)" if event.drain else ""
+            return [(PEER_DEAD, f"{peer} is stopping and has let go of {theirs}{draining}")]
+        if isinstance(event, HandbackRequested):
+            if event.address != theirs:
+                return self._wrong_address("handback_request", event.address, theirs)
+            return [(HANDBACK_REQUESTED, f"{peer} is back and asks for {theirs}")]
+        if isinstance(event, HandbackDone):
+            if event.address != mine:
+                return self._wrong_address("handback_done", event.address, mine)
+            return [(PEER_RELEASED_MINE, f"{peer} let go of {mine}")]
+        if isinstance(event, TakeoverFailed):
+            self.last_takeover_error = event.reason
+            return [(TAKEOVER_FAILED_RETRY if event.retry else TAKEOVER_FAILED, f"takeover failed: {event.reason}")]
+        if isinstance(event, TakeoverDone):
+            self.takeover_attempts, self.last_takeover_error = 0, None
+            return [(TAKEOVER_DONE, f"serving {theirs}")]
+        if isinstance(event, ClaimWaitOver):
+            if event.arp_holders:
+                self.unexpected[("claim", "arp_answered")] += 1
+                log.warning("%s: no word from the peer, but %s answers ARP for it: not claiming", mine,
+                            ", ".join(sorted(event.arp_holders)))
+                return []
+            if event.link_connected:  # the peer's hello decides
+                return []
+            return [(NOBODY_ANSWERS, "no word from the peer and no ARP answer for the address")]
+        simple = {PeerProbing: (PEER_PROBING, f"{peer} silent, probing"),
+                  RetryTakeover: (RETRY_TAKEOVER, f"retrying the takeover of {theirs}"),
+                  Released: (RELEASED, f"let go of {theirs}"),
+                  Stopping: (STOPPING, "stopping")}
+        return [simple[type(event)]]
+
+    def _owner_serves(self) -> bool:
+        return self.peer_address in self.peer_holds and self.peer_own_role == SERVING
+
+    def _wrong_address(self, message: str, address: str | None, expected: str) -> list[tuple[str, str]]:
+        self.unexpected[("message", message)] += 1
+        log.warning("%s for %r, which is not %s: ignored", message, address, expected)
+        return []
+
+    def _step(self, machine: str, kind: str, reason: str, event: Event) -> list[Action]:
+        state = self.own_role if machine == "own" else self.peer_role
+        table = OWN_TRANSITIONS if machine == "own" else PEER_TRANSITIONS
+        found = table.get((state, kind))
+        if found is None:
+            if (state, kind) in IGNORED:
+                self.ignored[(state, kind)] += 1
+                log.debug("%s address %s: %s ignored (%s)", machine, state, kind, reason)
+            else:
+                self.unexpected[(state, kind)] += 1
+                log.warning("%s address %s: unexpected %s ignored (%s)", machine, state, kind, reason)
+            return []
+        new, steps = found
+        if new != state:
+            log.info("%s address: %s -> %s (%s)", machine, state, new, reason)
+            self.history.append(Transition(machine, state, new, kind, reason))
+            del self.history[:-100]
+            if machine == "own":
+                self.own_role = new
+            else:
+                self.peer_role = new
+        return [action for step in steps for action in self._step_actions(step)]
+
+    def _step_actions(self, step: str) -> list[Action]:
+        if step == SERVE:
+            return [ServeOwnAddress()]
+        if step == ANNOUNCE:
+            return [AnnounceOwnAddress()]
+        if step == ASK_BACK:
+            return [_ask_for_my_address(self.my_address)]
+        if step == LEAVE:
+            return [LeaveOwnAddress()]
+        if step == TAKE_OVER:
+            return [TakeOverPeerAddress(self._detected_at, self._drain, self._drain_for)]
+        if step == RETRY_LATER:
+            self.takeover_attempts += 1
+            return [RetryTakeoverLater(min(self.retry_max, self.retry_first * 2 ** (self.takeover_attempts - 1)))]
+        if step == RELEASE:
+            return [ReleasePeerAddress()]
+        if step == TELL_RELEASED:
+            return [SendMessage("handback_done", self.peer_address)]
+        if step == PREPARE:
+            return [PrepareTakeover()]
+        if step == DROP_PREPARATION:
+            return [DropTakeoverPreparation()]
+        if step == WARN_BOTH_SERVE:
+            log.warning("%s serves %s too (it declared this node dead): it must let go", self.peer_name,
+                        self.my_address)
+            return []
+        raise AssertionError(f"unknown step {step!r}")
+
+
+def _ask_for_my_address(address: str) -> SendMessage:
+    """The hand-back request (patent element 316): made here and nowhere else."""
+    return SendMessage("handback_request", address)

@@ -1,0 +1,307 @@
+"""The stateful standby: everything a node of a stateful pair knows about connections, behind one object.
+
+A node in a stateful pair (patent FIG. 3) snoops both addresses from the start: its own as the active
+node sees it, the peer's as a silent observer (element 310), and compares notes with the peer over the
+sync link. The snooping and decoding run in a child process (:mod:`proxy.observer`), off the node's
+event loop. :class:`StatefulStandby` is the node's only handle on all of it:
+
+* ``run``: the observer, the standby macvlan (the peer's MAC, no address), the digest exchange;
+* ``on_peer_hello`` / ``on_message``: what the peer said (its MAC; digests, snapshot requests, snapshots);
+* ``prepare_takeover`` / ``drop_preparation`` / ``takeover_plan`` / ``end_takeover``: what a takeover needs;
+* ``add_status``: the tables and the state comparison for ``pairproxy status``.
+
+A stateless node has no such object (the node holds None). Every request to the observer has a time
+limit (:class:`~proxy.timings.PairTimings`): a stuck observer costs a takeover at most
+``observer_timeout`` and then the takeover goes on as a stateless one; it never blocks the node's
+decisions, because digests and snapshots are handled in this object's own task.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable
+
+import trio
+from pyroute2.netlink.exceptions import NetlinkError
+
+from proxy.config import Config, ConfigError, ServiceConfig, services_from_dicts
+from proxy.netplane import NetworkError
+from proxy.observer import ObserverError, ObserverProcess
+from proxy.stateful import ViewSync, reset_frames
+from proxy.takeover import PeerMacvlanSlot, Takeover, TakeoverPlan
+from proxy.timings import PairTimings
+
+log = logging.getLogger("pairproxy.standby")
+
+# the observer's views (see proxy.stateful.AddressView)
+OWN_ADDRESS = "own_address"      # this node's address, as the active node sees it
+PEER_ADDRESS = "peer_address"    # the peer's address, as a silent observer sees it
+PEER_BACKEND = "peer_backend"    # the peer's own connections to its backends (reset at takeover)
+
+
+@dataclass(frozen=True)
+class PreparedTakeover:
+    """What :meth:`StatefulStandby.prepare_takeover` fetched while the peer was silent."""
+
+    last_heartbeat: float | None  # the detector's last heartbeat when fetched: the silence it belongs to
+    fetched_at: float             # trio time
+    plan: TakeoverPlan
+
+
+class StatefulStandby:
+    """See the module docstring. ``send`` sends a message to the peer; ``last_heartbeat`` returns the
+    failure detector's last heartbeat (trio time) or None."""
+
+    def __init__(self, config: Config, peer_hello: dict[str, Any] | None, macvlan: PeerMacvlanSlot,
+                 send: Callable[[dict], Awaitable[None]], last_heartbeat: Callable[[], float | None],
+                 timings: PairTimings, *, observer: ObserverProcess | None = None):
+        node, peer = config.node, config.peer
+        self.peer_hello = peer_hello
+        self.macvlan = macvlan
+        self.timings = timings
+        self._send = send
+        self._last_heartbeat = last_heartbeat
+        peer_services = _services_of(peer_hello) or config.services
+        backends = sorted({(str(s.backend.host), p) for s in peer_services for p in s.ports})
+        views = {
+            OWN_ADDRESS: {"address": str(node.address.ip), "ports": _ports(config.services)},
+            PEER_ADDRESS: {"address": str(peer.address), "ports": _ports(peer_services)},
+            # the peer's own connections to its backends: reset at takeover, or the file server
+            # keeps their sessions and opens (sharing violations for the reconnecting clients)
+            PEER_BACKEND: {"address": str(peer.address), "ports": sorted({port for _, port in backends}),
+                           "as_client_of": sorted({host for host, _ in backends})},
+        }
+        #: view name -> the address it covers
+        self.addresses = {name: v["address"] for name, v in views.items()}
+        self.view_sync = ViewSync()
+        # 128 MiB: with 8 MiB a bulk transfer through the lab lost a fifth of its frames (bench/SNOOPER.md)
+        self.observer = observer or ObserverProcess(node.interface, views, rcvbuf=128 << 20)
+        self.prepared: PreparedTakeover | None = None
+        self.observer_timeouts = 0
+        self.messages_dropped = 0
+        self._messages_tx, self._messages_rx = trio.open_memory_channel[dict](100)
+        self._fetch_lock = trio.Lock()
+        self._nursery: trio.Nursery | None = None
+        self._preparing = False
+
+    # -- life cycle --------------------------------------------------------------------------------
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The observer, the digest exchange and the peer's state messages, until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            # started in the background: the node claims its address meanwhile (the child needs a
+            # second or so to import its decoders); until it is ready a takeover is a stateless one
+            nursery.start_soon(self._run_observer)
+            self._open_macvlan()
+            nursery.start_soon(self._send_digests)
+            nursery.start_soon(self._handle_messages)
+            log.info("stateful: snooping %s (own) and %s (peer)", self.addresses[OWN_ADDRESS],
+                     self.addresses[PEER_ADDRESS])
+            task_status.started()
+
+    async def _run_observer(self) -> None:
+        try:
+            await self.observer.run()
+        except (ObserverError, OSError) as exc:
+            self.observer.failed = str(exc)
+            log.error("stateful: %s; this node keeps no state of its peer's connections", exc)
+
+    def _open_macvlan(self) -> None:
+        """The standby receives the peer's MAC from the start, without an address."""
+        if self.peer_hello and self.peer_hello.get("mac"):
+            try:
+                self.macvlan.open(self.peer_hello["mac"])
+            except (NetworkError, NetlinkError, OSError) as exc:  # a takeover tries again (and reports it)
+                log.error("stateful: standby macvlan not opened: %s", exc)
+
+    # -- what the peer says ------------------------------------------------------------------------
+    def on_peer_hello(self, hello: dict[str, Any]) -> None:
+        self.peer_hello = hello
+        self._open_macvlan()
+
+    def on_message(self, message: dict) -> None:
+        """A digest, snapshot request or snapshot from the peer: handled in this object's own task."""
+        try:
+            self._messages_tx.send_nowait(message)
+        except trio.WouldBlock:
+            self.messages_dropped += 1
+            log.warning("stateful: %s from the peer dropped (observer too slow)", message.get("type"))
+
+    async def _handle_messages(self) -> None:
+        own, peer = self.addresses[OWN_ADDRESS], self.addresses[PEER_ADDRESS]
+        timeout = self.timings.status_observer_timeout
+        async for message in self._messages_rx:
+            kind, address = message.get("type"), message.get("address")
+            if kind == "digest" and address == peer:
+                ours = await self._ask("digest", PEER_ADDRESS, None, timeout)
+                if ours is not None and self.view_sync.on_peer_digest(message, ours, trio.current_time()):
+                    await self._send({"type": "snapshot_request", "address": peer})
+            elif kind == "snapshot_request" and address == own:
+                snap = await self._ask("snapshot", OWN_ADDRESS, {"connections": []}, timeout)
+                for c in snap["connections"]:
+                    c.pop("tcp", None)
+                    c.pop("smb", None)
+                await self._send({"type": "snapshot", "address": own,
+                                  "snapshot": {"connections": snap["connections"]}})
+            elif kind == "snapshot" and address == peer:
+                ours = await self._ask("snapshot", PEER_ADDRESS, {"connections": []}, timeout)
+                self.view_sync.on_peer_snapshot(message.get("snapshot") or {}, ours)
+            else:
+                log.debug("stateful: %s for %r ignored", kind, address)
+
+    async def _send_digests(self) -> None:
+        await self.observer.ready.wait()
+        while True:
+            await trio.sleep(self.timings.digest_every)
+            ours = await self._ask("digest", OWN_ADDRESS, None, self.timings.status_observer_timeout)
+            if ours is not None:
+                await self._send({"type": "digest", "address": self.addresses[OWN_ADDRESS], **ours})
+
+    # -- what a takeover needs ---------------------------------------------------------------------
+    def prepare_takeover(self) -> None:
+        """The peer is silent and being probed: fetch the takeover's plan now, in the background, so
+        the observer's round trips are out of the takeover's critical path. Called again on every
+        probe, so during a long link outage (the peer alive and serving) it stays fresh and includes
+        new connections."""
+        if self._nursery is None or self._preparing or not self.observer.ready.is_set():
+            return
+        self._preparing = True
+        self._nursery.start_soon(self._prepare)
+
+    async def _prepare(self) -> None:
+        try:
+            heard = self._last_heartbeat()
+            async with self._fetch_lock:
+                plan = await self._fetch_plan(self.timings.observer_timeout)
+            if plan is not None:
+                self.prepared = PreparedTakeover(heard, trio.current_time(), plan)
+        finally:
+            self._preparing = False
+
+    def drop_preparation(self) -> None:
+        """The peer lives: the prepared plan is stale, and nobody is taking over to watch for."""
+        self.prepared = None
+        if self._nursery is not None and self.observer.ready.is_set():
+            self._nursery.start_soon(self._ask, "unwatch", None, None, self.timings.status_observer_timeout)
+
+    async def takeover_plan(self) -> TakeoverPlan:
+        """The connections to reset: prepared during this silence if recent enough, else fetched now;
+        at most ``observer_timeout`` (then none: a stateless takeover)."""
+        if not self.observer.ready.is_set():
+            return TakeoverPlan()
+        plan = None
+        with trio.move_on_after(self.timings.observer_timeout):
+            async with self._fetch_lock:  # a preparation under way finishes first
+                prepared, self.prepared = self.prepared, None
+                if prepared is not None and prepared.last_heartbeat == self._last_heartbeat() and \
+                        trio.current_time() - prepared.fetched_at <= self.timings.prepared_takeover_max_age:
+                    plan = prepared.plan
+                else:
+                    plan = await self._fetch_plan(self.timings.observer_timeout)
+        if plan is None:
+            self.observer_timeouts += 1
+            log.warning("stateful: no answer from the observer within %.0f ms: taking over without resets",
+                        self.timings.observer_timeout * 1000)
+            return TakeoverPlan()
+        return plan
+
+    async def _fetch_plan(self, timeout: float) -> TakeoverPlan | None:
+        """The peer's live connections (and a resume watcher armed with who had what); None if the
+        observer did not answer in time or at all."""
+        with trio.move_on_after(timeout):
+            try:
+                clients = await self.observer.request("live", view=PEER_ADDRESS)
+                backends = await self.observer.request("live", view=PEER_BACKEND)
+                await self.observer.request("watch", view=PEER_ADDRESS)
+            except ObserverError as exc:
+                log.warning("stateful: %s", exc)
+                return None
+            return TakeoverPlan(clients or [], backends or [])
+        self.observer_timeouts += 1
+        return None
+
+    async def end_takeover(self) -> list:
+        """The peer's address was handed back: the resume report as it stands; stop watching."""
+        report = await self._ask("report", None, [], self.timings.observer_timeout)
+        await self._ask("unwatch", None, None, self.timings.observer_timeout)
+        return report
+
+    def send_resets(self, plan: TakeoverPlan) -> tuple[int, int]:
+        """End the dead peer's connections at once: a valid RST to each client, and to each backend it
+        left connected (see :func:`proxy.stateful.reset_frames`); how many of each were sent."""
+        clients = _send_resets(plan.clients_to_reset)
+        if clients:
+            log.info("stateful: reset %d client connection(s) of the peer at once: %s", clients,
+                     ", ".join(c["client"] for c in plan.clients_to_reset))
+        backends = _send_resets(plan.backends_to_reset, toward="server")
+        if backends:
+            log.info("stateful: reset %d backend connection(s) the peer had left open: %s", backends,
+                     ", ".join(f"{c['client']}->{c['server']}" for c in plan.backends_to_reset))
+        return clients, backends
+
+    # -- status ------------------------------------------------------------------------------------
+    async def add_status(self, result: dict, *, holds_peer: bool, takeovers: list[Takeover]) -> None:
+        """Add the stateful parts to a node's status: connections and decoder errors of both
+        addresses (the schema ``pairproxy replay --json`` prints), the state comparison, the resume."""
+        timeout = self.timings.status_observer_timeout
+        empty = {"connections": [], "errors": {}}
+        snaps = [await self._ask("snapshot", OWN_ADDRESS, empty, timeout),
+                 await self._ask("snapshot", PEER_ADDRESS, empty, timeout)]
+        result["connections"] = snaps[0]["connections"] + snaps[1]["connections"]
+        result["errors"] = {k: snaps[0]["errors"].get(k, 0) + snaps[1]["errors"].get(k, 0)
+                            for k in set(snaps[0]["errors"]) | set(snaps[1]["errors"])}
+        digests = {}
+        for name in (OWN_ADDRESS, PEER_ADDRESS):
+            d = await self._ask("digest", name, None, timeout)
+            digests[self.addresses[name]] = d["digest"] if d else None
+        result["pair"]["state_sync"] = {**self.view_sync.status(), "digests": digests,
+                                        "observer": self.observer.failed or
+                                        ("running" if self.observer.ready.is_set() else "starting"),
+                                        "observer_timeouts": self.observer_timeouts,
+                                        "snoopers": await self._ask("stats", None, [], timeout)}
+        # what the clients of the peer's address re-established: live while holding it, else as it
+        # stood when it was handed back
+        result["pair"]["resume"] = (await self._ask("report", None, [], timeout) if holds_peer
+                                    else (takeovers[-1].resume or []) if takeovers else [])
+
+    # -- the observer ------------------------------------------------------------------------------
+    async def _ask(self, op: str, view: str | None, default: Any, timeout: float) -> Any:
+        """Ask the observer; ``default`` (and a log line) if it cannot answer within ``timeout``."""
+        with trio.move_on_after(timeout):
+            try:
+                return await self.observer.request(op, **({"view": view} if view else {}))
+            except ObserverError as exc:
+                log.warning("stateful: %s", exc)
+                return default
+        self.observer_timeouts += 1
+        log.warning("stateful: observer did not answer %s within %.0f ms", op, timeout * 1000)
+        return default
+
+
+def _send_resets(connections: list[dict], toward: str = "client") -> int:
+    """Send each of the dead peer's clients (or its backend servers) a valid RST (see
+    proxy.stateful.reset_frames); how many were sent."""
+    sent = 0
+    if not connections:
+        return sent
+    with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW) as raw:
+        for client_ip, packet in reset_frames(connections, toward):
+            try:
+                raw.sendto(packet, (client_ip, 0))
+                sent += 1
+            except OSError as exc:
+                log.warning("RST to %s not sent: %s", client_ip, exc)
+    return sent
+
+
+def _services_of(hello: dict[str, Any] | None) -> tuple[ServiceConfig, ...]:
+    try:
+        return services_from_dicts((hello or {}).get("services", []))
+    except ConfigError:
+        return ()
+
+
+def _ports(services: tuple[ServiceConfig, ...]) -> list[int]:
+    return sorted({p for s in services for p in s.ports})

@@ -1,0 +1,207 @@
+"""The takeover sequence: serve the dead peer's address (patent elements 304/312/314).
+
+One function, :func:`take_over`, with its side effects in a fixed order, each undone in reverse if a
+later one fails (and by :func:`proxy.handback.release` when the address is handed back), as
+keepalived's ``become_master``/``restore_interface`` and :mod:`proxy.serving` do:
+
+1. check what the peer's hello told us (its MAC and services): without them there is nothing to serve;
+2. stateful: ask the standby what the takeover needs (the peer's live connections), before the address
+   moves (afterwards new clients' connections would be in the list too), bounded in time; none when
+   the peer is leaving (it drains them itself);
+3. the macvlan with the peer's MAC (already there in stateful mode: then it is not ours to undo);
+   a leaving peer's connections passed on to it (:mod:`proxy.drain`), before its clients come here;
+4. the peer's services on its address, as a /32 on the macvlan, announced with this node's own MAC
+   (:class:`~proxy.serving.AddressService`: listeners, address, gratuitous ARP);
+5. stateful: exact-sequence resets to the peer's clients and to the backends it left connected;
+6. a watcher that records when the first client is served.
+
+A kernel error (:class:`~proxy.netplane.NetworkError`, e.g. the macvlan's name taken by another
+interface) undoes steps 3-4 and raises :class:`TakeoverError` with ``retry=True``: the decision core
+retries with a backoff while the node goes on serving its own address.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import trio
+from pyroute2.netlink.exceptions import NetlinkError
+
+from proxy.config import ConfigError, NodeConfig, PeerConfig, services_from_dicts
+from proxy.drain import DrainRedirect
+from proxy.netplane import NetworkError, PeerMacvlan
+from proxy.serving import AddressService
+
+if TYPE_CHECKING:  # only for annotations: proxy.standby imports this module
+    from proxy.standby import StatefulStandby
+
+log = logging.getLogger("pairproxy.takeover")
+
+
+@dataclass
+class Takeover:
+    """The timing of one takeover, for status (trio clock seconds; None: not yet)."""
+
+    address: str
+    last_heard_at: float | None
+    detected_at: float
+    wall_time: float
+    address_up_at: float | None = None
+    first_client_at: float | None = None
+    released_at: float | None = None
+    resets: int = 0
+    backend_resets: int = 0
+    resume: list | None = None  # stateful: the resume report as it stood at the hand-back
+
+    def as_dict(self) -> dict:
+        def ms(a: float | None, b: float | None) -> float | None:
+            return None if a is None or b is None else round((b - a) * 1000, 1)
+
+        return {
+            "address": self.address,
+            "when": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(self.wall_time)),
+            "silence_ms": ms(self.last_heard_at, self.detected_at),
+            "address_moved_ms": ms(self.detected_at, self.address_up_at),
+            "first_client_ms": ms(self.detected_at, self.first_client_at),
+            "held_for_s": None if self.released_at is None else round(self.released_at - self.detected_at, 3),
+            "clients_reset": self.resets,
+            "backend_connections_reset": self.backend_resets,
+        }
+
+
+@dataclass(frozen=True)
+class TakeoverPlan:
+    """What the stateful standby knows a takeover must do: the connections to end with a reset."""
+
+    clients_to_reset: list[dict] = field(default_factory=list)   # the peer's client connections
+    backends_to_reset: list[dict] = field(default_factory=list)  # the peer's own backend connections
+
+
+class TakeoverError(Exception):
+    """The takeover could not serve the peer's address; everything it did is undone."""
+
+    def __init__(self, reason: str, *, retry: bool):
+        super().__init__(reason)
+        self.retry = retry
+
+
+class PeerMacvlanSlot:
+    """The one macvlan with the peer's MAC this node may have: opened by the stateful standby at start
+    (it snoops the peer's frames all the time) or by a takeover (stateless: only while serving)."""
+
+    def __init__(self, ifname: str, name: str):
+        self.ifname, self.name = ifname, name
+        self.macvlan: PeerMacvlan | None = None
+
+    def open(self, mac: str) -> bool:
+        """Make sure it exists; True if this call created it (the caller then owns closing it)."""
+        if self.macvlan is not None:
+            return False
+        self.macvlan = PeerMacvlan(self.ifname, self.name, mac).open()
+        return True
+
+    def close(self) -> None:
+        if self.macvlan is not None:
+            self.macvlan.close()
+            self.macvlan = None
+
+
+@dataclass
+class HeldAddress:
+    """The peer's address while this node serves it: what :func:`proxy.handback.release` undoes."""
+
+    service: AddressService
+    done: trio.Event
+    takeover: Takeover
+    opened_macvlan: bool
+    drain: DrainRedirect | None = None
+
+
+async def take_over(*, node: NodeConfig, peer: PeerConfig, peer_hello: dict[str, Any] | None, mac: str,
+                    nursery: trio.Nursery, macvlan: PeerMacvlanSlot, standby: StatefulStandby | None,
+                    last_heard_at: float | None, detected_at: float,
+                    drain: DrainRedirect | None = None) -> HeldAddress:
+    """Run the sequence in the module docstring; the held address, or TakeoverError."""
+    # 1. what the peer told us
+    if not peer_hello or not peer_hello.get("mac"):
+        raise TakeoverError(f"peer {peer.name} was never heard from: its MAC and services are unknown; "
+                            f"cannot take over {peer.address}", retry=False)
+    try:
+        services = services_from_dicts(peer_hello.get("services", []))
+    except ConfigError as exc:
+        raise TakeoverError(f"peer {peer.name}'s services are unusable: {'; '.join(exc.problems)}",
+                            retry=False) from None
+    takeover = Takeover(str(peer.address), last_heard_at, detected_at, time.time())
+    # 2. what the standby knows (bounded: a stuck observer costs a stateless takeover, no more)
+    plan = await standby.takeover_plan() if standby is not None and drain is None else TakeoverPlan()
+    # 3. the macvlan
+    try:
+        opened = macvlan.open(peer_hello["mac"])
+    except (NetworkError, NetlinkError, OSError) as exc:
+        raise TakeoverError(f"macvlan {peer.macvlan}: {_describe(exc)}", retry=True) from None
+    if drain is not None:
+        try:
+            await drain.open()
+        except OSError as exc:  # the takeover goes on; the leaving peer's clients reconnect
+            log.error("drain: cannot pass the leaving peer's connections on: %s", exc)
+            drain = None
+    # 4. the peer's services on its address
+    service = AddressService(ipaddress.IPv4Interface(f"{peer.address}/32"), peer.macvlan, services,
+                             announce_ifname=node.interface, announce_mac=mac)
+    done = trio.Event()
+
+    async def serve_peer_address(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        class Started:
+            # the takeover record is complete the moment the service serves: a status request
+            # may be answered before this task's caller resumes
+            def started(self, value: None = None) -> None:
+                takeover.address_up_at = service.address_up_at
+                task_status.started(value)
+
+        try:
+            await service.run(task_status=Started())
+        finally:
+            done.set()
+
+    try:
+        await nursery.start(serve_peer_address)
+    except (NetworkError, NetlinkError, OSError) as exc:
+        if drain is not None:
+            with trio.CancelScope(shield=True):
+                await drain.close()
+        if opened:
+            macvlan.close()
+        raise TakeoverError(f"serving {peer.address}: {_describe(exc)}", retry=True) from None
+    # 5. resets
+    if standby is not None:
+        takeover.resets, takeover.backend_resets = standby.send_resets(plan)
+    # 6. the first client, and the end of a drain
+    nursery.start_soon(_watch_first_client, takeover, service)
+    if drain is not None:
+        nursery.start_soon(drain.close_after, drain.seconds + 1.0)
+    log.info("took over %s from %s in %.1f ms (detected after %.0f ms of silence); replies leave with MAC %s",
+             peer.address, peer.name, (takeover.address_up_at - takeover.detected_at) * 1000,
+             (takeover.detected_at - (takeover.last_heard_at or takeover.detected_at)) * 1000, mac)
+    return HeldAddress(service, done, takeover, opened, drain)
+
+
+def _describe(exc: Exception) -> str:
+    """A kernel error for a person: pyroute2's NetlinkError prints as a tuple."""
+    if isinstance(exc, NetlinkError):
+        return f"{exc.args[-1]} (errno {exc.code})"
+    return str(exc)
+
+
+async def _watch_first_client(takeover: Takeover, service: AddressService) -> None:
+    while takeover.first_client_at is None and service.state in ("idle", "serving"):
+        firsts = [p.first_client_at for p in service.proxies if p.first_client_at is not None]
+        if firsts:
+            takeover.first_client_at = min(firsts)
+            log.info("first client served on %s %.1f ms after the peer was declared dead", takeover.address,
+                     (takeover.first_client_at - takeover.detected_at) * 1000)
+            return
+        await trio.sleep(0.001)

@@ -1,0 +1,145 @@
+"""proxy.standby: what a takeover gets from the stateful standby, with a fake observer and MockClock.
+
+Issue 8 items 5 and 6: the connections to reset are never older than one probe (a long sync-link
+outage, during which the peer goes on serving new clients, cannot leave them stale), and a stuck
+observer costs a takeover at most ``observer_timeout``.
+"""
+
+from __future__ import annotations
+
+import trio
+import trio.testing
+
+from proxy.config import parse_config
+from proxy.standby import PEER_ADDRESS, PEER_BACKEND, StatefulStandby
+from proxy.takeover import TakeoverPlan
+from proxy.timings import PairTimings
+
+CONFIG = parse_config({
+    "node": {"name": "b", "interface": "eth0", "address": "10.0.0.2/24", "state_dir": "/tmp/s",
+             "control": "/tmp/s/c.sock"},
+    "service": [{"name": "smb", "protocol": "smb", "port": 445, "backend": "10.0.2.10:445"}],
+    "peer": {"name": "a", "address": "10.0.0.1", "link": "10.1.0.1:7400", "listen": "10.1.0.2:7400",
+             "key_file": "/etc/pairproxy/pair.key"},
+    "pair": {"mode": "stateful", "heartbeat": "20ms", "dead_after": "100ms"},
+})
+TIMINGS = PairTimings.from_config(CONFIG.pair)
+
+
+class FakeObserver:
+    """Answers like proxy.observer's child: ``live`` per view from a table the test changes."""
+
+    def __init__(self, stuck: bool = False):
+        self.ready = trio.Event()
+        self.ready.set()
+        self.failed = None
+        self.stuck = stuck
+        self.live = {PEER_ADDRESS: [], PEER_BACKEND: []}
+        self.requests: list[str] = []
+
+    async def run(self):
+        await trio.sleep_forever()
+
+    async def request(self, op, view=None):
+        self.requests.append(op)
+        if self.stuck:
+            await trio.sleep_forever()
+        await trio.sleep(0.001)  # a round trip
+        return list(self.live[view]) if op == "live" else None
+
+
+class FakeSlot:
+    def open(self, mac):
+        return False
+
+    def close(self):
+        pass
+
+
+def connection(port: int, seq: int) -> dict:
+    return {"client": f"10.0.0.9:{port}", "server": "10.0.0.1:445",
+            "tcp": {"server_next_seq": seq, "client_next_seq": seq + 1}}
+
+
+def make(observer, heard):
+    async def send(message):
+        pass
+
+    return StatefulStandby(CONFIG, None, FakeSlot(), send, lambda: heard[0], TIMINGS, observer=observer)
+
+
+def test_a_long_link_outage_does_not_leave_the_resets_stale():
+    async def main():
+        observer, heard = FakeObserver(), [0.0]
+        standby = make(observer, heard)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(standby.run)
+            # the link goes silent at 0; the peer answers probes (link_down) and keeps serving
+            observer.live[PEER_ADDRESS] = [connection(5000, 100)]
+            standby.prepare_takeover()          # the first probe
+            await trio.sleep(TIMINGS.probe_every)
+            for second in range(1, 40):         # 20 s of link_down, a probe every probe_every
+                observer.live[PEER_ADDRESS] = [connection(5000, 100 + second), connection(6000 + second, 7)]
+                standby.prepare_takeover()
+                await trio.sleep(TIMINGS.probe_every)
+            # now the peer dies: the verdict, and the takeover asks for its plan
+            plan = await standby.takeover_plan()
+            assert plan.clients_to_reset == [connection(5000, 139), connection(6039, 7)]
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_a_prepared_plan_older_than_its_bound_or_from_another_silence_is_fetched_again():
+    async def main():
+        observer, heard = FakeObserver(), [0.0]
+        standby = make(observer, heard)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(standby.run)
+            observer.live[PEER_ADDRESS] = [connection(5000, 1)]
+            standby.prepare_takeover()
+            await trio.sleep(0.01)
+            observer.live[PEER_ADDRESS] = [connection(5000, 2)]
+            # fresh and the same silence: used as prepared (no observer round trip at takeover)
+            before = len(observer.requests)
+            assert (await standby.takeover_plan()).clients_to_reset == [connection(5000, 1)]
+            assert len(observer.requests) == before
+            # prepared, then too old (no probe for a while): fetched again
+            standby.prepare_takeover()
+            await trio.sleep(TIMINGS.prepared_takeover_max_age * 2)
+            observer.live[PEER_ADDRESS] = [connection(5000, 3)]
+            assert (await standby.takeover_plan()).clients_to_reset == [connection(5000, 3)]
+            # prepared during an earlier silence (a heartbeat came since): fetched again
+            standby.prepare_takeover()
+            await trio.sleep(0.01)
+            heard[0] = trio.current_time()
+            observer.live[PEER_ADDRESS] = [connection(5000, 4)]
+            assert (await standby.takeover_plan()).clients_to_reset == [connection(5000, 4)]
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_a_stuck_observer_costs_a_takeover_at_most_observer_timeout():
+    async def main():
+        observer, heard = FakeObserver(stuck=True), [0.0]
+        standby = make(observer, heard)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(standby.run)
+            standby.prepare_takeover()         # hangs in the background: nobody waits for it
+            start = trio.current_time()
+            plan = await standby.takeover_plan()
+            assert plan == TakeoverPlan()      # a stateless takeover
+            assert trio.current_time() - start <= TIMINGS.observer_timeout + 1e-6
+            assert standby.observer_timeouts >= 1
+            # digests from the peer never block the caller (the node's decision task)
+            for _ in range(500):
+                standby.on_message({"type": "digest", "address": "10.0.0.1", "digest": "x"})
+            assert standby.messages_dropped > 0
+            # the end of a takeover is bounded too
+            start = trio.current_time()
+            assert await standby.end_takeover() == []
+            assert trio.current_time() - start <= 2 * TIMINGS.observer_timeout + 1e-6
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))

@@ -1,0 +1,196 @@
+"""proxy.takeover and proxy.handback: the sequences' order, undo and errors, with fake kernel objects.
+
+The kernel side is faked here (these are unit tests of the sequences' logic); the lab tests
+(test_pair_lab.py) run the same sequences against the real kernel.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+import trio
+import trio.testing
+from pyroute2.netlink.exceptions import NetlinkError
+
+from proxy import handback, takeover
+from proxy.config import NodeConfig, PeerConfig, parse_endpoint, service_to_dict, ServiceConfig
+from proxy.netplane import NetworkError
+from proxy.takeover import HeldAddress, TakeoverError, TakeoverPlan, take_over
+
+NODE = NodeConfig("b", "eth0", ipaddress.IPv4Interface("10.0.0.2/24"), state_dir="/tmp/x", control="/tmp/x/c")
+PEER = PeerConfig("a", ipaddress.IPv4Address("10.0.0.1"), parse_endpoint("10.1.0.1:7400"),
+                  parse_endpoint("10.1.0.2:7400"), key_file="/k", macvlan="pp-a")
+SERVICE = ServiceConfig(name="t", protocol="tcp", port=9000, backend=parse_endpoint("10.0.2.10:9000"))
+HELLO = {"mac": "02:00:00:00:00:01", "services": [service_to_dict(SERVICE)]}
+
+
+class FakeSlot:
+    """A PeerMacvlanSlot whose open may fail like the kernel does."""
+
+    def __init__(self, fail: int = 0, already_open: bool = False, error: Exception | None = None):
+        self.fail = fail
+        self.error = error or NetworkError("cannot create macvlan pp-a: Address already in use")
+        self.is_open = already_open
+        self.log: list[str] = []
+
+    def open(self, mac: str) -> bool:
+        if self.fail:
+            self.fail -= 1
+            self.log.append("open failed")
+            raise self.error
+        if self.is_open:
+            return False
+        self.is_open = True
+        self.log.append("open")
+        return True
+
+    def close(self) -> None:
+        self.is_open = False
+        self.log.append("close")
+
+
+class FakeService:
+    """An AddressService whose address may fail to come up (NetworkError before it serves)."""
+
+    fail_address = 0
+    instances: list["FakeService"] = []
+
+    def __init__(self, address, ifname, services, **kw):
+        self.address, self.ifname, self.state = address, ifname, "idle"
+        self.address_up_at = None
+        self.proxies = []
+        self.stopped_with = None
+        self._stop = trio.Event()
+        FakeService.instances.append(self)
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED):
+        if FakeService.fail_address:
+            FakeService.fail_address -= 1
+            raise NetworkError(f"cannot add {self.address} to {self.ifname}: File exists")
+        self.address_up_at = trio.current_time()
+        self.state = "serving"
+        task_status.started()
+        await self._stop.wait()
+        self.state = "stopped"
+
+    def stop(self, grace):
+        self.stopped_with = grace
+        self._stop.set()
+
+
+class FakeStandby:
+    def __init__(self, plan=TakeoverPlan(), stuck=False):
+        self.plan, self.stuck, self.calls = plan, stuck, []
+
+    async def takeover_plan(self):
+        self.calls.append("plan")
+        return self.plan
+
+    def send_resets(self, plan):
+        self.calls.append("resets")
+        return len(plan.clients_to_reset), len(plan.backends_to_reset)
+
+    async def end_takeover(self):
+        self.calls.append("end")
+        return [{"client": "10.0.0.9", "verdict": "resumed"}]
+
+
+@pytest.fixture(autouse=True)
+def fake_service(monkeypatch):
+    FakeService.fail_address = 0
+    FakeService.instances = []
+    monkeypatch.setattr(takeover, "AddressService", FakeService)
+
+
+async def run_takeover(nursery, slot, standby=None, hello=HELLO):
+    return await take_over(node=NODE, peer=PEER, peer_hello=hello, mac="02:00:00:00:00:02", nursery=nursery,
+                           macvlan=slot, standby=standby, last_heard_at=0.5, detected_at=1.0)
+
+
+def test_takeover_and_release_in_order_and_undone_in_reverse():
+    async def main():
+        async with trio.open_nursery() as nursery:
+            slot = FakeSlot()
+            held = await run_takeover(nursery, slot)
+            assert slot.log == ["open"] and held.opened_macvlan
+            assert held.service.state == "serving" and held.service.ifname == "pp-a"
+            assert str(held.service.address) == "10.0.0.1/32"
+            assert held.takeover.address_up_at is not None
+            await handback.release(held, macvlan=slot, standby=None)
+            assert held.service.stopped_with == 0      # the owner is waiting: no grace
+            assert slot.log == ["open", "close"]       # the macvlan after the address (reverse order)
+            assert held.takeover.released_at is not None
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_a_stateful_standby_keeps_its_macvlan_and_gives_the_resets_and_the_resume():
+    async def main():
+        async with trio.open_nursery() as nursery:
+            slot = FakeSlot(already_open=True)
+            standby = FakeStandby(TakeoverPlan([{"client": "10.0.0.9:5000"}], [{"client": "x", "server": "y"}]))
+            held = await run_takeover(nursery, slot, standby)
+            assert not held.opened_macvlan
+            assert (held.takeover.resets, held.takeover.backend_resets) == (1, 1)
+            await handback.release(held, macvlan=slot, standby=standby)
+            assert slot.is_open and slot.log == []
+            assert standby.calls == ["plan", "resets", "end"] and held.takeover.resume[0]["verdict"] == "resumed"
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+@pytest.mark.parametrize("kernel_error", [NetworkError("cannot create macvlan pp-a: Address already in use"),
+                                          NetlinkError(98, "Address already in use")])  # "link set up"
+def test_kernel_error_on_the_macvlan_is_a_retryable_takeover_error(kernel_error):
+    async def main():
+        async with trio.open_nursery() as nursery:
+            slot = FakeSlot(fail=1, error=kernel_error)
+            with pytest.raises(TakeoverError) as error:
+                await run_takeover(nursery, slot)
+            assert error.value.retry and "Address already in use" in str(error.value)
+            assert not slot.is_open and FakeService.instances == []
+            held = await run_takeover(nursery, slot)  # the retry works once the kernel lets it
+            assert held.service.state == "serving"
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_kernel_error_on_the_address_undoes_the_macvlan():
+    async def main():
+        async with trio.open_nursery() as nursery:
+            slot = FakeSlot()
+            FakeService.fail_address = 1
+            with pytest.raises(TakeoverError) as error:
+                await run_takeover(nursery, slot)
+            assert error.value.retry and "File exists" in str(error.value)
+            assert slot.log == ["open", "close"] and not slot.is_open
+            # the surviving nursery (the node) goes on: nothing crashed
+            assert nursery.child_tasks == frozenset()
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+@pytest.mark.parametrize("hello, words", [
+    (None, "never heard from"),
+    ({"services": []}, "never heard from"),
+    ({"mac": "02:00:00:00:00:01", "services": [{"name": "x", "port": 0}]}, "services are unusable"),
+])
+def test_without_the_peers_hello_there_is_nothing_to_retry(hello, words):
+    async def main():
+        async with trio.open_nursery() as nursery:
+            slot = FakeSlot()
+            with pytest.raises(TakeoverError) as error:
+                await run_takeover(nursery, slot, hello=hello)
+            assert not error.value.retry and words in str(error.value)
+            assert slot.log == []
+
+    trio.run(main)
+
+
+def test_held_address_is_what_release_needs():
+    assert set(HeldAddress.__dataclass_fields__) == {"service", "done", "takeover", "opened_macvlan", "drain"}
