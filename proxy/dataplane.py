@@ -58,6 +58,10 @@ class Connection:
     client: tuple[str, int]
     port: int
     started: float = field(default_factory=time.monotonic)
+    #: for status (proxy.status.proxied_connections): this node's end of the backend leg, bytes each way
+    backend_source: tuple[str, int] | None = None
+    bytes_to_backend: int = 0
+    bytes_to_client: int = 0
 
 
 class BackendUnavailable(Exception):
@@ -195,12 +199,15 @@ class ServiceProxy:
                             self.service.name, *peer, exc)
                 finished = True  # nothing was sent either way: a plain FIN tells the client cleanly
                 return
+            conn.backend_source = backend.getsockname()
 
             def to_backend(n: int) -> None:
                 stats.bytes_to_backend += n
+                conn.bytes_to_backend += n
 
             def to_client(n: int) -> None:
                 stats.bytes_to_client += n
+                conn.bytes_to_client += n
 
             try:
                 async with trio.open_nursery() as nursery:

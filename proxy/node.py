@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import os
 import signal
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import trio
@@ -36,49 +34,11 @@ from proxy.config import Config, ConfigError, service_to_dict, services_from_dic
 from proxy.control import bind_control_socket, serve_control
 from proxy.netplane import PeerMacvlan, interface_mac, remove_leftovers
 from proxy.serving import AddressService
+from proxy.status import NodeStatus, Takeover, collect_status, node_status, to_json
 
 log = logging.getLogger("pairproxy.node")
 
 VERSION = 1
-
-
-@dataclass
-class Takeover:
-    """The timing of one takeover, for status (trio clock seconds; None: not yet)."""
-
-    address: str
-    last_heard_at: float | None
-    detected_at: float
-    wall_time: float
-    address_up_at: float | None = None
-    first_client_at: float | None = None
-    released_at: float | None = None
-    resets: int = 0
-    backend_resets: int = 0
-    resume: list | None = None  # stateful: the resume report as it stood at the hand-back
-
-    def as_dict(self) -> dict:
-        def ms(a: float | None, b: float | None) -> float | None:
-            return None if a is None or b is None else round((b - a) * 1000, 1)
-
-        return {
-            "address": self.address,
-            "when": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(self.wall_time)),
-            "silence_ms": ms(self.last_heard_at, self.detected_at),
-            "address_moved_ms": ms(self.detected_at, self.address_up_at),
-            "first_client_ms": ms(self.detected_at, self.first_client_at),
-            "held_for_s": None if self.released_at is None else round(self.released_at - self.detected_at, 3),
-            "clients_reset": self.resets,
-            "backend_connections_reset": self.backend_resets,
-        }
-
-
-def count_tasks() -> int:
-    """How many trio tasks this node runs (status shows it, so leaks across takeovers are visible)."""
-    def walk(task: trio.lowlevel.Task) -> int:
-        return 1 + sum(walk(child) for nursery in task.child_nurseries for child in nursery.child_tasks)
-
-    return walk(trio.lowlevel.current_root_task())
 
 
 class Node:
@@ -613,75 +573,8 @@ class Node:
     # -- status --------------------------------------------------------------------------------
 
     async def _status(self, request: dict) -> dict:
-        result = self.status()
-        if self.observer is not None:
-            # the tables in the schema `pairproxy replay --json` prints, for both addresses
-            empty = {"connections": [], "errors": {}}
-            snaps = [await self._observe("snapshot", "own", empty), await self._observe("snapshot", "peer", empty)]
-            result["connections"] = snaps[0]["connections"] + snaps[1]["connections"]
-            result["errors"] = {k: snaps[0]["errors"].get(k, 0) + snaps[1]["errors"].get(k, 0)
-                                for k in set(snaps[0]["errors"]) | set(snaps[1]["errors"])}
-            digests = {}
-            for name in ("own", "peer"):
-                d = await self._observe("digest", name)
-                digests[self.stateful_addresses[name]] = d["digest"] if d else None
-            result["pair"]["state_sync"] = {**self.view_sync.status(), "digests": digests,
-                                            "observer": self.observer.failed or
-                                            ("running" if self.observer.ready.is_set() else "starting"),
-                                            "snoopers": await self._observe("stats", default=[])}
-            # what the clients of the peer's address re-established: live while holding it, else as it
-            # stood when it was handed back
-            result["pair"]["resume"] = (await self._observe("report", default=[]) if self.roles.holds_peer
-                                        else (self.takeovers[-1].resume or []) if self.takeovers else [])
-        return result
+        return to_json(await collect_status(self))
 
-    def status(self) -> dict:
+    def status(self) -> NodeStatus:
         """What this node knows without asking its observer (see ``_status`` for the full answer)."""
-        node = self.config.node
-        services = self.own.status()
-        result: dict[str, Any] = {
-            "node": node.name,
-            "pid": os.getpid(),
-            "state": self.state,
-            "interface": node.interface,
-            "mac": self.mac,
-            "address": str(node.address),
-            "uptime": round(time.monotonic() - self.started_at, 3) if self.started_at else 0.0,
-            "services": services,
-            "tasks": count_tasks(),
-        }
-        if self.config.peer is not None:
-            peer = self.config.peer
-            link = self.link.status() if self.link else {}
-            link.pop("peer_hello", None)
-            rtt = link.get("rtt")
-            if rtt:
-                link["rtt_ms"] = {k: round(v * 1000, 3) if k != "count" else v for k, v in rtt.items()}
-            link.pop("rtt", None)
-            peer_holds = set((self.peer_info or {}).get("holds") or []) if self.link and \
-                self.link.state == "connected" else set()
-
-            def holder(address: str, mine: bool) -> str:
-                if mine:
-                    return node.name
-                return peer.name if address in peer_holds else "nobody" if self.detector and \
-                    self.detector.state == "dead" else f"{peer.name}?"
-
-            result["pair"] = {
-                "mode": self.config.pair.mode,
-                "peer": peer.name,
-                "peer_state": self.detector.state if self.detector else "unknown",
-                "addresses": {
-                    str(node.address.ip): {"owner": node.name, "role": self.roles.own,
-                                           "held_by": holder(str(node.address.ip), self.own.state == "serving")},
-                    str(peer.address): {"owner": peer.name, "role": self.roles.peer,
-                                        "held_by": holder(str(peer.address), self.peer_service is not None
-                                                          and self.peer_service.state == "serving")},
-                },
-                "link": link,
-                "peer_services": self.peer_service.status() if self.peer_service else [],
-                "takeovers": [t.as_dict() for t in self.takeovers],
-                "probe": {"answered": self.probe_responder.answered if self.probe_responder else 0,
-                          "rejected": self.probe_responder.rejected if self.probe_responder else 0},
-            }
-        return result
+        return node_status(self)

@@ -72,8 +72,7 @@ def test_standby_sees_the_peers_session_tree_and_open_and_agrees(lab, stateful_p
         st_a = a.wait_for(lambda s: any(c["opens"] for c in connections_to(s, host)), 5, "a seeing it")
         assert [c["sessions"] for c in connections_to(st_a, host) if c["opens"]] == [conn["sessions"]]
         st = b.wait_for(lambda s: s["pair"]["state_sync"]["in_sync"] and
-                        s["pair"]["state_sync"]["digests"][host] ==
-                        a.status()["pair"]["state_sync"]["digests"][host], 5, "digests agreeing")
+                        s["digests"][host] == a.status()["digests"][host], 5, "digests agreeing")
         assert st["pair"]["state_sync"]["matches"] > 0
         assert all(s["kernel_drops"] == 0 for s in st["pair"]["state_sync"]["snoopers"])
         human = lab.run(lab.ns_b, [sys.executable, "-m", "proxy.cli", "status", "-c", str(b.config)],
@@ -174,7 +173,7 @@ def test_replay_of_what_the_standby_saw_gives_its_live_digest(lab, stateful_pair
         st = b.wait_for(lambda s: any(o["path"] == "replay-hold.bin" for c in connections_to(s, host)
                                       for o in c["opens"]), 5, "b seeing the open")
         time.sleep(0.5)  # quiet: nothing in flight
-        live = b.status()["pair"]["state_sync"]["digests"][host]
+        live = b.status()["digests"][host]
     finally:
         tcpdump.send_signal(2)
         tcpdump.wait(10)
@@ -185,4 +184,4 @@ def test_replay_of_what_the_standby_saw_gives_its_live_digest(lab, stateful_pair
     assert cp.returncode == 0, cp.stderr
     replayed = json.loads(cp.stdout)
     assert any(o["path"] == "replay-hold.bin" for c in replayed["connections"] for o in c["opens"])
-    assert replayed["digest"] == live
+    assert replayed["digests"][host] == live
