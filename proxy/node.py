@@ -32,6 +32,7 @@ from proxy import roles
 from proxy.arp import announce
 from proxy.config import Config, ConfigError, service_to_dict, services_from_dicts
 from proxy.control import bind_control_socket, serve_control
+from proxy.metrics import serve_node_metrics
 from proxy.netplane import PeerMacvlan, interface_mac, remove_leftovers
 from proxy.serving import AddressService
 from proxy.status import NodeStatus, Takeover, collect_status, node_status, to_json
@@ -95,6 +96,8 @@ class Node:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(serve_control, control, node.control, {"status": self._status})
+                if node.metrics is not None:  # bound before any kernel change: a port in use stops the start
+                    await nursery.start(serve_node_metrics, node.metrics, self)
                 if handle_signals:
                     nursery.start_soon(self._watch_signals)
                 if self.config.peer is None:
