@@ -10,7 +10,10 @@ import time
 
 import pytest
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from deploy.lab.clients import NodeProcess, SmbHolder, established, serving
+from proxy.status import NodeStatus, ReplayReport, from_json
 
 pytestmark = pytest.mark.lab
 
@@ -75,6 +78,18 @@ def test_standby_sees_the_peers_session_tree_and_open_and_agrees(lab, stateful_p
                         s["digests"][host] == a.status()["digests"][host], 5, "digests agreeing")
         assert st["pair"]["state_sync"]["matches"] > 0
         assert all(s["kernel_drops"] == 0 for s in st["pair"]["state_sync"]["snoopers"])
+        # a decodes the connection it proxies and knows its sockets: one record with both sides
+        [mine] = [c for c in connections_to(a.status(), host) if c["opens"]]
+        assert mine["tcp"]["handshake_seen"] and mine["proxied"]["service"] == "smb"
+        assert conn["proxied"] is None  # b only watches it
+        from_json(NodeStatus, st)  # strict: exactly the schema
+        prom = lab.run(lab.ns_b, [sys.executable, "-m", "proxy.cli", "status", "-c", str(b.config), "--prometheus"],
+                       capture_output=True, text=True)
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for f in text_string_to_metric_families(prom.stdout) for s in f.samples}
+        assert samples[("pairproxy_state_in_sync", (("peer", "a"),))] == 1
+        assert {dict(k[1])["view"] for k in samples if k[0] == "pairproxy_snooper_kernel_drops_total"} == \
+            {"own", "peer", "peer_backend"}
         human = lab.run(lab.ns_b, [sys.executable, "-m", "proxy.cli", "status", "-c", str(b.config)],
                         capture_output=True, text=True)
         assert human.returncode == 0, human.stderr
@@ -173,7 +188,7 @@ def test_replay_of_what_the_standby_saw_gives_its_live_digest(lab, stateful_pair
         st = b.wait_for(lambda s: any(o["path"] == "replay-hold.bin" for c in connections_to(s, host)
                                       for o in c["opens"]), 5, "b seeing the open")
         time.sleep(0.5)  # quiet: nothing in flight
-        live = b.status()["digests"][host]
+        live = from_json(NodeStatus, b.status())
     finally:
         tcpdump.send_signal(2)
         tcpdump.wait(10)
@@ -182,6 +197,11 @@ def test_replay_of_what_the_standby_saw_gives_its_live_digest(lab, stateful_pair
     cp = subprocess.run([sys.executable, "-m", "proxy.cli", "replay", str(capture), "--json"],
                         capture_output=True, text=True, timeout=60)
     assert cp.returncode == 0, cp.stderr
-    replayed = json.loads(cp.stdout)
-    assert any(o["path"] == "replay-hold.bin" for c in replayed["connections"] for o in c["opens"])
-    assert replayed["digests"][host] == live
+    replayed = from_json(ReplayReport, json.loads(cp.stdout))  # the one schema, strictly
+    assert any(o.path == "replay-hold.bin" for c in replayed.connections for o in c.opens)
+    assert replayed.digests[host] == live.digests[host]
+    # the same connections, decoded the same way, live and replayed
+    def tables(connections):
+        return {(c.client, c.server): (c.protocol, c.sessions, c.opens) for c in connections
+                if c.server.startswith(host + ":")}
+    assert tables(replayed.connections) == tables(live.connections)
