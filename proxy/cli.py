@@ -231,7 +231,8 @@ def format_status(status: "NodeStatus") -> str:
                       + (" (not decoded)" if decoded else "")]
         for c in proxied:
             p = c.proxied
-            lines.append(f"  {c.client} -> {c.server}  {c.protocol} ({p.service})  backend "
+            service = f" (service {p.service})" if p.service != c.protocol else ""
+            lines.append(f"  {c.client} -> {c.server}  {c.protocol}{service}  backend "
                          f"{p.backend_source or '?'} -> {p.backend}  {_human_bytes(p.bytes_to_backend)} to backend, "
                          f"{_human_bytes(p.bytes_to_client)} to client, {p.age_s:.1f} s")
     return "\n".join(lines)

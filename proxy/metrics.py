@@ -192,6 +192,6 @@ async def serve_node_metrics(endpoint: Any, node: Any, *, task_status: Any = Non
     from proxy.status import collect_status
 
     async def text() -> str:
-        return render(await collect_status(node))
+        return render(await collect_status(node, tables=False))
 
     await serve_metrics(endpoint, text, task_status=task_status)

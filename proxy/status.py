@@ -604,21 +604,23 @@ def node_status(node: Any) -> NodeStatus:
         connections=proxied_connections(_proxies(node)), errors={}, digests={})
 
 
-async def collect_status(node: Any) -> NodeStatus:
+async def collect_status(node: Any, *, tables: bool = True) -> NodeStatus:
     """The full status: :func:`node_status`, and in stateful mode the observer's decoded tables of
     both addresses (merged with the node's own sockets), their digests, the comparison with the peer,
-    the snoopers' counters and the resume report."""
+    the snoopers' counters and the resume report. ``tables=False`` leaves out the observer's tables
+    and digests (the metrics need neither, and a snapshot of many connections is the costly part)."""
     status = node_status(node)
     if node.observer is None:
         return status
-    empty = {"connections": [], "errors": {}}
-    snaps = [snapshot_from_dict(await node._observe("snapshot", view, empty)) for view in ("own", "peer")]
-    status.connections = merge_connections(snaps[0].connections + snaps[1].connections, status.connections)
-    status.errors = {k: snaps[0].errors.get(k, 0) + snaps[1].errors.get(k, 0)
-                     for k in sorted(set(snaps[0].errors) | set(snaps[1].errors))}
-    for view in ("own", "peer"):
-        d = await node._observe("digest", view)
-        status.digests[node.stateful_addresses[view]] = d["digest"] if d else None
+    if tables:
+        empty = {"connections": [], "errors": {}}
+        snaps = [snapshot_from_dict(await node._observe("snapshot", view, empty)) for view in ("own", "peer")]
+        status.connections = merge_connections(snaps[0].connections + snaps[1].connections, status.connections)
+        status.errors = {k: snaps[0].errors.get(k, 0) + snaps[1].errors.get(k, 0)
+                         for k in sorted(set(snaps[0].errors) | set(snaps[1].errors))}
+        for view in ("own", "peer"):
+            d = await node._observe("digest", view)
+            status.digests[node.stateful_addresses[view]] = d["digest"] if d else None
     sync = node.view_sync.status()
     stats = await node._observe("stats", default=[])
     observer = node.observer
