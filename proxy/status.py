@@ -47,12 +47,25 @@ class SchemaError(ValueError):
     """Data that does not fit the schema; the message names the key path (``pair.link.rtt_ms.last``)."""
 
 
+#: field metadata: leave the key out of the JSON while the value is None (a section a mode does not
+#: have, e.g. ``pair`` of a single node: readers test ``"pair" in status``, as they always did)
+OPTIONAL = {"omit_if_none": True}
+
+
 def to_json(record: Any) -> Any:
-    """A record (or a list of records) as plain JSON-able data."""
+    """A record (or a list or dict of records) as plain JSON-able data."""
     if dataclasses.is_dataclass(record) and not isinstance(record, type):
-        return dataclasses.asdict(record)
-    if isinstance(record, list):
+        out = {}
+        for f in dataclasses.fields(record):
+            value = getattr(record, f.name)
+            if value is None and f.metadata.get("omit_if_none"):
+                continue
+            out[f.name] = to_json(value)
+        return out
+    if isinstance(record, (list, tuple)):
         return [to_json(r) for r in record]
+    if isinstance(record, dict):
+        return {k: to_json(v) for k, v in record.items()}
     return record
 
 
@@ -455,8 +468,9 @@ class PairStatus:
     takeovers: list[TakeoverReport]      # the last few
     takeovers_total: int                 # every takeover since this node started
     probe: ProbeStatus
-    state_sync: StateSync | None = None  # stateful pairs only
-    resume: list[ResumeRecord] | None = None  # stateful: live while holding the peer's address, else the last
+    state_sync: StateSync | None = field(default=None, metadata=OPTIONAL)  # stateful pairs only
+    #: stateful: live while holding the peer's address, else as it stood at the last hand-back
+    resume: list[ResumeRecord] | None = field(default=None, metadata=OPTIONAL)
 
 
 @dataclass
@@ -472,7 +486,7 @@ class NodeStatus(Tables):
     uptime: float
     tasks: int
     services: list[ServiceStatus]
-    pair: PairStatus | None = None
+    pair: PairStatus | None = field(default=None, metadata=OPTIONAL)  # only in a pair
 
 
 @dataclass

@@ -74,6 +74,15 @@ def test_takeover_record_keeps_its_json_keys_and_counts_every_takeover():
     assert doc["silence_ms"] == 100.0 and doc["address_moved_ms"] == 3.5 and doc["first_client_ms"] is None
 
 
+def test_sections_a_mode_does_not_have_are_left_out():
+    """Readers test ``"pair" in status`` (and ``status.get("pair", {})``), as before the schema."""
+    single = to_json(a_status())
+    assert "pair" not in single and single["connections"] == [] and single["digests"] == {}
+    pair = to_json(a_status(a_pair()))["pair"]
+    assert "state_sync" not in pair and "resume" not in pair
+    assert from_json(NodeStatus, single) == a_status()
+
+
 def test_status_round_trips_through_json_and_strict_reading_names_the_key():
     status = a_status(a_pair())
     doc = json.loads(json.dumps(to_json(status)))
