@@ -38,7 +38,7 @@ RESERVED_PORTS = range(665, 1024)
 
 @dataclass
 class ServiceStats:
-    """Counters of one service, shown by ``pairproxy status``."""
+    """Counters of one service, shown by ``pairproxy status`` (as proxy.status.ServiceStatus)."""
 
     connections_active: int = 0
     connections_total: int = 0
@@ -48,9 +48,6 @@ class ServiceStats:
     connections_reset: int = 0
     internal_errors: int = 0
     last_backend_error: str | None = None
-
-    def as_dict(self) -> dict:
-        return dict(self.__dict__)
 
 
 @dataclass(eq=False)
@@ -230,16 +227,6 @@ class ServiceProxy:
                 if not finished:
                     abort_on_close(sock)
                 sock.close()
-
-    def status(self) -> dict:
-        return {
-            "name": self.service.name,
-            "protocol": self.service.protocol,
-            "address": str(self.address),
-            "ports": list(self.service.ports),
-            "backend": str(self.service.backend),
-            **self.stats.as_dict(),
-        }
 
 
 def abort_on_close(sock: trio.socket.SocketType) -> None:

@@ -52,21 +52,30 @@ class SchemaError(ValueError):
 OPTIONAL = {"omit_if_none": True}
 
 
+_FIELDS: dict[type, list[tuple[str, bool]]] = {}
+
+
 def to_json(record: Any) -> Any:
     """A record (or a list or dict of records) as plain JSON-able data."""
-    if dataclasses.is_dataclass(record) and not isinstance(record, type):
-        out = {}
-        for f in dataclasses.fields(record):
-            value = getattr(record, f.name)
-            if value is None and f.metadata.get("omit_if_none"):
-                continue
-            out[f.name] = to_json(value)
-        return out
+    if isinstance(record, (str, int, float, type(None))):
+        return record
     if isinstance(record, (list, tuple)):
         return [to_json(r) for r in record]
     if isinstance(record, dict):
         return {k: to_json(v) for k, v in record.items()}
-    return record
+    cls = type(record)
+    fields = _FIELDS.get(cls)
+    if fields is None:
+        if not dataclasses.is_dataclass(cls):
+            return record
+        fields = _FIELDS[cls] = [(f.name, bool(f.metadata.get("omit_if_none"))) for f in dataclasses.fields(cls)]
+    out = {}
+    for name, omit_if_none in fields:
+        value = getattr(record, name)
+        if value is None and omit_if_none:
+            continue
+        out[name] = to_json(value)
+    return out
 
 
 _HINTS: dict[type, dict[str, Any]] = {}
