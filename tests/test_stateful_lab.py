@@ -19,11 +19,19 @@ pytestmark = pytest.mark.lab
 
 
 
+METRICS = "127.0.0.1:9477"
+
+
 @pytest.fixture
-def stateful_pair(lab):
+def stateful_pair(lab, tmp_path):
     lab.flood(True)
-    a = NodeProcess(lab, "a", pair=True, mode="stateful", log=lab.root / "stateful-a.log")
-    b = NodeProcess(lab, "b", pair=True, mode="stateful", log=lab.root / "stateful-b.log")
+    nodes = []
+    for name in ("a", "b"):  # the lab's stateful configs, with GET /metrics on each node's loopback
+        config = tmp_path / f"stateful-{name}.toml"
+        config.write_text(lab.node_config_path(name, pair=True, mode="stateful").read_text()
+                          .replace("[node]\n", f'[node]\nmetrics = "{METRICS}"\n', 1))
+        nodes.append(NodeProcess(lab, name, config=config, log=lab.root / f"stateful-{name}.log"))
+    a, b = nodes
     try:
         b.start()
         a.start()
@@ -83,13 +91,19 @@ def test_standby_sees_the_peers_session_tree_and_open_and_agrees(lab, stateful_p
         assert mine["tcp"]["handshake_seen"] and mine["proxied"]["service"] == "smb"
         assert conn["proxied"] is None  # b only watches it
         from_json(NodeStatus, st)  # strict: exactly the schema
+        # the same as metrics: printed by the CLI (from the full status) and served by the node
         prom = lab.run(lab.ns_b, [sys.executable, "-m", "proxy.cli", "status", "-c", str(b.config), "--prometheus"],
                        capture_output=True, text=True)
-        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
-                   for f in text_string_to_metric_families(prom.stdout) for s in f.samples}
-        assert samples[("pairproxy_state_in_sync", (("peer", "a"),))] == 1
-        assert {dict(k[1])["view"] for k in samples if k[0] == "pairproxy_snooper_kernel_drops_total"} == \
-            {"own", "peer", "peer_backend"}
+        served = lab.run(lab.ns_b, [sys.executable, "-c", "import urllib.request; print(urllib.request.urlopen("
+                                    f"'http://{METRICS}/metrics', timeout=5).read().decode(), end='')"],
+                         capture_output=True, text=True)
+        for text in (prom.stdout, served.stdout):
+            samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                       for f in text_string_to_metric_families(text) for s in f.samples}
+            assert samples[("pairproxy_state_in_sync", (("peer", "a"),))] == 1
+            assert samples[("pairproxy_peer_alive", (("peer", "a"),))] == 1
+            assert {dict(k[1])["view"] for k in samples if k[0] == "pairproxy_snooper_kernel_drops_total"} == \
+                {"own", "peer", "peer_backend"}
         human = lab.run(lab.ns_b, [sys.executable, "-m", "proxy.cli", "status", "-c", str(b.config)],
                         capture_output=True, text=True)
         assert human.returncode == 0, human.stderr
