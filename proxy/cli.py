@@ -13,10 +13,14 @@ import json
 import logging
 import os
 import sys
+from typing import TYPE_CHECKING
 
 import trio
 
 from proxy.config import ConfigError, load_config
+
+if TYPE_CHECKING:
+    from proxy.status import NodeStatus
 
 EXIT_OK, EXIT_PROBLEM, EXIT_USAGE = 0, 1, 2
 
@@ -165,7 +169,7 @@ def _ms(value: float | None, unit: str = "ms") -> str:
     return "n/a" if value is None else f"{value:g} {unit}"
 
 
-def format_status(status: "NodeStatus") -> str:
+def format_status(status: NodeStatus) -> str:
     """``pairproxy status`` for a person, from the typed status (:class:`proxy.status.NodeStatus`)."""
     from proxy.replay import format_tables
     from proxy.status import to_json
