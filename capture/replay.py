@@ -251,12 +251,13 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     snap = result.pipeline.snapshot()
     digest = result.pipeline.digest(snap)
     if args.json:
-        doc = dict(snap)
-        doc["digest"] = digest
-        doc["capture"] = {"file": path, "packets": result.packets, "first_ts": result.first_ts,
-                          "last_ts": result.last_ts, "stopped_at": result.stopped_at,
-                          "error": str(result.error) if result.error else None}
-        json.dump(doc, out, indent=2, sort_keys=False)
+        from proxy.status import CaptureInfo, ReplayReport, tables_with_digests, to_json
+
+        tables, digests = tables_with_digests(snap, result.pipeline.digest)
+        doc = ReplayReport(connections=tables.connections, errors=tables.errors, digests=digests, capture=CaptureInfo(
+            file=path, packets=result.packets, first_ts=result.first_ts, last_ts=result.last_ts,
+            stopped_at=result.stopped_at, error=str(result.error) if result.error else None))
+        json.dump(to_json(doc), out, indent=2, sort_keys=False)
         out.write("\n")
     else:
         span = (result.last_ts - result.first_ts) if result.first_ts is not None else 0.0
@@ -291,7 +292,8 @@ def add_replay_command(subparsers) -> argparse.ArgumentParser:
                "  pairproxy replay --json --at 2026-11-26T10:49:44 smb.pcap")
     p.add_argument("capture", metavar="CAPTURE", help="pcap or pcapng file")
     p.add_argument("--json", action="store_true",
-                   help="print the tables as JSON (the `status --json` schema, plus \"digest\" and \"capture\")")
+                   help="print the tables as JSON (the `status --json` schema: connections, errors, a digest per "
+                        "service address; plus \"capture\")")
     p.add_argument("--events", action="store_true",
                    help="print a timeline of protocol events (seconds from the capture start) before the tables")
     p.add_argument("--at", metavar="TIME",

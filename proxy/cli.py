@@ -13,10 +13,14 @@ import json
 import logging
 import os
 import sys
+from typing import TYPE_CHECKING
 
 import trio
 
 from proxy.config import ConfigError, load_config
+
+if TYPE_CHECKING:
+    from proxy.status import NodeStatus
 
 EXIT_OK, EXIT_PROBLEM, EXIT_USAGE = 0, 1, 2
 
@@ -160,75 +164,115 @@ def _human_bytes(n: int) -> str:
     return str(n)
 
 
-def format_status(status: dict) -> str:
+def _ms(value: float | None, unit: str = "ms") -> str:
+    """A timing for people: "n/a" where there is none (not "None ms")."""
+    return "n/a" if value is None else f"{value:g} {unit}"
+
+
+def format_status(status: NodeStatus) -> str:
+    """``pairproxy status`` for a person, from the typed status (:class:`proxy.status.NodeStatus`)."""
+    from capture.replay import format_tables
+    from proxy.status import to_json
+
     lines = [
-        f"node {status['node']} (pid {status['pid']}): {status['state']}, "
-        f"address {status['address']} on {status['interface']}, up {status['uptime']:.1f}s",
+        f"node {status.node} (pid {status.pid}): {status.state}, "
+        f"address {status.address} on {status.interface}, up {status.uptime:.1f}s",
         "",
         f"{'service':<10} {'proto':<5} {'ports':<16} {'backend':<21} {'active':>6} {'total':>7} "
         f"{'to backend':>11} {'to client':>11} {'failed':>6}",
     ]
-    for s in status["services"]:
+    for s in status.services:
         lines.append(
-            f"{s['name']:<10} {s['protocol']:<5} {','.join(map(str, s['ports'])):<16} {s['backend']:<21} "
-            f"{s['connections_active']:>6} {s['connections_total']:>7} {_human_bytes(s['bytes_to_backend']):>11} "
-            f"{_human_bytes(s['bytes_to_client']):>11} {s['backend_failures']:>6}")
-        if s.get("last_backend_error"):
-            lines.append(f"{'':<10} last backend error: {s['last_backend_error']}")
-    pair = status.get("pair")
+            f"{s.name:<10} {s.protocol:<5} {','.join(map(str, s.ports)):<16} {s.backend:<21} "
+            f"{s.connections_active:>6} {s.connections_total:>7} {_human_bytes(s.bytes_to_backend):>11} "
+            f"{_human_bytes(s.bytes_to_client):>11} {s.backend_failures:>6}")
+        if s.last_backend_error:
+            lines.append(f"{'':<10} last backend error: {s.last_backend_error}")
+    pair = status.pair
     if pair:
-        lines += ["", f"pair with {pair['peer']} ({pair['mode']}): peer is {pair['peer_state']}; sync link "
-                      f"{pair['link'].get('state')}" + (f" ({pair['link']['refused_reason']})"
-                                                         if pair['link'].get('refused_reason') else "")]
-        rtt = pair["link"].get("rtt_ms")
+        link = pair.link
+        lines += ["", f"pair with {pair.peer} ({pair.mode}): peer is {pair.peer_state}; sync link {link.state}"
+                      + (f" ({link.refused_reason})" if link.refused_reason else "")]
+        rtt = link.rtt_ms
         if rtt:
-            lines.append(f"heartbeat round trip: last {rtt['last']:.2f} ms, median {rtt['median']:.2f} ms, "
-                         f"max {rtt['max']:.2f} ms over {rtt['count']}")
+            lines.append(f"heartbeat round trip: last {rtt.last:.2f} ms, median {rtt.median:.2f} ms, "
+                         f"max {rtt.max:.2f} ms over {rtt.count}")
+        else:
+            lines.append("heartbeat round trip: n/a (no heartbeat answered yet)")
         lines.append(f"{'address':<16} {'owner':<8} {'held by':<8} role")
-        for address, a in pair["addresses"].items():
-            lines.append(f"{address:<16} {a['owner']:<8} {a['held_by']:<8} {a['role']}")
-        for s in pair.get("peer_services", []):
-            lines.append(f"  taken over: {s['name']} on {s['address']}: {s['connections_active']} active, "
-                         f"{s['connections_total']} total")
-        if pair.get("takeovers"):
-            t = pair["takeovers"][-1]
-            lines.append(f"last takeover of {t['address']} at {t['when']}: silence {t['silence_ms']} ms, "
-                         f"address moved {t['address_moved_ms']} ms, first client {t['first_client_ms']} ms "
-                         "after detection" + (f", handed back after {t['held_for_s']} s" if t['held_for_s'] else ""))
-        sync = pair.get("state_sync")
+        for address, a in pair.addresses.items():
+            lines.append(f"{address:<16} {a.owner:<8} {a.held_by:<8} {a.role}")
+        for s in pair.peer_services:
+            lines.append(f"  taken over: {s.name} on {s.address}: {s.connections_active} active, "
+                         f"{s.connections_total} total")
+            if s.last_backend_error:
+                lines.append(f"    last backend error: {s.last_backend_error}")
+        if pair.takeovers:
+            t = pair.takeovers[-1]
+            lines.append(f"last takeover of {t.address} at {t.when} ({pair.takeovers_total} in all): silence "
+                         f"{_ms(t.silence_ms)}, address moved {_ms(t.address_moved_ms)}, first client "
+                         f"{_ms(t.first_client_ms)} after detection"
+                         + (f", handed back after {t.held_for_s:g} s" if t.held_for_s is not None else ""))
+        sync = pair.state_sync
         if sync:
-            behind = sync.get("behind") or {}
-            lines.append(f"state sync with {pair['peer']}: " + ("in sync" if sync["in_sync"] else
-                         "NOT in sync" if sync["in_sync"] is False else "not compared yet") +
-                         f" ({sync['matches']}/{sync['compared']} digests matched; behind: "
-                         f"{behind.get('frames', 0)} frames, {behind.get('bytes', 0)} bytes, "
-                         f"{behind.get('ms') if behind.get('ms') is not None else '?'} ms)")
-            drops = sum(s.get("kernel_drops", 0) for s in sync.get("snoopers", []))
-            lines.append(f"snoopers: {sum(s.get('frames', 0) for s in sync.get('snoopers', []))} frames, "
-                         f"{drops} dropped by the kernel")
-        for r in pair.get("resume", []):
-            lines.append(f"resume {r['client']}: {r['verdict']}; reopened {[o['path'] for o in r['reopened']]}, "
-                         f"lost {[o['path'] for o in r['lost_opens']]}")
-    if "connections" in status:
-        from capture.replay import format_tables
-
-        lines += ["", format_tables(status)]
+            behind = sync.behind
+            lines.append(f"state sync with {pair.peer}: " + ("in sync" if sync.in_sync else
+                         "NOT in sync" if sync.in_sync is False else "not compared yet") +
+                         f" ({sync.matches}/{sync.compared} digests matched"
+                         + (f"; behind: {behind.frames} frames, {behind.bytes} bytes, {_ms(behind.ms)})"
+                            if behind else ")"))
+            lines.append(f"observer {sync.observer}; snoopers: {sum(s.frames for s in sync.snoopers)} frames, "
+                         f"{sum(s.kernel_drops for s in sync.snoopers)} dropped by the kernel")
+        for r in pair.resume or []:
+            lines.append(f"resume {r.client}: {r.verdict}; reopened {[o.path for o in r.reopened]}, "
+                         f"lost {[o.path for o in r.lost_opens]}")
+    decoded = [c for c in status.connections if c.tcp is not None]
+    if decoded:
+        lines += ["", format_tables({"connections": [to_json(c) for c in decoded], "errors": status.errors})]
+    proxied = [c for c in status.connections if c.tcp is None and c.proxied is not None]
+    if proxied or not decoded:
+        lines += ["", f"{len(proxied)} proxied connection{'s' if len(proxied) != 1 else ''}"
+                      + (" (not decoded)" if decoded else "")]
+        for c in proxied:
+            p = c.proxied
+            service = f" (service {p.service})" if p.service != c.protocol else ""
+            lines.append(f"  {c.client} -> {c.server}  {c.protocol}{service}  backend "
+                         f"{p.backend_source or '?'} -> {p.backend}  {_human_bytes(p.bytes_to_backend)} to backend, "
+                         f"{_human_bytes(p.bytes_to_client)} to client, {p.age_s:.1f} s")
     return "\n".join(lines)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     from proxy.control import ControlError, request
+    from proxy.status import NodeStatus, SchemaError, from_json
 
     config, problems = _load(args.config)
     if problems:
         _print_problems(problems)
         return EXIT_PROBLEM
     try:
-        status = request(config.node.control, "status")
+        raw = request(config.node.control, "status")
     except ControlError as exc:
+        if args.prometheus:  # a scraper (textfile collector) learns that the node is down
+            from proxy.metrics import render
+
+            print(render(None), end="")
         _print_problems([str(exc)])
         return EXIT_PROBLEM
-    print(json.dumps(status, indent=2) if args.json else format_status(status))
+    if args.json:
+        print(json.dumps(raw, indent=2))
+        return EXIT_OK
+    try:
+        status = from_json(NodeStatus, raw, strict=False)  # a newer node may say more than this CLI knows
+    except SchemaError as exc:
+        _print_problems([f"the node's status does not fit this pairproxy's schema: {exc}"])
+        return EXIT_PROBLEM
+    if args.prometheus:
+        from proxy.metrics import render
+
+        print(render(status), end="")
+    else:
+        print(format_status(status))
     return EXIT_OK
 
 
@@ -267,9 +311,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("status", help="show a running node's services and counters",
                        description="Ask the running node over its control socket ([node] control) for its "
-                                   "services, connection counts, bytes each way and uptime.")
+                                   "services, connections, bytes each way, backend failures and uptime; in a "
+                                   "pair also the addresses, the peer, the sync link and the last takeover.")
     with_config(p)
-    p.add_argument("--json", action="store_true", help="print JSON for scripts")
+    form = p.add_mutually_exclusive_group()
+    form.add_argument("--json", action="store_true", help="print JSON for scripts (the schema of proxy/status.py)")
+    form.add_argument("--prometheus", action="store_true",
+                      help="print Prometheus metrics (text exposition format); 'pairproxy_up 0' if the node "
+                           "does not answer")
     p.set_defaults(func=cmd_status)
 
     from capture.replay import add_replay_command

@@ -71,6 +71,8 @@ class NodeConfig:
     control: Path
     grace: float = 10.0
     log_level: str = "info"
+    #: where GET /metrics answers in the Prometheus text format (proxy.metrics); None: not served
+    metrics: Endpoint | None = None
 
 
 MODES = ("stateless", "stateful")
@@ -298,7 +300,7 @@ def _ipv4(value: Any) -> ipaddress.IPv4Address:
 
 PEER_KEYS = {"name", "address", "link", "listen", "key_file", "probe_port", "macvlan"}
 PAIR_KEYS = {"mode", "heartbeat", "dead_after", "claim_wait"}
-NODE_KEYS = {"name", "interface", "address", "state_dir", "control", "grace", "log_level"}
+NODE_KEYS = {"name", "interface", "address", "state_dir", "control", "grace", "log_level", "metrics"}
 SERVICE_KEYS = {"name", "protocol", "port", "backend", "extra_ports", "connect_timeout"}
 TOP_KEYS = {"node", "service", "peer", "pair"}
 
@@ -385,8 +387,9 @@ def parse_config(doc: dict, source: Path | None = None) -> Config:
             grace=r.value(node_t, "grace", "node", parse_duration, 10.0),
             log_level=r.value(node_t, "log_level", "node", _log_level, "info"),
         )
+        metrics = r.value(node_t, "metrics", "node", parse_endpoint, None)  # optional: None is valid
         if all(v is not None for v in values.values()):
-            node = NodeConfig(**values)
+            node = NodeConfig(**values, metrics=metrics)
 
     services = _parse_services(r, doc.get("service", []), "service")
 

@@ -38,7 +38,7 @@ RESERVED_PORTS = range(665, 1024)
 
 @dataclass
 class ServiceStats:
-    """Counters of one service, shown by ``pairproxy status``."""
+    """Counters of one service, shown by ``pairproxy status`` (as proxy.status.ServiceStatus)."""
 
     connections_active: int = 0
     connections_total: int = 0
@@ -49,15 +49,16 @@ class ServiceStats:
     internal_errors: int = 0
     last_backend_error: str | None = None
 
-    def as_dict(self) -> dict:
-        return dict(self.__dict__)
-
 
 @dataclass(eq=False)
 class Connection:
     client: tuple[str, int]
     port: int
     started: float = field(default_factory=time.monotonic)
+    #: for status (proxy.status.proxied_connections): this node's end of the backend leg, bytes each way
+    backend_source: tuple[str, int] | None = None
+    bytes_to_backend: int = 0
+    bytes_to_client: int = 0
 
 
 class BackendUnavailable(Exception):
@@ -195,12 +196,15 @@ class ServiceProxy:
                             self.service.name, *peer, exc)
                 finished = True  # nothing was sent either way: a plain FIN tells the client cleanly
                 return
+            conn.backend_source = backend.getsockname()
 
             def to_backend(n: int) -> None:
                 stats.bytes_to_backend += n
+                conn.bytes_to_backend += n
 
             def to_client(n: int) -> None:
                 stats.bytes_to_client += n
+                conn.bytes_to_client += n
 
             try:
                 async with trio.open_nursery() as nursery:
@@ -223,16 +227,6 @@ class ServiceProxy:
                 if not finished:
                     abort_on_close(sock)
                 sock.close()
-
-    def status(self) -> dict:
-        return {
-            "name": self.service.name,
-            "protocol": self.service.protocol,
-            "address": str(self.address),
-            "ports": list(self.service.ports),
-            "backend": str(self.service.backend),
-            **self.stats.as_dict(),
-        }
 
 
 def abort_on_close(sock: trio.socket.SocketType) -> None:

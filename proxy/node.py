@@ -17,7 +17,6 @@ decisions never interleave; the results of the sequences it runs are fed back to
 
 from __future__ import annotations
 
-import os
 import logging
 import signal
 import time
@@ -32,10 +31,12 @@ from proxy.control import bind_control_socket, serve_control
 from proxy import drain
 from proxy.drain import DrainRedirect, DrainTunnel, flows_from_message
 from proxy.handback import leave, release
+from proxy.metrics import serve_node_metrics
 from proxy.netplane import interface_mac, remove_leftovers
 from proxy.probe import ProbeResponder, probe
 from proxy.serving import AddressService
-from proxy.takeover import HeldAddress, PeerMacvlanSlot, Takeover, TakeoverError, take_over
+from proxy.status import NodeStatus, Takeover, collect_status, node_status, to_json
+from proxy.takeover import HeldAddress, PeerMacvlanSlot, TakeoverError, take_over
 from proxy.timings import PairTimings
 from sync import detector as verdicts
 from sync.detector import FailureDetector, watch
@@ -48,15 +49,7 @@ log = logging.getLogger("pairproxy.node")
 
 VERSION = 1
 
-__all__ = ["Node", "Takeover", "count_tasks", "VERSION"]
-
-
-def count_tasks() -> int:
-    """How many trio tasks this node runs (status shows it, so leaks across takeovers are visible)."""
-    def walk(task: trio.lowlevel.Task) -> int:
-        return 1 + sum(walk(child) for nursery in task.child_nurseries for child in nursery.child_tasks)
-
-    return walk(trio.lowlevel.current_root_task())
+__all__ = ["Node", "Takeover", "VERSION"]
 
 
 class _StopDecisions:
@@ -120,6 +113,8 @@ class Node:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(serve_control, control, node.control, {"status": self._status})
+                if node.metrics is not None:  # bound before any kernel change: a port in use stops the start
+                    await nursery.start(serve_node_metrics, node.metrics, self)
                 if handle_signals:
                     nursery.start_soon(self._watch_signals)
                 if self.core is None:
@@ -391,62 +386,8 @@ class Node:
     # -- status --------------------------------------------------------------------------------
 
     async def _status(self, request: dict) -> dict:
-        result = self.status()
-        if self.standby is not None:
-            await self.standby.add_status(result, holds_peer=self.core.holds_peer, takeovers=self.takeovers)
-        if self.core is not None and self.core.last_takeover_error is not None:
-            result["pair"]["takeover_error"] = {"error": self.core.last_takeover_error,
-                                                "attempts": self.core.takeover_attempts}
-        return result
+        return to_json(await collect_status(self))
 
-    def status(self) -> dict:
+    def status(self) -> NodeStatus:
         """What this node knows without asking its observer (see ``_status`` for the full answer)."""
-        node = self.config.node
-        services = self.own_service.status()
-        result: dict[str, Any] = {
-            "node": node.name,
-            "pid": os.getpid(),
-            "state": self.state,
-            "interface": node.interface,
-            "mac": self.mac,
-            "address": str(node.address),
-            "uptime": round(time.monotonic() - self.started_at, 3) if self.started_at else 0.0,
-            "services": services,
-            "tasks": count_tasks(),
-        }
-        if self.config.peer is not None:
-            peer = self.config.peer
-            link = self.link.status() if self.link else {}
-            link.pop("peer_hello", None)
-            rtt = link.get("rtt")
-            if rtt:
-                link["rtt_ms"] = {k: round(v * 1000, 3) if k != "count" else v for k, v in rtt.items()}
-            link.pop("rtt", None)
-            peer_holds = set((self.peer_info or {}).get("holds") or []) if self.link and \
-                self.link.state == "connected" else set()
-
-            def holder(address: str, mine: bool) -> str:
-                if mine:
-                    return node.name
-                return peer.name if address in peer_holds else "nobody" if self.detector and \
-                    self.detector.state == "dead" else f"{peer.name}?"
-
-            result["pair"] = {
-                "mode": self.config.pair.mode,
-                "peer": peer.name,
-                "peer_state": self.detector.state if self.detector else "unknown",
-                "addresses": {
-                    str(node.address.ip): {"owner": node.name, "role": self.core.own_role,
-                                           "held_by": holder(str(node.address.ip),
-                                                             self.own_service.state == "serving")},
-                    str(peer.address): {"owner": peer.name, "role": self.core.peer_role,
-                                        "held_by": holder(str(peer.address), self.peer_service is not None
-                                                          and self.peer_service.state == "serving")},
-                },
-                "link": link,
-                "peer_services": self.peer_service.status() if self.peer_service else [],
-                "takeovers": [t.as_dict() for t in self.takeovers],
-                "probe": {"answered": self.probe_responder.answered if self.probe_responder else 0,
-                          "rejected": self.probe_responder.rejected if self.probe_responder else 0},
-            }
-        return result
+        return node_status(self)

@@ -121,6 +121,3 @@ class AddressService:
                 log.warning("%s: %s %d connection(s) cut", self.address.ip,
                             "grace time over:" if self._grace > 0 else "handing over:", left)
             connections.cancel_scope.cancel()
-
-    def status(self) -> list[dict]:
-        return [p.status() for p in self.proxies]

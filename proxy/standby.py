@@ -30,6 +30,8 @@ from proxy.config import Config, ConfigError, ServiceConfig, services_from_dicts
 from proxy.netplane import NetworkError
 from proxy.observer import ObserverError, ObserverProcess
 from proxy.stateful import ViewSync, reset_frames
+from proxy.status import (Behind, Difference, NodeStatus, ResumeRecord, SnooperStats, StateSync, from_json,
+                          merge_connections, snapshot_from_dict)
 from proxy.takeover import PeerMacvlanSlot, Takeover, TakeoverPlan
 from proxy.timings import PairTimings
 
@@ -242,29 +244,44 @@ class StatefulStandby:
         return clients, backends
 
     # -- status ------------------------------------------------------------------------------------
-    async def add_status(self, result: dict, *, holds_peer: bool, takeovers: list[Takeover]) -> None:
-        """Add the stateful parts to a node's status: connections and decoder errors of both
-        addresses (the schema ``pairproxy replay --json`` prints), the state comparison, the resume."""
+    async def add_status(self, status: NodeStatus, *, holds_peer: bool, takeovers: list[Takeover],
+                         tables: bool = True) -> None:
+        """Add the stateful parts to a node's status: the decoded connections of both addresses
+        (merged with the node's own sockets: the schema ``pairproxy replay --json`` prints), decoder
+        errors, digests, the comparison with the peer, the snoopers and the resume report.
+        ``tables=False`` leaves out tables and digests (metrics need neither; a snapshot of many
+        connections is the costly part)."""
         timeout = self.timings.status_observer_timeout
-        empty = {"connections": [], "errors": {}}
-        snaps = [await self._ask("snapshot", OWN_ADDRESS, empty, timeout),
-                 await self._ask("snapshot", PEER_ADDRESS, empty, timeout)]
-        result["connections"] = snaps[0]["connections"] + snaps[1]["connections"]
-        result["errors"] = {k: snaps[0]["errors"].get(k, 0) + snaps[1]["errors"].get(k, 0)
-                            for k in set(snaps[0]["errors"]) | set(snaps[1]["errors"])}
-        digests = {}
-        for name in (OWN_ADDRESS, PEER_ADDRESS):
-            d = await self._ask("digest", name, None, timeout)
-            digests[self.addresses[name]] = d["digest"] if d else None
-        result["pair"]["state_sync"] = {**self.view_sync.status(), "digests": digests,
-                                        "observer": self.observer.failed or
-                                        ("running" if self.observer.ready.is_set() else "starting"),
-                                        "observer_timeouts": self.observer_timeouts,
-                                        "snoopers": await self._ask("stats", None, [], timeout)}
+        views = (OWN_ADDRESS, PEER_ADDRESS)
+        if tables:
+            empty = {"connections": [], "errors": {}}
+            snaps = [snapshot_from_dict(await self._ask("snapshot", name, empty, timeout)) for name in views]
+            status.connections = merge_connections(snaps[0].connections + snaps[1].connections,
+                                                   status.connections)
+            status.errors = {k: snaps[0].errors.get(k, 0) + snaps[1].errors.get(k, 0)
+                             for k in sorted(set(snaps[0].errors) | set(snaps[1].errors))}
+            for name in views:
+                d = await self._ask("digest", name, None, timeout)
+                status.digests[self.addresses[name]] = d["digest"] if d else None
+        sync = self.view_sync.status()
+        stats = await self._ask("stats", None, [], timeout)
+        status.pair.state_sync = StateSync(
+            in_sync=sync["in_sync"], compared=sync["compared"], matches=sync["matches"],
+            mismatches_in_a_row=sync["mismatches_in_a_row"],
+            behind=from_json(Behind, sync["behind"], strict=False) if sync["behind"] else None,
+            snapshots_requested=sync["snapshots_requested"],
+            last_difference=from_json(Difference, sync["last_difference"], strict=False)
+            if sync["last_difference"] else None,
+            observer=self.observer.failed or ("running" if self.observer.ready.is_set() else "starting"),
+            observer_timeouts=self.observer_timeouts,
+            # the observer answers in the order of its views, which is the order of self.addresses
+            snoopers=[from_json(SnooperStats, {**s, "view": name}, strict=False)
+                      for name, s in zip(self.addresses, stats)])
         # what the clients of the peer's address re-established: live while holding it, else as it
         # stood when it was handed back
-        result["pair"]["resume"] = (await self._ask("report", None, [], timeout) if holds_peer
-                                    else (takeovers[-1].resume or []) if takeovers else [])
+        resume = (await self._ask("report", None, [], timeout) if holds_peer
+                  else (takeovers[-1].resume or []) if takeovers else [])
+        status.pair.resume = from_json(list[ResumeRecord], resume, strict=False, path="resume")
 
     # -- the observer ------------------------------------------------------------------------------
     async def _ask(self, op: str, view: str | None, default: Any, timeout: float) -> Any:

@@ -195,13 +195,16 @@ class ResumeWatcher:
         return ", ".join(words)
 
     def report(self) -> list[dict]:
-        """Per client: what it had, whether it came back, what it resumed, what it lost."""
+        """Per client: what it had, whether it came back, what it resumed, what it lost
+        (:class:`proxy.status.ResumeRecord` s, as plain data: they cross the observer's pipe)."""
+        from proxy.status import ResumeRecord, from_json, to_json
+
         out = []
         for ip, b in sorted(self.before.items()):
             reopened_paths = {r["path"] for r in self.reopened.get(ip, [])}
             lost_opens = [o for o in b["opens"] if o["path"] not in reopened_paths]
             resumed = self.resumed_sessions.get(ip, [])
-            out.append({
+            out.append(from_json(ResumeRecord, {
                 "client": ip,
                 "protocols": sorted(b["protocols"]),
                 "before": {"connections": b["connections"],
@@ -214,8 +217,8 @@ class ResumeWatcher:
                 "nfs_reclaims": self.nfs_reclaims.get(ip, []),
                 "lost_opens": lost_opens,
                 "verdict": self._verdict(ip, b, resumed, lost_opens),
-            })
-        return out
+            }))
+        return to_json(out)
 
 
 @dataclass

@@ -35,42 +35,12 @@ from proxy.config import ConfigError, NodeConfig, PeerConfig, services_from_dict
 from proxy.drain import DrainRedirect
 from proxy.netplane import NetworkError, PeerMacvlan
 from proxy.serving import AddressService
+from proxy.status import Takeover  # the record is part of the status schema; defined once there
 
 if TYPE_CHECKING:  # only for annotations: proxy.standby imports this module
     from proxy.standby import StatefulStandby
 
 log = logging.getLogger("pairproxy.takeover")
-
-
-@dataclass
-class Takeover:
-    """The timing of one takeover, for status (trio clock seconds; None: not yet)."""
-
-    address: str
-    last_heard_at: float | None
-    detected_at: float
-    wall_time: float
-    address_up_at: float | None = None
-    first_client_at: float | None = None
-    released_at: float | None = None
-    resets: int = 0
-    backend_resets: int = 0
-    resume: list | None = None  # stateful: the resume report as it stood at the hand-back
-
-    def as_dict(self) -> dict:
-        def ms(a: float | None, b: float | None) -> float | None:
-            return None if a is None or b is None else round((b - a) * 1000, 1)
-
-        return {
-            "address": self.address,
-            "when": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(self.wall_time)),
-            "silence_ms": ms(self.last_heard_at, self.detected_at),
-            "address_moved_ms": ms(self.detected_at, self.address_up_at),
-            "first_client_ms": ms(self.detected_at, self.first_client_at),
-            "held_for_s": None if self.released_at is None else round(self.released_at - self.detected_at, 3),
-            "clients_reset": self.resets,
-            "backend_connections_reset": self.backend_resets,
-        }
 
 
 @dataclass(frozen=True)

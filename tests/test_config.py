@@ -55,6 +55,13 @@ def test_good_config(tmp_path):
     assert nfs.ports == (2049, 111, 20048) and nfs.privileged_source_port
 
 
+def test_metrics_endpoint_is_optional(tmp_path):
+    assert load_config(write(tmp_path, GOOD)).node.metrics is None
+    config = load_config(write(tmp_path, GOOD.replace('control = "/run/pairproxy/a.sock"',
+                                                      'control = "/run/pairproxy/a.sock"\nmetrics = "127.0.0.1:9477"')))
+    assert str(config.node.metrics) == "127.0.0.1:9477"
+
+
 def test_nfs_defaults_to_portmapper(tmp_path):
     config = load_config(write(tmp_path, GOOD.replace("extra_ports = [111, 20048]\n", "")))
     assert config.services[1].extra_ports == (111,)
@@ -73,6 +80,9 @@ def test_nfs_defaults_to_portmapper(tmp_path):
     ('state_dir = "/var/lib/pairproxy/a"', 'state_dir = "relative/dir"', "node.state_dir: 'relative/dir' must be an absolute path"),
     ('control = "/run/pairproxy/a.sock"', 'control = "/run/x.sock"\ngrace = "soon"', "node.grace: expected a duration"),
     ('control = "/run/pairproxy/a.sock"', 'control = "/run/x.sock"\nlog_level = "loud"', "node.log_level: 'loud' is not one of"),
+    ('control = "/run/pairproxy/a.sock"', 'control = "/run/x.sock"\nmetrics = "9477"', "node.metrics: expected 'IPv4:PORT', got '9477'"),
+    ('control = "/run/pairproxy/a.sock"', 'control = "/run/x.sock"\nmetrics = "localhost:9477"', "node.metrics: 'localhost' is not an IPv4 address"),
+    ('control = "/run/pairproxy/a.sock"', 'control = "/run/x.sock"\nmetrics = 9477', "node.metrics: expected 'IPv4:PORT' as a string, got int"),
     ('port = 445', 'port = 0', "service[0].port: port 0 is outside 1-65535"),
     ('port = 445', 'port = 70000', "service[0].port: port 70000 is outside 1-65535"),
     ('port = 445', 'port = "smb"', "service[0].port: expected a port number, got 'smb'"),

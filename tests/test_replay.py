@@ -42,7 +42,7 @@ def test_pcap_and_pcapng_read_the_same_packets():
 def test_json_schema(capsys):
     rc, out, _ = run(capsys, FIXTURES / "smb-open.pcap", "--json")
     doc = json.loads(out)
-    assert rc == 0 and set(doc) >= {"connections", "errors", "digest"}
+    assert rc == 0 and set(doc) == {"connections", "errors", "digests", "capture"}
     [c] = doc["connections"]
     assert set(c) >= {"client", "server", "protocol", "sessions", "opens", "nfs", "tcp", "unsynchronised"}
     assert c["protocol"] == "smb" and c["client"].startswith("10.77.0.100:") and c["server"] == "10.77.0.10:445"
@@ -53,7 +53,7 @@ def test_json_schema(capsys):
     assert set(o) == {"session_id", "tree_id", "file_id", "path", "durable"}
     assert isinstance(o["file_id"], str) and int(o["file_id"], 16)
     assert {"client_next_seq", "server_next_seq"} <= set(c["tcp"])
-    assert isinstance(doc["errors"], dict) and len(doc["digest"]) == 64
+    assert isinstance(doc["errors"], dict) and len(doc["digests"]["10.77.0.10"]) == 64
 
 
 def test_at_stops_early(capsys):

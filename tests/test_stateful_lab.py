@@ -10,17 +10,28 @@ import time
 
 import pytest
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from deploy.lab.clients import NodeProcess, SmbHolder, established, serving
+from proxy.status import NodeStatus, ReplayReport, from_json
 
 pytestmark = pytest.mark.lab
 
 
 
+METRICS = "127.0.0.1:9477"
+
+
 @pytest.fixture
-def stateful_pair(lab):
+def stateful_pair(lab, tmp_path):
     lab.flood(True)
-    a = NodeProcess(lab, "a", pair=True, mode="stateful", log=lab.root / "stateful-a.log")
-    b = NodeProcess(lab, "b", pair=True, mode="stateful", log=lab.root / "stateful-b.log")
+    nodes = []
+    for name in ("a", "b"):  # the lab's stateful configs, with GET /metrics on each node's loopback
+        config = tmp_path / f"stateful-{name}.toml"
+        config.write_text(lab.node_config_path(name, pair=True, mode="stateful").read_text()
+                          .replace("[node]\n", f'[node]\nmetrics = "{METRICS}"\n', 1))
+        nodes.append(NodeProcess(lab, name, config=config, log=lab.root / f"stateful-{name}.log"))
+    a, b = nodes
     try:
         b.start()
         a.start()
@@ -72,10 +83,27 @@ def test_standby_sees_the_peers_session_tree_and_open_and_agrees(lab, stateful_p
         st_a = a.wait_for(lambda s: any(c["opens"] for c in connections_to(s, host)), 5, "a seeing it")
         assert [c["sessions"] for c in connections_to(st_a, host) if c["opens"]] == [conn["sessions"]]
         st = b.wait_for(lambda s: s["pair"]["state_sync"]["in_sync"] and
-                        s["pair"]["state_sync"]["digests"][host] ==
-                        a.status()["pair"]["state_sync"]["digests"][host], 5, "digests agreeing")
+                        s["digests"][host] == a.status()["digests"][host], 5, "digests agreeing")
         assert st["pair"]["state_sync"]["matches"] > 0
         assert all(s["kernel_drops"] == 0 for s in st["pair"]["state_sync"]["snoopers"])
+        # a decodes the connection it proxies and knows its sockets: one record with both sides
+        [mine] = [c for c in connections_to(a.status(), host) if c["opens"]]
+        assert mine["tcp"]["handshake_seen"] and mine["proxied"]["service"] == "smb"
+        assert conn["proxied"] is None  # b only watches it
+        from_json(NodeStatus, st)  # strict: exactly the schema
+        # the same as metrics: printed by the CLI (from the full status) and served by the node
+        prom = lab.run(lab.ns_b, [sys.executable, "-m", "proxy.cli", "status", "-c", str(b.config), "--prometheus"],
+                       capture_output=True, text=True)
+        served = lab.run(lab.ns_b, [sys.executable, "-c", "import urllib.request; print(urllib.request.urlopen("
+                                    f"'http://{METRICS}/metrics', timeout=5).read().decode(), end='')"],
+                         capture_output=True, text=True)
+        for text in (prom.stdout, served.stdout):
+            samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                       for f in text_string_to_metric_families(text) for s in f.samples}
+            assert samples[("pairproxy_state_in_sync", (("peer", "a"),))] == 1
+            assert samples[("pairproxy_peer_alive", (("peer", "a"),))] == 1
+            assert {dict(k[1])["view"] for k in samples if k[0] == "pairproxy_snooper_kernel_drops_total"} == \
+                {"own", "peer", "peer_backend"}
         human = lab.run(lab.ns_b, [sys.executable, "-m", "proxy.cli", "status", "-c", str(b.config)],
                         capture_output=True, text=True)
         assert human.returncode == 0, human.stderr
@@ -174,7 +202,7 @@ def test_replay_of_what_the_standby_saw_gives_its_live_digest(lab, stateful_pair
         st = b.wait_for(lambda s: any(o["path"] == "replay-hold.bin" for c in connections_to(s, host)
                                       for o in c["opens"]), 5, "b seeing the open")
         time.sleep(0.5)  # quiet: nothing in flight
-        live = b.status()["pair"]["state_sync"]["digests"][host]
+        live = from_json(NodeStatus, b.status())
     finally:
         tcpdump.send_signal(2)
         tcpdump.wait(10)
@@ -183,6 +211,11 @@ def test_replay_of_what_the_standby_saw_gives_its_live_digest(lab, stateful_pair
     cp = subprocess.run([sys.executable, "-m", "proxy.cli", "replay", str(capture), "--json"],
                         capture_output=True, text=True, timeout=60)
     assert cp.returncode == 0, cp.stderr
-    replayed = json.loads(cp.stdout)
-    assert any(o["path"] == "replay-hold.bin" for c in replayed["connections"] for o in c["opens"])
-    assert replayed["digest"] == live
+    replayed = from_json(ReplayReport, json.loads(cp.stdout))  # the one schema, strictly
+    assert any(o.path == "replay-hold.bin" for c in replayed.connections for o in c.opens)
+    assert replayed.digests[host] == live.digests[host]
+    # the same connections, decoded the same way, live and replayed
+    def tables(connections):
+        return {(c.client, c.server): (c.protocol, c.sessions, c.opens) for c in connections
+                if c.server.startswith(host + ":")}
+    assert tables(replayed.connections) == tables(live.connections)

@@ -140,7 +140,7 @@ def run_stateful_demo(lab: Lab) -> bool:
         tl.say(f"node b's tables: {conn['client']} session 0x{session['session_id']:x} user {session['user']}, "
                f"tree {session['trees'][0]['share']}, open {conn['opens'][0]['path']}")
         st = b.wait_for(lambda s: s["pair"]["state_sync"]["in_sync"], 5, "views in sync")
-        tl.say(f"b's view of {addr.service_a} agrees with a's own (digest {st['pair']['state_sync']['digests'][addr.service_a][:12]}..., "
+        tl.say(f"b's view of {addr.service_a} agrees with a's own (digest {st['digests'][addr.service_a][:12]}..., "
                f"{st['pair']['state_sync']['matches']} matching comparisons)")
         old = established(lab, addr.service_a, 445)
         died = a.kill_hard(link_down=True)
