@@ -251,7 +251,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     snap = result.pipeline.snapshot()
     digest = result.pipeline.digest(snap)
     if args.json:
-        from proxy.status import CaptureInfo, ReplayReport, tables_with_digests, to_json
+        from schema import CaptureInfo, ReplayReport, tables_with_digests, to_json
 
         tables, digests = tables_with_digests(snap, result.pipeline.digest)
         doc = ReplayReport(connections=tables.connections, errors=tables.errors, digests=digests, capture=CaptureInfo(

@@ -19,7 +19,13 @@ def _graph(packages: list[str]) -> dict[str, set[str]]:
         for path in sorted((ROOT / pkg).glob("*.py")):
             mod = f"{pkg}.{path.stem}" if path.stem != "__init__" else pkg
             deps: set[str] = set()
-            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            tree = ast.parse(path.read_text(), str(path))
+            # imports under `if TYPE_CHECKING:` are for annotations only and never run
+            typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If)
+                           and "TYPE_CHECKING" in ast.unparse(block.test) for n in ast.walk(block)}
+            for node in ast.walk(tree):
+                if id(node) in typing_only:
+                    continue
                 if isinstance(node, ast.ImportFrom):
                     if node.level:
                         base = pkg if node.level == 1 else ""
@@ -67,7 +73,7 @@ def test_protocols_and_capture_do_not_import_the_node_or_the_peer_link():
     for mod, deps in graph.items():
         if not mod.endswith("!ext"):
             continue
-        bad = sorted(d for d in deps if d.split(".")[0] in ("proxy", "sync", "deploy"))
+        bad = sorted(d for d in deps if d.split(".")[0] in ("proxy", "sync", "deploy"))  # schema is allowed
         assert not bad, f"{mod[:-4]} imports {bad}"
         if mod.startswith("protocols"):
             assert not [d for d in deps if d.split(".")[0] == "capture"], f"{mod[:-4]} imports capture"
@@ -75,3 +81,25 @@ def test_protocols_and_capture_do_not_import_the_node_or_the_peer_link():
 
 def test_cycle_finder_finds_a_cycle():
     assert _cycle({"a": {"b"}, "b": {"a"}}) == ["a", "b", "a"]
+
+
+PACKAGES = ["proxy", "protocols", "capture", "schema", "sync"]
+
+
+def test_no_import_cycles_between_any_modules():
+    graph = _graph(PACKAGES)
+    assert _cycle(graph) is None, " -> ".join(_cycle(graph))
+
+
+def test_no_import_cycles_between_packages():
+    """Packages are layered: schema and protocols at the bottom, the node (proxy) at the top; the
+    product never imports its lab (deploy)."""
+    graph = _graph(PACKAGES)
+    packages: dict[str, set[str]] = {p: set() for p in PACKAGES}
+    for mod, deps in graph.items():
+        if mod.endswith("!ext"):
+            pkg = mod.split(".")[0].removesuffix("!ext")
+            packages[pkg] |= {d.split(".")[0] for d in deps if d.split(".")[0] in PACKAGES + ["deploy"]} - {pkg}
+    assert "deploy" not in set().union(*packages.values())
+    assert packages["schema"] == set() and packages["protocols"] <= {"schema"}
+    assert _cycle(packages) is None, " -> ".join(_cycle(packages))

@@ -1,0 +1,526 @@
+"""The typed records that cross a boundary: status, snapshots, takeovers, resume reports, replay.
+
+Why typed records: these shapes cross a process boundary (the observer child, msgpack), the sync link
+(snapshots), the control socket (``pairproxy status --json``) and the offline tool (``pairproxy replay
+--json``), and they are read by the human status, the Prometheus exposition (:mod:`proxy.metrics`) and
+the tests. Spelled as string-keyed dicts in each of those places they drifted apart (a stateless
+status had no ``connections``; replay put its digest at the top, status under ``pair.state_sync``).
+Here each record is defined once, as a dataclass; JSON is ``to_json(record)`` and
+``from_json(Type, data)`` reads it back *strictly* (every key known, every type right), which is also
+how the tests check a live status and a replay against the schema.
+
+The shared part of status and replay is :class:`Tables`: the connections (one
+:class:`ConnectionRecord` each, decoded from frames or known from the node's own sockets), the
+decoders' counters, and a digest per service address.
+
+This package imports nothing of the node (``proxy``) or of the capture tools (``capture``): both use
+it, so it sits below them and no package cycle forms. Status *assembly* (reading a running node's
+objects) is :mod:`proxy.status`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import time
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+__all__ = [
+    "SchemaError", "to_json", "from_json",
+    "TreeRecord", "SessionRecord", "OpenRecord", "TcpRecord", "ProxiedRecord", "ConnectionRecord",
+    "Snapshot", "Tables", "ServiceStatus", "RttStatus", "LinkStatus", "AddressStatus", "ProbeStatus",
+    "Behind", "Difference", "SnooperStats", "StateSync", "Takeover", "TakeoverReport", "ResumeBefore",
+    "ResumeRecord", "PairStatus", "NodeStatus", "CaptureInfo", "ReplayReport",
+    "TakeoverFailure", "OPTIONAL", "snapshot_from_dict", "tables_with_digests",
+]
+
+T = TypeVar("T")
+
+
+# ------------------------------------------------------------------------------------ JSON helpers
+class SchemaError(ValueError):
+    """Data that does not fit the schema; the message names the key path (``pair.link.rtt_ms.last``)."""
+
+
+#: field metadata: leave the key out of the JSON while the value is None (a section a mode does not
+#: have, e.g. ``pair`` of a single node: readers test ``"pair" in status``, as they always did)
+OPTIONAL = {"omit_if_none": True}
+
+
+_FIELDS: dict[type, list[tuple[str, bool]]] = {}
+
+
+def to_json(record: Any) -> Any:
+    """A record (or a list or dict of records) as plain JSON-able data."""
+    if isinstance(record, (str, int, float, type(None))):
+        return record
+    if isinstance(record, (list, tuple)):
+        return [to_json(r) for r in record]
+    if isinstance(record, dict):
+        return {k: to_json(v) for k, v in record.items()}
+    cls = type(record)
+    fields = _FIELDS.get(cls)
+    if fields is None:
+        if not dataclasses.is_dataclass(cls):
+            return record
+        fields = _FIELDS[cls] = [(f.name, bool(f.metadata.get("omit_if_none"))) for f in dataclasses.fields(cls)]
+    out = {}
+    for name, omit_if_none in fields:
+        value = getattr(record, name)
+        if value is None and omit_if_none:
+            continue
+        out[name] = to_json(value)
+    return out
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    return _HINTS[cls]
+
+
+def from_json(cls: type[T], data: Any, *, strict: bool = True, path: str = "") -> T:
+    """Read ``data`` as ``cls``; SchemaError names the key path of what does not fit. Always: a
+    required key missing or a value of the wrong type. Strict (the default) also refuses unknown
+    keys; lenient (``strict=False``, for data another module or a newer node produced) drops them.
+    Keys with a default may be left out."""
+    return _convert(cls, data, strict, path or cls.__name__)
+
+
+def _convert(tp: Any, value: Any, strict: bool, path: str) -> Any:
+    if tp is Any:
+        return value
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise SchemaError(f"{path}: must not be null")
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(arg, value, strict, path)
+            except SchemaError as exc:
+                errors.append(str(exc))
+        raise SchemaError(errors[0] if len(errors) == 1 else f"{path}: none of {tp} fits: {'; '.join(errors)}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise SchemaError(f"{path}: expected a list, got {type(value).__name__}")
+        (item,) = typing.get_args(tp) or (Any,)
+        return [_convert(item, v, strict, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise SchemaError(f"{path}: expected an object, got {type(value).__name__}")
+        key_t, val_t = typing.get_args(tp) or (Any, Any)
+        return {k: _convert(val_t, v, strict, f"{path}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise SchemaError(f"{path}: expected an object, got {type(value).__name__}")
+        hints = _hints(tp)
+        fields = {f.name: f for f in dataclasses.fields(tp) if f.init}
+        unknown = sorted(set(value) - set(fields))
+        if unknown and strict:
+            raise SchemaError(f"{path}: unknown key(s) {', '.join(map(str, unknown))}")
+        kwargs = {}
+        for name, f in fields.items():
+            if name not in value:
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                    raise SchemaError(f"{path}.{name}: missing")
+                continue
+            kwargs[name] = _convert(hints[name], value[name], strict, f"{path}.{name}")
+        return tp(**kwargs)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise SchemaError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise SchemaError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if tp in (str, bool):
+        if not isinstance(value, tp):
+            raise SchemaError(f"{path}: expected {tp.__name__}, got {value!r}")
+        return value
+    raise SchemaError(f"{path}: no rule for type {tp!r}")  # a schema bug, not bad data
+
+
+# ------------------------------------------------------------------------------ connection tables
+@dataclass
+class TreeRecord:
+    tree_id: int
+    share: str
+
+
+@dataclass
+class SessionRecord:
+    session_id: int
+    user: str | None
+    trees: list[TreeRecord]
+
+
+@dataclass
+class OpenRecord:
+    session_id: int
+    tree_id: int
+    file_id: str
+    path: str | None
+    durable: bool
+
+
+@dataclass
+class TcpRecord:
+    """A connection's TCP state as the decoder followed it (``TcpConnection.sequence_state``): what a
+    reset or a TCP_REPAIR takeover needs. None where it was not seen."""
+
+    client_next_seq: int | None
+    server_next_seq: int | None
+    client_last_ack: int | None
+    server_last_ack: int | None
+    client_window: int | None
+    server_window: int | None
+    client_wscale: int | None
+    server_wscale: int | None
+    client_mss: int | None
+    server_mss: int | None
+    sack_permitted: bool | None
+    timestamps: bool | None
+    client_tsval: int | None
+    server_tsval: int | None
+    handshake_seen: bool
+
+
+@dataclass
+class ProxiedRecord:
+    """A connection this node proxies itself, as its sockets know it."""
+
+    service: str
+    backend: str           # the backend endpoint, "IP:PORT"
+    backend_source: str | None  # this node's end of the backend leg ("IP:PORT"); None before it connected
+    age_s: float
+    bytes_to_backend: int
+    bytes_to_client: int
+
+
+@dataclass
+class ConnectionRecord:
+    """One client connection to a service address: the same fields whether it was decoded from frames
+    (stateful nodes, ``replay``) or is known from the node's own sockets (``proxied``)."""
+
+    client: str            # "IP:PORT"
+    server: str            # "IP:PORT" (the service address and port)
+    protocol: str          # smb | nfs | tcp
+    sessions: list[SessionRecord] = field(default_factory=list)
+    opens: list[OpenRecord] = field(default_factory=list)
+    nfs: dict[str, Any] | None = None    # protocols.nfs_state's table of this connection, as it gives it
+    smb: dict[str, Any] | None = None    # dialect, outstanding requests, opens with lease and access
+    tcp: TcpRecord | None = None         # None: not decoded (a stateless node knows only its sockets)
+    unsynchronised: bool | None = None   # the decoder lost the message boundaries; None: not decoded
+    proxied: ProxiedRecord | None = None
+
+
+@dataclass
+class Snapshot:
+    """The decoded connections of one address (``AddressView.snapshot``, the observer's answer, what
+    a node sends its peer for comparison) and the decoders' counters."""
+
+    connections: list[ConnectionRecord]
+    errors: dict[str, int]
+
+
+def snapshot_from_dict(raw: dict) -> Snapshot:
+    """A :class:`protocols.pipeline.Pipeline` snapshot (a dict) as a typed :class:`Snapshot`."""
+    return from_json(Snapshot, {"connections": raw.get("connections", []), "errors": raw.get("errors", {})},
+                     strict=False)
+
+
+@dataclass
+class Tables:
+    """What status and replay share: the connections, the decoders' counters, and per service
+    address the digest of what two observers of its traffic must agree on."""
+
+    connections: list[ConnectionRecord]
+    errors: dict[str, int]
+    digests: dict[str, str | None]
+
+
+def tables_with_digests(snapshot: dict, digest_of) -> tuple[Snapshot, dict[str, str]]:
+    """A pipeline snapshot typed, and a digest per server address (``digest_of(snapshot_dict)``):
+    for the connections *to* one address, exactly what an AddressView of it digests."""
+    by_address: dict[str, list[dict]] = {}
+    for c in snapshot.get("connections", []):
+        by_address.setdefault(c["server"].rsplit(":", 1)[0], []).append(c)
+    digests = {address: digest_of({"connections": conns, "errors": {}})
+               for address, conns in sorted(by_address.items())}
+    return snapshot_from_dict(snapshot), digests
+
+
+# ------------------------------------------------------------------------------------------ status
+@dataclass
+class ServiceStatus:
+    name: str
+    protocol: str
+    address: str
+    ports: list[int]
+    backend: str
+    connections_active: int
+    connections_total: int
+    bytes_to_backend: int
+    bytes_to_client: int
+    backend_failures: int
+    connections_reset: int
+    internal_errors: int
+    last_backend_error: str | None
+
+
+@dataclass
+class RttStatus:
+    """Heartbeat round trips over the sync link (the last 100), in milliseconds."""
+
+    last: float
+    min: float
+    max: float
+    median: float
+    count: int
+
+
+@dataclass
+class LinkStatus:
+    state: str                   # connecting | connected | refused | starting (no link yet)
+    refused_reason: str | None
+    peer: str
+    dialled_by: str | None
+    silent_for: float | None     # seconds since the peer was last heard
+    counters: dict[str, int]
+    rtt_ms: RttStatus | None
+
+
+@dataclass
+class AddressStatus:
+    owner: str
+    role: str | None
+    held_by: str                 # a node name, "nobody", or "<peer>?" (not known: link down)
+
+
+@dataclass
+class ProbeStatus:
+    answered: int
+    rejected: int
+
+
+@dataclass
+class Behind:
+    frames: int
+    bytes: int
+    ms: float | None
+
+
+@dataclass
+class Difference:
+    only_at_peer: list[str]
+    only_here: list[str]
+    different: list[str]
+
+
+@dataclass
+class SnooperStats:
+    view: str                    # own_address | peer_address | peer_backend
+    frames: int = 0
+    bytes: int = 0
+    batches: int = 0
+    truncated: int = 0
+    callback_errors: int = 0
+    kernel_packets: int = 0
+    kernel_drops: int = 0
+    rcvbuf: int = 0
+
+
+@dataclass
+class StateSync:
+    """Stateful pairs: does this node's view of the peer's address agree with the peer's own?"""
+
+    in_sync: bool | None         # None: not compared yet
+    compared: int
+    matches: int
+    mismatches_in_a_row: int
+    behind: Behind | None
+    snapshots_requested: int
+    last_difference: Difference | None
+    observer: str                # starting | running | why it failed
+    snoopers: list[SnooperStats]
+    observer_timeouts: int = 0   # observer requests that got no answer within their bound
+
+
+_takeover_numbers = itertools.count(1)
+
+
+@dataclass
+class Takeover:
+    """The timing of one takeover as it happens (trio clock seconds; None: not yet). The node keeps
+    the last few; ``number`` counts every takeover of this process (a Prometheus counter must not
+    shrink when old records are dropped)."""
+
+    address: str
+    last_heard_at: float | None
+    detected_at: float
+    wall_time: float
+    address_up_at: float | None = None
+    first_client_at: float | None = None
+    released_at: float | None = None
+    resets: int = 0
+    backend_resets: int = 0
+    resume: list | None = None  # stateful: the resume report (ResumeRecord dicts) as it stood at the hand-back
+    number: int = field(default_factory=lambda: next(_takeover_numbers))
+
+    def as_dict(self) -> dict:
+        return to_json(self.report())
+
+    def report(self) -> "TakeoverReport":
+        def ms(a: float | None, b: float | None) -> float | None:
+            return None if a is None or b is None else round((b - a) * 1000, 1)
+
+        return TakeoverReport(
+            number=self.number,
+            address=self.address,
+            when=time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(self.wall_time)),
+            silence_ms=ms(self.last_heard_at, self.detected_at),
+            address_moved_ms=ms(self.detected_at, self.address_up_at),
+            first_client_ms=ms(self.detected_at, self.first_client_at),
+            held_for_s=None if self.released_at is None else round(self.released_at - self.detected_at, 3),
+            clients_reset=self.resets,
+            backend_connections_reset=self.backend_resets,
+        )
+
+
+@dataclass
+class TakeoverReport:
+    """A takeover as status shows it: milliseconds from the death verdict (None: not (yet) happened)."""
+
+    number: int
+    address: str
+    when: str
+    silence_ms: float | None         # peer last heard -> declared dead
+    address_moved_ms: float | None   # declared dead -> address served here
+    first_client_ms: float | None    # declared dead -> first client accepted
+    held_for_s: float | None         # declared dead -> handed back
+    clients_reset: int
+    backend_connections_reset: int
+
+
+@dataclass
+class SessionRef:
+    session_id: int
+    user: str | None
+
+
+@dataclass
+class OpenRef:
+    path: str | None
+    durable: bool
+
+
+@dataclass
+class ResumeBefore:
+    connections: int
+    sessions: list[SessionRef]
+    opens: list[OpenRef]
+    nfs_v4_opens: list[str | None]
+
+
+@dataclass
+class SessionResumed:
+    old_session_id: int
+    new_session_id: int
+
+
+@dataclass
+class Reopened:
+    path: str | None
+    durable_reconnect: bool
+
+
+@dataclass
+class ResumeRecord:
+    """After a stateful takeover, per client of the dead peer: what it had, what it re-established."""
+
+    client: str
+    protocols: list[str]
+    before: ResumeBefore
+    reconnected_after_s: float | None
+    resumed_sessions: list[SessionResumed]
+    new_sessions: int
+    reopened: list[Reopened]
+    nfs_reclaims: list[str]
+    lost_opens: list[OpenRef]
+    verdict: str
+
+
+@dataclass
+class TakeoverFailure:
+    """The peer is dead but its address could not be served yet (a kernel error); retried with backoff."""
+
+    error: str
+    attempts: int
+
+
+@dataclass
+class PairStatus:
+    mode: str
+    peer: str
+    peer_state: str               # the failure detector: unknown | alive | suspect | link_down | dead
+    addresses: dict[str, AddressStatus]
+    link: LinkStatus
+    peer_services: list[ServiceStatus]   # the peer's services while this node holds its address
+    takeovers: list[TakeoverReport]      # the last few
+    takeovers_total: int                 # every takeover since this node started
+    probe: ProbeStatus
+    state_sync: StateSync | None = field(default=None, metadata=OPTIONAL)  # stateful pairs only
+    #: stateful: live while holding the peer's address, else as it stood at the last hand-back
+    resume: list[ResumeRecord] | None = field(default=None, metadata=OPTIONAL)
+    takeover_error: TakeoverFailure | None = field(default=None, metadata=OPTIONAL)
+
+
+@dataclass
+class NodeStatus(Tables):
+    """``pairproxy status --json``."""
+
+    node: str
+    pid: int
+    state: str
+    interface: str
+    mac: str
+    address: str
+    uptime: float
+    tasks: int
+    services: list[ServiceStatus]
+    pair: PairStatus | None = field(default=None, metadata=OPTIONAL)  # only in a pair
+
+
+@dataclass
+class CaptureInfo:
+    file: str
+    packets: int
+    first_ts: float | None
+    last_ts: float | None
+    stopped_at: float | None
+    error: str | None
+
+
+@dataclass
+class ReplayReport(Tables):
+    """``pairproxy replay --json``: the tables of :class:`Tables`, and what was read."""
+
+    capture: CaptureInfo
+
+
+# ------------------------------------------------------------------------------------ assembly
