@@ -128,6 +128,7 @@ class PeerLink:
             "messages_in": 0, "messages_out": 0,
             "rejected_auth": 0, "rejected_parse": 0, "rejected_replay": 0, "rejected_too_large": 0,
             "connections": 0, "duplicates": 0, "reconnects": 0, "refused": 0, "owner_errors": 0,
+            "connection_errors": 0,
         }
         self._rtts: deque[float] = deque(maxlen=RTT_WINDOW)
         self._active: _Connection | None = None
@@ -236,7 +237,24 @@ class PeerLink:
         await self._serve_connection(stream, dialled=False)
 
     async def _serve_connection(self, stream: trio.SocketStream, *, dialled: bool) -> bool:
-        """Run one connection to its end; True if it was ever the active one."""
+        """Run one connection to its end; True if it was ever the active one.
+
+        Whatever goes wrong on one connection ends that connection, never the link: an exception
+        escaping here would end ``serve_listeners`` or the dial loop, then :meth:`run`, then the node,
+        and the peer would take over (issue 8.1: one crafted segment did exactly that). So anything
+        but cancellation is logged with its traceback, counted in ``connection_errors`` and the
+        connection is closed.
+        """
+        try:
+            return await self._run_connection(stream, dialled=dialled)
+        except Exception:
+            self.counters["connection_errors"] += 1
+            log.exception("sync link: connection %s failed (dropped; the link goes on)",
+                          "dialled" if dialled else "accepted")
+            await trio.aclose_forcefully(stream)
+            return False
+
+    async def _run_connection(self, stream: trio.SocketStream, *, dialled: bool) -> bool:
         try:
             stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # heartbeats are tiny
         except OSError:
@@ -424,7 +442,7 @@ class PeerLink:
     async def _send_on(self, conn: _Connection, message: dict[str, Any]) -> bool:
         # Seal and write under one lock: frames must reach the socket in sequence-number order.
         async with conn.send_lock:
-            if conn.closed:
+            if conn.closed or conn.session.broken:  # a broken session cannot seal: the connection is over
                 return False
             if not await self._write(conn, conn.session.seal(message)):
                 return False

@@ -30,7 +30,11 @@ bytes arrive, so an oversize frame is refused without buffering it, and the MAC 
 Errors: bad input from the peer is an event (:class:`Rejected`), never an exception, and is counted
 in :attr:`SyncSession.counters`. Only when the framing itself is lost (bad preamble, an impossible
 length) is the session marked ``broken``: the stream can no longer be cut into frames, so the caller
-must drop the connection and reconnect. A bad MAC or a bad message inside an intact frame is skipped
+must drop the connection and reconnect. A call of :meth:`SyncSession.receive_data` that breaks the
+session returns *only* its :class:`Rejected` events: a :class:`Ready` or a :class:`Message` cut from
+the same bytes (``MAGIC`` + nonce + an impossible length in one TCP segment) would invite the caller
+to answer (seal a hello) on a session that is already broken, so the events of a broken call are
+never handed out; the connection is dropped anyway, and delivery is at most once. A bad MAC or a bad message inside an intact frame is skipped
 and the stream goes on. Misuse by the caller (sealing before the handshake, a message without
 ``"type"``) raises :class:`LocalProtocolError`: that is a bug on our side, not the peer's.
 """
@@ -181,6 +185,8 @@ class SyncSession:
             if event is None:
                 break
             events.append(event)
+        if self.broken:  # never invite an answer on a broken session (see the module docstring)
+            return [e for e in events if isinstance(e, Rejected)]
         return events
 
     # -- internals ---------------------------------------------------------------------------

@@ -283,3 +283,58 @@ async def test_detector_fed_by_the_link_sees_the_peer_die(nursery, tmp_path):
     await eventually(lambda: detector.state == "dead")
     assert trio.current_time() - died >= 0.3 - 0.03
     assert isinstance(actions[-1], PeerDead)
+
+
+# -- issue 8.1: nothing a connection does may end the link --------------------------------------
+
+KILLER = MAGIC + os.urandom(16) + b"\xff\xff\xff\xff"
+
+
+async def send_and_wait_close(port, *chunks):
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    for chunk in chunks:
+        await stream.send_all(chunk)
+        await trio.sleep(0.01)
+    with trio.fail_after(2):  # the link closes the connection, and only the connection
+        try:
+            while await stream.receive_some(4096):
+                pass
+        except trio.BrokenResourceError:
+            pass
+    await stream.aclose()
+
+
+async def test_one_segment_killer_and_its_pieces_leave_the_link_running(nursery, tmp_path):
+    pair = Pair(tmp_path)
+    await pair.start(nursery, pair.a)
+    port = pair.a.listen_address[1]
+    await send_and_wait_close(port, KILLER)  # preamble + impossible length in one segment
+    for cut in (4, 19, 20, 22):
+        await send_and_wait_close(port, KILLER[:cut], KILLER[cut:])
+    assert pair.a.counters["rejected_too_large"] == 5
+    assert pair.a.counters["connection_errors"] == 0
+    # the link is alive: the real peer still comes up, on either side's dial
+    await pair.start(nursery, pair.b)
+    await eventually(lambda: both_on_one_connection(pair))
+    await send_and_wait_close(port, KILLER)  # and a stray killer does not disturb a working link
+    assert pair.a.state == "connected" and pair.a.refused_reason is None
+
+
+async def test_a_bug_on_one_connection_is_counted_and_the_link_goes_on(nursery, tmp_path, monkeypatch):
+    pair = Pair(tmp_path)
+    await pair.start(nursery, pair.a)
+    real_handle = PeerLink._handle
+    calls = {"n": 0}
+
+    async def flaky_handle(self, conn, event):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("a bug in the handler")
+        await real_handle(self, conn, event)
+
+    monkeypatch.setattr(PeerLink, "_handle", flaky_handle)
+    await send_and_wait_close(pair.a.listen_address[1], MAGIC + os.urandom(16))
+    assert pair.a.counters["connection_errors"] == 1
+    await pair.start(nursery, pair.b)
+    await eventually(lambda: both_on_one_connection(pair))

@@ -228,3 +228,50 @@ def test_load_key(tmp_path):
     os.chmod(path, 0o644)
     assert "chmod 600" in key_permission_problem(path)
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o644
+
+
+# -- issue 8.1: one TCP segment must not make the caller seal on a broken session ----------------
+
+KILLER = MAGIC + os.urandom(16) + b"\xff\xff\xff\xff"  # preamble + an impossible length
+
+
+def act_like_the_link(session, chunks):
+    """Feed ``chunks``; answer every Ready with a sealed hello, as sync.link does. Returns all events."""
+    seen = []
+    for chunk in chunks:
+        for event in session.receive_data(chunk):
+            seen.append(event)
+            if isinstance(event, Ready):
+                session.seal({"type": "hello", "name": "a"})  # raised LocalProtocolError before the fix
+    return seen
+
+
+def test_killer_in_one_segment_gives_only_the_broken_rejection():
+    s = SyncSession(KEY)
+    events = act_like_the_link(s, [KILLER])
+    assert [type(e) for e in events] == [Rejected]
+    assert events[0].broken and events[0].kind == "too_large"
+    assert s.broken and s.counters["rejected_too_large"] == 1
+
+
+@pytest.mark.parametrize("cut", range(1, len(KILLER)))
+def test_killer_split_anywhere_never_invites_a_seal_on_a_broken_session(cut):
+    s = SyncSession(KEY)
+    events = act_like_the_link(s, [KILLER[:cut], KILLER[cut:]])
+    assert s.broken and isinstance(events[-1], Rejected) and events[-1].broken
+    # Ready is handed out only from a call that left the session intact
+    assert [type(e) for e in events] in ([Rejected], [Ready, Rejected])
+
+
+def test_killer_byte_by_byte():
+    s = SyncSession(KEY)
+    events = act_like_the_link(s, [bytes([b]) for b in KILLER])
+    assert [type(e) for e in events] == [Ready, Rejected] and s.broken
+
+
+def test_good_message_then_impossible_frame_in_one_segment_gives_only_the_rejection():
+    a, b = pair()
+    wire = a.seal({"type": "heartbeat"}) + b"\x00\x00\x00\x01"  # shorter than a frame header
+    events = b.receive_data(wire)
+    assert [type(e) for e in events] == [Rejected] and events[0].broken and b.broken
+    assert b.receive_data(a.seal({"type": "x"})) == []  # a broken session ignores what follows
