@@ -104,7 +104,7 @@ class PeerLink:
             raise ValueError(f"hello lacks {', '.join(missing)}")
         if hello["name"] != my_name:
             raise ValueError(f"hello names {hello['name']!r}, but this node is {my_name!r}")
-        SyncSession(key)  # fail now, not on the first connection, if the key is unusable
+        SyncSession(key, me=my_name, peer=peer_name)  # fail now, not on the first connection, if the key is unusable
         self.my_name = my_name
         self.peer_name = peer_name
         self.listen = listen
@@ -259,7 +259,8 @@ class PeerLink:
             stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # heartbeats are tiny
         except OSError:
             pass
-        conn = _Connection(stream, SyncSession(self._key), dialled_by=self.my_name if dialled else self.peer_name)
+        session = SyncSession(self._key, me=self.my_name, peer=self.peer_name)
+        conn = _Connection(stream, session, dialled_by=self.my_name if dialled else self.peer_name)
         try:
             conn.peer = "%s:%s" % stream.socket.getpeername()[:2]
         except OSError:

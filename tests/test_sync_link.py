@@ -174,8 +174,10 @@ async def test_wrong_peer_name_and_version_are_refused(nursery, tmp_path):
     pair2.b.peer_name = "c"  # b expects a peer called c
     await pair2.start(nursery)
     await eventually(lambda: pair2.b.state == "refused" and pair2.a.state == "refused")
-    assert "expected 'c'" in pair2.b.refused_reason
-    assert "b refused the link" in pair2.a.refused_reason  # a learns why from b
+    # the names are part of the direction keys (issue 8.3): a wrong name cannot even authenticate
+    assert pair2.b.refused_reason == pair2.a.refused_reason == KEY_MISMATCH_HINT
+    assert "[peer] name" in KEY_MISMATCH_HINT
+    assert pair2.a.counters["connections"] == pair2.b.counters["connections"] == 0
 
 
 async def test_wrong_key_is_never_connected(nursery, tmp_path):
