@@ -15,6 +15,13 @@ restarted, its old connection is half-open) resolve to the newest. A connection 
 nothing for ``idle_timeout`` (default ``dead_after``) is dropped, so a half-open one cannot block a
 fresh one for long.
 
+Stray connections (issue 8.4): at most ``MAX_UNAUTHENTICATED`` accepted connections may be waiting
+for their hello at a time (plus ``PEER_UNAUTHENTICATED`` from the peer's own address), each may
+announce frames of at most ``HELLO_MAX_FRAME`` bytes and has ``handshake_timeout`` to get its hello
+accepted. So fifty strangers trickling 1 MiB frames cost at most 8 x (64 KiB + one receive buffer)
+and never stop the peer's connection, which is dialled by us (not counted) or comes from the peer's
+address (its own budget).
+
 The first message each way is a ``hello`` (the body the owner passed in, plus ``"type"``). A peer
 with a different name, mode or protocol version, or one whose first message does not authenticate
 (a different ``key_file``), is refused: the connection is closed, :attr:`PeerLink.state` becomes
@@ -49,7 +56,7 @@ from typing import Any, Callable, Literal
 
 import trio
 
-from sync.wire import LocalProtocolError, Message, Ready, Rejected, SyncSession
+from sync.wire import MAX_FRAME, LocalProtocolError, Message, Ready, Rejected, SyncSession
 
 log = logging.getLogger("pairproxy.link")
 
@@ -62,6 +69,15 @@ BACKOFF_MIN = 0.05
 BACKOFF_MAX = 1.0
 RTT_WINDOW = 100
 RECEIVE_SIZE = 64 * 1024
+#: Connections accepted on the sync port that have not yet authenticated (sent an accepted hello),
+#: at most this many at a time; more are closed at once and counted as ``stray_refused``. The
+#: peer's own address has a separate budget of PEER_UNAUTHENTICATED, so strays elsewhere on the
+#: sync network cannot crowd out the real peer's dial.
+MAX_UNAUTHENTICATED = 8
+PEER_UNAUTHENTICATED = 4
+#: Until its hello is accepted a connection may send frames of at most this size (a hello is a few
+#: KiB); a longer announced frame is refused before a byte of it is buffered.
+HELLO_MAX_FRAME = 64 * 1024
 
 
 @dataclass(eq=False)
@@ -77,6 +93,7 @@ class _Connection:
     peer: str = "?"  # the remote address, for log lines
     accepted: bool = False  # the peer's hello passed the checks
     was_active: bool = False
+    budget: str | None = None  # which unauthenticated budget the connection uses until its hello is accepted
     closed: bool = False
     close_reason: str = ""
 
@@ -128,8 +145,12 @@ class PeerLink:
             "messages_in": 0, "messages_out": 0,
             "rejected_auth": 0, "rejected_parse": 0, "rejected_replay": 0, "rejected_too_large": 0,
             "connections": 0, "duplicates": 0, "reconnects": 0, "refused": 0, "owner_errors": 0,
-            "connection_errors": 0,
+            "connection_errors": 0, "stray_refused": 0,
         }
+        #: accepted connections not yet authenticated, per budget ("peer", "other")
+        self.unauthenticated: dict[str, int] = {"peer": 0, "other": 0}
+        self.unauthenticated_peak = 0
+        self._pending: set[_Connection] = set()  # the connections counted in ``unauthenticated``
         self._rtts: deque[float] = deque(maxlen=RTT_WINDOW)
         self._active: _Connection | None = None
         self._ever_connected = False
@@ -195,6 +216,10 @@ class PeerLink:
         return {"last": self._rtts[-1], "min": min(self._rtts), "max": max(self._rtts),
                 "median": statistics.median(self._rtts), "count": len(self._rtts)}
 
+    def unauthenticated_buffered(self) -> int:
+        """Bytes buffered for connections that have not authenticated yet (bounded, issue 8.4)."""
+        return sum(conn.session.buffered for conn in self._pending)
+
     def status(self) -> dict[str, Any]:
         """The link as ``pairproxy status`` shows it (JSON-able)."""
         now = trio.current_time()
@@ -207,6 +232,9 @@ class PeerLink:
             "silent_for": None if self.last_received is None else now - self.last_received,
             "rtt": self.rtt(),
             "counters": dict(self.counters),
+            "unauthenticated": sum(self.unauthenticated.values()),
+            "unauthenticated_peak": self.unauthenticated_peak,
+            "unauthenticated_buffered": self.unauthenticated_buffered(),
         }
 
     # -- connections -------------------------------------------------------------------------
@@ -234,9 +262,21 @@ class PeerLink:
         return None if host in ("", "0.0.0.0", "::") else host
 
     async def _serve_accepted(self, stream: trio.SocketStream) -> None:
-        await self._serve_connection(stream, dialled=False)
+        try:
+            remote = stream.socket.getpeername()[0]
+        except OSError:
+            remote = None
+        budget = "peer" if remote == self.dial[0] else "other"
+        limit = PEER_UNAUTHENTICATED if budget == "peer" else MAX_UNAUTHENTICATED
+        if self.unauthenticated[budget] >= limit:
+            self.counters["stray_refused"] += 1
+            log.debug("sync link: %d connections waiting for their hello already; closing one from %s",
+                      limit, remote)
+            await trio.aclose_forcefully(stream)
+            return
+        await self._serve_connection(stream, dialled=False, budget=budget)
 
-    async def _serve_connection(self, stream: trio.SocketStream, *, dialled: bool) -> bool:
+    async def _serve_connection(self, stream: trio.SocketStream, *, dialled: bool, budget: str | None = None) -> bool:
         """Run one connection to its end; True if it was ever the active one.
 
         Whatever goes wrong on one connection ends that connection, never the link: an exception
@@ -246,7 +286,7 @@ class PeerLink:
         connection is closed.
         """
         try:
-            return await self._run_connection(stream, dialled=dialled)
+            return await self._run_connection(stream, dialled=dialled, budget=budget)
         except Exception:
             self.counters["connection_errors"] += 1
             log.exception("sync link: connection %s failed (dropped; the link goes on)",
@@ -254,13 +294,17 @@ class PeerLink:
             await trio.aclose_forcefully(stream)
             return False
 
-    async def _run_connection(self, stream: trio.SocketStream, *, dialled: bool) -> bool:
+    async def _run_connection(self, stream: trio.SocketStream, *, dialled: bool, budget: str | None) -> bool:
         try:
             stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # heartbeats are tiny
         except OSError:
             pass
-        session = SyncSession(self._key, me=self.my_name, peer=self.peer_name)
-        conn = _Connection(stream, session, dialled_by=self.my_name if dialled else self.peer_name)
+        session = SyncSession(self._key, me=self.my_name, peer=self.peer_name, max_frame=HELLO_MAX_FRAME)
+        conn = _Connection(stream, session, dialled_by=self.my_name if dialled else self.peer_name, budget=budget)
+        if budget is not None:
+            self.unauthenticated[budget] += 1
+            self._pending.add(conn)
+            self.unauthenticated_peak = max(self.unauthenticated_peak, sum(self.unauthenticated.values()))
         try:
             conn.peer = "%s:%s" % stream.socket.getpeername()[:2]
         except OSError:
@@ -276,6 +320,7 @@ class PeerLink:
                     nursery.cancel_scope.cancel()
         finally:
             conn.closed = True
+            self._release_budget(conn)
             if self._active is conn:
                 self._active = None
                 self.state = "connecting"
@@ -354,6 +399,8 @@ class PeerLink:
             return
         if not conn.accepted:
             conn.accepted = True
+            conn.session.max_frame = MAX_FRAME  # authenticated: full-size messages from now on
+            self._release_budget(conn)
             self._activate(conn)
         if conn is self._active:
             self.last_received = trio.current_time()
@@ -420,6 +467,12 @@ class PeerLink:
         if tell_peer:
             await self._send_on(conn, {"type": "refuse", "reason": reason})
         self._drop(conn, reason)
+
+    def _release_budget(self, conn: _Connection) -> None:
+        if conn.budget is not None:
+            self.unauthenticated[conn.budget] -= 1
+            conn.budget = None
+            self._pending.discard(conn)
 
     def _drop(self, conn: _Connection, reason: str) -> None:
         if not conn.closed:

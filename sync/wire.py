@@ -155,6 +155,11 @@ class SyncSession:
         """True once both nonces are known (the keys exist)."""
         return self._send_key is not None
 
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet cut into frames (bounded by ``max_frame`` plus one chunk)."""
+        return len(self._buffer)
+
     def initial_bytes(self) -> bytes:
         """The preamble: send it before anything else."""
         return MAGIC + self.nonce

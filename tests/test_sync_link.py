@@ -340,3 +340,60 @@ async def test_a_bug_on_one_connection_is_counted_and_the_link_goes_on(nursery, 
     assert pair.a.counters["connection_errors"] == 1
     await pair.start(nursery, pair.b)
     await eventually(lambda: both_on_one_connection(pair))
+
+
+# -- issue 8.4: strays on the sync port are bounded ----------------------------------------------
+
+async def trickler(stop, announce, counts):
+    """One stranger (from 127.0.0.2): preamble, a frame header announcing ``announce`` bytes, then
+    1 KiB every 10 ms until the link closes it; and again, until ``stop`` is set."""
+    while not stop.is_set():
+        try:
+            stream = await trio.open_tcp_stream("127.0.0.1", counts["port"], local_address="127.0.0.2")
+        except OSError:
+            await trio.sleep(0.01)
+            continue
+        counts["opened"] += 1
+        try:
+            await stream.send_all(MAGIC + os.urandom(16) + announce.to_bytes(4, "big"))
+            while not stop.is_set():
+                await stream.send_all(os.urandom(1024))
+                await trio.sleep(0.01)
+        except (trio.BrokenResourceError, OSError):
+            pass
+        finally:
+            await stream.aclose()
+
+
+async def test_fifty_strangers_trickling_big_frames_neither_block_the_peer_nor_grow_memory(nursery, tmp_path):
+    from sync.link import HELLO_MAX_FRAME, MAX_UNAUTHENTICATED, RECEIVE_SIZE
+    pair = Pair(tmp_path)
+    await pair.start(nursery, pair.a)
+    stop = trio.Event()
+    counts = {"port": pair.a.listen_address[1], "opened": 0}
+    peak_buffered = peak_pending = 0
+    async with trio.open_nursery() as attack:
+        for i in range(50):  # half announce 1 MiB (refused at the header), half 60 KiB (allowed, trickled)
+            attack.start_soon(trickler, stop, 1 << 20 if i % 2 else 60_000, counts)
+
+        async def sample():
+            nonlocal peak_buffered, peak_pending
+            while not stop.is_set():
+                peak_buffered = max(peak_buffered, pair.a.unauthenticated_buffered())
+                peak_pending = max(peak_pending, pair.a.unauthenticated["other"])
+                await trio.sleep(0.005)
+        attack.start_soon(sample)
+        await trio.sleep(0.3)
+        await pair.start(nursery, pair.b)  # the real peer comes up in the middle of it
+        await eventually(lambda: both_on_one_connection(pair), timeout=5)
+        connections = pair.a.counters["connections"]
+        await trio.sleep(1.5)  # ... and stays up
+        assert pair.a.state == "connected" and pair.a.counters["connections"] == connections
+        stop.set()
+    assert counts["opened"] > 50
+    assert peak_pending <= MAX_UNAUTHENTICATED and pair.a.unauthenticated_peak <= MAX_UNAUTHENTICATED + 4
+    assert peak_buffered <= MAX_UNAUTHENTICATED * (HELLO_MAX_FRAME + 4 + RECEIVE_SIZE)
+    assert pair.a.counters["stray_refused"] > 0 and pair.a.counters["rejected_too_large"] > 0
+    st = pair.a.status()
+    assert st["counters"]["stray_refused"] == pair.a.counters["stray_refused"]
+    assert "unauthenticated_peak" in st
