@@ -229,7 +229,8 @@ class Node:
             heartbeat=pair.heartbeat, dead_after=pair.dead_after, idle_timeout=3 * pair.dead_after,
             state_dir=node.state_dir)
         self.detector = FailureDetector(pair.dead_after, probe_after=pair.dead_after / 2)
-        self.probe_responder = ProbeResponder(self.key, str(node.address.ip), peer.probe_port)
+        self.probe_responder = ProbeResponder(self.key, str(node.address.ip), peer.probe_port,
+                                              me=node.name, peer=peer.name)
         await nursery.start(self.link.run)
         nursery.start_soon(self.probe_responder.serve)
         if pair.mode == "stateful":
@@ -238,7 +239,7 @@ class Node:
         async def probe_peer() -> bool:
             # answered within half of dead_after, so a probe started at probe_after reports in time
             return await probe(self.key, str(node.address.ip), str(peer.address), peer.probe_port,
-                               timeout=pair.dead_after / 2 * 0.9)
+                               timeout=pair.dead_after / 2 * 0.9, me=node.name, peer=peer.name)
 
         async def detect() -> None:
             # A starting node gives its peer claim_wait to show up before silence can mean death:

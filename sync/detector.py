@@ -227,13 +227,14 @@ async def watch(detector: FailureDetector,
     timeout = probe_timeout if probe_timeout is not None else detector.probe_every
 
     async def run_probe(probe_id: int) -> None:
-        answered = False
+        result: object = "silent"
         with trio.move_on_after(timeout):
             try:
-                answered = await probe()
+                result = await probe()
             except Exception as exc:  # a failing probe must not stop failure detection
                 log.warning("probe failed: %s", exc)
         now = trio.current_time()
+        answered = result is True or result == "answered"
         for action in (detector.probe_answered if answered else detector.probe_silent)(now, probe_id):
             on_action(action)
 
