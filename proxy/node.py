@@ -247,7 +247,8 @@ class Node:
             with trio.move_on_after(pair.claim_wait):
                 await self.link.wait_connected()
             await watch(self.detector, probe_peer, lambda a: self._post("detector", a),
-                        heard=lambda: self.link.last_received, tick_every=min(0.005, pair.heartbeat / 4),
+                        heard=lambda: self.link.last_received, refused=self.link.peer_refused,
+                        tick_every=min(0.005, pair.heartbeat / 4),
                         probe_timeout=pair.dead_after / 2)
 
         nursery.start_soon(detect)

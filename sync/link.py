@@ -93,6 +93,7 @@ class _Connection:
     peer: str = "?"  # the remote address, for log lines
     accepted: bool = False  # the peer's hello passed the checks
     was_active: bool = False
+    from_peer: bool = False  # dialled by us, or from the peer's address: a refusal there is the peer's
     budget: str | None = None  # which unauthenticated budget the connection uses until its hello is accepted
     closed: bool = False
     close_reason: str = ""
@@ -145,12 +146,17 @@ class PeerLink:
             "messages_in": 0, "messages_out": 0,
             "rejected_auth": 0, "rejected_parse": 0, "rejected_replay": 0, "rejected_too_large": 0,
             "connections": 0, "duplicates": 0, "reconnects": 0, "refused": 0, "owner_errors": 0,
-            "connection_errors": 0, "stray_refused": 0,
+            "connection_errors": 0, "stray_refused": 0, "peer_refusals": 0,
         }
         #: accepted connections not yet authenticated, per budget ("peer", "other")
         self.unauthenticated: dict[str, int] = {"peer": 0, "other": 0}
         self.unauthenticated_peak = 0
         self._pending: set[_Connection] = set()  # the connections counted in ``unauthenticated``
+        #: The last time the peer's *process* answered on a connection from/to its address but the link
+        #: could not be set up (authentication failed, or mode/version/name refused either way):
+        #: ``(trio time, kind, reason)``. Evidence that the peer lives although it is not connected
+        #: (issue 9.1); see :meth:`peer_refused`.
+        self.peer_refusal: tuple[float, str, str] | None = None
         self._rtts: deque[float] = deque(maxlen=RTT_WINDOW)
         self._active: _Connection | None = None
         self._ever_connected = False
@@ -216,6 +222,20 @@ class PeerLink:
         return {"last": self._rtts[-1], "min": min(self._rtts), "max": max(self._rtts),
                 "median": statistics.median(self._rtts), "count": len(self._rtts)}
 
+    def peer_refused(self) -> tuple[float, str] | None:
+        """``(when, reason)`` of the last refusal that proves the peer's process alive, or None.
+
+        For :func:`sync.detector.watch` (``refused=link.peer_refused``): a peer whose process answers
+        but cannot be authenticated or is configured differently is alive, and must not be taken over.
+        """
+        return None if self.peer_refusal is None else (self.peer_refusal[0], self.peer_refusal[2])
+
+    def _peer_refused(self, conn: _Connection, kind: str, reason: str) -> None:
+        if not conn.from_peer:
+            return  # a stranger elsewhere on the sync network proves nothing about the peer
+        self.counters["peer_refusals"] += 1
+        self.peer_refusal = (trio.current_time(), kind, reason)
+
     def unauthenticated_buffered(self) -> int:
         """Bytes buffered for connections that have not authenticated yet (bounded, issue 8.4)."""
         return sum(conn.session.buffered for conn in self._pending)
@@ -235,6 +255,11 @@ class PeerLink:
             "unauthenticated": sum(self.unauthenticated.values()),
             "unauthenticated_peak": self.unauthenticated_peak,
             "unauthenticated_buffered": self.unauthenticated_buffered(),
+            # why the peer, alive, is not connected (None once it connects): kind "unauthenticated"
+            # (different key_file or names) or "misconfigured" (mode/version/name refused)
+            "peer_refusal": None if self.peer_refusal is None or self.state == "connected" else {
+                "kind": self.peer_refusal[1], "reason": self.peer_refusal[2],
+                "ago": now - self.peer_refusal[0]},
         }
 
     # -- connections -------------------------------------------------------------------------
@@ -301,7 +326,9 @@ class PeerLink:
             pass
         session = SyncSession(self._key, me=self.my_name, peer=self.peer_name, max_frame=HELLO_MAX_FRAME)
         conn = _Connection(stream, session, dialled_by=self.my_name if dialled else self.peer_name, budget=budget)
+        conn.from_peer = dialled
         if budget is not None:
+            conn.from_peer = budget == "peer"
             self.unauthenticated[budget] += 1
             self._pending.add(conn)
             self.unauthenticated_peak = max(self.unauthenticated_peak, sum(self.unauthenticated.values()))
@@ -360,12 +387,15 @@ class PeerLink:
             self.counters[f"rejected_{event.kind}"] += 1
             log.warning("sync link: rejected %s message from %s: %s", event.kind, conn.peer, event.reason)
             if not conn.accepted:
+                if event.kind == "auth":  # the peer's first frame: a pairproxy, but not with our key
+                    self._peer_refused(conn, "unauthenticated", event.reason)
                 await self._refuse(conn, event.reason, tell_peer=False)
             elif event.broken:
                 self._drop(conn, event.reason)
         elif event.type == "hello":
             await self._on_hello(conn, event.body)
         elif event.type == "refuse":
+            self._peer_refused(conn, "misconfigured", f"{self.peer_name} refused the link: {event.body.get('reason')}")
             await self._refuse(conn, f"{self.peer_name} refused the link: {event.body.get('reason')}",
                                tell_peer=False)
         elif not conn.accepted:
@@ -395,6 +425,7 @@ class PeerLink:
         hello = {k: v for k, v in hello.items() if k != "type"}
         problem = self._check_hello(hello)
         if problem:
+            self._peer_refused(conn, "misconfigured", problem)
             await self._refuse(conn, problem)
             return
         if not conn.accepted:

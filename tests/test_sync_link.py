@@ -162,6 +162,9 @@ async def test_mode_mismatch_is_refused_with_a_reason(nursery, tmp_path):
         assert link.counters["connections"] == 0 and link.peer_hello is None
     assert "'stateless'" in pair.a.refused_reason and "'stateful'" in pair.a.refused_reason
     assert load_peer_hello(tmp_path / "a") is None
+    for link in (pair.a, pair.b):  # the peer's process lives: evidence for the detector (issue 9.1)
+        st = link.status()["peer_refusal"]
+        assert st["kind"] == "misconfigured" and "mode" in st["reason"]
 
 
 async def test_wrong_peer_name_and_version_are_refused(nursery, tmp_path):
@@ -188,6 +191,11 @@ async def test_wrong_key_is_never_connected(nursery, tmp_path):
         assert link.state == "refused" and link.refused_reason == KEY_MISMATCH_HINT
         assert link.counters["connections"] == 0 and link.counters["messages_in"] == 0
         assert link.peer_hello is None
+        # issue 9.1: the peer's process answered: evidence that it lives, for the detector and status
+        when, reason = link.peer_refused()
+        assert reason == KEY_MISMATCH_HINT and link.counters["peer_refusals"] >= 2
+        st = link.status()["peer_refusal"]
+        assert st["kind"] == "unauthenticated" and st["reason"] == KEY_MISMATCH_HINT and st["ago"] >= 0
 
 
 async def raw_client(port):
@@ -397,3 +405,41 @@ async def test_fifty_strangers_trickling_big_frames_neither_block_the_peer_nor_g
     st = pair.a.status()
     assert st["counters"]["stray_refused"] == pair.a.counters["stray_refused"]
     assert "unauthenticated_peak" in st
+
+
+# -- issue 9.1: a pair with different keys or modes: alive, refused, nobody takes over -----------
+
+@pytest.mark.parametrize("mistake", ["key", "mode"])
+async def test_misconfigured_pair_never_declares_the_peer_dead(nursery, tmp_path, mistake):
+    """Links, probe responders and detectors of both nodes on loopback, as the node wires them."""
+    from proxy.probe import ProbeResponder, probe
+    from sync.detector import FailureDetector, PeerDead, watch
+    other = b"another secret of enough bytes"
+    pair = Pair(tmp_path, key_b=other if mistake == "key" else KEY,
+                hello_b=hello("b", mode="stateful") if mistake == "mode" else None)
+    await pair.start(nursery)
+    keys = {"a": KEY, "b": other if mistake == "key" else KEY}
+    responders = {}
+    for me, peer in (("a", "b"), ("b", "a")):
+        port = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        port.bind(("127.0.0.1", 0))
+        number = port.getsockname()[1]
+        port.close()
+        responders[me] = ProbeResponder(keys[me], "127.0.0.1", number, me=me, peer=peer)
+        nursery.start_soon(responders[me].serve)
+    detectors, verdicts = {}, []
+    for me, peer, link in (("a", "b", pair.a), ("b", "a", pair.b)):
+        detectors[me] = FailureDetector(0.1, probe_after=0.05)
+
+        async def probe_peer(me=me, peer=peer):
+            return await probe(keys[me], "127.0.0.1", "127.0.0.1", responders[peer].port, 0.045, me=me, peer=peer)
+
+        nursery.start_soon(lambda d=detectors[me], p=probe_peer, link=link: watch(
+            d, p, verdicts.append, heard=lambda: link.last_received, refused=link.peer_refused,
+            probe_timeout=0.05))
+    await trio.sleep(2.5)
+    assert not [v for v in verdicts if isinstance(v, PeerDead)]
+    for me in ("a", "b"):
+        st = detectors[me].stats()
+        assert st["state"] == "misconfigured", st
+        assert ("key_file" if mistake == "key" else "mode") in st["misconfigured"]
