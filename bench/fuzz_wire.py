@@ -159,6 +159,7 @@ class Tally:
             "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "failures": self.first_failures,
             "python": sys.version.split()[0],
+            "command": f".venv/bin/python bench/fuzz_wire.py --runs {self.runs} --engine {self.engine}",
             "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
 

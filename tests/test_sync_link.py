@@ -3,6 +3,7 @@
 import json
 import os
 import socket
+import sys
 
 import pytest
 import trio
@@ -352,52 +353,64 @@ async def test_a_bug_on_one_connection_is_counted_and_the_link_goes_on(nursery, 
 
 # -- issue 8.4: strays on the sync port are bounded ----------------------------------------------
 
-async def trickler(stop, announce, counts):
-    """One stranger (from 127.0.0.2): preamble, a frame header announcing ``announce`` bytes, then
-    1 KiB every 10 ms until the link closes it; and again, until ``stop`` is set."""
-    while not stop.is_set():
+TRICKLERS = r"""
+import os, socket, struct, sys, threading, time
+port, seconds = int(sys.argv[1]), float(sys.argv[2])
+end = time.monotonic() + seconds
+opened = [0]
+
+def trickle(announce):
+    while time.monotonic() < end:
         try:
-            stream = await trio.open_tcp_stream("127.0.0.1", counts["port"], local_address="127.0.0.2")
+            s = socket.create_connection(("127.0.0.1", port), timeout=2, source_address=("127.0.0.2", 0))
+            opened[0] += 1
+            s.sendall(MAGIC + os.urandom(16) + struct.pack("!I", announce))
+            while time.monotonic() < end:
+                s.sendall(os.urandom(1024))
+                time.sleep(0.01)
         except OSError:
-            await trio.sleep(0.01)
-            continue
-        counts["opened"] += 1
-        try:
-            await stream.send_all(MAGIC + os.urandom(16) + announce.to_bytes(4, "big"))
-            while not stop.is_set():
-                await stream.send_all(os.urandom(1024))
-                await trio.sleep(0.01)
-        except (trio.BrokenResourceError, OSError):
-            pass
-        finally:
-            await stream.aclose()
+            time.sleep(0.01)
+
+threads = [threading.Thread(target=trickle, args=(1 << 20 if i % 2 else 60_000,), daemon=True) for i in range(50)]
+for t in threads:
+    t.start()
+time.sleep(seconds)
+print(opened[0])
+"""
 
 
 async def test_fifty_strangers_trickling_big_frames_neither_block_the_peer_nor_grow_memory(nursery, tmp_path):
     from sync.link import HELLO_MAX_FRAME, MAX_UNAUTHENTICATED, RECEIVE_SIZE
     pair = Pair(tmp_path)
     await pair.start(nursery, pair.a)
-    stop = trio.Event()
-    counts = {"port": pair.a.listen_address[1], "opened": 0}
     peak_buffered = peak_pending = 0
-    async with trio.open_nursery() as attack:
-        for i in range(50):  # half announce 1 MiB (refused at the header), half 60 KiB (allowed, trickled)
-            attack.start_soon(trickler, stop, 1 << 20 if i % 2 else 60_000, counts)
+    done = trio.Event()
+    opened = []
 
-        async def sample():
-            nonlocal peak_buffered, peak_pending
-            while not stop.is_set():
-                peak_buffered = max(peak_buffered, pair.a.unauthenticated_buffered())
-                peak_pending = max(peak_pending, pair.a.unauthenticated["other"])
-                await trio.sleep(0.005)
-        attack.start_soon(sample)
-        await trio.sleep(0.3)
+    async def attack():  # 50 strangers in another process: they do not share our event loop
+        script = TRICKLERS.replace("MAGIC", repr(MAGIC))
+        result = await trio.run_process([sys.executable, "-c", script, str(pair.a.listen_address[1]), "2.5"],
+                                        capture_stdout=True)
+        opened.append(int(result.stdout))
+        done.set()
+
+    async def sample():
+        nonlocal peak_buffered, peak_pending
+        while not done.is_set():
+            peak_buffered = max(peak_buffered, pair.a.unauthenticated_buffered())
+            peak_pending = max(peak_pending, pair.a.unauthenticated["other"])
+            await trio.sleep(0.005)
+
+    async with trio.open_nursery() as attackers:
+        attackers.start_soon(attack)
+        attackers.start_soon(sample)
+        await trio.sleep(0.5)
         await pair.start(nursery, pair.b)  # the real peer comes up in the middle of it
         await eventually(lambda: both_on_one_connection(pair), timeout=5)
         connections = pair.a.counters["connections"]
-        await trio.sleep(1.5)  # ... and stays up
+        await done.wait()  # ... and stays up
         assert pair.a.state == "connected" and pair.a.counters["connections"] == connections
-        stop.set()
+    counts = {"opened": opened[0]}
     assert counts["opened"] > 50
     assert peak_pending <= MAX_UNAUTHENTICATED and pair.a.unauthenticated_peak <= MAX_UNAUTHENTICATED + 4
     assert peak_buffered <= MAX_UNAUTHENTICATED * (HELLO_MAX_FRAME + 4 + RECEIVE_SIZE)
