@@ -173,6 +173,8 @@ class FailureDetector:
         self._probe_started = -math.inf  # the next silence probes at once
         self._declared_dead = False
         self._logged_misconfigured = None
+        if self._refused is not None and self._refused[0] <= now:
+            self._refused = None  # the link works now: an earlier refusal says nothing about a later silence
         was = self.state
         self._move("heartbeat", "heartbeats arrive")
         return [PeerAlive()] if was in ("dead", "link_down", "misconfigured") else []

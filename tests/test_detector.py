@@ -78,6 +78,9 @@ CASES = {
     "a refusal older than refusal_valid_for proves nothing": (
         [("refused", 0.0), ("hb", 5.0), ("tick", 5.2), ("silent", 5.21)],
         [..., ..., ..., ("dead", [PeerDead(pytest.approx(0.21))])]),
+    "a refusal before the link came up says nothing about a later silence": (
+        [("refused", 0.0), ("hb", 0.5), ("tick", 0.65), ("silent", 0.66)],
+        [..., ..., ..., ("dead", [PeerDead(pytest.approx(0.16))])]),
     "misconfigured, the peer dies (no answers, no refusals): dead": (
         [("hb", 0.0), ("tick", 0.1), ("unauth", 0.11), ("tick", 0.2), ("silent", 0.21)],
         [..., ..., "misconfigured", ("misconfigured", [StartProbe(2)]), ("dead", [PeerDead(pytest.approx(0.21))])]),
