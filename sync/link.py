@@ -26,7 +26,10 @@ The first message each way is a ``hello`` (the body the owner passed in, plus ``
 with a different name, mode or protocol version, or one whose first message does not authenticate
 (a different ``key_file``), is refused: the connection is closed, :attr:`PeerLink.state` becomes
 ``"refused"`` with the reason in :attr:`PeerLink.refused_reason`, and it is tried again after the
-backoff, because the operator may fix the other node's config meanwhile. Before closing, the peer
+backoff, because the operator may fix the other node's config meanwhile. Such a refusal on a
+connection to or from the peer's address also proves that the peer's *process* lives (issue 9.1):
+:meth:`PeerLink.peer_refused` hands it to the failure detector, which then calls the peer
+``misconfigured`` instead of dead, and ``status()["peer_refusal"]`` says why. Before closing, the peer
 is told why (a ``refuse`` message), so both nodes log the same reason. A refused stray connection
 (a port scanner, a forged frame) never changes the state of a working link; it is only counted.
 
