@@ -73,7 +73,8 @@ def forged_frame():
 def shots():
     while time.monotonic() < end:
         for target in syncs:
-            one_shot("killer", target, MAGIC + os.urandom(16) + b"\xff\xff\xff\xff")  # one segment
+            for magic in (MAGIC, b"PPS\x01"):  # this wire version, and the one before (8.1 was found there)
+                one_shot("killer", target, magic + os.urandom(16) + b"\xff\xff\xff\xff")  # one segment
             one_shot("garbage", target, os.urandom(random.randint(1, 3000)))
             one_shot("forged", target, MAGIC + os.urandom(16) + forged_frame())
             one_shot("forged", target, b"PPS\x01" + os.urandom(16) + forged_frame())  # an old version
