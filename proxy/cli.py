@@ -193,6 +193,14 @@ def format_status(status: NodeStatus) -> str:
         link = pair.link
         lines += ["", f"pair with {pair.peer} ({pair.mode}): peer is {pair.peer_state}; sync link {link.state}"
                       + (f" ({link.refused_reason})" if link.refused_reason else "")]
+        if pair.detector is not None and pair.detector.misconfigured:
+            lines.append(f"PEER MISCONFIGURED (alive, not taken over): {pair.detector.misconfigured}")
+        if link.peer_refusal is not None:
+            lines.append(f"peer refused the sync link ({link.peer_refusal.kind}, {link.peer_refusal.ago:.1f} s ago): "
+                         f"{link.peer_refusal.reason}")
+        if pair.takeover_error is not None:
+            lines.append(f"TAKEOVER FAILING (attempt {pair.takeover_error.attempts}, retrying): "
+                         f"{pair.takeover_error.error}")
         rtt = link.rtt_ms
         if rtt:
             lines.append(f"heartbeat round trip: last {rtt.last:.2f} ms, median {rtt.median:.2f} ms, "

@@ -33,7 +33,7 @@ from proxy.drain import DrainRedirect, DrainTunnel, flows_from_message
 from proxy.handback import leave, release
 from proxy.metrics import serve_node_metrics
 from proxy.netplane import interface_mac, remove_leftovers
-from proxy.probe import ProbeResponder, probe
+from proxy.probe import ProbeResponder, ProbeResult, probe
 from proxy.serving import AddressService
 from proxy.status import NodeStatus, Takeover, collect_status, node_status, to_json
 from proxy.takeover import HeldAddress, PeerMacvlanSlot, TakeoverError, take_over
@@ -201,7 +201,8 @@ class Node:
             state_dir=node.state_dir)
         self.detector = FailureDetector(timings.dead_after, probe_after=timings.probe_after,
                                         probe_every=timings.probe_every)
-        self.probe_responder = ProbeResponder(self.key, str(node.address.ip), peer.probe_port)
+        self.probe_responder = ProbeResponder(self.key, str(node.address.ip), peer.probe_port,
+                                              me=node.name, peer=peer.name)
         await nursery.start(self.link.run)
         nursery.start_soon(self.probe_responder.serve)
         if pair.mode == "stateful":
@@ -222,16 +223,16 @@ class Node:
         peer, timings = self.config.peer, self.timings
         source = str(self.config.node.address.ip)
 
-        async def probe_peer() -> bool:
+        async def probe_peer() -> ProbeResult:
             return await probe(self.key, source, str(peer.address), peer.probe_port,
-                               timeout=timings.probe_answer_within)
+                               timeout=timings.probe_answer_within, me=self.config.node.name, peer=peer.name)
 
         # A starting node gives its peer claim_wait to show up before silence can mean death:
         # both nodes of a pair often start together.
         with trio.move_on_after(timings.claim_wait):
             await self.link.wait_connected()
         await watch(self.detector, probe_peer, self._on_verdict, heard=lambda: self.link.last_received,
-                    tick_every=timings.detector_tick, probe_timeout=timings.probe_timeout)
+                    refused=self.link.peer_refused, tick_every=timings.detector_tick, probe_timeout=timings.probe_timeout)
 
     async def _claim_when_alone(self) -> None:
         """Every claim_wait while claiming: tell the core whether the link is up and who answers ARP

@@ -10,8 +10,8 @@ import time
 from typing import Any
 
 from schema.records import *  # noqa: F401,F403 (the record types, re-exported)
-from schema.records import (AddressStatus, ConnectionRecord, LinkStatus, NodeStatus, PairStatus, ProbeStatus,
-                            ProxiedRecord, RttStatus, ServiceStatus, TakeoverFailure)
+from schema.records import (AddressStatus, ConnectionRecord, DetectorStatus, LinkStatus, PeerRefusal, NodeStatus, PairStatus, ProbeStatus,
+                            ProxiedRecord, RttStatus, ServiceStatus, TakeoverFailure, from_json)
 from schema.records import __all__ as _records
 
 __all__ = [*_records, "service_status", "proxied_connections", "merge_connections", "node_status",
@@ -80,7 +80,10 @@ def _link_status(node: Any) -> LinkStatus:
         dialled_by=raw.get("dialled_by"), silent_for=raw.get("silent_for"), counters=dict(raw.get("counters") or {}),
         rtt_ms=None if not rtt else RttStatus(
             last=round(rtt["last"] * 1000, 3), min=round(rtt["min"] * 1000, 3), max=round(rtt["max"] * 1000, 3),
-            median=round(rtt["median"] * 1000, 3), count=rtt["count"]))
+            median=round(rtt["median"] * 1000, 3), count=rtt["count"]),
+        unauthenticated=raw.get("unauthenticated", 0), unauthenticated_peak=raw.get("unauthenticated_peak", 0),
+        unauthenticated_buffered=raw.get("unauthenticated_buffered", 0),
+        peer_refusal=from_json(PeerRefusal, raw["peer_refusal"]) if raw.get("peer_refusal") else None)
 
 
 def _pair_status(node: Any) -> PairStatus:
@@ -109,8 +112,9 @@ def _pair_status(node: Any) -> PairStatus:
         peer_services=[service_status(p) for p in node.peer_service.proxies] if node.peer_service else [],
         takeovers=[t.report() for t in node.takeovers],
         takeovers_total=node.takeovers[-1].number if node.takeovers else 0,
-        probe=ProbeStatus(answered=node.probe_responder.answered if node.probe_responder else 0,
-                          rejected=node.probe_responder.rejected if node.probe_responder else 0),
+        probe=from_json(ProbeStatus, node.probe_responder.stats()) if node.probe_responder
+        else ProbeStatus(answered=0, rejected=0),
+        detector=from_json(DetectorStatus, node.detector.stats()) if node.detector else None,
         takeover_error=None if core.last_takeover_error is None else TakeoverFailure(
             error=core.last_takeover_error, attempts=core.takeover_attempts))
 

@@ -32,7 +32,7 @@ __all__ = [
     "SchemaError", "to_json", "from_json",
     "TreeRecord", "SessionRecord", "OpenRecord", "TcpRecord", "ProxiedRecord", "ConnectionRecord",
     "Snapshot", "Tables", "ServiceStatus", "RttStatus", "LinkStatus", "AddressStatus", "ProbeStatus",
-    "Behind", "Difference", "SnooperStats", "StateSync", "Takeover", "TakeoverReport", "ResumeBefore",
+    "PeerRefusal", "DetectorStatus", "Behind", "Difference", "SnooperStats", "StateSync", "Takeover", "TakeoverReport", "ResumeBefore",
     "ResumeRecord", "PairStatus", "NodeStatus", "CaptureInfo", "ReplayReport",
     "TakeoverFailure", "OPTIONAL", "snapshot_from_dict", "tables_with_digests",
 ]
@@ -303,6 +303,18 @@ class LinkStatus:
     silent_for: float | None     # seconds since the peer was last heard
     counters: dict[str, int]
     rtt_ms: RttStatus | None
+    unauthenticated: int = 0            # connections waiting for their hello now (bounded)
+    unauthenticated_peak: int = 0
+    unauthenticated_buffered: int = 0   # bytes buffered for them
+    #: why the peer's process, alive, is not connected: kind unauthenticated | misconfigured
+    peer_refusal: PeerRefusal | None = field(default=None, metadata=OPTIONAL)
+
+
+@dataclass
+class PeerRefusal:
+    kind: str
+    reason: str
+    ago: float
 
 
 @dataclass
@@ -314,8 +326,23 @@ class AddressStatus:
 
 @dataclass
 class ProbeStatus:
+    """The UDP liveness probe's responder on this node's service address."""
+
     answered: int
     rejected: int
+    unauthenticated: int = 0            # probes that named this pair but failed authentication
+    unauthenticated_answered: int = 0   # ... answered "I am here but cannot authenticate you"
+    rate_limited: int = 0
+
+
+@dataclass
+class DetectorStatus:
+    """The failure detector: its state, why, and what its probes of the peer got."""
+
+    state: str
+    reason: str | None
+    misconfigured: str | None           # the peer answers but cannot be authenticated: what to change
+    probes: dict[str, int]              # answered | unauthenticated | silent
 
 
 @dataclass
@@ -488,6 +515,7 @@ class PairStatus:
     #: stateful: live while holding the peer's address, else as it stood at the last hand-back
     resume: list[ResumeRecord] | None = field(default=None, metadata=OPTIONAL)
     takeover_error: TakeoverFailure | None = field(default=None, metadata=OPTIONAL)
+    detector: DetectorStatus | None = field(default=None, metadata=OPTIONAL)
 
 
 @dataclass

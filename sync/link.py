@@ -15,11 +15,21 @@ restarted, its old connection is half-open) resolve to the newest. A connection 
 nothing for ``idle_timeout`` (default ``dead_after``) is dropped, so a half-open one cannot block a
 fresh one for long.
 
+Stray connections (issue 8.4): at most ``MAX_UNAUTHENTICATED`` accepted connections may be waiting
+for their hello at a time (plus ``PEER_UNAUTHENTICATED`` from the peer's own address), each may
+announce frames of at most ``HELLO_MAX_FRAME`` bytes and has ``handshake_timeout`` to get its hello
+accepted. So fifty strangers trickling 1 MiB frames cost at most 8 x (64 KiB + one receive buffer)
+and never stop the peer's connection, which is dialled by us (not counted) or comes from the peer's
+address (its own budget).
+
 The first message each way is a ``hello`` (the body the owner passed in, plus ``"type"``). A peer
 with a different name, mode or protocol version, or one whose first message does not authenticate
 (a different ``key_file``), is refused: the connection is closed, :attr:`PeerLink.state` becomes
 ``"refused"`` with the reason in :attr:`PeerLink.refused_reason`, and it is tried again after the
-backoff, because the operator may fix the other node's config meanwhile. Before closing, the peer
+backoff, because the operator may fix the other node's config meanwhile. Such a refusal on a
+connection to or from the peer's address also proves that the peer's *process* lives (issue 9.1):
+:meth:`PeerLink.peer_refused` hands it to the failure detector, which then calls the peer
+``misconfigured`` instead of dead, and ``status()["peer_refusal"]`` says why. Before closing, the peer
 is told why (a ``refuse`` message), so both nodes log the same reason. A refused stray connection
 (a port scanner, a forged frame) never changes the state of a working link; it is only counted.
 
@@ -49,7 +59,7 @@ from typing import Any, Callable, Literal
 
 import trio
 
-from sync.wire import LocalProtocolError, Message, Ready, Rejected, SyncSession
+from sync.wire import MAX_FRAME, LocalProtocolError, Message, Ready, Rejected, SyncSession
 
 log = logging.getLogger("pairproxy.link")
 
@@ -62,6 +72,15 @@ BACKOFF_MIN = 0.05
 BACKOFF_MAX = 1.0
 RTT_WINDOW = 100
 RECEIVE_SIZE = 64 * 1024
+#: Connections accepted on the sync port that have not yet authenticated (sent an accepted hello),
+#: at most this many at a time; more are closed at once and counted as ``stray_refused``. The
+#: peer's own address has a separate budget of PEER_UNAUTHENTICATED, so strays elsewhere on the
+#: sync network cannot crowd out the real peer's dial.
+MAX_UNAUTHENTICATED = 8
+PEER_UNAUTHENTICATED = 4
+#: Until its hello is accepted a connection may send frames of at most this size (a hello is a few
+#: KiB); a longer announced frame is refused before a byte of it is buffered.
+HELLO_MAX_FRAME = 64 * 1024
 
 
 @dataclass(eq=False)
@@ -77,6 +96,8 @@ class _Connection:
     peer: str = "?"  # the remote address, for log lines
     accepted: bool = False  # the peer's hello passed the checks
     was_active: bool = False
+    from_peer: bool = False  # dialled by us, or from the peer's address: a refusal there is the peer's
+    budget: str | None = None  # which unauthenticated budget the connection uses until its hello is accepted
     closed: bool = False
     close_reason: str = ""
 
@@ -104,7 +125,7 @@ class PeerLink:
             raise ValueError(f"hello lacks {', '.join(missing)}")
         if hello["name"] != my_name:
             raise ValueError(f"hello names {hello['name']!r}, but this node is {my_name!r}")
-        SyncSession(key)  # fail now, not on the first connection, if the key is unusable
+        SyncSession(key, me=my_name, peer=peer_name)  # fail now, not on the first connection, if the key is unusable
         self.my_name = my_name
         self.peer_name = peer_name
         self.listen = listen
@@ -128,7 +149,17 @@ class PeerLink:
             "messages_in": 0, "messages_out": 0,
             "rejected_auth": 0, "rejected_parse": 0, "rejected_replay": 0, "rejected_too_large": 0,
             "connections": 0, "duplicates": 0, "reconnects": 0, "refused": 0, "owner_errors": 0,
+            "connection_errors": 0, "stray_refused": 0, "peer_refusals": 0,
         }
+        #: accepted connections not yet authenticated, per budget ("peer", "other")
+        self.unauthenticated: dict[str, int] = {"peer": 0, "other": 0}
+        self.unauthenticated_peak = 0
+        self._pending: set[_Connection] = set()  # the connections counted in ``unauthenticated``
+        #: The last time the peer's *process* answered on a connection from/to its address but the link
+        #: could not be set up (authentication failed, or mode/version/name refused either way):
+        #: ``(trio time, kind, reason)``. Evidence that the peer lives although it is not connected
+        #: (issue 9.1); see :meth:`peer_refused`.
+        self.peer_refusal: tuple[float, str, str] | None = None
         self._rtts: deque[float] = deque(maxlen=RTT_WINDOW)
         self._active: _Connection | None = None
         self._ever_connected = False
@@ -194,6 +225,24 @@ class PeerLink:
         return {"last": self._rtts[-1], "min": min(self._rtts), "max": max(self._rtts),
                 "median": statistics.median(self._rtts), "count": len(self._rtts)}
 
+    def peer_refused(self) -> tuple[float, str] | None:
+        """``(when, reason)`` of the last refusal that proves the peer's process alive, or None.
+
+        For :func:`sync.detector.watch` (``refused=link.peer_refused``): a peer whose process answers
+        but cannot be authenticated or is configured differently is alive, and must not be taken over.
+        """
+        return None if self.peer_refusal is None else (self.peer_refusal[0], self.peer_refusal[2])
+
+    def _peer_refused(self, conn: _Connection, kind: str, reason: str) -> None:
+        if not conn.from_peer:
+            return  # a stranger elsewhere on the sync network proves nothing about the peer
+        self.counters["peer_refusals"] += 1
+        self.peer_refusal = (trio.current_time(), kind, reason)
+
+    def unauthenticated_buffered(self) -> int:
+        """Bytes buffered for connections that have not authenticated yet (bounded, issue 8.4)."""
+        return sum(conn.session.buffered for conn in self._pending)
+
     def status(self) -> dict[str, Any]:
         """The link as ``pairproxy status`` shows it (JSON-able)."""
         now = trio.current_time()
@@ -206,6 +255,14 @@ class PeerLink:
             "silent_for": None if self.last_received is None else now - self.last_received,
             "rtt": self.rtt(),
             "counters": dict(self.counters),
+            "unauthenticated": sum(self.unauthenticated.values()),
+            "unauthenticated_peak": self.unauthenticated_peak,
+            "unauthenticated_buffered": self.unauthenticated_buffered(),
+            # why the peer, alive, is not connected (None once it connects): kind "unauthenticated"
+            # (different key_file or names) or "misconfigured" (mode/version/name refused)
+            "peer_refusal": None if self.peer_refusal is None or self.state == "connected" else {
+                "kind": self.peer_refusal[1], "reason": self.peer_refusal[2],
+                "ago": now - self.peer_refusal[0]},
         }
 
     # -- connections -------------------------------------------------------------------------
@@ -233,15 +290,51 @@ class PeerLink:
         return None if host in ("", "0.0.0.0", "::") else host
 
     async def _serve_accepted(self, stream: trio.SocketStream) -> None:
-        await self._serve_connection(stream, dialled=False)
+        try:
+            remote = stream.socket.getpeername()[0]
+        except OSError:
+            remote = None
+        budget = "peer" if remote == self.dial[0] else "other"
+        limit = PEER_UNAUTHENTICATED if budget == "peer" else MAX_UNAUTHENTICATED
+        if self.unauthenticated[budget] >= limit:
+            self.counters["stray_refused"] += 1
+            log.debug("sync link: %d connections waiting for their hello already; closing one from %s",
+                      limit, remote)
+            await trio.aclose_forcefully(stream)
+            return
+        await self._serve_connection(stream, dialled=False, budget=budget)
 
-    async def _serve_connection(self, stream: trio.SocketStream, *, dialled: bool) -> bool:
-        """Run one connection to its end; True if it was ever the active one."""
+    async def _serve_connection(self, stream: trio.SocketStream, *, dialled: bool, budget: str | None = None) -> bool:
+        """Run one connection to its end; True if it was ever the active one.
+
+        Whatever goes wrong on one connection ends that connection, never the link: an exception
+        escaping here would end ``serve_listeners`` or the dial loop, then :meth:`run`, then the node,
+        and the peer would take over (issue 8.1: one crafted segment did exactly that). So anything
+        but cancellation is logged with its traceback, counted in ``connection_errors`` and the
+        connection is closed.
+        """
+        try:
+            return await self._run_connection(stream, dialled=dialled, budget=budget)
+        except Exception:
+            self.counters["connection_errors"] += 1
+            log.exception("sync link: connection %s failed (dropped; the link goes on)",
+                          "dialled" if dialled else "accepted")
+            await trio.aclose_forcefully(stream)
+            return False
+
+    async def _run_connection(self, stream: trio.SocketStream, *, dialled: bool, budget: str | None) -> bool:
         try:
             stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # heartbeats are tiny
         except OSError:
             pass
-        conn = _Connection(stream, SyncSession(self._key), dialled_by=self.my_name if dialled else self.peer_name)
+        session = SyncSession(self._key, me=self.my_name, peer=self.peer_name, max_frame=HELLO_MAX_FRAME)
+        conn = _Connection(stream, session, dialled_by=self.my_name if dialled else self.peer_name, budget=budget)
+        conn.from_peer = dialled
+        if budget is not None:
+            conn.from_peer = budget == "peer"
+            self.unauthenticated[budget] += 1
+            self._pending.add(conn)
+            self.unauthenticated_peak = max(self.unauthenticated_peak, sum(self.unauthenticated.values()))
         try:
             conn.peer = "%s:%s" % stream.socket.getpeername()[:2]
         except OSError:
@@ -257,6 +350,7 @@ class PeerLink:
                     nursery.cancel_scope.cancel()
         finally:
             conn.closed = True
+            self._release_budget(conn)
             if self._active is conn:
                 self._active = None
                 self.state = "connecting"
@@ -296,12 +390,15 @@ class PeerLink:
             self.counters[f"rejected_{event.kind}"] += 1
             log.warning("sync link: rejected %s message from %s: %s", event.kind, conn.peer, event.reason)
             if not conn.accepted:
+                if event.kind == "auth":  # the peer's first frame: a pairproxy, but not with our key
+                    self._peer_refused(conn, "unauthenticated", event.reason)
                 await self._refuse(conn, event.reason, tell_peer=False)
             elif event.broken:
                 self._drop(conn, event.reason)
         elif event.type == "hello":
             await self._on_hello(conn, event.body)
         elif event.type == "refuse":
+            self._peer_refused(conn, "misconfigured", f"{self.peer_name} refused the link: {event.body.get('reason')}")
             await self._refuse(conn, f"{self.peer_name} refused the link: {event.body.get('reason')}",
                                tell_peer=False)
         elif not conn.accepted:
@@ -331,10 +428,13 @@ class PeerLink:
         hello = {k: v for k, v in hello.items() if k != "type"}
         problem = self._check_hello(hello)
         if problem:
+            self._peer_refused(conn, "misconfigured", problem)
             await self._refuse(conn, problem)
             return
         if not conn.accepted:
             conn.accepted = True
+            conn.session.max_frame = MAX_FRAME  # authenticated: full-size messages from now on
+            self._release_budget(conn)
             self._activate(conn)
         if conn is self._active:
             self.last_received = trio.current_time()
@@ -402,6 +502,12 @@ class PeerLink:
             await self._send_on(conn, {"type": "refuse", "reason": reason})
         self._drop(conn, reason)
 
+    def _release_budget(self, conn: _Connection) -> None:
+        if conn.budget is not None:
+            self.unauthenticated[conn.budget] -= 1
+            conn.budget = None
+            self._pending.discard(conn)
+
     def _drop(self, conn: _Connection, reason: str) -> None:
         if not conn.closed:
             conn.close_reason = reason
@@ -424,7 +530,7 @@ class PeerLink:
     async def _send_on(self, conn: _Connection, message: dict[str, Any]) -> bool:
         # Seal and write under one lock: frames must reach the socket in sequence-number order.
         async with conn.send_lock:
-            if conn.closed:
+            if conn.closed or conn.session.broken:  # a broken session cannot seal: the connection is over
                 return False
             if not await self._write(conn, conn.session.seal(message)):
                 return False

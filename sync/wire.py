@@ -9,15 +9,17 @@ Theory of operation
 1. Each side first sends a preamble: ``MAGIC`` (4 bytes, names the protocol and its version) and a
    fresh random 16-byte nonce. Nothing is sent before the peer's nonce is known, because the keys
    depend on it.
-2. From the shared key and both nonces each direction gets its own key::
+2. From the shared key, both node names and both nonces each direction gets its own key::
 
-       low, high = sorted(nonces)
-       key(sender -> receiver) = HMAC-SHA256(shared_key, LABEL + b"low->high" + low + high)
-                                 or LABEL + b"high->low" ..., depending on whose nonce is lower
+       key(sender -> receiver) = HMAC-SHA256(shared_key, LABEL + len|sender name + len|receiver name
+                                             + sender's nonce + receiver's nonce)
 
    Fresh nonces make every connection's keys new, so a message recorded on an earlier connection
-   fails authentication on this one. Separate directions mean a message cannot be reflected back to
-   its sender. Equal nonces (a peer echoing ours) are refused: they would make the directions equal.
+   fails authentication on this one. The direction is named by the nodes, not by which nonce sorts
+   lower (as in wire version 1), so a frame sealed by ``a`` verifies only at ``b``, on the connection
+   whose nonces it was sealed with: not reflected back to ``a``, and not on a second connection
+   between the two even if an attacker arranges the nonces swapped (issue 8.3; the hello's name
+   check used to be the only thing that stopped it). Equal nonces (a peer echoing ours) are refused.
 3. A frame is ``u32 length | u64 seq | 32-byte MAC | msgpack(message)``, where
    ``MAC = HMAC-SHA256(direction key, u64 seq | msgpack bytes)``. ``seq`` starts at 0 and goes up
    by exactly 1 per message, so a replayed, dropped or reordered message within the connection is
@@ -30,7 +32,11 @@ bytes arrive, so an oversize frame is refused without buffering it, and the MAC 
 Errors: bad input from the peer is an event (:class:`Rejected`), never an exception, and is counted
 in :attr:`SyncSession.counters`. Only when the framing itself is lost (bad preamble, an impossible
 length) is the session marked ``broken``: the stream can no longer be cut into frames, so the caller
-must drop the connection and reconnect. A bad MAC or a bad message inside an intact frame is skipped
+must drop the connection and reconnect. A call of :meth:`SyncSession.receive_data` that breaks the
+session returns *only* its :class:`Rejected` events: a :class:`Ready` or a :class:`Message` cut from
+the same bytes (``MAGIC`` + nonce + an impossible length in one TCP segment) would invite the caller
+to answer (seal a hello) on a session that is already broken, so the events of a broken call are
+never handed out; the connection is dropped anyway, and delivery is at most once. A bad MAC or a bad message inside an intact frame is skipped
 and the stream goes on. Misuse by the caller (sealing before the handshake, a message without
 ``"type"``) raises :class:`LocalProtocolError`: that is a bug on our side, not the peer's.
 """
@@ -48,12 +54,13 @@ from typing import Any, Literal
 
 import msgpack
 
-MAGIC = b"PPS\x01"  # "pairproxy sync", wire version 1
+MAGIC = b"PPS\x02"  # "pairproxy sync", wire version 2 (direction keys bound to the node names)
 NONCE_SIZE = 16
 MIN_KEY_SIZE = 16
 MAX_FRAME = 1024 * 1024  # bytes after the length prefix
-KEY_LABEL = b"pairproxy sync v1 "
-KEY_MISMATCH_HINT = "authentication failed (different key_file on the two nodes?)"
+KEY_LABEL = b"pairproxy sync v2 "
+KEY_MISMATCH_HINT = ("authentication failed (different key_file on the two nodes? or this node's [peer] name "
+                     "is not the other node's [node] name: both are part of the keys)")
 
 _LENGTH = struct.Struct("!I")
 _SEQ = struct.Struct("!Q")
@@ -92,15 +99,16 @@ class Rejected:
 Event = Ready | Message | Rejected
 
 
-def _direction_keys(shared_key: bytes, mine: bytes, theirs: bytes) -> tuple[bytes, bytes]:
-    """(send key, receive key) for the side whose nonce is ``mine``."""
-    low, high = sorted((mine, theirs))
+def _name_bytes(name: str) -> bytes:
+    raw = name.encode()
+    return _LENGTH.pack(len(raw)) + raw  # length-prefixed: ("ab", "c") and ("a", "bc") differ
 
-    def derive(label: bytes) -> bytes:
-        return hmac.new(shared_key, KEY_LABEL + label + low + high, hashlib.sha256).digest()
 
-    low_to_high, high_to_low = derive(b"low->high"), derive(b"high->low")
-    return (low_to_high, high_to_low) if mine == low else (high_to_low, low_to_high)
+def _direction_key(shared_key: bytes, sender: str, receiver: str, sender_nonce: bytes,
+                   receiver_nonce: bytes) -> bytes:
+    """The key of the direction ``sender -> receiver`` on the connection with these nonces."""
+    info = KEY_LABEL + _name_bytes(sender) + _name_bytes(receiver) + sender_nonce + receiver_nonce
+    return hmac.new(shared_key, info, hashlib.sha256).digest()
 
 
 def _mac(key: bytes, seq: int, payload: bytes) -> bytes:
@@ -110,15 +118,21 @@ def _mac(key: bytes, seq: int, payload: bytes) -> bytes:
 class SyncSession:
     """The protocol state of one sync-link connection (either side: the protocol is symmetric).
 
+    ``me`` and ``peer`` are the two nodes' names (``[node] name`` and ``[peer] name``); they are part
+    of the direction keys, so both ends must agree on them.
+
     Use: send :meth:`initial_bytes` first; feed everything received to :meth:`receive_data` and act
     on the events; once :class:`Ready` was seen, :meth:`seal` messages and send the bytes in the
     order they were sealed.
     """
 
-    def __init__(self, key: bytes, *, nonce: bytes | None = None, max_frame: int = MAX_FRAME):
+    def __init__(self, key: bytes, *, me: str, peer: str, nonce: bytes | None = None, max_frame: int = MAX_FRAME):
         if len(key) < MIN_KEY_SIZE:
             raise ValueError(f"sync key must have at least {MIN_KEY_SIZE} bytes, got {len(key)}")
+        if me == peer:
+            raise ValueError(f"the two ends need different names, both are {me!r}")
         self._key = key
+        self.me, self.peer = me, peer
         self.nonce = nonce if nonce is not None else os.urandom(NONCE_SIZE)
         if len(self.nonce) != NONCE_SIZE:
             raise ValueError(f"nonce must have {NONCE_SIZE} bytes")
@@ -140,6 +154,11 @@ class SyncSession:
     def ready(self) -> bool:
         """True once both nonces are known (the keys exist)."""
         return self._send_key is not None
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet cut into frames (bounded by ``max_frame`` plus one chunk)."""
+        return len(self._buffer)
 
     def initial_bytes(self) -> bytes:
         """The preamble: send it before anything else."""
@@ -181,6 +200,8 @@ class SyncSession:
             if event is None:
                 break
             events.append(event)
+        if self.broken:  # never invite an answer on a broken session (see the module docstring)
+            return [e for e in events if isinstance(e, Rejected)]
         return events
 
     # -- internals ---------------------------------------------------------------------------
@@ -205,7 +226,8 @@ class SyncSession:
         if peer_nonce == self.nonce:
             return [self._reject("peer echoed our nonce (reflection?)", "auth", broken=True)]
         self.peer_nonce = peer_nonce
-        self._send_key, self._receive_key = _direction_keys(self._key, self.nonce, peer_nonce)
+        self._send_key = _direction_key(self._key, self.me, self.peer, self.nonce, peer_nonce)
+        self._receive_key = _direction_key(self._key, self.peer, self.me, peer_nonce, self.nonce)
         return [Ready()]
 
     def _take_frame(self) -> Event | None:

@@ -29,6 +29,10 @@ def run_script(script):
             actions = d.probe_answered(now, probe)
         elif step == "silent":
             actions = d.probe_silent(now, probe)
+        elif step == "unauth":
+            actions = d.probe_unauthenticated(now, probe)
+        elif step == "refused":
+            actions = d.peer_refused(now, "authentication failed")
         for a in actions:
             if isinstance(a, StartProbe):
                 probe = a.probe_id
@@ -60,6 +64,39 @@ CASES = {
                                                  [("unknown", []), ("suspect", [StartProbe(1)]), ("dead", [PeerDead(pytest.approx(0.11))])]),
     "dead stays dead without heartbeats": ([("hb", 0.0), ("tick", 0.1), ("silent", 0.11), ("tick", 1.0)],
                                            [..., ..., ..., ("dead", [])]),
+    # issue 9.1: a peer that answers but cannot be authenticated is alive
+    "unauthenticated probe answer: misconfigured, no takeover": (
+        [("hb", 0.0), ("tick", 0.1), ("unauth", 0.11)], [..., ..., ("misconfigured", [])]),
+    "never paired, peer answers with another key: misconfigured": (
+        [("tick", 0.0), ("tick", 0.1), ("unauth", 0.11), ("tick", 0.2), ("unauth", 0.21)],
+        [("unknown", []), ("suspect", [StartProbe(1)]), ("misconfigured", []), ("misconfigured", [StartProbe(2)]),
+         ("misconfigured", [])]),
+    "link refusal and a silent probe: misconfigured (the link proves the process)": (
+        [("refused", 0.0), ("tick", 0.1), ("silent", 0.11)], [..., ("suspect", [StartProbe(1)]), ("misconfigured", [])]),
+    "link refusal and an answered probe (mode mismatch, same key): misconfigured": (
+        [("refused", 0.0), ("tick", 0.1), ("answered", 0.11)], [..., ..., ("misconfigured", [])]),
+    "a refusal older than refusal_valid_for proves nothing": (
+        [("refused", 0.0), ("hb", 5.0), ("tick", 5.2), ("silent", 5.21)],
+        [..., ..., ..., ("dead", [PeerDead(pytest.approx(0.21))])]),
+    "a refusal before the link came up says nothing about a later silence": (
+        [("refused", 0.0), ("hb", 0.5), ("tick", 0.65), ("silent", 0.66)],
+        [..., ..., ..., ("dead", [PeerDead(pytest.approx(0.16))])]),
+    "misconfigured, the peer dies (no answers, no refusals): dead": (
+        [("hb", 0.0), ("tick", 0.1), ("unauth", 0.11), ("tick", 0.2), ("silent", 0.21)],
+        [..., ..., "misconfigured", ("misconfigured", [StartProbe(2)]), ("dead", [PeerDead(pytest.approx(0.21))])]),
+    "misconfigured, the peer answers with the key again: link down": (
+        [("hb", 0.0), ("tick", 0.1), ("unauth", 0.11), ("tick", 0.2), ("answered", 0.21)],
+        [..., ..., ..., ..., ("link_down", [])]),
+    "misconfigured, fixed and heartbeats: alive": (
+        [("hb", 0.0), ("tick", 0.1), ("unauth", 0.11), ("hb", 0.5)], [..., ..., ..., ("alive", [PeerAlive()])]),
+    "dead, the peer comes back refusing: misconfigured, nothing undone or redone": (
+        [("hb", 0.0), ("tick", 0.1), ("silent", 0.11), ("refused", 0.5), ("tick", 0.6), ("silent", 0.61),
+         ("hb", 1.0)],
+        [..., ..., "dead", ("misconfigured", []), ("misconfigured", [StartProbe(2)]), ("misconfigured", []),
+         ("alive", [PeerAlive()])]),
+    "dead, back, refusing, then gone again: no second PeerDead": (
+        [("hb", 0.0), ("tick", 0.1), ("silent", 0.11), ("refused", 0.5), ("tick", 5.0), ("silent", 5.01)],
+        [..., ..., "dead", "misconfigured", ..., ("dead", [])]),
 }
 
 
@@ -108,11 +145,30 @@ def test_peer_dead_never_before_dead_after():
 
 
 def test_table_only_names_known_states():
-    states = {"unknown", "alive", "suspect", "link_down", "dead"}
+    states = {"unknown", "alive", "suspect", "link_down", "misconfigured", "dead"}
     for (state, _), new in TRANSITIONS.items():
         assert state in states and new in states
-    # nothing but a heartbeat leaves "dead": a returning peer must come back over the sync link
-    assert {event for (state, event) in TRANSITIONS if state == "dead"} == {"heartbeat"}
+    # only a heartbeat brings "dead" back to life: a returning peer must come back over the sync link;
+    # "misconfigured" only says why it cannot (no action, no PeerAlive)
+    assert {event for (state, event) in TRANSITIONS if state == "dead"} == {"heartbeat", "misconfigured"}
+    assert TRANSITIONS[("dead", "misconfigured")] == "misconfigured"
+    # nothing but a silent probe leads to "dead", and "misconfigured" never does without one
+    assert {event for (_, event), new in TRANSITIONS.items() if new == "dead"} == {"probe_silent"}
+
+
+def test_misconfigured_is_logged_loudly_once_with_what_to_change(caplog):
+    d = FailureDetector(DEAD_AFTER)
+    d.heartbeat(0.0)
+    for i in range(1, 20):
+        for a in d.tick(i * 0.1):
+            d.probe_unauthenticated(i * 0.1 + 0.01, a.probe_id)
+    assert d.state == "misconfigured"
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1
+    assert "key_file" in errors[0].getMessage() and "not taking over" in errors[0].getMessage()
+    st = d.stats()
+    assert st["state"] == "misconfigured" and "key_file" in st["misconfigured"]
+    assert st["probes"]["unauthenticated"] >= 10 and st["probes"]["silent"] == 0
 
 
 # -- the async driver under MockClock --------------------------------------------------------
@@ -266,3 +322,48 @@ async def test_early_probing_detects_at_dead_after(autojump_clock):
                 nursery.cancel_scope.cancel()
         nursery.start_soon(lambda: watch(d, probe, on_action, probe_timeout=DEAD_AFTER / 2 - 0.01))
     assert DEAD_AFTER <= verdicts[0] - died < DEAD_AFTER + 0.01
+
+
+class MisconfiguredPeer(Peer):
+    """A peer whose process lives but uses another key: probes get "unauthenticated", and its link
+    refuses us every ``refuse_every`` (as sync.link's reconnect backoff would) while ``refusing``."""
+
+    def __init__(self):
+        super().__init__()
+        self.refusing = True
+        self.refusal = None
+
+    async def refuse(self, every=1.0):
+        while True:
+            if self.refusing:
+                self.refusal = (trio.current_time(), "authentication failed")
+            await trio.sleep(every)
+
+    async def probe(self):
+        self.probes += 1
+        await trio.sleep(0.005)
+        if not self.on_lan:
+            await trio.sleep_forever()
+        return "unauthenticated"
+
+
+@pytest.mark.parametrize("witness", ["probe", "link", "both"])
+async def test_misconfigured_peer_is_never_declared_dead_until_it_really_goes(autojump_clock, witness):
+    peer, actions = MisconfiguredPeer(), []
+    peer.beating = False
+    peer.on_lan = witness in ("probe", "both")
+    peer.refusing = witness in ("link", "both")
+    detector = FailureDetector(DEAD_AFTER)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(peer.refuse)
+        nursery.start_soon(lambda: watch(detector, peer.probe, lambda a: actions.append((trio.current_time(), a)),
+                                         heard=lambda: peer.last, refused=lambda: peer.refusal))
+        await trio.sleep(30)  # half a minute of a misconfigured pair: nobody takes over
+        assert detector.state == "misconfigured", detector.reason
+        assert not any(isinstance(a, PeerDead) for _, a in actions)
+        peer.on_lan = peer.refusing = False  # now it really dies
+        gone = trio.current_time()
+        await trio.sleep(detector.refusal_valid_for + 1)
+        [t] = [t for t, a in actions if isinstance(a, PeerDead)]
+        assert detector.state == "dead" and t - gone <= detector.refusal_valid_for + 0.2
+        nursery.cancel_scope.cancel()

@@ -3,6 +3,7 @@
 import json
 import os
 import socket
+import sys
 
 import pytest
 import trio
@@ -162,6 +163,9 @@ async def test_mode_mismatch_is_refused_with_a_reason(nursery, tmp_path):
         assert link.counters["connections"] == 0 and link.peer_hello is None
     assert "'stateless'" in pair.a.refused_reason and "'stateful'" in pair.a.refused_reason
     assert load_peer_hello(tmp_path / "a") is None
+    for link in (pair.a, pair.b):  # the peer's process lives: evidence for the detector (issue 9.1)
+        st = link.status()["peer_refusal"]
+        assert st["kind"] == "misconfigured" and "mode" in st["reason"]
 
 
 async def test_wrong_peer_name_and_version_are_refused(nursery, tmp_path):
@@ -174,8 +178,10 @@ async def test_wrong_peer_name_and_version_are_refused(nursery, tmp_path):
     pair2.b.peer_name = "c"  # b expects a peer called c
     await pair2.start(nursery)
     await eventually(lambda: pair2.b.state == "refused" and pair2.a.state == "refused")
-    assert "expected 'c'" in pair2.b.refused_reason
-    assert "b refused the link" in pair2.a.refused_reason  # a learns why from b
+    # the names are part of the direction keys (issue 8.3): a wrong name cannot even authenticate
+    assert pair2.b.refused_reason == pair2.a.refused_reason == KEY_MISMATCH_HINT
+    assert "[peer] name" in KEY_MISMATCH_HINT
+    assert pair2.a.counters["connections"] == pair2.b.counters["connections"] == 0
 
 
 async def test_wrong_key_is_never_connected(nursery, tmp_path):
@@ -186,6 +192,11 @@ async def test_wrong_key_is_never_connected(nursery, tmp_path):
         assert link.state == "refused" and link.refused_reason == KEY_MISMATCH_HINT
         assert link.counters["connections"] == 0 and link.counters["messages_in"] == 0
         assert link.peer_hello is None
+        # issue 9.1: the peer's process answered: evidence that it lives, for the detector and status
+        when, reason = link.peer_refused()
+        assert reason == KEY_MISMATCH_HINT and link.counters["peer_refusals"] >= 2
+        st = link.status()["peer_refusal"]
+        assert st["kind"] == "unauthenticated" and st["reason"] == KEY_MISMATCH_HINT and st["ago"] >= 0
 
 
 async def raw_client(port):
@@ -283,3 +294,165 @@ async def test_detector_fed_by_the_link_sees_the_peer_die(nursery, tmp_path):
     await eventually(lambda: detector.state == "dead")
     assert trio.current_time() - died >= 0.3 - 0.03
     assert isinstance(actions[-1], PeerDead)
+
+
+# -- issue 8.1: nothing a connection does may end the link --------------------------------------
+
+KILLER = MAGIC + os.urandom(16) + b"\xff\xff\xff\xff"
+
+
+async def send_and_wait_close(port, *chunks):
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    for chunk in chunks:
+        await stream.send_all(chunk)
+        await trio.sleep(0.01)
+    with trio.fail_after(2):  # the link closes the connection, and only the connection
+        try:
+            while await stream.receive_some(4096):
+                pass
+        except trio.BrokenResourceError:
+            pass
+    await stream.aclose()
+
+
+async def test_one_segment_killer_and_its_pieces_leave_the_link_running(nursery, tmp_path):
+    pair = Pair(tmp_path)
+    await pair.start(nursery, pair.a)
+    port = pair.a.listen_address[1]
+    await send_and_wait_close(port, KILLER)  # preamble + impossible length in one segment
+    for cut in (4, 19, 20, 22):
+        await send_and_wait_close(port, KILLER[:cut], KILLER[cut:])
+    assert pair.a.counters["rejected_too_large"] == 5
+    assert pair.a.counters["connection_errors"] == 0
+    # the link is alive: the real peer still comes up, on either side's dial
+    await pair.start(nursery, pair.b)
+    await eventually(lambda: both_on_one_connection(pair))
+    await send_and_wait_close(port, KILLER)  # and a stray killer does not disturb a working link
+    assert pair.a.state == "connected" and pair.a.refused_reason is None
+
+
+async def test_a_bug_on_one_connection_is_counted_and_the_link_goes_on(nursery, tmp_path, monkeypatch):
+    pair = Pair(tmp_path)
+    await pair.start(nursery, pair.a)
+    real_handle = PeerLink._handle
+    calls = {"n": 0}
+
+    async def flaky_handle(self, conn, event):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("a bug in the handler")
+        await real_handle(self, conn, event)
+
+    monkeypatch.setattr(PeerLink, "_handle", flaky_handle)
+    await send_and_wait_close(pair.a.listen_address[1], MAGIC + os.urandom(16))
+    assert pair.a.counters["connection_errors"] == 1
+    await pair.start(nursery, pair.b)
+    await eventually(lambda: both_on_one_connection(pair))
+
+
+# -- issue 8.4: strays on the sync port are bounded ----------------------------------------------
+
+TRICKLERS = r"""
+import os, socket, struct, sys, threading, time
+port, seconds = int(sys.argv[1]), float(sys.argv[2])
+end = time.monotonic() + seconds
+opened = [0]
+
+def trickle(announce):
+    while time.monotonic() < end:
+        try:
+            s = socket.create_connection(("127.0.0.1", port), timeout=2, source_address=("127.0.0.2", 0))
+            opened[0] += 1
+            s.sendall(MAGIC + os.urandom(16) + struct.pack("!I", announce))
+            while time.monotonic() < end:
+                s.sendall(os.urandom(1024))
+                time.sleep(0.01)
+        except OSError:
+            time.sleep(0.01)
+
+threads = [threading.Thread(target=trickle, args=(1 << 20 if i % 2 else 60_000,), daemon=True) for i in range(50)]
+for t in threads:
+    t.start()
+time.sleep(seconds)
+print(opened[0])
+"""
+
+
+async def test_fifty_strangers_trickling_big_frames_neither_block_the_peer_nor_grow_memory(nursery, tmp_path):
+    from sync.link import HELLO_MAX_FRAME, MAX_UNAUTHENTICATED, RECEIVE_SIZE
+    pair = Pair(tmp_path)
+    await pair.start(nursery, pair.a)
+    peak_buffered = peak_pending = 0
+    done = trio.Event()
+    opened = []
+
+    async def attack():  # 50 strangers in another process: they do not share our event loop
+        script = TRICKLERS.replace("MAGIC", repr(MAGIC))
+        result = await trio.run_process([sys.executable, "-c", script, str(pair.a.listen_address[1]), "2.5"],
+                                        capture_stdout=True)
+        opened.append(int(result.stdout))
+        done.set()
+
+    async def sample():
+        nonlocal peak_buffered, peak_pending
+        while not done.is_set():
+            peak_buffered = max(peak_buffered, pair.a.unauthenticated_buffered())
+            peak_pending = max(peak_pending, pair.a.unauthenticated["other"])
+            await trio.sleep(0.005)
+
+    async with trio.open_nursery() as attackers:
+        attackers.start_soon(attack)
+        attackers.start_soon(sample)
+        await trio.sleep(0.5)
+        await pair.start(nursery, pair.b)  # the real peer comes up in the middle of it
+        await eventually(lambda: both_on_one_connection(pair), timeout=5)
+        connections = pair.a.counters["connections"]
+        await done.wait()  # ... and stays up
+        assert pair.a.state == "connected" and pair.a.counters["connections"] == connections
+    counts = {"opened": opened[0]}
+    assert counts["opened"] > 50
+    assert peak_pending <= MAX_UNAUTHENTICATED and pair.a.unauthenticated_peak <= MAX_UNAUTHENTICATED + 4
+    assert peak_buffered <= MAX_UNAUTHENTICATED * (HELLO_MAX_FRAME + 4 + RECEIVE_SIZE)
+    assert pair.a.counters["stray_refused"] > 0 and pair.a.counters["rejected_too_large"] > 0
+    st = pair.a.status()
+    assert st["counters"]["stray_refused"] == pair.a.counters["stray_refused"]
+    assert "unauthenticated_peak" in st
+
+
+# -- issue 9.1: a pair with different keys or modes: alive, refused, nobody takes over -----------
+
+@pytest.mark.parametrize("mistake", ["key", "mode"])
+async def test_misconfigured_pair_never_declares_the_peer_dead(nursery, tmp_path, mistake):
+    """Links, probe responders and detectors of both nodes on loopback, as the node wires them."""
+    from proxy.probe import ProbeResponder, probe
+    from sync.detector import FailureDetector, PeerDead, watch
+    other = b"another secret of enough bytes"
+    pair = Pair(tmp_path, key_b=other if mistake == "key" else KEY,
+                hello_b=hello("b", mode="stateful") if mistake == "mode" else None)
+    await pair.start(nursery)
+    keys = {"a": KEY, "b": other if mistake == "key" else KEY}
+    responders = {}
+    for me, peer in (("a", "b"), ("b", "a")):
+        port = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        port.bind(("127.0.0.1", 0))
+        number = port.getsockname()[1]
+        port.close()
+        responders[me] = ProbeResponder(keys[me], "127.0.0.1", number, me=me, peer=peer)
+        nursery.start_soon(responders[me].serve)
+    detectors, verdicts = {}, []
+    for me, peer, link in (("a", "b", pair.a), ("b", "a", pair.b)):
+        detectors[me] = FailureDetector(0.1, probe_after=0.05)
+
+        async def probe_peer(me=me, peer=peer):
+            return await probe(keys[me], "127.0.0.1", "127.0.0.1", responders[peer].port, 0.045, me=me, peer=peer)
+
+        nursery.start_soon(lambda d=detectors[me], p=probe_peer, link=link: watch(
+            d, p, verdicts.append, heard=lambda: link.last_received, refused=link.peer_refused,
+            probe_timeout=0.05))
+    await trio.sleep(2.5)
+    assert not [v for v in verdicts if isinstance(v, PeerDead)]
+    for me in ("a", "b"):
+        st = detectors[me].stats()
+        assert st["state"] == "misconfigured", st
+        assert ("key_file" if mistake == "key" else "mode") in st["misconfigured"]

@@ -13,9 +13,17 @@ from sync.wire import (KEY_MISMATCH_HINT, MAGIC, LocalProtocolError, Message, Re
 KEY = b"k" * 32
 
 
+def A(key=KEY, **kw):
+    return SyncSession(key, me="a", peer="b", **kw)
+
+
+def B(key=KEY, **kw):
+    return SyncSession(key, me="b", peer="a", **kw)
+
+
 def pair(key_a=KEY, key_b=KEY):
     """Two sessions with their preambles exchanged."""
-    a, b = SyncSession(key_a), SyncSession(key_b)
+    a, b = A(key_a), B(key_b)
     assert a.receive_data(b.initial_bytes()) == [Ready()]
     assert b.receive_data(a.initial_bytes()) == [Ready()]
     return a, b
@@ -39,7 +47,7 @@ def test_round_trip_both_ways():
 
 
 def test_preamble_and_messages_in_one_chunk():
-    a, b = SyncSession(KEY), SyncSession(KEY)
+    a, b = A(), B()
     b.receive_data(a.initial_bytes())  # b knows a's nonce, a does not yet know b's
     first = {"type": "x"}
     wire = b.initial_bytes() + b.seal(first)
@@ -51,7 +59,7 @@ def test_preamble_and_messages_in_one_chunk():
                                 max_size=4), min_size=1, max_size=6),
        st.lists(st.integers(min_value=1, max_value=64), min_size=1, max_size=50))
 def test_any_segmentation_gives_the_same_messages(bodies, cuts):
-    a, b = SyncSession(KEY), SyncSession(KEY)
+    a, b = A(), B()
     a.receive_data(b.initial_bytes())
     sent = [{**body, "type": f"t{i}"} for i, body in enumerate(bodies)]
     stream = a.initial_bytes() + b"".join(a.seal(m) for m in sent)
@@ -93,7 +101,7 @@ def test_message_from_an_earlier_connection_is_rejected():
     recorded = a1.initial_bytes(), a1.seal({"type": "takeover"})
     assert messages(b1.receive_data(recorded[1]))
     # new connection: b has a fresh nonce; an attacker replays a's old preamble and frame
-    b2 = SyncSession(KEY)
+    b2 = B()
     events = b2.receive_data(recorded[0] + recorded[1])
     assert events[0] == Ready()
     assert messages(events) == []
@@ -127,7 +135,7 @@ def test_reflected_message_is_rejected():
 
 
 def test_echoed_nonce_is_refused():
-    a = SyncSession(KEY)
+    a = A()
     [r] = a.receive_data(a.initial_bytes())
     assert r.kind == "auth" and r.broken and a.broken
 
@@ -141,7 +149,7 @@ def test_different_keys_reject_the_first_message_with_a_hint():
 
 @pytest.mark.parametrize("garbage", [b"GET / HTTP/1.1\r\n\r\n", b"\x00" * 40, b"P"  + b"\xff" * 30])
 def test_garbage_breaks_the_session(garbage):
-    b = SyncSession(KEY)
+    b = B()
     events = b.receive_data(garbage)
     [r] = rejected(events)
     assert r.kind == "parse" and r.broken and b.broken
@@ -195,7 +203,7 @@ def test_authenticated_but_malformed_message_is_a_parse_rejection(payload):
 
 
 def test_sealing_without_type_or_before_ready_is_our_bug():
-    a = SyncSession(KEY)
+    a = A()
     with pytest.raises(LocalProtocolError):
         a.seal({"type": "x"})
     a, b = pair()
@@ -204,14 +212,14 @@ def test_sealing_without_type_or_before_ready_is_our_bug():
 
 
 def test_initial_bytes_shape():
-    s = SyncSession(KEY)
+    s = B()
     assert s.initial_bytes().startswith(MAGIC) and len(s.initial_bytes()) == len(MAGIC) + 16
-    assert SyncSession(KEY).initial_bytes() != s.initial_bytes()
+    assert B().initial_bytes() != s.initial_bytes()
 
 
 def test_short_key_is_refused():
     with pytest.raises(ValueError):
-        SyncSession(b"short")
+        SyncSession(b"short", me="a", peer="b")
 
 
 def test_load_key(tmp_path):
@@ -228,3 +236,94 @@ def test_load_key(tmp_path):
     os.chmod(path, 0o644)
     assert "chmod 600" in key_permission_problem(path)
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o644
+
+
+# -- issue 8.1: one TCP segment must not make the caller seal on a broken session ----------------
+
+KILLER = MAGIC + os.urandom(16) + b"\xff\xff\xff\xff"  # preamble + an impossible length
+
+
+def act_like_the_link(session, chunks):
+    """Feed ``chunks``; answer every Ready with a sealed hello, as sync.link does. Returns all events."""
+    seen = []
+    for chunk in chunks:
+        for event in session.receive_data(chunk):
+            seen.append(event)
+            if isinstance(event, Ready):
+                session.seal({"type": "hello", "name": "a"})  # raised LocalProtocolError before the fix
+    return seen
+
+
+def test_killer_in_one_segment_gives_only_the_broken_rejection():
+    s = B()
+    events = act_like_the_link(s, [KILLER])
+    assert [type(e) for e in events] == [Rejected]
+    assert events[0].broken and events[0].kind == "too_large"
+    assert s.broken and s.counters["rejected_too_large"] == 1
+
+
+@pytest.mark.parametrize("cut", range(1, len(KILLER)))
+def test_killer_split_anywhere_never_invites_a_seal_on_a_broken_session(cut):
+    s = B()
+    events = act_like_the_link(s, [KILLER[:cut], KILLER[cut:]])
+    assert s.broken and isinstance(events[-1], Rejected) and events[-1].broken
+    # Ready is handed out only from a call that left the session intact
+    assert [type(e) for e in events] in ([Rejected], [Ready, Rejected])
+
+
+def test_killer_byte_by_byte():
+    s = B()
+    events = act_like_the_link(s, [bytes([b]) for b in KILLER])
+    assert [type(e) for e in events] == [Ready, Rejected] and s.broken
+
+
+def test_good_message_then_impossible_frame_in_one_segment_gives_only_the_rejection():
+    a, b = pair()
+    wire = a.seal({"type": "heartbeat"}) + b"\x00\x00\x00\x01"  # shorter than a frame header
+    events = b.receive_data(wire)
+    assert [type(e) for e in events] == [Rejected] and events[0].broken and b.broken
+    assert b.receive_data(a.seal({"type": "x"})) == []  # a broken session ignores what follows
+
+
+# -- issue 8.3: direction keys are bound to the node names ----------------------------------------
+
+X, Y = b"x" * 16, b"y" * 16
+
+
+def connected(a, b):
+    assert a.receive_data(b.initial_bytes()) == [Ready()]
+    assert b.receive_data(a.initial_bytes()) == [Ready()]
+    return a, b
+
+
+def test_a_frame_never_verifies_on_a_second_connection_with_the_nonces_swapped():
+    a1, b1 = connected(A(nonce=X), B(nonce=Y))
+    a2, b2 = connected(A(nonce=Y), B(nonce=X))  # the attacker arranged the same nonces, swapped
+    for frame in (a1.seal({"type": "takeover"}), b1.seal({"type": "takeover"})):
+        for victim in (a2, b2):
+            events = victim.receive_data(frame)
+            assert messages(events) == [] and [r.kind for r in rejected(events)] == ["auth"]
+    # with the nonces the same way round it is the same connection, and the frames are good
+    a3, b3 = connected(A(nonce=X), B(nonce=Y))
+    assert messages(b3.receive_data(a1.seal({"type": "m"}))) == []  # seq 1 where 0 is due: replay
+    assert messages(b3.receive_data(a3.seal({"type": "m"}))) == [{"type": "m"}]
+
+
+def test_wrong_names_do_not_authenticate():
+    a = SyncSession(KEY, me="a", peer="b")
+    c = SyncSession(KEY, me="c", peer="a")  # a third node with the pair's key, posing as the peer
+    connected(a, c)
+    [r] = a.receive_data(c.seal({"type": "hello", "name": "b"}))
+    assert r.kind == "auth"
+    with pytest.raises(ValueError):
+        SyncSession(KEY, me="a", peer="a")
+
+
+def test_names_are_length_prefixed_in_the_key():
+    a = SyncSession(KEY, me="ab", peer="c", nonce=X)
+    b = SyncSession(KEY, me="c", peer="ab", nonce=Y)
+    odd = SyncSession(KEY, me="a", peer="bc", nonce=X)
+    connected(a, b)
+    odd.receive_data(b.initial_bytes())
+    [r] = b.receive_data(odd.seal({"type": "m"}))
+    assert r.kind == "auth"

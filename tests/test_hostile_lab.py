@@ -1,0 +1,330 @@
+"""A hostile host next to a real pair (issue 8 tests, 8.1-8.4, and issue 9.1).
+
+A namespace of its own ("<prefix>-x", made and removed here) is plugged into both lab bridges, the
+sync network and the service network, like a compromised or curious host that has no key. From
+there it sends what issue 8 lists: the one-segment killer, garbage, forged preambles and frames,
+impossible lengths, 50 parallel connections trickling 1 MiB frames, and random and forged
+datagrams at both probe ports. The pair must not notice beyond its counters: no node exits, nobody
+takes over, both keep serving (smbclient through each address), and status counts the rejects.
+
+Then the operator's mistake of issue 9.1: the two nodes with different key files. The peer's
+process answers but cannot be authenticated: nobody takes over, both say why.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from deploy.lab.clients import NodeProcess, serving
+
+pytestmark = pytest.mark.lab
+
+ATTACK_SECONDS = 4.0
+
+# Runs in the attacker's namespace (no key). argv: seconds sync_a sync_b svc_a svc_b probe_port
+ATTACK = r'''
+import os, random, socket, struct, sys, threading, time
+import msgpack
+
+seconds = float(sys.argv[1])
+syncs = [(sys.argv[2], 7400), (sys.argv[3], 7400)]
+probes = [(sys.argv[4], int(sys.argv[6])), (sys.argv[5], int(sys.argv[6]))]
+end = time.monotonic() + seconds
+MAGIC = b"PPS\x02"
+sent = {"killer": 0, "garbage": 0, "forged": 0, "impossible": 0, "trickle": 0, "datagrams": 0}
+lock = threading.Lock()
+
+def count(kind):
+    with lock:
+        sent[kind] += 1
+
+def connect(target):
+    s = socket.create_connection(target, timeout=2)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return s
+
+def one_shot(kind, target, payload):
+    try:
+        s = connect(target)
+        s.sendall(payload)
+        s.settimeout(1.5)
+        try:
+            while s.recv(4096):
+                pass
+        except OSError:
+            pass
+        s.close()
+        count(kind)
+    except OSError:
+        pass
+
+def forged_frame():
+    payload = msgpack.packb({"type": random.choice(["hello", "takeover", "handback_request", "leaving"]),
+                             "name": "a", "mode": "stateless", "version": 1, "address": "10.77.0.2"})
+    frame = struct.pack("!Q", 0) + os.urandom(32) + payload
+    return struct.pack("!I", len(frame)) + frame
+
+def shots():
+    while time.monotonic() < end:
+        for target in syncs:
+            for magic in (MAGIC, b"PPS\x01"):  # this wire version, and the one before (8.1 was found there)
+                one_shot("killer", target, magic + os.urandom(16) + b"\xff\xff\xff\xff")  # one segment
+            one_shot("garbage", target, os.urandom(random.randint(1, 3000)))
+            one_shot("forged", target, MAGIC + os.urandom(16) + forged_frame())
+            one_shot("forged", target, b"PPS\x01" + os.urandom(16) + forged_frame())  # an old version
+            for length in (0, 1, 39, (1 << 20) + 1, 0xFFFFFFFF):
+                one_shot("impossible", target, MAGIC + os.urandom(16) + struct.pack("!I", length) + os.urandom(64))
+        time.sleep(0.02)
+
+def trickler(target, size):
+    while time.monotonic() < end:
+        try:
+            s = connect(target)
+            s.sendall(MAGIC + os.urandom(16) + struct.pack("!I", size))
+            count("trickle")
+            while time.monotonic() < end:
+                s.sendall(os.urandom(1024))
+                time.sleep(0.02)
+        except OSError:
+            time.sleep(0.05)
+
+def datagrams():
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    u.setblocking(False)
+    while time.monotonic() < end:
+        for target in probes:
+            for _ in range(20):
+                kind = random.random()
+                if kind < 0.4:
+                    data = os.urandom(random.randint(0, 200))
+                elif kind < 0.8:
+                    data = b"PPPROBE2Q" + os.urandom(32)  # well-formed, forged
+                else:
+                    data = b"PPPROBE2" + random.choice([b"A", b"U"]) + os.urandom(32)  # forged answers
+                try:
+                    u.sendto(data, target)
+                    count("datagrams")
+                except OSError:
+                    pass
+        time.sleep(0.004)  # ~10k datagrams/s: a flood for the responder, not a CPU DoS of the lab
+
+threads = [threading.Thread(target=shots), threading.Thread(target=datagrams)]
+threads += [threading.Thread(target=trickler, args=(syncs[i % 2], 1 << 20)) for i in range(50)]
+for t in threads:
+    t.daemon = True
+    t.start()
+for t in threads:
+    t.join(seconds + 5)
+print(" ".join(f"{k}={v}" for k, v in sent.items()))
+'''
+
+
+@pytest.fixture
+def attacker(lab):
+    """A namespace with eth0 on the service bridge and sync0 on the sync bridge, no key anywhere."""
+    ns = f"{lab.prefix}-x"
+    sw = lab.ns_switch
+
+    def ip(*args, netns=None, check=True):
+        argv = ["ip"] + (["-n", netns] if netns else []) + list(args)
+        cp = subprocess.run(argv, capture_output=True, text=True)
+        if check and cp.returncode != 0:
+            raise RuntimeError(f"{' '.join(argv)}: {cp.stderr}")
+
+    ip("netns", "del", ns, check=False)  # a leftover of an interrupted run
+    ip("netns", "add", ns)
+    try:
+        ip("link", "set", "lo", "up", netns=ns)
+        for ifname, port, bridge, address in (("eth0", "x-svc", "br-svc", "10.77.0.66/24"),
+                                               ("sync0", "x-sync", "br-sync", "10.77.1.66/24")):
+            ip("link", "add", ifname, "type", "veth", "peer", "name", port, "netns", sw, netns=ns)
+            ip("link", "set", port, "master", bridge, netns=sw)
+            ip("link", "set", port, "up", netns=sw)
+            ip("addr", "add", address, "dev", ifname, netns=ns)
+            ip("link", "set", ifname, "up", netns=ns)
+        yield ns
+    finally:
+        ip("netns", "del", ns, check=False)  # removes both veth pairs with it
+        for port in ("x-svc", "x-sync"):
+            ip("link", "del", port, netns=sw, check=False)
+
+
+@pytest.fixture
+def pair(lab):
+    a = NodeProcess(lab, "a", pair=True, log=lab.root / "hostile-a.log")
+    b = NodeProcess(lab, "b", pair=True, log=lab.root / "hostile-b.log")
+    try:
+        b.start()
+        a.start()
+        wait_pair_up(lab, a, b)
+        yield a, b
+    finally:
+        a.stop(10)
+        b.stop(10)
+
+
+def wait_pair_up(lab, a, b):
+    addr = lab.addresses
+    a.wait_for(serving(addr.service_a, "a"), 10, "a serving its address")
+    b.wait_for(serving(addr.service_b, "b"), 10, "b serving its address")
+    for node in (a, b):
+        node.wait_for(lambda s: s["pair"]["link"]["state"] == "connected" and s["pair"]["peer_state"] == "alive",
+                      10, "link up, peer alive")
+
+
+def smb_ls(lab, host):
+    cp = lab.smbclient(host, "ls")
+    assert cp.returncode == 0 and "hello.txt" in cp.stdout, f"smbclient ls via {host}: {cp.stdout}{cp.stderr}"
+
+
+def rejected(status):
+    counters = status["pair"]["link"]["counters"]
+    return {k: v for k, v in counters.items() if k.startswith("rejected") or k in ("stray_refused", "connection_errors")}
+
+
+def test_hostile_host_on_both_networks_changes_nothing(lab, pair, attacker):
+    a, b = pair
+    addr = lab.addresses
+    attack = subprocess.Popen(["ip", "netns", "exec", attacker, "nice", "-n", "19", sys.executable, "-c", ATTACK,
+                               str(ATTACK_SECONDS), addr.sync_a, addr.sync_b, addr.service_a, addr.service_b,
+                               "7401"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(ATTACK_SECONDS / 2)
+        for host in (addr.service_a, addr.service_b):  # both keep serving during the attack
+            smb_ls(lab, host)
+        out, err = attack.communicate(timeout=ATTACK_SECONDS + 30)
+    finally:
+        if attack.poll() is None:
+            attack.kill()
+            attack.wait()
+    assert attack.returncode == 0, err
+    sent = dict(kv.split("=") for kv in out.split())
+    assert int(sent["killer"]) > 10 and int(sent["trickle"]) >= 50 and int(sent["datagrams"]) > 1000, sent
+
+    for node, own, other in ((a, addr.service_a, addr.service_b), (b, addr.service_b, addr.service_a)):
+        assert node.proc.poll() is None, f"node {node.node} exited: {node.log.read_text()[-2000:]}"
+        st = node.status()
+        pair = st["pair"]
+        assert pair["takeovers"] == [], pair["takeovers"]
+        assert pair["addresses"][own]["held_by"] == node.node and pair["addresses"][own]["role"] == "serving"
+        assert pair["addresses"][other]["role"] == "standby"
+        assert pair["link"]["state"] == "connected" and pair["peer_state"] == "alive"
+        counts = rejected(st)
+        assert counts["rejected_too_large"] > 10 and counts["rejected_parse"] > 10, counts
+        assert counts["rejected_auth"] > 0 and counts["connection_errors"] == 0, counts
+        assert pair["probe"]["rejected"] > 100, pair["probe"]
+        assert pair["link"]["unauthenticated_peak"] <= 8 + 4, pair["link"]
+    for host in (addr.service_a, addr.service_b):
+        smb_ls(lab, host)
+
+
+def other_key_config(lab, node: str, tmp_path, claim_wait: str | None = None):
+    """The lab's pair config of ``node``, but with a key file of its own (a rotation gone wrong)."""
+    key = tmp_path / f"other-{node}.key"
+    key.write_bytes(os.urandom(32).hex().encode() + b"\n")
+    key.chmod(0o600)
+    return edited_config(lab, node, tmp_path, "other-key", {str(lab.pair_key_path): str(key)}, claim_wait)
+
+
+def edited_config(lab, node, tmp_path, name, replace, claim_wait=None, mode="stateless"):
+    text = lab.node_config_path(node, pair=True, mode=mode).read_text()
+    for old, new in replace.items():
+        assert old in text
+        text = text.replace(old, new)
+    if claim_wait:
+        text = text.replace('[pair]\n', f'[pair]\nclaim_wait = "{claim_wait}"\n')
+    config = tmp_path / f"pair-{node}-{name}.toml"
+    config.write_text(text)
+    return config
+
+
+def start_together(*nodes):
+    """Start the nodes at once, as a pair usually starts (each gives the other claim_wait to appear)."""
+    errors = []
+
+    def start(node):
+        try:
+            node.start()
+        except Exception as exc:  # reported below, in the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start, args=(node,)) for node in nodes]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+
+
+def misconfigured(status):
+    return status["pair"]["peer_state"] == "misconfigured"
+
+
+@pytest.mark.parametrize("mistake", ["key", "mode"])
+def test_different_key_files_or_modes_no_takeover_both_serve_their_own(lab, tmp_path, mistake):
+    addr = lab.addresses
+    # claim_wait 3 s: a loaded 2-core machine may start one node a second later than the other
+    a = NodeProcess(lab, "a", config=edited_config(lab, "a", tmp_path, "wait", {}, "3s"),
+                    log=lab.root / f"other{mistake}-a.log")
+    b_config = other_key_config(lab, "b", tmp_path, "3s") if mistake == "key" else \
+        edited_config(lab, "b", tmp_path, "stateful", {}, "3s", mode="stateful")
+    b = NodeProcess(lab, "b", config=b_config, log=lab.root / f"other{mistake}-b.log")
+    try:
+        start_together(a, b)
+        for node in (a, b):
+            node.wait_for(misconfigured, 15, "peer misconfigured")
+        time.sleep(2)  # well past dead_after (100 ms) and claim_wait: a split brain would be there by now
+        for node, own, other in ((a, addr.service_a, addr.service_b), (b, addr.service_b, addr.service_a)):
+            assert node.proc.poll() is None
+            st = node.status()
+            pair = st["pair"]
+            assert pair["peer_state"] == "misconfigured" and pair["takeovers"] == [], pair
+            assert pair["addresses"][own]["held_by"] == node.node
+            assert pair["addresses"][other]["role"] == "standby", pair["addresses"]
+            why = "key_file" if mistake == "key" else "mode"
+            assert pair["link"]["state"] == "refused" and why in pair["link"]["refused_reason"]
+            assert pair["link"]["peer_refusal"]["kind"] == ("unauthenticated" if mistake == "key" else "misconfigured")
+            if mistake == "key":
+                assert pair["probe"]["answered"] == 0  # the peer's probes did not authenticate here
+        for host in (addr.service_a, addr.service_b):
+            smb_ls(lab, host)
+        for node in (a, b):
+            log = node.log.read_text()
+            assert "peer cannot be paired with but is alive" in log and why in log
+    finally:
+        a.stop(10)
+        b.stop(10)
+
+
+def test_key_rotation_gone_wrong_is_no_split_brain(lab, pair, tmp_path):
+    """Issue 9.1's report: pair up, b stopped (a takes b's address), b started with a new key file.
+    b must not take a's address; each address has exactly one holder; both say why."""
+    a, b = pair
+    addr = lab.addresses
+    b.stop(10)
+    a.wait_for(serving(addr.service_b, "a"), 5, "a holding b's address")
+    b2 = NodeProcess(lab, "b", config=other_key_config(lab, "b", tmp_path), log=lab.root / "rotated-b.log")
+    try:
+        b2.start()
+        b2.wait_for(misconfigured, 10, "b: peer misconfigured")
+        a.wait_for(misconfigured, 10, "a: peer misconfigured")
+        time.sleep(3)
+        sa, sb = a.status()["pair"], b2.status()["pair"]
+        assert b2.proc.poll() is None and a.proc.poll() is None
+        assert sa["addresses"][addr.service_a]["held_by"] == "a"
+        assert sa["addresses"][addr.service_b]["held_by"] == "a"  # taken over while b was down
+        assert sb["addresses"][addr.service_a]["role"] == "standby"  # b never took a's address
+        assert sb["addresses"][addr.service_b]["role"] != "serving"  # a holds it: b must not serve it too
+        assert sb["takeovers"] == [] and sb["peer_state"] == "misconfigured"
+        assert sa["link"]["peer_refusal"]["kind"] == "unauthenticated"
+        for host in (addr.service_a, addr.service_b):
+            smb_ls(lab, host)
+    finally:
+        b2.stop(10)
