@@ -51,3 +51,15 @@ def test_missing_interface_and_unwritable_state_dir(tmp_path):
     assert any(p.startswith("node.interface: no interface 'nosuch0' in this network namespace (there are: ")
                for p in problems)
     assert any(p.startswith("node.state_dir:") and "not a directory" in p for p in problems)
+
+
+def test_key_file_must_be_private_to_its_owner(tmp_path):
+    """The README asks for mode 600: 640 (group-readable) is refused, 400 and 600 are fine."""
+    key = tmp_path / "pair.key"
+    key.write_bytes(os.urandom(24).hex().encode())
+    for mode, ok in ((0o640, False), (0o604, False), (0o400, True), (0o600, True)):
+        key.chmod(mode)
+        problems = [p for p in environment_problems(pair_config(tmp_path, key)) if p.startswith("peer.key_file")]
+        assert (problems == []) == ok, (oct(mode), problems)
+        if not ok:
+            assert f"mode {mode:04o}" in problems[0] and "chmod 600" in problems[0]
