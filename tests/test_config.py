@@ -266,6 +266,17 @@ def test_peer_and_pair_come_together(tmp_path):
     assert "peer: missing table" in problems_of(tmp_path, only_pair)
 
 
-def test_the_shipped_example_config_is_valid():
-    config = load_config(Path(__file__).parent.parent / "deploy" / "example-a.toml")
-    assert config.peer.name == "b" and config.pair.mode == "stateless"
+def test_the_shipped_example_configs_are_valid_and_each_others_mirror():
+    """deploy/example-a.toml and example-b.toml describe one pair: what one node calls its own, the
+    other calls its peer's; services, key and [pair] are the same."""
+    deploy = Path(__file__).parent.parent / "deploy"
+    a, b = load_config(deploy / "example-a.toml"), load_config(deploy / "example-b.toml")
+    assert (a.node.name, b.node.name) == ("a", "b") and a.pair.mode == "stateless"
+    for one, other in ((a, b), (b, a)):
+        assert one.peer.name == other.node.name
+        assert one.peer.address == other.node.address.ip
+        assert one.peer.link == other.peer.listen
+        assert one.node.state_dir.name == one.node.name and one.node.control.stem == one.node.name
+    assert a.node.address.network == b.node.address.network and a.node.interface == b.node.interface
+    assert a.services == b.services and a.pair == b.pair and a.peer.key_file == b.peer.key_file
+    assert (a.peer.probe_port, a.peer.macvlan, b.peer.macvlan) == (b.peer.probe_port, "pp-b", "pp-a")
