@@ -78,12 +78,21 @@ def _setup_logging(level: str) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from proxy.control import ControlError
+    from proxy.instance import AlreadyRunning, InstanceLock
     from proxy.netplane import NetworkError
     from proxy.node import Node
 
     config, problems = _load_checked(args.config)
     if problems:
         _print_problems(problems)
+        return EXIT_PROBLEM
+    # Before any kernel change: a second run of a live node must not remove that node's address.
+    # Held until the process ends (the kernel drops it even on SIGKILL).
+    instance = InstanceLock(config)
+    try:
+        instance.acquire()
+    except (AlreadyRunning, OSError) as exc:
+        _print_problems([f"cannot run: {exc}"])
         return EXIT_PROBLEM
     _setup_logging(args.log_level or config.node.log_level)
     if config.peer is not None:
@@ -137,11 +146,18 @@ def _remove_leftovers(config) -> list[str]:
 
 
 def cmd_cleanup(args: argparse.Namespace) -> int:
+    from proxy.instance import running_node
     from proxy.netplane import NetworkError
 
     config, problems = _load(args.config)
     if problems:
         _print_problems(problems)
+        return EXIT_PROBLEM
+    running = running_node(config)
+    if running and not args.force:
+        # its address is live: removing it would cut off the node's clients while it says "serving"
+        _print_problems([f"cleanup: {running}; stop it first (cleanup is for a node that died), "
+                         "or --force"])
         return EXIT_PROBLEM
     try:
         removed = _remove_leftovers(config)
@@ -261,8 +277,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "node killed with SIGKILL left them. Run it when the node's process died "
                                    "(systemd ExecStopPost=, see deploy/systemd/): a kernel that keeps the "
                                    "address answers ARP and resets clients the peer serves after its takeover. "
-                                   "Do not run it while the node runs.")
+                                   "Refuses while the node runs (its control socket answers or it holds its "
+                                   "lock in state_dir), unless --force.")
     with_config(p)
+    p.add_argument("--force", action="store_true",
+                   help="remove them even though a node seems to run (its clients are cut off)")
     p.set_defaults(func=cmd_cleanup)
 
     p = sub.add_parser("status", help="show a running node's services and counters",
