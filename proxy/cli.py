@@ -48,20 +48,28 @@ def _load(path: str) -> tuple[object | None, list[str]]:
         return None, exc.problems
 
 
-def _load_checked(path: str) -> tuple[object | None, list[str]]:
-    """The config, and every problem of it and of this machine (what ``check`` and ``run`` report)."""
-    from proxy.preflight import environment_problems
+def _load_checked(path: str) -> tuple[object | None, list[str], dict]:
+    """The config, every problem of it and of this machine (what ``check`` and ``run`` report), and
+    the values by key path that could be read. The machine is checked for every readable key even
+    when others have problems, so that all problems show at once."""
+    from proxy.preflight import environment_problems, values_of
 
-    config, problems = _load(path)
-    if config is not None:
-        problems = environment_problems(config)
-    return config, problems
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        config, problems, values = None, exc.problems, exc.values
+    else:
+        problems, values = [], values_of(config)
+    return config, problems + environment_problems(values), values
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    config, problems = _load_checked(args.config)
+    from proxy.preflight import reachability_warnings
+
+    config, problems, values = _load_checked(args.config)
+    _print_problems(problems)
+    _print_problems([f"warning: {w}" for w in reachability_warnings(values)])
     if problems:
-        _print_problems(problems)
         return EXIT_PROBLEM
     print(f"{args.config}: ok (node {config.node.name}, {len(config.services)} service(s))")
     return EXIT_OK
@@ -82,7 +90,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from proxy.netplane import NetworkError
     from proxy.node import Node
 
-    config, problems = _load_checked(args.config)
+    config, problems, _ = _load_checked(args.config)
     if problems:
         _print_problems(problems)
         return EXIT_PROBLEM
@@ -267,8 +275,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("check", help="validate a config and the environment",
-                       description="Validate the config and this machine (privileges, interface, directories). "
-                                   "Prints one line per problem naming the key, exits 1 if there is any.")
+                       description="Validate the config and try on this machine what run will need "
+                                   "(capabilities, interface, listen address, directories, key file), and "
+                                   "whether the backends and the peer answer. Prints one line per problem "
+                                   "naming the key, all at once, and exits 1 if there is any; a backend or "
+                                   "peer that does not answer is a warning (the node starts anyway).")
     with_config(p)
     p.set_defaults(func=cmd_check)
 

@@ -27,10 +27,16 @@ DEFAULT_NFS_EXTRA_PORTS = (111,)
 
 
 class ConfigError(Exception):
-    """A config that cannot be used. ``problems`` holds one line per problem, each naming its key path."""
+    """A config that cannot be used. ``problems`` holds one line per problem, each naming its key path.
 
-    def __init__(self, problems: list[str]):
+    ``values`` holds what *could* be read, by key path (``"peer.key_file"``, ``"service[0].backend"``),
+    so that ``check`` can still test the environment for those keys: a typo in one key must not hide
+    a key-file problem until the next run.
+    """
+
+    def __init__(self, problems: list[str], values: dict[str, Any] | None = None):
         self.problems = problems
+        self.values = values or {}
         super().__init__("\n".join(problems))
 
 
@@ -171,6 +177,7 @@ class _Reader:
 
     def __init__(self) -> None:
         self.problems: list[str] = []
+        self.values: dict[str, Any] = {}  # every value that converted cleanly (or its default), by path
 
     def problem(self, path: str, message: str) -> None:
         self.problems.append(f"{path}: {message}")
@@ -199,12 +206,14 @@ class _Reader:
             if default is ...:
                 self.problem(full, "missing")
                 return None
+            self.values[full] = default
             return default
         try:
-            return convert(table[key])
+            self.values[full] = convert(table[key])
         except ValueError as exc:
             self.problem(full, str(exc))
             return None
+        return self.values[full]
 
 
 def _closest(key: str, allowed: set[str]) -> str | None:
@@ -422,7 +431,7 @@ def parse_config(doc: dict, source: Path | None = None) -> Config:
 
     peer, pair = _parse_pair(r, doc, node)
     if r.problems:
-        raise ConfigError(r.problems)
+        raise ConfigError(r.problems, r.values)
     assert node is not None
     return Config(node=node, services=tuple(services), peer=peer, pair=pair, source=source)
 

@@ -184,7 +184,9 @@ def test_check_and_run_report_problems_with_key_paths(lab, tmp_path):
         cp = run_cli(lab, lab.ns_b, command, "-c", str(bad))
         assert cp.returncode == 1
         lines = cp.stderr.strip().splitlines()
-        assert lines == ["pairproxy: service[0].port: port 0 is outside 1-65535"], lines
+        # all at once: the config's problem does not hide the machine's
+        assert lines[0] == "pairproxy: service[0].port: port 0 is outside 1-65535", lines
+        assert lines[1].startswith("pairproxy: node.interface: no interface 'eth9'") and len(lines) == 2, lines
     bad.write_text(good.read_text().replace('interface = "eth0"', 'interface = "eth9"'))
     for command in ("check", "run"):
         cp = run_cli(lab, lab.ns_b, command, "-c", str(bad))
