@@ -200,3 +200,14 @@ def test_check_names_the_missing_capability(tmp_path):
                                "CAP_NET_RAW, which this process does not have") and "AmbientCapabilities" in line
                for line in cp.stderr.splitlines()), cp.stderr
     assert "CAP_NET_ADMIN" not in cp.stderr and "CAP_NET_BIND_SERVICE" not in cp.stderr  # port 8080, tcp
+
+
+def test_run_refuses_what_check_refuses_before_touching_anything(tmp_path, capsys):
+    """run reports the same problems as check (here an uncreatable state_dir and a group-readable key),
+    all at once, naming the keys, and exits before any kernel change or lock."""
+    path = write_config(tmp_path, **{f'state_dir = "{tmp_path / "state"}"': 'state_dir = "/proc/pairproxy-run/a"'})
+    Path(load_key_path(path)).chmod(0o640)
+    code = main(["run", "-c", str(path)])
+    lines = capsys.readouterr().err.splitlines()
+    assert code == 1
+    assert [line.split(": ")[1] for line in lines] == ["peer.key_file", "node.state_dir"], lines
