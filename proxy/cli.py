@@ -64,11 +64,11 @@ def _load_checked(path: str) -> tuple[object | None, list[str], dict]:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from proxy.preflight import reachability_warnings
+    from proxy.preflight import environment_warnings
 
     config, problems, values = _load_checked(args.config)
     _print_problems(problems)
-    _print_problems([f"warning: {w}" for w in reachability_warnings(values)])
+    _print_problems([f"warning: {w}" for w in environment_warnings(values)])
     if problems:
         return EXIT_PROBLEM
     print(f"{args.config}: ok (node {config.node.name}, {len(config.services)} service(s))")

@@ -99,7 +99,7 @@ def environment_problems(config: Config | dict[str, Any]) -> list[str]:
     problems += _network_problems(values)
     problems += _key_problems(values)
     problems += _directory_problems(values)
-    problems += _peer_hello_problems(values)
+    problems += _peer_hello_findings(values)[0]
     return problems
 
 
@@ -217,29 +217,38 @@ def _directory_problem(path: Path) -> str | None:
     return None
 
 
-def _peer_hello_problems(values: dict[str, Any]) -> list[str]:
-    """The peer's last hello (saved in state_dir) against our addresses: two nodes that both call one
-    address their own fight over it (one stays ``yielded`` forever)."""
+def _peer_hello_findings(values: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """(problems, warnings) from the peer's last hello (saved in state_dir) against our addresses.
+
+    Two nodes that both call one address their own fight over it (one stays ``yielded`` forever): a
+    problem. A peer address that differs from what the peer last said may be a re-addressed pair
+    (both files changed on purpose): a warning."""
     state_dir, address = values.get("node.state_dir"), values.get("node.address")
     if state_dir is None or address is None or "peer.name" not in values:
-        return []
+        return [], []
     from sync.link import PEER_HELLO_FILE, load_peer_hello
 
     hello = load_peer_hello(state_dir) or {}
     try:
         theirs = ipaddress.IPv4Interface(hello.get("address", "")).ip
     except ValueError:
-        return []
-    problems = []
+        return [], []
+    saved = Path(state_dir) / PEER_HELLO_FILE
     if theirs == address.ip:
-        problems.append(f"node.address: {address.ip} is also the address peer {hello.get('name')} serves as its "
-                        "own (its last hello): swapped with peer.address on one of the nodes?")
-    elif values.get("peer.address") is not None and theirs != values["peer.address"]:
-        problems.append(f"peer.address: {values['peer.address']} but peer {hello.get('name')} said its address "
-                        f"is {theirs} (its last hello, saved in node.state_dir)")
-    if problems:
-        problems[-1] += f"; if both nodes were changed on purpose, remove {Path(state_dir) / PEER_HELLO_FILE}"
-    return problems
+        return [f"node.address: {address.ip} is also the address peer {hello.get('name')} serves as its own "
+                f"(its last hello): swapped with peer.address on one of the nodes? (if both nodes were "
+                f"changed on purpose, remove {saved})"], []
+    if values.get("peer.address") is not None and theirs != values["peer.address"]:
+        return [], [f"peer.address: {values['peer.address']} but peer {hello.get('name')} said its address is "
+                    f"{theirs} (its last hello, {saved}); fine if both nodes were changed on purpose"]
+    return [], []
+
+
+def environment_warnings(config: Config | dict[str, Any], timeout: float = REACH_TIMEOUT) -> list[str]:
+    """What may be fine but deserves a look, one line each naming the key (``check`` prints them and
+    still exits 0): the peer's last hello disagreeing with peer.address, and what does not answer."""
+    values = values_of(config) if isinstance(config, Config) else config
+    return _peer_hello_findings(values)[1] + reachability_warnings(values, timeout)
 
 
 def _answers(host: str, port: int, timeout: float) -> str | None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from proxy.cli import main
 from proxy.config import load_config, parse_config
-from proxy.preflight import environment_problems, reachability_warnings
+from proxy.preflight import environment_problems, environment_warnings, reachability_warnings
 
 DEPLOY = Path(__file__).parent.parent / "deploy"
 
@@ -187,6 +187,15 @@ def test_swapped_service_addresses_are_caught_from_the_peers_last_hello(tmp_path
     problems = environment_problems(load_config(path))
     assert [p.split(":")[0] for p in problems] == ["node.address"], problems
     assert "swapped with peer.address" in problems[0] and "peer-hello.json" in problems[0]
+
+
+def test_a_peer_address_other_than_the_peers_last_hello_is_a_warning(tmp_path):
+    config = load_config(write_config(tmp_path))
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "peer-hello.json").write_text(json.dumps({"name": "b", "address": "10.99.0.3/24"}))
+    assert environment_problems(config) == []
+    [warning] = [w for w in environment_warnings(config, timeout=0.2) if w.startswith("peer.address")]
+    assert warning.startswith("peer.address: 10.99.0.2 but peer b said its address is 10.99.0.3"), warning
 
 
 def test_check_names_the_missing_capability(tmp_path):
