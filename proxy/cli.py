@@ -106,7 +106,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     if config.peer is not None:
         # first thing, before the slow imports: an address a killed run left would make this kernel
         # answer (and reset) clients the peer is serving now
-        _remove_leftovers(config)
+        try:
+            _remove_leftovers(config)
+        except (NetworkError, OSError) as exc:
+            _print_problems([f"cannot run: {exc}"])
+            return EXIT_PROBLEM
     key = None
     if config.peer is not None:
         from sync.wire import load_key

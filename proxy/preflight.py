@@ -70,7 +70,7 @@ def values_of(config: Config) -> dict[str, Any]:
                                                                     "extra_ports")})
     if config.peer is not None:
         values.update({f"peer.{k}": getattr(config.peer, k) for k in ("name", "address", "link", "listen",
-                                                                      "key_file")})
+                                                                      "key_file", "macvlan")})
     return values
 
 
@@ -135,6 +135,15 @@ def _network_problems(values: dict[str, Any]) -> list[str]:
             else:
                 if not ipr.get_links(links[0])[0]["flags"] & 1:  # IFF_UP
                     problems.append(f"node.interface: {interface} is down")
+                macvlan = values.get("peer.macvlan")
+                found = ipr.link_lookup(ifname=macvlan) if macvlan else []
+                if found:
+                    from proxy.netplane import not_our_macvlan
+
+                    why = not_our_macvlan(ipr, found[0], links[0])
+                    if why:
+                        problems.append(f"peer.macvlan: {macvlan} exists and {why} on {interface}; the node "
+                                        "would have to remove it at start (choose another name)")
                 if address is not None:
                     for addr in ipr.get_addr(family=socket.AF_INET):
                         if addr.get_attr("IFA_ADDRESS") == str(address.ip) and addr["index"] != links[0]:
