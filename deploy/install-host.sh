@@ -39,9 +39,12 @@ fi
 source_hash=$(cd "$SRC" && find pyproject.toml proxy protocols sync deploy -type f \
                   \( -name '*.py' -o -name '*.toml' \) -not -path '*/__pycache__/*' -print0 \
               | sort -z | xargs -0 sha256sum | sha256sum | cut -d' ' -f1)
+# Debian's own interpreter (python3-venv is for it), not whatever `python3` is first on root's PATH:
+# the unit's user must be able to run it, and a pyenv under /root is not readable by that user.
+PYTHON=${PYTHON:-/usr/bin/python3}
 if [ ! -x "$VENV/bin/python" ]; then
     mkdir -p "$(dirname "$VENV")"
-    python3 -m venv "$VENV"
+    "$PYTHON" -m venv "$VENV"
 fi
 if [ "$(cat "$VENV/.pairproxy-source" 2>/dev/null)" != "$source_hash" ] || [ ! -x "$VENV/bin/pairproxy" ]; then
     say "installing pairproxy from $SRC into $VENV"

@@ -6,10 +6,8 @@ the unit names exists afterwards, systemd accepts the unit, and the unit, the ex
 from __future__ import annotations
 
 import os
-import shutil
 import stat
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
@@ -31,16 +29,9 @@ def unit_settings() -> dict[str, list[str]]:
     return settings
 
 
-@pytest.fixture(scope="module")
-def host_root():
-    root = Path(tempfile.mkdtemp(prefix="pairproxy-host-", dir="/var/tmp"))
-    try:
-        cp = subprocess.run(["bash", str(REPO / "deploy" / "install-host.sh")], capture_output=True, text=True,
-                            env={**os.environ, "PAIRPROXY_ROOT": str(root)}, timeout=300)
-        assert cp.returncode == 0, cp.stderr[-3000:]
-        yield root
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+@pytest.fixture
+def host_root(host_install):
+    return host_install
 
 
 def test_every_path_the_unit_names_exists_after_the_host_install(host_root):

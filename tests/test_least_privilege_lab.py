@@ -1,4 +1,4 @@
-"""A node with exactly the systemd unit's privileges: a non-root user whose only capabilities are
+"""A node installed as documented (deploy/install-host.sh) with exactly the systemd unit's privileges: a non-root user whose only capabilities are
 CAP_NET_ADMIN, CAP_NET_RAW and CAP_NET_BIND_SERVICE (ambient, and nothing else in the bounding set),
 with no_new_privs, as deploy/systemd/pairproxy@.service grants them. It takes over its peer's address
 (macvlan with the peer's MAC, sysctls, gratuitous ARP, ports below 1024) and serves a client.
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from deploy.lab.clients import NodeProcess, serving
+from deploy.lab.clients import NodeProcess, SmbHolder, serving
 
 from .test_instance_lab import CLIENT_CONNECT
 from .test_pair_lab import standing_by
@@ -35,13 +35,18 @@ def unit_capabilities() -> set[str]:
 
 
 class UnprivilegedNode(NodeProcess):
-    """``pairproxy run`` as user nobody with only the unit's capabilities (setpriv, as systemd does)."""
+    """The binary of the documented host install (``/usr/local/bin/pairproxy`` below ``root``), run as
+    user nobody with only the unit's capabilities (setpriv, as systemd does)."""
+
+    def __init__(self, *args, root: Path, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.root = root
 
     def _cli(self, *args: str) -> list[str]:
         caps = ",".join("+" + c.removeprefix("CAP_").lower() for c in sorted(unit_capabilities()))
         return ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
                 f"--inh-caps=-all,{caps}", f"--ambient-caps=-all,{caps}", f"--bounding-set=-all,{caps}",
-                "--no-new-privs", *super()._cli(*args)]
+                "--no-new-privs", str(self.root / "usr/local/bin/pairproxy"), *args]
 
 
 @pytest.fixture
@@ -54,7 +59,16 @@ def private_dir():
         shutil.rmtree(path, ignore_errors=True)
 
 
-def test_a_node_with_only_the_units_capabilities_takes_over_and_serves(lab, private_dir, tmp_path):
+def connections_to(status: dict, address: str) -> list[dict]:
+    return [c for c in status.get("connections", []) if c["server"].startswith(address + ":")]
+
+
+@pytest.mark.parametrize("mode", ["stateless", "stateful"])
+def test_a_node_with_only_the_units_capabilities_takes_over_and_serves(lab, host_install, private_dir, tmp_path,
+                                                                        mode):
+    """Stateless: macvlan, sysctls, ARP, ports below 1024. Stateful adds the snooper (AF_PACKET with
+    SO_RCVBUFFORCE, in the observer child, which gets the capabilities as ambient ones) and the
+    resets of the dead peer's clients (raw IP)."""
     assert unit_capabilities() == {"CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_NET_BIND_SERVICE"}
     key = private_dir / "pair.key"
     shutil.copy(lab.pair_key_path, key)
@@ -63,14 +77,19 @@ def test_a_node_with_only_the_units_capabilities_takes_over_and_serves(lab, priv
     for path in (key, state):
         os.chown(path, NOBODY, NOBODY)
     key.chmod(0o600)
-    original = lab.node_config_path("b", pair=True)
+    original = lab.node_config_path("b", pair=True, mode=mode)
     config = private_dir / "b.toml"
-    text = original.read_text().replace(str(original.parent / "pair-node-b"), str(state))
+    text = original.read_text().replace(str(original.parent / f"{'pair' if mode == 'stateless' else mode}-node-b"),
+                                        str(state))
+    assert str(state) in text
     config.write_text(text.replace(str(lab.pair_key_path), str(key)))
 
-    a = NodeProcess(lab, "a", pair=True, log=tmp_path / "a.log")
-    b = UnprivilegedNode(lab, "b", config=config, log=tmp_path / "b.log")
+    a = NodeProcess(lab, "a", pair=True, mode=mode, log=tmp_path / "a.log")
+    b = UnprivilegedNode(lab, "b", config=config, log=tmp_path / "b.log", root=host_install)
     lab.run(lab.ns_a, ["ip", "link", "set", "eth0", "up"])
+    holder = None
+    if mode == "stateful":
+        lab.flood(True)
     try:
         b.start()
         status = Path(f"/proc/{b.pid}/status").read_text()
@@ -81,9 +100,17 @@ def test_a_node_with_only_the_units_capabilities_takes_over_and_serves(lab, priv
         a.start()
         b.wait_for(serving(lab.addresses.service_b, "b"), 10, "b serving its address")
         b.wait_for(standing_by, 10, "b standing by, link up")
+        if mode == "stateful":
+            b.wait_for(lambda s: s["pair"]["state_sync"]["observer"] == "running", 10, "observer running")
+            a.wait_for(serving(lab.addresses.service_a, "a"), 10, "a serving")
+            holder = SmbHolder(lab, lab.addresses.service_a, "caps-hold.bin")
+            b.wait_for(lambda s: any(o["path"] == "caps-hold.bin" for c in connections_to(s, lab.addresses.service_a)
+                                     for o in c["opens"]), 5, "b snooping a's client")
 
         a.kill_hard(link_down=True)
-        b.wait_for(serving(lab.addresses.service_a, "b"), 5, "b holding a's address")
+        st = b.wait_for(serving(lab.addresses.service_a, "b"), 5, "b holding a's address")
+        if mode == "stateful":
+            assert st["pair"]["takeovers"][-1]["clients_reset"] >= 1, st["pair"]["takeovers"][-1]
         for address in (lab.addresses.service_a, lab.addresses.service_b):
             cp = lab.run(lab.ns_client, [sys.executable, "-c", CLIENT_CONNECT.replace("s.recv(100)", "b''"),
                                          address, "445"], capture_output=True, text=True)
@@ -94,6 +121,10 @@ def test_a_node_with_only_the_units_capabilities_takes_over_and_serves(lab, priv
         log = (tmp_path / "b.log").read_text()
         assert "Permission denied" not in log and "Operation not permitted" not in log, log[-2000:]
     finally:
+        if holder is not None:
+            holder.close()
         b.kill()
         a.kill()
         a.link_up()
+        if mode == "stateful":
+            lab.flood(False)
