@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install everything pairproxy, its lab, tests and benchmarks need on Debian 12, as root:
 # the file servers and clients from Debian, and a venv (./.venv) with the package and its test extras.
-# Idempotent: a second run only checks.
+# Idempotent: a second run only checks. For a real host (a venv in /opt, the systemd unit, a user)
+# use deploy/install-host.sh instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -32,6 +33,12 @@ PYTHON=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
-.venv/bin/python -m pip install -q --upgrade pip >/dev/null
-.venv/bin/python -m pip install -q -e '.[test]'
+# The package is installed editable, so only a changed pyproject.toml (dependencies, packages)
+# needs pip again: a second run takes a second instead of a quarter of a minute.
+stamp=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ "$(cat .venv/.pairproxy-pyproject 2>/dev/null)" != "$stamp" ] || [ ! -x .venv/bin/pairproxy ]; then
+    .venv/bin/python -m pip install -q --upgrade pip >/dev/null
+    .venv/bin/python -m pip install -q -e '.[test]'
+    echo "$stamp" > .venv/.pairproxy-pyproject
+fi
 echo "install.sh: ready ($(.venv/bin/python --version), pairproxy at .venv/bin/pairproxy)"

@@ -52,20 +52,28 @@ def _load(path: str) -> tuple[object | None, list[str]]:
         return None, exc.problems
 
 
-def _load_checked(path: str) -> tuple[object | None, list[str]]:
-    """The config, and every problem of it and of this machine (what ``check`` and ``run`` report)."""
-    from proxy.preflight import environment_problems
+def _load_checked(path: str) -> tuple[object | None, list[str], dict]:
+    """The config, every problem of it and of this machine (what ``check`` and ``run`` report), and
+    the values by key path that could be read. The machine is checked for every readable key even
+    when others have problems, so that all problems show at once."""
+    from proxy.preflight import environment_problems, values_of
 
-    config, problems = _load(path)
-    if config is not None:
-        problems = environment_problems(config)
-    return config, problems
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        config, problems, values = None, exc.problems, exc.values
+    else:
+        problems, values = [], values_of(config)
+    return config, problems + environment_problems(values), values
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    config, problems = _load_checked(args.config)
+    from proxy.preflight import environment_warnings
+
+    config, problems, values = _load_checked(args.config)
+    _print_problems(problems)
+    _print_problems([f"warning: {w}" for w in environment_warnings(values)])
     if problems:
-        _print_problems(problems)
         return EXIT_PROBLEM
     print(f"{args.config}: ok (node {config.node.name}, {len(config.services)} service(s))")
     return EXIT_OK
@@ -82,18 +90,31 @@ def _setup_logging(level: str) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from proxy.control import ControlError
+    from proxy.instance import AlreadyRunning, InstanceLock
     from proxy.netplane import NetworkError
     from proxy.node import Node
 
-    config, problems = _load_checked(args.config)
+    config, problems, _ = _load_checked(args.config)
     if problems:
         _print_problems(problems)
+        return EXIT_PROBLEM
+    # Before any kernel change: a second run of a live node must not remove that node's address.
+    # Held until the process ends (the kernel drops it even on SIGKILL).
+    instance = InstanceLock(config)
+    try:
+        instance.acquire()
+    except (AlreadyRunning, OSError) as exc:
+        _print_problems([f"cannot run: {exc}"])
         return EXIT_PROBLEM
     _setup_logging(args.log_level or config.node.log_level)
     if config.peer is not None:
         # first thing, before the slow imports: an address a killed run left would make this kernel
         # answer (and reset) clients the peer is serving now
-        _remove_leftovers(config)
+        try:
+            _remove_leftovers(config)
+        except (NetworkError, OSError) as exc:
+            _print_problems([f"cannot run: {exc}"])
+            return EXIT_PROBLEM
     key = None
     if config.peer is not None:
         from sync.wire import load_key
@@ -141,11 +162,18 @@ def _remove_leftovers(config) -> list[str]:
 
 
 def cmd_cleanup(args: argparse.Namespace) -> int:
+    from proxy.instance import running_node
     from proxy.netplane import NetworkError
 
     config, problems = _load(args.config)
     if problems:
         _print_problems(problems)
+        return EXIT_PROBLEM
+    running = running_node(config)
+    if running and not args.force:
+        # its address is live: removing it would cut off the node's clients while it says "serving"
+        _print_problems([f"cleanup: {running}; stop it first (cleanup is for a node that died), "
+                         "or --force"])
         return EXIT_PROBLEM
     try:
         removed = _remove_leftovers(config)
@@ -303,8 +331,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("check", help="validate a config and the environment",
-                       description="Validate the config and this machine (privileges, interface, directories). "
-                                   "Prints one line per problem naming the key, exits 1 if there is any.")
+                       description="Validate the config and try on this machine what run will need "
+                                   "(capabilities, interface, listen address, directories, key file), and "
+                                   "whether the backends and the peer answer. Prints one line per problem "
+                                   "naming the key, all at once, and exits 1 if there is any; a backend or "
+                                   "peer that does not answer is a warning (the node starts anyway).")
     with_config(p)
     p.set_defaults(func=cmd_check)
 
@@ -313,8 +344,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "node killed with SIGKILL left them. Run it when the node's process died "
                                    "(systemd ExecStopPost=, see deploy/systemd/): a kernel that keeps the "
                                    "address answers ARP and resets clients the peer serves after its takeover. "
-                                   "Do not run it while the node runs.")
+                                   "Refuses while the node runs (its control socket answers or it holds its "
+                                   "lock in state_dir), unless --force.")
     with_config(p)
+    p.add_argument("--force", action="store_true",
+                   help="remove them even though a node seems to run (its clients are cut off)")
     p.set_defaults(func=cmd_cleanup)
 
     p = sub.add_parser("status", help="show a running node's services and counters",

@@ -21,14 +21,22 @@ PROTOCOLS = ("smb", "nfs", "tcp")
 
 #: Ports a ``protocol = "nfs"`` service proxies besides its own when ``extra_ports`` is not given:
 #: the portmapper, so that clients which look up MOUNT and NFS ports find them through the node.
+#: One portmapper per address: a default port that another service already proxies (an earlier nfs
+#: service's default, or any service's explicit port) is left out, so defaults never clash.
 DEFAULT_NFS_EXTRA_PORTS = (111,)
 
 
 class ConfigError(Exception):
-    """A config that cannot be used. ``problems`` holds one line per problem, each naming its key path."""
+    """A config that cannot be used. ``problems`` holds one line per problem, each naming its key path.
 
-    def __init__(self, problems: list[str]):
+    ``values`` holds what *could* be read, by key path (``"peer.key_file"``, ``"service[0].backend"``),
+    so that ``check`` can still test the environment for those keys: a typo in one key must not hide
+    a key-file problem until the next run.
+    """
+
+    def __init__(self, problems: list[str], values: dict[str, Any] | None = None):
         self.problems = problems
+        self.values = values or {}
         super().__init__("\n".join(problems))
 
 
@@ -117,7 +125,12 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 def parse_duration(value: Any) -> float:
-    """``"20ms"``, ``"1.5s"``, ``"2m"`` or a number of seconds -> seconds. Raises ValueError."""
+    """``"20ms"``, ``"1.5s"``, ``"2m"`` or a TOML number of seconds -> seconds. Raises ValueError.
+
+    A string without a unit (``"20"``) is refused: whoever quoted it most likely meant
+    milliseconds for a heartbeat and seconds for a grace time, and guessing wrong is a silent
+    1000x error that surfaces only as a confusing problem on another key.
+    """
     if isinstance(value, bool):
         raise ValueError(f"expected a duration like '20ms' or '5s', got {value!r}")
     if isinstance(value, (int, float)):
@@ -126,7 +139,9 @@ def parse_duration(value: Any) -> float:
         match = _DURATION.match(value)
         if not match:
             raise ValueError(f"expected a duration like '20ms' or '5s', got {value!r}")
-        number, unit = float(match.group(1)), match.group(2) or "s"
+        if not match.group(2):
+            raise ValueError(f"{value!r} needs a unit: '{match.group(1)}ms' or '{match.group(1)}s'?")
+        number, unit = float(match.group(1)), match.group(2)
         seconds = number * {"ms": 0.001, "s": 1.0, "m": 60.0}[unit]
     else:
         raise ValueError(f"expected a duration like '20ms' or '5s', got {type(value).__name__}")
@@ -164,6 +179,7 @@ class _Reader:
 
     def __init__(self) -> None:
         self.problems: list[str] = []
+        self.values: dict[str, Any] = {}  # every value that converted cleanly (or its default), by path
 
     def problem(self, path: str, message: str) -> None:
         self.problems.append(f"{path}: {message}")
@@ -192,12 +208,14 @@ class _Reader:
             if default is ...:
                 self.problem(full, "missing")
                 return None
+            self.values[full] = default
             return default
         try:
-            return convert(table[key])
+            self.values[full] = convert(table[key])
         except ValueError as exc:
             self.problem(full, str(exc))
             return None
+        return self.values[full]
 
 
 def _closest(key: str, allowed: set[str]) -> str | None:
@@ -305,6 +323,20 @@ SERVICE_KEYS = {"name", "protocol", "port", "backend", "extra_ports", "connect_t
 TOP_KEYS = {"node", "service", "peer", "pair"}
 
 
+def _explicit_ports(raw_services: Any) -> set[int]:
+    """Every port some service names itself (``port``, ``extra_ports``): defaults must not take them."""
+    found: set[int] = set()
+    for svc in raw_services if isinstance(raw_services, list) else ():
+        if not isinstance(svc, dict):
+            continue
+        for value in [svc.get("port")] + (svc.get("extra_ports") if isinstance(svc.get("extra_ports"), list) else []):
+            try:
+                found.add(_port(value))
+            except ValueError:
+                pass
+    return found
+
+
 def _parse_services(r: _Reader, raw_services: Any, where: str) -> list[ServiceConfig]:
     """The ``[[service]]`` array (or a peer's services from its hello), problems named under ``where``."""
     services: list[ServiceConfig] = []
@@ -315,6 +347,7 @@ def _parse_services(r: _Reader, raw_services: Any, where: str) -> list[ServiceCo
         r.problem(where, "no [[service]] defined: a node must proxy at least one service")
     names: dict[str, int] = {}
     ports: dict[int, str] = {}
+    explicit = _explicit_ports(raw_services)
     for i, svc in enumerate(raw_services):
         path = f"{where}[{i}]"
         if not isinstance(svc, dict):
@@ -322,7 +355,8 @@ def _parse_services(r: _Reader, raw_services: Any, where: str) -> list[ServiceCo
             continue
         r.unknown(svc, SERVICE_KEYS, path)
         protocol = r.value(svc, "protocol", path, _protocol)
-        default_extra = DEFAULT_NFS_EXTRA_PORTS if protocol == "nfs" else ()
+        default_extra = tuple(p for p in DEFAULT_NFS_EXTRA_PORTS
+                              if p not in ports and p not in explicit) if protocol == "nfs" else ()
         values = dict(
             name=r.value(svc, "name", path, _name),
             protocol=protocol,
@@ -400,7 +434,7 @@ def parse_config(doc: dict, source: Path | None = None) -> Config:
 
     peer, pair = _parse_pair(r, doc, node)
     if r.problems:
-        raise ConfigError(r.problems)
+        raise ConfigError(r.problems, r.values)
     assert node is not None
     return Config(node=node, services=tuple(services), peer=peer, pair=pair, source=source)
 
@@ -435,7 +469,8 @@ def _parse_pair(r: _Reader, doc: dict, node: NodeConfig | None) -> tuple[PeerCon
     peer, pair = PeerConfig(**peer_values), PairConfig(**pair_values)
     if pair.dead_after < 2 * pair.heartbeat:
         r.problem("pair.dead_after", f"{pair.dead_after * 1000:g}ms must be at least two heartbeats "
-                                     f"({2 * pair.heartbeat * 1000:g}ms), or one late heartbeat is a takeover")
+                                     f"(pair.heartbeat is {pair.heartbeat * 1000:g}ms), or one late heartbeat "
+                                     "is a takeover")
     if node is not None:
         if peer.name == node.name:
             r.problem("peer.name", f"{peer.name!r} is this node's own name")

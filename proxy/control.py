@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import socket
+import stat
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
@@ -26,7 +27,8 @@ class ControlError(Exception):
     """The control socket cannot be served or reached."""
 
 
-def _socket_is_live(path: Path) -> bool:
+def socket_is_live(path: Path) -> bool:
+    """True if something accepts connections on the Unix socket ``path`` (a running node)."""
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.connect(str(path))
@@ -37,11 +39,35 @@ def _socket_is_live(path: Path) -> bool:
         probe.close()
 
 
+def control_path_problem(path: Path) -> str | None:
+    """Why ``path`` cannot become the control socket, or None.
+
+    Only a socket may be replaced (a stale one, left by a killed node): anything else at that path
+    (a config file, a symlink, a directory) belongs to someone, and a typo in ``control`` must not
+    delete it.
+    """
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return f"{path}: cannot inspect: {exc.strerror}"
+    if not stat.S_ISSOCK(mode):
+        kind = ("a symlink" if stat.S_ISLNK(mode) else "a directory" if stat.S_ISDIR(mode)
+                else "a regular file" if stat.S_ISREG(mode) else "not a socket")
+        return f"{path} exists and is {kind}, not a control socket; not replacing it (choose another path)"
+    return None
+
+
 def bind_control_socket(path: Path) -> trio.socket.SocketType:
-    """Listen on ``path``; a stale socket from a crashed node is replaced, a live one is an error."""
+    """Listen on ``path``; a stale socket from a crashed node is replaced, a live one is an error,
+    and anything that is not a socket is left alone (an error)."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    problem = control_path_problem(path)
+    if problem:
+        raise ControlError(problem)
     if path.exists() or path.is_symlink():
-        if _socket_is_live(path):
+        if socket_is_live(path):
             raise ControlError(f"{path}: another node is already running with this control socket")
         path.unlink()
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

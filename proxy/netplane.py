@@ -45,6 +45,21 @@ def addresses_on(ifname: str) -> list[ipaddress.IPv4Interface]:
                 for a in ipr.get_addr(index=index, family=2)]
 
 
+def not_our_macvlan(ipr: IPRoute, index: int, parent: int) -> str | None:
+    """Why the interface ``index`` cannot be a peer macvlan this node made on ``parent``, or None.
+
+    A leftover is only removed when it is what the node makes (a macvlan on the service interface):
+    an interface of the host that happens to carry the configured name is not ours to delete."""
+    link = ipr.get_links(index)[0]
+    info = link.get_attr("IFLA_LINKINFO")
+    kind = info.get_attr("IFLA_INFO_KIND") if info is not None else None
+    if kind != "macvlan":
+        return f"is a {kind or 'physical or unknown'} interface, not a macvlan"
+    if link.get_attr("IFLA_LINK") != parent:
+        return "is a macvlan on another interface"
+    return None
+
+
 def remove_leftovers(ifname: str, address: ipaddress.IPv4Interface, macvlan: str | None = None) -> list[str]:
     """Undo what a crashed run of this node may have left: its address and the peer macvlan.
 
@@ -54,12 +69,15 @@ def remove_leftovers(ifname: str, address: ipaddress.IPv4Interface, macvlan: str
     """
     removed = []
     with IPRoute() as ipr:
+        index = interface_index(ipr, ifname)
         if macvlan:
             stale = ipr.link_lookup(ifname=macvlan)
             if stale:
+                why = not_our_macvlan(ipr, stale[0], index)
+                if why:
+                    raise NetworkError(f"{macvlan} {why}; not removing it (peer.macvlan names another interface?)")
                 ipr.link("del", index=stale[0])
                 removed.append(f"macvlan {macvlan}")
-        index = interface_index(ipr, ifname)
         for a in ipr.get_addr(index=index, family=2):
             if a.get_attr("IFA_ADDRESS") == str(address.ip):
                 ipr.addr("del", index=index, address=str(address.ip), prefixlen=a["prefixlen"])

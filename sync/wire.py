@@ -273,7 +273,7 @@ def load_key(path: str | os.PathLike[str]) -> bytes:
 
     Raises ValueError with the path when the file is missing, unreadable, or holds less than
     ``MIN_KEY_SIZE`` bytes, because a short key would make the authentication worthless. Check
-    :func:`key_permission_problem` separately: open permissions are worth a warning, not a refusal.
+    :func:`key_permission_problem` separately (`check` and `run` refuse a key open to group or others).
     """
     path = Path(path)
     try:
@@ -289,11 +289,11 @@ def load_key(path: str | os.PathLike[str]) -> bytes:
 
 
 def key_permission_problem(path: str | os.PathLike[str]) -> str | None:
-    """A warning if others than owner and group can read or write the key file, else None."""
+    """Why the key file is open to others than its owner (mode 600 or 400 is right), else None."""
     try:
         mode = os.stat(path).st_mode
     except OSError:
         return None  # load_key reports missing files
-    if mode & (stat.S_IROTH | stat.S_IWOTH):
-        return f"key_file {path}: readable or writable by all users (mode {stat.S_IMODE(mode):04o}); chmod 600 it"
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        return f"key_file {path}: open to group or others (mode {stat.S_IMODE(mode):04o}); chmod 600 it"
     return None

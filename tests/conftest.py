@@ -29,3 +29,23 @@ def lab():
             the_lab.down()
         finally:
             shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def host_install():
+    """deploy/install-host.sh run below a temporary root (PAIRPROXY_ROOT): the documented host
+    install without touching the machine; the root is readable by all (an unprivileged node runs
+    from it). Removed at the end."""
+    import subprocess
+    from pathlib import Path
+
+    repo = Path(__file__).parent.parent
+    root = Path(tempfile.mkdtemp(prefix="pairproxy-host-", dir="/var/tmp"))
+    root.chmod(0o755)
+    try:
+        cp = subprocess.run(["bash", str(repo / "deploy" / "install-host.sh")], capture_output=True, text=True,
+                            env={**os.environ, "PAIRPROXY_ROOT": str(root)}, timeout=600)
+        assert cp.returncode == 0, cp.stderr[-3000:]
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

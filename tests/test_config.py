@@ -67,6 +67,39 @@ def test_nfs_defaults_to_portmapper(tmp_path):
     assert config.services[1].extra_ports == (111,)
 
 
+TWO_NFS = GOOD.split("[[service]]")[0] + """
+[[service]]
+name = "nfs"
+protocol = "nfs"
+port = 2049
+backend = "10.0.2.10:2049"
+
+[[service]]
+name = "mount"
+protocol = "nfs"
+port = 20048
+backend = "10.0.2.10:20048"
+"""
+
+
+def test_two_nfs_services_share_one_default_portmapper(tmp_path):
+    """Portmapper once per address: the default goes to the first nfs service only."""
+    nfs, mount = load_config(write(tmp_path, TWO_NFS)).services
+    assert nfs.ports == (2049, 111) and mount.ports == (20048,)
+
+
+def test_a_default_never_takes_an_explicit_port(tmp_path):
+    text = TWO_NFS + '\n[[service]]\nname = "pm"\nprotocol = "tcp"\nport = 111\nbackend = "10.0.2.11:111"\n'
+    nfs, mount, pm = load_config(write(tmp_path, text)).services
+    assert nfs.ports == (2049,) and mount.ports == (20048,) and pm.ports == (111,)
+
+
+def test_explicit_duplicate_ports_stay_an_error(tmp_path):
+    text = TWO_NFS.replace('port = 20048\n', 'port = 20048\nextra_ports = [111]\n')
+    problems = problems_of(tmp_path, text.replace('port = 2049\n', 'port = 2049\nextra_ports = [111]\n'))
+    assert problems == ["service[1].extra_ports[0]: port 111 is already proxied by service[0]"], problems
+
+
 @pytest.mark.parametrize("old, new, expected", [
     ('name = "a"', 'name = ""', "node.name: must not be empty"),
     ('name = "a"', 'name = "a b"', "node.name: 'a b' is not a valid name"),
@@ -150,7 +183,7 @@ def test_unreadable_files(tmp_path):
     assert "cannot read" in info.value.problems[0]
 
 
-@pytest.mark.parametrize("text, seconds", [("20ms", 0.02), ("1.5s", 1.5), ("2m", 120.0), ("3", 3.0), (5, 5.0),
+@pytest.mark.parametrize("text, seconds", [("20ms", 0.02), ("1.5s", 1.5), ("2m", 120.0), (5, 5.0),
                                            (0.25, 0.25), (" 10 ms ", 0.01)])
 def test_durations(text, seconds):
     assert parse_duration(text) == pytest.approx(seconds)
@@ -160,6 +193,20 @@ def test_durations(text, seconds):
 def test_bad_durations(bad):
     with pytest.raises(ValueError):
         parse_duration(bad)
+
+
+def test_a_quoted_duration_without_unit_is_refused_on_its_own_key(tmp_path):
+    """``heartbeat = "20"`` used to be 20 s, and the error then blamed dead_after."""
+    problems = problems_of(tmp_path, PAIR.replace('heartbeat = "20ms"', 'heartbeat = "20"'))
+    assert problems == ["pair.heartbeat: '20' needs a unit: '20ms' or '20s'?"], problems
+    with pytest.raises(ValueError, match="needs a unit"):
+        parse_duration("1.5")
+
+
+def test_dead_after_problem_shows_the_heartbeat_it_compares_with(tmp_path):
+    problems = problems_of(tmp_path, PAIR.replace('heartbeat = "20ms"', 'heartbeat = "1s"'))
+    assert problems == ["pair.dead_after: 100ms must be at least two heartbeats (pair.heartbeat is 1000ms), "
+                        "or one late heartbeat is a takeover"], problems
 
 
 def test_endpoint():
@@ -229,6 +276,17 @@ def test_peer_and_pair_come_together(tmp_path):
     assert "peer: missing table" in problems_of(tmp_path, only_pair)
 
 
-def test_the_shipped_example_config_is_valid():
-    config = load_config(Path(__file__).parent.parent / "deploy" / "example-a.toml")
-    assert config.peer.name == "b" and config.pair.mode == "stateless"
+def test_the_shipped_example_configs_are_valid_and_each_others_mirror():
+    """deploy/example-a.toml and example-b.toml describe one pair: what one node calls its own, the
+    other calls its peer's; services, key and [pair] are the same."""
+    deploy = Path(__file__).parent.parent / "deploy"
+    a, b = load_config(deploy / "example-a.toml"), load_config(deploy / "example-b.toml")
+    assert (a.node.name, b.node.name) == ("a", "b") and a.pair.mode == "stateless"
+    for one, other in ((a, b), (b, a)):
+        assert one.peer.name == other.node.name
+        assert one.peer.address == other.node.address.ip
+        assert one.peer.link == other.peer.listen
+        assert one.node.state_dir.name == one.node.name and one.node.control.stem == one.node.name
+    assert a.node.address.network == b.node.address.network and a.node.interface == b.node.interface
+    assert a.services == b.services and a.pair == b.pair and a.peer.key_file == b.peer.key_file
+    assert (a.peer.probe_port, a.peer.macvlan, b.peer.macvlan) == (b.peer.probe_port, "pp-b", "pp-a")

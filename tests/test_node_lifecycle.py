@@ -184,7 +184,9 @@ def test_check_and_run_report_problems_with_key_paths(lab, tmp_path):
         cp = run_cli(lab, lab.ns_b, command, "-c", str(bad))
         assert cp.returncode == 1
         lines = cp.stderr.strip().splitlines()
-        assert lines == ["pairproxy: service[0].port: port 0 is outside 1-65535"], lines
+        # all at once: the config's problem does not hide the machine's
+        assert lines[0] == "pairproxy: service[0].port: port 0 is outside 1-65535", lines
+        assert lines[1].startswith("pairproxy: node.interface: no interface 'eth9'") and len(lines) == 2, lines
     bad.write_text(good.read_text().replace('interface = "eth0"', 'interface = "eth9"'))
     for command in ("check", "run"):
         cp = run_cli(lab, lab.ns_b, command, "-c", str(bad))
@@ -199,12 +201,12 @@ def test_port_in_use_and_second_node_fail_cleanly(lab, tmp_path):
     with NodeProcess(lab, "b", config, log=tmp_path / "node.log"):
         cp = run_cli(lab, lab.ns_b, "run", "-c", str(config))
         assert cp.returncode == 1
-        assert "another node is already running with this control socket" in cp.stderr
+        assert "node b is already running (its control socket" in cp.stderr
         other = tmp_path / "other.toml"
         other.write_text(config.read_text().replace("node-b", "node-b2"))
         cp = run_cli(lab, lab.ns_b, "run", "-c", str(other))
         assert cp.returncode == 1
-        assert "Address already in use" in cp.stderr and "Traceback" not in cp.stderr
+        assert "another node serving" in cp.stderr and "Traceback" not in cp.stderr
         # the first node still serves
         assert lab.run(lab.ns_client, [sys.executable, "-c", CLIENT_CONNECT.replace("s.recv(100)", "b''"),
                                        lab.addresses.service_b, "445"]).returncode == 0

@@ -1,0 +1,130 @@
+"""A node installed as documented (deploy/install-host.sh) with exactly the systemd unit's privileges: a non-root user whose only capabilities are
+CAP_NET_ADMIN, CAP_NET_RAW and CAP_NET_BIND_SERVICE (ambient, and nothing else in the bounding set),
+with no_new_privs, as deploy/systemd/pairproxy@.service grants them. It takes over its peer's address
+(macvlan with the peer's MAC, sysctls, gratuitous ARP, ports below 1024) and serves a client.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from deploy.lab.clients import NodeProcess, SmbHolder, serving
+
+from .test_instance_lab import CLIENT_CONNECT
+from .test_pair_lab import standing_by
+
+pytestmark = pytest.mark.lab
+
+UNIT = Path(__file__).parent.parent / "deploy" / "systemd" / "pairproxy@.service"
+NOBODY = 65534
+
+
+def unit_capabilities() -> set[str]:
+    """The capabilities the unit grants (AmbientCapabilities=), which must equal its bounding set."""
+    lines = dict(line.split("=", 1) for line in UNIT.read_text().splitlines()
+                 if line.startswith(("AmbientCapabilities=", "CapabilityBoundingSet=")))
+    ambient = set(lines["AmbientCapabilities="[:-1]].split())
+    assert ambient == set(lines["CapabilityBoundingSet="[:-1]].split())
+    return ambient
+
+
+class UnprivilegedNode(NodeProcess):
+    """The binary of the documented host install (``/usr/local/bin/pairproxy`` below ``root``), run as
+    user nobody with only the unit's capabilities (setpriv, as systemd does)."""
+
+    def __init__(self, *args, root: Path, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.root = root
+
+    def _cli(self, *args: str) -> list[str]:
+        caps = ",".join("+" + c.removeprefix("CAP_").lower() for c in sorted(unit_capabilities()))
+        return ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+                f"--inh-caps=-all,{caps}", f"--ambient-caps=-all,{caps}", f"--bounding-set=-all,{caps}",
+                "--no-new-privs", str(self.root / "usr/local/bin/pairproxy"), *args]
+
+
+@pytest.fixture
+def private_dir():
+    path = Path(tempfile.mkdtemp(prefix="pairproxy-caps-", dir="/var/tmp"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def connections_to(status: dict, address: str) -> list[dict]:
+    return [c for c in status.get("connections", []) if c["server"].startswith(address + ":")]
+
+
+@pytest.mark.parametrize("mode", ["stateless", "stateful"])
+def test_a_node_with_only_the_units_capabilities_takes_over_and_serves(lab, host_install, private_dir, tmp_path,
+                                                                        mode):
+    """Stateless: macvlan, sysctls, ARP, ports below 1024. Stateful adds the snooper (AF_PACKET with
+    SO_RCVBUFFORCE, in the observer child, which gets the capabilities as ambient ones) and the
+    resets of the dead peer's clients (raw IP)."""
+    assert unit_capabilities() == {"CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_NET_BIND_SERVICE"}
+    key = private_dir / "pair.key"
+    shutil.copy(lab.pair_key_path, key)
+    state = private_dir / "state"
+    state.mkdir()
+    for path in (key, state):
+        os.chown(path, NOBODY, NOBODY)
+    key.chmod(0o600)
+    original = lab.node_config_path("b", pair=True, mode=mode)
+    config = private_dir / "b.toml"
+    text = original.read_text().replace(str(original.parent / f"{'pair' if mode == 'stateless' else mode}-node-b"),
+                                        str(state))
+    assert str(state) in text
+    config.write_text(text.replace(str(lab.pair_key_path), str(key)))
+
+    a = NodeProcess(lab, "a", pair=True, mode=mode, log=tmp_path / "a.log")
+    b = UnprivilegedNode(lab, "b", config=config, log=tmp_path / "b.log", root=host_install)
+    lab.run(lab.ns_a, ["ip", "link", "set", "eth0", "up"])
+    holder = None
+    if mode == "stateful":
+        lab.flood(True)
+    try:
+        b.start()
+        status = Path(f"/proc/{b.pid}/status").read_text()
+        uid = next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1:]
+        cap_eff = int(next(line for line in status.splitlines() if line.startswith("CapEff:")).split()[1], 16)
+        assert uid == [str(NOBODY)] * 4
+        assert cap_eff == (1 << 10) | (1 << 12) | (1 << 13), hex(cap_eff)  # bind_service, net_admin, net_raw
+        a.start()
+        b.wait_for(serving(lab.addresses.service_b, "b"), 10, "b serving its address")
+        b.wait_for(standing_by, 10, "b standing by, link up")
+        if mode == "stateful":
+            b.wait_for(lambda s: s["pair"]["state_sync"]["observer"] == "running", 10, "observer running")
+            a.wait_for(serving(lab.addresses.service_a, "a"), 10, "a serving")
+            holder = SmbHolder(lab, lab.addresses.service_a, "caps-hold.bin")
+            b.wait_for(lambda s: any(o["path"] == "caps-hold.bin" for c in connections_to(s, lab.addresses.service_a)
+                                     for o in c["opens"]), 5, "b snooping a's client")
+
+        a.kill_hard(link_down=True)
+        st = b.wait_for(serving(lab.addresses.service_a, "b"), 5, "b holding a's address")
+        if mode == "stateful":
+            assert st["pair"]["takeovers"][-1]["clients_reset"] >= 1, st["pair"]["takeovers"][-1]
+        for address in (lab.addresses.service_a, lab.addresses.service_b):
+            cp = lab.run(lab.ns_client, [sys.executable, "-c", CLIENT_CONNECT.replace("s.recv(100)", "b''"),
+                                         address, "445"], capture_output=True, text=True)
+            assert cp.returncode == 0, (address, cp.stderr)
+        assert b.stop(20) == 0, (tmp_path / "b.log").read_text()[-2000:]
+        assert lab.run(lab.ns_b, ["ip", "link", "show", "pp-a"], capture_output=True).returncode != 0, \
+            "b could not remove its macvlan"
+        log = (tmp_path / "b.log").read_text()
+        assert "Permission denied" not in log and "Operation not permitted" not in log, log[-2000:]
+    finally:
+        if holder is not None:
+            holder.close()
+        b.kill()
+        a.kill()
+        a.link_up()
+        if mode == "stateful":
+            lab.flood(False)
