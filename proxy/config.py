@@ -56,6 +56,11 @@ class ServiceConfig:
     def ports(self) -> tuple[int, ...]:
         return (self.port, *self.extra_ports)
 
+    def backend_port(self, port: int) -> int:
+        """Where a client's ``port`` goes on the backend host: the main port to ``backend``'s port,
+        each extra port to its own number."""
+        return self.backend.port if port == self.port else port
+
     @property
     def privileged_source_port(self) -> bool:
         """NFS servers with ``secure`` exports only accept clients from ports below 1024."""

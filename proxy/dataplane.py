@@ -86,7 +86,9 @@ def listen_socket(address: ipaddress.IPv4Address, port: int) -> trio.socket.Sock
 
 async def connect_backend(service: ServiceConfig, source: ipaddress.IPv4Address,
                           port: int) -> trio.socket.SocketType:
-    """Connect to the backend's ``port`` from ``source``; raise BackendUnavailable on failure."""
+    """Connect to where the client's ``port`` goes on the backend (see ``ServiceConfig.backend_port``)
+    from ``source``; raise BackendUnavailable on failure."""
+    port = service.backend_port(port)
     target = (str(service.backend.host), port)
     sources = ([(str(source), p) for p in random.sample(RESERVED_PORTS, len(RESERVED_PORTS))]
                if service.privileged_source_port else [(str(source), 0)])

@@ -271,7 +271,7 @@ class Node:
         except ConfigError:
             services = ()
         services = services or self.config.services
-        return sorted({(str(s.backend.host), p) for s in services for p in s.ports})
+        return sorted({(str(s.backend.host), s.backend_port(p)) for s in services for p in s.ports})
 
     async def _start_stateful(self, nursery: trio.Nursery) -> None:
         """Snoop both addresses from the start (patent FIG. 3): the own one as the active node sees
