@@ -36,3 +36,28 @@ def test_backend_port_main_and_extra(tmp_path):
     smb, = load(tmp_path, BASE).services
     assert smb.backend_port(4450) == 445      # the main port goes where backend says
     assert smb.backend_port(4451) == 4451     # extra ports keep their numbers
+
+
+def test_secure_key(tmp_path):
+    nfs = BASE + '\n[[service]]\nname = "nfs"\nprotocol = "nfs"\nport = 2049\nbackend = "10.0.2.10:2049"\n'
+    assert load(tmp_path, nfs).services[1].privileged_source_port            # nfs: below 1024 by default
+    open_nfs = load(tmp_path, nfs + "secure = false\n").services[1]
+    assert not open_nfs.privileged_source_port
+    assert load(tmp_path, BASE + "secure = true\n").services[0].privileged_source_port
+    with pytest.raises(ConfigError) as info:
+        load(tmp_path, nfs + 'secure = "no"\n')
+    assert info.value.problems == ["service[1].secure: expected true or false, got 'no'"]
+    # the peer learns it from the hello; an unset key is not sent (older peers reject unknown keys)
+    assert services_from_dicts([service_to_dict(open_nfs)])[0] == open_nfs
+    assert "secure" not in service_to_dict(load(tmp_path, nfs).services[1])
+
+
+def test_source_ports_least_recently_used_first():
+    from proxy.dataplane import SourcePorts
+
+    pool = SourcePorts(range(700, 704))
+    taken = [pool.take() for _ in range(4)]
+    assert sorted(taken) == [700, 701, 702, 703] and pool.take() is None and len(pool) == 0
+    pool.give_back(taken[2])
+    pool.give_back(taken[0])
+    assert pool.take() == taken[2] and pool.take() == taken[0] and pool.take() is None

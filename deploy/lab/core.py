@@ -480,6 +480,7 @@ NFS_CORE_PARAM {{
     Enable_RQUOTA = false;
     Enable_UDP = false;
     Protocols = 3, 4;
+    RPC_Max_Connections = 10000;
 }}
 NFS_KRB5 {{
     Active_krb5 = false;
