@@ -78,6 +78,7 @@ def _setup_logging(level: str) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from proxy.control import ControlError
+    from proxy.fds import raise_nofile_limit
     from proxy.netplane import NetworkError
     from proxy.node import Node
 
@@ -86,6 +87,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         _print_problems(problems)
         return EXIT_PROBLEM
     _setup_logging(args.log_level or config.node.log_level)
+    raise_nofile_limit()  # the usual soft 1024 would cap the node at a few hundred connections
     if config.peer is not None:
         # first thing, before the slow imports: an address a killed run left would make this kernel
         # answer (and reset) clients the peer is serving now

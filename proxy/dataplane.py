@@ -28,6 +28,7 @@ from typing import Iterable
 import trio
 
 from proxy.config import ServiceConfig
+from proxy.fds import BUDGET, FdBudget
 from proxy.pump import ConnectionLost, splice_pump
 
 log = logging.getLogger("pairproxy.data")
@@ -38,6 +39,12 @@ IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 #: Source ports tried for privileged (NFS) backend connections: the range Linux NFS clients use too.
 RESERVED_PORTS = range(665, 1024)
+#: Descriptors a proxied connection holds for its whole life: the client and the backend socket.
+FDS_PER_CONNECTION = 2
+#: Descriptors kept free when accepting, so that accepted connections still get pipes to move bytes.
+PIPE_HEADROOM = 64
+#: Errors that mean "out of descriptors" (or the kernel's socket memory), not a bug.
+OUT_OF_FDS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
 @dataclass
@@ -55,6 +62,12 @@ class ServiceStats:
     #: connections refused because every source port below 1024 towards the backend was in use
     #: (a ``secure`` service; also counted in backend_failures, the text in last_backend_error)
     source_ports_exhausted: int = 0
+    #: not accepting now: the process is near its descriptor limit (new clients wait in the backlog)
+    fd_limit_paused: bool = False
+    #: how often accepting stopped for that reason
+    fd_limit_pauses: int = 0
+    #: connections closed because a descriptor could not be had after all (should stay 0)
+    fd_errors: int = 0
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -203,10 +216,12 @@ async def connect_backend(service: ServiceConfig, source: ipaddress.IPv4Address,
 class ServiceProxy:
     """Proxies one service: accepts on its ports, pumps each connection to the backend."""
 
-    def __init__(self, service: ServiceConfig, address: ipaddress.IPv4Address):
+    def __init__(self, service: ServiceConfig, address: ipaddress.IPv4Address, budget: FdBudget = BUDGET):
         self.service = service
         self.address = address
+        self.budget = budget
         self.stats = ServiceStats()
+        self._paused_ports = 0
         self.connections: set[Connection] = set()
         self._listeners: list[tuple[int, trio.socket.SocketType]] = []
         #: trio time of the first accepted client connection (takeover timing: first client served)
@@ -267,14 +282,40 @@ class ServiceProxy:
         finally:
             self.close_listeners()
 
+    async def _room_to_accept(self, port: int) -> None:
+        """Wait until a new connection's descriptors fit; while they do not, this port does not
+        accept (the kernel keeps completing handshakes into the listen backlog) and status says so."""
+        if self.budget.try_acquire(FDS_PER_CONNECTION, PIPE_HEADROOM):
+            return
+        self._paused_ports += 1
+        if self._paused_ports == 1:
+            self.stats.fd_limit_paused = True
+            self.stats.fd_limit_pauses += 1
+            log.warning("%s: near the descriptor limit (%d of %d held by %d connections): not accepting "
+                        "until connections end; new clients wait in the listen backlog",
+                        self.service.name, self.budget.used, self.budget.capacity(), self.stats.connections_active)
+        try:
+            await self.budget.acquire(FDS_PER_CONNECTION, PIPE_HEADROOM)
+        finally:
+            self._paused_ports -= 1
+            if self._paused_ports == 0:
+                self.stats.fd_limit_paused = False
+                log.info("%s: accepting again", self.service.name)
+
     async def _accept_one_port(self, port: int, listener: trio.socket.SocketType,
                                connections: trio.Nursery) -> None:
         while True:
+            await self._room_to_accept(port)
             try:
                 client, peer = await listener.accept()
-            except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    log.error("%s: accept on port %d: %s; pausing 100 ms", self.service.name, port, exc)
+            except BaseException as exc:
+                self.budget.release(FDS_PER_CONNECTION)
+                if not isinstance(exc, OSError):
+                    raise
+                if exc.errno in OUT_OF_FDS:
+                    # outside the budget's view (the rest of the process took more than its reserve)
+                    self.stats.fd_errors += 1
+                    self._warn("%s: accept on port %d: %s; pausing 100 ms", self.service.name, port, exc.strerror)
                     await trio.sleep(0.1)
                     continue
                 if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
@@ -282,10 +323,16 @@ class ServiceProxy:
                 raise
             if self.first_client_at is None:
                 self.first_client_at = trio.current_time()
-            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             connections.start_soon(self._proxy, client, peer, port)
 
     async def _proxy(self, client: trio.socket.SocketType, peer: tuple[str, int], port: int) -> None:
+        """One client connection, holding FDS_PER_CONNECTION of the budget until it ends."""
+        try:
+            await self._proxy_held(client, peer, port)
+        finally:
+            self.budget.release(FDS_PER_CONNECTION)
+
+    async def _proxy_held(self, client: trio.socket.SocketType, peer: tuple[str, int], port: int) -> None:
         conn = Connection(client=peer, port=port)
         stats = self.stats
         stats.connections_total += 1
@@ -296,6 +343,7 @@ class ServiceProxy:
         source_ports = self.source_ports(port)
         held_port: int | None = None
         try:
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             try:
                 backend = await connect_backend(self.service, self.address, port, source_ports)
                 if source_ports is not None:
@@ -324,6 +372,14 @@ class ServiceProxy:
             except* ConnectionLost as group:
                 stats.connections_reset += 1
                 log.debug("%s: client %s:%d: %s", self.service.name, *peer, group.exceptions[0])
+        except OSError as exc:
+            if exc.errno not in OUT_OF_FDS:
+                stats.internal_errors += 1
+                log.exception("%s: client %s:%d: internal error; connection closed", self.service.name, *peer)
+            else:
+                # the budget should prevent this; if the rest of the process used more, say so briefly
+                stats.fd_errors += 1
+                self._warn("%s: client %s:%d: %s; connection closed", self.service.name, *peer, exc.strerror)
         except Exception:
             # A bug in handling one connection must not take the node and every other client down.
             stats.internal_errors += 1

@@ -61,3 +61,65 @@ def test_source_ports_least_recently_used_first():
     pool.give_back(taken[2])
     pool.give_back(taken[0])
     assert pool.take() == taken[2] and pool.take() == taken[0] and pool.take() is None
+
+
+def test_budget_waits_for_room():
+    import trio
+    import trio.testing
+
+    from proxy.fds import FdBudget
+
+    async def main():
+        budget = FdBudget(reserve=0)
+        cap = budget.capacity()
+        assert budget.try_acquire(cap - 4)
+        assert not budget.fits(4, headroom=1) and budget.fits(4)
+        got = []
+
+        async def waiter():
+            await budget.acquire(6)
+            got.append(trio.current_time())
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(waiter)
+            await trio.sleep(1)
+            assert not got                       # 6 do not fit while only 4 are free
+            budget.release(2)
+        assert got == [1.0] and budget.used == cap
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_pump_lends_pipes_only_while_bytes_are_in_them():
+    """Idle connections hold no pipe; pipes come back empty and are reused; the budget counts them."""
+    import socket
+
+    import trio
+
+    from proxy.fds import FdBudget
+    from proxy.pump import PipePool, splice_pump
+
+    async def main():
+        budget = FdBudget(reserve=0)
+        pipes = PipePool(budget, keep=1)
+        pairs = [trio.socket.from_stdlib_socket(s) for _ in range(2) for s in socket.socketpair()]
+        a_out, a_in, b_out, b_in = pairs          # a_in -> pump -> b_out; read at b_in
+        moved = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(splice_pump, a_in, b_out, moved.append, pipes)
+            await trio.sleep(0.05)
+            assert budget.used == 0 and pipes.opened == 0   # idle: no pipe yet
+            for i in range(20):
+                await a_out.send(b"x" * 1000)
+                assert await b_in.recv(2000) == b"x" * 1000
+            await trio.sleep(0.05)
+            assert pipes.opened == 1 and pipes.idle == 1 and budget.used == 2   # one pipe, reused, back
+            a_out.shutdown(socket.SHUT_WR)
+        assert await b_in.recv(10) == b""                 # EOF passed on
+        assert sum(moved) == 20_000
+        pipes.close()
+        assert budget.used == 0
+        for s in pairs:
+            s.close()
+
+    trio.run(main)

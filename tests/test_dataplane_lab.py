@@ -174,3 +174,97 @@ extra_ports = []
         node.wait_for(lambda s: all(x["connections_active"] == 0 for x in s["services"]), 10, "all closed")
         assert clients(lab, "--rpc", NFS3, "short", host, "12049", "50", "50")["ok"] == 50
     assert "Traceback" not in (tmp_path / "node.log").read_text()
+
+
+@pytest.fixture
+def echo_server(lab):
+    """An echo server on the lab server's port 7777 (tcp_clients.py echo-server), stopped after."""
+    proc = lab.popen(lab.ns_server, [sys.executable, str(TCP_CLIENTS), "echo-server", lab.addresses.server, "7777"],
+                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready", proc.stderr.read()[-1000:]
+        yield f"{lab.addresses.server}:7777"
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+def echo_service(backend: str) -> str:
+    return f'\n[[service]]\nname = "echo"\nprotocol = "tcp"\nport = 7777\nbackend = "{backend}"\n'
+
+
+def fds_of(pid: int) -> int:
+    return len(list(Path(f"/proc/{pid}/fd").iterdir()))
+
+
+def rss_kib(pid: int) -> int:
+    line = next(l for l in Path(f"/proc/{pid}/status").read_text().splitlines() if l.startswith("VmRSS:"))
+    return int(line.split()[1])
+
+
+def test_9000_idle_connections(lab, tmp_path, echo_server):
+    """9,000 connections open at once through one node (hard limit 20,000 descriptors): all served,
+    two descriptors each while idle, all closed cleanly, nothing left behind."""
+    config = node_config(lab, tmp_path, echo_service(echo_server))
+    host = lab.addresses.service_a
+    with NodeProcess(lab, "a", config=config, log=tmp_path / "node.log") as node:
+        fds_before, rss_before = fds_of(node.pid), rss_kib(node.pid)
+        many = hold(lab, host, 7777, 9000)
+        try:
+            opened = json.loads(many.stdout.readline())
+            assert opened["open"] == 9000, opened
+            echo = service_status(node, "echo")
+            assert echo["connections_active"] == 9000 and not echo["fd_limit_paused"], echo
+            per_connection = (fds_of(node.pid) - fds_before) / 9000
+            assert per_connection <= 2.02, per_connection
+            print(f"\n9000 idle: {opened['seconds']} s to open, {per_connection:.3f} fds and "
+                  f"{(rss_kib(node.pid) - rss_before) / 9000:.1f} KiB RSS per connection")
+            closed = release(many)
+            assert closed["closed_cleanly"] == 9000, closed
+        finally:
+            many.kill()
+            many.wait()
+        node.wait_for(lambda s: service_status_in(s, "echo")["connections_active"] == 0, 30, "all closed")
+        echo = service_status(node, "echo")
+        assert echo["connections_reset"] == 0 and echo["backend_failures"] == 0 and echo["fd_errors"] == 0
+        # what the connections held is closed again (a few idle pipes may stay for the next reads)
+        assert fds_of(node.pid) <= fds_before + 64
+    log = (tmp_path / "node.log").read_text()
+    assert "Traceback" not in log and "Too many open files" not in log
+
+
+def service_status_in(status: dict, name: str) -> dict:
+    return next(s for s in status["services"] if s["name"] == name)
+
+
+def test_near_the_descriptor_limit_clients_wait_instead_of_reset(lab, tmp_path, echo_server):
+    """With a low descriptor limit the node stops accepting (status says so) and the clients beyond
+    it wait in the listen backlog; when earlier connections end, they are served. None is reset."""
+    config = node_config(lab, tmp_path, echo_service(echo_server))
+    host = lab.addresses.service_a
+    with NodeProcess(lab, "a", config=config, log=tmp_path / "node.log") as node:
+        subprocess.run(["prlimit", f"--pid={node.pid}", "--nofile=600:600"], check=True)
+        first = hold(lab, host, 7777, 150)
+        second = None
+        try:
+            assert json.loads(first.stdout.readline())["open"] == 150
+            second = hold(lab, host, 7777, 200)
+            status = node.wait_for(lambda s: service_status_in(s, "echo")["fd_limit_paused"], 20, "paused")
+            echo = service_status_in(status, "echo")
+            waiting = 350 - echo["connections_active"]
+            assert echo["fd_limit_pauses"] == 1 and 20 <= waiting < 200, echo
+            assert release(first)["closed_cleanly"] == 150
+            opened = json.loads(second.stdout.readline())      # the waiting ones are served now
+            assert opened["open"] == 200, opened
+            assert not service_status(node, "echo")["fd_limit_paused"]
+            assert release(second)["closed_cleanly"] == 200
+        finally:
+            for proc in (first, second):
+                if proc is not None:
+                    proc.kill()
+                    proc.wait()
+        echo = service_status(node, "echo")
+        assert echo["connections_reset"] == 0 and echo["fd_errors"] == 0 and echo["backend_failures"] == 0
+    log = (tmp_path / "node.log").read_text()
+    assert "not accepting until connections end" in log
+    assert "Traceback" not in log and "Too many open files" not in log
