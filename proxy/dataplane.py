@@ -187,10 +187,11 @@ async def connect_backend(service: ServiceConfig, source: ipaddress.IPv4Address,
         except BaseException:
             sock.close()
             raise
+    busy = 0
     for _ in range(len(source_ports)):
+        sock = _backend_socket()
         bound = source_ports.take()
         assert bound is not None
-        sock = _backend_socket()
         try:
             try:
                 sock._sock.bind((str(source), bound))
@@ -200,6 +201,7 @@ async def connect_backend(service: ServiceConfig, source: ipaddress.IPv4Address,
                     # in use by someone else, or a TIME_WAIT we may not reuse: try it again later
                     source_ports.give_back(bound)
                     sock.close()
+                    busy += 1
                     continue
                 raise BackendUnavailable(f"{where}: {exc.strerror}") from None
             return sock
@@ -207,10 +209,12 @@ async def connect_backend(service: ServiceConfig, source: ipaddress.IPv4Address,
             source_ports.give_back(bound)
             sock.close()
             raise
+    held = source_ports.size - len(source_ports)
     raise SourcePortsExhausted(
-        f"no free source port below 1024 on {source} towards {where}: all {source_ports.size} ports "
-        f"({RESERVED_PORTS.start}-{RESERVED_PORTS.stop - 1}) are held by open connections "
-        f"(secure = false lifts this limit if the export allows any source port)")
+        f"no free source port below 1024 on {source} towards {where}: of {source_ports.size} ports "
+        f"({RESERVED_PORTS.start}-{RESERVED_PORTS.stop - 1}) {held} are held by open connections"
+        + (f" and {busy} are busy elsewhere (other sockets, or TIME_WAIT without TCP timestamps)" if busy else "")
+        + " (secure = false lifts this limit if the export allows any source port)")
 
 
 class ServiceProxy:
