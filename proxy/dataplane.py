@@ -286,7 +286,7 @@ class ServiceProxy:
         finally:
             self.close_listeners()
 
-    async def _room_to_accept(self, port: int) -> None:
+    async def _room_to_accept(self) -> None:
         """Wait until a new connection's descriptors fit; while they do not, this port does not
         accept (the kernel keeps completing handshakes into the listen backlog) and status says so."""
         if self.budget.try_acquire(FDS_PER_CONNECTION, PIPE_HEADROOM):
@@ -295,21 +295,21 @@ class ServiceProxy:
         if self._paused_ports == 1:
             self.stats.fd_limit_paused = True
             self.stats.fd_limit_pauses += 1
-            log.warning("%s: near the descriptor limit (%d of %d held by %d connections): not accepting "
-                        "until connections end; new clients wait in the listen backlog",
-                        self.service.name, self.budget.used, self.budget.capacity(), self.stats.connections_active)
+            self._warn("%s: near the descriptor limit (%d of %d held by %d connections): not accepting "
+                       "until connections end; new clients wait in the listen backlog",
+                       self.service.name, self.budget.used, self.budget.capacity(), self.stats.connections_active)
         try:
             await self.budget.acquire(FDS_PER_CONNECTION, PIPE_HEADROOM)
         finally:
             self._paused_ports -= 1
             if self._paused_ports == 0:
                 self.stats.fd_limit_paused = False
-                log.info("%s: accepting again", self.service.name)
+                log.debug("%s: accepting again", self.service.name)  # status shows it; no log flood at the limit
 
     async def _accept_one_port(self, port: int, listener: trio.socket.SocketType,
                                connections: trio.Nursery) -> None:
         while True:
-            await self._room_to_accept(port)
+            await self._room_to_accept()
             try:
                 client, peer = await listener.accept()
             except BaseException as exc:
