@@ -123,3 +123,18 @@ def test_pump_lends_pipes_only_while_bytes_are_in_them():
             s.close()
 
     trio.run(main)
+
+
+def test_raise_nofile_limit_to_hard():
+    """pairproxy run starts by raising the soft descriptor limit to the hard one."""
+    import subprocess
+    import sys
+
+    code = ("import resource; from proxy.fds import raise_nofile_limit; "
+            "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE); "
+            "resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard)); "
+            "old, new = raise_nofile_limit(); "
+            "assert (old, new) == (256, hard) == (256, resource.getrlimit(resource.RLIMIT_NOFILE)[0]), (old, new)")
+    cp = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                        cwd=Path(__file__).resolve().parent.parent)
+    assert cp.returncode == 0, cp.stderr
