@@ -91,6 +91,7 @@ def _setup_logging(level: str) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from proxy.control import ControlError
     from proxy.instance import AlreadyRunning, InstanceLock
+    from proxy.fds import raise_nofile_limit
     from proxy.netplane import NetworkError
     from proxy.node import Node
 
@@ -107,6 +108,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         _print_problems([f"cannot run: {exc}"])
         return EXIT_PROBLEM
     _setup_logging(args.log_level or config.node.log_level)
+    raise_nofile_limit()  # the usual soft 1024 would cap the node at a few hundred connections
     if config.peer is not None:
         # first thing, before the slow imports: an address a killed run left would make this kernel
         # answer (and reset) clients the peer is serving now
@@ -216,6 +218,11 @@ def format_status(status: NodeStatus) -> str:
             f"{_human_bytes(s.bytes_to_client):>11} {s.backend_failures:>6}")
         if s.last_backend_error:
             lines.append(f"{'':<10} last backend error: {s.last_backend_error}")
+        if s.fd_limit_paused:
+            lines.append(f"{'':<10} NOT ACCEPTING: near the file descriptor limit (new clients wait in the backlog)")
+        if s.source_ports_exhausted:
+            lines.append(f"{'':<10} {s.source_ports_exhausted} clients refused: no free source port below 1024 "
+                         f"(secure = false lifts the limit where the export allows it)")
     pair = status.pair
     if pair:
         link = pair.link

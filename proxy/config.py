@@ -59,15 +59,23 @@ class ServiceConfig:
     #: (for NFS: the portmapper and a pinned mountd port).
     extra_ports: tuple[int, ...] = ()
     connect_timeout: float = 3.0
+    #: Connect to the backend from a source port below 1024 (None: yes for NFS, whose ``secure``
+    #: exports refuse other ports; ``false`` lifts the ceiling of ~360 connections per backend port).
+    secure: bool | None = None
 
     @property
     def ports(self) -> tuple[int, ...]:
         return (self.port, *self.extra_ports)
 
+    def backend_port(self, port: int) -> int:
+        """Where a client's ``port`` goes on the backend host: the main port to ``backend``'s port,
+        each extra port to its own number."""
+        return self.backend.port if port == self.port else port
+
     @property
     def privileged_source_port(self) -> bool:
         """NFS servers with ``secure`` exports only accept clients from ports below 1024."""
-        return self.protocol == "nfs"
+        return self.protocol == "nfs" if self.secure is None else self.secure
 
 
 @dataclass(frozen=True)
@@ -295,6 +303,12 @@ def _port_list(value: Any) -> tuple[int, ...]:
     return tuple(ports)
 
 
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {value!r}")
+    return value
+
+
 def _positive_duration(value: Any) -> float:
     seconds = parse_duration(value)
     if seconds == 0:
@@ -319,7 +333,7 @@ def _ipv4(value: Any) -> ipaddress.IPv4Address:
 PEER_KEYS = {"name", "address", "link", "listen", "key_file", "probe_port", "macvlan"}
 PAIR_KEYS = {"mode", "heartbeat", "dead_after", "claim_wait"}
 NODE_KEYS = {"name", "interface", "address", "state_dir", "control", "grace", "log_level", "metrics"}
-SERVICE_KEYS = {"name", "protocol", "port", "backend", "extra_ports", "connect_timeout"}
+SERVICE_KEYS = {"name", "protocol", "port", "backend", "extra_ports", "connect_timeout", "secure"}
 TOP_KEYS = {"node", "service", "peer", "pair"}
 
 
@@ -365,6 +379,7 @@ def _parse_services(r: _Reader, raw_services: Any, where: str) -> list[ServiceCo
             extra_ports=r.value(svc, "extra_ports", path, _port_list, default_extra),
             connect_timeout=r.value(svc, "connect_timeout", path, _positive_duration, 3.0),
         )
+        secure = r.value(svc, "secure", path, _bool, None)
         if values["name"] is not None:
             if values["name"] in names:
                 r.problem(f"{path}.name", f"{values['name']!r} is already used by {where}[{names[values['name']]}]")
@@ -382,16 +397,19 @@ def _parse_services(r: _Reader, raw_services: Any, where: str) -> list[ServiceCo
                     ports[port] = f"{path}"
                 seen_here.add(port)
         if all(v is not None for v in values.values()):
-            services.append(ServiceConfig(**values))
+            services.append(ServiceConfig(**values, secure=secure))
 
     return services
 
 
 def service_to_dict(service: ServiceConfig) -> dict:
     """A service as plain data (for the peer's hello), readable back with :func:`services_from_dicts`."""
-    return {"name": service.name, "protocol": service.protocol, "port": service.port,
-            "backend": str(service.backend), "extra_ports": list(service.extra_ports),
-            "connect_timeout": service.connect_timeout}
+    d = {"name": service.name, "protocol": service.protocol, "port": service.port,
+         "backend": str(service.backend), "extra_ports": list(service.extra_ports),
+         "connect_timeout": service.connect_timeout}
+    if service.secure is not None:  # only when set: a peer of the previous version rejects unknown keys
+        d["secure"] = service.secure
+    return d
 
 
 def services_from_dicts(raw: Any, where: str = "peer.services") -> tuple[ServiceConfig, ...]:

@@ -7,7 +7,9 @@ ports) on one service address, and turns every accepted client connection into t
 Why the backend connection leaves from the *service* address (not the node's own address): the
 backend then sees the same source for a service whichever node serves it, so when the address moves
 to the peer, new backend connections look the same to the file server (and to its export rules).
-NFS backends get a source port below 1024 because servers with ``secure`` exports refuse others.
+NFS backends get a source port below 1024 because servers with ``secure`` exports refuse others
+(see :class:`SourcePorts` for how 359 such ports serve any number of short connections; a service
+with ``secure = false`` lets the kernel pick any port instead).
 """
 
 from __future__ import annotations
@@ -19,11 +21,14 @@ import random
 import socket
 import struct
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Iterable
 
 import trio
 
 from proxy.config import ServiceConfig
+from proxy.fds import BUDGET, FdBudget
 from proxy.pump import ConnectionLost, splice_pump
 
 log = logging.getLogger("pairproxy.data")
@@ -34,6 +39,12 @@ IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 #: Source ports tried for privileged (NFS) backend connections: the range Linux NFS clients use too.
 RESERVED_PORTS = range(665, 1024)
+#: Descriptors a proxied connection holds for its whole life: the client and the backend socket.
+FDS_PER_CONNECTION = 2
+#: Descriptors kept free when accepting, so that accepted connections still get pipes to move bytes.
+PIPE_HEADROOM = 64
+#: Errors that mean "out of descriptors" (or the kernel's socket memory), not a bug.
+OUT_OF_FDS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
 @dataclass
@@ -48,6 +59,15 @@ class ServiceStats:
     connections_reset: int = 0
     internal_errors: int = 0
     last_backend_error: str | None = None
+    #: connections refused because every source port below 1024 towards the backend was in use
+    #: (a ``secure`` service; also counted in backend_failures, the text in last_backend_error)
+    source_ports_exhausted: int = 0
+    #: not accepting now: the process is near its descriptor limit (new clients wait in the backlog)
+    fd_limit_paused: bool = False
+    #: how often accepting stopped for that reason
+    fd_limit_pauses: int = 0
+    #: connections closed because a descriptor could not be had after all (should stay 0)
+    fd_errors: int = 0
 
 
 @dataclass(eq=False)
@@ -85,53 +105,160 @@ def listen_socket(address: ipaddress.IPv4Address, port: int) -> trio.socket.Sock
     return sock
 
 
-async def connect_backend(service: ServiceConfig, source: ipaddress.IPv4Address,
-                          port: int) -> trio.socket.SocketType:
-    """Connect to the backend's ``port`` from ``source``; raise BackendUnavailable on failure."""
-    target = (str(service.backend.host), port)
-    sources = ([(str(source), p) for p in random.sample(RESERVED_PORTS, len(RESERVED_PORTS))]
-               if service.privileged_source_port else [(str(source), 0)])
-    for bind_to in sources:
-        sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+class SourcePortsExhausted(BackendUnavailable):
+    """Every privileged source port towards this backend endpoint is taken by an open connection."""
+
+
+class SourcePorts:
+    """The privileged source ports towards one backend endpoint, least recently used first.
+
+    Why a pool instead of trying random ports: a port held by one of our open connections to the
+    same endpoint cannot be used again (the 4-tuple would repeat), so it is simply not offered until
+    that connection ends; the next connection gets the port free the longest. Ports that fail for
+    reasons outside the pool (another program, a TIME_WAIT without timestamps) go to the back.
+
+    TIME_WAIT: the node usually closes the backend leg first (the client's FIN is passed on), so the
+    port sits in TIME_WAIT for 60 s. With SO_REUSEADDR on every backend socket, ``bind()`` to such a
+    port succeeds, and ``connect()`` of a socket bound to an explicit port reuses a TIME_WAIT 4-tuple
+    at once when the old connection used TCP timestamps (``tcp_twsk_unique`` with no ``twp``: PAWS
+    keeps old segments apart), which Linux servers do by default. So short connections cost no ports;
+    what limits a ``secure`` service is only how many connections are *open* at once per endpoint.
+    (Resetting the backend leg instead would not help: once both FINs are exchanged the kernel has
+    already turned our socket into a TIME_WAIT entry, and a reset before that could drop a reply.)
+    """
+
+    def __init__(self, ports: Iterable[int]):
+        order = list(ports)
+        random.shuffle(order)  # two nodes (or restarts) do not start on the same port
+        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(order)
+        self.size = len(order)
+
+    def __len__(self) -> int:
+        return len(self._free)
+
+    def take(self) -> int | None:
+        """The port free the longest (now in use), or None if every port is in use."""
+        return self._free.popitem(last=False)[0] if self._free else None
+
+    def give_back(self, port: int) -> None:
+        """``port`` is free again (its connection ended, or it could not be used now)."""
+        self._free[port] = None
+
+
+def _backend_socket() -> trio.socket.SocketType:
+    sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # bind over our own TIME_WAIT entries (see SourcePorts); harmless for kernel-chosen ports
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def _connect(sock: trio.socket.SocketType, target: tuple[str, int], timeout: float) -> None:
+    with trio.move_on_after(timeout) as scope:
+        await sock.connect(target)
+    if scope.cancelled_caught:
+        raise BackendUnavailable(f"{target[0]}:{target[1]}: no answer within {timeout:g}s")
+
+
+async def connect_backend(service: ServiceConfig, source: ipaddress.IPv4Address, port: int,
+                          source_ports: SourcePorts | None = None) -> trio.socket.SocketType:
+    """Connect to where the client's ``port`` goes on the backend (see ``ServiceConfig.backend_port``)
+    from ``source``; raise BackendUnavailable on failure.
+
+    With ``source_ports`` (a ``secure`` service) the socket is bound to a port taken from that pool;
+    the caller gives it back when the connection ends. Without, the kernel picks the port at
+    connect time (IP_BIND_ADDRESS_NO_PORT), so one ephemeral port serves many destinations.
+    """
+    target = (str(service.backend.host), service.backend_port(port))
+    where = f"{target[0]}:{target[1]}"
+    if source_ports is None:
+        sock = _backend_socket()
         try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if bind_to[1] == 0:
-                sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+            sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
             try:
-                sock._sock.bind(bind_to)
+                sock._sock.bind((str(source), 0))
+                await _connect(sock, target, service.connect_timeout)
             except OSError as exc:
-                if exc.errno == errno.EADDRINUSE:
-                    sock.close()
-                    continue
-                raise BackendUnavailable(f"cannot bind to {bind_to[0]}:{bind_to[1]}: {exc.strerror}") from None
-            with trio.move_on_after(service.connect_timeout) as timeout:
-                try:
-                    await sock.connect(target)
-                except OSError as exc:
-                    if exc.errno == errno.EADDRNOTAVAIL and bind_to[1]:
-                        sock.close()
-                        continue
-                    raise BackendUnavailable(f"{target[0]}:{port}: {exc.strerror}") from None
-            if timeout.cancelled_caught:
-                raise BackendUnavailable(f"{target[0]}:{port}: no answer within {service.connect_timeout:g}s")
+                raise BackendUnavailable(f"{where}: {exc.strerror}") from None
             return sock
         except BaseException:
             sock.close()
             raise
-    raise BackendUnavailable(f"no free source port below 1024 on {source}")
+    busy = 0
+    for _ in range(len(source_ports)):
+        sock = _backend_socket()
+        bound = source_ports.take()
+        assert bound is not None
+        try:
+            try:
+                sock._sock.bind((str(source), bound))
+                await _connect(sock, target, service.connect_timeout)
+            except OSError as exc:
+                if exc.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL):
+                    # in use by someone else, or a TIME_WAIT we may not reuse: try it again later
+                    source_ports.give_back(bound)
+                    sock.close()
+                    busy += 1
+                    continue
+                raise BackendUnavailable(f"{where}: {exc.strerror}") from None
+            return sock
+        except BaseException:
+            source_ports.give_back(bound)
+            sock.close()
+            raise
+    held = source_ports.size - len(source_ports)
+    raise SourcePortsExhausted(
+        f"no free source port below 1024 on {source} towards {where}: of {source_ports.size} ports "
+        f"({RESERVED_PORTS.start}-{RESERVED_PORTS.stop - 1}) {held} are held by open connections"
+        + (f" and {busy} are busy elsewhere (other sockets, or TIME_WAIT without TCP timestamps)" if busy else "")
+        + " (secure = false lifts this limit if the export allows any source port)")
 
 
 class ServiceProxy:
     """Proxies one service: accepts on its ports, pumps each connection to the backend."""
 
-    def __init__(self, service: ServiceConfig, address: ipaddress.IPv4Address):
+    def __init__(self, service: ServiceConfig, address: ipaddress.IPv4Address, budget: FdBudget = BUDGET):
         self.service = service
         self.address = address
+        self.budget = budget
         self.stats = ServiceStats()
+        self._paused_ports = 0
         self.connections: set[Connection] = set()
         self._listeners: list[tuple[int, trio.socket.SocketType]] = []
         #: trio time of the first accepted client connection (takeover timing: first client served)
         self.first_client_at: float | None = None
+        #: per backend port, for ``secure`` services: the source ports below 1024 free towards it
+        self._source_ports: dict[int, SourcePorts] = {}
+        self._warned_at = -1e9
+        self._unwarned = 0
+
+    def source_ports(self, port: int) -> SourcePorts | None:
+        """The pool of source ports for connections arriving on ``port`` (None: kernel-chosen)."""
+        if not self.service.privileged_source_port:
+            return None
+        target = self.service.backend_port(port)
+        pool = self._source_ports.get(target)
+        if pool is None:
+            # never one of our own listening ports (binding it would fail anyway)
+            pool = self._source_ports[target] = SourcePorts(p for p in RESERVED_PORTS if p not in self.service.ports)
+        return pool
+
+    def _warn(self, message: str, *args) -> None:
+        """A warning at most once a second per service (a flood of failing clients must not flood
+        the log); how many were left out is said in the next one."""
+        now = time.monotonic()
+        if now - self._warned_at < 1.0:
+            self._unwarned += 1
+            log.debug(message, *args)
+            return
+        if self._unwarned:
+            message += f" ({self._unwarned} more like it in the last seconds)"
+        self._warned_at, self._unwarned = now, 0
+        log.warning(message, *args)
 
     def open_listeners(self) -> None:
         """Bind every port now, so a port in use is reported before the node starts serving."""
@@ -160,14 +287,40 @@ class ServiceProxy:
         finally:
             self.close_listeners()
 
+    async def _room_to_accept(self) -> None:
+        """Wait until a new connection's descriptors fit; while they do not, this port does not
+        accept (the kernel keeps completing handshakes into the listen backlog) and status says so."""
+        if self.budget.try_acquire(FDS_PER_CONNECTION, PIPE_HEADROOM):
+            return
+        self._paused_ports += 1
+        if self._paused_ports == 1:
+            self.stats.fd_limit_paused = True
+            self.stats.fd_limit_pauses += 1
+            self._warn("%s: near the descriptor limit (%d of %d held by %d connections): not accepting "
+                       "until connections end; new clients wait in the listen backlog",
+                       self.service.name, self.budget.used, self.budget.capacity(), self.stats.connections_active)
+        try:
+            await self.budget.acquire(FDS_PER_CONNECTION, PIPE_HEADROOM)
+        finally:
+            self._paused_ports -= 1
+            if self._paused_ports == 0:
+                self.stats.fd_limit_paused = False
+                log.debug("%s: accepting again", self.service.name)  # status shows it; no log flood at the limit
+
     async def _accept_one_port(self, port: int, listener: trio.socket.SocketType,
                                connections: trio.Nursery) -> None:
         while True:
+            await self._room_to_accept()
             try:
                 client, peer = await listener.accept()
-            except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    log.error("%s: accept on port %d: %s; pausing 100 ms", self.service.name, port, exc)
+            except BaseException as exc:
+                self.budget.release(FDS_PER_CONNECTION)
+                if not isinstance(exc, OSError):
+                    raise
+                if exc.errno in OUT_OF_FDS:
+                    # outside the budget's view (the rest of the process took more than its reserve)
+                    self.stats.fd_errors += 1
+                    self._warn("%s: accept on port %d: %s; pausing 100 ms", self.service.name, port, exc.strerror)
                     await trio.sleep(0.1)
                     continue
                 if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
@@ -175,10 +328,16 @@ class ServiceProxy:
                 raise
             if self.first_client_at is None:
                 self.first_client_at = trio.current_time()
-            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             connections.start_soon(self._proxy, client, peer, port)
 
     async def _proxy(self, client: trio.socket.SocketType, peer: tuple[str, int], port: int) -> None:
+        """One client connection, holding FDS_PER_CONNECTION of the budget until it ends."""
+        try:
+            await self._proxy_held(client, peer, port)
+        finally:
+            self.budget.release(FDS_PER_CONNECTION)
+
+    async def _proxy_held(self, client: trio.socket.SocketType, peer: tuple[str, int], port: int) -> None:
         conn = Connection(client=peer, port=port)
         stats = self.stats
         stats.connections_total += 1
@@ -186,14 +345,21 @@ class ServiceProxy:
         self.connections.add(conn)
         backend = None
         finished = False
+        source_ports = self.source_ports(port)
+        held_port: int | None = None
         try:
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             try:
-                backend = await connect_backend(self.service, self.address, port)
+                backend = await connect_backend(self.service, self.address, port, source_ports)
+                if source_ports is not None:
+                    held_port = backend.getsockname()[1]
             except BackendUnavailable as exc:
                 stats.backend_failures += 1
                 stats.last_backend_error = str(exc)
-                log.warning("%s: client %s:%d: backend unavailable: %s; closing the client",
-                            self.service.name, *peer, exc)
+                if isinstance(exc, SourcePortsExhausted):
+                    stats.source_ports_exhausted += 1
+                self._warn("%s: client %s:%d: backend unavailable: %s; closing the client",
+                           self.service.name, *peer, exc)
                 finished = True  # nothing was sent either way: a plain FIN tells the client cleanly
                 return
             conn.backend_source = backend.getsockname()
@@ -214,6 +380,14 @@ class ServiceProxy:
             except* ConnectionLost as group:
                 stats.connections_reset += 1
                 log.debug("%s: client %s:%d: %s", self.service.name, *peer, group.exceptions[0])
+        except OSError as exc:
+            if exc.errno not in OUT_OF_FDS:
+                stats.internal_errors += 1
+                log.exception("%s: client %s:%d: internal error; connection closed", self.service.name, *peer)
+            else:
+                # the budget should prevent this; if the rest of the process used more, say so briefly
+                stats.fd_errors += 1
+                self._warn("%s: client %s:%d: %s; connection closed", self.service.name, *peer, exc.strerror)
         except Exception:
             # A bug in handling one connection must not take the node and every other client down.
             stats.internal_errors += 1
@@ -227,6 +401,8 @@ class ServiceProxy:
                 if not finished:
                     abort_on_close(sock)
                 sock.close()
+            if held_port is not None:
+                source_ports.give_back(held_port)
 
 
 def abort_on_close(sock: trio.socket.SocketType) -> None:

@@ -69,6 +69,12 @@ def render(status: NodeStatus | None) -> str:
                 "Bytes proxied, by direction (to_backend: from clients; to_client: from the backend)."),
         _Family("pairproxy_backend_failures_total", "counter",
                 "Client connections closed because the backend refused or did not answer."),
+        _Family("pairproxy_source_ports_exhausted_total", "counter",
+                "Client connections refused because every source port below 1024 to the backend was in use."),
+        _Family("pairproxy_accept_paused", "gauge",
+                "1 while the service does not accept: the node is near its file descriptor limit."),
+        _Family("pairproxy_peer_misconfigured", "gauge",
+                "1 if the peer answers but cannot be authenticated (key, mode or names differ): no takeover."),
         _Family("pairproxy_peer_alive", "gauge", "1 if the failure detector holds the peer alive, else 0."),
         _Family("pairproxy_sync_link_up", "gauge", "1 if the sync link to the peer is connected, else 0."),
         _Family("pairproxy_sync_link_rtt_seconds", "gauge",
@@ -95,9 +101,12 @@ def render(status: NodeStatus | None) -> str:
         fam["pairproxy_bytes_total"].add(s.bytes_to_backend, service=s.name, address=s.address, direction="to_backend")
         fam["pairproxy_bytes_total"].add(s.bytes_to_client, service=s.name, address=s.address, direction="to_client")
         fam["pairproxy_backend_failures_total"].add(s.backend_failures, service=s.name, address=s.address)
+        fam["pairproxy_source_ports_exhausted_total"].add(s.source_ports_exhausted, service=s.name, address=s.address)
+        fam["pairproxy_accept_paused"].add(int(s.fd_limit_paused), service=s.name, address=s.address)
     pair = status.pair
     if pair is not None:
         fam["pairproxy_peer_alive"].add(int(pair.peer_state == "alive"), peer=pair.peer)
+        fam["pairproxy_peer_misconfigured"].add(int(pair.peer_state == "misconfigured"), peer=pair.peer)
         fam["pairproxy_sync_link_up"].add(int(pair.link.state == "connected"), peer=pair.peer)
         rtt = pair.link.rtt_ms
         if rtt is not None:

@@ -6,6 +6,9 @@ completely before the next read, which gives backpressure for free: while the de
 send buffer is full we do not read from the source, so the source's receive window closes and the
 sender slows down, exactly as a plain TCP connection would.
 
+The pipes come from a :class:`PipePool` and are held only while bytes are in them, so an idle
+connection costs its two sockets and nothing more.
+
 Each direction of a connection is one task running :func:`splice_pump`. EOF in one direction is passed
 on as ``shutdown(SHUT_WR)`` on the other socket (half-close), and the other direction goes on until it
 sees its own EOF.
@@ -15,11 +18,17 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import logging
 import os
 import socket
+import time
 from typing import Callable
 
 import trio
+
+from proxy.fds import BUDGET, FdBudget
+
+log = logging.getLogger("pairproxy.data")
 
 #: Bytes moved per splice call at most; also the pipe's size where the kernel allows it.
 CHUNK = 1 << 20
@@ -44,15 +53,86 @@ def _open_pipe() -> tuple[int, int]:
     return r, w
 
 
+class PipePool:
+    """Pipes lent to pumps only while bytes are in them.
+
+    Why: a pipe per direction per connection costs four descriptors for every connection, also for
+    the thousands of idle ones an NFS or SMB server has; lent only between a read and the end of
+    the write that empties the pipe, an idle connection holds just its two sockets. A pipe comes
+    back only empty (the pump writes all it read before returning it), so the next pump can never
+    see another connection's bytes; a pipe that may hold bytes (an error mid-write) is closed.
+
+    Opening a pipe takes two descriptors from ``budget`` (waiting while there is no room: bytes
+    wait, as with a full send buffer, instead of the connection failing); ``keep`` idle pipes stay
+    open for the next reads.
+    """
+
+    def __init__(self, budget: FdBudget = BUDGET, keep: int = 32):
+        self.budget = budget
+        self.keep = keep
+        self._idle: list[tuple[int, int]] = []
+        self.opened = 0
+        self._warned_at = -1e9
+
+    @property
+    def idle(self) -> int:
+        return len(self._idle)
+
+    async def get(self) -> tuple[int, int]:
+        if self._idle:
+            return self._idle.pop()
+        while True:
+            await self.budget.acquire(2)
+            try:
+                pipe = _open_pipe()
+            except OSError as exc:
+                self.budget.release(2)
+                if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):
+                    raise
+                # the rest of the process took more than its reserve: wait for descriptors to free
+                now = time.monotonic()
+                if now - self._warned_at >= 1.0:
+                    self._warned_at = now
+                    log.warning("no descriptor for a pipe (%s): bytes wait until connections end",
+                                os.strerror(exc.errno))
+                await trio.sleep(0.05)
+                continue
+            self.opened += 1
+            return pipe
+
+    def put(self, pipe: tuple[int, int]) -> None:
+        """Return an *empty* pipe."""
+        if len(self._idle) < self.keep:
+            self._idle.append(pipe)
+        else:
+            self.discard(pipe)
+
+    def discard(self, pipe: tuple[int, int]) -> None:
+        """Close a pipe (it may hold bytes)."""
+        os.close(pipe[0])
+        os.close(pipe[1])
+        self.budget.release(2)
+
+    def close(self) -> None:
+        """Close the idle pipes."""
+        while self._idle:
+            self.discard(self._idle.pop())
+
+
+#: The pipes of every pump in this process.
+PIPES = PipePool()
+
+
 async def splice_pump(src: trio.socket.SocketType, dst: trio.socket.SocketType,
-                      on_bytes: Callable[[int], None]) -> None:
+                      on_bytes: Callable[[int], None], pipes: PipePool = PIPES) -> None:
     """Copy ``src`` to ``dst`` until EOF on ``src``, then half-close ``dst``.
 
     Raises :class:`ConnectionLost` when either side resets. ``on_bytes(n)`` is called after each
     chunk has been fully written, so counters never run ahead of what the other side received.
+    The pipe comes from ``pipes`` when bytes arrive and goes back once they are all written.
     """
     src_fd, dst_fd = src.fileno(), dst.fileno()
-    pipe_r, pipe_w = _open_pipe()
+    pipe: tuple[int, int] | None = None
     try:
         readable = False
         while True:
@@ -64,21 +144,27 @@ async def splice_pump(src: trio.socket.SocketType, dst: trio.socket.SocketType,
                 await trio.lowlevel.checkpoint()
             else:
                 await trio.lowlevel.wait_readable(src)
+            if pipe is None:
+                pipe = await pipes.get()
             try:
-                n = os.splice(src_fd, pipe_w, CHUNK, flags=_FLAGS)
+                n = os.splice(src_fd, pipe[1], CHUNK, flags=_FLAGS)
             except BlockingIOError:
                 readable = False
+                pipes.put(pipe)
+                pipe = None
                 continue
             except OSError as exc:
                 if exc.errno in CONNECTION_LOST:
                     raise ConnectionLost(f"read: {os.strerror(exc.errno)}") from None
                 raise
             if n == 0:
+                pipes.put(pipe)  # nothing was read: still empty
+                pipe = None
                 break
             left = n
             while left:
                 try:
-                    left -= os.splice(pipe_r, dst_fd, left, flags=_FLAGS)
+                    left -= os.splice(pipe[0], dst_fd, left, flags=_FLAGS)
                 except BlockingIOError:
                     await trio.lowlevel.wait_writable(dst)
                 except OSError as exc:
@@ -87,11 +173,14 @@ async def splice_pump(src: trio.socket.SocketType, dst: trio.socket.SocketType,
                     raise
             on_bytes(n)
             readable = n == CHUNK
+            if not readable:
+                pipes.put(pipe)  # all written: empty, lend it to the next reader while we wait
+                pipe = None
         try:
             dst.shutdown(socket.SHUT_WR)
         except OSError as exc:
             if exc.errno not in CONNECTION_LOST:
                 raise
     finally:
-        os.close(pipe_r)
-        os.close(pipe_w)
+        if pipe is not None:
+            pipes.discard(pipe)

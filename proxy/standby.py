@@ -66,7 +66,7 @@ class StatefulStandby:
         self._send = send
         self._last_heartbeat = last_heartbeat
         peer_services = _services_of(peer_hello) or config.services
-        backends = sorted({(str(s.backend.host), p) for s in peer_services for p in s.ports})
+        backends = sorted({(str(s.backend.host), s.backend_port(p)) for s in peer_services for p in s.ports})
         views = {
             OWN_ADDRESS: {"address": str(node.address.ip), "ports": _ports(config.services)},
             PEER_ADDRESS: {"address": str(peer.address), "ports": _ports(peer_services)},

@@ -26,7 +26,9 @@ def service_status(proxy: Any) -> ServiceStatus:
         connections_active=stats.connections_active, connections_total=stats.connections_total,
         bytes_to_backend=stats.bytes_to_backend, bytes_to_client=stats.bytes_to_client,
         backend_failures=stats.backend_failures, connections_reset=stats.connections_reset,
-        internal_errors=stats.internal_errors, last_backend_error=stats.last_backend_error)
+        internal_errors=stats.internal_errors, last_backend_error=stats.last_backend_error,
+        source_ports_exhausted=stats.source_ports_exhausted, fd_limit_paused=stats.fd_limit_paused,
+        fd_limit_pauses=stats.fd_limit_pauses, fd_errors=stats.fd_errors)
 
 
 def proxied_connections(services: list[Any], now: float | None = None) -> list[ConnectionRecord]:

@@ -281,6 +281,10 @@ class ServiceStatus:
     connections_reset: int
     internal_errors: int
     last_backend_error: str | None
+    source_ports_exhausted: int = 0     # refused: every source port below 1024 to the backend in use
+    fd_limit_paused: bool = False       # not accepting now: near the descriptor limit (clients wait)
+    fd_limit_pauses: int = 0
+    fd_errors: int = 0
 
 
 @dataclass

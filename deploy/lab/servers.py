@@ -199,7 +199,9 @@ class Servers:
         return {
             "NFS_CORE_PARAM": {"Bind_addr": self.addresses.server, "NFS_Port": 2049, "MNT_Port": 20048,
                                "Enable_NLM": False, "Enable_RQUOTA": False, "Enable_UDP": False,
-                               "Protocols": [3, 4]},
+                               "Protocols": [3, 4],
+                               # Ganesha's default of 1024 would cap the 2,000-connection test
+                               "RPC_Max_Connections": 10000},
             "NFS_KRB5": {"Active_krb5": False},
             "NFSV4": {"RecoveryBackend": "fs", "RecoveryRoot": self.files.ganesha_dir / "recovery",
                       "Graceless": True},
