@@ -311,6 +311,8 @@ def freeze(sock: socket.socket) -> TcpSocketState:
     is retried until the two reads agree, so segments arriving meanwhile cannot tear it (see the module
     docstring for why the caller should still keep segments away until the close).
     """
+    if sock.family != socket.AF_INET or sock.type != socket.SOCK_STREAM:
+        raise TcpRepairError("check socket", errno_mod.EAFNOSUPPORT, "only IPv4 TCP sockets")
     was_repair = bool(_call("read TCP_REPAIR", sock.getsockopt, socket.IPPROTO_TCP, TCP_REPAIR))
     _set(sock, socket.IPPROTO_TCP, TCP_REPAIR, TCP_REPAIR_ON, "TCP_REPAIR on")
     try:
@@ -326,8 +328,6 @@ def freeze(sock: socket.socket) -> TcpSocketState:
 
 
 def _snapshot(sock: socket.socket) -> TcpSocketState:
-    if sock.family != socket.AF_INET or sock.type != socket.SOCK_STREAM:
-        raise TcpRepairError("check socket", errno_mod.EAFNOSUPPORT, "only IPv4 TCP sockets")
     local = _call("getsockname", sock.getsockname)
     remote = _call("getpeername", sock.getpeername)
     for _ in range(_FREEZE_TRIES):
