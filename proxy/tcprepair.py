@@ -25,17 +25,26 @@ Theory of operation (the sequence space of one socket; as in CRIU's ``soccr``)::
 * A socket in repair mode that is closed sends nothing (no FIN, no RST): that is how the old holder lets
   go of a connection it handed over.
 
-The caller must keep segments away from a socket between :func:`freeze` and :func:`close_silently`: the
-kernel still receives and acknowledges data in repair mode, and a byte acknowledged after the snapshot would
-be lost. On a move, remove the service address from the old holder before freezing (then nothing reaches
-the socket) and add it on the new holder only after :func:`restore` returned (a segment that finds the
-address but no socket is answered with a reset). :func:`freeze` itself reads every value twice and retries
-until they agree, so one snapshot is internally consistent.
+A move, step by step (what tests/test_tcprepair.py does, and what the node is to do):
 
-Known limits: IPv4 only; ESTABLISHED sockets only (half-closed ones are refused with a clear error);
-the RTT estimate is not carried over (the restored socket starts with the kernel's initial 1 s RTO, so a
-sent segment that the remote really lost is resent after about 1 s); a queue larger than ``max_queue``
-bytes is refused (the caller falls back to cutting the connection).
+1. old holder: stop writing to the sockets; wait (about one round trip) until :func:`unacknowledged` is 0,
+   so that no byte is in flight (a byte in flight at the freeze that the remote lost is resent only by the
+   retransmission timer, 1 to 3 s later);
+2. old holder: remove the service address. From now on no segment reaches its sockets: the kernel still
+   receives and acknowledges data in repair mode, and a byte acknowledged after the snapshot would be lost;
+3. old holder: :func:`freeze` each socket, ``to_wire``, send; :func:`close_silently` once the peer has it
+   (or :func:`thaw` and re-add the address if the move is called off);
+4. new holder: ``from_wire``, :func:`restore_quiet` each (still in repair mode: it sends nothing);
+5. new holder: add the address (only now: a segment that finds the address but no socket is reset),
+   announce it (gratuitous ARP), then ``go_live()`` each socket.
+
+:func:`freeze` reads every value twice and retries until they agree, so one snapshot is internally
+consistent even if step 2 was skipped.
+
+Known limits: IPv4 only; ESTABLISHED sockets only (half-closed ones are refused with a clear error); the
+RTT estimate is not carried over (the kernel starts the restored socket with a 1 s RTO and raises it to
+3 s after its first use, RFC 6298 5.7; the congestion window starts again at 10 segments); a queue larger
+than ``max_queue`` bytes is refused on the wire (the caller falls back to cutting the connection).
 """
 
 from __future__ import annotations
@@ -375,6 +384,15 @@ def _snapshot(sock: socket.socket) -> TcpSocketState:
                          f"state kept changing over {_FREEZE_TRIES} reads: segments still reach the socket")
 
 
+def unacknowledged(sock: socket.socket) -> int:
+    """Bytes ``sock`` has sent that the remote has not acknowledged yet (in flight).
+
+    Before a planned move the holder stops writing and waits (about one round trip) for this to reach 0
+    while the address is still up: then the state carries no bytes in flight, and nothing needs resending
+    after the restore (see :func:`restore`'s ``resend_unacked``)."""
+    return _ioctl_int(sock, SIOCOUTQ, "read send queue length") - _ioctl_int(sock, SIOCOUTQNSD, "read unsent length")
+
+
 def close_silently(sock: socket.socket) -> None:
     """Close ``sock`` without a FIN or RST reaching the remote (repair mode is turned on if it is off)."""
     try:
@@ -390,32 +408,95 @@ def thaw(sock: socket.socket) -> None:
 
 
 # ------------------------------------------------------------------ restore
-def restore(state: TcpSocketState) -> socket.socket:
-    """A new socket, in the calling thread's network namespace, that continues ``state``'s connection.
+class RestoredSocket:
+    """A restored socket that is still in repair mode: it sends nothing (no probe, no data) until
+    :meth:`go_live`. Why two steps: on a move the address comes up only after the sockets exist, and
+    anything a socket sends before that is answered towards an address nobody holds yet. Worse, the remote
+    answers at most one segment outside its window per 500 ms (``tcp_invalid_ratelimit``), so a window
+    probe spent too early is not answered again soon, and bytes booked as sent that the remote already has
+    then wait for the retransmission timer (1 s or more) and fill the congestion window meanwhile."""
 
-    The local address need not exist yet (IP_TRANSPARENT): add it after this returns. Nothing is sent
-    until repair mode goes off at the end, and then only a window probe (the remote answers it with an
-    ACK that brings both sides' windows in step) and the never-sent bytes. On failure: TcpRepairError
-    naming the step, and the half-made socket is closed silently (nothing is left behind).
+    def __init__(self, sock: socket.socket, state: TcpSocketState, pending: bytes) -> None:
+        self.sock = sock
+        self.state = state
+        self.pending = pending  # to write once live: never sent (or, with resend_unacked, to resend)
+
+    def go_live(self) -> socket.socket:
+        """Leave repair mode (the kernel sends a window probe: the remote's answer acknowledges whatever it
+        has and opens the window) and write the pending bytes. After this the connection is live: a
+        failure here raises TcpRepairError and the caller must reset the connection (close normally)."""
+        sock = self.sock
+        step = f"go live {self.state.endpoints}"
+        _set(sock, socket.IPPROTO_TCP, TCP_REPAIR, TCP_REPAIR_OFF, f"{step}: TCP_REPAIR off")
+        done, pending = 0, self.pending
+        while done < len(pending):  # the buffer was sized for it: this does not wait
+            try:
+                done += sock.send(pending[done:], socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                raise TcpRepairError(f"{step}: write pending bytes", errno_mod.ENOBUFS,
+                                     f"{len(pending) - done} of {len(pending)} did not fit") from None
+            except OSError as exc:
+                raise TcpRepairError(f"{step}: write pending bytes", exc.errno or errno_mod.EIO) from None
+        self.pending = b""
+        return sock
+
+    def close_silently(self) -> None:
+        """Give up on it without the remote seeing anything (e.g. the move was called off)."""
+        close_silently(self.sock)
+
+
+def restore(state: TcpSocketState, *, resend_unacked: bool = False) -> socket.socket:
+    """A new, live socket that continues ``state``'s connection: :func:`restore_quiet` then ``go_live``.
+
+    For when the local address is already up here and reachable; on a move, use :func:`restore_quiet`,
+    bring the address up, announce it, then ``go_live()`` each socket."""
+    restored = restore_quiet(state, resend_unacked=resend_unacked)
+    try:
+        return restored.go_live()
+    except BaseException:
+        restored.close_silently()
+        raise
+
+
+def restore_quiet(state: TcpSocketState, *, resend_unacked: bool = False) -> RestoredSocket:
+    """A new socket, in the calling thread's network namespace, holding ``state``'s connection in repair
+    mode (it sends nothing until :meth:`RestoredSocket.go_live`).
+
+    The local address need not exist yet (IP_TRANSPARENT): add it after this returns, before ``go_live``.
+    On failure: TcpRepairError naming the step (and the kernel's errno); the half-made socket is closed
+    silently, so nothing is left behind and the remote sees nothing.
+
+    ``resend_unacked``: write the bytes the remote has not acknowledged as new data when going live, so
+    they leave at once, instead of booking them as sent (then they go out again only at the retransmission
+    timeout, 1 to 3 s on a socket without an RTT estimate, if the remote really lost them). ONLY when the
+    remote is known to lack them, i.e. its last ACK equals ``send_seq``: a remote that already has some
+    answers with ACKs above what this socket has sent, the kernel ignores those (RFC 793: ACK of unsent
+    data), the congestion window fills and the connection stalls for good (measured: no progress in 30 s).
+    For a planned move: wait until :func:`unacknowledged` is 0 before freezing and restore as booked.
     """
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
-        _restore_into(sock, state)
+        pending = _restore_into(sock, state, resend_unacked)
     except TcpRepairError as exc:
         close_silently(sock)
         raise TcpRepairError(f"restore {state.endpoints}: {exc.step}", exc.errno) from None
     except BaseException:
         close_silently(sock)
         raise
-    return sock
+    return RestoredSocket(sock, state, pending)
 
 
-def _restore_into(sock: socket.socket, state: TcpSocketState) -> None:
+def _restore_into(sock: socket.socket, state: TcpSocketState, resend_unacked: bool) -> bytes:
+    """The repair-mode part of a restore, in the order that works on Linux 6.x; returns the bytes to
+    write once live."""
     tcp = socket.IPPROTO_TCP
     _set(sock, tcp, TCP_REPAIR, TCP_REPAIR_ON, "TCP_REPAIR on")
     _set(sock, socket.IPPROTO_IP, IP_TRANSPARENT, 1, "IP_TRANSPARENT")
     _set(sock, socket.IPPROTO_IP, IP_FREEBIND, 1, "IP_FREEBIND")
     _make_room(sock, state)
+    # the segment size is computed at connect() from the clamp known then; TCP_REPAIR_OPTIONS sets the clamp
+    # later but does not recompute it (the socket would go on with the 536-byte default), so give it now
+    _set(sock, tcp, TCP_MAXSEG, state.mss, "TCP_MAXSEG")
     _call("bind", sock.bind, (state.local_address, state.local_port))
     _set(sock, tcp, TCP_REPAIR_QUEUE, TCP_RECV_QUEUE, "select receive queue")
     _set(sock, tcp, TCP_QUEUE_SEQ, _INT.pack(_signed(state.recv_seq)), "set receive queue sequence")
@@ -435,7 +516,7 @@ def _restore_into(sock: socket.socket, state: TcpSocketState) -> None:
     if state.timestamps:
         _set(sock, tcp, TCP_TIMESTAMP, _INT.pack(_signed(state.tsval)), "TCP_TIMESTAMP")
 
-    sent = len(state.send_queue) - state.send_unsent
+    sent = 0 if resend_unacked else len(state.send_queue) - state.send_unsent
     _refill(sock, TCP_SEND_QUEUE, state.send_queue[:sent], "send")
     _refill(sock, TCP_RECV_QUEUE, state.recv_queue, "receive")
     if state.window is not None:
@@ -443,20 +524,7 @@ def _restore_into(sock: socket.socket, state: TcpSocketState) -> None:
         _set(sock, tcp, TCP_REPAIR_WINDOW,
              _REPAIR_WINDOW.pack(w.snd_wl1, w.snd_wnd, w.max_window, w.rcv_wnd, w.rcv_wup), "TCP_REPAIR_WINDOW")
     _set(sock, tcp, TCP_REPAIR_QUEUE, TCP_NO_QUEUE, "deselect queue")
-    _set(sock, tcp, TCP_REPAIR, TCP_REPAIR_OFF, "TCP_REPAIR off")
-    unsent = state.send_queue[sent:]
-    if unsent:
-        # never sent before: an ordinary write, so it leaves now (the buffer was sized for it)
-        done = 0
-        while done < len(unsent):
-            try:
-                done += sock.send(unsent[done:], socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                raise TcpRepairError("write unsent bytes", errno_mod.ENOBUFS,
-                                     f"{len(unsent) - done} of {len(unsent)} did not fit") from None
-            except OSError as exc:
-                raise TcpRepairError("write unsent bytes", exc.errno or errno_mod.EIO) from None
-        # the connection is live now: a failure after this point would have to be a reset, not a silent close
+    return state.send_queue[sent:]
 
 
 def _make_room(sock: socket.socket, state: TcpSocketState) -> None:

@@ -335,7 +335,11 @@ def assert_queues_loaded(state: TcpSocketState) -> None:
 
 # ------------------------------------------------------------------------------- kernel tests
 @needs_root
-def test_freeze_close_restore_in_one_namespace(namespaces):
+@pytest.mark.parametrize("resend_unacked", [False, True], ids=["booked", "resent"])
+def test_freeze_close_restore_in_one_namespace(namespaces, resend_unacked):
+    """Both ways of putting back the bytes in flight deliver every byte once. Here the remote lost them all
+    (its link was down), which is the one case where ``resend_unacked`` is safe; booked, they wait for the
+    retransmission timer."""
     pair_lab(namespaces)
     n, c = namespaces["n"], namespaces["c"]
     client, server = connect(n, c, 3_000_000)
@@ -346,16 +350,23 @@ def test_freeze_close_restore_in_one_namespace(namespaces):
         c_before = tcp_counters()
 
     load_queues(client, server, (c, "eth0"))
+    _ip("-n", n, "addr", "del", f"{SERVICE}/24", "dev", "eth0")  # nothing reaches the socket until restored
+    _ip("-n", c, "link", "set", "eth0", "up")
     state = tcprepair.freeze(server.sock)
     assert_queues_loaded(state)
     assert (state.local_address, state.local_port) == (SERVICE, PORT)
     assert state.mss == 1460 and state.timestamps and state.sack_permitted
     tcprepair.close_silently(server.sock)
     with in_netns(n):
-        server.swap(tcprepair.restore(state))
-    _ip("-n", c, "link", "set", "eth0", "up")
+        restored = tcprepair.restore_quiet(state, resend_unacked=resend_unacked)
+    _ip("-n", n, "addr", "add", f"{SERVICE}/24", "dev", "eth0")
+    server.swap(restored.go_live())
+    # full-size segments (the clamp less the timestamp option), not the 536-byte default
+    assert server.sock.getsockopt(socket.IPPROTO_TCP, tcprepair.TCP_MAXSEG) == state.mss - 12
 
+    started = time.monotonic()
     finish(client, server)
+    print(f"resend_unacked={resend_unacked}: rest of the transfer {time.monotonic() - started:.3f} s")
     with in_netns(n):
         assert tcp_counters()["OutRsts"] == n_before["OutRsts"]
     with in_netns(c):
@@ -367,8 +378,9 @@ def test_freeze_close_restore_in_one_namespace(namespaces):
 
 
 def move(sock: socket.socket, node_from: str, node_to: str,
-         timings: dict[str, list[float]]) -> tuple[socket.socket, TcpSocketState]:
-    """Freeze on one node, ship as msgpack, close silently, restore on the other (addresses: caller)."""
+         timings: dict[str, list[float]]) -> tuple[tcprepair.RestoredSocket, TcpSocketState]:
+    """Freeze on one node, ship as msgpack, close silently, restore (quiet) on the other; the address
+    and ``go_live`` are the caller's."""
     t0 = time.perf_counter()
     with in_netns(node_from):
         state = tcprepair.freeze(sock)
@@ -378,7 +390,7 @@ def move(sock: socket.socket, node_from: str, node_to: str,
     t2 = time.perf_counter()
     tcprepair.close_silently(sock)
     with in_netns(node_to):
-        new = tcprepair.restore(received)
+        new = tcprepair.restore_quiet(received)
     t3 = time.perf_counter()
     timings["freeze"].append(t1 - t0)
     timings["serialise"].append(t2 - t1)
@@ -423,14 +435,12 @@ def test_move_between_nodes(namespaces):
     load_queues(*pairs[0], (c, "eth0"))
     _ip("-n", a, "addr", "del", f"{SERVICE}/24", "dev", "eth0")  # from now on nothing reaches A's sockets
     timings: dict[str, list] = {"freeze": [], "serialise": [], "restore": [], "bytes": []}
-    states = []
-    for _client, server in pairs:
-        new, state = move(server.sock, a, b, timings)
-        server.swap(new)
-        states.append(state)
-    assert_queues_loaded(states[0])
-    move_address(namespaces, macs, "a", "b")
+    moved = [move(server.sock, a, b, timings) for _client, server in pairs]
+    assert_queues_loaded(moved[0][1])
     _ip("-n", c, "link", "set", "eth0", "up")
+    move_address(namespaces, macs, "a", "b")
+    for (_client, server), (restored, _state) in zip(pairs, moved):
+        server.swap(restored.go_live())  # now the remote's answers reach b
     deadline = time.monotonic() + 5
     while client_neighbour(namespaces) != macs["b"] and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -483,19 +493,23 @@ def test_restore_that_must_fail_leaves_nothing_behind(namespaces):
     tcprepair.thaw(server.sock)  # the refused move: the original goes on serving
     pump([client, server], until=lambda: client.got > 100_000 and server.got > 100_000)
 
-    # 2. a state the kernel refuses (the remote's window update from the future)
+    # 2. a state the kernel refuses (the remote's window update from the future); meanwhile the address is
+    #    away, so that no segment of the client's finds the 4-tuple without a socket (it would be reset)
+    _ip("-n", n, "addr", "del", f"{SERVICE}/24", "dev", "eth0")
     state = tcprepair.freeze(server.sock)
     bad = replace(state, window=replace(state.window, snd_wl1=(state.rcv_nxt + state.window.rcv_wnd + 10_000) % 2**32))
     tcprepair.close_silently(server.sock)
     with in_netns(n), pytest.raises(TcpRepairError) as err:
-        tcprepair.restore(bad)
+        tcprepair.restore_quiet(bad)
     assert err.value.errno == errno.EINVAL and err.value.step.endswith(": TCP_REPAIR_WINDOW")
     assert len(os.listdir("/proc/self/fd")) == fds - 1  # the closed original, and no half-restored socket
     assert _sockets_with(n, PORT) == []
 
     # 3. the good state still restores into the freed 4-tuple, and the client noticed nothing
     with in_netns(n):
-        server.swap(tcprepair.restore(state))
+        restored = tcprepair.restore_quiet(state)
+    _ip("-n", n, "addr", "add", f"{SERVICE}/24", "dev", "eth0")
+    server.swap(restored.go_live())
     finish(client, server)
     with in_netns(c):
         assert tcp_counters()["EstabResets"] == c_before["EstabResets"]
