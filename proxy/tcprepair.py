@@ -5,8 +5,9 @@ state of every proxied socket; on a failover (issue 10) the standby rebuilds the
 it sniffed. Either way the new socket continues the old connection with the right sequence numbers,
 queues, window and options, and the remote end never notices. This module is only the kernel part:
 ``freeze`` a socket into a :class:`TcpSocketState`, ship it (``to_wire``/``from_wire``: plain msgpack
-types, every field validated), ``close_silently`` the old socket, ``restore`` a new one. It has no I/O
-loop and no trio: it runs between the pumps, in whatever network namespace the calling thread is in.
+types, every field validated), ``close_silently`` the old socket, ``restore_quiet`` a new one and let it
+``go_live`` (or ``restore``: both at once). It has no I/O loop and no trio: it runs between the pumps, in
+whatever network namespace the calling thread is in.
 
 Theory of operation (the sequence space of one socket; as in CRIU's ``soccr``)::
 
@@ -21,7 +22,8 @@ Theory of operation (the sequence space of one socket; as in CRIU's ``soccr``)::
   frames (failover) the same two numbers are the remote's ACK and the remote's next sequence number.
 * The sent-but-unacknowledged part of the send queue is refilled in repair mode (the kernel books it as
   sent and retransmits it if the remote never got it). The never-sent tail (``send_unsent`` bytes) is
-  written after repair mode is off, so it leaves at once instead of waiting for a retransmission timer.
+  written once repair mode is off (``go_live``), so it leaves at once instead of waiting for a
+  retransmission timer.
 * A socket in repair mode that is closed sends nothing (no FIN, no RST): that is how the old holder lets
   go of a connection it handed over.
 
@@ -42,9 +44,10 @@ A move, step by step (what tests/test_tcprepair.py does, and what the node is to
 consistent even if step 2 was skipped.
 
 Known limits: IPv4 only; ESTABLISHED sockets only (half-closed ones are refused with a clear error); the
-RTT estimate is not carried over (the kernel starts the restored socket with a 1 s RTO and raises it to
-3 s after its first use, RFC 6298 5.7; the congestion window starts again at 10 segments); a queue larger
-than ``max_queue`` bytes is refused on the wire (the caller falls back to cutting the connection).
+RTT estimate is not carried over, so the restored socket's first retransmission timeout is long (1 to 4 s
+measured here: what the remote really lost waits that long unless ``resend_unacked`` applies) and its
+congestion window starts again at 10 segments; a queue larger than ``max_queue`` bytes is refused on the
+wire (the caller falls back to cutting the connection). Numbers and findings: bench/TCPREPAIR.md.
 """
 
 from __future__ import annotations

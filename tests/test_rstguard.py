@@ -22,7 +22,7 @@ import pytest
 
 from proxy import rstguard
 from tests.test_snooper import in_netns
-from tests.test_tcprepair import SERVICE, Namespaces, namespaces, pair_lab, tcp_counters  # noqa: F401
+from tests.test_tcprepair import SERVICE, namespaces, pair_lab, tcp_counters  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (namespaces, nftables)")
 
