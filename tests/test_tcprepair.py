@@ -465,6 +465,43 @@ def test_move_between_nodes(namespaces):
         server.sock.close()
 
 
+@needs_root
+def test_restore_from_what_frames_show(namespaces):
+    """The failover shape (issue 10): node a dies (its link goes down, so its kernel can say nothing more)
+    and b continues from what a standby learns from frames alone: both sequence numbers, the handshake's
+    options and a timestamp past a's last one; no window (``window=None``), nothing unacknowledged.
+    (a's own socket stands in for the frames here; the values are the ones frames carry.)"""
+    macs = nodes_lab(namespaces)
+    a, b, c = namespaces["a"], namespaces["b"], namespaces["c"]
+    client, server = connect(a, c, 600_000)
+    pump([client, server], until=lambda: client.got > 200_000 and server.got > 200_000)
+    client.writing = server.writing = False
+    pump([client, server], until=lambda: client.got == server.sent and server.got == client.sent)
+    time.sleep(0.05)  # the last ACKs
+
+    frozen = tcprepair.freeze(server.sock)
+    assert frozen.send_queue == b"" and frozen.recv_queue == b""
+    _ip("-n", a, "link", "set", "eth0", "down")  # a is gone
+    tcprepair.close_silently(server.sock)
+    sniffed = TcpSocketState(
+        local_address=SERVICE, local_port=PORT, remote_address=frozen.remote_address,
+        remote_port=frozen.remote_port,
+        send_seq=frozen.send_seq,   # the client's last ACK
+        recv_seq=frozen.recv_seq,   # the client's next sequence number
+        send_queue=b"", send_unsent=0, recv_queue=b"",
+        mss=frozen.mss, snd_wscale=frozen.snd_wscale, rcv_wscale=frozen.rcv_wscale,
+        sack_permitted=frozen.sack_permitted, timestamps=frozen.timestamps,
+        tsval=(frozen.tsval + 2000) % 2**32,  # past a's last TSval (the client's TSecr); the low bit kept
+        window=None)
+    with in_netns(b):
+        restored = tcprepair.restore_quiet(TcpSocketState.from_wire(sniffed.to_wire()))
+    move_address(namespaces, macs, "a", "b")
+    server.swap(restored.go_live())
+    finish(client, server)
+    client.sock.close()
+    server.sock.close()
+
+
 def _sockets_with(ns_name: str, port: int) -> list[str]:
     out = subprocess.run(["ip", "netns", "exec", ns_name, "ss", "-tanH"], capture_output=True, text=True,
                          check=True).stdout
