@@ -354,8 +354,7 @@ def _snapshot(sock: socket.socket) -> TcpSocketState:
         tsval = 0
         if timestamps:
             tsval = _call("read TCP_TIMESTAMP", sock.getsockopt, socket.IPPROTO_TCP, TCP_TIMESTAMP) & U32
-        window = RepairWindow(*_REPAIR_WINDOW.unpack(_call(
-            "read TCP_REPAIR_WINDOW", sock.getsockopt, socket.IPPROTO_TCP, TCP_REPAIR_WINDOW, _REPAIR_WINDOW.size)))
+        window = _read_window(sock)
 
         rcv_nxt = _queue_seq(sock, TCP_RECV_QUEUE, "receive")
         inq = _ioctl_int(sock, SIOCINQ, "read receive queue length")
@@ -370,12 +369,9 @@ def _snapshot(sock: socket.socket) -> TcpSocketState:
 
         again = (_queue_seq(sock, TCP_RECV_QUEUE, "receive"), _ioctl_int(sock, SIOCINQ, "read receive queue length"),
                  _ioctl_int(sock, SIOCOUTQ, "read send queue length"),
-                 _ioctl_int(sock, SIOCOUTQNSD, "read unsent length"),
-                 _call("read TCP_REPAIR_WINDOW", sock.getsockopt, socket.IPPROTO_TCP, TCP_REPAIR_WINDOW,
-                       _REPAIR_WINDOW.size))
+                 _ioctl_int(sock, SIOCOUTQNSD, "read unsent length"), _read_window(sock))
         _set(sock, socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, TCP_NO_QUEUE, "deselect queue")
-        if (again[:4] == (rcv_nxt, inq, outq, unsent) and again[4] == _REPAIR_WINDOW.pack(*vars(window).values())
-                and len(recv_queue) == inq and len(peeked) >= outq):
+        if again == (rcv_nxt, inq, outq, unsent, window) and len(recv_queue) == inq and len(peeked) >= outq:
             return TcpSocketState(
                 local_address=local[0], local_port=local[1], remote_address=remote[0], remote_port=remote[1],
                 send_seq=(write_seq - outq) & U32, recv_seq=(rcv_nxt - inq) & U32,
@@ -394,6 +390,17 @@ def unacknowledged(sock: socket.socket) -> int:
     while the address is still up: then the state carries no bytes in flight, and nothing needs resending
     after the restore (see :func:`restore`'s ``resend_unacked``)."""
     return _ioctl_int(sock, SIOCOUTQ, "read send queue length") - _ioctl_int(sock, SIOCOUTQNSD, "read unsent length")
+
+
+def _read_window(sock: socket.socket) -> RepairWindow | None:
+    """TCP_REPAIR_WINDOW, or None on a kernel without it (before 4.8; the restore then skips it)."""
+    try:
+        raw = sock.getsockopt(socket.IPPROTO_TCP, TCP_REPAIR_WINDOW, _REPAIR_WINDOW.size)
+    except OSError as exc:
+        if exc.errno == errno_mod.ENOPROTOOPT:
+            return None
+        raise TcpRepairError("read TCP_REPAIR_WINDOW", exc.errno or errno_mod.EIO) from None
+    return RepairWindow(*_REPAIR_WINDOW.unpack(raw))
 
 
 def close_silently(sock: socket.socket) -> None:
