@@ -5,6 +5,8 @@
   never-sent bytes) is frozen, closed silently and restored; the client never notices;
 * two "nodes" on a bridge: the socket moves from node A to node B with the service address, as a planned
   move will (issue 11); the client never notices;
+* the failover shape (issue 10): node A's link goes down and B continues from what frames show (sequence
+  numbers, options, a timestamp; no window, empty queues);
 * restores that must fail (the 4-tuple still in use; a window the kernel refuses) fail with the step and
   errno and leave no socket behind.
 
@@ -13,8 +15,8 @@ count the receiver checks (every byte exactly once), the client's socket never r
 own counters show no reset sent (``OutRsts``) and, on the client, no established connection ended
 (``EstabResets``; on the old holder a silent close counts there too, although nothing is sent).
 
-Namespaces are ``q8tr-<pid>-*`` (``PAIRPROXY_TEST_LAB`` replaces ``q8tr``), deleted by the fixtures'
-finalizers also when a test fails. Everything runs in this process: sockets are made in a namespace by
+Namespaces are ``<lab prefix>tr-<pid>-*`` (the lab prefix is ``PAIRPROXY_TEST_LAB``, default ``ppt``),
+deleted by the fixtures' finalizers also when a test fails. Everything runs in this process: sockets are made in a namespace by
 switching the thread into it (``in_netns``) and stay there.
 """
 
@@ -41,7 +43,7 @@ from tests.test_snooper import in_netns
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (namespaces, TCP_REPAIR)")
 
-PREFIX = os.environ.get("PAIRPROXY_TEST_LAB", "q8") + "tr"
+PREFIX = os.environ.get("PAIRPROXY_TEST_LAB", "ppt") + "tr"
 SERVICE = "10.98.1.1"
 PORT = 5101
 CHUNK = 64 * 1024
