@@ -35,13 +35,18 @@ if [ ${#missing[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
 
+# The package's top-level folders, as pyproject.toml lists them (one list, not a copy here).
+PYTHON=${PYTHON:-/usr/bin/python3}
+read -r -a PACKAGE_DIRS <<< "$("$PYTHON" -c 'import sys, tomllib
+pkgs = tomllib.load(open(sys.argv[1], "rb"))["tool"]["setuptools"]["packages"]
+print(" ".join(sorted({p.split(".")[0] for p in pkgs})))' "$SRC/pyproject.toml")"
+
 # The venv: reinstalled only when the package's source differs from what it holds.
-source_hash=$(cd "$SRC" && find pyproject.toml proxy protocols sync deploy -type f \
+source_hash=$(cd "$SRC" && find pyproject.toml "${PACKAGE_DIRS[@]}" -type f \
                   \( -name '*.py' -o -name '*.toml' \) -not -path '*/__pycache__/*' -print0 \
               | sort -z | xargs -0 sha256sum | sha256sum | cut -d' ' -f1)
-# Debian's own interpreter (python3-venv is for it), not whatever `python3` is first on root's PATH:
-# the unit's user must be able to run it, and a pyenv under /root is not readable by that user.
-PYTHON=${PYTHON:-/usr/bin/python3}
+# Debian's own interpreter (python3-venv is for it, PYTHON above), not whatever `python3` is first on
+# root's PATH: the unit's user must be able to run it, and a pyenv under /root is not readable by it.
 if [ ! -x "$VENV/bin/python" ]; then
     mkdir -p "$(dirname "$VENV")"
     "$PYTHON" -m venv "$VENV"
@@ -50,7 +55,7 @@ if [ "$(cat "$VENV/.pairproxy-source" 2>/dev/null)" != "$source_hash" ] || [ ! -
     say "installing pairproxy from $SRC into $VENV"
     build=$(mktemp -d)
     trap 'rm -rf "$build"' EXIT
-    cp -a "$SRC/pyproject.toml" "$SRC/README.md" "$SRC/proxy" "$SRC/protocols" "$SRC/sync" "$SRC/deploy" "$build/"
+    for d in pyproject.toml README.md "${PACKAGE_DIRS[@]}"; do cp -a "$SRC/$d" "$build/"; done
     "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade "$build"
     echo "$source_hash" > "$VENV/.pairproxy-source"
 fi
