@@ -103,7 +103,7 @@ def test_standby_sees_the_peers_session_tree_and_open_and_agrees(lab, stateful_p
             assert samples[("pairproxy_state_in_sync", (("peer", "a"),))] == 1
             assert samples[("pairproxy_peer_alive", (("peer", "a"),))] == 1
             assert {dict(k[1])["view"] for k in samples if k[0] == "pairproxy_snooper_kernel_drops_total"} == \
-                {"own", "peer", "peer_backend"}
+                {"own_address", "peer_address", "peer_backend"}
         human = lab.run(lab.ns_b, [sys.executable, "-m", "proxy.cli", "status", "-c", str(b.config)],
                         capture_output=True, text=True)
         assert human.returncode == 0, human.stderr
