@@ -147,7 +147,7 @@ class PeerLink:
         self.listen_address: tuple[str, int] | None = None
         self.counters: dict[str, int] = {
             "messages_in": 0, "messages_out": 0,
-            "rejected_auth": 0, "rejected_parse": 0, "rejected_replay": 0, "rejected_too_large": 0,
+            "rejected_auth": 0, "rejected_parse": 0, "rejected_out_of_sequence": 0, "rejected_too_large": 0,
             "connections": 0, "duplicates": 0, "reconnects": 0, "refused": 0, "owner_errors": 0,
             "connection_errors": 0, "stray_refused": 0, "peer_refusals": 0,
         }

@@ -23,7 +23,7 @@ Theory of operation
 3. A frame is ``u32 length | u64 seq | 32-byte MAC | msgpack(message)``, where
    ``MAC = HMAC-SHA256(direction key, u64 seq | msgpack bytes)``. ``seq`` starts at 0 and goes up
    by exactly 1 per message, so a replayed, dropped or reordered message within the connection is
-   caught after its MAC verified (kind ``"replay"``).
+   caught after its MAC verified (kind ``"out_of_sequence"``; "replay" names the offline tool only).
 4. The MAC is checked before msgpack touches the bytes: unauthenticated input is never parsed.
 
 Why the length prefix and not a streaming ``msgpack.Unpacker``: the frame size is known before the
@@ -67,7 +67,7 @@ _SEQ = struct.Struct("!Q")
 _MAC_SIZE = hashlib.sha256().digest_size
 _HEADER_SIZE = _SEQ.size + _MAC_SIZE
 
-RejectKind = Literal["auth", "parse", "replay", "too_large"]
+RejectKind = Literal["auth", "parse", "out_of_sequence", "too_large"]
 
 
 class LocalProtocolError(Exception):
@@ -141,7 +141,7 @@ class SyncSession:
         self.broken = False
         self.counters: dict[str, int] = {
             "messages_in": 0, "messages_out": 0,
-            "rejected_auth": 0, "rejected_parse": 0, "rejected_replay": 0, "rejected_too_large": 0,
+            "rejected_auth": 0, "rejected_parse": 0, "rejected_out_of_sequence": 0, "rejected_too_large": 0,
         }
         self._buffer = bytearray()
         self._send_key: bytes | None = None
@@ -256,7 +256,7 @@ class SyncSession:
         self._any_authenticated = True
         if seq != self._receive_seq:
             what = "replayed" if seq < self._receive_seq else "out of order (messages lost?)"
-            return self._reject(f"message seq {seq} {what}, expected {self._receive_seq}", "replay")
+            return self._reject(f"message seq {seq} {what}, expected {self._receive_seq}", "out_of_sequence")
         self._receive_seq += 1
         try:
             message = msgpack.unpackb(payload, raw=False, use_list=True, strict_map_key=True)

@@ -97,7 +97,7 @@ async def test_connect_hello_heartbeats_and_messages(nursery, tmp_path):
     assert both_on_one_connection(pair)
     assert (pair.a.counters["connections"], pair.b.counters["connections"]) == before
     for link in (pair.a, pair.b):
-        assert all(link.counters[f"rejected_{k}"] == 0 for k in ("auth", "parse", "replay", "too_large"))
+        assert all(link.counters[f"rejected_{k}"] == 0 for k in ("auth", "parse", "out_of_sequence", "too_large"))
 
 
 async def test_simultaneous_dials_agree_on_the_lower_names_connection(nursery, tmp_path):

@@ -114,16 +114,16 @@ def test_replay_within_a_connection_is_rejected():
     f0, f1 = a.seal({"type": "m0"}), a.seal({"type": "m1"})
     assert messages(b.receive_data(f0)) == [{"type": "m0"}]
     [r] = b.receive_data(f0)
-    assert r.kind == "replay" and "replayed" in r.reason
+    assert r.kind == "out_of_sequence" and "replayed" in r.reason
     assert messages(b.receive_data(f1)) == [{"type": "m1"}]
-    assert b.counters["rejected_replay"] == 1
+    assert b.counters["rejected_out_of_sequence"] == 1
 
 
 def test_reordered_messages_are_rejected():
     a, b = pair()
     f0, f1 = a.seal({"type": "m0"}), a.seal({"type": "m1"})
     [r] = b.receive_data(f1)
-    assert r.kind == "replay" and "out of order" in r.reason
+    assert r.kind == "out_of_sequence" and "out of order" in r.reason
     assert messages(b.receive_data(f0)) == [{"type": "m0"}]
 
 
