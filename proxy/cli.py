@@ -233,6 +233,10 @@ def format_status(status: NodeStatus) -> str:
         if link.peer_refusal is not None:
             lines.append(f"peer refused the sync link ({link.peer_refusal.kind}, {link.peer_refusal.ago:.1f} s ago): "
                          f"{link.peer_refusal.reason}")
+        if link.dial_problem:
+            lines.append(f"SYNC LINK PROBLEM: {link.dial_problem}")
+        elif link.dial_failures and link.last_dial_error:
+            lines.append(f"dialling {link.dial}: {link.dial_failures} failed, last: {link.last_dial_error}")
         if pair.takeover_error is not None:
             lines.append(f"TAKEOVER FAILING (attempt {pair.takeover_error.attempts}, retrying): "
                          f"{pair.takeover_error.error}")

@@ -85,7 +85,9 @@ def _link_status(node: Any) -> LinkStatus:
             median=round(rtt["median"] * 1000, 3), count=rtt["count"]),
         unauthenticated=raw.get("unauthenticated", 0), unauthenticated_peak=raw.get("unauthenticated_peak", 0),
         unauthenticated_buffered=raw.get("unauthenticated_buffered", 0),
-        peer_refusal=from_json(PeerRefusal, raw["peer_refusal"]) if raw.get("peer_refusal") else None)
+        peer_refusal=from_json(PeerRefusal, raw["peer_refusal"]) if raw.get("peer_refusal") else None,
+        dial=raw.get("dial"), dial_failures=raw.get("dial_failures", 0), last_dial_error=raw.get("last_dial_error"),
+        dial_problem=raw.get("dial_problem"))
 
 
 def _pair_status(node: Any) -> PairStatus:

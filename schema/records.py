@@ -312,6 +312,13 @@ class LinkStatus:
     unauthenticated_buffered: int = 0   # bytes buffered for them
     #: why the peer's process, alive, is not connected: kind unauthenticated | misconfigured
     peer_refusal: PeerRefusal | None = field(default=None, metadata=OPTIONAL)
+    #: this node's dials of peer.link (issue 9.7): what it dials, how many failed, why the last one did
+    dial: str | None = field(default=None, metadata=OPTIONAL)
+    dial_failures: int = 0
+    last_dial_error: str | None = field(default=None, metadata=OPTIONAL)
+    #: what is wrong with peer.link, with what to change (dials failing for seconds, or the peer listens
+    #: elsewhere and the link works only while it dials)
+    dial_problem: str | None = field(default=None, metadata=OPTIONAL)
 
 
 @dataclass

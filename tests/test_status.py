@@ -241,3 +241,16 @@ async def test_metrics_endpoint_answers_get_metrics_only(nursery):
     with pytest.raises(OSError, match=f"node.metrics 127.0.0.1:{endpoint.port}: cannot listen"):
         await nursery.start(serve_metrics, endpoint, text)
     nursery.cancel_scope.cancel()
+
+
+def test_human_status_says_what_is_wrong_with_peer_link():
+    """Issue 9.7: dial failures and the last dial error are in the link record and the human status."""
+    failing = LinkStatus("connecting", None, "b", None, None, {}, None, dial="10.77.1.2:7499", dial_failures=3,
+                         last_dial_error="connection refused")
+    text = format_status(a_status(a_pair(link=failing)))
+    assert "dialling 10.77.1.2:7499: 3 failed, last: connection refused" in text
+    problem = "peer.link 10.77.1.2:7499: connection refused for 5 s: is the peer's peer.listen this address and port?"
+    stuck = LinkStatus("connected", None, "b", "b", 0.01, {}, None, dial="10.77.1.2:7499", dial_failures=30,
+                       last_dial_error="connection refused", dial_problem=problem)
+    assert f"SYNC LINK PROBLEM: {problem}" in format_status(a_status(a_pair(link=stuck)))
+    assert from_json(LinkStatus, to_json(stuck)) == stuck
