@@ -233,6 +233,12 @@ def format_status(status: NodeStatus) -> str:
         if link.peer_refusal is not None:
             lines.append(f"peer refused the sync link ({link.peer_refusal.kind}, {link.peer_refusal.ago:.1f} s ago): "
                          f"{link.peer_refusal.reason}")
+        if pair.own_address_stuck is not None:
+            stuck = pair.own_address_stuck
+            lines.append(f"OWN ADDRESS NOT SERVED ({stuck.role} for {stuck.for_s:.0f} s): {stuck.reason}")
+        if pair.address_mismatch and (pair.own_address_stuck is None or
+                                      pair.own_address_stuck.reason != pair.address_mismatch):
+            lines.append(f"ADDRESSES DO NOT MATCH: {pair.address_mismatch}")
         if link.dial_problem:
             lines.append(f"SYNC LINK PROBLEM: {link.dial_problem}")
         elif link.dial_failures and link.last_dial_error:

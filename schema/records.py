@@ -34,7 +34,7 @@ __all__ = [
     "Snapshot", "Tables", "ServiceStatus", "RttStatus", "LinkStatus", "AddressStatus", "ProbeStatus",
     "PeerRefusal", "DetectorStatus", "Behind", "Difference", "SnooperStats", "StateSync", "Takeover", "TakeoverReport", "ResumeBefore",
     "ResumeRecord", "PairStatus", "NodeStatus", "CaptureInfo", "ReplayReport",
-    "TakeoverFailure", "OPTIONAL", "snapshot_from_dict", "tables_with_digests",
+    "TakeoverFailure", "OwnAddressStuck", "OPTIONAL", "snapshot_from_dict", "tables_with_digests",
 ]
 
 T = TypeVar("T")
@@ -512,6 +512,16 @@ class TakeoverFailure:
 
 
 @dataclass
+class OwnAddressStuck:
+    """The own address has not been served (claiming or yielded) for longer than a start-up or a
+    hand-back takes: for how long, and why, with what to change (issue 9.7)."""
+
+    role: str
+    for_s: float
+    reason: str
+
+
+@dataclass
 class PairStatus:
     mode: str
     peer: str
@@ -527,6 +537,9 @@ class PairStatus:
     resume: list[ResumeRecord] | None = field(default=None, metadata=OPTIONAL)
     takeover_error: TakeoverFailure | None = field(default=None, metadata=OPTIONAL)
     detector: DetectorStatus | None = field(default=None, metadata=OPTIONAL)
+    own_address_stuck: OwnAddressStuck | None = field(default=None, metadata=OPTIONAL)
+    #: the peer's hello names an own address that is not [peer] address here: what to change
+    address_mismatch: str | None = field(default=None, metadata=OPTIONAL)
 
 
 @dataclass

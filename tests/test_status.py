@@ -254,3 +254,14 @@ def test_human_status_says_what_is_wrong_with_peer_link():
                        last_dial_error="connection refused", dial_problem=problem)
     assert f"SYNC LINK PROBLEM: {problem}" in format_status(a_status(a_pair(link=stuck)))
     assert from_json(LinkStatus, to_json(stuck)) == stuck
+
+
+def test_human_status_says_why_the_own_address_is_not_served():
+    from proxy.status import OwnAddressStuck
+
+    reason = "a says 10.0.0.1 is its own address, but it is this node's own ([node] address here): ..."
+    pair = a_pair(own_address_stuck=OwnAddressStuck("yielded", 12.0, reason), address_mismatch=reason)
+    text = format_status(a_status(pair))
+    assert f"OWN ADDRESS NOT SERVED (yielded for 12 s): {reason}" in text
+    assert "ADDRESSES DO NOT MATCH" not in text   # said once
+    assert from_json(PairStatus, to_json(pair)) == pair
