@@ -274,8 +274,16 @@ def format_status(status: NodeStatus) -> str:
                          f" ({sync.matches}/{sync.compared} digests matched"
                          + (f"; behind: {behind.frames} frames, {behind.bytes} bytes, {_ms(behind.ms)})"
                             if behind else ")"))
-            lines.append(f"observer {sync.observer}; snoopers: {sum(s.frames for s in sync.snoopers)} frames, "
-                         f"{sum(s.kernel_drops for s in sync.snoopers)} dropped by the kernel")
+            lines.append(f"observer {sync.observer}; {sum(s.kernel_drops for s in sync.snoopers)} frames dropped by "
+                         f"the kernel; frames seen, per address:")
+            views = {"own_address": "own address", "peer_address": f"{pair.peer}'s address",
+                     "peer_backend": f"{pair.peer}'s backend connections"}
+            for s in sync.snoopers:
+                whose = "it" if s.view == "own_address" else pair.peer
+                lines.append(f"  {s.address or '?':<15} {views.get(s.view, s.view)}: {s.frames} frames, "
+                             f"{s.frames_to} to {whose}, {s.frames_from} from {whose}")
+            if sync.sight_detail:
+                lines.append(("" if sync.sight == "nothing" else "this node ") + sync.sight_detail)
         for r in pair.resume or []:
             lines.append(f"resume {r.client}: {r.verdict}; reopened {[o.path for o in r.reopened]}, "
                          f"lost {[o.path for o in r.lost_opens]}")

@@ -374,6 +374,9 @@ class Difference:
 class SnooperStats:
     view: str                    # own_address | peer_address | peer_backend
     frames: int = 0
+    address: str | None = field(default=None, metadata=OPTIONAL)  # the service address the view covers
+    frames_to: int = 0           # frames whose IPv4 destination is that address
+    frames_from: int = 0         # ... whose source is it
     bytes: int = 0
     batches: int = 0
     truncated: int = 0
@@ -397,6 +400,11 @@ class StateSync:
     observer: str                # starting | running | why it failed
     snoopers: list[SnooperStats]
     observer_timeouts: int = 0   # observer requests that got no answer within their bound
+    #: what this node sees of the peer's traffic (judged while the peer has traffic): unknown | both |
+    #: to_peer | from_peer | nothing; ``sight_detail`` says it in a sentence (issue 9.9)
+    sight: str = "unknown"
+    sight_detail: str | None = field(default=None, metadata=OPTIONAL)
+    peer_connections: int | None = field(default=None, metadata=OPTIONAL)  # the peer's last digest says
 
 
 _takeover_numbers = itertools.count(1)

@@ -265,3 +265,20 @@ def test_human_status_says_why_the_own_address_is_not_served():
     assert f"OWN ADDRESS NOT SERVED (yielded for 12 s): {reason}" in text
     assert "ADDRESSES DO NOT MATCH" not in text   # said once
     assert from_json(PairStatus, to_json(pair)) == pair
+
+
+def test_human_status_shows_the_frames_per_address_and_direction_and_a_blind_standby():
+    detail = ("SEES NOTHING of a's traffic while a has 1 connection(s) (652 frames at a in the last 2.0 s, none "
+              "here): the service network does not pass a's frames to this node")
+    sync = StateSync(in_sync=False, compared=9, matches=8, mismatches_in_a_row=0, behind=None, snapshots_requested=0,
+                     last_difference=None, observer="running",
+                     snoopers=[SnooperStats("own_address", frames=30, address="10.0.0.2", frames_to=20, frames_from=10),
+                               SnooperStats("peer_address", address="10.0.0.1"),
+                               SnooperStats("peer_backend", address="10.0.0.1")],
+                     sight="nothing", sight_detail=detail, peer_connections=1)
+    text = format_status(a_status(a_pair(mode="stateful", peer="a", state_sync=sync)))
+    assert "10.0.0.2        own address: 30 frames, 20 to it, 10 from it" in text
+    assert "10.0.0.1        a's address: 0 frames, 0 to a, 0 from a" in text
+    assert "a's backend connections: 0 frames" in text
+    assert "\n" + detail in text and "state sync with a: NOT in sync" in text
+    assert from_json(StateSync, to_json(sync)) == sync
