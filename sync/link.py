@@ -342,7 +342,7 @@ class PeerLink:
 
     def _dial_worked(self) -> None:
         if self._dial_warned_at is not None:
-            log.warning("peer.link %s:%s answers again after %d failed dials", *self.dial,
+            log.info("peer.link %s:%s answers again after %d failed dials", *self.dial,
                         self.counters["dial_failures"])
         self._dial_failing_since = self._dial_warned_at = None
         self.last_dial_error = None
