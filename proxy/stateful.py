@@ -341,7 +341,7 @@ class ViewSync:
 
     def status(self) -> dict:
         # two empty tables agree, but a node that sees none of the peer's frames is not in sync with it
-        in_sync = False if self.sight == "nothing" and self.in_sync else self.in_sync
+        in_sync = False if self.sight == "nothing" else self.in_sync
         return {"in_sync": in_sync, "compared": self.compared, "matches": self.matches,
                 "mismatches_in_a_row": self.mismatches_in_a_row, "behind": self.behind,
                 "snapshots_requested": self.snapshots_requested, "last_difference": self.last_difference,
