@@ -241,7 +241,7 @@ def format_status(status: NodeStatus) -> str:
             lines.append(f"ADDRESSES DO NOT MATCH: {pair.address_mismatch}")
         if link.dial_problem:
             lines.append(f"SYNC LINK PROBLEM: {link.dial_problem}")
-        elif link.dial_failures and link.last_dial_error:
+        elif link.state != "connected" and link.last_dial_error:
             lines.append(f"dialling {link.dial}: {link.dial_failures} failed, last: {link.last_dial_error}")
         if pair.takeover_error is not None:
             lines.append(f"TAKEOVER FAILING (attempt {pair.takeover_error.attempts}, retrying): "

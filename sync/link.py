@@ -170,7 +170,7 @@ class PeerLink:
             "connection_errors": 0, "stray_refused": 0, "peer_refusals": 0, "dial_failures": 0,
         }
         #: why the last dial of ``dial`` failed ("connection refused", "no answer within 1000 ms"); None
-        #: before the first failure and after a dial got through
+        #: before the first failure and after a dial of this node got through
         self.last_dial_error: str | None = None
         self._listen_problem: str | None = None  # peer.link is not where the peer says it listens
         self._failing_problem: str | None = None  # dials have failed for dial_warn_after
@@ -333,19 +333,19 @@ class PeerLink:
             return
         problem = (f"peer.link {self.dial[0]}:{self.dial[1]}: {error} for {failing_for:.0f} s: is the peer's "
                    f"peer.listen this address and port? (or is {self.peer_name} down?)")
-        if self.state == "connected":  # the peer's dial carries the link; ours never gets through
-            problem += f"; the link works only while {self.peer_name} dials"
         self._failing_problem = problem
         if self._dial_warned_at is None or now - self._dial_warned_at >= self.dial_warn_every:
             self._dial_warned_at = now
             log.warning("%s (%d failed dials)", problem, self.counters["dial_failures"])
 
-    def _dial_worked(self) -> None:
-        if self._dial_warned_at is not None:
-            log.info("peer.link %s:%s answers again after %d failed dials", *self.dial,
-                        self.counters["dial_failures"])
+    def _dial_worked(self, *, connected: bool = False) -> None:
+        """A dial got through, or the link came up (through the peer's dial: its hello then says
+        whether peer.link is right, see :meth:`_check_peer_listen`): failures so far were a start-up."""
+        if self._dial_warned_at is not None and not connected:
+            log.info("peer.link %s:%s answers again after %d failed dials", *self.dial, self.counters["dial_failures"])
         self._dial_failing_since = self._dial_warned_at = None
-        self.last_dial_error = None
+        if not connected:  # through the peer's dial, this node's last dial error still stands
+            self.last_dial_error = None
         self._failing_problem = None
 
     def _check_peer_listen(self, listen: Any) -> None:
@@ -577,6 +577,7 @@ class PeerLink:
                 self.counters["reconnects"] += 1
             log.info("sync link to %s up (dialled by %s)", self.peer_name, conn.dialled_by)
         self._ever_connected = True
+        self._dial_worked(connected=True)
         self.state = "connected"
         self.refused_reason = None
         conn.nursery.start_soon(self._send_heartbeats, conn)
