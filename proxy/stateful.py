@@ -315,8 +315,9 @@ class ViewSync:
             detail = f"sees only frames {way} {peer} ({d_to} to {peer}, {d_from} from it)"
         else:
             sight = "nothing"
-            detail = (f"SEES NOTHING of {peer}'s traffic while {has} ({max(moved, 0)} frames at {peer} in the "
-                      f"last {now - first[0]:.1f} s, none here): the service network does not pass {peer}'s frames "
+            evidence = (f"{moved} frames at {peer} in the last {now - first[0]:.1f} s, none here" if moved > 0
+                        else "this node knows none of them, and saw no frame of them")
+            detail = (f"SEES NOTHING of {peer}'s traffic while {has} ({evidence}): the service network does not pass {peer}'s frames "
                       f"to this node (a learning switch or bridge); flood or mirror {peer}'s port to it, or a "
                       f"takeover will not know {peer}'s connections")
         if sight != self.sight:

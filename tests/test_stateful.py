@@ -134,3 +134,12 @@ def test_sight_says_which_way_frames_come_and_keeps_its_verdict_while_the_peer_i
     for i in range(20, 40):                                               # a idle: nothing new to judge
         sync.on_peer_digest(digest_msg(950, 1), ours(475, 450, 1), now=0.25 * i)
     assert sync.sight == "both"
+
+
+def test_a_peer_with_idle_clients_this_node_never_saw_is_named_too():
+    sync = ViewSync(peer_name="a")
+    for i in range(3):   # a's clients are idle (no frame moves), but a has them and this node knows none
+        sync.on_peer_digest(digest_msg(500, 2, "two"), ours(0, 0, 0, "empty"), now=0.25 * i)
+    assert sync.sight == "nothing"
+    assert sync.sight_detail.startswith("SEES NOTHING of a's traffic while a has 2 connection(s) (this node knows "
+                                        "none of them")
