@@ -282,3 +282,24 @@ def test_human_status_shows_the_frames_per_address_and_direction_and_a_blind_sta
     assert "a's backend connections: 0 frames" in text
     assert "\n" + detail in text and "state sync with a: NOT in sync" in text
     assert from_json(StateSync, to_json(sync)) == sync
+
+
+def test_prometheus_says_what_issue_9_made_loud():
+    from proxy.status import OwnAddressStuck
+
+    sync = StateSync(in_sync=False, compared=9, matches=8, mismatches_in_a_row=0, behind=None, snapshots_requested=0,
+                     last_difference=None, observer="running",
+                     snoopers=[SnooperStats("peer_address", frames=9, address="10.0.0.2", frames_to=9)],
+                     sight="nothing", sight_detail="SEES NOTHING", peer_connections=1)
+    link = LinkStatus("connected", None, "b", "b", 0.01, {}, None, dial="10.0.1.2:7499", dial_failures=30,
+                      dial_problem="peer.link ...")
+    pair = a_pair(mode="stateful", state_sync=sync, link=link, own_address_stuck=OwnAddressStuck("yielded", 12.0, "x"))
+    fams = families(render(a_status(pair)))
+    assert value(fams, "pairproxy_sync_link_dial_failures", "pairproxy_sync_link_dial_failures_total") == 30
+    assert value(fams, "pairproxy_sync_link_problem") == 1
+    assert value(fams, "pairproxy_own_address_unserved_seconds") == 12.0
+    assert value(fams, "pairproxy_snooper_frames", "pairproxy_snooper_frames_total", view="peer_address",
+                 direction="to") == 9
+    assert value(fams, "pairproxy_state_sees_peer") == 0
+    fams = families(render(a_status(a_pair())))
+    assert value(fams, "pairproxy_sync_link_problem") == 0 and value(fams, "pairproxy_own_address_unserved_seconds") == 0
