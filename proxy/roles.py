@@ -467,8 +467,8 @@ class PairCore:
         peer, mine, theirs = self.peer_name, self.my_address, self.peer_address
         if address == mine:
             problem = (f"{peer} says {mine} is its own address, but it is this node's own ([node] address here): "
-                       f"on each node set [node] address to its own service address and [peer] address to the "
-                       f"other's ({peer}'s [node] address should be {theirs}?)")
+                       f"one of the two configs is wrong; each node's [node] address must be its own service "
+                       f"address and its [peer] address the other's (here: {mine} and {theirs})")
         else:
             problem = (f"{peer} says its own address is {address}, but [peer] address here is {theirs}: set "
                        f"[peer] address = \"{address}\" here, or [node] address on {peer} to {theirs}")
