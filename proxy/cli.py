@@ -233,6 +233,16 @@ def format_status(status: NodeStatus) -> str:
         if link.peer_refusal is not None:
             lines.append(f"peer refused the sync link ({link.peer_refusal.kind}, {link.peer_refusal.ago:.1f} s ago): "
                          f"{link.peer_refusal.reason}")
+        if pair.own_address_stuck is not None:
+            stuck = pair.own_address_stuck
+            lines.append(f"OWN ADDRESS NOT SERVED ({stuck.role} for {stuck.for_s:.0f} s): {stuck.reason}")
+        if pair.address_mismatch and (pair.own_address_stuck is None or
+                                      pair.own_address_stuck.reason != pair.address_mismatch):
+            lines.append(f"ADDRESSES DO NOT MATCH: {pair.address_mismatch}")
+        if link.dial_problem:
+            lines.append(f"SYNC LINK PROBLEM: {link.dial_problem}")
+        elif link.state != "connected" and link.last_dial_error:
+            lines.append(f"dialling {link.dial}: {link.dial_failures} failed, last: {link.last_dial_error}")
         if pair.takeover_error is not None:
             lines.append(f"TAKEOVER FAILING (attempt {pair.takeover_error.attempts}, retrying): "
                          f"{pair.takeover_error.error}")
@@ -264,8 +274,16 @@ def format_status(status: NodeStatus) -> str:
                          f" ({sync.matches}/{sync.compared} digests matched"
                          + (f"; behind: {behind.frames} frames, {behind.bytes} bytes, {_ms(behind.ms)})"
                             if behind else ")"))
-            lines.append(f"observer {sync.observer}; snoopers: {sum(s.frames for s in sync.snoopers)} frames, "
-                         f"{sum(s.kernel_drops for s in sync.snoopers)} dropped by the kernel")
+            lines.append(f"observer {sync.observer}; {sum(s.kernel_drops for s in sync.snoopers)} frames dropped by "
+                         f"the kernel; frames seen, per address:")
+            views = {"own_address": "own address", "peer_address": f"{pair.peer}'s address",
+                     "peer_backend": f"{pair.peer}'s backend connections"}
+            for s in sync.snoopers:
+                whose = "it" if s.view == "own_address" else pair.peer
+                lines.append(f"  {s.address or '?':<15} {views.get(s.view, s.view)}: {s.frames} frames, "
+                             f"{s.frames_to} to {whose}, {s.frames_from} from {whose}")
+            if sync.sight_detail:
+                lines.append(("" if sync.sight == "nothing" else "this node ") + sync.sight_detail)
         for r in pair.resume or []:
             lines.append(f"resume {r.client}: {r.verdict}; reopened {[o.path for o in r.reopened]}, "
                          f"lost {[o.path for o in r.lost_opens]}")

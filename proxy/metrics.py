@@ -89,6 +89,16 @@ def render(status: NodeStatus | None) -> str:
                 "Frames the kernel dropped before the snooper read them (stateful; view: own_address, peer_address, peer_backend)."),
         _Family("pairproxy_state_in_sync", "gauge",
                 "Stateful: 1 if this node's view of the peer's address matches the peer's own digest, 0 if not."),
+        _Family("pairproxy_sync_link_dial_failures_total", "counter",
+                "Dials of peer.link that failed (refused, unreachable, no answer)."),
+        _Family("pairproxy_sync_link_problem", "gauge",
+                "1 while peer.link is known wrong (dials failing for seconds, or the peer listens elsewhere)."),
+        _Family("pairproxy_own_address_unserved_seconds", "gauge",
+                "How long the own address has stayed claiming/yielded past a start-up or hand-back (0: served)."),
+        _Family("pairproxy_snooper_frames_total", "counter",
+                "Stateful: frames seen per view and direction (to or from the view's address)."),
+        _Family("pairproxy_state_sees_peer", "gauge",
+                "Stateful: 0 while this node sees nothing of the peer's traffic although the peer has some, 1 if it sees it."),
     ]}
     if status is None:
         fam["pairproxy_up"].add(0)
@@ -108,6 +118,10 @@ def render(status: NodeStatus | None) -> str:
         fam["pairproxy_peer_alive"].add(int(pair.peer_state == "alive"), peer=pair.peer)
         fam["pairproxy_peer_misconfigured"].add(int(pair.peer_state == "misconfigured"), peer=pair.peer)
         fam["pairproxy_sync_link_up"].add(int(pair.link.state == "connected"), peer=pair.peer)
+        fam["pairproxy_sync_link_dial_failures_total"].add(pair.link.dial_failures, peer=pair.peer)
+        fam["pairproxy_sync_link_problem"].add(int(pair.link.dial_problem is not None), peer=pair.peer)
+        stuck = pair.own_address_stuck
+        fam["pairproxy_own_address_unserved_seconds"].add(stuck.for_s if stuck else 0, peer=pair.peer)
         rtt = pair.link.rtt_ms
         if rtt is not None:
             for stat in ("last", "min", "median", "max"):
@@ -125,6 +139,10 @@ def render(status: NodeStatus | None) -> str:
         if sync is not None:
             for snooper in sync.snoopers:
                 fam["pairproxy_snooper_kernel_drops_total"].add(snooper.kernel_drops, view=snooper.view)
+                fam["pairproxy_snooper_frames_total"].add(snooper.frames_to, view=snooper.view, direction="to")
+                fam["pairproxy_snooper_frames_total"].add(snooper.frames_from, view=snooper.view, direction="from")
+            if sync.sight != "unknown":
+                fam["pairproxy_state_sees_peer"].add(int(sync.sight != "nothing"), peer=pair.peer)
             if sync.in_sync is not None:
                 fam["pairproxy_state_in_sync"].add(int(sync.in_sync), peer=pair.peer)
     return "\n".join(line for f in fam.values() for line in f.text()) + "\n"

@@ -77,6 +77,8 @@ class Node:
         if self.core is not None:
             self.core.retry_first = self.timings.takeover_retry_first
             self.core.retry_max = self.timings.takeover_retry_max
+            self.core.stuck_after = self.timings.own_stuck_after
+            self.core.stuck_warn_every = self.timings.own_stuck_warn_every
         self.link: PeerLink | None = None
         self.detector: FailureDetector | None = None
         self.probe_responder: ProbeResponder | None = None
@@ -216,6 +218,7 @@ class Node:
             await nursery.start(self.standby.run)
         nursery.start_soon(self._detect)
         nursery.start_soon(self._claim_when_alone)
+        nursery.start_soon(self._tick_own_address)
         self.state = "pair"
         log.info("node %s: pair with %s (%s mode), claiming %s", node.name, peer.name, pair.mode, node.address.ip)
 
@@ -243,6 +246,12 @@ class Node:
             connected = self.link.state == "connected"
             holders = set() if connected else await who_has(node.interface, self.mac, str(node.address.ip))
             self._enqueue(roles.ClaimWaitOver(connected, frozenset(holders)))
+            await trio.sleep(self.timings.claim_wait)
+
+    async def _tick_own_address(self) -> None:
+        """Every claim_wait: the time, so the core can say when the own address stays unserved too long."""
+        while True:
+            self._enqueue(roles.OwnAddressTick(trio.current_time()))
             await trio.sleep(self.timings.claim_wait)
 
     # -- events in -----------------------------------------------------------------------------
@@ -298,7 +307,8 @@ class Node:
         holds = frozenset(hello.get("holds") or [])
         log.info("hello from %s: MAC %s, serving %s", self.config.peer.name, hello.get("mac"),
                  ", ".join(sorted(holds)) or "nothing")
-        return roles.HelloReceived(holds, hello.get("own_state"))
+        address = hello.get("address")
+        return roles.HelloReceived(holds, hello.get("own_state"), address if isinstance(address, str) else None)
 
     # -- actions out ---------------------------------------------------------------------------
 

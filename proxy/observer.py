@@ -167,7 +167,7 @@ class _Observer:
         if view is None and op in ("digest", "snapshot", "live", "watch"):
             raise ValueError(f"unknown view {request.get('view')!r}")
         if op == "digest":
-            return {"digest": view.digest(), "frames": view.frames, "bytes": view.bytes}
+            return view.digest_message()
         if op == "snapshot":
             return view.snapshot()
         if op == "live":
@@ -182,8 +182,9 @@ class _Observer:
             return None
         if op == "report":
             return self.watcher.report() if self.watcher else []
-        if op == "stats":
-            return [s.stats() for s in self.snoopers]
+        if op == "stats":  # per view, in the order of the views: its snooper's counters, and which way frames went
+            return [dict(s.stats(), address=v.address, frames_to=v.frames_to, frames_from=v.frames_from)
+                    for s, v in zip(self.snoopers, self.views.values())]
         raise ValueError(f"unknown request {op!r}")
 
 

@@ -26,6 +26,14 @@ asks for its address, the node is ``releasing`` (:mod:`proxy.handback`) and then
 and only then tells the peer it may claim. Because the holder lets go before the owner claims, at no
 moment do both serve one address.
 
+A node that stays ``claiming`` or ``yielded`` (issue 9.7: swapped service addresses, a peer that keeps
+holding the address, another host answering ARP for it) must not go quiet after one log line. The node
+feeds :class:`OwnAddressTick` every ``claim_wait``; once the own address has not been served for
+``stuck_after``, the core names the cause and what to change (:meth:`PairCore.why_not_serving`),
+warns at most every ``stuck_warn_every`` and keeps it in :attr:`PairCore.stuck` for status. A peer
+hello whose own address is not ``[peer] address`` here is warned about at once
+(:attr:`PairCore.address_mismatch`). Neither changes a role: both only say what is wrong.
+
 Every (state, event) pair is in a table, or in :data:`IGNORED` (known and harmless, e.g. a second
 verdict while holding); anything else is unexpected. Both are logged and counted (``ignored``,
 ``unexpected``), so a surprise in the field shows up in the log instead of vanishing.
@@ -57,6 +65,7 @@ class HelloReceived:
 
     holds: frozenset[str]
     peer_own_role: str | None
+    peer_address: str | None = None  # the peer's own service address, as its hello says (None: not said)
 
 
 @dataclass(frozen=True)
@@ -112,6 +121,14 @@ class ClaimWaitOver:
 
 
 @dataclass(frozen=True)
+class OwnAddressTick:
+    """Fed every ``claim_wait`` (trio time ``at``): lets the core tell how long the own address has not
+    been served, and say so loudly when that is too long (see the module docstring)."""
+
+    at: float
+
+
+@dataclass(frozen=True)
 class TakeoverDone:
     """The takeover sequence serves the peer's address."""
 
@@ -143,7 +160,7 @@ class Stopping:
 
 
 Event = (HelloReceived | PeerDeclaredDead | PeerProbing | PeerAlive | HandbackRequested | HandbackDone | PeerLeaving
-         | ClaimWaitOver | TakeoverDone | TakeoverFailed | RetryTakeover | Released | Stopping)
+         | ClaimWaitOver | TakeoverDone | TakeoverFailed | RetryTakeover | Released | Stopping | OwnAddressTick)
 
 
 # -- actions out -------------------------------------------------------------------------------
@@ -335,6 +352,18 @@ class PairCore:
     history: list[Transition] = field(default_factory=list)
     ignored: Counter = field(default_factory=Counter)     # (state, kind) -> count
     unexpected: Counter = field(default_factory=Counter)  # (state, kind) -> count
+    #: the own address is not served (claiming/yielded) since this trio time (None: it is served)
+    not_serving_since: float | None = None
+    #: why the own address has not been served for ``stuck_after``, with what to change (None: not stuck)
+    stuck: str | None = None
+    stuck_after: float = 5.0
+    stuck_warn_every: float = 30.0
+    #: the peer's hello names an own address that is not [peer] address here: what to change
+    address_mismatch: str | None = None
+    peer_own_address: str | None = None
+    last_arp_holders: frozenset[str] = frozenset()
+    handback_requests: int = 0
+    _stuck_warned_at: float | None = None
     _detected_at: float | None = None
     _drain: tuple = ()
     _drain_for: float = 0.0
@@ -371,8 +400,12 @@ class PairCore:
         peer, mine, theirs = self.peer_name, self.my_address, self.peer_address
         if isinstance(event, (HelloReceived, PeerAlive)):  # the peer lives: a failed takeover is moot
             self.takeover_attempts, self.last_takeover_error = 0, None
+        if isinstance(event, OwnAddressTick):
+            self._check_not_serving(event.at)
+            return []
         if isinstance(event, HelloReceived):
             self.remember_hello(event.holds, event.peer_own_role)
+            self._check_peer_address(event.peer_address)
             kinds = [(PEER_HOLDS_MINE, f"{peer} serves {mine}") if mine in event.holds
                      else (PEER_DOES_NOT_HOLD_MINE, f"{peer} does not serve {mine}")]
             if self._owner_serves():
@@ -408,6 +441,7 @@ class PairCore:
             self.takeover_attempts, self.last_takeover_error = 0, None
             return [(TAKEOVER_DONE, f"serving {theirs}")]
         if isinstance(event, ClaimWaitOver):
+            self.last_arp_holders = frozenset(event.arp_holders)
             if event.arp_holders:
                 self.unexpected[("claim", "arp_answered")] += 1
                 log.warning("%s: no word from the peer, but %s answers ARP for it: not claiming", mine,
@@ -421,6 +455,56 @@ class PairCore:
                   Released: (RELEASED, f"let go of {theirs}"),
                   Stopping: (STOPPING, "stopping")}
         return [simple[type(event)]]
+
+    def _check_peer_address(self, address: str | None) -> None:
+        """The peer's hello says which address is its own: is it [peer] address here?"""
+        if address is None:
+            return
+        self.peer_own_address = address = address.split("/")[0]
+        if address == self.peer_address:
+            self.address_mismatch = None
+            return
+        peer, mine, theirs = self.peer_name, self.my_address, self.peer_address
+        if address == mine:
+            problem = (f"{peer} says {mine} is its own address, but it is this node's own ([node] address here): "
+                       f"one of the two configs is wrong; each node's [node] address must be its own service "
+                       f"address and its [peer] address the other's (here: {mine} and {theirs})")
+        else:
+            problem = (f"{peer} says its own address is {address}, but [peer] address here is {theirs}: set "
+                       f"[peer] address = \"{address}\" here, or [node] address on {peer} to {theirs}")
+        if problem != self.address_mismatch:
+            log.warning("%s", problem)
+        self.address_mismatch = problem
+
+    def _check_not_serving(self, at: float) -> None:
+        if self.own_role == SERVING:
+            self.not_serving_since = self.stuck = self._stuck_warned_at = None
+            return
+        if self.not_serving_since is None:
+            self.not_serving_since = at
+        waited = at - self.not_serving_since
+        if waited < self.stuck_after:
+            return
+        self.stuck = self.why_not_serving()
+        if self._stuck_warned_at is None or at - self._stuck_warned_at >= self.stuck_warn_every:
+            self._stuck_warned_at = at
+            log.warning("own address %s %s for %.0f s, not served: %s", self.my_address, self.own_role, waited,
+                        self.stuck)
+
+    def why_not_serving(self) -> str:
+        """Why the own address is not served (claiming or yielded), and what to change."""
+        peer, mine = self.peer_name, self.my_address
+        if self.address_mismatch is not None:
+            return self.address_mismatch
+        if self.own_role == YIELDED:
+            if mine in self.peer_holds:
+                return (f"{peer} serves {mine} and has not handed it back after {self.handback_requests} "
+                        f"request(s): {peer}'s [peer] address must be {mine}; see {peer}'s log and status")
+            return f"waiting for {peer} to say it has let go of {mine}"
+        if self.last_arp_holders:
+            return (f"{', '.join(sorted(self.last_arp_holders))} answer(s) ARP for {mine} while {peer} is "
+                    f"unreachable: another host uses {mine}? (remove it there, or fix [node] address)")
+        return f"waiting for {peer}'s hello or for it to be declared dead"
 
     def _owner_serves(self) -> bool:
         return self.peer_address in self.peer_holds and self.peer_own_role == SERVING
@@ -443,6 +527,9 @@ class PairCore:
                 log.warning("%s address %s: unexpected %s ignored (%s)", machine, state, kind, reason)
             return []
         new, steps = found
+        if machine == "own" and new == SERVING:
+            self.not_serving_since = self.stuck = self._stuck_warned_at = None
+            self.handback_requests = 0
         if new != state:
             log.info("%s address: %s -> %s (%s)", machine, state, new, reason)
             self.history.append(Transition(machine, state, new, kind, reason))
@@ -459,6 +546,7 @@ class PairCore:
         if step == ANNOUNCE:
             return [AnnounceOwnAddress()]
         if step == ASK_BACK:
+            self.handback_requests += 1
             return [_ask_for_my_address(self.my_address)]
         if step == LEAVE:
             return [LeaveOwnAddress()]

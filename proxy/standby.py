@@ -77,7 +77,7 @@ class StatefulStandby:
         }
         #: view name -> the address it covers
         self.addresses = {name: v["address"] for name, v in views.items()}
-        self.view_sync = ViewSync()
+        self.view_sync = ViewSync(peer_name=peer.name)
         # 128 MiB: with 8 MiB a bulk transfer through the lab lost a fifth of its frames (bench/SNOOPER.md)
         self.observer = observer or ObserverProcess(node.interface, views, rcvbuf=128 << 20)
         self.prepared: PreparedTakeover | None = None
@@ -274,6 +274,7 @@ class StatefulStandby:
             if sync["last_difference"] else None,
             observer=self.observer.failed or ("running" if self.observer.ready.is_set() else "starting"),
             observer_timeouts=self.observer_timeouts,
+            sight=sync["sight"], sight_detail=sync["sight_detail"], peer_connections=sync["peer_connections"],
             # the observer answers in the order of its views, which is the order of self.addresses
             snoopers=[from_json(SnooperStats, {**s, "view": name}, strict=False)
                       for name, s in zip(self.addresses, stats)])

@@ -21,6 +21,7 @@ import logging
 import socket
 import struct
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +49,11 @@ class AddressView:
                                  nfs_ports=[p for p in self.ports if p != 445])
         self.frames = 0
         self.bytes = 0
+        #: frames whose IPv4 destination / source is ``address``: which way this node sees its traffic
+        #: (a standby on a switch that floods only unknown destinations sees one way or none; issue 9.9)
+        self.frames_to = 0
+        self.frames_from = 0
+        self._address_bytes = socket.inet_aton(address)
         self.last_frame_at: float | None = None
         self.watcher: ResumeWatcher | None = None
 
@@ -56,6 +62,11 @@ class AddressView:
         self.frames += 1
         self.bytes += len(frame)
         self.last_frame_at = ts
+        ip = 18 if frame[12:14] == b"\x81\x00" else 14   # one 802.1Q tag at most (as capture.bpf)
+        if frame[ip + 16:ip + 20] == self._address_bytes:
+            self.frames_to += 1
+        elif frame[ip + 12:ip + 16] == self._address_bytes:
+            self.frames_from += 1
         events = self.pipeline.feed_frame(frame, ts)
         if self.watcher is not None and events:
             self.watcher.feed(events)
@@ -69,6 +80,14 @@ class AddressView:
 
     def digest(self, snapshot: dict | None = None) -> str:
         return self.pipeline.digest(snapshot if snapshot is not None else self.snapshot())
+
+    def digest_message(self) -> dict:
+        """What the pair compares every 250 ms: the digest, and what this view saw (frames, bytes,
+        frames each way, connections), so the other node can tell a blind view from an idle peer."""
+        snap = self.snapshot()
+        return {"digest": self.digest(snap), "frames": self.frames, "bytes": self.bytes,
+                "frames_to": self.frames_to, "frames_from": self.frames_from,
+                "connections": len(snap["connections"])}
 
     def live_connections(self) -> list[dict]:
         """Connections with known sequence numbers each way (those a valid RST can end)."""
@@ -234,11 +253,23 @@ class ViewSync:
     behind: dict = field(default_factory=dict)
     last_difference: dict | None = None
     snapshots_requested: int = 0
+    #: for the sentences of :attr:`sight`
+    peer_name: str = "the peer"
+    #: what this node sees of the peer's traffic, judged over the last ``sight_window`` seconds of
+    #: digests whenever the peer has traffic (kept while it is idle: an idle peer shows nothing):
+    #: unknown (no peer traffic yet) | both | to_peer | from_peer | nothing
+    sight: str = "unknown"
+    sight_detail: str | None = None
+    sight_judged_at: float | None = None
+    sight_window: float = 2.0
+    peer_connections: int | None = None   # what the peer's last digest says it has
+    _samples: deque = field(default_factory=deque)  # (now, peer frames, our frames to, our frames from)
 
     def on_peer_digest(self, message: dict, ours: dict, now: float) -> bool:
         """Compare the peer's digest message with ours (``{"digest", "frames", "bytes"}`` of our view
         of its address); True when a snapshot should be requested (the views keep differing)."""
         self.compared += 1
+        self._judge_sight(message, ours, now)
         mine = ours["digest"]
         self.behind = {
             "frames": max(0, int(message.get("frames", 0)) - ours["frames"]),
@@ -260,6 +291,39 @@ class ViewSync:
                 return True
         return False
 
+    def _judge_sight(self, message: dict, ours: dict, now: float) -> None:
+        """Does this node see the peer's traffic, which way? (issue 9.9: a standby on a learning switch
+        saw none of it, and status added its own clients' frames up and said ``in sync``.)"""
+        peer_frames, to, from_ = int(message.get("frames", 0)), ours.get("frames_to", 0), ours.get("frames_from", 0)
+        peer_conns, our_conns = message.get("connections"), ours.get("connections")
+        self.peer_connections = peer_conns if isinstance(peer_conns, int) else None
+        self._samples.append((now, peer_frames, to, from_))
+        while len(self._samples) > 2 and self._samples[1][0] <= now - self.sight_window:
+            self._samples.popleft()
+        first = self._samples[0]
+        moved, d_to, d_from = peer_frames - first[1], to - first[2], from_ - first[3]
+        unseen = bool(self.peer_connections) and not our_conns  # it has clients, this node knows none
+        if moved <= 0 and not unseen:
+            return  # the peer is idle: nothing to judge by, the last verdict stands
+        peer, conns = self.peer_name, self.peer_connections
+        has = f"{peer} has {conns} connection(s)" if conns else f"{peer} has traffic"
+        if d_to > 0 and d_from > 0:
+            sight, detail = "both", f"sees {peer}'s traffic both ways ({d_to} frames to {peer}, {d_from} from it)"
+        elif d_to > 0 or d_from > 0:
+            way = "to" if d_to > 0 else "from"
+            sight = "to_peer" if d_to > 0 else "from_peer"
+            detail = f"sees only frames {way} {peer} ({d_to} to {peer}, {d_from} from it)"
+        else:
+            sight = "nothing"
+            evidence = (f"{moved} frames at {peer} in the last {now - first[0]:.1f} s, none here" if moved > 0
+                        else "this node knows none of them, and saw no frame of them")
+            detail = (f"SEES NOTHING of {peer}'s traffic while {has} ({evidence}): the service network does not pass {peer}'s frames "
+                      f"to this node (a learning switch or bridge); flood or mirror {peer}'s port to it, or a "
+                      f"takeover will not know {peer}'s connections")
+        if sight != self.sight:
+            (log.warning if sight == "nothing" else log.info)("stateful: this node %s", detail)
+        self.sight, self.sight_detail, self.sight_judged_at = sight, detail, now
+
     def on_peer_snapshot(self, theirs: dict, ours: dict) -> dict:
         """What differs between the peer's snapshot and ours; logged and kept for status."""
         def index(snap: dict) -> dict[str, dict]:
@@ -277,6 +341,10 @@ class ViewSync:
         return diff
 
     def status(self) -> dict:
-        return {"in_sync": self.in_sync, "compared": self.compared, "matches": self.matches,
+        # two empty tables agree, but a node that sees none of the peer's frames is not in sync with it
+        in_sync = False if self.sight == "nothing" else self.in_sync
+        return {"in_sync": in_sync, "compared": self.compared, "matches": self.matches,
                 "mismatches_in_a_row": self.mismatches_in_a_row, "behind": self.behind,
-                "snapshots_requested": self.snapshots_requested, "last_difference": self.last_difference}
+                "snapshots_requested": self.snapshots_requested, "last_difference": self.last_difference,
+                "sight": self.sight, "sight_detail": self.sight_detail, "sight_judged_at": self.sight_judged_at,
+                "peer_connections": self.peer_connections}

@@ -10,7 +10,8 @@ import time
 from typing import Any
 
 from schema.records import *  # noqa: F401,F403 (the record types, re-exported)
-from schema.records import (AddressStatus, ConnectionRecord, DetectorStatus, LinkStatus, PeerRefusal, NodeStatus, PairStatus, ProbeStatus,
+from schema.records import (AddressStatus, ConnectionRecord, DetectorStatus, LinkStatus, PeerRefusal, NodeStatus,
+                            OwnAddressStuck, PairStatus, ProbeStatus,
                             ProxiedRecord, RttStatus, ServiceStatus, TakeoverFailure, from_json)
 from schema.records import __all__ as _records
 
@@ -85,7 +86,9 @@ def _link_status(node: Any) -> LinkStatus:
             median=round(rtt["median"] * 1000, 3), count=rtt["count"]),
         unauthenticated=raw.get("unauthenticated", 0), unauthenticated_peak=raw.get("unauthenticated_peak", 0),
         unauthenticated_buffered=raw.get("unauthenticated_buffered", 0),
-        peer_refusal=from_json(PeerRefusal, raw["peer_refusal"]) if raw.get("peer_refusal") else None)
+        peer_refusal=from_json(PeerRefusal, raw["peer_refusal"]) if raw.get("peer_refusal") else None,
+        dial=raw.get("dial"), dial_failures=raw.get("dial_failures", 0), last_dial_error=raw.get("last_dial_error"),
+        dial_problem=raw.get("dial_problem"))
 
 
 def _pair_status(node: Any) -> PairStatus:
@@ -118,7 +121,17 @@ def _pair_status(node: Any) -> PairStatus:
         else ProbeStatus(answered=0, rejected=0),
         detector=from_json(DetectorStatus, node.detector.stats()) if node.detector else None,
         takeover_error=None if core.last_takeover_error is None else TakeoverFailure(
-            error=core.last_takeover_error, attempts=core.takeover_attempts))
+            error=core.last_takeover_error, attempts=core.takeover_attempts),
+        own_address_stuck=_own_address_stuck(core), address_mismatch=core.address_mismatch)
+
+
+def _own_address_stuck(core: Any) -> OwnAddressStuck | None:
+    if core.stuck is None or core.not_serving_since is None:
+        return None
+    import trio
+
+    return OwnAddressStuck(role=core.own_role, for_s=round(trio.current_time() - core.not_serving_since, 1),
+                           reason=core.stuck)
 
 
 def _proxies(node: Any) -> list[Any]:

@@ -79,6 +79,15 @@ class PairTimings:
     digest_every: float = 0.25  # stateful: how often the owner sends the digest of its own address
     status_observer_timeout: float = 2.0  # status may wait longer than a takeover, but not forever
 
+    own_stuck_warn_every: float = 30.0  # the warning about an own address not served, repeated this often
+
+    # -- an own address not served (proxy.roles, issue 9.7) ---------------------------------------
+    @property
+    def own_stuck_after(self) -> float:
+        """Claiming or yielded this long is no start-up or hand-back any more (both take about one
+        claim_wait): the node warns, at most every :attr:`own_stuck_warn_every`, and status says why."""
+        return 5 * self.claim_wait
+
     # -- takeover retries (proxy.roles) ----------------------------------------------------------
     @property
     def takeover_retry_first(self) -> float:

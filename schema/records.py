@@ -34,7 +34,7 @@ __all__ = [
     "Snapshot", "Tables", "ServiceStatus", "RttStatus", "LinkStatus", "AddressStatus", "ProbeStatus",
     "PeerRefusal", "DetectorStatus", "Behind", "Difference", "SnooperStats", "StateSync", "Takeover", "TakeoverReport", "ResumeBefore",
     "ResumeRecord", "PairStatus", "NodeStatus", "CaptureInfo", "ReplayReport",
-    "TakeoverFailure", "OPTIONAL", "snapshot_from_dict", "tables_with_digests",
+    "TakeoverFailure", "OwnAddressStuck", "OPTIONAL", "snapshot_from_dict", "tables_with_digests",
 ]
 
 T = TypeVar("T")
@@ -312,6 +312,13 @@ class LinkStatus:
     unauthenticated_buffered: int = 0   # bytes buffered for them
     #: why the peer's process, alive, is not connected: kind unauthenticated | misconfigured
     peer_refusal: PeerRefusal | None = field(default=None, metadata=OPTIONAL)
+    #: this node's dials of peer.link (issue 9.7): what it dials, how many failed, why the last one did
+    dial: str | None = field(default=None, metadata=OPTIONAL)
+    dial_failures: int = 0
+    last_dial_error: str | None = field(default=None, metadata=OPTIONAL)
+    #: what is wrong with peer.link, with what to change (dials failing for seconds, or the peer listens
+    #: elsewhere and the link works only while it dials)
+    dial_problem: str | None = field(default=None, metadata=OPTIONAL)
 
 
 @dataclass
@@ -367,6 +374,9 @@ class Difference:
 class SnooperStats:
     view: str                    # own_address | peer_address | peer_backend
     frames: int = 0
+    address: str | None = field(default=None, metadata=OPTIONAL)  # the service address the view covers
+    frames_to: int = 0           # frames whose IPv4 destination is that address
+    frames_from: int = 0         # ... whose source is it
     bytes: int = 0
     batches: int = 0
     truncated: int = 0
@@ -390,6 +400,11 @@ class StateSync:
     observer: str                # starting | running | why it failed
     snoopers: list[SnooperStats]
     observer_timeouts: int = 0   # observer requests that got no answer within their bound
+    #: what this node sees of the peer's traffic (judged while the peer has traffic): unknown | both |
+    #: to_peer | from_peer | nothing; ``sight_detail`` says it in a sentence (issue 9.9)
+    sight: str = "unknown"
+    sight_detail: str | None = field(default=None, metadata=OPTIONAL)
+    peer_connections: int | None = field(default=None, metadata=OPTIONAL)  # the peer's last digest says
 
 
 _takeover_numbers = itertools.count(1)
@@ -505,6 +520,16 @@ class TakeoverFailure:
 
 
 @dataclass
+class OwnAddressStuck:
+    """The own address has not been served (claiming or yielded) for longer than a start-up or a
+    hand-back takes: for how long, and why, with what to change (issue 9.7)."""
+
+    role: str
+    for_s: float
+    reason: str
+
+
+@dataclass
 class PairStatus:
     mode: str
     peer: str
@@ -520,6 +545,9 @@ class PairStatus:
     resume: list[ResumeRecord] | None = field(default=None, metadata=OPTIONAL)
     takeover_error: TakeoverFailure | None = field(default=None, metadata=OPTIONAL)
     detector: DetectorStatus | None = field(default=None, metadata=OPTIONAL)
+    own_address_stuck: OwnAddressStuck | None = field(default=None, metadata=OPTIONAL)
+    #: the peer's hello names an own address that is not [peer] address here: what to change
+    address_mismatch: str | None = field(default=None, metadata=OPTIONAL)
 
 
 @dataclass

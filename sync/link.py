@@ -37,6 +37,15 @@ Every accepted peer hello (one per connection, and one per :meth:`PeerLink.updat
 peer) is also passed to ``on_hello(hello)``, synchronous and non-blocking like ``on_message``: the
 hello carries what the peer serves, which the owner needs on every reconnect.
 
+A wrong ``peer.link`` (issue 9.7) leaves a half-working link: this node dials a port nobody listens
+on, and the link comes up only when the peer dials. That must not stay a debug line. Every failed
+dial is counted (``dial_failures``, ``last_dial_error`` in :meth:`PeerLink.status`); dials failing
+for ``dial_warn_after`` (5 s) get a warning naming ``peer.link`` and what was tried, repeated at
+most every ``dial_warn_every`` (60 s). And each hello carries the sender's actual listen endpoint
+(``"listen"``, taken off again before the owner sees the hello), so a node whose link came up through
+the peer's dial still learns that its own ``peer.link`` points elsewhere: ``dial_problem`` says so,
+with the value to set, and so does the log (when it changes, else at most every 60 s).
+
 Messages: other than ``hello``, ``refuse``, ``heartbeat`` and ``heartbeat_ack`` (which the link
 handles itself), every authenticated message from the active connection is passed, as the full
 dict, to ``on_message(message)``. The callback is synchronous and must not block: push into a
@@ -81,6 +90,12 @@ PEER_UNAUTHENTICATED = 4
 #: Until its hello is accepted a connection may send frames of at most this size (a hello is a few
 #: KiB); a longer announced frame is refused before a byte of it is buffered.
 HELLO_MAX_FRAME = 64 * 1024
+#: dials failing this long get a warning (a peer restarting takes a second or two: no warning)
+DIAL_WARN_AFTER = 5.0
+#: and the warning is repeated at most this often while they keep failing
+DIAL_WARN_EVERY = 60.0
+#: the key of the sender's listen endpoint in a hello (added and removed by the link itself)
+HELLO_LISTEN = "listen"
 
 
 @dataclass(eq=False)
@@ -117,7 +132,8 @@ class PeerLink:
                  on_hello: Callable[[dict[str, Any]], None] | None = None,
                  heartbeat: float = 0.02, dead_after: float = 0.1, idle_timeout: float | None = None,
                  connect_timeout: float = 1.0, handshake_timeout: float = 1.0,
-                 state_dir: str | os.PathLike[str] | None = None):
+                 state_dir: str | os.PathLike[str] | None = None,
+                 dial_warn_after: float = DIAL_WARN_AFTER, dial_warn_every: float = DIAL_WARN_EVERY):
         if my_name == peer_name:
             raise ValueError(f"peer name {peer_name!r} is this node's own name")
         missing = [f for f in HELLO_FIELDS if f not in hello]
@@ -138,6 +154,8 @@ class PeerLink:
         self.connect_timeout = connect_timeout
         self.handshake_timeout = handshake_timeout
         self.state_dir = Path(state_dir) if state_dir is not None else None
+        self.dial_warn_after = dial_warn_after
+        self.dial_warn_every = dial_warn_every
         self._key = key
 
         self.state: LinkState = "connecting"
@@ -149,8 +167,18 @@ class PeerLink:
             "messages_in": 0, "messages_out": 0,
             "rejected_auth": 0, "rejected_parse": 0, "rejected_out_of_sequence": 0, "rejected_too_large": 0,
             "connections": 0, "duplicates": 0, "reconnects": 0, "refused": 0, "owner_errors": 0,
-            "connection_errors": 0, "stray_refused": 0, "peer_refusals": 0,
+            "connection_errors": 0, "stray_refused": 0, "peer_refusals": 0, "dial_failures": 0,
         }
+        #: why the last dial of ``dial`` failed ("connection refused", "no answer within 1000 ms"); None
+        #: before the first failure and after a dial of this node got through
+        self.last_dial_error: str | None = None
+        self._listen_problem: str | None = None  # peer.link is not where the peer says it listens
+        self._failing_problem: str | None = None  # dials have failed for dial_warn_after
+        self._listen_warned_at = 0.0
+        #: the peer's actual listen endpoint, from its last hello (None: an older peer did not say)
+        self.peer_listen: str | None = None
+        self._dial_failing_since: float | None = None
+        self._dial_warned_at: float | None = None
         #: accepted connections not yet authenticated, per budget ("peer", "other")
         self.unauthenticated: dict[str, int] = {"peer": 0, "other": 0}
         self.unauthenticated_peak = 0
@@ -206,7 +234,7 @@ class PeerLink:
             raise ValueError("update_hello may not change name, mode or version")
         self.hello = {k: v for k, v in hello.items() if k != "type"}
         if self._active is not None:
-            await self._send_on(self._active, {"type": "hello", **self.hello})
+            await self._send_on(self._active, self._hello_message())
 
     def drop(self, reason: str = "dropped on request") -> None:
         """Close the current connection, if any; the link reconnects by itself."""
@@ -255,6 +283,11 @@ class PeerLink:
             "silent_for": None if self.last_received is None else now - self.last_received,
             "rtt": self.rtt(),
             "counters": dict(self.counters),
+            "dial": f"{self.dial[0]}:{self.dial[1]}",
+            "dial_failures": self.counters["dial_failures"],
+            "last_dial_error": self.last_dial_error,
+            "dial_failing_for": None if self._dial_failing_since is None else now - self._dial_failing_since,
+            "dial_problem": self.dial_problem,
             "unauthenticated": sum(self.unauthenticated.values()),
             "unauthenticated_peak": self.unauthenticated_peak,
             "unauthenticated_buffered": self.unauthenticated_buffered(),
@@ -272,16 +305,72 @@ class PeerLink:
         while True:
             while self._active is not None:
                 await self._changed.wait()
-            stream = None
+            stream = error = None
             with trio.move_on_after(self.connect_timeout):
                 try:
                     stream = await trio.open_tcp_stream(*self.dial, local_address=self._local_address())
                 except OSError as exc:
-                    log.debug("dial %s:%s: %s", *self.dial, exc)
+                    error = _dial_error(exc)
+            if stream is None:
+                self._dial_failed(error or f"no answer within {self.connect_timeout * 1000:.0f} ms")
+            else:
+                self._dial_worked()
             if stream is not None and await self._serve_connection(stream, dialled=True):
                 backoff = BACKOFF_MIN
             await trio.sleep(backoff)
             backoff = min(backoff * 2, BACKOFF_MAX)
+
+    def _dial_failed(self, error: str) -> None:
+        """Count a failed dial; warn (rate-limited) once dials have failed for ``dial_warn_after``."""
+        now = trio.current_time()
+        self.counters["dial_failures"] += 1
+        self.last_dial_error = error
+        if self._dial_failing_since is None:
+            self._dial_failing_since = now
+        failing_for = now - self._dial_failing_since
+        log.debug("dial %s:%s: %s", *self.dial, error)
+        if failing_for < self.dial_warn_after:
+            return
+        problem = (f"peer.link {self.dial[0]}:{self.dial[1]}: {error} for {failing_for:.0f} s: is the peer's "
+                   f"peer.listen this address and port? (or is {self.peer_name} down?)")
+        self._failing_problem = problem
+        if self._dial_warned_at is None or now - self._dial_warned_at >= self.dial_warn_every:
+            self._dial_warned_at = now
+            log.warning("%s (%d failed dials)", problem, self.counters["dial_failures"])
+
+    def _dial_worked(self, *, connected: bool = False) -> None:
+        """A dial got through, or the link came up (through the peer's dial: its hello then says
+        whether peer.link is right, see :meth:`_check_peer_listen`): failures so far were a start-up."""
+        if self._dial_warned_at is not None and not connected:
+            log.info("peer.link %s:%s answers again after %d failed dials", *self.dial, self.counters["dial_failures"])
+        self._dial_failing_since = self._dial_warned_at = None
+        if not connected:  # through the peer's dial, this node's last dial error still stands
+            self.last_dial_error = None
+        self._failing_problem = None
+
+    def _check_peer_listen(self, listen: Any) -> None:
+        """The peer says where it listens: does this node's peer.link point there? (issue 9.7)"""
+        if not isinstance(listen, str) or ":" not in listen:
+            return
+        self.peer_listen = listen
+        host, _, port = listen.rpartition(":")
+        dial_host, dial_port = self.dial[0], self.dial[1]
+        if str(port) == str(dial_port) and host in (dial_host, "0.0.0.0", "::", ""):
+            self._listen_problem = None
+            return
+        problem = (f"peer.link {dial_host}:{dial_port} is not where {self.peer_name} listens ({self.peer_name}'s "
+                   f"peer.listen is {listen}): this node's dials never reach it and the link works only while "
+                   f"{self.peer_name} dials; set peer.link = \"{listen}\" on {self.my_name}")
+        now = trio.current_time()
+        if problem != self._listen_problem or now - self._listen_warned_at >= self.dial_warn_every:
+            self._listen_warned_at = now
+            log.warning("%s", problem)
+        self._listen_problem = problem
+
+    @property
+    def dial_problem(self) -> str | None:
+        """What is wrong with this node's peer.link, with what to change; None: nothing known."""
+        return self._listen_problem or self._failing_problem
 
     def _local_address(self) -> str | None:
         """Dial from the listen address, so the link leaves over the sync network and firewalls
@@ -385,7 +474,7 @@ class PeerLink:
 
     async def _handle(self, conn: _Connection, event: Ready | Message | Rejected) -> None:
         if isinstance(event, Ready):
-            await self._send_on(conn, {"type": "hello", **self.hello})
+            await self._send_on(conn, self._hello_message())
         elif isinstance(event, Rejected):
             self.counters[f"rejected_{event.kind}"] += 1
             log.warning("sync link: rejected %s message from %s: %s", event.kind, conn.peer, event.reason)
@@ -424,8 +513,15 @@ class PeerLink:
                 self.counters["owner_errors"] += 1
                 log.exception("on_message failed for a %r message", event.type)
 
+    def _hello_message(self) -> dict[str, Any]:
+        message = {"type": "hello", **self.hello}
+        if self.listen_address is not None:
+            message[HELLO_LISTEN] = "%s:%s" % tuple(self.listen_address[:2])
+        return message
+
     async def _on_hello(self, conn: _Connection, hello: dict[str, Any]) -> None:
-        hello = {k: v for k, v in hello.items() if k != "type"}
+        listen = hello.get(HELLO_LISTEN)
+        hello = {k: v for k, v in hello.items() if k not in ("type", HELLO_LISTEN)}
         problem = self._check_hello(hello)
         if problem:
             self._peer_refused(conn, "misconfigured", problem)
@@ -437,6 +533,7 @@ class PeerLink:
             self._release_budget(conn)
             self._activate(conn)
         if conn is self._active:
+            self._check_peer_listen(listen)
             self.last_received = trio.current_time()
             self.counters["messages_in"] += 1
             self.peer_hello = hello
@@ -480,6 +577,7 @@ class PeerLink:
                 self.counters["reconnects"] += 1
             log.info("sync link to %s up (dialled by %s)", self.peer_name, conn.dialled_by)
         self._ever_connected = True
+        self._dial_worked(connected=True)
         self.state = "connected"
         self.refused_reason = None
         conn.nursery.start_soon(self._send_heartbeats, conn)
@@ -560,6 +658,20 @@ class PeerLink:
             self._persisted = hello
         except (OSError, TypeError, ValueError) as exc:
             log.warning("cannot save the peer's hello in %s: %s", self.state_dir, exc)
+
+
+def _dial_error(exc: OSError) -> str:
+    """A dial's OSError as the log says it: "connection refused", not "[Errno 111] Connect call failed"."""
+    # trio raises "all attempts to connect ... failed" from a group of the errors of each address tried
+    cause = exc.__cause__ if getattr(exc, "errno", None) is None and exc.__cause__ is not None else exc
+    errors = getattr(cause, "exceptions", None)
+    if errors and isinstance(errors[0], OSError):
+        exc = errors[0]
+    elif isinstance(cause, OSError):
+        exc = cause
+    if getattr(exc, "errno", None):
+        return (os.strerror(exc.errno) or str(exc)).lower()
+    return str(exc) or type(exc).__name__
 
 
 def save_peer_hello(state_dir: str | os.PathLike[str], hello: dict[str, Any]) -> Path:

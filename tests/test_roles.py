@@ -239,3 +239,66 @@ def test_history_keeps_transitions_in_order():
     c, _ = run([PeerDeclaredDead(1.0, 0.1)])
     assert [(t.machine, t.old, t.new) for t in c.history] == [("own", CLAIMING, SERVING), ("peer", STANDBY, HOLDING)]
     assert c.serves_own and c.holds_peer
+
+
+# ------------------------------------------------------------------ an own address stuck (issue 9.7)
+def tick(at):
+    return roles.OwnAddressTick(at)
+
+
+def test_swapped_addresses_are_named_at_once_and_a_stuck_yield_is_loud_at_a_low_rate(caplog):
+    """b's config names a's address as its own: a holds it, b yields and asks in vain (a ignores a
+    hand-back request for an address that is not its peer's). b must say why, and keep saying it."""
+    c = PairCore("b", "a", MINE, THEIRS, stuck_after=5.0, stuck_warn_every=30.0)
+    with caplog.at_level("WARNING", logger="pairproxy.roles"):
+        assert c.handle(tick(0.0)) == []
+        assert c.handle(HelloReceived(frozenset({MINE}), SERVING, MINE)) == [SendMessage("handback_request", MINE)]
+        assert c.own_role == YIELDED
+        # the hello itself shows the mistake: warned at once, once
+        assert c.address_mismatch and f"a says {MINE} is its own address" in c.address_mismatch
+        assert caplog.text.count("is its own address") == 1
+        for t in (1.0, 2.0, 3.0, 4.0):
+            assert c.handle(tick(t)) == []
+        assert c.stuck is None, "a hand-back takes about a claim_wait: no alarm before stuck_after"
+        c.handle(HelloReceived(frozenset({MINE}), SERVING, MINE))  # asks again, no new mismatch warning
+        for t in range(5, 66):
+            assert c.handle(tick(float(t))) == []
+    assert c.own_role == YIELDED and c.not_serving_since == 0.0
+    assert c.stuck == c.address_mismatch and "[node] address" in c.stuck
+    stuck_lines = [r.getMessage() for r in caplog.records if "not served" in r.getMessage()]
+    assert len(stuck_lines) == 3, stuck_lines   # at 5, 35 and 65 s: repeated, at a low rate
+    assert stuck_lines[0].startswith(f"own address {MINE} yielded for 5 s, not served: a says")
+    assert caplog.text.count("is its own address") == 1 + 3
+
+
+def test_a_peer_that_keeps_holding_the_address_is_named_and_the_alarm_ends_when_served():
+    c = PairCore("a", "b", MINE, THEIRS, stuck_after=2.0)
+    c.handle(tick(10.0))
+    c.handle(HelloReceived(frozenset({MINE}), SERVING, THEIRS))   # b's own address is right; it holds mine
+    assert c.address_mismatch is None
+    c.handle(tick(13.0))
+    assert c.stuck == (f"b serves {MINE} and has not handed it back after 1 request(s): b's [peer] address must "
+                       f"be {MINE}; see b's log and status")
+    assert c.handle(HandbackDone(MINE)) == [ServeOwnAddress()]
+    assert c.stuck is None and c.not_serving_since is None
+    c.handle(tick(20.0))
+    assert c.stuck is None
+
+
+def test_claiming_while_another_host_answers_arp_says_so():
+    c = PairCore("a", "b", MINE, THEIRS, stuck_after=2.0)
+    c.handle(tick(0.0))
+    c.handle(ClaimWaitOver(link_connected=False, arp_holders=frozenset({"02:00:00:00:00:99"})))
+    c.handle(tick(3.0))
+    assert c.own_role == CLAIMING
+    assert c.stuck.startswith(f"02:00:00:00:00:99 answer(s) ARP for {MINE} while b is unreachable")
+
+
+def test_a_peer_hello_with_another_address_than_peer_address_is_named():
+    c = core()
+    c.handle(HelloReceived(frozenset(), SERVING, "10.0.0.7/24"))
+    assert c.own_role == SERVING   # a warning, never a different decision
+    assert c.address_mismatch == (f'b says its own address is 10.0.0.7, but [peer] address here is {THEIRS}: set '
+                                  f'[peer] address = "10.0.0.7" here, or [node] address on b to {THEIRS}')
+    c.handle(HelloReceived(frozenset(), SERVING, THEIRS))
+    assert c.address_mismatch is None

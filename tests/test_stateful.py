@@ -85,3 +85,61 @@ def test_resume_report_from_real_reconnection_traffic():
     assert client["new_sessions"] == 1
     assert any(o["path"] == "durable.bin" for o in client["reopened"])
     assert client["lost_opens"] == [] and client["verdict"] == "reconnected with a new session"
+
+
+# ------------------------------------------------------------ what the standby sees (issue 9.9)
+def test_view_counts_frames_of_its_address_by_direction():
+    view = view_of("smb-open.pcap")
+    assert view.frames_to > 0 and view.frames_from > 0
+    assert view.frames_to + view.frames_from == view.frames
+    message = view.digest_message()
+    assert message["frames_to"] == view.frames_to and message["connections"] == 1
+    assert message["digest"] == view.digest()
+
+
+def digest_msg(frames, connections, digest="d"):
+    return {"digest": digest, "frames": frames, "bytes": frames * 100, "connections": connections}
+
+
+def ours(to, from_, connections, digest="d"):
+    return {"digest": digest, "frames": to + from_, "bytes": 0, "frames_to": to, "frames_from": from_,
+            "connections": connections}
+
+
+def test_a_standby_that_sees_nothing_of_a_busy_peer_says_so_and_is_not_in_sync():
+    sync = ViewSync(peer_name="a")
+    sync.on_peer_digest(digest_msg(0, 0, "empty"), ours(0, 0, 0, "empty"), now=0.0)
+    assert sync.sight == "unknown" and sync.status()["in_sync"] is True   # nothing to judge yet
+    # a's client works: a's frames move and it has a connection; this node's view of a stays empty
+    for i in range(1, 9):
+        sync.on_peer_digest(digest_msg(100 * i, 1, "one"), ours(0, 0, 0, "empty"), now=0.25 * i)
+    assert sync.sight == "nothing" and sync.peer_connections == 1
+    assert sync.sight_detail.startswith("SEES NOTHING of a's traffic while a has 1 connection(s)")
+    assert "flood or mirror a's port" in sync.sight_detail
+    # a's client leaves: both tables are empty, the digests agree; still not "in sync": blind
+    for i in range(9, 20):
+        sync.on_peer_digest(digest_msg(900, 0, "empty"), ours(0, 0, 0, "empty"), now=0.25 * i)
+    assert sync.in_sync is True and sync.sight == "nothing"
+    assert sync.status()["in_sync"] is False
+
+
+def test_sight_says_which_way_frames_come_and_keeps_its_verdict_while_the_peer_is_idle():
+    sync = ViewSync(peer_name="a")
+    sync.on_peer_digest(digest_msg(0, 0), ours(0, 0, 0), now=0.0)
+    sync.on_peer_digest(digest_msg(50, 1), ours(25, 0, 1), now=0.25)    # a switch flooding unknown unicast
+    assert sync.sight == "to_peer" and sync.sight_detail == "sees only frames to a (25 to a, 0 from it)"
+    for i in range(2, 20):                                                # both ways: a hub or a mirror port
+        sync.on_peer_digest(digest_msg(50 * i, 1), ours(25 * i, 25 * (i - 1), 1), now=0.25 * i)
+    assert sync.sight == "both" and sync.status()["in_sync"] is True
+    for i in range(20, 40):                                               # a idle: nothing new to judge
+        sync.on_peer_digest(digest_msg(950, 1), ours(475, 450, 1), now=0.25 * i)
+    assert sync.sight == "both"
+
+
+def test_a_peer_with_idle_clients_this_node_never_saw_is_named_too():
+    sync = ViewSync(peer_name="a")
+    for i in range(3):   # a's clients are idle (no frame moves), but a has them and this node knows none
+        sync.on_peer_digest(digest_msg(500, 2, "two"), ours(0, 0, 0, "empty"), now=0.25 * i)
+    assert sync.sight == "nothing"
+    assert sync.sight_detail.startswith("SEES NOTHING of a's traffic while a has 2 connection(s) (this node knows "
+                                        "none of them")

@@ -241,3 +241,65 @@ async def test_metrics_endpoint_answers_get_metrics_only(nursery):
     with pytest.raises(OSError, match=f"node.metrics 127.0.0.1:{endpoint.port}: cannot listen"):
         await nursery.start(serve_metrics, endpoint, text)
     nursery.cancel_scope.cancel()
+
+
+def test_human_status_says_what_is_wrong_with_peer_link():
+    """Issue 9.7: dial failures and the last dial error are in the link record and the human status."""
+    failing = LinkStatus("connecting", None, "b", None, None, {}, None, dial="10.77.1.2:7499", dial_failures=3,
+                         last_dial_error="connection refused")
+    text = format_status(a_status(a_pair(link=failing)))
+    assert "dialling 10.77.1.2:7499: 3 failed, last: connection refused" in text
+    problem = "peer.link 10.77.1.2:7499: connection refused for 5 s: is the peer's peer.listen this address and port?"
+    stuck = LinkStatus("connected", None, "b", "b", 0.01, {}, None, dial="10.77.1.2:7499", dial_failures=30,
+                       last_dial_error="connection refused", dial_problem=problem)
+    assert f"SYNC LINK PROBLEM: {problem}" in format_status(a_status(a_pair(link=stuck)))
+    assert from_json(LinkStatus, to_json(stuck)) == stuck
+
+
+def test_human_status_says_why_the_own_address_is_not_served():
+    from proxy.status import OwnAddressStuck
+
+    reason = "a says 10.0.0.1 is its own address, but it is this node's own ([node] address here): ..."
+    pair = a_pair(own_address_stuck=OwnAddressStuck("yielded", 12.0, reason), address_mismatch=reason)
+    text = format_status(a_status(pair))
+    assert f"OWN ADDRESS NOT SERVED (yielded for 12 s): {reason}" in text
+    assert "ADDRESSES DO NOT MATCH" not in text   # said once
+    assert from_json(PairStatus, to_json(pair)) == pair
+
+
+def test_human_status_shows_the_frames_per_address_and_direction_and_a_blind_standby():
+    detail = ("SEES NOTHING of a's traffic while a has 1 connection(s) (652 frames at a in the last 2.0 s, none "
+              "here): the service network does not pass a's frames to this node")
+    sync = StateSync(in_sync=False, compared=9, matches=8, mismatches_in_a_row=0, behind=None, snapshots_requested=0,
+                     last_difference=None, observer="running",
+                     snoopers=[SnooperStats("own_address", frames=30, address="10.0.0.2", frames_to=20, frames_from=10),
+                               SnooperStats("peer_address", address="10.0.0.1"),
+                               SnooperStats("peer_backend", address="10.0.0.1")],
+                     sight="nothing", sight_detail=detail, peer_connections=1)
+    text = format_status(a_status(a_pair(mode="stateful", peer="a", state_sync=sync)))
+    assert "10.0.0.2        own address: 30 frames, 20 to it, 10 from it" in text
+    assert "10.0.0.1        a's address: 0 frames, 0 to a, 0 from a" in text
+    assert "a's backend connections: 0 frames" in text
+    assert "\n" + detail in text and "state sync with a: NOT in sync" in text
+    assert from_json(StateSync, to_json(sync)) == sync
+
+
+def test_prometheus_says_what_issue_9_made_loud():
+    from proxy.status import OwnAddressStuck
+
+    sync = StateSync(in_sync=False, compared=9, matches=8, mismatches_in_a_row=0, behind=None, snapshots_requested=0,
+                     last_difference=None, observer="running",
+                     snoopers=[SnooperStats("peer_address", frames=9, address="10.0.0.2", frames_to=9)],
+                     sight="nothing", sight_detail="SEES NOTHING", peer_connections=1)
+    link = LinkStatus("connected", None, "b", "b", 0.01, {}, None, dial="10.0.1.2:7499", dial_failures=30,
+                      dial_problem="peer.link ...")
+    pair = a_pair(mode="stateful", state_sync=sync, link=link, own_address_stuck=OwnAddressStuck("yielded", 12.0, "x"))
+    fams = families(render(a_status(pair)))
+    assert value(fams, "pairproxy_sync_link_dial_failures", "pairproxy_sync_link_dial_failures_total") == 30
+    assert value(fams, "pairproxy_sync_link_problem") == 1
+    assert value(fams, "pairproxy_own_address_unserved_seconds") == 12.0
+    assert value(fams, "pairproxy_snooper_frames", "pairproxy_snooper_frames_total", view="peer_address",
+                 direction="to") == 9
+    assert value(fams, "pairproxy_state_sees_peer") == 0
+    fams = families(render(a_status(a_pair())))
+    assert value(fams, "pairproxy_sync_link_problem") == 0 and value(fams, "pairproxy_own_address_unserved_seconds") == 0

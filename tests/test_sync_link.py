@@ -456,3 +456,48 @@ async def test_misconfigured_pair_never_declares_the_peer_dead(nursery, tmp_path
         st = detectors[me].stats()
         assert st["state"] == "misconfigured", st
         assert ("key_file" if mistake == "key" else "mode") in st["misconfigured"]
+
+
+async def test_a_wrong_link_port_is_loud_although_the_peers_dial_carries_the_link(nursery, tmp_path, caplog):
+    """Issue 9.7: a's peer.link names a port nobody listens on; b's dial brings the link up. a must
+    still say (status and a warning) that its peer.link is wrong, and what to set."""
+    pair = Pair(tmp_path)
+    await pair.start(nursery)
+    pair.a.dial = NOWHERE  # a dials nowhere, b dials a
+    with caplog.at_level("WARNING", logger="pairproxy.link"):
+        await eventually(lambda: both_on_one_connection(pair))
+        status = pair.a.status()
+        assert status["dialled_by"] == "b"
+        b_listens = "%s:%s" % pair.b.listen_address[:2]
+        nowhere = "%s:%s" % NOWHERE
+        problem = status["dial_problem"]
+        assert problem and f"peer.link {nowhere} is not where b listens" in problem
+        assert f'set peer.link = "{b_listens}" on a' in problem
+        assert problem in caplog.text
+        # b's own peer.link is right: nothing to say there; and the owner never sees the link's key
+        assert pair.b.status()["dial_problem"] is None
+        assert "listen" not in pair.a.peer_hello and pair.a.peer_hello == hello("b")
+    # fixed (the operator corrected a's peer.link): the problem goes away with the next hello
+    pair.a.dial = pair.b.listen_address
+    pair.b.drop("reconnect with a's fixed peer.link")
+    await eventually(lambda: both_on_one_connection(pair) and pair.a.status()["dial_problem"] is None)
+
+
+async def test_dials_failing_for_seconds_are_counted_and_warned_about_at_a_low_rate(nursery, tmp_path, caplog):
+    link = PeerLink("a", "b", listen=("127.0.0.1", 0), dial=NOWHERE, key=KEY, hello=hello("a"),
+                    heartbeat=0.02, dead_after=0.5, connect_timeout=0.5, dial_warn_after=0.3, dial_warn_every=60)
+    with caplog.at_level("WARNING", logger="pairproxy.link"):
+        await nursery.start(link.run)
+        await trio.sleep(0.1)
+        early = link.status()
+        assert early["dial_failures"] >= 1 and early["last_dial_error"] == "connection refused"
+        assert early["dial_problem"] is None and "peer.link" not in caplog.text  # not yet: a peer may be restarting
+        await eventually(lambda: link.status()["dial_problem"] is not None, timeout=3)
+        await trio.sleep(1.5)  # more failed dials (backoff 1 s), but no second warning within dial_warn_every
+    status = link.status()
+    nowhere = "%s:%s" % NOWHERE
+    assert status["dial"] == nowhere and status["dial_failures"] >= 4
+    assert status["dial_problem"].startswith(f"peer.link {nowhere}: connection refused for ")
+    assert "is the peer's peer.listen this address and port?" in status["dial_problem"]
+    warnings = [r for r in caplog.records if r.levelname == "WARNING" and "peer.link" in r.getMessage()]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
