@@ -5,7 +5,7 @@
         [--max-minutes-per-mode M] [--prefix r3] [--json FILE] [--keep-lab] [--keep-logs]
 
 Per mode: a fresh pair (the lab's pair configs with ``--heartbeat``/``--dead-after`` as config values;
-the issue's quick check used 10/40 ms, so that is the default), the service bridge in flood mode for
+default the lab's 20/100 ms; the issue's quick check used 10/40), the service bridge in flood mode for
 ``stateful`` (as bench/failover.py), then in the client namespace, running through every cycle:
 
 * writers (bench/_soakwriter.py): an SMB writer (smbprotocol, one session, reconnect on error) and an
@@ -14,7 +14,8 @@ the issue's quick check used 10/40 ms, so that is the default), the service brid
   reads every file a writer reported as verified straight from the server's folder, compares its
   sha256 again and deletes it. Lost/corrupted = a verified file whose read-back or on-disk copy
   differs or is missing; a failed (and retried) operation is counted as an error, not a loss.
-* the failover probe (bench/_failprobe.py) on a's address: new SMB2 NEGOTIATE and NFS NULL
+* around each death and each hand-back (not in between: its smbd forks cost a fair share of 2
+  cores), the failover probe (bench/_failprobe.py) on a's address: new SMB2 NEGOTIATE and NFS NULL
   connections every 20 ms, every 5 ms while anything looks wrong;
 * the ARP watch (bench/_arpwatch.py): "who has" both service addresses every ``--arp-interval-ms``;
   replies from two MACs within one sample window = two hosts answering ARP for one address.
@@ -150,12 +151,6 @@ class ArpWatch(_JsonLinesProcess):
             return [e for e in self.events if e["t"] >= t]
 
 
-def trim(probe: Probe, before: float) -> None:
-    """Forget probe records that ended before ``before`` (a soak makes tens of thousands)."""
-    with probe._lock:
-        probe.records = [r for r in probe.records if r["e"] >= before]
-
-
 # ------------------------------------------------------------------------------ kernel and process counts
 def ns_objects(bench: Bench, ns: str) -> dict:
     """Macvlans and IPv4 addresses (``dev address/len``, loopback left out) in one namespace."""
@@ -167,6 +162,24 @@ def ns_objects(bench: Bench, ns: str) -> dict:
     addresses = sorted(f"{i['ifname']} {x['local']}/{x['prefixlen']}" for i in addrs if i["ifname"] != "lo"
                        for x in i.get("addr_info", []))
     return {"macvlans": macvlans, "addresses": addresses}
+
+
+def light_probe(lab, host: str, args) -> Probe:
+    """bench/_failprobe.py at a gentler rate than failover.py's: on 2 shared cores its default
+    (every 5 ms while troubled, 40 in flight) made smbd's listen queue overflow (the node logged
+    "backend unavailable: no answer within 3s" and SMB clients stalled for seconds after a hand-back)."""
+    probe = Probe(lab, host)
+    probe.argv += ["--interval-ms", str(args.probe_interval_ms), "--max-inflight", str(args.probe_inflight)]
+    return probe
+
+
+def server_neigh(bench: Bench, address: str) -> str:
+    """The file server's neighbour entry for ``address`` (which MAC its replies go to)."""
+    lab = bench.lab
+    out = lab.run(lab.ns_server, ["ip", "neigh", "show", address], capture_output=True, text=True).stdout.strip()
+    for mac, node in MACS.items():
+        out = out.replace(mac, f"{mac}({node})")
+    return out
 
 
 def children(pid: int) -> list[int]:
@@ -204,6 +217,14 @@ def proc_numbers(pid: int) -> dict:
     return out
 
 
+def by_server(conns: list[dict]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for c in conns:
+        ip = c.get("server", "?").rsplit(":", 1)[0]
+        out[ip] = out.get(ip, 0) + 1
+    return out
+
+
 def node_numbers(node: NodeProcess) -> dict:
     """Leak-relevant numbers of one running node: its process, its children, its status sizes."""
     st = node.status()
@@ -216,6 +237,7 @@ def node_numbers(node: NodeProcess) -> dict:
            "children_rss_kib": sum(proc_numbers(k)["rss_kib"] or 0 for k in kids),
            "children_fds": sum(proc_numbers(k)["fds"] or 0 for k in kids),
            "connections": len(st.get("connections", [])),
+           "connections_by_server": by_server(st.get("connections", [])),
            "status_bytes": len(json.dumps(st)),
            "takeovers_total": pair.get("takeovers_total"),
            "resume_records": len(pair.get("resume") or []),
@@ -274,8 +296,6 @@ def run_mode(bench: Bench, mode: str, args, out: dict) -> dict:
         for proto in PROTOS:
             for host in (host_a, host_b):
                 writers.append(bench.started(Writer(bench, proto, host, args.size, args.writer_interval_ms)).start())
-        probe = bench.started(Probe(lab, host_a)).start()
-        probe.wait_ok(5, timeout=15)
         time.sleep(1.0)
         for w in writers:
             if not any(r["ok"] for r in w.snapshot()):
@@ -299,36 +319,48 @@ def run_mode(bench: Bench, mode: str, args, out: dict) -> dict:
             c: dict = {"cycle": n}
             t0 = time.monotonic()
             errs_before = {id(w): len([r for r in w.snapshot() if not r["ok"]]) for w in writers}
-            # --- death and takeover
+            # --- death and takeover (a probe only around it: at 50 new SMB connections a second it
+            # costs smbd forks, a fair share of 2 cores)
+            probe = bench.started(light_probe(lab, host_a, args)).start()
+            probe.wait_ok(3, timeout=15)
             died = a.kill_hard(link_down=True)
             b.wait_for(serving(host_a, "b"), 10, f"cycle {n}: b holding a's address")
             probe.wait(lambda: all(probe.oks(p, died) for p in PROTOS), 10, f"cycle {n}: a client served after the death")
-            recs = probe.snapshot()
+            recs = bench.stop(probe)
             c["takeover_s"] = {p: first_success_after(recs, p, died) for p in PROTOS}
             st = b.status()["pair"]
             c["node"] = st["takeovers"][-1] if st["takeovers"] else None
             c["takeovers_b_new"] = st["takeovers_total"] - takeovers_b
             takeovers_b = st["takeovers_total"]
             # --- hand-back
+            probe = bench.started(light_probe(lab, host_a, args)).start()
+            probe.wait_ok(3, timeout=15)
             time.sleep(args.hold_s)
             back = time.monotonic()
             a.link_up()
             a.start()
+            a_up = time.monotonic()
             a.wait_for(serving(host_a, "a"), 20, f"cycle {n}: a serving again")
             b.wait_for(lambda s: s["pair"]["addresses"][host_a]["role"] == "standby", 10, f"cycle {n}: b standby")
             done = time.monotonic()
-            probe.wait(lambda: all(probe.oks(p, done) for p in PROTOS), 10, f"cycle {n}: a client served after hand-back")
+            c["server_neigh_at_handback"] = server_neigh(bench, host_a)
+            probe.wait(lambda: all(probe.oks(p, done) for p in PROTOS), 60, f"cycle {n}: a client served after hand-back")
             time.sleep(0.1)
-            recs = probe.snapshot()
+            recs = bench.stop(probe)
             c["restart_to_serving_s"] = done - back
+            c["a_start_s"] = a_up - back          # cleanup + link up + process start (Python, loaded machine)
+            c["handback_s"] = done - a_up         # a answering -> a serving, b standby (status polls: +20 ms)
             c["handback_gap_s"] = {p: longest_gap(recs, p, back - 0.1, time.monotonic()) for p in PROTOS}
+            c["handback_served_s"] = {p: first_success_after(recs, p, done) for p in PROTOS}
             # --- checks
             now_a, now_b = ns_objects(bench, lab.ns_a), ns_objects(bench, lab.ns_b)
             c["leaks"] = {k: v for k, v in (("a", now_a), ("b", now_b)) if v != base[k]}
             c["b"] = node_numbers(b)
             c["a"] = node_numbers(a)
             c["takeovers_a"] = c["a"]["takeovers_total"]
-            c["arp"] = [e for e in arp.since(t0) if "conflict" in e]
+            c["arp"] = [{"ip": e["conflict"], "after_death_s": round(e["t"] - died, 4),
+                         "phase": "hand-back" if e["t"] >= back else "takeover"}
+                        for e in arp.since(t0) if "conflict" in e]
             c["arp_owner_changes"] = [(round(e["t"] - died, 4), e["owner"], MACS.get(e["mac"], e["mac"]))
                                       for e in arp.since(t0) if "owner" in e and e["owner"] == host_a]
             for w in writers:
@@ -336,22 +368,22 @@ def run_mode(bench: Bench, mode: str, args, out: dict) -> dict:
             c["writer_errors"] = {f"{w.proto}@{w.host}": len([r for r in w.snapshot() if not r["ok"]]) - errs_before[id(w)]
                                   for w in writers}
             c["seconds"] = time.monotonic() - t0
-            trim(probe, t0)
             out["cycles"].append(c)
             node = c["node"] or {}
             flags = []
             if c["leaks"]:
                 flags.append(f"LEAK {c['leaks']}")
             if c["arp"]:
-                flags.append(f"ARP CONFLICT {c['arp']}")
+                flags.append(f"ARP CONFLICT x{len(c['arp'])} ({c['arp'][0]} .. {c['arp'][-1]})")
             if c["takeovers_b_new"] != 1 or c["takeovers_a"]:
                 flags.append(f"TAKEOVERS b+{c['takeovers_b_new']} a {c['takeovers_a']}")
             say(f"[{mode}] {n:3d}: takeover smb {ms(c['takeover_s']['smb'])} nfs {ms(c['takeover_s']['nfs'])} ms "
                 f"(b: silence {node.get('silence_ms')} moved {node.get('address_moved_ms')} first client "
                 f"{node.get('first_client_ms')} resets {node.get('clients_reset')}/{node.get('backend_connections_reset')}), "
-                f"hand-back {ms(c['restart_to_serving_s'])} ms gap smb {ms(c['handback_gap_s']['smb'])} "
-                f"nfs {ms(c['handback_gap_s']['nfs'])}; b fds {c['b']['fds']} tasks {c['b']['tasks']} "
-                f"kids {c['b']['children']} conns {c['b']['connections']} rss {c['b']['rss_kib']} "
+                f"hand-back {ms(c['restart_to_serving_s'])} ms (a up {ms(c['a_start_s'])} + {ms(c['handback_s'])}) gap smb {ms(c['handback_gap_s']['smb'])} "
+                f"nfs {ms(c['handback_gap_s']['nfs'])} served smb {ms(c['handback_served_s']['smb'])} nfs "
+                f"{ms(c['handback_served_s']['nfs'])} (srv neigh {c['server_neigh_at_handback']}); b fds {c['b']['fds']} tasks {c['b']['tasks']} "
+                f"kids {c['b']['children']} conns {c['b']['connections_by_server']} rss {c['b']['rss_kib']} "
                 f"kid-rss {c['b']['children_rss_kib']}; writer errors {sum(c['writer_errors'].values())} "
                 f"{' '.join(flags)} [{c['seconds']:.1f} s]")
         # --- the end: stop the clients, totals
@@ -360,7 +392,6 @@ def run_mode(bench: Bench, mode: str, args, out: dict) -> dict:
         for w in writers:
             bench.stop(w)
             w.check_disk()
-        bench.stop(probe)
         bench.stop(arp)
         out["writers"] = [w.totals() for w in writers]
         out["arp_summary"] = arp.summary
@@ -384,8 +415,12 @@ SERIES = {
     "b_address_moved": lambda c: c["node"] and c["node"]["address_moved_ms"] and c["node"]["address_moved_ms"] / 1000,
     "b_first_client": lambda c: c["node"] and c["node"]["first_client_ms"] and c["node"]["first_client_ms"] / 1000,
     "restart_to_serving": lambda c: c["restart_to_serving_s"],
+    "a_start": lambda c: c["a_start_s"],
+    "handback": lambda c: c["handback_s"],
     "handback_gap_smb": lambda c: c["handback_gap_s"]["smb"],
     "handback_gap_nfs": lambda c: c["handback_gap_s"]["nfs"],
+    "handback_served_smb": lambda c: c["handback_served_s"]["smb"],
+    "handback_served_nfs": lambda c: c["handback_served_s"]["nfs"],
     "cycle_seconds": lambda c: c["seconds"],
 }
 GROWTH = ["fds", "tasks", "children", "connections", "status_bytes", "rss_kib", "children_rss_kib",
@@ -452,10 +487,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cycles", type=int, default=200)
     ap.add_argument("--modes", default="stateless,stateful")
-    ap.add_argument("--heartbeat", type=float, default=10.0, help="ms (default 10, the issue's quick check)")
-    ap.add_argument("--dead-after", type=float, default=40.0, help="ms (default 40)")
+    ap.add_argument("--heartbeat", type=float, default=20.0, help="ms (default 20, the lab's)")
+    ap.add_argument("--dead-after", type=float, default=100.0, help="ms (default 100, the lab's)")
     ap.add_argument("--size", type=int, default=128 << 10, help="bytes per written file (default 128 KiB)")
-    ap.add_argument("--writer-interval-ms", type=float, default=50.0, help="at most one op per writer per this")
+    ap.add_argument("--writer-interval-ms", type=float, default=250.0, help="at most one op per writer per this")
+    ap.add_argument("--probe-interval-ms", type=float, default=10.0, help="probe rate while troubled (default 10)")
+    ap.add_argument("--probe-inflight", type=int, default=8, help="probe attempts in flight per protocol (default 8)")
     ap.add_argument("--arp-interval-ms", type=float, default=5.0)
     ap.add_argument("--hold-s", type=float, default=0.2, help="b holds a's address this long before a returns")
     ap.add_argument("--max-minutes-per-mode", type=float, default=0, help="stop a mode's cycles after this (0: no limit)")
