@@ -106,7 +106,9 @@ class Writer(_JsonLinesProcess):
         self.checked = len(ops)
 
     def remove_all(self) -> None:
-        for path in self.folder.glob(f"soak-{self.token}-*.bin"):
+        """The writer's files on the server, and its temporary files if it was killed mid-operation."""
+        for path in [*self.folder.glob(f"soak-{self.proto}-{self.token}-*.bin"),
+                     *Path("/dev/shm").glob(f"soak-{self.proto}-{self.token}.*")]:
             path.unlink(missing_ok=True)
 
     def totals(self) -> dict:
