@@ -50,7 +50,7 @@ import time
 from pathlib import Path
 
 from driver import (PROTOS, Bench, LabError, NodeProcess, PairTimings, Probe, ms, run_info, say, serving,
-                    standing_by, system_busy)
+                    standing_by, system_busy, wait_until)
 from driver import _JsonLinesProcess
 
 BENCH = Path(__file__).resolve().parent
@@ -102,6 +102,12 @@ class Writer(_JsonLinesProcess):
                     self.disk_ok += 1
                 else:
                     self.disk_bad.append(rec["name"])
+            elif rec.get("stage") == "compare":
+                # read back differs: is the server's copy right (a read-path problem) or not (lost bytes)?
+                try:
+                    rec["disk_sha_matches"] = hashlib.sha256(path.read_bytes()).hexdigest() == rec["sha"]
+                except OSError as exc:
+                    rec["disk_sha_matches"] = f"unreadable: {exc}"
             path.unlink(missing_ok=True)
         self.checked = len(ops)
 
@@ -123,6 +129,7 @@ class Writer(_JsonLinesProcess):
         return {"proto": self.proto, "host": self.host, "ops": len(ops), "verified_ops": len(ok),
                 "bytes_verified": sum(r["bytes"] for r in ok),
                 "corrupted_read_back": len(corrupt), "corrupted_bytes": sum(r["bytes"] for r in corrupt),
+                "corrupted_records": corrupt,
                 "disk_checked_ok": self.disk_ok, "disk_bad": self.disk_bad,
                 "failed_ops": sum(errors.values()), "errors": errors,
                 "reconnects": max([r.get("reconnect", 0) for r in ops] + [0])}
@@ -164,6 +171,12 @@ def ns_objects(bench: Bench, ns: str) -> dict:
     addresses = sorted(f"{i['ifname']} {x['local']}/{x['prefixlen']}" for i in addrs if i["ifname"] != "lo"
                        for x in i.get("addr_info", []))
     return {"macvlans": macvlans, "addresses": addresses}
+
+
+def holds(bench: Bench, ns: str, address: str) -> bool:
+    """``address`` is on an interface in ``ns`` (seen from the kernel: costs the node nothing)."""
+    out = bench.lab.run(ns, ["ip", "-4", "-o", "addr", "show"], capture_output=True, text=True).stdout
+    return f" {address}/" in out
 
 
 def light_probe(lab, host: str, args) -> Probe:
@@ -326,7 +339,10 @@ def run_mode(bench: Bench, mode: str, args, out: dict) -> dict:
             probe = bench.started(light_probe(lab, host_a, args)).start()
             probe.wait_ok(3, timeout=15)
             died = a.kill_hard(link_down=True)
-            b.wait_for(serving(host_a, "b"), 10, f"cycle {n}: b holding a's address")
+            if args.poll_status:
+                b.wait_for(serving(host_a, "b"), 10, f"cycle {n}: b holding a's address")
+            else:
+                wait_until(lambda: holds(bench, lab.ns_b, host_a), 10, f"cycle {n}: b holding a's address")
             probe.wait(lambda: all(probe.oks(p, died) for p in PROTOS), 10, f"cycle {n}: a client served after the death")
             recs = bench.stop(probe)
             c["takeover_s"] = {p: first_success_after(recs, p, died) for p in PROTOS}
@@ -343,6 +359,8 @@ def run_mode(bench: Bench, mode: str, args, out: dict) -> dict:
             a.start()
             a_up = time.monotonic()
             a.wait_for(serving(host_a, "a"), 20, f"cycle {n}: a serving again")
+            if not args.poll_status:
+                wait_until(lambda: not holds(bench, lab.ns_b, host_a), 10, f"cycle {n}: b without a's address")
             b.wait_for(lambda s: s["pair"]["addresses"][host_a]["role"] == "standby", 10, f"cycle {n}: b standby")
             done = time.monotonic()
             c["server_neigh_at_handback"] = server_neigh(bench, host_a)
@@ -495,6 +513,10 @@ def main() -> int:
     ap.add_argument("--writer-interval-ms", type=float, default=250.0, help="at most one op per writer per this")
     ap.add_argument("--probe-interval-ms", type=float, default=10.0, help="probe rate while troubled (default 10)")
     ap.add_argument("--probe-inflight", type=int, default=8, help="probe attempts in flight per protocol (default 8)")
+    ap.add_argument("--poll-status", action="store_true",
+                    help="wait for b's takeover and release by polling its status every 20 ms (as failover.py); "
+                         "default: watch b's addresses with `ip addr` and ask its status once per step "
+                         "(a stateful node's status carries its tables: polling it loads the node)")
     ap.add_argument("--arp-interval-ms", type=float, default=5.0)
     ap.add_argument("--hold-s", type=float, default=0.2, help="b holds a's address this long before a returns")
     ap.add_argument("--max-minutes-per-mode", type=float, default=0, help="stop a mode's cycles after this (0: no limit)")
