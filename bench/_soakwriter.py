@@ -1,0 +1,166 @@
+"""Continuous writer for bench/soak.py; runs inside the lab's client namespace.
+
+usage: _soakwriter.py smb HOST SHARE USER PASSWORD --token T [--size 131072] [--interval-ms 50]
+       _soakwriter.py nfs HOST URL_PREFIX --token T [--size 131072] [--interval-ms 50]
+
+Writes file after file with known content through HOST and reads each back, comparing sha256, like a
+user's job that must not lose a byte across failovers and hand-backs:
+
+* ``smb``: smbprotocol's high-level API on one session kept open across operations (a failover
+  breaks it: the error is counted, the connection cache reset and the session opened again, counted
+  as a reconnect);
+* ``nfs``: libnfs ``nfs-cp`` (NFSv3) put, then get into /dev/shm; every operation is a new client.
+
+Every operation is one JSON line on stdout (times: time.monotonic(), one clock for the machine)::
+
+    {"i": 7, "s": START, "e": END, "ok": 1, "name": "soak-smb-T-7.bin", "sha": HEX, "bytes": N}
+    {"i": 8, "s": START, "e": END, "ok": 0, "stage": "write"|"read"|"compare", "err": "..."}
+
+``ok: 1`` means: written, closed without error, read back, and the read-back sha256 equals the written
+one. ``stage: compare`` (read back differs) is a corruption, never a retry-able error. A failed
+operation writes the next file under a new name (an interrupted create may have left the old one).
+Each operation has a watchdog (``--op-timeout``) so a client waiting on a lost reply moves on.
+Runs until SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+
+class OpTimeout(Exception):
+    pass
+
+
+def _alarm(signum, frame):
+    raise OpTimeout("operation timeout")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("proto", choices=("smb", "nfs"))
+    ap.add_argument("host")
+    ap.add_argument("rest", nargs="+", help="smb: SHARE USER PASSWORD; nfs: URL_PREFIX")
+    ap.add_argument("--token", required=True)
+    ap.add_argument("--size", type=int, default=128 << 10)
+    ap.add_argument("--interval-ms", type=float, default=50.0)
+    ap.add_argument("--op-timeout", type=float, default=10.0)
+    args = ap.parse_args()
+    stop = False
+
+    def on_signal(signum, frame):
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGALRM, _alarm)
+    out = sys.stdout
+    tmp = f"/dev/shm/soak-{args.proto}-{args.token}"
+    if args.proto == "smb":
+        import smbclient
+        share, user, password = args.rest[:3]
+        session = {"up": False}
+
+        def connect() -> None:
+            smbclient.register_session(args.host, username=user, password=password, connection_timeout=3)
+            session["up"] = True
+
+        def reset() -> None:
+            session["up"] = False
+            try:
+                smbclient.reset_connection_cache()
+            except Exception:  # a broken connection may fail to close; it is dropped anyway
+                pass
+
+        def write(name: str, data: bytes) -> None:
+            if not session["up"]:
+                connect()
+            with smbclient.open_file(rf"\\{args.host}\{share}\{name}", mode="wb") as f:
+                f.write(data)
+
+        def read(name: str) -> bytes:
+            with smbclient.open_file(rf"\\{args.host}\{share}\{name}", mode="rb") as f:
+                return f.read()
+    else:
+        prefix = args.rest[0]
+
+        def reset() -> None:
+            pass
+
+        def nfs_cp(src: str, dst: str) -> None:
+            cp = subprocess.run(["nfs-cp", src, dst], capture_output=True, text=True, timeout=args.op_timeout)
+            if cp.returncode:
+                raise OSError(f"nfs-cp exit {cp.returncode}: {(cp.stdout + cp.stderr).strip()[-200:]}")
+
+        def write(name: str, data: bytes) -> None:
+            with open(tmp + ".src", "wb") as f:
+                f.write(data)
+            nfs_cp(tmp + ".src", f"{prefix.rstrip('/')}/{name}?version=3")
+
+        def read(name: str) -> bytes:
+            if os.path.exists(tmp + ".back"):
+                os.unlink(tmp + ".back")  # nfs-cp does not truncate an existing local file
+            nfs_cp(f"{prefix.rstrip('/')}/{name}?version=3", tmp + ".back")
+            with open(tmp + ".back", "rb") as f:
+                return f.read()
+
+    i = 0
+    reconnects = 0
+    had_error = False
+    try:
+        while not stop:
+            start = time.monotonic()
+            name = f"soak-{args.proto}-{args.token}-{i}.bin"
+            data = os.urandom(args.size)
+            want = hashlib.sha256(data).hexdigest()
+            rec: dict = {"i": i, "s": round(start, 6), "name": name}
+            stage = "write"
+            signal.setitimer(signal.ITIMER_REAL, args.op_timeout)
+            try:
+                if had_error and args.proto == "smb":
+                    reconnects += 1
+                    rec["reconnect"] = reconnects
+                write(name, data)
+                stage = "read"
+                back = read(name)
+                signal.setitimer(signal.ITIMER_REAL, 0)
+                stage = "compare"
+                got = hashlib.sha256(back).hexdigest()
+                if got != want:
+                    rec.update(ok=0, stage="compare", err=f"read back {len(back)} bytes, sha256 {got[:16]}",
+                               sha=want, bytes=args.size)
+                else:
+                    rec.update(ok=1, sha=want, bytes=args.size)
+                had_error = False
+            except (Exception, OpTimeout) as exc:  # any client failure: count it, reconnect, go on
+                signal.setitimer(signal.ITIMER_REAL, 0)
+                rec.update(ok=0, stage=stage, err=f"{type(exc).__name__}: {str(exc)[:160]}")
+                had_error = True
+                reset()
+            rec["e"] = round(time.monotonic(), 6)
+            out.write(json.dumps(rec, separators=(",", ":")) + "\n")
+            out.flush()
+            i += 1
+            pause = args.interval_ms / 1000 - (time.monotonic() - start) if rec["ok"] else 0.02
+            if pause > 0 and not stop:
+                time.sleep(pause)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        for suffix in (".src", ".back"):
+            try:
+                os.unlink(tmp + suffix)
+            except OSError:
+                pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
