@@ -5,7 +5,7 @@ import itertools
 import pytest
 
 from proxy import roles
-from proxy.roles import (CLAIMING, HOLDING, IGNORED, KINDS, OWN_STATES, OWN_TRANSITIONS, PEER_STATES,
+from proxy.roles import (CLAIMING, HOLDING, MOVING_BACK, IGNORED, KINDS, OWN_STATES, OWN_TRANSITIONS, PEER_STATES,
                          PEER_TRANSITIONS, RELEASING, RETRYING, SERVING, STANDBY, YIELDED, AnnounceOwnAddress,
                          DropTakeoverPreparation, HandbackDone, HandbackRequested, HelloReceived, LeaveOwnAddress,
                          ClaimWaitOver,
@@ -87,6 +87,15 @@ EVENT_OF_KIND = {
     roles.RETRY_TAKEOVER: RetryTakeover(),
     roles.RELEASED: Released(),
     roles.STOPPING: Stopping(),
+    # live moves (issue 11): tests/test_livemove.py has their sequences
+    roles.MOVE_REQUESTED: roles.HandoverRequested(),
+    roles.MOVE_BACK_WANTED: roles.HandoverBackRequested(),
+    roles.PEER_ASKS_MOVE: roles.MoveBackRequested(THEIRS),
+    roles.MINE_ARRIVES: roles.MoveArrived(MINE),
+    roles.THEIRS_ARRIVES: roles.MoveArrived(THEIRS),
+    roles.MOVED_OUT: roles.MovedOut(MINE),
+    roles.MOVE_OUT_FAILED: roles.MovedOut(MINE, started=False),
+    roles.MOVE_IN_FAILED: roles.MoveInFailed("File exists"),
 }
 
 
@@ -107,7 +116,7 @@ def test_every_event_in_every_state(own, peer, kind):
     for action in actions:  # only the actions the tables' steps name
         assert type(action).__name__ in {
             "ServeOwnAddress", "AnnounceOwnAddress", "SendMessage", "PrepareTakeover", "DropTakeoverPreparation",
-            "TakeOverPeerAddress", "RetryTakeoverLater", "ReleasePeerAddress", "LeaveOwnAddress"}
+            "TakeOverPeerAddress", "RetryTakeoverLater", "ReleasePeerAddress", "LeaveOwnAddress", "MoveOut", "MoveIn"}
 
 
 @pytest.mark.parametrize("own, peer", list(itertools.product(OWN_STATES, PEER_STATES)))
@@ -227,12 +236,17 @@ def test_never_serving_the_peers_address_without_a_death_or_a_departure():
     RETRY_TAKEOVER only from retrying, which only a failed takeover enters."""
     into_holding = sorted((state, kind) for (state, kind), (new, _) in PEER_TRANSITIONS.items()
                           if new == HOLDING and state != HOLDING)
-    assert into_holding == [(RETRYING, roles.RETRY_TAKEOVER), (STANDBY, roles.PEER_DEAD)]
+    # and a live move: the peer froze and sent the address's connections (it let go first), or a move
+    # back that could not start (nothing changed: still holding)
+    assert into_holding == [(MOVING_BACK, roles.MOVE_OUT_FAILED), (RETRYING, roles.RETRY_TAKEOVER),
+                            (STANDBY, roles.PEER_DEAD), (STANDBY, roles.THEIRS_ARRIVES)]
 
 
 def test_own_address_is_served_only_when_the_peer_cannot_be_serving_it():
     reasons = {kind for (state, kind), (new, _) in OWN_TRANSITIONS.items() if new == SERVING and state != SERVING}
-    assert reasons == {roles.PEER_DOES_NOT_HOLD_MINE, roles.NOBODY_ANSWERS, roles.PEER_RELEASED_MINE, roles.PEER_DEAD}
+    # live moves: the peer moved it back (it let go first), or a handover that could not start (nothing changed)
+    assert reasons == {roles.PEER_DOES_NOT_HOLD_MINE, roles.NOBODY_ANSWERS, roles.PEER_RELEASED_MINE, roles.PEER_DEAD,
+                       roles.MINE_ARRIVES, roles.MOVE_OUT_FAILED}
 
 
 def test_history_keeps_transitions_in_order():

@@ -1,0 +1,85 @@
+"""proxy.roles' live-move decisions (issue 11), pure: the sequences of a handover and its way back.
+
+(Every move event in every state is covered by tests/test_roles.py's table tests; here: what the two
+nodes of a pair do in order, and what a move never does.)"""
+
+from proxy import roles
+from proxy.roles import (HANDED_OVER, HOLDING, MOVING_BACK, MOVING_OUT, SERVING, STANDBY, HandoverBackRequested,
+                         HandoverRequested, HandbackDone, HelloReceived, MoveArrived, MoveBackRequested, MoveIn,
+                         MoveInFailed, MoveOut, MovedOut, PairCore, PeerDeclaredDead, SendMessage, ServeOwnAddress,
+                         TakeoverDone)
+
+A, B = "10.0.0.1", "10.0.0.2"
+
+
+def pair() -> tuple[PairCore, PairCore]:
+    a = PairCore("a", "b", A, B, own_role=SERVING, peer_role=STANDBY)
+    b = PairCore("b", "a", B, A, own_role=SERVING, peer_role=STANDBY)
+    return a, b
+
+
+def test_handover_and_back_moves_the_address_between_the_two_cores():
+    a, b = pair()
+    assert a.handle(HandoverRequested()) == [MoveOut(A)]
+    assert a.own_role == MOVING_OUT
+    assert a.handle(MovedOut(A)) == []
+    assert (a.own_role, a.holds()) == (HANDED_OVER, [])
+    assert b.handle(MoveArrived(A)) == [MoveIn(A)]
+    assert b.peer_role == HOLDING and b.handle(TakeoverDone()) == []
+    # a hears that b holds its address: no hand-back request (it waits for the move back)
+    assert a.handle(HelloReceived(frozenset({A, B}), SERVING)) == []
+    # handover --back
+    assert a.handle(HandoverBackRequested()) == [SendMessage("move_request", A)]
+    assert b.handle(MoveBackRequested(A)) == [MoveOut(A)]
+    assert b.peer_role == MOVING_BACK
+    assert b.handle(MovedOut(A)) == [] and b.peer_role == STANDBY
+    assert a.handle(MoveArrived(A)) == [MoveIn(A)]
+    assert a.own_role == SERVING
+    assert not a.unexpected and not b.unexpected
+
+
+def test_a_move_that_could_not_start_leaves_everything_as_it_was():
+    a, b = pair()
+    a.handle(HandoverRequested())
+    assert a.handle(MovedOut(A, started=False)) == [] and a.own_role == SERVING
+    b.handle(MoveArrived(A))
+    b.handle(MoveBackRequested(A))
+    assert b.handle(MovedOut(A, started=False)) == [] and b.peer_role == HOLDING
+
+
+def test_a_failed_move_in_gives_the_address_back_to_its_owner():
+    a, b = pair()
+    a.handle(HandoverRequested())
+    a.handle(MovedOut(A))
+    b.handle(MoveArrived(A))
+    assert b.handle(MoveInFailed("File exists")) == [SendMessage("handback_done", A)]
+    assert b.peer_role == STANDBY
+    assert a.handle(HandbackDone(A)) == [ServeOwnAddress()] and a.own_role == SERVING
+
+
+def test_a_handed_over_node_serves_again_when_the_holder_dies():
+    a, _ = pair()
+    a.handle(HandoverRequested())
+    a.handle(MovedOut(A))
+    actions = a.handle(PeerDeclaredDead(1.0, 0.1))
+    assert ServeOwnAddress() in actions and a.own_role == SERVING and a.peer_role == HOLDING
+
+
+def test_nothing_to_move_back_says_so():
+    _, b = pair()
+    assert b.handle(MoveBackRequested(A)) == [SendMessage("handback_done", A)]
+
+
+def test_move_messages_for_other_addresses_change_nothing():
+    a, _ = pair()
+    assert a.handle(MoveArrived("10.9.9.9")) == [] and a.handle(MoveBackRequested(A)) == []
+    assert (a.own_role, a.peer_role) == (SERVING, STANDBY)
+    assert a.unexpected[("message", "move_commit")] == 1 and a.unexpected[("message", "move_request")] == 1
+
+
+def test_a_handover_is_refused_unless_serving():
+    a, _ = pair()
+    a.handle(HandoverRequested())
+    a.handle(MovedOut(A))
+    assert a.handle(HandoverRequested()) == [] and a.own_role == HANDED_OVER
+    assert a.ignored[(HANDED_OVER, roles.MOVE_REQUESTED)] == 1
