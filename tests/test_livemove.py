@@ -83,3 +83,72 @@ def test_a_handover_is_refused_unless_serving():
     a.handle(MovedOut(A))
     assert a.handle(HandoverRequested()) == [] and a.own_role == HANDED_OVER
     assert a.ignored[(HANDED_OVER, roles.MOVE_REQUESTED)] == 1
+
+
+# -- the pump stops for a move without losing a byte (proxy.pump's spill) -----------------------------
+import os  # noqa: E402
+import socket  # noqa: E402
+
+import trio  # noqa: E402
+
+from proxy.pump import PipePool, splice_pump  # noqa: E402
+
+
+def tcp_pair() -> tuple[socket.socket, socket.socket]:
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        a = socket.create_connection(listener.getsockname())
+        b, _ = listener.accept()
+    return a, b
+
+
+def test_a_pump_stopped_while_its_destination_is_full_hands_over_every_byte():
+    src_far, src = tcp_pair()
+    dst, dst_far = tcp_pair()
+    dst.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    dst_far.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    payload = os.urandom(3 << 20)
+    spilled = bytearray()
+    counted = []
+
+    async def main() -> None:
+        async def feed() -> None:
+            s = trio.socket.from_stdlib_socket(src_far)
+            view = memoryview(payload)
+            while view:
+                n = await s.send(view[:65536])
+                view = view[n:]
+
+        tsrc, tdst = trio.socket.from_stdlib_socket(src), trio.socket.from_stdlib_socket(dst)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(feed)
+            with trio.move_on_after(0.5) as pumping:  # dst_far never reads: the pump blocks on a full dst
+                await splice_pump(tsrc, tdst, counted.append, PipePool(keep=0), spilled.extend)
+            assert pumping.cancelled_caught
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    src.setblocking(False)
+    rest = b""
+    while True:
+        try:
+            chunk = src.recv(1 << 20)
+        except BlockingIOError:
+            break
+        if not chunk:
+            break
+        rest += chunk
+    dst.close()
+    got = b""
+    dst_far.settimeout(2)
+    while True:
+        chunk = dst_far.recv(1 << 20)
+        if not chunk:
+            break
+        got += chunk
+    assert spilled, "the pump was not caught with bytes in its pipe"
+    assert sum(counted) == len(got)
+    # every byte the pump took from src is either at the destination or spilled, in order
+    assert got + bytes(spilled) == payload[:len(got) + len(spilled)]
+    assert payload.startswith(got + bytes(spilled) + rest)
+    for s in (src_far, src, dst_far):
+        s.close()
