@@ -436,6 +436,8 @@ class Node:
             service = self.own_service if mine else self.held.service
             self._record_move(await livemove.move_out(address=address, move_id=self._move_ids, service=service,
                                                       remove_address=remove_address, send=self.link.send))
+        except Exception:  # a bug in a move must not stop the node; the peer gets no commit and keeps waiting
+            log.exception("moving %s out failed", address)
         finally:
             self.move_in_progress = None
         return roles.MovedOut(address)
@@ -466,6 +468,10 @@ class Node:
             except TakeoverError as exc:
                 log.error("cannot take %s in a move: %s", address, exc)
                 return roles.MoveInFailed(str(exc))
+            except Exception as exc:  # a bug in a move must not stop the node
+                log.exception("taking %s in a move failed", address)
+                if self.held is None:
+                    return roles.MoveInFailed(f"{type(exc).__name__}: {exc}")
             self.takeovers.append(self.held.takeover)
             del self.takeovers[:-20]
             return roles.TakeoverDone()
