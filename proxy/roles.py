@@ -594,7 +594,14 @@ PEER_TRANSITIONS.update({
     # nothing held to move (e.g. the move-in failed): say so, the owner serves it again
     (STANDBY, PEER_ASKS_MOVE): (STANDBY, (TELL_RELEASED,)),
     (MOVING_BACK, MOVED_OUT): (STANDBY, ()),
-    (MOVING_BACK, MOVE_OUT_FAILED): (HOLDING, ()),
+    # the move could not start (no sync link): hand it back the old way, cutting its connections
+    (MOVING_BACK, MOVE_OUT_FAILED): (RELEASING, (RELEASE,)),
+    # the hand-back after the owner returns moves the address with its live connections (issue 11)
+    (HOLDING, HANDBACK_REQUESTED): (MOVING_BACK, (MOVE_OUT_THEIRS,)),
+})
+OWN_TRANSITIONS.update({
+    # the holder moved it back with its connections, in answer to the hand-back request
+    (YIELDED, MINE_ARRIVES): (SERVING, (MOVE_IN_MINE,)),
 })
 # Everything else with a move kind, or in a move state, is ignored: a move runs to its end before the
 # next event is handled, and a handed-over node waits for its address to be moved back (its peer's

@@ -44,7 +44,9 @@ def test_a_move_that_could_not_start_leaves_everything_as_it_was():
     assert a.handle(MovedOut(A, started=False)) == [] and a.own_role == SERVING
     b.handle(MoveArrived(A))
     b.handle(MoveBackRequested(A))
-    assert b.handle(MovedOut(A, started=False)) == [] and b.peer_role == HOLDING
+    # no link to move over: the old hand-back (cut), and the owner is told
+    assert b.handle(MovedOut(A, started=False)) == [roles.ReleasePeerAddress()] and b.peer_role == roles.RELEASING
+    assert b.handle(roles.Released()) == [SendMessage("handback_done", A)]
 
 
 def test_a_failed_move_in_gives_the_address_back_to_its_owner():
@@ -63,6 +65,18 @@ def test_a_handed_over_node_serves_again_when_the_holder_dies():
     a.handle(MovedOut(A))
     actions = a.handle(PeerDeclaredDead(1.0, 0.1))
     assert ServeOwnAddress() in actions and a.own_role == SERVING and a.peer_role == HOLDING
+
+
+def test_the_hand_back_after_a_return_is_a_live_move():
+    a, b = pair()
+    b.handle(PeerDeclaredDead(1.0, 0.1))
+    b.handle(TakeoverDone())
+    a = PairCore("a", "b", A, B)                       # a restarted: claiming
+    assert a.handle(HelloReceived(frozenset({A, B}), SERVING)) == [SendMessage("handback_request", A)]
+    assert b.handle(roles.HandbackRequested(A)) == [MoveOut(A)]
+    assert b.handle(MovedOut(A)) == [] and b.peer_role == STANDBY
+    assert a.handle(MoveArrived(A)) == [MoveIn(A)] and a.own_role == SERVING
+    assert not a.unexpected and not b.unexpected
 
 
 def test_nothing_to_move_back_says_so():

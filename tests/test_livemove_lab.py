@@ -85,3 +85,54 @@ def test_handover_and_back_moves_live_connections_without_a_reconnect(lab, pair,
     live = [m["in"]["freeze_to_live_ms"] for m in moves]
     print(f"freeze->live median {statistics.median(live):.1f} ms, worst {max(live):.1f} ms; longest client "
           f"stall: smb {report['smb']['worst_gap_ms']} ms, nfs {report['nfs']['worst_gap_ms']} ms")
+
+
+def start_clients(lab, host: str, name: str):
+    clients = lab.popen(lab.ns_client, [sys.executable, str(MOVE_CLIENTS), host, lab.smb_share, lab.smb_user,
+                                        lab.smb_password, name, "10"],
+                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ready = json.loads(clients.stdout.readline() or "{}")
+    if not ready.get("ready"):
+        clients.kill()
+        pytest.fail(f"move_clients.py did not start: {clients.stderr.read()[-1000:]}")
+    return clients, ready
+
+
+def stop_clients(clients) -> dict:
+    try:
+        clients.stdin.write("stop\n")
+        clients.stdin.flush()
+        return json.loads(clients.stdout.readline() or "{}")
+    finally:
+        if clients.poll() is None:
+            clients.kill()
+        clients.wait(10)
+
+
+def test_hand_back_after_a_return_moves_the_connections_the_holder_served(lab, pair, tmp_path):
+    """a dies; clients connect to its address through b; a returns and asks for it back: b moves the
+    address with those connections live instead of cutting them."""
+    a, b = pair
+    host = lab.addresses.service_a
+    a.kill_hard(link_down=True)
+    b.wait_for(lambda s: s["pair"]["addresses"][host]["role"] == "holding", 10, "b holding a's address")
+    clients, ready = start_clients(lab, host, "handback.bin")
+    try:
+        time.sleep(0.5)
+        a.link_up()
+        a.start()
+        a.wait_for(lambda s: s["pair"]["addresses"][host]["role"] == "serving" and s["pair"].get("last_move"),
+                   15, "a serving again, moved back")
+        b.wait_for(standing_by, 5, "b standing by")
+        time.sleep(0.5)
+        into, out = a.status()["pair"]["last_move"], b.status()["pair"]["last_move"]
+        ports_after = established(lab, host, 445) | established(lab, host, 2049)
+    finally:
+        report = stop_clients(clients)
+    print("hand-back move:", json.dumps({"in": into, "out": out}))
+    print("clients:", json.dumps(report))
+    assert into["direction"] == "in" and into["moved"] == 2 and into["failed"] == 0, into
+    for kind in ("smb", "nfs"):
+        assert report[kind]["error_count"] == 0 and report[kind]["mismatches"] == 0, (kind, report[kind])
+    assert (report["smb_port"], report["nfs_port"]) == (ready["smb_port"], ready["nfs_port"])
+    assert len(ports_after) == 2 and report["connections"] == 1

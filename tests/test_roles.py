@@ -41,8 +41,12 @@ def run(events, c=None):
     ([hello(MINE), HandbackDone(MINE)], SERVING, STANDBY),
     ([hello(MINE), PeerDeclaredDead(1.0, 0.1)], SERVING, HOLDING),       # the holder died: serve both
     ([PeerDeclaredDead(1.0, 0.1)], SERVING, HOLDING),                    # started while the peer is dead
-    ([ALONE, PeerDeclaredDead(1.0, 0.1), HandbackRequested(THEIRS)], SERVING, RELEASING),
-    ([ALONE, PeerDeclaredDead(1.0, 0.1), HandbackRequested(THEIRS), Released()], SERVING, STANDBY),
+    ([ALONE, PeerDeclaredDead(1.0, 0.1), HandbackRequested(THEIRS)], SERVING, MOVING_BACK),   # a live move
+    ([ALONE, PeerDeclaredDead(1.0, 0.1), HandbackRequested(THEIRS), roles.MovedOut(THEIRS)], SERVING, STANDBY),
+    ([ALONE, PeerDeclaredDead(1.0, 0.1), HandbackRequested(THEIRS), roles.MovedOut(THEIRS, started=False)],
+     SERVING, RELEASING),                                      # no link to move over: released the old way
+    ([ALONE, PeerDeclaredDead(1.0, 0.1), HandbackRequested(THEIRS), roles.MovedOut(THEIRS, started=False),
+      Released()], SERVING, STANDBY),
     ([ALONE, PeerDeclaredDead(1.0, 0.1), hello(THEIRS)], SERVING, RELEASING),   # wrong verdict
     ([ALONE, PeerDeclaredDead(1.0, 0.1), PeerDeclaredDead(2.0, 0.1)], SERVING, HOLDING),  # repeated
     ([ALONE, HandbackRequested(THEIRS)], SERVING, STANDBY),   # nothing to hand back
@@ -140,10 +144,10 @@ def test_the_holders_side_of_the_hand_back():
     assert actions == [ServeOwnAddress(), TakeOverPeerAddress(7.5, (), 0.0)]
     assert c.handle(TakeoverDone()) == []
     assert c.holds() == [MINE, THEIRS]
-    assert c.handle(HandbackRequested(THEIRS)) == [ReleasePeerAddress()]
-    assert c.holds() == [MINE, THEIRS]  # still serving it until released
-    assert c.handle(Released()) == [SendMessage("handback_done", THEIRS)]
-    assert c.holds() == [MINE]
+    # moved back live (issue 11); the owner serves it when the move arrives, no handback_done needed
+    assert c.handle(HandbackRequested(THEIRS)) == [roles.MoveOut(THEIRS)]
+    assert c.handle(roles.MovedOut(THEIRS)) == []
+    assert c.holds() == [MINE] and c.peer_role == STANDBY
     # a request while on standby is answered at once: nothing to let go of
     assert c.handle(HandbackRequested(THEIRS)) == [SendMessage("handback_done", THEIRS)]
 
@@ -236,10 +240,9 @@ def test_never_serving_the_peers_address_without_a_death_or_a_departure():
     RETRY_TAKEOVER only from retrying, which only a failed takeover enters."""
     into_holding = sorted((state, kind) for (state, kind), (new, _) in PEER_TRANSITIONS.items()
                           if new == HOLDING and state != HOLDING)
-    # and a live move: the peer froze and sent the address's connections (it let go first), or a move
-    # back that could not start (nothing changed: still holding)
-    assert into_holding == [(MOVING_BACK, roles.MOVE_OUT_FAILED), (RETRYING, roles.RETRY_TAKEOVER),
-                            (STANDBY, roles.PEER_DEAD), (STANDBY, roles.THEIRS_ARRIVES)]
+    # and a live move: the peer froze and sent the address's connections (it let go first)
+    assert into_holding == [(RETRYING, roles.RETRY_TAKEOVER), (STANDBY, roles.PEER_DEAD),
+                            (STANDBY, roles.THEIRS_ARRIVES)]
 
 
 def test_own_address_is_served_only_when_the_peer_cannot_be_serving_it():
