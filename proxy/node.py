@@ -160,7 +160,8 @@ class Node:
             self.held.service.stop(grace)
         if self.core is not None and self.link is not None:
             # a planned stop: the peer takes the own address now instead of after dead_after
-            await self._execute(self.core.handle(roles.Stopping()))
+            # with the link up, a live move (issue 11): the connections go with the address, no drain
+            await self._execute(self.core.handle(roles.Stopping(link_connected=self.link.state == "connected")))
         if self.own_service.state in ("serving", "draining"):
             self.own_service.stop(grace)
             await self._own_done.wait()
@@ -352,7 +353,7 @@ class Node:
         elif isinstance(action, roles.RetryTakeoverLater):
             self._nursery.start_soon(self._enqueue_later, action.delay, roles.RetryTakeover())
         elif isinstance(action, roles.MoveOut):
-            return await self._move_out(action.address)
+            return await self._move_out(action.address, action.stopping)
         elif isinstance(action, roles.MoveIn):
             return await self._move_in(action.address)
         elif isinstance(action, roles.PrepareTakeover):
@@ -415,12 +416,12 @@ class Node:
         self.moves.append(report)
         del self.moves[:-20]
 
-    async def _move_out(self, address: str) -> roles.Event:
+    async def _move_out(self, address: str, stopping: bool = False) -> roles.Event:
         mine = address == self.core.my_address
         if self.link.state != "connected" or (not mine and self.held is None):
             log.warning("cannot move %s: %s", address, "no sync link" if self.link.state != "connected"
                         else "not held")
-            return roles.MovedOut(address, started=False)
+            return roles.MovedOut(address, started=False, stopping=stopping)
         self._move_ids += 1
         self.move_in_progress = f"{address} to {self.config.peer.name}"
 
@@ -440,7 +441,7 @@ class Node:
             log.exception("moving %s out failed", address)
         finally:
             self.move_in_progress = None
-        return roles.MovedOut(address)
+        return roles.MovedOut(address, stopping=stopping)
 
     async def _move_in(self, address: str) -> roles.Event | None:
         move = self.arrived.pop(address, None) or {"address": address, "move_id": 0, "connections": []}

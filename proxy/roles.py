@@ -139,7 +139,10 @@ class Released:
 
 @dataclass(frozen=True)
 class Stopping:
-    """This node is stopping (SIGTERM, ``Node.stop``)."""
+    """This node is stopping (SIGTERM, ``Node.stop``). ``link_connected``: the peer can take the own
+    address with its live connections (a live move, issue 11) instead of the drain."""
+
+    link_connected: bool = False
 
 
 Event = (HelloReceived | PeerDeclaredDead | PeerProbing | PeerAlive | HandbackRequested | HandbackDone | PeerLeaving
@@ -530,10 +533,12 @@ class MoveArrived:
 
 @dataclass(frozen=True)
 class MovedOut:
-    """The move-out sequence ended. ``started``: False if it changed nothing (e.g. no sync link)."""
+    """The move-out sequence ended. ``started``: False if it changed nothing (e.g. no sync link).
+    ``stopping``: as the :class:`MoveOut` it answers (a stop that falls back to the drain)."""
 
     address: str
     started: bool = True
+    stopping: bool = False
 
 
 @dataclass(frozen=True)
@@ -545,9 +550,11 @@ class MoveInFailed:
 
 @dataclass(frozen=True)
 class MoveOut:
-    """Run the move-out sequence (:func:`proxy.livemove.move_out`) for ``address``; report :class:`MovedOut`."""
+    """Run the move-out sequence (:func:`proxy.livemove.move_out`) for ``address``; report :class:`MovedOut`
+    (with ``stopping`` passed on)."""
 
     address: str
+    stopping: bool = False
 
 
 @dataclass(frozen=True)
@@ -569,13 +576,16 @@ THEIRS_ARRIVES = "theirs_arrives"        # move_commit for the peer's address
 MOVED_OUT = "moved_out"
 MOVE_OUT_FAILED = "move_out_failed"      # nothing was changed
 MOVE_IN_FAILED = "move_in_failed"
+STOPPING_LINKED = "stopping_linked"      # SIGTERM with the sync link up: move instead of drain
+STOP_MOVE_FAILED = "stop_move_failed"    # ... and that move could not start: drain as before
 MOVE_KINDS = (MOVE_REQUESTED, MOVE_BACK_WANTED, PEER_ASKS_MOVE, MINE_ARRIVES, THEIRS_ARRIVES, MOVED_OUT,
-              MOVE_OUT_FAILED, MOVE_IN_FAILED)
+              MOVE_OUT_FAILED, MOVE_IN_FAILED, STOPPING_LINKED, STOP_MOVE_FAILED)
 KINDS += MOVE_KINDS
 
 MOVE_OUT_MINE, MOVE_OUT_THEIRS, MOVE_IN_MINE, MOVE_IN_THEIRS = "move_out_mine", "move_out_theirs", "move_in_mine", \
     "move_in_theirs"
 ASK_MOVE_BACK = "ask_move_back"
+MOVE_OUT_MINE_STOPPING = "move_out_mine_stopping"
 
 OWN_TRANSITIONS.update({
     (SERVING, MOVE_REQUESTED): (MOVING_OUT, (MOVE_OUT_MINE,)),
@@ -586,6 +596,9 @@ OWN_TRANSITIONS.update({
     # the peer died holding it, or says it does not hold it (its move-in failed): serve it again
     (HANDED_OVER, PEER_DEAD): (SERVING, (SERVE,)),
     (HANDED_OVER, PEER_RELEASED_MINE): (SERVING, (SERVE,)),
+    # SIGTERM in a pair: the peer takes the address with its connections at once; no drain, no refusals
+    (SERVING, STOPPING_LINKED): (MOVING_OUT, (MOVE_OUT_MINE_STOPPING,)),
+    (MOVING_OUT, STOP_MOVE_FAILED): (SERVING, (LEAVE,)),
 })
 PEER_TRANSITIONS.update({
     (STANDBY, THEIRS_ARRIVES): (HOLDING, (MOVE_IN_THEIRS,)),
@@ -630,9 +643,14 @@ def _move_kinds(core: PairCore, event: Event) -> list[tuple[str, str]] | None:
         if event.address == theirs:
             return [(THEIRS_ARRIVES, f"{peer} moved {theirs} here")]
         return core._wrong_address("move_commit", event.address, f"{mine} or {theirs}")
+    if isinstance(event, Stopping) and event.link_connected:
+        return [(STOPPING_LINKED, f"stopping: moving {mine} to {peer} with its connections")]
     if isinstance(event, MovedOut):
-        return [(MOVED_OUT, f"moved {event.address} to {peer}") if event.started
-                else (MOVE_OUT_FAILED, f"could not start moving {event.address}")]
+        if event.started:
+            return [(MOVED_OUT, f"moved {event.address} to {peer}")]
+        if event.stopping:
+            return [(STOP_MOVE_FAILED, f"could not move {event.address}: draining instead")]
+        return [(MOVE_OUT_FAILED, f"could not start moving {event.address}")]
     if isinstance(event, MoveInFailed):
         return [(MOVE_IN_FAILED, f"taking {theirs} in a move failed: {event.reason}")]
     return None
@@ -641,6 +659,8 @@ def _move_kinds(core: PairCore, event: Event) -> list[tuple[str, str]] | None:
 def _move_step_actions(core: PairCore, step: str) -> list[Action] | None:
     if step == MOVE_OUT_MINE:
         return [MoveOut(core.my_address)]
+    if step == MOVE_OUT_MINE_STOPPING:
+        return [MoveOut(core.my_address, stopping=True)]
     if step == MOVE_OUT_THEIRS:
         return [MoveOut(core.peer_address)]
     if step == MOVE_IN_MINE:

@@ -79,6 +79,18 @@ def test_the_hand_back_after_a_return_is_a_live_move():
     assert not a.unexpected and not b.unexpected
 
 
+def test_sigterm_in_a_pair_moves_the_address_and_falls_back_to_the_drain():
+    a, b = pair()
+    assert a.handle(roles.Stopping(link_connected=True)) == [MoveOut(A, stopping=True)]
+    assert a.handle(MovedOut(A, stopping=True)) == [] and a.own_role == HANDED_OVER
+    assert b.handle(MoveArrived(A)) == [MoveIn(A)]
+    a, _ = pair()
+    a.handle(roles.Stopping(link_connected=True))
+    assert a.handle(MovedOut(A, started=False, stopping=True)) == [roles.LeaveOwnAddress()]
+    a, _ = pair()
+    assert a.handle(roles.Stopping()) == [roles.LeaveOwnAddress()]   # no link: the drain, as before
+
+
 def test_nothing_to_move_back_says_so():
     _, b = pair()
     assert b.handle(MoveBackRequested(A)) == [SendMessage("handback_done", A)]

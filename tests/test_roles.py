@@ -100,6 +100,8 @@ EVENT_OF_KIND = {
     roles.MOVED_OUT: roles.MovedOut(MINE),
     roles.MOVE_OUT_FAILED: roles.MovedOut(MINE, started=False),
     roles.MOVE_IN_FAILED: roles.MoveInFailed("File exists"),
+    roles.STOPPING_LINKED: Stopping(link_connected=True),
+    roles.STOP_MOVE_FAILED: roles.MovedOut(MINE, started=False, stopping=True),
 }
 
 
@@ -249,7 +251,7 @@ def test_own_address_is_served_only_when_the_peer_cannot_be_serving_it():
     reasons = {kind for (state, kind), (new, _) in OWN_TRANSITIONS.items() if new == SERVING and state != SERVING}
     # live moves: the peer moved it back (it let go first), or a handover that could not start (nothing changed)
     assert reasons == {roles.PEER_DOES_NOT_HOLD_MINE, roles.NOBODY_ANSWERS, roles.PEER_RELEASED_MINE, roles.PEER_DEAD,
-                       roles.MINE_ARRIVES, roles.MOVE_OUT_FAILED}
+                       roles.MINE_ARRIVES, roles.MOVE_OUT_FAILED, roles.STOP_MOVE_FAILED}
 
 
 def test_history_keeps_transitions_in_order():
