@@ -425,22 +425,24 @@ class Node:
         self._move_ids += 1
         self.move_in_progress = f"{address} to {self.config.peer.name}"
 
+        held = None if mine else self.held
+
         async def remove_address() -> None:
-            if mine:
-                self.own_service.stop(0)
-                await self._own_done.wait()
-            else:
-                held, self.held = self.held, None
-                await release(held, macvlan=self.peer_macvlan, standby=self.standby)
+            service, done = (self.own_service, self._own_done) if mine else (held.service, held.done)
+            service.stop(0)  # no connections left: the address goes at once
+            await done.wait()
 
         try:
-            service = self.own_service if mine else self.held.service
+            service = self.own_service if mine else held.service
             self._record_move(await livemove.move_out(address=address, move_id=self._move_ids, service=service,
                                                       remove_address=remove_address, send=self.link.send))
         except Exception:  # a bug in a move must not stop the node; the peer gets no commit and keeps waiting
             log.exception("moving %s out failed", address)
         finally:
             self.move_in_progress = None
+            if held is not None:  # the rest of the hand-back (macvlan, standby) after the clients' pause
+                self.held = None
+                await release(held, macvlan=self.peer_macvlan, standby=self.standby)
         return roles.MovedOut(address, stopping=stopping)
 
     async def _move_in(self, address: str) -> roles.Event | None:

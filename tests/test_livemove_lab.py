@@ -26,6 +26,10 @@ MOVE_CLIENTS = SCRIPTS / "move_clients.py"
 ROUNDS = int(os.environ.get("PAIRPROXY_MOVE_ROUNDS", "3"))   # each: handover, then handover --back
 
 
+def log_tails(lab) -> str:
+    return "\n".join(f"--- {n}:\n" + (lab.root / f"pair-{n}.log").read_text(errors="replace")[-3000:] for n in "ab")
+
+
 def handover(lab, node, back: bool = False) -> tuple[subprocess.CompletedProcess, float]:
     argv = [sys.executable, "-m", "proxy.cli", "handover", "-c", str(node.config)] + (["--back"] if back else [])
     start = time.monotonic()
@@ -50,10 +54,10 @@ def test_handover_and_back_moves_live_connections_without_a_reconnect(lab, pair,
                 done, took = handover(lab, a, back=back)
                 assert done.returncode == 0, done.stdout + done.stderr
                 out, into = giver.status()["pair"]["last_move"], taker.status()["pair"]["last_move"]
-                assert into["direction"] == "in" and out["direction"] == "out", (out, into)
+                assert into["direction"] == "in" and out["direction"] == "out", (out, into, log_tails(lab))
                 moves.append({"to": taker.node, "cli_s": round(took, 3), "out": out, "in": into})
                 role = a.status()["pair"]["addresses"][host]["role"]
-                assert role == ("serving" if back else "handed_over")
+                assert role == ("serving" if back else "handed_over"), log_tails(lab)
                 time.sleep(0.3)
         b.wait_for(standing_by, 5, "b standing by after the last move back")
         time.sleep(0.2)
