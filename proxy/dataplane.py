@@ -356,7 +356,7 @@ class ServiceProxy:
               bytes_to_backend: int = 0, bytes_to_client: int = 0) -> None:
         """Serve a connection that a live move (:mod:`proxy.livemove`) restored here: both legs exist
         and are live, so only the pumps start (in ``nursery``, the address's connection nursery)."""
-        self.budget.try_acquire(FDS_PER_CONNECTION)  # the descriptors exist already: only book them
+        self.budget.used += FDS_PER_CONNECTION  # the descriptors exist already: book them (released at the end)
         tclient, tbackend = trio.socket.from_stdlib_socket(client), trio.socket.from_stdlib_socket(backend)
         conn = Connection(client=client.getpeername(), port=port, bytes_to_backend=bytes_to_backend,
                           bytes_to_client=bytes_to_client)
