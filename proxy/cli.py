@@ -36,6 +36,7 @@ examples:
   pairproxy check -c /etc/pairproxy/a.toml     validate config and environment
   pairproxy run -c /etc/pairproxy/a.toml       run the node in the foreground
   pairproxy status -c /etc/pairproxy/a.toml    ask the running node how it is
+  pairproxy handover -c /etc/pairproxy/a.toml  move the address and its connections to the peer, live
   pairproxy lab up && pairproxy lab demo       try it in a network-namespace lab (root)
 """
 
