@@ -248,6 +248,7 @@ async def move_in(*, move: dict, bring_up: Callable[[], Awaitable[Any]]) -> Move
             continue
         report.state_bytes += len(cs.send_queue) + len(cs.recv_queue) + len(bs.send_queue) + len(bs.recv_queue)
         restored.append((entry, what, rc, rb))
+    await trio.sleep(0)  # heartbeats out between the restores and the address (one shorter stretch each)
     try:
         service = await bring_up()
     except BaseException:

@@ -96,6 +96,7 @@ class Node:
         self.moves: list[livemove.MoveReport] = []
         self.move_in_progress: str | None = None
         self._move_ids = 0
+        self._move_macvlan = False                # the macvlan was made for a move that is arriving
 
     @property
     def peer_service(self) -> AddressService | None:
@@ -280,6 +281,8 @@ class Node:
             self._enqueue(roles.PeerLeaving(address, trio.current_time(), flows_from_message(message.get("drain")),
                                             grace))
         elif kind in livemove.MESSAGES:
+            if kind == "move_begin" and address == str(self.config.peer.address) and self.held is None:
+                self._nursery.start_soon(self._prepare_move_in)
             move = self.inbound.on_message(message)
             if move is not None:
                 self.arrived[str(move["address"])] = move
@@ -445,6 +448,18 @@ class Node:
                 await release(held, macvlan=self.peer_macvlan, standby=self.standby)
         return roles.MovedOut(address, stopping=stopping)
 
+    async def _prepare_move_in(self) -> None:
+        """The peer began moving its address here: make the macvlan with its MAC now, while the peer
+        freezes, so that the taking in (one uninterrupted stretch of the event loop) is shorter; under
+        load a long stretch delays heartbeats past dead_after (bench/MOVES.md)."""
+        mac = (self.peer_info or {}).get("mac")
+        if not mac or self.held is not None:
+            return
+        try:
+            self._move_macvlan = self.peer_macvlan.open(mac) or self._move_macvlan
+        except Exception as exc:  # the takeover sequence tries again and reports it
+            log.warning("macvlan for the move not prepared: %s", exc)
+
     async def _move_in(self, address: str) -> roles.Event | None:
         move = self.arrived.pop(address, None) or {"address": address, "move_id": 0, "connections": []}
         mine = address == self.core.my_address
@@ -464,12 +479,17 @@ class Node:
                     node=self.config.node, peer=self.config.peer, peer_hello=self.peer_info, mac=self.mac,
                     nursery=self._nursery, macvlan=self.peer_macvlan, standby=None,
                     last_heard_at=self.link.last_received, detected_at=trio.current_time())
+                if self._move_macvlan:  # made by _prepare_move_in: the hand-back removes it as its own
+                    self.held.opened_macvlan, self._move_macvlan = True, False
                 return self.held.service
 
             try:
                 self._record_move(await livemove.move_in(move=move, bring_up=bring_up_peer))
             except TakeoverError as exc:
                 log.error("cannot take %s in a move: %s", address, exc)
+                if self._move_macvlan and self.standby is None:
+                    self.peer_macvlan.close()
+                self._move_macvlan = False
                 return roles.MoveInFailed(str(exc))
             except Exception as exc:  # a bug in a move must not stop the node
                 log.exception("taking %s in a move failed", address)
