@@ -27,6 +27,7 @@ ROUNDS = int(os.environ.get("PAIRPROXY_MOVE_ROUNDS", "3"))   # each: handover, t
 
 
 def log_tails(lab) -> str:
+    """The end of both nodes' logs (for an assertion's message)."""
     return "\n".join(f"--- {n}:\n" + (lab.root / f"pair-{n}.log").read_text(errors="replace")[-3000:] for n in "ab")
 
 
