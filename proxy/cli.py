@@ -36,6 +36,7 @@ examples:
   pairproxy check -c /etc/pairproxy/a.toml     validate config and environment
   pairproxy run -c /etc/pairproxy/a.toml       run the node in the foreground
   pairproxy status -c /etc/pairproxy/a.toml    ask the running node how it is
+  pairproxy handover -c /etc/pairproxy/a.toml  move the address and its connections to the peer, live
   pairproxy lab up && pairproxy lab demo       try it in a network-namespace lab (root)
 """
 
@@ -266,6 +267,13 @@ def format_status(status: NodeStatus) -> str:
                          f"{_ms(t.silence_ms)}, address moved {_ms(t.address_moved_ms)}, first client "
                          f"{_ms(t.first_client_ms)} after detection"
                          + (f", handed back after {t.held_for_s:g} s" if t.held_for_s is not None else ""))
+        if pair.move_in_progress:
+            lines.append(f"MOVING {pair.move_in_progress} (live move under way)")
+        m = pair.last_move
+        if m is not None:
+            lines.append(f"last move: {m.address} {m.direction}, {m.moved} of {m.connections} connection(s) live, "
+                         f"{m.failed} cut, pause {_ms(m.pause_ms)}"
+                         + (f", freeze to live {_ms(m.freeze_to_live_ms)}" if m.freeze_to_live_ms is not None else ""))
         sync = pair.state_sync
         if sync:
             behind = sync.behind
@@ -337,6 +345,36 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_handover(args: argparse.Namespace) -> int:
+    from proxy.control import ControlError, request
+
+    config, problems = _load(args.config)
+    if problems:
+        _print_problems(problems)
+        return EXIT_PROBLEM
+    try:
+        reply = request(config.node.control, "handover", timeout=args.timeout + 5, back=args.back,
+                        timeout_s=args.timeout)
+    except ControlError as exc:
+        _print_problems([str(exc)])
+        return EXIT_PROBLEM
+    move = reply.get("move")
+    what = "back to this node" if args.back else "to the peer"
+    if not reply.get("changed"):
+        print(f"own address: {reply.get('own_role')} (nothing moved)")
+        return EXIT_OK if reply.get("own_role") == ("serving" if args.back else "handed_over") else EXIT_PROBLEM
+    line = f"own address moved {what}; now {reply.get('own_role')}"
+    if move:
+        line += (f": {move['moved']} of {move['connections']} connection(s) moved live, {move['failed']} cut, "
+                 f"pause {_ms(move.get('pause_ms'))}")
+        if move.get("freeze_to_live_ms") is not None:
+            line += f", freeze to live {_ms(move['freeze_to_live_ms'])}"
+    print(line)
+    for failure in (move or {}).get("failures") or []:
+        print(f"  cut: {failure}")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pairproxy", description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -387,6 +425,18 @@ def build_parser() -> argparse.ArgumentParser:
                       help="print Prometheus metrics (text exposition format); 'pairproxy_up 0' if the node "
                            "does not answer")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("handover", help="move this node's address and its live connections to the peer",
+                       description="Planned maintenance without a reconnect: the running node moves its own "
+                                   "service address to the peer together with every open connection (TCP_REPAIR: "
+                                   "the clients notice nothing) and keeps running, serving nothing for it "
+                                   "(role handed_over). --back asks the peer to move it back the same way. "
+                                   "A connection that cannot move is cut, as a takeover would, and named.")
+    with_config(p)
+    p.add_argument("--back", action="store_true", help="ask the peer to move the address back to this node")
+    p.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="how long to wait for the move to end (default 10)")
+    p.set_defaults(func=cmd_handover)
 
     from capture.replay import add_replay_command
 

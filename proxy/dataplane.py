@@ -29,7 +29,7 @@ import trio
 
 from proxy.config import ServiceConfig
 from proxy.fds import BUDGET, FdBudget
-from proxy.pump import ConnectionLost, splice_pump
+from proxy.pump import PIPES, ConnectionLost, splice_pump
 
 log = logging.getLogger("pairproxy.data")
 
@@ -79,6 +79,21 @@ class Connection:
     backend_source: tuple[str, int] | None = None
     bytes_to_backend: int = 0
     bytes_to_client: int = 0
+    #: a live move (proxy.livemove): set ``moving`` and cancel ``pumps``; the pumps stop without closing
+    #: the sockets, which end up in ``handed`` (client, backend) with the bytes a cancelled pump still
+    #: held in ``spilled_to_*``; ``ended`` is set once the connection's task has let go of them
+    moving: bool = False
+    pumps: trio.CancelScope = field(default_factory=trio.CancelScope)
+    ended: trio.Event = field(default_factory=trio.Event)
+    handed: tuple[socket.socket, socket.socket] | None = None
+    spilled_to_backend: bytes = b""
+    spilled_to_client: bytes = b""
+
+    def spill_to_backend(self, data: bytes) -> None:
+        self.spilled_to_backend += data
+
+    def spill_to_client(self, data: bytes) -> None:
+        self.spilled_to_client += data
 
 
 class BackendUnavailable(Exception):
@@ -337,20 +352,41 @@ class ServiceProxy:
         finally:
             self.budget.release(FDS_PER_CONNECTION)
 
-    async def _proxy_held(self, client: trio.socket.SocketType, peer: tuple[str, int], port: int) -> None:
-        conn = Connection(client=peer, port=port)
+    def adopt(self, client: socket.socket, backend: socket.socket, port: int, nursery: trio.Nursery, *,
+              bytes_to_backend: int = 0, bytes_to_client: int = 0) -> None:
+        """Serve a connection that a live move (:mod:`proxy.livemove`) restored here: both legs exist
+        and are live, so only the pumps start (in ``nursery``, the address's connection nursery)."""
+        self.budget.used += FDS_PER_CONNECTION  # the descriptors exist already: book them (released at the end)
+        tclient, tbackend = trio.socket.from_stdlib_socket(client), trio.socket.from_stdlib_socket(backend)
+        conn = Connection(client=client.getpeername(), port=port, bytes_to_backend=bytes_to_backend,
+                          bytes_to_client=bytes_to_client)
+        source_ports = self.source_ports(port)
+        if source_ports is not None:
+            source_ports._free.pop(backend.getsockname()[1], None)  # in use by the moved connection
+        nursery.start_soon(self._proxy_adopted, tclient, tbackend, conn)
+
+    async def _proxy_adopted(self, client: trio.socket.SocketType, backend: trio.socket.SocketType,
+                             conn: Connection) -> None:
+        try:
+            await self._proxy_held(client, conn.client, conn.port, backend=backend, conn=conn)
+        finally:
+            self.budget.release(FDS_PER_CONNECTION)
+
+    async def _proxy_held(self, client: trio.socket.SocketType, peer: tuple[str, int], port: int,
+                          backend: trio.socket.SocketType | None = None, conn: Connection | None = None) -> None:
+        conn = conn if conn is not None else Connection(client=peer, port=port)
         stats = self.stats
         stats.connections_total += 1
         stats.connections_active += 1
         self.connections.add(conn)
-        backend = None
         finished = False
         source_ports = self.source_ports(port)
         held_port: int | None = None
         try:
             client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             try:
-                backend = await connect_backend(self.service, self.address, port, source_ports)
+                if backend is None:
+                    backend = await connect_backend(self.service, self.address, port, source_ports)
                 if source_ports is not None:
                     held_port = backend.getsockname()[1]
             except BackendUnavailable as exc:
@@ -373,10 +409,14 @@ class ServiceProxy:
                 conn.bytes_to_client += n
 
             try:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(splice_pump, client, backend, to_backend)
-                    nursery.start_soon(splice_pump, backend, client, to_client)
-                finished = True
+                with conn.pumps:
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(splice_pump, client, backend, to_backend, PIPES, conn.spill_to_backend)
+                        nursery.start_soon(splice_pump, backend, client, to_client, PIPES, conn.spill_to_client)
+                    finished = True
+                if conn.moving and not finished:  # stopped for a live move: the sockets go to the mover
+                    conn.handed = (socket.socket(fileno=client.detach()), socket.socket(fileno=backend.detach()))
+                    client = backend = None
             except* ConnectionLost as group:
                 stats.connections_reset += 1
                 log.debug("%s: client %s:%d: %s", self.service.name, *peer, group.exceptions[0])
@@ -395,6 +435,7 @@ class ServiceProxy:
         finally:
             self.connections.discard(conn)
             stats.connections_active -= 1
+            conn.ended.set()
             for sock in (client, backend):
                 if sock is None:
                     continue

@@ -17,6 +17,7 @@ decisions never interleave; the results of the sequences it runs are fed back to
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import time
@@ -28,7 +29,7 @@ from proxy import roles
 from proxy.arp import announce, who_has
 from proxy.config import Config, service_to_dict
 from proxy.control import bind_control_socket, serve_control
-from proxy import drain
+from proxy import drain, livemove
 from proxy.drain import DrainRedirect, DrainTunnel, flows_from_message
 from proxy.handback import leave, release
 from proxy.metrics import serve_node_metrics
@@ -91,6 +92,13 @@ class Node:
         self._nursery: trio.Nursery | None = None
         self._own_done = trio.Event()
         self.dropped_events = 0
+        # live moves (proxy.livemove): what the peer is sending, the moves done, the one under way
+        self.inbound = livemove.Inbound()
+        self.arrived: dict[str, dict] = {}       # address -> the move committed by the peer, to take
+        self.moves: list[livemove.MoveReport] = []
+        self.move_in_progress: str | None = None
+        self._move_ids = 0
+        self._move_macvlan = False                # the macvlan was made for a move that is arriving
 
     @property
     def peer_service(self) -> AddressService | None:
@@ -114,7 +122,8 @@ class Node:
             self.own_service.open_listeners()  # a port in use fails here, before any kernel change
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                nursery.start_soon(serve_control, control, node.control, {"status": self._status})
+                nursery.start_soon(serve_control, control, node.control,
+                                   {"status": self._status, "handover": self._handover})
                 if node.metrics is not None:  # bound before any kernel change: a port in use stops the start
                     await nursery.start(serve_node_metrics, node.metrics, self)
                 if handle_signals:
@@ -141,6 +150,7 @@ class Node:
         log.info("node %s stopped", node.name)
 
     async def _run_own(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self._own_done = trio.Event()  # a live move may serve the own address again after it went
         try:
             await self.own_service.run(task_status=task_status)
         finally:
@@ -153,7 +163,8 @@ class Node:
             self.held.service.stop(grace)
         if self.core is not None and self.link is not None:
             # a planned stop: the peer takes the own address now instead of after dead_after
-            await self._execute(self.core.handle(roles.Stopping()))
+            # with the link up, a live move (issue 11): the connections go with the address, no drain
+            await self._execute(self.core.handle(roles.Stopping(link_connected=self.link.state == "connected")))
         if self.own_service.state in ("serving", "draining"):
             self.own_service.stop(grace)
             await self._own_done.wait()
@@ -278,6 +289,15 @@ class Node:
             grace = min(float(grace), 3600.0) if isinstance(grace, (int, float)) and grace > 0 else 0.0
             self._enqueue(roles.PeerLeaving(address, trio.current_time(), flows_from_message(message.get("drain")),
                                             grace))
+        elif kind in livemove.MESSAGES:
+            if kind == "move_begin" and address == str(self.config.peer.address) and self.held is None:
+                self._nursery.start_soon(self._prepare_move_in)
+            move = self.inbound.on_message(message)
+            if move is not None:
+                self.arrived[str(move["address"])] = move
+                self._enqueue(roles.MoveArrived(move["address"]))
+        elif kind == "move_request":
+            self._enqueue(roles.MoveBackRequested(address))
         elif kind in ("digest", "snapshot_request", "snapshot") and self.standby is not None:
             self.standby.on_message(message)
         else:
@@ -345,6 +365,10 @@ class Node:
             return roles.Released()
         elif isinstance(action, roles.RetryTakeoverLater):
             self._nursery.start_soon(self._enqueue_later, action.delay, roles.RetryTakeover())
+        elif isinstance(action, roles.MoveOut):
+            return await self._move_out(action.address, action.stopping)
+        elif isinstance(action, roles.MoveIn):
+            return await self._move_in(action.address)
         elif isinstance(action, roles.PrepareTakeover):
             if self.standby is not None:
                 self.standby.prepare_takeover()
@@ -375,6 +399,117 @@ class Node:
         self.takeovers.append(self.held.takeover)
         del self.takeovers[:-20]
         return roles.TakeoverDone()
+
+    # -- live moves (issue 11) -------------------------------------------------------------------
+
+    async def _handover(self, request: dict) -> dict:
+        """Control command ``handover`` (``back``: ask for the own address back): the move runs in the
+        decision task; this waits for its end (bounded) and answers with the role and the last move."""
+        if self.core is None:
+            raise ValueError("handover needs a pair: this node has no [peer]")
+        back = bool(request.get("back"))
+        role = self.core.own_role
+        want, ok_from = (roles.SERVING, roles.HANDED_OVER) if back else (roles.HANDED_OVER, roles.SERVING)
+        if role == want:
+            return {"own_role": role, "changed": False}
+        if role != ok_from:
+            raise ValueError(f"own address is {role}: handover{' --back' if back else ''} needs it {ok_from}")
+        if self.link is None or self.link.state != "connected":
+            raise ValueError("the sync link to the peer is not connected: nothing can be moved")
+        before = len(self.moves)
+        self._enqueue(roles.HandoverBackRequested() if back else roles.HandoverRequested())
+        with trio.move_on_after(min(float(request.get("timeout_s") or 10.0), 60.0)):
+            while self.core.own_role != want or len(self.moves) == before:
+                await trio.sleep(0.005)
+        last = self.moves[-1] if len(self.moves) > before else None
+        return {"own_role": self.core.own_role, "changed": self.core.own_role == want,
+                "move": None if last is None else dataclasses.asdict(last)}
+
+    def _record_move(self, report: livemove.MoveReport) -> None:
+        self.moves.append(report)
+        del self.moves[:-20]
+
+    async def _move_out(self, address: str, stopping: bool = False) -> roles.Event:
+        mine = address == self.core.my_address
+        if self.link.state != "connected" or (not mine and self.held is None):
+            log.warning("cannot move %s: %s", address, "no sync link" if self.link.state != "connected"
+                        else "not held")
+            return roles.MovedOut(address, started=False, stopping=stopping)
+        self._move_ids += 1
+        self.move_in_progress = f"{address} to {self.config.peer.name}"
+
+        held = None if mine else self.held
+
+        async def remove_address() -> None:
+            service, done = (self.own_service, self._own_done) if mine else (held.service, held.done)
+            service.stop(0)  # no connections left: the address goes at once
+            await done.wait()
+
+        try:
+            service = self.own_service if mine else held.service
+            self._record_move(await livemove.move_out(address=address, move_id=self._move_ids, service=service,
+                                                      remove_address=remove_address, send=self.link.send))
+        except Exception:  # a bug in a move must not stop the node; the peer gets no commit and keeps waiting
+            log.exception("moving %s out failed", address)
+        finally:
+            self.move_in_progress = None
+            if held is not None:  # the rest of the hand-back (macvlan, standby) after the clients' pause
+                self.held = None
+                await release(held, macvlan=self.peer_macvlan, standby=self.standby)
+        return roles.MovedOut(address, stopping=stopping)
+
+    async def _prepare_move_in(self) -> None:
+        """The peer began moving its address here: make the macvlan with its MAC now, while the peer
+        freezes, so that the taking in (one uninterrupted stretch of the event loop) is shorter; under
+        load a long stretch delays heartbeats past dead_after (bench/MOVES.md)."""
+        mac = (self.peer_info or {}).get("mac")
+        if not mac or self.held is not None:
+            return
+        try:
+            self._move_macvlan = self.peer_macvlan.open(mac) or self._move_macvlan
+        except Exception as exc:  # the takeover sequence tries again and reports it
+            log.warning("macvlan for the move not prepared: %s", exc)
+
+    async def _move_in(self, address: str) -> roles.Event | None:
+        move = self.arrived.pop(address, None) or {"address": address, "move_id": 0, "connections": []}
+        mine = address == self.core.my_address
+        self.move_in_progress = f"{address} from {self.config.peer.name}"
+        try:
+            if mine:
+                async def bring_up_own():
+                    await self._nursery.start(self._run_own)
+                    self.state = "pair"
+                    return self.own_service
+
+                self._record_move(await livemove.move_in(move=move, bring_up=bring_up_own))
+                return None
+
+            async def bring_up_peer():
+                self.held = await take_over(
+                    node=self.config.node, peer=self.config.peer, peer_hello=self.peer_info, mac=self.mac,
+                    nursery=self._nursery, macvlan=self.peer_macvlan, standby=None,
+                    last_heard_at=self.link.last_received, detected_at=trio.current_time())
+                if self._move_macvlan:  # made by _prepare_move_in: the hand-back removes it as its own
+                    self.held.opened_macvlan, self._move_macvlan = True, False
+                return self.held.service
+
+            try:
+                self._record_move(await livemove.move_in(move=move, bring_up=bring_up_peer))
+            except TakeoverError as exc:
+                log.error("cannot take %s in a move: %s", address, exc)
+                if self._move_macvlan and self.standby is None:
+                    self.peer_macvlan.close()
+                self._move_macvlan = False
+                return roles.MoveInFailed(str(exc))
+            except Exception as exc:  # a bug in a move must not stop the node
+                log.exception("taking %s in a move failed", address)
+                if self.held is None:
+                    return roles.MoveInFailed(f"{type(exc).__name__}: {exc}")
+            self.takeovers.append(self.held.takeover)
+            del self.takeovers[:-20]
+            return roles.TakeoverDone()
+        finally:
+            self.move_in_progress = None
 
     async def _enqueue_later(self, delay: float, event: roles.Event) -> None:
         await trio.sleep(delay)

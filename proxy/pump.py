@@ -123,9 +123,28 @@ class PipePool:
 PIPES = PipePool()
 
 
+def _read_all(fd: int, size: int) -> bytes:
+    """The ``size`` bytes waiting in a pipe (non-blocking read end)."""
+    out = b""
+    while len(out) < size:
+        try:
+            chunk = os.read(fd, size - len(out))
+        except BlockingIOError:
+            break
+        if not chunk:
+            break
+        out += chunk
+    return out
+
+
 async def splice_pump(src: trio.socket.SocketType, dst: trio.socket.SocketType,
-                      on_bytes: Callable[[int], None], pipes: PipePool = PIPES) -> None:
+                      on_bytes: Callable[[int], None], pipes: PipePool = PIPES,
+                      spill: Callable[[bytes], None] | None = None) -> None:
     """Copy ``src`` to ``dst`` until EOF on ``src``, then half-close ``dst``.
+
+    ``spill``: a pump cancelled while bytes wait in its pipe for ``dst`` (its send buffer full) hands
+    them to ``spill`` instead of losing them; a live move (:mod:`proxy.livemove`) stops pumps that way
+    and puts those bytes at the end of ``dst``'s frozen send queue.
 
     Raises :class:`ConnectionLost` when either side resets. ``on_bytes(n)`` is called after each
     chunk has been fully written, so counters never run ahead of what the other side received.
@@ -166,7 +185,13 @@ async def splice_pump(src: trio.socket.SocketType, dst: trio.socket.SocketType,
                 try:
                     left -= os.splice(pipe[0], dst_fd, left, flags=_FLAGS)
                 except BlockingIOError:
-                    await trio.lowlevel.wait_writable(dst)
+                    try:
+                        await trio.lowlevel.wait_writable(dst)
+                    except trio.Cancelled:
+                        if spill is not None:
+                            spill(_read_all(pipe[0], left))
+                            on_bytes(n - left)
+                        raise
                 except OSError as exc:
                     if exc.errno in CONNECTION_LOST:
                         raise ConnectionLost(f"write: {os.strerror(exc.errno)}") from None

@@ -156,7 +156,10 @@ class Released:
 
 @dataclass(frozen=True)
 class Stopping:
-    """This node is stopping (SIGTERM, ``Node.stop``)."""
+    """This node is stopping (SIGTERM, ``Node.stop``). ``link_connected``: the peer can take the own
+    address with its live connections (a live move, issue 11) instead of the drain."""
+
+    link_connected: bool = False
 
 
 Event = (HelloReceived | PeerDeclaredDead | PeerProbing | PeerAlive | HandbackRequested | HandbackDone | PeerLeaving
@@ -398,6 +401,9 @@ class PairCore:
     def _kinds(self, event: Event) -> list[tuple[str, str]]:
         """What ``event`` means for the machines, with the reason for the log."""
         peer, mine, theirs = self.peer_name, self.my_address, self.peer_address
+        moving = _move_kinds(self, event)  # live moves (issue 11): below
+        if moving is not None:
+            return moving
         if isinstance(event, (HelloReceived, PeerAlive)):  # the peer lives: a failed takeover is moot
             self.takeover_attempts, self.last_takeover_error = 0, None
         if isinstance(event, OwnAddressTick):
@@ -567,9 +573,188 @@ class PairCore:
             log.warning("%s serves %s too (it declared this node dead): it must let go", self.peer_name,
                         self.my_address)
             return []
+        moving = _move_step_actions(self, step)
+        if moving is not None:
+            return moving
         raise AssertionError(f"unknown step {step!r}")
 
 
 def _ask_for_my_address(address: str) -> SendMessage:
     """The hand-back request (patent element 316): made here and nowhere else."""
     return SendMessage("handback_request", address)
+
+
+# -- live moves (issue 11; proxy.livemove) ------------------------------------------------------
+# A planned move hands one address and its live connections to the peer: ``pairproxy handover`` moves
+# the own address out (the node goes on running and serves nothing for it: ``handed_over``),
+# ``handover --back`` asks the peer to move it back the same way. Only the holder of an address moves
+# it; the receiver takes it when the giver's ``move_commit`` arrives (:class:`MoveArrived`).
+MOVING_OUT, HANDED_OVER = "moving_out", "handed_over"   # own address
+MOVING_BACK = "moving_back"                             # peer address: moving it back to its owner
+OWN_STATES += (MOVING_OUT, HANDED_OVER)
+PEER_STATES += (MOVING_BACK,)
+
+
+@dataclass(frozen=True)
+class HandoverRequested:
+    """``pairproxy handover``: move the own address (and its connections) to the peer."""
+
+
+@dataclass(frozen=True)
+class HandoverBackRequested:
+    """``pairproxy handover --back``: ask the peer to move the own address back."""
+
+
+@dataclass(frozen=True)
+class MoveBackRequested:
+    """Message ``move_request``: the peer wants ``address`` (its own) moved back to it."""
+
+    address: str | None
+
+
+@dataclass(frozen=True)
+class MoveArrived:
+    """Message ``move_commit``: the peer has frozen and sent ``address``'s connections; take it."""
+
+    address: str | None
+
+
+@dataclass(frozen=True)
+class MovedOut:
+    """The move-out sequence ended. ``started``: False if it changed nothing (e.g. no sync link).
+    ``stopping``: as the :class:`MoveOut` it answers (a stop that falls back to the drain)."""
+
+    address: str
+    started: bool = True
+    stopping: bool = False
+
+
+@dataclass(frozen=True)
+class MoveInFailed:
+    """Taking the peer's address in a move failed (and was undone): it must serve it again itself."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class MoveOut:
+    """Run the move-out sequence (:func:`proxy.livemove.move_out`) for ``address``; report :class:`MovedOut`
+    (with ``stopping`` passed on)."""
+
+    address: str
+    stopping: bool = False
+
+
+@dataclass(frozen=True)
+class MoveIn:
+    """Take ``address`` with the connections the peer sent (:func:`proxy.livemove.move_in`); for the peer's
+    address report :class:`TakeoverDone` or :class:`MoveInFailed`."""
+
+    address: str
+
+
+Event = Event | HandoverRequested | HandoverBackRequested | MoveBackRequested | MoveArrived | MovedOut | MoveInFailed
+Action = Action | MoveOut | MoveIn
+
+MOVE_REQUESTED = "move_requested"        # handover (own address)
+MOVE_BACK_WANTED = "move_back_wanted"    # handover --back
+PEER_ASKS_MOVE = "peer_asks_move"        # move_request for the peer's address
+MINE_ARRIVES = "mine_arrives"            # move_commit for the own address
+THEIRS_ARRIVES = "theirs_arrives"        # move_commit for the peer's address
+MOVED_OUT = "moved_out"
+MOVE_OUT_FAILED = "move_out_failed"      # nothing was changed
+MOVE_IN_FAILED = "move_in_failed"
+STOPPING_LINKED = "stopping_linked"      # SIGTERM with the sync link up: move instead of drain
+STOP_MOVE_FAILED = "stop_move_failed"    # ... and that move could not start: drain as before
+MOVE_KINDS = (MOVE_REQUESTED, MOVE_BACK_WANTED, PEER_ASKS_MOVE, MINE_ARRIVES, THEIRS_ARRIVES, MOVED_OUT,
+              MOVE_OUT_FAILED, MOVE_IN_FAILED, STOPPING_LINKED, STOP_MOVE_FAILED)
+KINDS += MOVE_KINDS
+
+MOVE_OUT_MINE, MOVE_OUT_THEIRS, MOVE_IN_MINE, MOVE_IN_THEIRS = "move_out_mine", "move_out_theirs", "move_in_mine", \
+    "move_in_theirs"
+ASK_MOVE_BACK = "ask_move_back"
+MOVE_OUT_MINE_STOPPING = "move_out_mine_stopping"
+
+OWN_TRANSITIONS.update({
+    (SERVING, MOVE_REQUESTED): (MOVING_OUT, (MOVE_OUT_MINE,)),
+    (MOVING_OUT, MOVED_OUT): (HANDED_OVER, ()),
+    (MOVING_OUT, MOVE_OUT_FAILED): (SERVING, ()),
+    (HANDED_OVER, MOVE_BACK_WANTED): (HANDED_OVER, (ASK_MOVE_BACK,)),
+    (HANDED_OVER, MINE_ARRIVES): (SERVING, (MOVE_IN_MINE,)),
+    # the peer died holding it, or says it does not hold it (its move-in failed): serve it again
+    (HANDED_OVER, PEER_DEAD): (SERVING, (SERVE,)),
+    (HANDED_OVER, PEER_RELEASED_MINE): (SERVING, (SERVE,)),
+    # SIGTERM in a pair: the peer takes the address with its connections at once; no drain, no refusals
+    (SERVING, STOPPING_LINKED): (MOVING_OUT, (MOVE_OUT_MINE_STOPPING,)),
+    (MOVING_OUT, STOP_MOVE_FAILED): (SERVING, (LEAVE,)),
+})
+PEER_TRANSITIONS.update({
+    (STANDBY, THEIRS_ARRIVES): (HOLDING, (MOVE_IN_THEIRS,)),
+    (HOLDING, MOVE_IN_FAILED): (STANDBY, (TELL_RELEASED,)),
+    (HOLDING, PEER_ASKS_MOVE): (MOVING_BACK, (MOVE_OUT_THEIRS,)),
+    # nothing held to move (e.g. the move-in failed): say so, the owner serves it again
+    (STANDBY, PEER_ASKS_MOVE): (STANDBY, (TELL_RELEASED,)),
+    (MOVING_BACK, MOVED_OUT): (STANDBY, ()),
+    # the move could not start (no sync link): hand it back the old way, cutting its connections
+    (MOVING_BACK, MOVE_OUT_FAILED): (RELEASING, (RELEASE,)),
+    # the hand-back after the owner returns moves the address with its live connections (issue 11)
+    (HOLDING, HANDBACK_REQUESTED): (MOVING_BACK, (MOVE_OUT_THEIRS,)),
+})
+OWN_TRANSITIONS.update({
+    # the holder moved it back with its connections, in answer to the hand-back request
+    (YIELDED, MINE_ARRIVES): (SERVING, (MOVE_IN_MINE,)),
+})
+# Everything else with a move kind, or in a move state, is ignored: a move runs to its end before the
+# next event is handled, and a handed-over node waits for its address to be moved back (its peer's
+# hellos say it holds the address; that is no reason to ask for it the hand-back way).
+IGNORED = IGNORED | frozenset(
+    (state, kind)
+    for states, table in ((OWN_STATES, OWN_TRANSITIONS), (PEER_STATES, PEER_TRANSITIONS))
+    for state in states for kind in KINDS
+    if (kind in MOVE_KINDS or state in (MOVING_OUT, HANDED_OVER, MOVING_BACK)) and (state, kind) not in table)
+
+
+def _move_kinds(core: PairCore, event: Event) -> list[tuple[str, str]] | None:
+    """What a move event means (None: not a move event)."""
+    mine, theirs, peer = core.my_address, core.peer_address, core.peer_name
+    if isinstance(event, HandoverRequested):
+        return [(MOVE_REQUESTED, f"handover of {mine} to {peer} requested")]
+    if isinstance(event, HandoverBackRequested):
+        return [(MOVE_BACK_WANTED, f"asking {peer} to move {mine} back")]
+    if isinstance(event, MoveBackRequested):
+        if event.address != theirs:
+            return core._wrong_address("move_request", event.address, theirs)
+        return [(PEER_ASKS_MOVE, f"{peer} asks for {theirs} back")]
+    if isinstance(event, MoveArrived):
+        if event.address == mine:
+            return [(MINE_ARRIVES, f"{peer} moved {mine} back here")]
+        if event.address == theirs:
+            return [(THEIRS_ARRIVES, f"{peer} moved {theirs} here")]
+        return core._wrong_address("move_commit", event.address, f"{mine} or {theirs}")
+    if isinstance(event, Stopping) and event.link_connected:
+        return [(STOPPING_LINKED, f"stopping: moving {mine} to {peer} with its connections")]
+    if isinstance(event, MovedOut):
+        if event.started:
+            return [(MOVED_OUT, f"moved {event.address} to {peer}")]
+        if event.stopping:
+            return [(STOP_MOVE_FAILED, f"could not move {event.address}: draining instead")]
+        return [(MOVE_OUT_FAILED, f"could not start moving {event.address}")]
+    if isinstance(event, MoveInFailed):
+        return [(MOVE_IN_FAILED, f"taking {theirs} in a move failed: {event.reason}")]
+    return None
+
+
+def _move_step_actions(core: PairCore, step: str) -> list[Action] | None:
+    if step == MOVE_OUT_MINE:
+        return [MoveOut(core.my_address)]
+    if step == MOVE_OUT_MINE_STOPPING:
+        return [MoveOut(core.my_address, stopping=True)]
+    if step == MOVE_OUT_THEIRS:
+        return [MoveOut(core.peer_address)]
+    if step == MOVE_IN_MINE:
+        return [MoveIn(core.my_address)]
+    if step == MOVE_IN_THEIRS:
+        return [MoveIn(core.peer_address)]
+    if step == ASK_MOVE_BACK:
+        return [SendMessage("move_request", core.my_address)]
+    return None

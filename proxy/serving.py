@@ -44,6 +44,8 @@ class AddressService:
         self._stop = trio.Event()
         self._grace = 0.0
         self._connections_scope: trio.CancelScope | None = None
+        self._connections: trio.Nursery | None = None
+        self._listeners_scope: trio.CancelScope | None = None
 
     def stop(self, grace: float) -> None:
         """Stop accepting; open connections get ``grace`` seconds, then are reset."""
@@ -54,6 +56,16 @@ class AddressService:
         """Reset open connections at once (a second signal during the drain)."""
         if self._connections_scope is not None:
             self._connections_scope.cancel()
+
+    def stop_accepting(self) -> None:
+        """Close the listeners and go on serving the open connections (a live move's first step)."""
+        if self._listeners_scope is not None:
+            self._listeners_scope.cancel()
+
+    def adopt(self, proxy: ServiceProxy, client, backend, port: int, **counters: int) -> None:
+        """Pump a connection restored here by a live move (while serving)."""
+        assert self._connections is not None, "adopt needs a serving address"
+        proxy.adopt(client, backend, port, self._connections, **counters)
 
     def active_connections(self) -> int:
         return sum(p.stats.connections_active for p in self.proxies)
@@ -77,6 +89,9 @@ class AddressService:
             proxy.close_listeners()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        if self.state == "stopped":  # served again (a live move brought the address back)
+            self._stop = trio.Event()
+            self.state = "idle"
         self.open_listeners()
         try:
             with ServiceAddress(self.ifname, self.address):
@@ -98,9 +113,17 @@ class AddressService:
     async def _serve(self, task_status: trio.TaskStatus[None]) -> None:
         async with trio.open_nursery() as connections:
             self._connections_scope = connections.cancel_scope
+            self._connections = connections
             async with trio.open_nursery() as listeners:
-                for proxy in self.proxies:
-                    listeners.start_soon(proxy.accept_loop, connections)
+                accepting = self._listeners_scope = trio.CancelScope()
+
+                async def accept_all() -> None:
+                    with accepting:  # stop_accepting() ends only this, not the wait for stop below
+                        async with trio.open_nursery() as loops:
+                            for proxy in self.proxies:
+                                loops.start_soon(proxy.accept_loop, connections)
+
+                listeners.start_soon(accept_all)
                 self.state = "serving"
                 self.started_at = time.monotonic()
                 ports = ", ".join(f"{p.service.name}:{'/'.join(map(str, p.service.ports))}" for p in self.proxies)
@@ -108,6 +131,7 @@ class AddressService:
                 task_status.started()
                 await self._stop.wait()
                 listeners.cancel_scope.cancel()
+            self._listeners_scope = None
             self.state = "draining"
             active = self.active_connections()
             if active and self._grace > 0:
@@ -121,3 +145,4 @@ class AddressService:
                 log.warning("%s: %s %d connection(s) cut", self.address.ip,
                             "grace time over:" if self._grace > 0 else "handing over:", left)
             connections.cancel_scope.cancel()
+            self._connections = None

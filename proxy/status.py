@@ -12,7 +12,7 @@ from typing import Any
 from schema.records import *  # noqa: F401,F403 (the record types, re-exported)
 from schema.records import (AddressStatus, ConnectionRecord, DetectorStatus, LinkStatus, PeerRefusal, NodeStatus,
                             OwnAddressStuck, PairStatus, ProbeStatus,
-                            ProxiedRecord, RttStatus, ServiceStatus, TakeoverFailure, from_json)
+                            ProxiedRecord, RttStatus, MoveRecord, ServiceStatus, TakeoverFailure, from_json)
 from schema.records import __all__ as _records
 
 __all__ = [*_records, "service_status", "proxied_connections", "merge_connections", "node_status",
@@ -122,7 +122,10 @@ def _pair_status(node: Any) -> PairStatus:
         detector=from_json(DetectorStatus, node.detector.stats()) if node.detector else None,
         takeover_error=None if core.last_takeover_error is None else TakeoverFailure(
             error=core.last_takeover_error, attempts=core.takeover_attempts),
-        own_address_stuck=_own_address_stuck(core), address_mismatch=core.address_mismatch)
+        own_address_stuck=_own_address_stuck(core), address_mismatch=core.address_mismatch,
+        move_in_progress=getattr(node, "move_in_progress", None),
+        last_move=from_json(MoveRecord, dataclasses.asdict(node.moves[-1])) if getattr(node, "moves", None) else None)
+
 
 
 def _own_address_stuck(core: Any) -> OwnAddressStuck | None:

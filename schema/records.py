@@ -34,7 +34,7 @@ __all__ = [
     "Snapshot", "Tables", "ServiceStatus", "RttStatus", "LinkStatus", "AddressStatus", "ProbeStatus",
     "PeerRefusal", "DetectorStatus", "Behind", "Difference", "SnooperStats", "StateSync", "Takeover", "TakeoverReport", "ResumeBefore",
     "ResumeRecord", "PairStatus", "NodeStatus", "CaptureInfo", "ReplayReport",
-    "TakeoverFailure", "OwnAddressStuck", "OPTIONAL", "snapshot_from_dict", "tables_with_digests",
+    "TakeoverFailure", "OwnAddressStuck", "MoveRecord", "OPTIONAL", "snapshot_from_dict", "tables_with_digests",
 ]
 
 T = TypeVar("T")
@@ -530,6 +530,24 @@ class OwnAddressStuck:
 
 
 @dataclass
+class MoveRecord:
+    """One live move of an address with its connections (issue 11: ``handover``), as this node saw it."""
+
+    address: str
+    direction: str                  # out: this node gave it to the peer | in: this node took it
+    move_id: int
+    started_at: float               # wall clock (time.time())
+    connections: int                # the address's connections when the move began (out) / sent (in)
+    moved: int                      # moved live
+    failed: int                     # cut (fell back to a reset), each named in failures
+    failures: list[str]
+    state_bytes: int                # socket state sent (queues included)
+    pause_ms: float | None          # out: pumps stopped -> commit sent; in: commit received -> all live
+    freeze_to_live_ms: float | None  # in: the giver's freeze -> live here (the two nodes' wall clocks)
+    finished: bool
+
+
+@dataclass
 class PairStatus:
     mode: str
     peer: str
@@ -548,6 +566,9 @@ class PairStatus:
     own_address_stuck: OwnAddressStuck | None = field(default=None, metadata=OPTIONAL)
     #: the peer's hello names an own address that is not [peer] address here: what to change
     address_mismatch: str | None = field(default=None, metadata=OPTIONAL)
+    #: live moves (issue 11): the address being moved now, and the last move
+    move_in_progress: str | None = field(default=None, metadata=OPTIONAL)
+    last_move: MoveRecord | None = field(default=None, metadata=OPTIONAL)
 
 
 @dataclass

@@ -5,7 +5,7 @@ import itertools
 import pytest
 
 from proxy import roles
-from proxy.roles import (CLAIMING, HOLDING, IGNORED, KINDS, OWN_STATES, OWN_TRANSITIONS, PEER_STATES,
+from proxy.roles import (CLAIMING, HOLDING, MOVING_BACK, IGNORED, KINDS, OWN_STATES, OWN_TRANSITIONS, PEER_STATES,
                          PEER_TRANSITIONS, RELEASING, RETRYING, SERVING, STANDBY, YIELDED, AnnounceOwnAddress,
                          DropTakeoverPreparation, HandbackDone, HandbackRequested, HelloReceived, LeaveOwnAddress,
                          ClaimWaitOver,
@@ -41,8 +41,12 @@ def run(events, c=None):
     ([hello(MINE), HandbackDone(MINE)], SERVING, STANDBY),
     ([hello(MINE), PeerDeclaredDead(1.0, 0.1)], SERVING, HOLDING),       # the holder died: serve both
     ([PeerDeclaredDead(1.0, 0.1)], SERVING, HOLDING),                    # started while the peer is dead
-    ([ALONE, PeerDeclaredDead(1.0, 0.1), HandbackRequested(THEIRS)], SERVING, RELEASING),
-    ([ALONE, PeerDeclaredDead(1.0, 0.1), HandbackRequested(THEIRS), Released()], SERVING, STANDBY),
+    ([ALONE, PeerDeclaredDead(1.0, 0.1), HandbackRequested(THEIRS)], SERVING, MOVING_BACK),   # a live move
+    ([ALONE, PeerDeclaredDead(1.0, 0.1), HandbackRequested(THEIRS), roles.MovedOut(THEIRS)], SERVING, STANDBY),
+    ([ALONE, PeerDeclaredDead(1.0, 0.1), HandbackRequested(THEIRS), roles.MovedOut(THEIRS, started=False)],
+     SERVING, RELEASING),                                      # no link to move over: released the old way
+    ([ALONE, PeerDeclaredDead(1.0, 0.1), HandbackRequested(THEIRS), roles.MovedOut(THEIRS, started=False),
+      Released()], SERVING, STANDBY),
     ([ALONE, PeerDeclaredDead(1.0, 0.1), hello(THEIRS)], SERVING, RELEASING),   # wrong verdict
     ([ALONE, PeerDeclaredDead(1.0, 0.1), PeerDeclaredDead(2.0, 0.1)], SERVING, HOLDING),  # repeated
     ([ALONE, HandbackRequested(THEIRS)], SERVING, STANDBY),   # nothing to hand back
@@ -87,6 +91,17 @@ EVENT_OF_KIND = {
     roles.RETRY_TAKEOVER: RetryTakeover(),
     roles.RELEASED: Released(),
     roles.STOPPING: Stopping(),
+    # live moves (issue 11): tests/test_livemove.py has their sequences
+    roles.MOVE_REQUESTED: roles.HandoverRequested(),
+    roles.MOVE_BACK_WANTED: roles.HandoverBackRequested(),
+    roles.PEER_ASKS_MOVE: roles.MoveBackRequested(THEIRS),
+    roles.MINE_ARRIVES: roles.MoveArrived(MINE),
+    roles.THEIRS_ARRIVES: roles.MoveArrived(THEIRS),
+    roles.MOVED_OUT: roles.MovedOut(MINE),
+    roles.MOVE_OUT_FAILED: roles.MovedOut(MINE, started=False),
+    roles.MOVE_IN_FAILED: roles.MoveInFailed("File exists"),
+    roles.STOPPING_LINKED: Stopping(link_connected=True),
+    roles.STOP_MOVE_FAILED: roles.MovedOut(MINE, started=False, stopping=True),
 }
 
 
@@ -107,7 +122,7 @@ def test_every_event_in_every_state(own, peer, kind):
     for action in actions:  # only the actions the tables' steps name
         assert type(action).__name__ in {
             "ServeOwnAddress", "AnnounceOwnAddress", "SendMessage", "PrepareTakeover", "DropTakeoverPreparation",
-            "TakeOverPeerAddress", "RetryTakeoverLater", "ReleasePeerAddress", "LeaveOwnAddress"}
+            "TakeOverPeerAddress", "RetryTakeoverLater", "ReleasePeerAddress", "LeaveOwnAddress", "MoveOut", "MoveIn"}
 
 
 @pytest.mark.parametrize("own, peer", list(itertools.product(OWN_STATES, PEER_STATES)))
@@ -131,10 +146,10 @@ def test_the_holders_side_of_the_hand_back():
     assert actions == [ServeOwnAddress(), TakeOverPeerAddress(7.5, (), 0.0)]
     assert c.handle(TakeoverDone()) == []
     assert c.holds() == [MINE, THEIRS]
-    assert c.handle(HandbackRequested(THEIRS)) == [ReleasePeerAddress()]
-    assert c.holds() == [MINE, THEIRS]  # still serving it until released
-    assert c.handle(Released()) == [SendMessage("handback_done", THEIRS)]
-    assert c.holds() == [MINE]
+    # moved back live (issue 11); the owner serves it when the move arrives, no handback_done needed
+    assert c.handle(HandbackRequested(THEIRS)) == [roles.MoveOut(THEIRS)]
+    assert c.handle(roles.MovedOut(THEIRS)) == []
+    assert c.holds() == [MINE] and c.peer_role == STANDBY
     # a request while on standby is answered at once: nothing to let go of
     assert c.handle(HandbackRequested(THEIRS)) == [SendMessage("handback_done", THEIRS)]
 
@@ -227,12 +242,16 @@ def test_never_serving_the_peers_address_without_a_death_or_a_departure():
     RETRY_TAKEOVER only from retrying, which only a failed takeover enters."""
     into_holding = sorted((state, kind) for (state, kind), (new, _) in PEER_TRANSITIONS.items()
                           if new == HOLDING and state != HOLDING)
-    assert into_holding == [(RETRYING, roles.RETRY_TAKEOVER), (STANDBY, roles.PEER_DEAD)]
+    # and a live move: the peer froze and sent the address's connections (it let go first)
+    assert into_holding == [(RETRYING, roles.RETRY_TAKEOVER), (STANDBY, roles.PEER_DEAD),
+                            (STANDBY, roles.THEIRS_ARRIVES)]
 
 
 def test_own_address_is_served_only_when_the_peer_cannot_be_serving_it():
     reasons = {kind for (state, kind), (new, _) in OWN_TRANSITIONS.items() if new == SERVING and state != SERVING}
-    assert reasons == {roles.PEER_DOES_NOT_HOLD_MINE, roles.NOBODY_ANSWERS, roles.PEER_RELEASED_MINE, roles.PEER_DEAD}
+    # live moves: the peer moved it back (it let go first), or a handover that could not start (nothing changed)
+    assert reasons == {roles.PEER_DOES_NOT_HOLD_MINE, roles.NOBODY_ANSWERS, roles.PEER_RELEASED_MINE, roles.PEER_DEAD,
+                       roles.MINE_ARRIVES, roles.MOVE_OUT_FAILED, roles.STOP_MOVE_FAILED}
 
 
 def test_history_keeps_transitions_in_order():

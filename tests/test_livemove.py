@@ -1,0 +1,180 @@
+"""proxy.roles' live-move decisions (issue 11), pure: the sequences of a handover and its way back.
+
+(Every move event in every state is covered by tests/test_roles.py's table tests; here: what the two
+nodes of a pair do in order, and what a move never does.)"""
+
+from proxy import roles
+from proxy.roles import (HANDED_OVER, HOLDING, MOVING_BACK, MOVING_OUT, SERVING, STANDBY, HandoverBackRequested,
+                         HandoverRequested, HandbackDone, HelloReceived, MoveArrived, MoveBackRequested, MoveIn,
+                         MoveInFailed, MoveOut, MovedOut, PairCore, PeerDeclaredDead, SendMessage, ServeOwnAddress,
+                         TakeoverDone)
+
+A, B = "10.0.0.1", "10.0.0.2"
+
+
+def pair() -> tuple[PairCore, PairCore]:
+    a = PairCore("a", "b", A, B, own_role=SERVING, peer_role=STANDBY)
+    b = PairCore("b", "a", B, A, own_role=SERVING, peer_role=STANDBY)
+    return a, b
+
+
+def test_handover_and_back_moves_the_address_between_the_two_cores():
+    a, b = pair()
+    assert a.handle(HandoverRequested()) == [MoveOut(A)]
+    assert a.own_role == MOVING_OUT
+    assert a.handle(MovedOut(A)) == []
+    assert (a.own_role, a.holds()) == (HANDED_OVER, [])
+    assert b.handle(MoveArrived(A)) == [MoveIn(A)]
+    assert b.peer_role == HOLDING and b.handle(TakeoverDone()) == []
+    # a hears that b holds its address: no hand-back request (it waits for the move back)
+    assert a.handle(HelloReceived(frozenset({A, B}), SERVING)) == []
+    # handover --back
+    assert a.handle(HandoverBackRequested()) == [SendMessage("move_request", A)]
+    assert b.handle(MoveBackRequested(A)) == [MoveOut(A)]
+    assert b.peer_role == MOVING_BACK
+    assert b.handle(MovedOut(A)) == [] and b.peer_role == STANDBY
+    assert a.handle(MoveArrived(A)) == [MoveIn(A)]
+    assert a.own_role == SERVING
+    assert not a.unexpected and not b.unexpected
+
+
+def test_a_move_that_could_not_start_leaves_everything_as_it_was():
+    a, b = pair()
+    a.handle(HandoverRequested())
+    assert a.handle(MovedOut(A, started=False)) == [] and a.own_role == SERVING
+    b.handle(MoveArrived(A))
+    b.handle(MoveBackRequested(A))
+    # no link to move over: the old hand-back (cut), and the owner is told
+    assert b.handle(MovedOut(A, started=False)) == [roles.ReleasePeerAddress()] and b.peer_role == roles.RELEASING
+    assert b.handle(roles.Released()) == [SendMessage("handback_done", A)]
+
+
+def test_a_failed_move_in_gives_the_address_back_to_its_owner():
+    a, b = pair()
+    a.handle(HandoverRequested())
+    a.handle(MovedOut(A))
+    b.handle(MoveArrived(A))
+    assert b.handle(MoveInFailed("File exists")) == [SendMessage("handback_done", A)]
+    assert b.peer_role == STANDBY
+    assert a.handle(HandbackDone(A)) == [ServeOwnAddress()] and a.own_role == SERVING
+
+
+def test_a_handed_over_node_serves_again_when_the_holder_dies():
+    a, _ = pair()
+    a.handle(HandoverRequested())
+    a.handle(MovedOut(A))
+    actions = a.handle(PeerDeclaredDead(1.0, 0.1))
+    assert ServeOwnAddress() in actions and a.own_role == SERVING and a.peer_role == HOLDING
+
+
+def test_the_hand_back_after_a_return_is_a_live_move():
+    a, b = pair()
+    b.handle(PeerDeclaredDead(1.0, 0.1))
+    b.handle(TakeoverDone())
+    a = PairCore("a", "b", A, B)                       # a restarted: claiming
+    assert a.handle(HelloReceived(frozenset({A, B}), SERVING)) == [SendMessage("handback_request", A)]
+    assert b.handle(roles.HandbackRequested(A)) == [MoveOut(A)]
+    assert b.handle(MovedOut(A)) == [] and b.peer_role == STANDBY
+    assert a.handle(MoveArrived(A)) == [MoveIn(A)] and a.own_role == SERVING
+    assert not a.unexpected and not b.unexpected
+
+
+def test_sigterm_in_a_pair_moves_the_address_and_falls_back_to_the_drain():
+    a, b = pair()
+    assert a.handle(roles.Stopping(link_connected=True)) == [MoveOut(A, stopping=True)]
+    assert a.handle(MovedOut(A, stopping=True)) == [] and a.own_role == HANDED_OVER
+    assert b.handle(MoveArrived(A)) == [MoveIn(A)]
+    a, _ = pair()
+    a.handle(roles.Stopping(link_connected=True))
+    assert a.handle(MovedOut(A, started=False, stopping=True)) == [roles.LeaveOwnAddress()]
+    a, _ = pair()
+    assert a.handle(roles.Stopping()) == [roles.LeaveOwnAddress()]   # no link: the drain, as before
+
+
+def test_nothing_to_move_back_says_so():
+    _, b = pair()
+    assert b.handle(MoveBackRequested(A)) == [SendMessage("handback_done", A)]
+
+
+def test_move_messages_for_other_addresses_change_nothing():
+    a, _ = pair()
+    assert a.handle(MoveArrived("10.9.9.9")) == [] and a.handle(MoveBackRequested(A)) == []
+    assert (a.own_role, a.peer_role) == (SERVING, STANDBY)
+    assert a.unexpected[("message", "move_commit")] == 1 and a.unexpected[("message", "move_request")] == 1
+
+
+def test_a_handover_is_refused_unless_serving():
+    a, _ = pair()
+    a.handle(HandoverRequested())
+    a.handle(MovedOut(A))
+    assert a.handle(HandoverRequested()) == [] and a.own_role == HANDED_OVER
+    assert a.ignored[(HANDED_OVER, roles.MOVE_REQUESTED)] == 1
+
+
+# -- the pump stops for a move without losing a byte (proxy.pump's spill) -----------------------------
+import os  # noqa: E402
+import socket  # noqa: E402
+
+import trio  # noqa: E402
+
+from proxy.pump import PipePool, splice_pump  # noqa: E402
+
+
+def tcp_pair() -> tuple[socket.socket, socket.socket]:
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        a = socket.create_connection(listener.getsockname())
+        b, _ = listener.accept()
+    return a, b
+
+
+def test_a_pump_stopped_while_its_destination_is_full_hands_over_every_byte():
+    src_far, src = tcp_pair()
+    dst, dst_far = tcp_pair()
+    dst.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    dst_far.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    payload = os.urandom(3 << 20)
+    spilled = bytearray()
+    counted = []
+
+    async def main() -> None:
+        async def feed() -> None:
+            s = trio.socket.from_stdlib_socket(src_far)
+            view = memoryview(payload)
+            while view:
+                n = await s.send(view[:65536])
+                view = view[n:]
+
+        tsrc, tdst = trio.socket.from_stdlib_socket(src), trio.socket.from_stdlib_socket(dst)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(feed)
+            with trio.move_on_after(0.5) as pumping:  # dst_far never reads: the pump blocks on a full dst
+                await splice_pump(tsrc, tdst, counted.append, PipePool(keep=0), spilled.extend)
+            assert pumping.cancelled_caught
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    src.setblocking(False)
+    rest = b""
+    while True:
+        try:
+            chunk = src.recv(1 << 20)
+        except BlockingIOError:
+            break
+        if not chunk:
+            break
+        rest += chunk
+    dst.close()
+    got = b""
+    dst_far.settimeout(2)
+    while True:
+        chunk = dst_far.recv(1 << 20)
+        if not chunk:
+            break
+        got += chunk
+    assert spilled, "the pump was not caught with bytes in its pipe"
+    assert sum(counted) == len(got)
+    # every byte the pump took from src is either at the destination or spilled, in order
+    assert got + bytes(spilled) == payload[:len(got) + len(spilled)]
+    assert payload.startswith(got + bytes(spilled) + rest)
+    for s in (src_far, src, dst_far):
+        s.close()

@@ -1,0 +1,154 @@
+"""Live moves in the lab (issue 11): ``pairproxy handover`` / ``handover --back`` under real clients.
+
+A stateless pair (tests/test_pair_lab.py's ``pair``); in the client namespace an smbprotocol client with
+an open file writes and reads back every 10 ms over ONE TCP connection, and an NFSv3 client sends RPC
+NULL calls every 10 ms over ONE TCP connection (deploy/lab/scripts/move_clients.py). The address moves
+a -> b -> a several times; neither client may see an error, a wrong byte or a new connection.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import pytest
+
+from deploy.lab.clients import SCRIPTS, established
+from tests.test_pair_lab import pair, standing_by  # noqa: F401 (the fixture)
+
+pytestmark = pytest.mark.lab
+
+MOVE_CLIENTS = SCRIPTS / "move_clients.py"
+ROUNDS = int(os.environ.get("PAIRPROXY_MOVE_ROUNDS", "3"))   # each: handover, then handover --back
+
+
+def log_tails(lab) -> str:
+    """The end of both nodes' logs (for an assertion's message)."""
+    return "\n".join(f"--- {n}:\n" + (lab.root / f"pair-{n}.log").read_text(errors="replace")[-3000:] for n in "ab")
+
+
+def handover(lab, node, back: bool = False) -> tuple[subprocess.CompletedProcess, float]:
+    argv = [sys.executable, "-m", "proxy.cli", "handover", "-c", str(node.config)] + (["--back"] if back else [])
+    start = time.monotonic()
+    done = lab.run(node.ns, argv, capture_output=True, text=True, timeout=60)
+    return done, time.monotonic() - start
+
+
+def test_handover_and_back_moves_live_connections_without_a_reconnect(lab, pair, tmp_path):
+    a, b = pair
+    host = lab.addresses.service_a
+    clients = lab.popen(lab.ns_client, [sys.executable, str(MOVE_CLIENTS), host, lab.smb_share, lab.smb_user,
+                                        lab.smb_password, "livemove.bin", "10"],
+                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    moves = []
+    try:
+        ready = json.loads(clients.stdout.readline() or "{}")
+        assert ready.get("ready"), clients.stderr.read()[-1000:]
+        ports_before = established(lab, host, 445) | established(lab, host, 2049)
+        time.sleep(0.3)
+        for _ in range(ROUNDS):
+            for giver, taker, back in ((a, b, False), (b, a, True)):
+                began = time.monotonic()
+                done, took = handover(lab, a, back=back)
+                assert done.returncode == 0, done.stdout + done.stderr
+                out, into = giver.status()["pair"]["last_move"], taker.status()["pair"]["last_move"]
+                assert into["direction"] == "in" and out["direction"] == "out", (out, into, log_tails(lab))
+                moves.append({"to": taker.node, "cli_s": round(took, 3), "out": out, "in": into,
+                              "window": (began, time.monotonic())})
+                role = a.status()["pair"]["addresses"][host]["role"]
+                assert role == ("serving" if back else "handed_over"), log_tails(lab)
+                time.sleep(0.3)
+        b.wait_for(standing_by, 5, "b standing by after the last move back")
+        time.sleep(0.2)
+        ports_after = established(lab, host, 445) | established(lab, host, 2049)
+        clients.stdin.write("stop\n")
+        clients.stdin.flush()
+        report = json.loads(clients.stdout.readline() or "{}")
+    finally:
+        if clients.poll() is None:
+            clients.kill()
+        clients.wait(10)
+    def stall(kind: str, window: tuple[float, float]) -> float:
+        """The client's longest gap that ended during the move's CLI call (under 20 ms: not recorded)."""
+        return max([g for end, g in report[kind]["gaps"] if window[0] <= end <= window[1] + 0.2], default=0.0)
+
+    for m in moves:
+        m["stall"] = {k: stall(k, m["window"]) for k in ("smb", "nfs")}
+        print(f"to {m['to']}: client stall smb {m['stall']['smb']} ms, nfs {m['stall']['nfs']} ms; ", end="")
+        print(f"to {m['to']}: {m['in']['moved']}/{m['in']['connections']} moved, freeze->live "
+              f"{m['in']['freeze_to_live_ms']} ms, giver pause {m['out']['pause_ms']} ms, taker "
+              f"{m['in']['pause_ms']} ms, cli {m['cli_s']} s")
+    print("clients:", json.dumps({k: ({kk: vv for kk, vv in v.items() if kk != "gaps"} if isinstance(v, dict)
+                                     else v) for k, v in report.items()}))
+    assert report, "the clients did not report"
+    for kind in ("smb", "nfs"):
+        r = report[kind]
+        assert r["error_count"] == 0 and r["mismatches"] == 0, (kind, r)
+        assert r["ops"] > 50 * ROUNDS, (kind, r)
+    # the same two connections throughout: no reconnect
+    assert (report["smb_port"], report["nfs_port"]) == (ready["smb_port"], ready["nfs_port"])
+    assert ports_before == ports_after and len(ports_after) == 2, (ports_before, ports_after)
+    assert report["connections"] == 1
+    for m in moves:
+        assert m["out"]["failed"] == 0 and m["in"]["failed"] == 0, m
+        assert m["in"]["moved"] == m["out"]["moved"] == 2, m
+    live = [m["in"]["freeze_to_live_ms"] for m in moves]
+    stalls = [max(m["stall"].values()) for m in moves]
+    print(f"{len(moves)} moves: freeze->live median {statistics.median(live):.1f} ms, worst {max(live):.1f} ms; "
+          f"client stall per move median {statistics.median(stalls):.1f} ms, worst {max(stalls):.1f} ms; longest "
+          f"gap in the whole run: smb {report['smb']['worst_gap_ms']} ms, nfs {report['nfs']['worst_gap_ms']} ms")
+
+
+def start_clients(lab, host: str, name: str):
+    clients = lab.popen(lab.ns_client, [sys.executable, str(MOVE_CLIENTS), host, lab.smb_share, lab.smb_user,
+                                        lab.smb_password, name, "10"],
+                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ready = json.loads(clients.stdout.readline() or "{}")
+    if not ready.get("ready"):
+        clients.kill()
+        pytest.fail(f"move_clients.py did not start: {clients.stderr.read()[-1000:]}")
+    return clients, ready
+
+
+def stop_clients(clients) -> dict:
+    try:
+        clients.stdin.write("stop\n")
+        clients.stdin.flush()
+        return json.loads(clients.stdout.readline() or "{}")
+    finally:
+        if clients.poll() is None:
+            clients.kill()
+        clients.wait(10)
+
+
+def test_hand_back_after_a_return_moves_the_connections_the_holder_served(lab, pair, tmp_path):
+    """a dies; clients connect to its address through b; a returns and asks for it back: b moves the
+    address with those connections live instead of cutting them."""
+    a, b = pair
+    host = lab.addresses.service_a
+    a.kill_hard(link_down=True)
+    b.wait_for(lambda s: s["pair"]["addresses"][host]["role"] == "holding", 10, "b holding a's address")
+    clients, ready = start_clients(lab, host, "handback.bin")
+    try:
+        time.sleep(0.5)
+        a.link_up()
+        a.start()
+        a.wait_for(lambda s: s["pair"]["addresses"][host]["role"] == "serving" and s["pair"].get("last_move"),
+                   15, "a serving again, moved back")
+        b.wait_for(standing_by, 5, "b standing by")
+        time.sleep(0.5)
+        into, out = a.status()["pair"]["last_move"], b.status()["pair"]["last_move"]
+        ports_after = established(lab, host, 445) | established(lab, host, 2049)
+    finally:
+        report = stop_clients(clients)
+    print("hand-back move:", json.dumps({"in": into, "out": out}))
+    print("clients:", json.dumps({k: v for k, v in report.items()}, default=str)[:2000])
+    assert into["direction"] == "in" and into["moved"] == 2 and into["failed"] == 0, into
+    for kind in ("smb", "nfs"):
+        assert report[kind]["error_count"] == 0 and report[kind]["mismatches"] == 0, (kind, report[kind])
+    assert (report["smb_port"], report["nfs_port"]) == (ready["smb_port"], ready["nfs_port"])
+    assert len(ports_after) == 2 and report["connections"] == 1
