@@ -226,7 +226,7 @@ def standing_by(status: dict) -> bool:
 
 
 # -------------------------------------------------------------------------------------- probes
-class _JsonLinesProcess:
+class JsonLinesProcess:
     """A helper script in the client namespace printing one JSON object per line; a thread reads them."""
 
     def __init__(self, lab: Lab, argv: list[str]) -> None:
@@ -272,7 +272,7 @@ class _JsonLinesProcess:
             self._thread.join(5)
 
 
-class Probe(_JsonLinesProcess):
+class Probe(JsonLinesProcess):
     """bench/_failprobe.py via ``host``: new connections (SMB2 NEGOTIATE, NFS NULL) every few ms, each
     attempt a record ``{"p": proto, "s": start, "e": end, "ok": 0|1, "err": ...}`` (CLOCK_MONOTONIC)."""
 
@@ -315,7 +315,7 @@ class Probe(_JsonLinesProcess):
         return self.snapshot()
 
 
-class IdleProbe(_JsonLinesProcess):
+class IdleProbe(JsonLinesProcess):
     """bench/_idleprobe.py via ``host``: ``smb`` + ``nfs`` idle connections, and when each one ended."""
 
     def __init__(self, lab: Lab, host: str, smb: int = 2, nfs: int = 2) -> None:

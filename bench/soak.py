@@ -51,7 +51,7 @@ from pathlib import Path
 
 from driver import (PROTOS, Bench, LabError, NodeProcess, PairTimings, Probe, ms, run_info, say, serving,
                     standing_by, system_busy, wait_until)
-from driver import _JsonLinesProcess
+from driver import JsonLinesProcess
 
 BENCH = Path(__file__).resolve().parent
 WRITER = BENCH / "_soakwriter.py"
@@ -60,7 +60,7 @@ MACS = {"02:77:00:00:00:0a": "a", "02:77:00:00:00:0b": "b"}
 
 
 # ------------------------------------------------------------------------------ client processes
-class Writer(_JsonLinesProcess):
+class Writer(JsonLinesProcess):
     """bench/_soakwriter.py: one JSON line per write+read-back operation."""
 
     def __init__(self, bench: Bench, proto: str, host: str, size: int, interval_ms: float) -> None:
@@ -135,7 +135,7 @@ class Writer(_JsonLinesProcess):
                 "reconnects": max([r.get("reconnect", 0) for r in ops] + [0])}
 
 
-class ArpWatch(_JsonLinesProcess):
+class ArpWatch(JsonLinesProcess):
     """bench/_arpwatch.py: owner changes, conflicts, and a summary at the end."""
 
     def __init__(self, bench: Bench, addresses: list[str], interval_ms: float) -> None:

@@ -3,9 +3,14 @@
 ``PAIRPROXY_TEST_LAB=<prefix>`` picks another prefix, so that two test runs on one machine (two
 checkouts) build separate labs instead of tearing down each other's."""
 
+import contextlib
+import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
+import time
 
 import pytest
 
@@ -49,3 +54,27 @@ def host_install():
         yield root
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def capturing(lab, ns: str, path, bpf_filter: str, *extra: str):
+    """tcpdump on ``eth0`` of namespace ``ns`` into ``path`` while the block runs (it is capturing
+    when the block starts; stopped with SIGINT, so the file is complete, also when the block fails)."""
+    tcpdump = lab.popen(ns, ["tcpdump", "-i", "eth0", "-s", "0", *extra, "--immediate-mode", "-U",
+                             "-w", str(path), bpf_filter], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        time.sleep(1.0)  # tcpdump is capturing
+        yield
+    finally:
+        tcpdump.send_signal(2)
+        tcpdump.wait(10)
+
+
+def replay_json(path):
+    """``pairproxy replay CAPTURE --json``, read strictly as the one schema's ReplayReport."""
+    from schema import ReplayReport, from_json
+
+    cp = subprocess.run([sys.executable, "-m", "proxy.cli", "replay", str(path), "--json"],
+                        capture_output=True, text=True, timeout=60)
+    assert cp.returncode == 0, cp.stderr
+    return from_json(ReplayReport, json.loads(cp.stdout))

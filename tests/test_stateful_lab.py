@@ -3,7 +3,6 @@ once on takeover, and reports what they resumed (real Samba, real smbprotocol an
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time
@@ -13,7 +12,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from deploy.lab.clients import NodeProcess, SmbHolder, established, serving
-from proxy.status import NodeStatus, ReplayReport, from_json
+from proxy.status import NodeStatus, from_json
+from tests.conftest import capturing, replay_json
 
 pytestmark = pytest.mark.lab
 
@@ -189,29 +189,23 @@ def test_replay_of_what_the_standby_saw_gives_its_live_digest(lab, stateful_pair
     a, b = stateful_pair
     host = lab.addresses.service_a
     capture = tmp_path / "standby.pcap"
-    tcpdump = lab.popen(lab.ns_b, ["tcpdump", "-i", "eth0", "-s", "0", "-B", "16384", "--immediate-mode", "-U",
-                                   "-w", str(capture), f"tcp and ((dst host {host} and (dst port 445 or dst port 2049 "
-                                   f"or dst port 111 or dst port 20048)) or (src host {host} and (src port 445 or "
-                                   "src port 2049 or src port 111 or src port 20048)))"],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    ports = (445, 2049, 111, 20048)
+    dst = " or ".join(f"dst port {p}" for p in ports)
+    src = " or ".join(f"src port {p}" for p in ports)
     holder = None
     try:
-        time.sleep(1.0)  # tcpdump is capturing
-        holder = SmbHolder(lab, host, "replay-hold.bin")
-        assert holder.do("write")["ok"]
-        st = b.wait_for(lambda s: any(o["path"] == "replay-hold.bin" for c in connections_to(s, host)
-                                      for o in c["opens"]), 5, "b seeing the open")
-        time.sleep(0.5)  # quiet: nothing in flight
-        live = from_json(NodeStatus, b.status())
+        with capturing(lab, lab.ns_b, capture,
+                       f"tcp and ((dst host {host} and ({dst})) or (src host {host} and ({src})))", "-B", "16384"):
+            holder = SmbHolder(lab, host, "replay-hold.bin")
+            assert holder.do("write")["ok"]
+            b.wait_for(lambda s: any(o["path"] == "replay-hold.bin" for c in connections_to(s, host)
+                                          for o in c["opens"]), 5, "b seeing the open")
+            time.sleep(0.5)  # quiet: nothing in flight
+            live = from_json(NodeStatus, b.status())
     finally:
-        tcpdump.send_signal(2)
-        tcpdump.wait(10)
         if holder:
             holder.close()
-    cp = subprocess.run([sys.executable, "-m", "proxy.cli", "replay", str(capture), "--json"],
-                        capture_output=True, text=True, timeout=60)
-    assert cp.returncode == 0, cp.stderr
-    replayed = from_json(ReplayReport, json.loads(cp.stdout))  # the one schema, strictly
+    replayed = replay_json(capture)  # the one schema, strictly
     assert any(o.path == "replay-hold.bin" for c in replayed.connections for o in c.opens)
     assert replayed.digests[host] == live.digests[host]
     # the same connections, decoded the same way, live and replayed

@@ -11,14 +11,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from deploy.lab.clients import NodeProcess, SmbHolder, serving, smb_put
 from proxy.config import load_config
-from proxy.status import NodeStatus, ReplayReport, from_json
+from proxy.status import NodeStatus, from_json
+from tests.conftest import capturing, replay_json
 
 pytestmark = pytest.mark.lab
 
@@ -173,26 +173,18 @@ def test_stateless_status_and_a_replay_of_the_same_traffic_share_the_schema(lab,
     traffic knows them from the frames: both are the same record type and name the same connection."""
     node, host = single_node, lab.addresses.service_a
     capture = tmp_path / "client.pcap"
-    tcpdump = lab.popen(lab.ns_client, ["tcpdump", "-i", "eth0", "-s", "0", "--immediate-mode", "-U", "-w",
-                                        str(capture), f"tcp and host {host} and port 445"],
-                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     holder = None
     try:
-        time.sleep(1.0)  # tcpdump is capturing
-        holder = SmbHolder(lab, host, "schema-hold.bin")
-        assert holder.do("write")["ok"]
-        cp = cli(lab, lab.ns_a, "status", "-c", str(node.config), "--json")
-        assert cp.returncode == 0, cp.stderr
-        live = from_json(NodeStatus, json.loads(cp.stdout))  # strict: exactly the schema
+        with capturing(lab, lab.ns_client, capture, f"tcp and host {host} and port 445"):
+            holder = SmbHolder(lab, host, "schema-hold.bin")
+            assert holder.do("write")["ok"]
+            cp = cli(lab, lab.ns_a, "status", "-c", str(node.config), "--json")
+            assert cp.returncode == 0, cp.stderr
+            live = from_json(NodeStatus, json.loads(cp.stdout))  # strict: exactly the schema
     finally:
-        tcpdump.send_signal(2)
-        tcpdump.wait(10)
         if holder:
             holder.close()
-    cp = subprocess.run([sys.executable, "-m", "proxy.cli", "replay", str(capture), "--json"],
-                        capture_output=True, text=True, timeout=60)
-    assert cp.returncode == 0, cp.stderr
-    replayed = from_json(ReplayReport, json.loads(cp.stdout))
+    replayed = replay_json(capture)
 
     [mine] = [c for c in live.connections if c.server == f"{host}:445"]
     assert mine.protocol == "smb" and mine.client.startswith(lab.addresses.client + ":")
