@@ -103,6 +103,12 @@ class HalfStream:
     sack_permitted: bool = False
     timestamps: bool = False
     last_tsval: int | None = None
+    #: this sender's echo of the other side's clock: the other side's last TSval as this sender saw it
+    last_tsecr: int | None = None
+    #: the first ACK number this sender sent: the other side's ISN + 1 when the handshake was seen (a
+    #: client's handshake ACK, a server's SYN-ACK), so the other side's stream offsets are known even
+    #: when none of its frames are seen (a standby that receives only frames destined to its peer)
+    first_ack: int | None = None
     fin_seq: int | None = None  # sequence number of this sender's FIN, once seen
     fin_done: bool = False  # FIN reached in order
     pos: int = 0  # absolute stream position of next_seq (bytes, gaps and FIN since we came in)
@@ -146,12 +152,16 @@ class TcpConnection:
         return None
 
     def sequence_state(self) -> dict:
-        """What a TCP_REPAIR takeover of this connection needs, as plain JSON-able values."""
+        """What a TCP_REPAIR takeover of this connection needs, as plain JSON-able values.
+
+        Seen one way only (a standby that receives only the frames destined to its peer), a side whose
+        frames are never seen is known from the other side's: its next sequence number is what the other
+        side acknowledged last, its last TSval what the other side echoed."""
         c, s = self.client, self.server
         scaling = self.window_scaling()
         return {
-            "client_next_seq": c.next_seq,
-            "server_next_seq": s.next_seq,
+            "client_next_seq": c.next_seq if c.next_seq is not None else s.last_ack,
+            "server_next_seq": s.next_seq if s.next_seq is not None else c.last_ack,
             "client_last_ack": c.last_ack,
             "server_last_ack": s.last_ack,
             "client_window": self.window_bytes(c) if scaling else c.window,
@@ -162,8 +172,8 @@ class TcpConnection:
             "server_mss": s.mss,
             "sack_permitted": c.sack_permitted and s.sack_permitted,
             "timestamps": c.timestamps and s.timestamps,
-            "client_tsval": c.last_tsval,
-            "server_tsval": s.last_tsval,
+            "client_tsval": c.last_tsval if c.last_tsval is not None else s.last_tsecr,
+            "server_tsval": s.last_tsval if s.last_tsval is not None else c.last_tsecr,
             "handshake_seen": self.handshake,
         }
 
@@ -280,10 +290,13 @@ class TcpTracker:
                     return False
         if seg.has_ack:
             half.last_ack = seg.ack
+            if half.first_ack is None:
+                half.first_ack = seg.ack
         half.window = seg.window
         half.window_in_syn = seg.syn
         if opts.tsval is not None:
             half.last_tsval = opts.tsval
+            half.last_tsecr = opts.tsecr
         if seg.syn:
             half.isn = seg.seq
             half.mss, half.wscale, half.sack_permitted = opts.mss, opts.wscale, opts.sack_permitted

@@ -46,7 +46,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         return _error(str(e))
     try:
         lab.up()
-        lab.flood(args.flood)
+        lab.flood(args.switch or ("hub" if args.flood else "learning"))
     except LabError as e:
         if set(lab.namespaces) & lab.existing_namespaces():
             e = f"{e}\n(clean up with: pairproxy lab down --prefix {args.prefix}" \
@@ -55,7 +55,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     except Exception as e:  # never a traceback
         return _error(f"lab up failed: {type(e).__name__}: {e}")
     a = lab.addresses
-    print(f"lab {lab.prefix} is up (state in {lab.root})" + ("; the service bridge floods" if args.flood else ""))
+    print(f"lab {lab.prefix} is up (state in {lab.root})" + (f"; service bridge: {args.switch or ('hub' if args.flood else 'learning')}"))
     print(f"  client ns {lab.ns_client} ({a.client}); nodes {lab.ns_a} ({a.admin_a}) and "
           f"{lab.ns_b} ({a.admin_b}); server ns {lab.ns_server} ({a.server})")
     print(f"  SMB //{a.server}/{lab.smb_share} user {lab.smb_user}%{lab.smb_password}; "
@@ -116,7 +116,11 @@ def add_lab_commands(subparsers) -> argparse._SubParsersAction:
     up.add_argument("--flood", action="store_true",
                     help="make the service bridge hub-like, so each node sees its peer's frames both ways "
                          "(what a stateful pair needs; a site would use a mirror port); without it the "
-                         "bridge learns as usual")
+                         "bridge learns as usual (same as --switch hub)")
+    up.add_argument("--switch", choices=("learning", "nodes", "hub"),
+                    help="how the service bridge passes the nodes' frames: nodes = only frames destined to "
+                         "the nodes flood (learning off on their ports; enough for a stateful pair), hub = "
+                         "every frame to every port, learning = the default")
     up.set_defaults(func=cmd_up)
 
     down = lab_sub.add_parser(

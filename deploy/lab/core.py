@@ -169,10 +169,11 @@ class Lab:
                 nodeconfigs.write_toml(self.node_config_path(node, pair, mode), self.node_config(node, pair, mode))
 
     # -------------------------------------------------------------- network
-    def flood(self, on: bool) -> None:
-        """Make the service bridge hub-like (``ageing_time 0``: every frame to every port), so a
-        stateful standby sees its peer's traffic both ways, as a site would with a SPAN/mirror port;
-        ``on=False`` restores the default learning bridge (300 s ageing)."""
+    def flood(self, on: bool | str) -> None:
+        """How the service bridge passes the nodes' frames: ``"nodes"`` (only frames destined to the
+        nodes flood: what a stateful pair needs at least), ``"hub"``/``True`` (every frame to every port,
+        as a mirror port), ``"learning"``/``False`` (the default learning bridge). See
+        :meth:`deploy.lab.topology.Topology.flood`."""
         self.topology.flood(on)
 
     @staticmethod

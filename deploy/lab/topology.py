@@ -20,7 +20,10 @@ from dataclasses import dataclass
 from . import netns
 from .errors import one_line
 
-__all__ = ["Addresses", "MACS", "SYNC_MACS", "Topology"]
+__all__ = ["Addresses", "MACS", "SYNC_MACS", "SWITCH_MODES", "Topology"]
+
+#: how the service bridge passes the nodes' frames (see :meth:`Topology.flood`)
+SWITCH_MODES = ("learning", "nodes", "hub")
 
 
 @dataclass(frozen=True)
@@ -127,12 +130,28 @@ class Topology:
                                   f"address replace {v.address}/{pl} dev {v.ifname}",
                                   f"link set {v.ifname} up"])
 
-    def flood(self, on: bool) -> None:
-        """Make the service bridge hub-like (``ageing_time 0``: every frame to every port), so a
-        stateful standby sees its peer's traffic both ways, as a site would with a SPAN/mirror port;
-        ``on=False`` restores the default learning bridge (300 s ageing)."""
-        netns.ip("link", "set", "br-svc", "type", "bridge", "ageing_time", "0" if on else "30000",
+    def flood(self, on: bool | str) -> None:
+        """How the service bridge passes the nodes' frames (:data:`SWITCH_MODES`):
+
+        * ``"nodes"``: learning off on the two nodes' ports only, so frames *destined to* a node's MAC
+          are unknown unicast and flood to every port (what a switch with unknown-unicast flooding or
+          NLB-style unicast mode gives), while frames *from* a node go only to their destination (the
+          client and server ports learn). A standby sees exactly what the patent's element 310 receives:
+          client -> peer and server -> peer. The setup a stateful pair needs at least.
+        * ``"hub"`` (or ``True``): ``ageing_time 0``, every frame to every port, as a SPAN/mirror port:
+          the standby sees both directions.
+        * ``"learning"`` (or ``False``): the default learning bridge (300 s ageing), learning on every port.
+        """
+        mode = {True: "hub", False: "learning"}.get(on, on) if isinstance(on, bool) else on
+        if mode not in SWITCH_MODES:
+            raise ValueError(f"switch mode {on!r}: must be one of {', '.join(SWITCH_MODES)}")
+        netns.ip("link", "set", "br-svc", "type", "bridge", "ageing_time", "0" if mode == "hub" else "30000",
                  ns=self.ns_switch)
+        learning = "off" if mode == "nodes" else "on"
+        for port in ("a-svc", "b-svc"):
+            # fdb_flush: what the bridge learned of the node's MAC before would still steer its frames
+            netns.ip("link", "set", "dev", port, "type", "bridge_slave", "learning", learning, "fdb_flush",
+                     ns=self.ns_switch)
 
     def delete(self) -> list[str]:
         """Delete the lab's namespaces; the ones that could not be deleted, with the reason."""
