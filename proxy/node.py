@@ -225,7 +225,8 @@ class Node:
             from proxy.standby import StatefulStandby
 
             self.standby = StatefulStandby(self.config, self.peer_info, self.peer_macvlan, self._send,
-                                           lambda: self.detector.last_heartbeat, timings)
+                                           lambda: self.detector.last_heartbeat, timings,
+                                           own_proxies=lambda: self.own_service.proxies)
             await nursery.start(self.standby.run)
         nursery.start_soon(self._detect)
         nursery.start_soon(self._claim_when_alone)

@@ -20,6 +20,7 @@ import logging
 import struct
 import subprocess
 import sys
+import time
 from typing import Any
 
 import msgpack
@@ -131,6 +132,26 @@ class _Observer:
                       for name, v in setup["views"].items()}
         self.snoopers: list = []
         self.watcher = None
+        #: the peer's legs for a continuing takeover (issue 10): fed by both peer views
+        self.book = None
+        peer, backend = self.views.get("peer_address"), self.views.get("peer_backend")
+        if peer is not None and backend is not None:
+            from proxy.continuation import DEFAULT_CAP, ContinuationBook
+
+            self.book = ContinuationBook(peer.address, [peer.pipeline.tcp, backend.pipeline.tcp],
+                                         cap=setup.get("continuation_cap") or DEFAULT_CAP)
+
+    def _callback(self, name: str, view):
+        """The snooper's callback of one view: the peer's views feed the continuation book too."""
+        book = self.book
+        if book is None or name not in ("peer_address", "peer_backend"):
+            return view.on_frame
+
+        def on_frame(frame, ts: float) -> None:
+            events = view.on_frame(frame, ts)
+            if events:
+                book.feed(events)
+        return on_frame
 
     async def run(self, stdin: trio.lowlevel.FdStream, buffer: bytearray) -> None:
         from capture.snooper import Snooper
@@ -138,8 +159,9 @@ class _Observer:
         stdout = trio.lowlevel.FdStream(1)
         async with trio.open_nursery() as nursery:
             try:
-                for view in self.views.values():
-                    snooper = Snooper(self.setup["ifname"], view.capture_addresses, view.ports, view.on_frame,
+                for name, view in self.views.items():
+                    snooper = Snooper(self.setup["ifname"], view.capture_addresses, view.ports,
+                                      self._callback(name, view),
                                       rcvbuf=self.setup["rcvbuf"], batch=self.setup["batch"])
                     self.snoopers.append(snooper)
                     await nursery.start(snooper.run)
@@ -182,6 +204,15 @@ class _Observer:
             return None
         if op == "report":
             return self.watcher.report() if self.watcher else []
+        if op == "pairings":  # the peer's message: which client leg pairs with which backend leg
+            if self.book is None:
+                return []
+            return self.book.set_pairings(request.get("add") or [], request.get("remove") or [],
+                                          bool(request.get("reset")))
+        if op == "continuations":  # a takeover: each connection's two legs to restore, or why not
+            return [v.to_wire() for v in self.book.plan(time.time())] if self.book is not None else []
+        if op == "continuation_summary":
+            return self.book.summary(time.time()) if self.book is not None else None
         if op == "stats":  # per view, in the order of the views: its snooper's counters, and which way frames went
             return [dict(s.stats(), address=v.address, frames_to=v.frames_to, frames_from=v.frames_from)
                     for s, v in zip(self.snoopers, self.views.values())]

@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import logging
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Awaitable, Callable
 
 import trio
 from pyroute2.netlink.exceptions import NetlinkError
 
 from proxy.config import Config, ConfigError, ServiceConfig, services_from_dicts
+from proxy.continuation import LegOptions, Pairing, PairingOutbox
 from proxy.netplane import NetworkError
 from proxy.observer import ObserverError, ObserverProcess
 from proxy.stateful import ViewSync, reset_frames
@@ -34,6 +35,7 @@ from proxy.status import (Behind, Difference, NodeStatus, ResumeRecord, SnooperS
                           merge_connections, snapshot_from_dict)
 from proxy.takeover import PeerMacvlanSlot, Takeover, TakeoverPlan
 from proxy.timings import PairTimings
+from schema.records import ContinuationSummary
 
 log = logging.getLogger("pairproxy.standby")
 
@@ -41,6 +43,11 @@ log = logging.getLogger("pairproxy.standby")
 OWN_ADDRESS = "own_address"      # this node's address, as the active node sees it
 PEER_ADDRESS = "peer_address"    # the peer's address, as a silent observer sees it
 PEER_BACKEND = "peer_backend"    # the peer's own connections to its backends (reset at takeover)
+
+#: how often the active node tells its peer about new and ended connections (pairings, options): a
+#: connection younger than this when the node dies is reset instead of continued
+PAIRINGS_EVERY = 0.05
+INET_DIAG_INFO = 2
 
 
 @dataclass(frozen=True)
@@ -58,7 +65,8 @@ class StatefulStandby:
 
     def __init__(self, config: Config, peer_hello: dict[str, Any] | None, macvlan: PeerMacvlanSlot,
                  send: Callable[[dict], Awaitable[None]], last_heartbeat: Callable[[], float | None],
-                 timings: PairTimings, *, observer: ObserverProcess | None = None):
+                 timings: PairTimings, *, observer: ObserverProcess | None = None,
+                 own_proxies: Callable[[], list] | None = None):
         node, peer = config.node, config.peer
         self.peer_hello = peer_hello
         self.macvlan = macvlan
@@ -87,6 +95,11 @@ class StatefulStandby:
         self._fetch_lock = trio.Lock()
         self._nursery: trio.Nursery | None = None
         self._preparing = False
+        #: this node's proxied connections (its own address's :class:`~proxy.dataplane.ServiceProxy` s):
+        #: their pairings and options go to the peer, so it can continue them if this node dies
+        self._own_proxies = own_proxies or (lambda: [])
+        self.outbox = PairingOutbox()
+        self.pairings_sent = 0
 
     # -- life cycle --------------------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -98,6 +111,7 @@ class StatefulStandby:
             nursery.start_soon(self._run_observer)
             self._open_macvlan()
             nursery.start_soon(self._send_digests)
+            nursery.start_soon(self._send_pairings)
             nursery.start_soon(self._handle_messages)
             log.info("stateful: snooping %s (own) and %s (peer)", self.addresses[OWN_ADDRESS],
                      self.addresses[PEER_ADDRESS])
@@ -122,6 +136,7 @@ class StatefulStandby:
     def on_peer_hello(self, hello: dict[str, Any]) -> None:
         self.peer_hello = hello
         self._open_macvlan()
+        self.outbox.resync()  # a (re)connected peer may have missed deltas: send everything again
 
     def on_message(self, message: dict) -> None:
         """A digest, snapshot request or snapshot from the peer: handled in this object's own task."""
@@ -147,11 +162,66 @@ class StatefulStandby:
                     c.pop("smb", None)
                 await self._send({"type": "snapshot", "address": own,
                                   "snapshot": {"connections": snap["connections"]}})
+            elif kind == "pairings" and address == peer:
+                await self._tell_pairings(message, timeout)
             elif kind == "snapshot" and address == peer:
                 ours = await self._ask("snapshot", PEER_ADDRESS, {"connections": []}, timeout)
                 self.view_sync.on_peer_snapshot(message.get("snapshot") or {}, ours)
             else:
                 log.debug("stateful: %s for %r ignored", kind, address)
+
+    async def _tell_pairings(self, message: dict, timeout: float) -> None:
+        with trio.move_on_after(timeout):
+            try:
+                problems = await self.observer.request("pairings", add=message.get("add") or [],
+                                                       remove=message.get("remove") or [],
+                                                       reset=bool(message.get("reset")))
+            except ObserverError as exc:
+                log.warning("stateful: pairings not kept: %s", exc)
+                return
+            for problem in (problems or [])[:3]:
+                log.warning("stateful: a pairing from the peer skipped: %s", problem)
+
+    async def _send_pairings(self) -> None:
+        """Every ``pairings_every``: tell the peer which client leg pairs with which backend leg, and
+        each leg's options (only the changes; new connections' options from TCP_INFO)."""
+        while True:
+            await trio.sleep(PAIRINGS_EVERY)
+            try:
+                current = self._current_pairings()
+            except OSError as exc:  # sock_diag refused: the peer cannot continue; say so once a while
+                log.warning("stateful: TCP_INFO of own connections not read: %s", exc)
+                await trio.sleep(5)
+                continue
+            for body in self.outbox.update(current):
+                await self._send({"type": "pairings", "address": self.addresses[OWN_ADDRESS], **body})
+                self.pairings_sent += 1
+
+    def _current_pairings(self) -> list[Pairing]:
+        address = self.addresses[OWN_ADDRESS]
+        found = []
+        for proxy in self._own_proxies():
+            for conn in list(proxy.connections):
+                if conn.backend_source is None or conn.moving:
+                    continue
+                server = (str(proxy.service.backend.host), proxy.service.backend_port(conn.port))
+                found.append((conn, server))
+        known = {(p.client, p.service_port): p for p in self.outbox.sent.values()}
+        infos = None
+        out = []
+        for conn, server in found:
+            old = known.get((tuple(conn.client), conn.port))
+            if old is not None and old.source_port == conn.backend_source[1] and old.server == server:
+                out.append(old)
+                continue
+            if infos is None:
+                infos = tcp_options(address)
+            copts = infos.get((conn.port, conn.client[0], conn.client[1]))
+            bopts = infos.get((conn.backend_source[1], server[0], server[1]))
+            if copts is not None and bopts is not None:
+                out.append(Pairing((conn.client[0], conn.client[1]), conn.port, conn.backend_source[1], server,
+                                   copts, bopts))
+        return out
 
     async def _send_digests(self) -> None:
         await self.observer.ready.wait()
@@ -265,6 +335,7 @@ class StatefulStandby:
                 status.digests[self.addresses[name]] = d["digest"] if d else None
         sync = self.view_sync.status()
         stats = await self._ask("stats", None, [], timeout)
+        continuation = await self._ask("continuation_summary", None, None, timeout)
         status.pair.state_sync = StateSync(
             in_sync=sync["in_sync"], compared=sync["compared"], matches=sync["matches"],
             mismatches_in_a_row=sync["mismatches_in_a_row"],
@@ -275,6 +346,7 @@ class StatefulStandby:
             observer=self.observer.failed or ("running" if self.observer.ready.is_set() else "starting"),
             observer_timeouts=self.observer_timeouts,
             sight=sync["sight"], sight_detail=sync["sight_detail"], peer_connections=sync["peer_connections"],
+            continuation=from_json(ContinuationSummary, continuation, strict=False) if continuation else None,
             # the observer answers in the order of its views, which is the order of self.addresses
             snoopers=[from_json(SnooperStats, {**s, "view": name}, strict=False)
                       for name, s in zip(self.addresses, stats)])
@@ -312,6 +384,26 @@ def _send_resets(connections: list[dict], toward: str = "client") -> int:
             except OSError as exc:
                 log.warning("RST to %s not sent: %s", client_ip, exc)
     return sent
+
+
+def tcp_options(address: str) -> dict[tuple[str, int, int], LegOptions]:
+    """The negotiated options (``TCP_INFO`` via sock_diag) of every established TCP socket of ``address``
+    in this network namespace: (local port, remote address, remote port) -> options. One netlink dump
+    instead of a getsockopt per socket: the pumps own the sockets."""
+    from pyroute2 import DiagSocket
+
+    out = {}
+    with DiagSocket() as ds:
+        ds.bind()
+        for m in ds.get_sock_stats(family=socket.AF_INET, states=1 << 1, extensions=1 << (INET_DIAG_INFO - 1)):
+            if m["idiag_src"] != address:
+                continue
+            info = m.get_attr("INET_DIAG_INFO")
+            if info is None:
+                continue
+            out[(m["idiag_sport"], m["idiag_dst"], m["idiag_dport"])] = LegOptions(
+                info["tcpi_options"], info["tcpi_snd_wscale"], info["tcpi_rcv_wscale"], info["tcpi_snd_mss"])
+    return out
 
 
 def _services_of(hello: dict[str, Any] | None) -> tuple[ServiceConfig, ...]:

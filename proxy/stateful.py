@@ -57,8 +57,9 @@ class AddressView:
         self.last_frame_at: float | None = None
         self.watcher: ResumeWatcher | None = None
 
-    def on_frame(self, frame: bytes | memoryview, ts: float) -> None:
-        """Snooper callback: one frame in. Never raises (the pipeline turns bad input into events)."""
+    def on_frame(self, frame: bytes | memoryview, ts: float) -> list:
+        """Snooper callback: one frame in; the events it produced (a continuation book takes them too).
+        Never raises (the pipeline turns bad input into events)."""
         self.frames += 1
         self.bytes += len(frame)
         self.last_frame_at = ts
@@ -70,6 +71,7 @@ class AddressView:
         events = self.pipeline.feed_frame(frame, ts)
         if self.watcher is not None and events:
             self.watcher.feed(events)
+        return events
 
     def snapshot(self) -> dict:
         """This address's connections in the schema shared with ``pairproxy replay --json``."""

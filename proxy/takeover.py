@@ -10,10 +10,14 @@ keepalived's ``become_master``/``restore_interface`` and :mod:`proxy.serving` do
    the peer is leaving (it drains them itself);
 3. the macvlan with the peer's MAC (already there in stateful mode: then it is not ours to undo);
    a leaving peer's connections passed on to it (:mod:`proxy.drain`), before its clients come here;
-4. the peer's services on its address, as a /32 on the macvlan, announced with this node's own MAC
-   (:class:`~proxy.serving.AddressService`: listeners, address, gratuitous ARP);
-5. stateful: exact-sequence resets to the peer's clients and to the backends it left connected;
-6. a watcher that records when the first client is served.
+4. stateful: the peer's continuable connections (:mod:`proxy.continuation`) restored with TCP_REPAIR,
+   both legs, still quiet (repair mode sends nothing), *before* the address exists: a segment that
+   found the address without its socket would be answered with a reset;
+5. the peer's services on its address, as a /32 on the macvlan, announced with this node's own MAC
+   (:class:`~proxy.serving.AddressService`: listeners, address, gratuitous ARP); then the restored
+   legs go live (their queued bytes leave at once) and get their pumps;
+6. stateful: exact-sequence resets to the peer's other clients and to the backends it left connected;
+7. a watcher that records when the first client is served.
 
 A kernel error (:class:`~proxy.netplane.NetworkError`, e.g. the macvlan's name taken by another
 interface) undoes steps 3-4 and raises :class:`TakeoverError` with ``retry=True``: the decision core
@@ -25,12 +29,13 @@ from __future__ import annotations
 import ipaddress
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import trio
 from pyroute2.netlink.exceptions import NetlinkError
 
+from proxy import tcprepair
 from proxy.config import ConfigError, NodeConfig, PeerConfig, services_from_dicts
 from proxy.drain import DrainRedirect
 from proxy.netplane import NetworkError, PeerMacvlan
@@ -49,6 +54,9 @@ class TakeoverPlan:
 
     clients_to_reset: list[dict] = field(default_factory=list)   # the peer's client connections
     backends_to_reset: list[dict] = field(default_factory=list)  # the peer's own backend connections
+    #: per client leg of the peer: both legs' repair states, or why not continuable
+    #: (:meth:`proxy.continuation.Verdict.to_wire`); the continued ones are not reset
+    continuations: list[dict] = field(default_factory=list)
 
 
 class TakeoverError(Exception):
@@ -119,7 +127,9 @@ async def take_over(*, node: NodeConfig, peer: PeerConfig, peer_hello: dict[str,
         except OSError as exc:  # the takeover goes on; the leaving peer's clients reconnect
             log.error("drain: cannot pass the leaving peer's connections on: %s", exc)
             drain = None
-    # 4. the peer's services on its address
+    # 4. the continuable connections, restored quietly
+    restored = _restore_quiet(plan.continuations, takeover) if standby is not None else []
+    # 5. the peer's services on its address
     service = AddressService(ipaddress.IPv4Interface(f"{peer.address}/32"), peer.macvlan, services,
                              announce_ifname=node.interface, announce_mac=mac)
     done = trio.Event()
@@ -140,16 +150,20 @@ async def take_over(*, node: NodeConfig, peer: PeerConfig, peer_hello: dict[str,
     try:
         await nursery.start(serve_peer_address)
     except (NetworkError, NetlinkError, OSError) as exc:
+        for _, rc, rb in restored:
+            rc.close_silently()
+            rb.close_silently()
         if drain is not None:
             with trio.CancelScope(shield=True):
                 await drain.close()
         if opened:
             macvlan.close()
         raise TakeoverError(f"serving {peer.address}: {_describe(exc)}", retry=True) from None
-    # 5. resets
+    _go_live(restored, service, takeover)
+    # 6. resets, for every connection not continued
     if standby is not None:
-        takeover.resets, takeover.backend_resets = standby.send_resets(plan)
-    # 6. the first client, and the end of a drain
+        takeover.resets, takeover.backend_resets = standby.send_resets(_not_continued(plan, takeover))
+    # 7. the first client, and the end of a drain
     nursery.start_soon(_watch_first_client, takeover, service)
     if drain is not None:
         nursery.start_soon(drain.close_after, drain.seconds + 1.0)
@@ -157,6 +171,73 @@ async def take_over(*, node: NodeConfig, peer: PeerConfig, peer_hello: dict[str,
              peer.address, peer.name, (takeover.address_up_at - takeover.detected_at) * 1000,
              (takeover.detected_at - (takeover.last_heard_at or takeover.detected_at)) * 1000, mac)
     return HeldAddress(service, done, takeover, opened, drain)
+
+
+def _restore_quiet(continuations: list[dict], takeover: Takeover) -> list[tuple[dict, Any, Any]]:
+    """Both legs of each continuable connection in repair mode (they send nothing yet); the others, and
+    any that fail here, are recorded in ``takeover.connections`` with the reason (they get resets)."""
+    restored = []
+    for entry in continuations:
+        record = {"client": entry.get("client"), "continued": False, "reason": entry.get("reason"),
+                  "pending": entry.get("pending")}
+        takeover.connections.append(record)
+        if entry.get("reason") is not None:
+            continue
+        try:
+            cs = tcprepair.TcpSocketState.from_wire(entry["client_state"], max_queue=1 << 30)
+            bs = tcprepair.TcpSocketState.from_wire(entry["backend_state"], max_queue=1 << 30)
+            rc = tcprepair.restore_quiet(cs)
+        except (KeyError, ValueError, tcprepair.TcpRepairError) as exc:
+            record["reason"] = f"restore: {exc}"
+            continue
+        try:
+            rb = tcprepair.restore_quiet(bs)
+        except tcprepair.TcpRepairError as exc:
+            rc.close_silently()
+            record["reason"] = f"restore: {exc}"
+            continue
+        restored.append((record, rc, rb))
+    return restored
+
+
+def _go_live(restored: list[tuple[dict, Any, Any]], service: AddressService, takeover: Takeover) -> None:
+    """The address is up: each restored connection's legs go live and get their pumps."""
+    by_port = {p: proxy for proxy in service.proxies for p in proxy.service.ports}
+    for record, rc, rb in restored:
+        port = rc.state.local_port
+        proxy = by_port.get(port)
+        if proxy is None:
+            record["reason"] = f"no service on port {port} here"
+            rc.close_silently()
+            rb.close_silently()
+            continue
+        try:
+            client = rc.go_live()
+            backend = rb.go_live()
+        except tcprepair.TcpRepairError as exc:
+            record["reason"] = f"go live: {exc}"
+            for s in (rc.sock, rb.sock):
+                s.close()
+            continue
+        service.adopt(proxy, client, backend, port)
+        record["continued"] = True
+    continued = sum(1 for r in takeover.connections if r["continued"])
+    if takeover.connections:
+        log.info("stateful: continued %d of the peer's %d connection(s)%s", continued, len(takeover.connections),
+                 "".join(f"; {r['client']} reset: {r['reason']}" for r in takeover.connections
+                         if not r["continued"])[:2000])
+
+
+def _not_continued(plan: TakeoverPlan, takeover: Takeover) -> TakeoverPlan:
+    """The plan's resets without the connections that were continued (client legs by client, backend
+    legs by the peer's source port and server)."""
+    done = {r["client"] for r in takeover.connections if r["continued"]}
+    if not done:
+        return plan
+    legs = {(str(e.get("source_port")), e.get("backend")) for e in plan.continuations if e.get("client") in done}
+    clients = [c for c in plan.clients_to_reset if c["client"] not in done]
+    backends = [c for c in plan.backends_to_reset if (c["client"].rsplit(":", 1)[-1], c["server"]) not in legs]
+    return replace(plan, clients_to_reset=clients, backends_to_reset=backends)
 
 
 def _describe(exc: Exception) -> str:

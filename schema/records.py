@@ -405,6 +405,7 @@ class StateSync:
     sight: str = "unknown"
     sight_detail: str | None = field(default=None, metadata=OPTIONAL)
     peer_connections: int | None = field(default=None, metadata=OPTIONAL)  # the peer's last digest says
+    continuation: ContinuationSummary | None = field(default=None, metadata=OPTIONAL)  # issue 10
 
 
 _takeover_numbers = itertools.count(1)
@@ -427,6 +428,8 @@ class Takeover:
     backend_resets: int = 0
     resume: list | None = None  # stateful: the resume report (ResumeRecord dicts) as it stood at the hand-back
     number: int = field(default_factory=lambda: next(_takeover_numbers))
+    #: stateful: per connection of the peer, continued or reset and why (ContinuationRecord dicts)
+    connections: list = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return to_json(self.report())
@@ -445,6 +448,8 @@ class Takeover:
             held_for_s=None if self.released_at is None else round(self.released_at - self.detected_at, 3),
             clients_reset=self.resets,
             backend_connections_reset=self.backend_resets,
+            connections_continued=sum(1 for c in self.connections if c.get("continued")),
+            connections=[from_json(ContinuationRecord, c, strict=False) for c in self.connections[:200]],
         )
 
 
@@ -461,6 +466,29 @@ class TakeoverReport:
     held_for_s: float | None         # declared dead -> handed back
     clients_reset: int
     backend_connections_reset: int
+    connections_continued: int = 0   # stateful: continued with TCP_REPAIR (issue 10)
+    connections: list[ContinuationRecord] = field(default_factory=list)  # per connection (the first 200)
+
+
+@dataclass
+class ContinuationRecord:
+    """One connection of the dead peer at a stateful takeover: continued, or reset and why."""
+
+    client: str | None
+    continued: bool
+    reason: str | None          # why not continued (None when continued)
+    pending: list[int] | None   # bytes put back: [to the server, to the client]
+
+
+@dataclass
+class ContinuationSummary:
+    """Stateful, while standing by: how many of the peer's connections a takeover would continue now."""
+
+    connections: int
+    continuable: int
+    not_continuable: dict[str, int]   # reason -> how many
+    bytes_kept: int                   # the standby's buffers of bytes not yet acknowledged
+    pairings: int                     # connections the peer told about (legs paired, options)
 
 
 @dataclass

@@ -1,0 +1,432 @@
+"""Continuing a dead peer's proxied connections: both TCP legs' repair state from sniffed frames.
+
+Why this works for a relay (issue 10). The peer relays bytes unchanged, so each of its proxied
+connections is two TCP legs carrying one conversation: the client leg (client <-> peer_address:port)
+and the backend leg (peer_address:source_port <-> server). The standby receives the frames *destined
+to* the peer's MAC (patent element 310; a switch flooding the nodes' ports, or a hub/mirror): client ->
+peer on the client leg, server -> peer on the backend leg. Per leg those frames give the remote's
+sequence numbers and bytes, the remote's ACK of the peer's bytes, the peer's ISN (the client's
+handshake ACK, the server's SYN-ACK: :attr:`protocols.tcpstream.HalfStream.first_ack`) and the peer's
+last TSval (the remote's TSecr). What frames cannot show, the peer sends over the sync link
+(:class:`Pairing`): which client leg belongs to which backend leg, and each leg's negotiated options
+(``TCP_INFO``: the peer's own window scale above all).
+
+The relay's invariant gives the bytes to put back. What the client sent (its stream offset ``n``) is
+what the server must receive at offset ``n``; the server's ACK on the backend leg says how much of it
+arrived, so the client's bytes past that offset go into the new backend socket's send queue (the
+client already had them acknowledged, or will get the ACK from the new client socket, whose receive
+side starts at the client's next sequence number). The other way round for the server's bytes the
+client has not acknowledged. No byte is ever read from the peer's sockets: the standby keeps, per leg,
+the tail of the remote's bytes that the other leg's remote has not acknowledged yet (bounded by
+``cap``), and nothing else.
+
+    client leg socket:  send_seq = client's ACK          send_queue = server bytes the client lacks
+                        recv_seq = client's next seq     (nothing queued: the client's bytes go on)
+    backend leg socket: send_seq = server's ACK          send_queue = client bytes the server lacks
+                        recv_seq = server's next seq
+
+Both send queues are written as new data once live (``send_unsent`` = all), so they leave at once
+instead of waiting for a retransmission timer; the windows are set from the remote's last window so
+they may leave before the remote answers the window probe. The timestamp clock starts past the peer's
+last TSval (the remote's TSecr, plus the time since), so no segment is dropped by PAWS.
+
+A connection is *not continuable* (it gets today's exact-sequence reset) when a leg was picked up
+mid-stream (no ISN, no options), its pairing or options did not arrive from the peer, either side
+began to close, the capture has a hole or dropped the bytes needed (over the cap), or the numbers
+contradict each other (the capture missed frames). :meth:`ContinuationBook.plan` says which and why.
+
+Sans-I/O: events of :class:`protocols.tcpstream.TcpTracker` in, plain data out. The node's
+:mod:`proxy.takeover` restores the sockets (:mod:`proxy.tcprepair`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+from protocols.events import ConnKey
+from protocols.tcpstream import ConnectionClosed, Data, Gap, HalfStream, TcpConnection, seq_diff
+from proxy.tcprepair import RepairWindow, TcpSocketState
+
+__all__ = ["LegOptions", "Pairing", "ContinuationBook", "PairingOutbox", "DEFAULT_CAP"]
+
+U32 = 0xFFFF_FFFF
+#: default bound of the bytes kept per leg (and of what one connection may need put back each way)
+DEFAULT_CAP = 4 << 20
+#: the new sockets' receive window until their first own advertisement (bytes)
+RECEIVE_WINDOW = 256 * 1024
+#: margin added to the peer's last TSval, on top of the time since (ms ticks): PAWS only drops older ones
+TSVAL_MARGIN = 1000
+TCPI_OPT_TIMESTAMPS, TCPI_OPT_SACK, TCPI_OPT_WSCALE = 1, 2, 4
+
+
+@dataclass(frozen=True)
+class LegOptions:
+    """One leg's negotiated options as the peer's kernel holds them (``TCP_INFO``)."""
+
+    options: int       # tcpi_options: TCPI_OPT_TIMESTAMPS | TCPI_OPT_SACK | TCPI_OPT_WSCALE
+    snd_wscale: int    # the remote's window scale
+    rcv_wscale: int    # the peer's own window scale
+    snd_mss: int       # the segment size the peer sends with (a fallback for the remote's MSS)
+
+    @property
+    def timestamps(self) -> bool:
+        return bool(self.options & TCPI_OPT_TIMESTAMPS)
+
+    @property
+    def sack(self) -> bool:
+        return bool(self.options & TCPI_OPT_SACK)
+
+    @property
+    def wscale(self) -> bool:
+        return bool(self.options & TCPI_OPT_WSCALE)
+
+    def to_wire(self) -> list[int]:
+        return [self.options, self.snd_wscale, self.rcv_wscale, self.snd_mss]
+
+    @classmethod
+    def from_wire(cls, data: Any) -> "LegOptions":
+        if not isinstance(data, (list, tuple)) or len(data) != 4 or not all(type(v) is int for v in data):
+            raise ValueError(f"leg options: must be a list of 4 integers, not {data!r}")
+        options, snd, rcv, mss = data
+        if not (0 <= options <= 0xFF and 0 <= snd <= 14 and 0 <= rcv <= 14 and 0 <= mss <= 0xFFFF):
+            raise ValueError(f"leg options: {data!r} out of range")
+        return cls(options, snd, rcv, mss)
+
+
+@dataclass(frozen=True)
+class Pairing:
+    """One proxied connection of the peer: its two legs and their options (sent over the sync link)."""
+
+    client: tuple[str, int]         # the client's address and port
+    service_port: int               # the port on the peer's address the client connected to
+    source_port: int                # the peer's port of the backend leg (on the same address)
+    server: tuple[str, int]         # the backend
+    client_options: LegOptions
+    backend_options: LegOptions
+
+    def client_key(self, address: str) -> ConnKey:
+        return ConnKey(self.client[0], self.client[1], address, self.service_port)
+
+    def backend_key(self, address: str) -> ConnKey:
+        return ConnKey(address, self.source_port, self.server[0], self.server[1])
+
+    @property
+    def name(self) -> str:
+        return f"{self.client[0]}:{self.client[1]}->:{self.service_port}"
+
+    def to_wire(self) -> list:
+        """Compact: about 60 bytes of msgpack per connection."""
+        return [self.client[0], self.client[1], self.service_port, self.source_port, self.server[0],
+                self.server[1], self.client_options.to_wire(), self.backend_options.to_wire()]
+
+    @classmethod
+    def from_wire(cls, data: Any) -> "Pairing":
+        if not isinstance(data, (list, tuple)) or len(data) != 8:
+            raise ValueError(f"pairing: must be a list of 8 items, not {data!r}")
+        cip, cport, sport, src, sip, svport, copts, bopts = data
+        for name, v in (("client port", cport), ("service port", sport), ("source port", src),
+                        ("server port", svport)):
+            if type(v) is not int or not 0 < v <= 0xFFFF:
+                raise ValueError(f"pairing: {name} {v!r} is not a port")
+        if type(cip) is not str or type(sip) is not str:
+            raise ValueError("pairing: addresses must be strings")
+        return cls((cip, cport), sport, src, (sip, svport), LegOptions.from_wire(copts), LegOptions.from_wire(bopts))
+
+
+class PairingOutbox:
+    """The active node's side: what to tell the standby about its proxied connections, as deltas.
+
+    ``update(current)`` takes every current pairing and returns the messages' bodies to send:
+    additions and removals since the last call, at most ``batch`` entries per body. ``resync()`` (the
+    sync link came up again) makes the next update send everything, flagged ``reset``, so the standby
+    replaces what it had."""
+
+    def __init__(self, batch: int = 500):
+        self.batch = batch
+        self.sent: dict[tuple, Pairing] = {}
+        self._reset = True
+
+    def resync(self) -> None:
+        self.sent = {}
+        self._reset = True
+
+    def update(self, current: Iterable[Pairing]) -> list[dict]:
+        now = {(p.client, p.service_port): p for p in current}
+        add = [p.to_wire() for k, p in now.items() if self.sent.get(k) != p]
+        remove = [[k[0][0], k[0][1], k[1]] for k in self.sent if k not in now]
+        if not add and not remove and not self._reset:
+            return []
+        bodies = []
+        reset, self._reset = self._reset, False
+        while add or remove or reset:
+            body: dict = {"add": add[:self.batch], "remove": remove[:self.batch]}
+            if reset:
+                body["reset"], reset = True, False
+            add, remove = add[self.batch:], remove[self.batch:]
+            bodies.append(body)
+        self.sent = now
+        return bodies
+
+
+class _Tail:
+    """The last bytes of one remote's stream: positions ``[end - len(data), end)`` of its sender's
+    :attr:`HalfStream.pos` space. ``lost`` says why bytes before that are gone (None: never needed)."""
+
+    __slots__ = ("data", "end", "lost")
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.end = 0
+        self.lost: str | None = None
+
+
+@dataclass
+class Verdict:
+    """One connection at a takeover: ``states`` (client leg, backend leg) when continuable, else why not."""
+
+    pairing: Pairing | None
+    client: str                     # "ip:port" of the client
+    reason: str | None = None       # None: continuable
+    states: tuple[TcpSocketState, TcpSocketState] | None = None
+    pending_to_server: int = 0
+    pending_to_client: int = 0
+
+    def to_wire(self) -> dict:
+        out: dict = {"client": self.client, "reason": self.reason,
+                     "pending": [self.pending_to_server, self.pending_to_client]}
+        if self.pairing is not None:
+            out["service_port"] = self.pairing.service_port
+            out["backend"] = f"{self.pairing.server[0]}:{self.pairing.server[1]}"
+            out["source_port"] = self.pairing.source_port
+        if self.states is not None:
+            out["client_state"] = self.states[0].to_wire(max_queue=1 << 30)
+            out["backend_state"] = self.states[1].to_wire(max_queue=1 << 30)
+        return out
+
+
+class ContinuationBook:
+    """The standby's record of the peer's legs (sans-I/O): feed it the trackers' events, the peer's
+    pairings; ask it for :meth:`plan` at a takeover, or :meth:`summary` for status."""
+
+    def __init__(self, address: str, trackers: list, *, cap: int = DEFAULT_CAP):
+        """``address``: the peer's service address; ``trackers``: the :class:`TcpTracker` s whose
+        connections are the peer's client legs and backend legs (looked up in that order)."""
+        if cap < 0:
+            raise ValueError(f"cap: {cap} is negative")
+        self.address = address
+        self.trackers = trackers
+        self.cap = cap
+        self.tails: dict[ConnKey, _Tail] = {}
+        self.pairings: dict[ConnKey, Pairing] = {}   # by client leg key
+        self.by_backend: dict[ConnKey, Pairing] = {}  # by backend leg key
+        self.trim_above = 16 * 1024
+
+    # --------------------------------------------------------------------------------- input
+    def _remote_is_client(self, key: ConnKey) -> bool:
+        return key.server_ip == self.address
+
+    def feed(self, events: Iterable[tuple[ConnKey, object]]) -> None:
+        """The events a frame produced (``Pipeline.feed_frame``'s list); only the remote's bytes count."""
+        touched = set()
+        address = self.address
+        for key, ev in events:
+            if key.server_ip != address and key.client_ip != address:
+                continue  # not the peer's (e.g. this node's own backend connections)
+            if isinstance(ev, Data):
+                if ev.from_client != self._remote_is_client(key):
+                    continue  # the peer's own bytes (seen on a hub): the other leg's remote has them
+                tail = self.tails.get(key)
+                if tail is None:
+                    tail = self.tails[key] = _Tail()
+                tail.data += ev.data
+                tail.end += len(ev.data)
+                touched.add(key)
+            elif isinstance(ev, Gap):
+                if ev.from_client != self._remote_is_client(key):
+                    continue
+                tail = self.tails.setdefault(key, _Tail())
+                tail.data.clear()
+                tail.end += ev.length
+                tail.lost = f"a gap of {ev.length} bytes in the capture"
+            elif isinstance(ev, ConnectionClosed):
+                self.tails.pop(key, None)
+        for key in touched:
+            tail = self.tails[key]
+            if len(tail.data) > self.trim_above:
+                self._trim(key, tail)
+
+    def _trim(self, key: ConnKey, tail: _Tail) -> None:
+        """Keep only what the other leg's remote has not acknowledged; at most ``cap`` bytes."""
+        need = self._pending(key)
+        if need is not None and 0 <= need < len(tail.data):
+            del tail.data[:len(tail.data) - need]
+        if len(tail.data) > self.cap:
+            del tail.data[:len(tail.data) - self.cap]
+            tail.lost = f"over the cap of {self.cap} bytes"
+
+    def _pending(self, key: ConnKey) -> int | None:
+        """How many of this leg's remote's last bytes the other leg's remote has not acknowledged."""
+        if self._remote_is_client(key):
+            pairing = self.pairings.get(key)
+            if pairing is None:
+                return None
+            c, b = self._conn(key), self._conn(pairing.backend_key(self.address))
+        else:
+            pairing = self.by_backend.get(key)
+            if pairing is None:
+                return None
+            c, b = self._conn(pairing.client_key(self.address)), self._conn(key)
+        if c is None or b is None:
+            return None
+        if self._remote_is_client(key):
+            return _unacked(c.client, b.server)
+        return _unacked(b.server, c.client)
+
+    def set_pairings(self, add: Iterable[Any] = (), remove: Iterable[Any] = (), reset: bool = False) -> list[str]:
+        """The peer's pairings message (:class:`PairingOutbox`); the problems with bad entries (skipped)."""
+        problems = []
+        if reset:
+            self.pairings.clear()
+            self.by_backend.clear()
+        for item in remove:
+            try:
+                key = ConnKey(str(item[0]), int(item[1]), self.address, int(item[2]))
+            except (TypeError, ValueError, IndexError):
+                problems.append(f"removal {item!r} unreadable")
+                continue
+            old = self.pairings.pop(key, None)
+            if old is not None:
+                self.by_backend.pop(old.backend_key(self.address), None)
+        for item in add:
+            try:
+                p = Pairing.from_wire(item)
+            except ValueError as exc:
+                problems.append(str(exc))
+                continue
+            key = p.client_key(self.address)
+            old = self.pairings.get(key)
+            if old is not None:
+                self.by_backend.pop(old.backend_key(self.address), None)
+            self.pairings[key] = p
+            self.by_backend[p.backend_key(self.address)] = p
+        return problems
+
+    def _conn(self, key: ConnKey) -> TcpConnection | None:
+        for tracker in self.trackers:
+            conn = tracker.connections.get(key)
+            if conn is not None:
+                return conn
+        return None
+
+    # -------------------------------------------------------------------------------- output
+    def client_legs(self) -> list[ConnKey]:
+        """The peer's client legs the trackers know (whether or not paired)."""
+        return sorted({k for t in self.trackers for k in t.connections if k.server_ip == self.address})
+
+    def plan(self, now: float, *, keys: Iterable[ConnKey] | None = None) -> list[Verdict]:
+        """A verdict for every client leg of the peer (or for ``keys``), busiest first."""
+        verdicts = [self.verdict(k, now) for k in (self.client_legs() if keys is None else keys)]
+        verdicts.sort(key=lambda v: -(v.pending_to_server + v.pending_to_client))
+        return verdicts
+
+    def verdict(self, key: ConnKey, now: float) -> Verdict:
+        pairing = self.pairings.get(key)
+        name = key.client
+        if pairing is None:
+            return Verdict(None, name, "the peer did not say which backend leg it pairs with (nor its options)")
+        c, b = self._conn(key), self._conn(pairing.backend_key(self.address))
+        if c is None:
+            return Verdict(pairing, name, "its client leg was not seen")
+        if b is None:
+            return Verdict(pairing, name, "its backend leg was not seen")
+        problem = _leg_problem(c.client, "client") or _leg_problem(b.server, "server")
+        if problem:
+            return Verdict(pairing, name, problem)
+        to_server, to_client = _unacked(c.client, b.server), _unacked(b.server, c.client)
+        v = Verdict(pairing, name, pending_to_server=max(to_server, 0), pending_to_client=max(to_client, 0))
+        if to_server < 0 or to_client < 0:
+            v.reason = (f"the capture missed frames: the {'server' if to_server < 0 else 'client'} acknowledged "
+                        f"{-min(to_server, to_client)} bytes more than were seen sent to it")
+            return v
+        for pending, leg, who in ((to_server, key, "client"), (to_client, pairing.backend_key(self.address), "server")):
+            if pending > self.cap:
+                v.reason = f"{pending} bytes from the {who} not yet delivered: over the cap of {self.cap}"
+                return v
+            tail = self.tails.get(leg)
+            have = len(tail.data) if tail is not None else 0
+            if pending > have:
+                lost = tail.lost if tail is not None and tail.lost else "not kept"
+                v.reason = f"{pending} bytes from the {who} not yet delivered, {have} kept: {lost}"
+                return v
+        to_server_bytes = bytes(self.tails[key].data[-to_server:]) if to_server else b""
+        to_client_bytes = bytes(self.tails[pairing.backend_key(self.address)].data[-to_client:]) if to_client else b""
+        try:
+            v.states = (_leg_state(self.address, key.server_port, pairing.client, c.client, pairing.client_options,
+                                   to_client_bytes, now - c.last_seen),
+                        _leg_state(self.address, pairing.source_port, pairing.server, b.server,
+                                   pairing.backend_options, to_server_bytes, now - b.last_seen))
+        except ValueError as exc:
+            v.reason = f"inconsistent state: {exc}"
+        return v
+
+    def summary(self, now: float) -> dict:
+        """For status while standing by: how many of the peer's connections are continuable now, why the
+        others are not (reason -> count), and the bytes kept."""
+        reasons: dict[str, int] = {}
+        continuable = 0
+        for v in self.plan(now):
+            if v.reason is None:
+                continuable += 1
+            else:
+                short = v.reason.split(":")[0]
+                reasons[short] = reasons.get(short, 0) + 1
+        return {"connections": continuable + sum(reasons.values()), "continuable": continuable,
+                "not_continuable": reasons, "bytes_kept": self.memory(), "pairings": len(self.pairings)}
+
+    def memory(self) -> int:
+        return sum(len(t.data) for t in self.tails.values())
+
+
+def _unacked(sender: HalfStream, receiver: HalfStream) -> int:
+    """Bytes ``sender`` sent on its leg that ``receiver`` (the remote of the other leg) has not
+    acknowledged on its leg: the sender's stream length minus the receiver's ACK offset. Wrap-safe:
+    only the (small) difference is computed in sequence space."""
+    sent_end = sender.next_seq
+    acked = (sender.isn + 1 + (receiver.last_ack - receiver.first_ack)) & U32
+    return seq_diff(sent_end, acked)
+
+
+def _leg_problem(remote: HalfStream, who: str) -> str | None:
+    if remote.isn is None or remote.next_seq is None:
+        return f"picked up mid-stream: the {who}'s handshake was not seen"
+    if remote.first_ack is None or remote.last_ack is None:
+        return f"the {who} acknowledged nothing yet (handshake not complete)"
+    if remote.fin_seq is not None:
+        return f"the {who} began to close the connection"
+    if remote.ooo:
+        return f"a hole in the capture of the {who}'s bytes"
+    return None
+
+
+def _leg_state(address: str, port: int, remote_addr: tuple[str, int], remote: HalfStream, opts: LegOptions,
+               to_send: bytes, since: float) -> TcpSocketState:
+    """The new socket of one leg: local ``address:port``, talking to ``remote_addr``."""
+    snd_wscale = opts.snd_wscale if opts.wscale else 0
+    rcv_wscale = opts.rcv_wscale if opts.wscale else 0
+    if opts.wscale and remote.wscale is not None and remote.wscale != snd_wscale:
+        raise ValueError(f"the remote's window scale is {remote.wscale} in its SYN but {snd_wscale} at the peer")
+    window = remote.window if remote.window_in_syn else remote.window << snd_wscale
+    tsval = 0
+    if opts.timestamps:
+        if remote.last_tsecr is None:
+            raise ValueError("timestamps negotiated but the remote echoed none")
+        tsval = (remote.last_tsecr + int(max(since, 0.0) * 1000) + TSVAL_MARGIN) & U32 & ~1
+    rcv_nxt = remote.next_seq
+    return TcpSocketState(
+        local_address=address, local_port=port, remote_address=remote_addr[0], remote_port=remote_addr[1],
+        send_seq=remote.last_ack, recv_seq=rcv_nxt, send_queue=to_send, send_unsent=len(to_send), recv_queue=b"",
+        mss=remote.mss or opts.snd_mss or 536, snd_wscale=snd_wscale, rcv_wscale=rcv_wscale,
+        sack_permitted=opts.sack, timestamps=opts.timestamps, tsval=tsval,
+        window=RepairWindow(snd_wl1=rcv_nxt, snd_wnd=window, max_window=window,
+                            rcv_wnd=min(0xFFFF << rcv_wscale, RECEIVE_WINDOW), rcv_wup=rcv_nxt))
