@@ -261,7 +261,9 @@ class ContinuationBook:
         need = self._pending(key)
         if need is not None and 0 <= need < len(tail.data):
             del tail.data[:len(tail.data) - need]
-        if len(tail.data) > self.cap:
+        if len(tail.data) > 2 * self.cap:
+            # unpaired (or far behind): down to the cap, but only every cap bytes, so the cost of
+            # moving the kept bytes is spread over as many new ones (amortised O(1) per byte)
             del tail.data[:len(tail.data) - self.cap]
             tail.lost = f"over the cap of {self.cap} bytes"
 
@@ -350,10 +352,12 @@ class ContinuationBook:
                         f"{-min(to_server, to_client)} bytes more than were seen sent to it")
             return v
         for pending, leg, who in ((to_server, key, "client"), (to_client, pairing.backend_key(self.address), "server")):
+            tail = self.tails.get(leg)
+            if tail is not None and len(tail.data) > self.cap:
+                self._trim(leg, tail)  # (kept up to twice the cap between trims)
             if pending > self.cap:
                 v.reason = f"{pending} bytes from the {who} not yet delivered: over the cap of {self.cap}"
                 return v
-            tail = self.tails.get(leg)
             have = len(tail.data) if tail is not None else 0
             if pending > have:
                 lost = tail.lost if tail is not None and tail.lost else "not kept"

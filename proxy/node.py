@@ -299,7 +299,7 @@ class Node:
                 self._enqueue(roles.MoveArrived(move["address"]))
         elif kind == "move_request":
             self._enqueue(roles.MoveBackRequested(address))
-        elif kind in ("digest", "snapshot_request", "snapshot") and self.standby is not None:
+        elif kind in ("digest", "snapshot_request", "snapshot", "pairings") and self.standby is not None:
             self.standby.on_message(message)
         else:
             log.debug("message %r ignored", kind)

@@ -47,7 +47,13 @@ PEER_BACKEND = "peer_backend"    # the peer's own connections to its backends (r
 #: how often the active node tells its peer about new and ended connections (pairings, options): a
 #: connection younger than this when the node dies is reset instead of continued
 PAIRINGS_EVERY = 0.05
+#: every this many ticks, everything again (about 5 s), with ``reset``: the standby's table cannot drift
+PAIRINGS_RESYNC_TICKS = 100
 INET_DIAG_INFO = 2
+#: how long a takeover waits for the continuation states (both legs of every connection, with their
+#: bytes to put back): worth more than the ~100 ms of ``observer_timeout``, since each one continued is a
+#: client that does not reconnect
+CONTINUATIONS_TIMEOUT = 1.0
 
 
 @dataclass(frozen=True)
@@ -171,6 +177,8 @@ class StatefulStandby:
                 log.debug("stateful: %s for %r ignored", kind, address)
 
     async def _tell_pairings(self, message: dict, timeout: float) -> None:
+        if not self.observer.ready.is_set():
+            return  # lost: the peer sends everything again within PAIRINGS_RESYNC_TICKS
         with trio.move_on_after(timeout):
             try:
                 problems = await self.observer.request("pairings", add=message.get("add") or [],
@@ -185,8 +193,12 @@ class StatefulStandby:
     async def _send_pairings(self) -> None:
         """Every ``pairings_every``: tell the peer which client leg pairs with which backend leg, and
         each leg's options (only the changes; new connections' options from TCP_INFO)."""
+        ticks = 0
         while True:
             await trio.sleep(PAIRINGS_EVERY)
+            ticks += 1
+            if ticks % PAIRINGS_RESYNC_TICKS == 0:
+                self.outbox.resync()  # a message the peer could not take (observer starting) is not lost for long
             try:
                 current = self._current_pairings()
             except OSError as exc:  # sock_diag refused: the peer cannot continue; say so once a while
@@ -277,6 +289,16 @@ class StatefulStandby:
             log.warning("stateful: no answer from the observer within %.0f ms: taking over without resets",
                         self.timings.observer_timeout * 1000)
             return TakeoverPlan()
+        # the legs' state as late as possible (never a prepared one: the last ACKs arrive after the death)
+        with trio.move_on_after(CONTINUATIONS_TIMEOUT):
+            try:
+                return replace(plan, continuations=await self.observer.request("continuations") or [])
+            except ObserverError as exc:
+                log.warning("stateful: no continuations: %s", exc)
+                return plan
+        self.observer_timeouts += 1
+        log.warning("stateful: the observer did not say within %.0f ms which connections to continue: "
+                    "resetting them all", CONTINUATIONS_TIMEOUT * 1000)
         return plan
 
     async def _fetch_plan(self, timeout: float) -> TakeoverPlan | None:

@@ -1,0 +1,94 @@
+"""A stateful takeover continues the dead peer's connections (issue 10): real Samba, a real smbprotocol
+client with an open file writing and reading back every 10 ms through node a; a dies; b restores both
+legs of the connection with TCP_REPAIR from the frames destined to a's MAC; the client sees no error,
+keeps its session and reads back every block it wrote."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from deploy.lab.clients import SCRIPTS, NodeProcess, established, serving
+from proxy.status import NodeStatus, from_json
+
+pytestmark = pytest.mark.lab
+
+SMB_LOOP = SCRIPTS / "smb_loop.py"
+
+
+@pytest.fixture(params=["nodes", "hub"])
+def continuing_pair(request, lab, tmp_path):
+    """A stateful pair on a switch that floods only frames destined to the nodes (or a hub)."""
+    lab.flood(request.param)
+    nodes = [NodeProcess(lab, name, config=lab.node_config_path(name, pair=True, mode="stateful"),
+                         log=lab.root / f"continue-{name}.log") for name in ("a", "b")]
+    a, b = nodes
+    try:
+        b.start()
+        a.start()
+        addr = lab.addresses
+        a.wait_for(serving(addr.service_a, "a"), 10, "a serving")
+        b.wait_for(lambda s: s["pair"]["link"]["state"] == "connected" and
+                   s["pair"]["addresses"][addr.service_b]["held_by"] == "b", 10, "b serving, link up")
+        for node in (a, b):
+            node.wait_for(lambda s: s["pair"]["state_sync"]["observer"] == "running", 10, "observer running")
+        yield a, b, request.param
+    finally:
+        for node in nodes:
+            if node.log.exists():
+                print(f"--- log of {node.node} ---\n" + node.log.read_text(errors="replace")[-5000:])
+        a.stop(10)
+        b.stop(10)
+        lab.run(lab.ns_a, ["ip", "link", "set", "eth0", "up"])
+        lab.flood(False)
+
+
+def smb_loop(lab, host: str, name: str, seconds: float) -> subprocess.Popen:
+    proc = lab.popen(lab.ns_client, [sys.executable, str(SMB_LOOP), host, lab.smb_share, lab.smb_user,
+                                     lab.smb_password, name, str(seconds)],
+                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return proc
+
+
+def test_smb_client_with_an_open_file_goes_on_through_b_with_its_session(lab, continuing_pair):
+    a, b, switch = continuing_pair
+    host = lab.addresses.service_a
+    proc = smb_loop(lab, host, f"continue-{switch}.bin", 6.0)
+    try:
+        ready = json.loads(proc.stdout.readline() or "{}")
+        assert ready.get("ready"), proc.stderr.read()[-2000:]
+        before = established(lab, host, 445)
+        assert len(before) == 1
+
+        def continuable(s):
+            c = s["pair"]["state_sync"].get("continuation") or {}
+            return c.get("continuable", 0) >= 1 and c
+
+        summary = b.wait_for(continuable, 5, "b able to continue the client's connection")
+        assert summary["pair"]["state_sync"]["continuation"]["bytes_kept"] < 4 << 20
+        time.sleep(1.0)
+        a.kill_hard(link_down=True)
+        st = b.wait_for(serving(host, "b"), 5, "b holding a's address")
+        time.sleep(0.5)
+        assert established(lab, host, 445) == before, "the client's connection is the same one, through b"
+        out, err = proc.communicate(timeout=30)
+        result = json.loads(out.strip().splitlines()[-1])
+        takeover = st["pair"]["takeovers"][-1]
+        print("takeover:", json.dumps(takeover)[:2000])
+        print("client:", result)
+        assert result["error"] is None, (result, takeover, err[-2000:])
+        assert result["mismatches"] == 0
+        assert result["session_id"] == ready["session_id"] == result["first_session_id"]
+        assert result["rounds"] > 100
+        assert takeover["connections_continued"] == 1 and takeover["clients_reset"] == 0
+        assert [c["continued"] for c in takeover["connections"]] == [True]
+        assert result["longest_round_s"] < 2.0  # the stall across the death (a retransmission timer at most)
+        from_json(NodeStatus, b.status())
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
