@@ -105,10 +105,13 @@ class HalfStream:
     last_tsval: int | None = None
     #: this sender's echo of the other side's clock: the other side's last TSval as this sender saw it
     last_tsecr: int | None = None
-    #: the first ACK number this sender sent: the other side's ISN + 1 when the handshake was seen (a
+    #: the smallest ACK number this sender sent: the other side's ISN + 1 when the handshake was seen (a
     #: client's handshake ACK, a server's SYN-ACK), so the other side's stream offsets are known even
     #: when none of its frames are seen (a standby that receives only frames destined to its peer)
     first_ack: int | None = None
+    #: the end of the furthest segment seen from this sender (pure ACKs included): past ``next_seq``, bytes
+    #: of it passed us by (a hole a takeover must not paper over, even if no later data is buffered)
+    highest_seq: int | None = None
     fin_seq: int | None = None  # sequence number of this sender's FIN, once seen
     fin_done: bool = False  # FIN reached in order
     pos: int = 0  # absolute stream position of next_seq (bytes, gaps and FIN since we came in)
@@ -289,8 +292,12 @@ class TcpTracker:
                     self.counters["out_of_window"] += 1
                     return False
         if seg.has_ack:
-            half.last_ack = seg.ack
-            if half.first_ack is None:
+            # ACKs only move forward: a reordered or duplicated older one says nothing new
+            if half.last_ack is None or seq_diff(seg.ack, half.last_ack) > 0:
+                half.last_ack = seg.ack
+            # the smallest ACK: the other side's ISN + 1, even if the handshake ACK itself passed us by
+            # (the client's first request carries the same ACK when the client speaks first)
+            if half.first_ack is None or seq_diff(seg.ack, half.first_ack) < 0:
                 half.first_ack = seg.ack
         half.window = seg.window
         half.window_in_syn = seg.syn
@@ -310,6 +317,9 @@ class TcpTracker:
         if half.next_seq is None:
             half.next_seq = seq  # picked up mid-stream: start where we came in
         payload = seg.payload
+        end = (seq + len(payload)) & _MASK
+        if half.highest_seq is None or seq_diff(end, half.highest_seq) > 0:
+            half.highest_seq = end
         if seg.fin:
             half.fin_seq = (seq + len(payload)) & _MASK
         if payload:

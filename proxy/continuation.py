@@ -279,7 +279,7 @@ class ContinuationBook:
             if pairing is None:
                 return None
             c, b = self._conn(pairing.client_key(self.address)), self._conn(key)
-        if c is None or b is None:
+        if c is None or b is None or _leg_problem(c.client, "client") or _leg_problem(b.server, "server"):
             return None
         if self._remote_is_client(key):
             return _unacked(c.client, b.server)
@@ -408,7 +408,7 @@ def _leg_problem(remote: HalfStream, who: str) -> str | None:
         return f"the {who} acknowledged nothing yet (handshake not complete)"
     if remote.fin_seq is not None:
         return f"the {who} began to close the connection"
-    if remote.ooo:
+    if remote.ooo or (remote.highest_seq is not None and seq_diff(remote.highest_seq, remote.next_seq) > 0):
         return f"a hole in the capture of the {who}'s bytes"
     return None
 

@@ -1,0 +1,258 @@
+"""The continuation book (proxy/continuation.py): both legs' repair state from the frames destined to
+the peer alone, checked against a real two-direction capture of a proxied SMB connection (the oracle:
+tests/fixtures/smb-proxied.pcap, made by tests/fixtures/make_proxied_capture.py)."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from capture.pcapfile import read_capture
+from protocols.frames import TcpSegment, parse_link
+from protocols.tcpstream import Data, TcpTracker
+from proxy.continuation import (TCPI_OPT_SACK, TCPI_OPT_TIMESTAMPS, TCPI_OPT_WSCALE, ContinuationBook, LegOptions,
+                                Pairing, PairingOutbox)
+
+CAPTURE = Path(__file__).parent / "fixtures" / "smb-proxied.pcap"
+NODE = "10.77.0.1"
+
+
+def _segments() -> list[tuple[float, TcpSegment]]:
+    out = []
+    with open(CAPTURE, "rb") as f:
+        for p in read_capture(f):
+            seg = parse_link(p.data, p.linktype)
+            if isinstance(seg, TcpSegment):
+                out.append((p.ts, TcpSegment(seg.src, seg.dst, seg.sport, seg.dport, seg.seq, seg.ack, seg.flags,
+                                             seg.window, seg.options, bytes(seg.payload))))
+    return out
+
+
+SEGMENTS = _segments()
+
+
+def _legs(tracker: TcpTracker):
+    clients = [k for k in tracker.connections if k.server_ip == NODE]
+    backends = [k for k in tracker.connections if k.client_ip == NODE]
+    if len(clients) != 1 or len(backends) != 1:
+        return None, None
+    return tracker.connections[clients[0]], tracker.connections[backends[0]]
+
+
+def _options(remote, node) -> LegOptions:
+    """What TCP_INFO on the node says of a leg (from the two SYNs of the full capture)."""
+    bits = (TCPI_OPT_TIMESTAMPS if remote.timestamps and node.timestamps else 0) | \
+        (TCPI_OPT_SACK if remote.sack_permitted and node.sack_permitted else 0) | \
+        (TCPI_OPT_WSCALE if remote.wscale is not None and node.wscale is not None else 0)
+    return LegOptions(bits, remote.wscale or 0, node.wscale or 0, 1448)
+
+
+class Oracle:
+    """The node's true position at a cut of the two-direction capture."""
+
+    def __init__(self, cut: int):
+        tracker = TcpTracker([445])
+        streams: dict[tuple, bytearray] = {}
+        self.times = []
+        for ts, seg in SEGMENTS[:cut]:
+            for ev in tracker.feed(seg, ts):
+                if isinstance(ev, Data):
+                    streams.setdefault((ev.key, ev.from_client), bytearray()).extend(ev.data)
+        self.c, self.b = c, b = _legs(tracker)
+        self.ok = (c is not None and c.handshake and b.handshake and c.client.fin_seq is None and b.server.fin_seq is None
+                   and c.client.last_ack is not None and b.server.last_ack is not None)
+        if not self.ok:
+            return
+        client_bytes = bytes(streams.get((c.key, True), b""))
+        server_bytes = bytes(streams.get((b.key, False), b""))
+        self.client_bytes, self.server_bytes = client_bytes, server_bytes
+        # the client leg: A's ISN from its own SYN-ACK (seen here, never by the standby)
+        self.client_acked = (c.client.last_ack - (c.server.isn + 1)) & 0xFFFFFFFF
+        self.server_acked = (b.server.last_ack - (b.client.isn + 1)) & 0xFFFFFFFF
+        self.to_client = server_bytes[self.client_acked:]
+        self.to_server = client_bytes[self.server_acked:]
+        self.pairing = Pairing((c.key.client_ip, c.key.client_port), c.key.server_port, b.key.client_port,
+                               (b.key.server_ip, b.key.server_port), _options(c.client, c.server),
+                               _options(b.server, b.client))
+
+
+def standby_verdict(frames: list[tuple[float, TcpSegment]], pairing: Pairing, now: float):
+    tracker = TcpTracker([445])
+    book = ContinuationBook(NODE, [tracker], cap=1 << 20)
+    book.set_pairings([pairing.to_wire()])
+    for ts, seg in frames:
+        book.feed([(ev.key, ev) for ev in tracker.feed(seg, ts)])
+    verdicts = book.plan(now)
+    assert len(verdicts) <= 1
+    return (verdicts[0] if verdicts else None), book
+
+
+def to_node(cut: int) -> list[tuple[float, TcpSegment]]:
+    return [(ts, s) for ts, s in SEGMENTS[:cut] if s.dst == NODE]
+
+
+CUTS = [i for i in range(1, len(SEGMENTS) + 1) if Oracle(i).ok]
+
+
+def check_exact(v, o: Oracle) -> None:
+    assert v.reason is None, v.reason
+    cs, bs = v.states
+    c, b = o.c, o.b
+    assert (cs.local_address, cs.local_port, cs.remote_address, cs.remote_port) == \
+        (NODE, 445, c.key.client_ip, c.key.client_port)
+    assert (bs.local_address, bs.local_port, bs.remote_address, bs.remote_port) == \
+        (NODE, b.key.client_port, b.key.server_ip, b.key.server_port)
+    assert cs.recv_seq == c.client.next_seq and bs.recv_seq == b.server.next_seq
+    assert cs.send_seq == c.client.last_ack and bs.send_seq == b.server.last_ack
+    assert cs.send_queue == o.to_client and bs.send_queue == o.to_server
+    assert cs.send_unsent == len(cs.send_queue) and cs.recv_queue == bs.recv_queue == b""
+    assert (cs.mss, cs.snd_wscale, cs.rcv_wscale) == (c.client.mss, c.client.wscale, c.server.wscale)
+    assert (bs.mss, bs.snd_wscale, bs.rcv_wscale) == (b.server.mss, b.server.wscale, b.client.wscale)
+    assert cs.sack_permitted and cs.timestamps and bs.sack_permitted and bs.timestamps
+    # the restored clock is never behind what the node sent last (PAWS at the remote)
+    assert ((cs.tsval - c.server.last_tsval) & 0xFFFFFFFF) < 1 << 31
+    assert ((bs.tsval - b.server.last_tsval if False else bs.tsval - b.client.last_tsval) & 0xFFFFFFFF) < 1 << 31
+
+
+def check_safe(v, o: Oracle) -> None:
+    """Continuable from a lossy capture: the receive sides exact, the send queues end where the remote's
+    stream ends and agree with it byte for byte; a queue may start earlier than the oracle's (a lost
+    pure ACK: the remote gets bytes it has again, and drops them)."""
+    assert v.reason is None
+    cs, bs = v.states
+    c, b = o.c, o.b
+    assert cs.recv_seq == c.client.next_seq and bs.recv_seq == b.server.next_seq
+    for state, stream, node_isn, oracle_queue in ((cs, o.server_bytes, c.server.isn, o.to_client),
+                                                  (bs, o.client_bytes, b.client.isn, o.to_server)):
+        offset = (state.send_seq - (node_isn + 1)) & 0xFFFFFFFF
+        assert stream[offset:] == state.send_queue
+        assert state.send_queue.endswith(oracle_queue)
+
+
+def test_the_fixture_has_cuts_with_bytes_in_flight_both_ways():
+    flights = [(len(Oracle(i).to_server), len(Oracle(i).to_client)) for i in CUTS]
+    assert len(CUTS) > 100
+    assert any(s for s, _ in flights) and any(c for _, c in flights)
+
+
+@pytest.mark.parametrize("cut", CUTS[::7])
+def test_frames_to_the_node_alone_give_the_oracles_state(cut):
+    o = Oracle(cut)
+    frames = to_node(cut)
+    v, book = standby_verdict(frames, o.pairing, frames[-1][0] + 0.1)
+    check_exact(v, o)
+    assert book.memory() <= len(o.to_server) + len(o.to_client) + 2 * book.trim_above
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from(CUTS), st.randoms(use_true_random=False))
+def test_reordered_and_duplicated_frames_give_the_same_state(cut, rnd):
+    o = Oracle(cut)
+    frames = to_node(cut)
+    # reordering within small windows of segments in flight together, after the handshakes (a handshake
+    # ACK cannot overtake its SYN: it answers the SYN-ACK)
+    first_data = next((i for i, (_, s) in enumerate(frames) if s.payload), len(frames))
+    shuffled = frames[:first_data]
+    for i in range(first_data, len(frames), 4):
+        window = frames[i:i + 4]
+        rnd.shuffle(window)
+        shuffled += window
+    dups = [f for f in shuffled for _ in range(2 if rnd.random() < 0.2 else 1)]
+    v, _ = standby_verdict(dups, o.pairing, frames[-1][0] + 0.1)
+    check_exact(v, o)
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.sampled_from(CUTS), st.randoms(use_true_random=False), st.floats(0.02, 0.5))
+def test_lost_frames_never_give_a_wrong_state(cut, rnd, loss):
+    """Frames lost at the standby; after the death the remotes retransmit what the node had not
+    acknowledged (here: those frames again). Continuable or not, never a wrong state."""
+    o = Oracle(cut)
+    frames = to_node(cut)
+    kept = [f for f in frames if rnd.random() >= loss]
+    c, b = o.c, o.b
+    node_acks = {True: c.server.last_ack, False: b.client.last_ack}  # what the node acknowledged per leg
+    resent = []
+    for ts, s in frames:
+        if s.payload:
+            client_leg = s.dst == NODE and s.dport == 445
+            end = (s.seq + len(s.payload)) & 0xFFFFFFFF
+            ack = node_acks[client_leg]
+            if ack is None or ((end - ack) & 0xFFFFFFFF) < 1 << 31 and end != ack:
+                resent.append((frames[-1][0] + 0.05, s))
+    v, _ = standby_verdict(kept + resent, o.pairing, frames[-1][0] + 0.1)
+    if v is not None and v.reason is None:
+        check_safe(v, o)
+
+
+def test_mid_stream_pickup_is_not_continuable_and_says_why():
+    cut = CUTS[len(CUTS) // 2]
+    o = Oracle(cut)
+    frames = to_node(cut)
+    late = [f for f in frames if not f[1].syn and f[1].flags & 0x10][20:]  # came in after the handshakes
+    v, _ = standby_verdict(late, o.pairing, frames[-1][0] + 0.1)
+    assert v.reason is not None and "mid-stream" in v.reason
+
+
+def test_without_the_peers_pairing_nothing_is_continuable():
+    cut = CUTS[-1]
+    frames = to_node(cut)
+    tracker = TcpTracker([445])
+    book = ContinuationBook(NODE, [tracker])
+    for ts, seg in frames:
+        book.feed([(ev.key, ev) for ev in tracker.feed(seg, ts)])
+    [v] = book.plan(frames[-1][0])
+    assert v.states is None and "did not say" in v.reason
+    summary = book.summary(frames[-1][0])
+    assert summary["continuable"] == 0 and summary["connections"] == 1
+
+
+def test_over_the_cap_is_not_continuable():
+    cut = max(CUTS, key=lambda i: len(Oracle(i).to_server) + len(Oracle(i).to_client))
+    o = Oracle(cut)
+    frames = to_node(cut)
+    tracker = TcpTracker([445])
+    need = max(len(o.to_server), len(o.to_client))
+    book = ContinuationBook(NODE, [tracker], cap=need - 1)
+    book.set_pairings([o.pairing.to_wire()])
+    for ts, seg in frames:
+        book.feed([(ev.key, ev) for ev in tracker.feed(seg, ts)])
+    [v] = book.plan(frames[-1][0])
+    assert v.states is None and "over the cap" in v.reason
+
+
+# ---------------------------------------------------------------------------------- wire forms
+def test_pairing_wire_round_trip_and_bad_input():
+    p = Pairing(("10.0.0.100", 40000), 445, 50000, ("10.0.2.10", 445), LegOptions(7, 7, 9, 1448),
+                LegOptions(7, 10, 7, 1448))
+    assert Pairing.from_wire(p.to_wire()) == p
+    for bad in (None, [1] * 8, p.to_wire()[:7], p.to_wire()[:6] + [[1, 2, 3], [7, 1, 1, 1]],
+                p.to_wire()[:1] + [70000] + p.to_wire()[2:], p.to_wire()[:6] + [[7, 15, 7, 1], [7, 7, 7, 1]]):
+        with pytest.raises(ValueError):
+            Pairing.from_wire(bad)
+    book = ContinuationBook("10.0.0.1", [])
+    assert book.set_pairings([[1, 2]], [["x"]]) and book.pairings == {}
+
+
+def test_outbox_sends_deltas_in_bounded_batches_and_everything_after_a_resync():
+    def pairing(port: int) -> Pairing:
+        return Pairing(("10.0.0.100", port), 445, port, ("10.0.2.10", 445), LegOptions(7, 7, 7, 1448),
+                       LegOptions(7, 7, 7, 1448))
+
+    box = PairingOutbox(batch=3)
+    first = box.update([pairing(p) for p in range(1000, 1007)])
+    assert [len(b["add"]) for b in first] == [3, 3, 1] and first[0].get("reset") and not first[1].get("reset")
+    assert box.update([pairing(p) for p in range(1000, 1007)]) == []
+    delta = box.update([pairing(p) for p in range(1001, 1008)])
+    assert delta == [{"add": [pairing(1007).to_wire()], "remove": [["10.0.0.100", 1000, 445]]}]
+    box.resync()
+    again = box.update([pairing(p) for p in range(1001, 1008)])
+    assert again[0]["reset"] and sum(len(b["add"]) for b in again) == 7
+    book = ContinuationBook("10.0.0.1", [])
+    for body in first + delta:
+        book.set_pairings(body["add"], body["remove"], bool(body.get("reset")))
+    assert sorted(k.client_port for k in book.pairings) == list(range(1001, 1008))
