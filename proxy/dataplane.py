@@ -30,6 +30,7 @@ import trio
 from proxy.config import ServiceConfig
 from proxy.fds import BUDGET, FdBudget
 from proxy.pump import PIPES, ConnectionLost, splice_pump
+from proxy.rstguard import mark_own_close
 
 log = logging.getLogger("pairproxy.data")
 
@@ -439,6 +440,7 @@ class ServiceProxy:
             for sock in (client, backend):
                 if sock is None:
                     continue
+                mark_own_close(sock)  # a deliberate close: its FIN/RST passes the FIN/RST guard (proxy.rstguard)
                 if not finished:
                     abort_on_close(sock)
                 sock.close()

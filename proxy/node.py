@@ -226,7 +226,7 @@ class Node:
 
             self.standby = StatefulStandby(self.config, self.peer_info, self.peer_macvlan, self._send,
                                            lambda: self.detector.last_heartbeat, timings,
-                                           own_proxies=lambda: self.own_service.proxies)
+                                           own_proxies=lambda: self.own_service.proxies, guard=True)
             await nursery.start(self.standby.run)
         nursery.start_soon(self._detect)
         nursery.start_soon(self._claim_when_alone)

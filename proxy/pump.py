@@ -27,6 +27,7 @@ from typing import Callable
 import trio
 
 from proxy.fds import BUDGET, FdBudget
+from proxy.rstguard import mark_own_close
 
 log = logging.getLogger("pairproxy.data")
 
@@ -202,6 +203,7 @@ async def splice_pump(src: trio.socket.SocketType, dst: trio.socket.SocketType,
                 pipes.put(pipe)  # all written: empty, lend it to the next reader while we wait
                 pipe = None
         try:
+            mark_own_close(dst)  # a deliberate FIN: it passes the node's FIN/RST guard (proxy.rstguard)
             dst.shutdown(socket.SHUT_WR)
         except OSError as exc:
             if exc.errno not in CONNECTION_LOST:

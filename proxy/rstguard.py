@@ -70,9 +70,14 @@ def table_name(address: ipaddress.IPv4Address | str) -> str:
     return "pairproxy_rstguard_" + str(ipaddress.IPv4Address(str(address))).replace(".", "_")
 
 
-def mark_own_close(sock: socket.socket, mark: int = OWN_CLOSE_MARK) -> None:
-    """Mark ``sock`` so that the FIN or RST of the close that follows passes the guard (needs CAP_NET_ADMIN)."""
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+def mark_own_close(sock, mark: int = OWN_CLOSE_MARK) -> None:
+    """Mark ``sock`` (a socket or trio socket) so that the FIN or RST of the close that follows passes
+    the guard (needs CAP_NET_ADMIN; without it, or on a closed socket, nothing happens: a node without
+    a guard needs no mark)."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+    except OSError:
+        pass
 
 
 def remove_leftover(address: ipaddress.IPv4Address | str) -> bool:

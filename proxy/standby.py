@@ -30,6 +30,7 @@ from proxy.config import Config, ConfigError, ServiceConfig, services_from_dicts
 from proxy.continuation import LegOptions, Pairing, PairingOutbox
 from proxy.netplane import NetworkError
 from proxy.observer import ObserverError, ObserverProcess
+from proxy.rstguard import RstGuard, RstGuardError
 from proxy.stateful import ViewSync, reset_frames
 from proxy.status import (Behind, Difference, NodeStatus, ResumeRecord, SnooperStats, StateSync, from_json,
                           merge_connections, snapshot_from_dict)
@@ -72,7 +73,7 @@ class StatefulStandby:
     def __init__(self, config: Config, peer_hello: dict[str, Any] | None, macvlan: PeerMacvlanSlot,
                  send: Callable[[dict], Awaitable[None]], last_heartbeat: Callable[[], float | None],
                  timings: PairTimings, *, observer: ObserverProcess | None = None,
-                 own_proxies: Callable[[], list] | None = None):
+                 own_proxies: Callable[[], list] | None = None, guard: bool = False):
         node, peer = config.node, config.peer
         self.peer_hello = peer_hello
         self.macvlan = macvlan
@@ -106,10 +107,27 @@ class StatefulStandby:
         self._own_proxies = own_proxies or (lambda: [])
         self.outbox = PairingOutbox()
         self.pairings_sent = 0
+        #: drop this node's kernel's FIN/RST from its own address unless the node marked the close as its
+        #: own: if only this process dies (SIGKILL, a crash) its kernel would end every client's connection
+        #: before the peer can continue it (issue 10). Meant to outlive a killed process; replaced at start.
+        self._guard = RstGuard(node.address.ip) if guard else None
 
     # -- life cycle --------------------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The observer, the digest exchange and the peer's state messages, until cancelled."""
+        if self._guard is not None:
+            try:
+                self._guard.open()
+            except (RstGuardError, OSError) as exc:
+                log.error("stateful: %s: if only this process dies, its kernel resets the clients", exc)
+                self._guard = None
+        try:
+            await self._run(task_status)
+        finally:
+            if self._guard is not None:
+                self._guard.close()
+
+    async def _run(self, task_status: trio.TaskStatus[None]) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             # started in the background: the node claims its address meanwhile (the child needs a

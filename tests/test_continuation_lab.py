@@ -54,10 +54,13 @@ def smb_loop(lab, host: str, name: str, seconds: float) -> subprocess.Popen:
     return proc
 
 
-def test_smb_client_with_an_open_file_goes_on_through_b_with_its_session(lab, continuing_pair):
+@pytest.mark.parametrize("death", ["sigkill+link", "sigkill"])
+def test_smb_client_with_an_open_file_goes_on_through_b_with_its_session(lab, continuing_pair, death):
+    """SIGKILL and the link down (a dead machine); SIGKILL alone (a's kernel lives: its FIN/RST for the
+    dead process's sockets must not reach the client or the server: a's FIN/RST guard drops them)."""
     a, b, switch = continuing_pair
     host = lab.addresses.service_a
-    proc = smb_loop(lab, host, f"continue-{switch}.bin", 6.0)
+    proc = smb_loop(lab, host, f"continue-{switch}-{death}.bin", 6.0)
     try:
         ready = json.loads(proc.stdout.readline() or "{}")
         assert ready.get("ready"), proc.stderr.read()[-2000:]
@@ -71,7 +74,7 @@ def test_smb_client_with_an_open_file_goes_on_through_b_with_its_session(lab, co
         summary = b.wait_for(continuable, 5, "b able to continue the client's connection")
         assert summary["pair"]["state_sync"]["continuation"]["bytes_kept"] < 4 << 20
         time.sleep(1.0)
-        a.kill_hard(link_down=True)
+        a.kill_hard(link_down=death == "sigkill+link")
         st = b.wait_for(serving(host, "b"), 5, "b holding a's address")
         time.sleep(0.5)
         assert established(lab, host, 445) == before, "the client's connection is the same one, through b"
@@ -84,8 +87,10 @@ def test_smb_client_with_an_open_file_goes_on_through_b_with_its_session(lab, co
         assert result["mismatches"] == 0
         assert result["session_id"] == ready["session_id"] == result["first_session_id"]
         assert result["rounds"] > 100
-        assert takeover["connections_continued"] == 1 and takeover["clients_reset"] == 0
-        assert [c["continued"] for c in takeover["connections"]] == [True]
+        # (b's tracker may also hold a dead connection of an earlier test's client: reset, as before)
+        [mine] = [c for c in takeover["connections"] if c["client"] in before]
+        assert mine["continued"] and mine["reason"] is None
+        assert takeover["connections_continued"] == 1
         assert result["longest_round_s"] < 2.0  # the stall across the death (a retransmission timer at most)
         from_json(NodeStatus, b.status())
     finally:
