@@ -1,7 +1,7 @@
-"""A stateful takeover continues the dead peer's connections (issue 10): real Samba, a real smbprotocol
-client with an open file writing and reading back every 10 ms through node a; a dies; b restores both
-legs of the connection with TCP_REPAIR from the frames destined to a's MAC; the client sees no error,
-keeps its session and reads back every block it wrote."""
+"""A stateful takeover continues the dead peer's connections (issue 10): real Samba and NFS-Ganesha, a
+real smbprotocol client with an open file (and an NFSv3 client) writing and reading back every 10 ms
+through node a; a dies; b restores both legs of the connection with TCP_REPAIR from the frames destined
+to a's MAC; the client sees no error, keeps its session and reads back every block it wrote."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from proxy.status import NodeStatus, from_json
 pytestmark = pytest.mark.lab
 
 SMB_LOOP = SCRIPTS / "smb_loop.py"
+NFS_LOOP = SCRIPTS / "nfs_loop.py"
 
 
 @pytest.fixture(params=["nodes", "hub"])
@@ -47,24 +48,31 @@ def continuing_pair(request, lab, tmp_path):
         lab.flood(False)
 
 
-def smb_loop(lab, host: str, name: str, seconds: float) -> subprocess.Popen:
-    proc = lab.popen(lab.ns_client, [sys.executable, str(SMB_LOOP), host, lab.smb_share, lab.smb_user,
-                                     lab.smb_password, name, str(seconds)],
-                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    return proc
+def client_loop(lab, protocol: str, host: str, name: str, seconds: float) -> subprocess.Popen:
+    """The writing and reading client of ``protocol`` through ``host`` (deploy/lab/scripts/*_loop.py)."""
+    if protocol == "smb":
+        argv = [str(SMB_LOOP), host, lab.smb_share, lab.smb_user, lab.smb_password, name, str(seconds)]
+    else:
+        argv = [str(NFS_LOOP), host, str(lab.nfs_export_path), name, str(seconds)]
+    return lab.popen(lab.ns_client, [sys.executable, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                     text=True)
 
 
-@pytest.mark.parametrize("death", ["sigkill+link", "sigkill"])
-def test_smb_client_with_an_open_file_goes_on_through_b_with_its_session(lab, continuing_pair, death):
+@pytest.mark.parametrize("protocol,death", [("smb", "sigkill+link"), ("smb", "sigkill"), ("nfs", "sigkill+link"),
+                                            ("nfs", "sigkill")])
+def test_a_client_with_an_open_file_goes_on_through_b(lab, continuing_pair, protocol, death):
     """SIGKILL and the link down (a dead machine); SIGKILL alone (a's kernel lives: its FIN/RST for the
-    dead process's sockets must not reach the client or the server: a's FIN/RST guard drops them)."""
+    dead process's sockets must not reach the client or the server: a's FIN/RST guard drops them).
+    SMB: smbprotocol with a session, a tree and an open file; NFS: NFSv3 WRITE FILE_SYNC + READ on one
+    TCP connection. Each writes 64 KiB and reads it back every 10 ms across a's death."""
     a, b, switch = continuing_pair
     host = lab.addresses.service_a
-    proc = smb_loop(lab, host, f"continue-{switch}-{death}.bin", 6.0)
+    port = 445 if protocol == "smb" else 2049
+    proc = client_loop(lab, protocol, host, f"continue-{protocol}-{switch}-{death}.bin", 6.0)
     try:
         ready = json.loads(proc.stdout.readline() or "{}")
         assert ready.get("ready"), proc.stderr.read()[-2000:]
-        before = established(lab, host, 445)
+        before = established(lab, host, port)
         assert len(before) == 1
 
         def continuable(s):
@@ -77,7 +85,7 @@ def test_smb_client_with_an_open_file_goes_on_through_b_with_its_session(lab, co
         a.kill_hard(link_down=death == "sigkill+link")
         st = b.wait_for(serving(host, "b"), 5, "b holding a's address")
         time.sleep(0.5)
-        assert established(lab, host, 445) == before, "the client's connection is the same one, through b"
+        assert established(lab, host, port) == before, "the client's connection is the same one, through b"
         out, err = proc.communicate(timeout=30)
         result = json.loads(out.strip().splitlines()[-1])
         takeover = st["pair"]["takeovers"][-1]
@@ -85,7 +93,8 @@ def test_smb_client_with_an_open_file_goes_on_through_b_with_its_session(lab, co
         print("client:", result)
         assert result["error"] is None, (result, takeover, err[-2000:])
         assert result["mismatches"] == 0
-        assert result["session_id"] == ready["session_id"] == result["first_session_id"]
+        if protocol == "smb":
+            assert result["session_id"] == ready["session_id"] == result["first_session_id"]
         assert result["rounds"] > 100
         # (b's tracker may also hold a dead connection of an earlier test's client: reset, as before)
         [mine] = [c for c in takeover["connections"] if c["client"] in before]
