@@ -267,6 +267,10 @@ def format_status(status: NodeStatus) -> str:
                          f"{_ms(t.silence_ms)}, address moved {_ms(t.address_moved_ms)}, first client "
                          f"{_ms(t.first_client_ms)} after detection"
                          + (f", handed back after {t.held_for_s:g} s" if t.held_for_s is not None else ""))
+            if t.connections:
+                lines.append(f"  {t.connections_continued} of {len(t.connections)} connection(s) continued, the rest reset")
+                for c in t.connections[:20]:
+                    lines.append(f"    {c.client}: " + ("continued" if c.continued else f"reset: {c.reason}"))
         if pair.move_in_progress:
             lines.append(f"MOVING {pair.move_in_progress} (live move under way)")
         m = pair.last_move
@@ -292,6 +296,11 @@ def format_status(status: NodeStatus) -> str:
                              f"{s.frames_to} to {whose}, {s.frames_from} from {whose}")
             if sync.sight_detail:
                 lines.append(("" if sync.sight == "nothing" else "this node ") + sync.sight_detail)
+            cont = sync.continuation
+            if cont is not None:
+                why = "; ".join(f"{n} {reason}" for reason, n in sorted(cont.not_continuable.items()))
+                lines.append(f"a takeover now would continue {cont.continuable} of {pair.peer}'s {cont.connections} "
+                             f"connection(s) ({cont.bytes_kept} bytes kept)" + (f"; not: {why}" if why else ""))
         for r in pair.resume or []:
             lines.append(f"resume {r.client}: {r.verdict}; reopened {[o.path for o in r.reopened]}, "
                          f"lost {[o.path for o in r.lost_opens]}")

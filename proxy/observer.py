@@ -198,6 +198,12 @@ class _Observer:
             self.watcher = ResumeWatcher.from_snapshot(view.snapshot())
             view.watcher = self.watcher
             return None
+        if op == "continued":  # the takeover continued these clients' connections
+            if self.watcher is not None:
+                for client in request.get("clients") or []:
+                    ip = str(client).rsplit(":", 1)[0]
+                    self.watcher.continued[ip] = self.watcher.continued.get(ip, 0) + 1
+            return None
         if op == "unwatch":
             for v in self.views.values():
                 v.watcher = None

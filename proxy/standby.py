@@ -340,6 +340,18 @@ class StatefulStandby:
         await self._ask("unwatch", None, None, self.timings.observer_timeout)
         return report
 
+    def note_continued(self, clients: list[str]) -> None:
+        """The takeover continued these clients' connections ("ip:port"): the resume report says so."""
+        if clients and self._nursery is not None:
+            self._nursery.start_soon(self._tell_continued, clients)
+
+    async def _tell_continued(self, clients: list[str]) -> None:
+        with trio.move_on_after(self.timings.observer_timeout * 10):
+            try:
+                await self.observer.request("continued", clients=clients)
+            except ObserverError as exc:
+                log.warning("stateful: %s", exc)
+
     def send_resets(self, plan: TakeoverPlan) -> tuple[int, int]:
         """End the dead peer's connections at once: a valid RST to each client, and to each backend it
         left connected (see :func:`proxy.stateful.reset_frames`); how many of each were sent."""

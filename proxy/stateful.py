@@ -172,6 +172,8 @@ class ResumeWatcher:
     new_sessions: dict[str, int] = field(default_factory=dict)
     reopened: dict[str, list[dict]] = field(default_factory=dict)
     nfs_reclaims: dict[str, list[str]] = field(default_factory=dict)
+    #: client IP -> how many of its connections the takeover continued (issue 10): nothing to re-establish
+    continued: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def from_snapshot(cls, snapshot: dict) -> "ResumeWatcher":
@@ -205,6 +207,8 @@ class ResumeWatcher:
                         self.nfs_reclaims.setdefault(ip, []).append(op.get("op"))
 
     def _verdict(self, ip: str, before: dict, resumed: list, lost_opens: list) -> str:
+        if ip not in self.reconnected and self.continued.get(ip):
+            return "continued (no reconnect)"  # (its other connections, if any, were ending anyway)
         if ip not in self.reconnected:
             return "not back yet"
         durable = all(r["durable_reconnect"] for r in self.reopened.get(ip, [])) and self.reopened.get(ip)

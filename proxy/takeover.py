@@ -163,6 +163,9 @@ async def take_over(*, node: NodeConfig, peer: PeerConfig, peer_hello: dict[str,
     # 6. resets, for every connection not continued
     if standby is not None:
         takeover.resets, takeover.backend_resets = standby.send_resets(_not_continued(plan, takeover))
+        continued = [r["client"] for r in takeover.connections if r["continued"]]
+        if continued:
+            standby.note_continued(continued)
     # 7. the first client, and the end of a drain
     nursery.start_soon(_watch_first_client, takeover, service)
     if drain is not None:

@@ -101,7 +101,12 @@ def test_a_client_with_an_open_file_goes_on_through_b(lab, continuing_pair, prot
         assert mine["continued"] and mine["reason"] is None
         assert takeover["connections_continued"] == 1
         assert result["longest_round_s"] < 2.0  # the stall across the death (a retransmission timer at most)
-        from_json(NodeStatus, b.status())
+        resume = b.wait_for(lambda s: {r["client"]: r["verdict"] for r in s["pair"]["resume"]}
+                            .get(lab.addresses.client) == "continued (no reconnect)", 5, "the resume report")
+        from_json(NodeStatus, resume)
+        human = lab.run(lab.ns_b, [sys.executable, "-m", "proxy.cli", "status", "-c", str(b.config)],
+                        capture_output=True, text=True)
+        assert "1 of " in human.stdout and "connection(s) continued" in human.stdout, human.stdout
     finally:
         if proc.poll() is None:
             proc.kill()
