@@ -107,6 +107,7 @@ class StatefulStandby:
         self._own_proxies = own_proxies or (lambda: [])
         self.outbox = PairingOutbox()
         self.pairings_sent = 0
+        self._early_pairings: list[dict] = []
         #: drop this node's kernel's FIN/RST from its own address unless the node marked the close as its
         #: own: if only this process dies (SIGKILL, a crash) its kernel would end every client's connection
         #: before the peer can continue it (issue 10). Meant to outlive a killed process; replaced at start.
@@ -136,6 +137,7 @@ class StatefulStandby:
             self._open_macvlan()
             nursery.start_soon(self._send_digests)
             nursery.start_soon(self._send_pairings)
+            nursery.start_soon(self._replay_early_pairings)
             nursery.start_soon(self._handle_messages)
             log.info("stateful: snooping %s (own) and %s (peer)", self.addresses[OWN_ADDRESS],
                      self.addresses[PEER_ADDRESS])
@@ -196,7 +198,12 @@ class StatefulStandby:
 
     async def _tell_pairings(self, message: dict, timeout: float) -> None:
         if not self.observer.ready.is_set():
-            return  # lost: the peer sends everything again within PAIRINGS_RESYNC_TICKS
+            # kept until the observer runs (bounded: the peer sends everything again every few seconds)
+            if message.get("reset"):
+                self._early_pairings.clear()
+            if len(self._early_pairings) < 200:
+                self._early_pairings.append(message)
+            return
         with trio.move_on_after(timeout):
             try:
                 problems = await self.observer.request("pairings", add=message.get("add") or [],
@@ -207,6 +214,12 @@ class StatefulStandby:
                 return
             for problem in (problems or [])[:3]:
                 log.warning("stateful: a pairing from the peer skipped: %s", problem)
+
+    async def _replay_early_pairings(self) -> None:
+        await self.observer.ready.wait()
+        early, self._early_pairings = self._early_pairings, []
+        for message in early:
+            await self._tell_pairings(message, self.timings.status_observer_timeout)
 
     async def _send_pairings(self) -> None:
         """Every ``pairings_every``: tell the peer which client leg pairs with which backend leg, and
