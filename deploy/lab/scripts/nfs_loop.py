@@ -1,9 +1,10 @@
 """An NFSv3 client on one TCP connection that writes a block and reads it back, again and again (issue 10).
 
-usage: nfs_loop.py SERVER EXPORT_PATH NAME SECONDS [BLOCK] [EVERY]
+usage: nfs_loop.py SERVER EXPORT_PATH NAME SECONDS [BLOCK] [EVERY] [MOUNT_HOST]
 Hand-written ONC RPC (record marking, AUTH_UNIX as root): MOUNT (port 20048) for the export's root
 handle, then on one connection to port 2049: CREATE NAME, and every EVERY seconds (default 0.01) WRITE
-BLOCK bytes (default 64 KiB) of fresh random data at offset 0 with FILE_SYNC and READ them back. The
+BLOCK bytes (default 64 KiB) of fresh random data at offset 0 with FILE_SYNC and READ them back
+(MOUNT_HOST: ask that host's mountd instead, for proxies that pass only port 2049). The
 client never reconnects: a broken connection is an error. Prints ``{"ready": true, "local_port": N}``,
 then after SECONDS one JSON line: rounds, errors, read-backs that differed, the longest round.
 """
@@ -111,7 +112,7 @@ def main() -> int:
     server, export, name, seconds = sys.argv[1:5]
     block = int(sys.argv[5]) if len(sys.argv) > 5 else 64 * 1024
     every = float(sys.argv[6]) if len(sys.argv) > 6 else 0.01
-    mount = RpcConnection(server, 20048)
+    mount = RpcConnection(sys.argv[7] if len(sys.argv) > 7 else server, 20048)
     r = mount.call(MOUNT_PROGRAM, MOUNT_V3, 1, opaque(export.encode()))
     if r.u32() != 0:
         raise RuntimeError("MOUNT refused")

@@ -1,0 +1,165 @@
+"""Continuation benchmark (issue 10): an established SMB session and an established NFS connection across
+the death of the node that proxies them; pairproxy's stateful pair vs. keepalived (VRRPv3) + haproxy.
+
+    sudo .venv/bin/python bench/continuation.py [--runs 10] [--setups stateful,keepalived]
+        [--switch nodes] [--prefix c10b] [--json FILE]
+
+Per run, setup and protocol, in its own lab (prefix ``c10b``): the client (deploy/lab/scripts/smb_loop.py:
+smbprotocol with a session, a tree and an open file; deploy/lab/scripts/nfs_loop.py: NFSv3 on one TCP
+connection) writes 64 KiB and reads it back every 10 ms for 4 s; 1.5 s in, node a dies (its link down,
+then SIGKILL of its processes). Recorded: the client's longest round (the stall across the death), its
+error if any (the client never reconnects: an error is what a reconnecting application would have to
+handle), whether the SMB session id stayed the same, read-backs that differed, and pairproxy's takeover
+record (continued or reset). pairproxy runs the lab's stateful pair configs (heartbeat 20 ms, dead_after
+100 ms) on a switch flooding only the nodes' ports (``--switch hub`` for the hub); keepalived as
+bench/failover.py runs it (``advert_int 0.01``, haproxy ``mode tcp`` on the VIP, 445 and 2049; the NFS
+client mounts from the server's own mountd, haproxy passes only 2049).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.driver import (Bench, KeepalivedNode, NodeProcess, say, serving, standing_by, stats,  # noqa: E402
+                          wait_until, run_info)
+from deploy.lab.clients import SCRIPTS  # noqa: E402
+
+VIP = "10.77.0.50"
+SECONDS, KILL_AT = 4.0, 1.5
+HUNG_AFTER = 15.0  # a client still waiting this long after its loop's end is hung (smbprotocol waits 60 s)
+
+
+def client(lab, protocol: str, host: str, name: str, mount_host: str | None = None) -> subprocess.Popen:
+    if protocol == "smb":
+        argv = [str(SCRIPTS / "smb_loop.py"), host, lab.smb_share, lab.smb_user, lab.smb_password, name, str(SECONDS)]
+    else:
+        argv = [str(SCRIPTS / "nfs_loop.py"), host, str(lab.nfs_export_path), name, str(SECONDS), "65536", "0.01"]
+        if mount_host:
+            argv.append(mount_host)
+    return lab.popen(lab.ns_client, [sys.executable, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen, ready: dict) -> dict:
+    try:
+        out, err = proc.communicate(timeout=SECONDS + HUNG_AFTER)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        return {"error": f"hung: no answer within {HUNG_AFTER:g} s after the loop's end", "same_session": None}
+    lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    result = lines[-1] if lines and lines[-1].get("done") else {"error": f"no result: {err[-300:]}"}
+    result["same_session"] = result.get("session_id") == ready.get("session_id") if "session_id" in ready else None
+    return result
+
+
+def run_pairproxy(bench: Bench, i: int, protocol: str) -> dict:
+    lab = bench.lab
+    a = bench.started(NodeProcess(lab, "a", pair=True, mode="stateful", log=bench.work / f"a-{i}-{protocol}.log"))
+    b = bench.started(NodeProcess(lab, "b", pair=True, mode="stateful", log=bench.work / f"b-{i}-{protocol}.log"))
+    try:
+        b.start()
+        a.start()
+        a.wait_for(serving(lab.addresses.service_a, "a"), 15, "a serving")
+        b.wait_for(standing_by, 15, "b standing by")
+        for node in (a, b):
+            node.wait_for(lambda s: s["pair"]["state_sync"]["observer"] == "running", 15, "observer running")
+        proc = client(lab, protocol, lab.addresses.service_a, f"bench-{protocol}-{i}.bin")
+        ready = json.loads(proc.stdout.readline() or "{}")
+        if not ready.get("ready"):
+            return {"error": "client did not start: " + proc.stderr.read()[-300:]}
+        time.sleep(KILL_AT)
+        load = os.getloadavg()[0]
+        a.kill_hard(link_down=True)
+        st = b.wait_for(serving(lab.addresses.service_a, "b"), 10, "b holding a's address")
+        result = finish(proc, ready)
+        t = st["pair"]["takeovers"][-1]
+        result.update(load=round(load, 2), silence_ms=t["silence_ms"], address_moved_ms=t["address_moved_ms"],
+                      continued=t["connections_continued"], reset=t["clients_reset"],
+                      reasons=[c["reason"] for c in t["connections"] if not c["continued"]])
+        return result
+    finally:
+        bench.stop(a)
+        bench.stop(b)
+        lab.run(lab.ns_a, ["ip", "link", "set", "eth0", "up"])
+
+
+def run_keepalived(bench: Bench, i: int, protocol: str) -> dict:
+    lab = bench.lab
+    ka_a = bench.started(KeepalivedNode(lab, "a", 150, VIP, bench.work / f"ka{i}-{protocol}"))
+    ka_b = bench.started(KeepalivedNode(lab, "b", 100, VIP, bench.work / f"ka{i}-{protocol}"))
+    try:
+        ka_a.start()
+        wait_until(ka_a.has_vip, 10, "keepalived a MASTER")
+        ka_b.start()
+        time.sleep(0.3)
+        proc = client(lab, protocol, VIP, f"bench-ka-{protocol}-{i}.bin", mount_host=lab.addresses.server)
+        ready = json.loads(proc.stdout.readline() or "{}")
+        if not ready.get("ready"):
+            return {"error": "client did not start: " + proc.stderr.read()[-300:]}
+        time.sleep(KILL_AT)
+        load = os.getloadavg()[0]
+        ka_a.kill_hard()
+        result = finish(proc, ready)
+        result.update(load=round(load, 2))
+        return result
+    finally:
+        bench.stop(ka_a)
+        bench.stop(ka_b)
+        lab.run(lab.ns_a, ["ip", "link", "set", "eth0", "up"])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--setups", default="stateful,keepalived")
+    parser.add_argument("--switch", default="nodes", choices=("nodes", "hub"))
+    parser.add_argument("--prefix", default="c10b")
+    parser.add_argument("--json", default=str(Path(__file__).parent / "continuation-latest.json"))
+    args = parser.parse_args()
+    started = datetime.datetime.now(datetime.timezone.utc)
+    setups = args.setups.split(",")
+    results: dict = {s: {"smb": [], "nfs": []} for s in setups}
+    with Bench("continuation", prefix=args.prefix, default_prefix="c10b") as bench:
+        lab = bench.up()
+        for ns in (lab.ns_a, lab.ns_b):
+            bench.sysctl(ns, "net.ipv4.ip_nonlocal_bind", "1")
+        bench.defer(lambda: lab.ns_switch in lab.existing_namespaces() and lab.flood(False))
+        for i in range(args.runs):
+            for setup in setups:
+                if setup == "stateful":
+                    bench.lab.flood(args.switch)
+                for protocol in ("smb", "nfs"):
+                    r = (run_pairproxy if setup == "stateful" else run_keepalived)(bench, i, protocol)
+                    results[setup][protocol].append(r)
+                    say(f"run {i} {setup} {protocol}: stall {r.get('longest_round_s')} s, error {r.get('error')}, "
+                        f"same session {r.get('same_session')}, continued {r.get('continued')}, load {r.get('load')}")
+                if setup == "stateful":
+                    bench.lab.flood(False)
+    summary = {}
+    for setup, per in results.items():
+        for protocol, runs in per.items():
+            ok = [r for r in runs if r.get("error") is None]
+            summary[f"{setup}/{protocol}"] = {
+                "runs": len(runs), "errors": len(runs) - len(ok),
+                "stall_s": stats([r.get("longest_round_s") for r in ok]),
+                "mismatches": sum(r.get("mismatches") or 0 for r in runs),
+                "session_changed": sum(1 for r in runs if r.get("same_session") is False),
+                "load": stats([r.get("load") for r in runs])}
+    doc = {"info": run_info("continuation.py", started), "args": vars(args), "summary": summary,
+           "results": results}
+    Path(args.json).write_text(json.dumps(doc, indent=1, default=str) + "\n")
+    say(json.dumps(summary, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
