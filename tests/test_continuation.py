@@ -256,3 +256,28 @@ def test_outbox_sends_deltas_in_bounded_batches_and_everything_after_a_resync():
     for body in first + delta:
         book.set_pairings(body["add"], body["remove"], bool(body.get("reset")))
     assert sorted(k.client_port for k in book.pairings) == list(range(1001, 1008))
+
+
+# ------------------------------------------------------------------------------ the takeover's use
+def test_continued_connections_are_not_reset_and_the_others_are():
+    from proxy.status import Takeover
+    from proxy.takeover import TakeoverPlan, _not_continued, _restore_quiet
+
+    plan = TakeoverPlan(
+        clients_to_reset=[{"client": "10.0.0.100:1000"}, {"client": "10.0.0.100:1001"}],
+        backends_to_reset=[{"client": "10.0.0.1:700", "server": "10.0.2.10:445"},
+                           {"client": "10.0.0.1:701", "server": "10.0.2.10:445"}],
+        continuations=[{"client": "10.0.0.100:1000", "reason": None, "source_port": 700, "backend": "10.0.2.10:445"},
+                       {"client": "10.0.0.100:1001", "reason": "picked up mid-stream", "source_port": 701,
+                        "backend": "10.0.2.10:445"}])
+    takeover = Takeover("10.0.0.1", None, 0.0, 0.0)
+    # a continuable entry whose states do not parse is reported, not continued (and nothing is restored)
+    assert _restore_quiet(plan.continuations, takeover) == []
+    assert [(r["client"], r["continued"]) for r in takeover.connections] == \
+        [("10.0.0.100:1000", False), ("10.0.0.100:1001", False)]
+    assert "restore" in takeover.connections[0]["reason"] and takeover.connections[1]["reason"] == "picked up mid-stream"
+    assert _not_continued(plan, takeover) == plan  # none continued: every reset goes out
+    takeover.connections[0]["continued"] = True
+    rest = _not_continued(plan, takeover)
+    assert rest.clients_to_reset == [{"client": "10.0.0.100:1001"}]
+    assert rest.backends_to_reset == [{"client": "10.0.0.1:701", "server": "10.0.2.10:445"}]
