@@ -94,6 +94,30 @@ def remove_leftover(address: ipaddress.IPv4Address | str) -> bool:
         nft.close()
 
 
+def destroy_leftover_sockets(address: ipaddress.IPv4Address | str) -> int:
+    """Abort every TCP socket of ``address`` in this network namespace (sock_diag ``SOCK_DESTROY``, as
+    ``ss -K``); how many there were. For a node starting where a killed run left its kernel's sockets:
+    with the guard in place their FINs never left, so they linger (FIN_WAIT1, retrying) and hold the
+    4-tuples a connection moving back here with TCP_REPAIR needs (connect fails: EADDRNOTAVAIL). Call it
+    with the guard open: the aborts' RSTs are unmarked and stay in this kernel."""
+    import subprocess
+
+    try:
+        cp = subprocess.run(["ss", "-tnHK", "src", str(ipaddress.IPv4Address(str(address)))], capture_output=True,
+                            text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        log.warning("cannot abort the sockets a killed run left on %s: %s", address, exc)
+        return 0
+    if cp.returncode != 0:
+        log.warning("cannot abort the sockets a killed run left on %s: %s", address, cp.stderr.strip())
+        return 0
+    found = len([line for line in cp.stdout.splitlines() if line.strip()])
+    if found:
+        log.info("aborted %d TCP socket(s) a killed run left on %s (quietly: the guard keeps their RSTs)",
+                 found, address)
+    return found
+
+
 def drops(address: ipaddress.IPv4Address | str) -> int | None:
     """How many FIN/RST segments the guard of ``address`` has dropped; None if there is no guard (e.g. to
     report what a killed run's guard did before :func:`remove_leftover`)."""

@@ -30,7 +30,7 @@ from proxy.config import Config, ConfigError, ServiceConfig, services_from_dicts
 from proxy.continuation import LegOptions, Pairing, PairingOutbox
 from proxy.netplane import NetworkError
 from proxy.observer import ObserverError, ObserverProcess
-from proxy.rstguard import RstGuard, RstGuardError
+from proxy.rstguard import RstGuard, RstGuardError, destroy_leftover_sockets
 from proxy.stateful import ViewSync, reset_frames
 from proxy.status import (Behind, Difference, NodeStatus, ResumeRecord, SnooperStats, StateSync, from_json,
                           merge_connections, snapshot_from_dict)
@@ -119,6 +119,7 @@ class StatefulStandby:
         if self._guard is not None:
             try:
                 self._guard.open()
+                destroy_leftover_sockets(self._guard.address)
             except (RstGuardError, OSError) as exc:
                 log.error("stateful: %s: if only this process dies, its kernel resets the clients", exc)
                 self._guard = None

@@ -6,6 +6,7 @@ to a's MAC; the client sees no error, keeps its session and reads back every blo
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -107,6 +108,45 @@ def test_a_client_with_an_open_file_goes_on_through_b(lab, continuing_pair, prot
         human = lab.run(lab.ns_b, [sys.executable, "-m", "proxy.cli", "status", "-c", str(b.config)],
                         capture_output=True, text=True)
         assert "1 of " in human.stdout and "connection(s) continued" in human.stdout, human.stdout
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+@pytest.mark.parametrize("continuing_pair", ["nodes"], indirect=True)
+def test_a_continued_connection_goes_back_to_a_when_it_returns(lab, continuing_pair):
+    """After b continued the client's connection, a comes back: the hand-back moves the address and the
+    connection (issue 11's live move) to a; the client goes on through both, with its session."""
+    a, b, _ = continuing_pair
+    host = lab.addresses.service_a
+    proc = client_loop(lab, "smb", host, "continue-and-back.bin", 40.0)  # a's return is slow under load
+    try:
+        ready = json.loads(proc.stdout.readline() or "{}")
+        assert ready.get("ready"), proc.stderr.read()[-2000:]
+        before = established(lab, host, 445)
+        b.wait_for(lambda s: (s["pair"]["state_sync"].get("continuation") or {}).get("continuable", 0) >= 1, 5,
+                   "b able to continue the client's connection")
+        time.sleep(1.0)
+        a.kill_hard(link_down=True)
+        st = b.wait_for(serving(host, "b"), 5, "b holding a's address")
+        assert st["pair"]["takeovers"][-1]["connections_continued"] == 1
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        a.link_up()
+        t1 = time.monotonic()
+        a.start(timeout=30)
+        st = a.wait_for(serving(host, "a"), 15, "a serving its address again")
+        print(f"a's cleanup and link up {t1 - t0:.1f} s, start and hand-back {time.monotonic() - t1:.1f} s")
+        assert established(lab, host, 445) == before
+        assert st["pair"]["last_move"]["moved"] == 1, st["pair"]["last_move"]
+        time.sleep(1.0)  # rounds through a again, then the client stops (the longer, the likelier a false
+        proc.send_signal(signal.SIGUSR1)  # takeover on this loaded machine)
+        out, err = proc.communicate(timeout=40)
+        result = json.loads(out.strip().splitlines()[-1])
+        print("client:", result)
+        assert result["error"] is None, (result, err[-2000:])
+        assert result["mismatches"] == 0 and result["session_id"] == ready["session_id"]
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -6,11 +6,13 @@ reconnects behind the test's back). Every EVERY seconds (default 0.01) it writes
 64 KiB) of fresh random data at offset 0 and reads them back. Prints ``{"ready": true, "session_id": N}``
 once open, then, after SECONDS, one JSON line: rounds, errors, read-backs that differed, the session id
 at the start and the end, and the longest round (the stall a takeover caused). Any exception ends the
-loop and is reported: a client that continued across a node's death has none.
+loop and is reported: a client that continued across a node's death has none. SIGUSR1 ends the loop
+early (with the same report).
 """
 
 import json
 import os
+import signal
 import sys
 import time
 import uuid
@@ -44,12 +46,14 @@ def main() -> int:
     first_session = session.session_id
     say(ready=True, session_id=first_session, local_port=conn.transport._sock.getsockname()[1]
         if getattr(conn.transport, "_sock", None) else None)
+    stop = []
+    signal.signal(signal.SIGUSR1, lambda *_: stop.append(True))
     rounds = mismatches = 0
     longest = 0.0
     longest_at = None
     error = None
     start = time.monotonic()
-    while time.monotonic() - start < float(seconds):
+    while time.monotonic() - start < float(seconds) and not stop:
         t0 = time.monotonic()
         data = os.urandom(block)
         try:
