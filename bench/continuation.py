@@ -78,11 +78,12 @@ def run_pairproxy(bench: Bench, i: int, protocol: str) -> dict:
             return {"error": "client did not start: " + proc.stderr.read()[-300:]}
         time.sleep(KILL_AT)
         load = os.getloadavg()[0]
+        before = {n.node: n.status()["pair"]["takeovers_total"] for n in (a, b)}  # false takeovers so far
         a.kill_hard(link_down=True)
         st = b.wait_for(serving(lab.addresses.service_a, "b"), 10, "b holding a's address")
         result = finish(proc, ready)
         t = st["pair"]["takeovers"][-1]
-        result.update(load=round(load, 2), silence_ms=t["silence_ms"], address_moved_ms=t["address_moved_ms"],
+        result.update(load=round(load, 2), false_takeovers_before_kill=before, silence_ms=t["silence_ms"], address_moved_ms=t["address_moved_ms"],
                       continued=t["connections_continued"], reset=t["clients_reset"],
                       reasons=[c["reason"] for c in t["connections"] if not c["continued"]])
         return result
