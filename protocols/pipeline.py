@@ -84,6 +84,16 @@ class Pipeline:
             self._tcp_events(self.tcp.expire(ts), out)
         return out
 
+    def feed_relayed(self, key: ConnKey, from_client: bool, data: bytes) -> list[tuple[ConnKey, object]]:
+        """In-order bytes of one direction of a tracked connection that were not seen on it but are known
+        from elsewhere: what a relay forwarded unchanged from its other leg (a standby that receives only
+        the frames destined to its peer sees a client's requests on the client leg and the server's
+        replies on the backend leg). Decoded as if seen; the TCP state is not touched."""
+        out: list[tuple[ConnKey, object]] = []
+        if key in self.tcp.connections and data:
+            self._tcp_events([Data(key, from_client, data)], out)
+        return out
+
     def close(self) -> list[tuple[ConnKey, object]]:
         """End of input: close every connection (gaps reported, tables forgotten)."""
         out: list[tuple[ConnKey, object]] = []

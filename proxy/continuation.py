@@ -221,6 +221,9 @@ class ContinuationBook:
         self.pairings: dict[ConnKey, Pairing] = {}   # by client leg key
         self.by_backend: dict[ConnKey, Pairing] = {}  # by backend leg key
         self.trim_above = 16 * 1024
+        #: backend leg -> stream position up to which its server's bytes were handed on (-1: never)
+        self.relayed: dict[ConnKey, int] = {}
+        self._relay_due: set[ConnKey] = set()  # backend legs with bytes (or a pairing) since the last relay
 
     # --------------------------------------------------------------------------------- input
     def _remote_is_client(self, key: ConnKey) -> bool:
@@ -242,6 +245,8 @@ class ContinuationBook:
                 tail.data += ev.data
                 tail.end += len(ev.data)
                 touched.add(key)
+                if key.client_ip == address:
+                    self._relay_due.add(key)
             elif isinstance(ev, Gap):
                 if ev.from_client != self._remote_is_client(key):
                     continue
@@ -251,6 +256,7 @@ class ContinuationBook:
                 tail.lost = f"a gap of {ev.length} bytes in the capture"
             elif isinstance(ev, ConnectionClosed):
                 self.tails.pop(key, None)
+                self.relayed.pop(key, None)
         for key in touched:
             tail = self.tails[key]
             if len(tail.data) > self.trim_above:
@@ -259,6 +265,9 @@ class ContinuationBook:
     def _trim(self, key: ConnKey, tail: _Tail) -> None:
         """Keep only what the other leg's remote has not acknowledged; at most ``cap`` bytes."""
         need = self._pending(key)
+        relayed = self.relayed.get(key, -1)
+        if need is not None and relayed >= 0:
+            need = max(need, tail.end - relayed)  # not before it was handed on to the decoders
         if need is not None and 0 <= need < len(tail.data):
             del tail.data[:len(tail.data) - need]
         if len(tail.data) > 2 * self.cap:
@@ -284,6 +293,39 @@ class ContinuationBook:
         if self._remote_is_client(key):
             return _unacked(c.client, b.server)
         return _unacked(b.server, c.client)
+
+    def relay_server_bytes(self) -> list[tuple[ConnKey, bytes]]:
+        """The server's bytes of each paired connection not yet handed on as the client leg's server
+        direction (client leg key, bytes), for a standby that never sees the peer's own frames: the
+        relay sent the client exactly these. Only for client legs whose server side was never seen (on a
+        hub the peer's frames carry them already); from the start of the stream, else never (a decoder
+        must not start in the middle)."""
+        out = []
+        due, self._relay_due = self._relay_due, set()
+        for bkey in due:
+            pairing = self.by_backend.get(bkey)
+            tail = self.tails.get(bkey)
+            if pairing is None:
+                continue
+            ckey = pairing.client_key(self.address)
+            c = self._conn(ckey)
+            if tail is None or c is None or c.server.next_seq is not None:
+                continue
+            done = self.relayed.get(bkey)
+            if done is None:
+                if tail.lost is not None or tail.end - len(tail.data) > 0:
+                    self.relayed[bkey] = -1  # the start is gone: never relay this one
+                    continue
+                done = 0
+            if done < 0 or tail.end <= done:
+                continue
+            start = len(tail.data) - (tail.end - done)
+            if start < 0:
+                self.relayed[bkey] = -1  # trimmed before it was handed on (over the cap)
+                continue
+            out.append((ckey, bytes(tail.data[start:])))
+            self.relayed[bkey] = tail.end
+        return out
 
     def set_pairings(self, add: Iterable[Any] = (), remove: Iterable[Any] = (), reset: bool = False) -> list[str]:
         """The peer's pairings message (:class:`PairingOutbox`); the problems with bad entries (skipped)."""
@@ -312,6 +354,7 @@ class ContinuationBook:
                 self.by_backend.pop(old.backend_key(self.address), None)
             self.pairings[key] = p
             self.by_backend[p.backend_key(self.address)] = p
+            self._relay_due.add(p.backend_key(self.address))
         return problems
 
     def _conn(self, key: ConnKey) -> TcpConnection | None:

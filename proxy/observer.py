@@ -147,11 +147,24 @@ class _Observer:
         if book is None or name not in ("peer_address", "peer_backend"):
             return view.on_frame
 
+        peer = self.views["peer_address"]
+
         def on_frame(frame, ts: float) -> None:
             events = view.on_frame(frame, ts)
             if events:
                 book.feed(events)
+                self._relay(book, peer)
         return on_frame
+
+    @staticmethod
+    def _relay(book, peer) -> None:
+        """Seeing only frames destined to the peer, the client legs' server side is the backend legs'
+        server bytes (the peer relays them unchanged): decode them as the client leg's replies, so the
+        session tables (and digests) are complete without a hub."""
+        for key, data in book.relay_server_bytes():
+            events = peer.pipeline.feed_relayed(key, False, data)
+            if peer.watcher is not None and events:
+                peer.watcher.feed(events)
 
     async def run(self, stdin: trio.lowlevel.FdStream, buffer: bytearray) -> None:
         from capture.snooper import Snooper
@@ -213,8 +226,10 @@ class _Observer:
         if op == "pairings":  # the peer's message: which client leg pairs with which backend leg
             if self.book is None:
                 return []
-            return self.book.set_pairings(request.get("add") or [], request.get("remove") or [],
-                                          bool(request.get("reset")))
+            problems = self.book.set_pairings(request.get("add") or [], request.get("remove") or [],
+                                              bool(request.get("reset")))
+            self._relay(self.book, self.views["peer_address"])  # a new pairing's replies so far
+            return problems
         if op == "continuations":  # a takeover: each connection's two legs to restore, or why not
             return [v.to_wire() for v in self.book.plan(time.time())] if self.book is not None else []
         if op == "continuation_summary":

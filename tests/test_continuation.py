@@ -281,3 +281,29 @@ def test_continued_connections_are_not_reset_and_the_others_are():
     rest = _not_continued(plan, takeover)
     assert rest.clients_to_reset == [{"client": "10.0.0.100:1001"}]
     assert rest.backends_to_reset == [{"client": "10.0.0.1:701", "server": "10.0.2.10:445"}]
+
+
+def test_frames_to_the_node_alone_decode_the_same_sessions_as_both_directions():
+    """The client leg's replies are the backend leg's server bytes (relayed unchanged): decoded as the
+    client leg's server side, the standby's tables equal those of a two-direction capture."""
+    from protocols.pipeline import Pipeline
+
+    def tables(pipeline):
+        return [(c["client"], c["sessions"], c["opens"]) for c in pipeline.snapshot()["connections"]
+                if c["server"].startswith(NODE + ":")]
+
+    cut = CUTS[len(CUTS) // 2]  # the file open (the loop logs off before the end)
+    o = Oracle(cut)
+    full = Pipeline(smb_ports=[445], nfs_ports=[])
+    for ts, seg in SEGMENTS[:cut]:
+        full.feed_segment(seg, ts)
+    assert tables(full)[0][1], "the capture has a session"
+    one_way = Pipeline(smb_ports=[445], nfs_ports=[])
+    book = ContinuationBook(NODE, [one_way.tcp])
+    for i, (ts, seg) in enumerate(to_node(cut)):
+        book.feed(one_way.feed_segment(seg, ts))
+        if i == 10:  # the pairing arrives a little after the connection started
+            book.set_pairings([o.pairing.to_wire()])
+        for key, data in book.relay_server_bytes():
+            one_way.feed_relayed(key, False, data)
+    assert tables(one_way) == tables(full)

@@ -82,6 +82,12 @@ def test_a_client_with_an_open_file_goes_on_through_b(lab, continuing_pair, prot
 
         summary = b.wait_for(continuable, 5, "b able to continue the client's connection")
         assert summary["pair"]["state_sync"]["continuation"]["bytes_kept"] < 4 << 20
+        # the session tables too, from the frames to a alone: the client leg's replies are the backend
+        # leg's server bytes; b's view agrees with a's own
+        st = b.wait_for(lambda s: s["pair"]["state_sync"]["in_sync"], 5, "b's view of a's address in sync")
+        if protocol == "smb":
+            [conn] = [c for c in st["connections"] if c["client"] in before]
+            assert [s["session_id"] for s in conn["sessions"]] == [ready["session_id"]]
         time.sleep(1.0)
         a.kill_hard(link_down=death == "sigkill+link")
         st = b.wait_for(serving(host, "b"), 5, "b holding a's address")
