@@ -114,7 +114,7 @@ def run_stateful_demo(lab: Lab) -> bool:
     10): the client writes on through b with the same connection and session."""
     addr = lab.addresses
     lab.up()
-    lab.flood(True)
+    lab.flood("nodes")  # only the frames destined to the nodes flood: what the standby needs (issue 10)
     a = NodeProcess(lab, "a", pair=True, mode="stateful", log=lab.root / "demo-stateful-a.log")
     b = NodeProcess(lab, "b", pair=True, mode="stateful", log=lab.root / "demo-stateful-b.log")
     holder = None
@@ -128,7 +128,8 @@ def run_stateful_demo(lab: Lab) -> bool:
         b.wait_for(lambda s: s["pair"]["link"]["state"] == "connected", 10, "link up")
         for node in (a, b):
             node.wait_for(lambda s: s["pair"]["state_sync"]["observer"] == "running", 10, "observer running")
-        tl.say("stateful pair up: the bridge floods, so b sees a's frames; b decodes them, never replies")
+        tl.say("stateful pair up: the bridge floods the frames destined to the nodes, so b sees those to a "
+               "(client -> a, server -> a); b decodes them, never replies")
         holder = SmbHolder(lab, addr.service_a, "demo-stateful.bin")
         tl.say(f"an SMB client (smbprotocol) opens demo-stateful.bin on {addr.service_a} and goes idle")
 
