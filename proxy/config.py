@@ -115,6 +115,9 @@ class PairConfig:
     #: How long a starting node waits to hear from its peer before claiming its own address
     #: (and then only if no other host answers ARP for it).
     claim_wait: float = 1.0
+    #: stateful: at most this many bytes per connection and direction a takeover may put back (what one
+    #: side sent that the other has not acknowledged); the standby keeps at most twice this per leg
+    continue_buffer: int = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -309,6 +312,23 @@ def _bool(value: Any) -> bool:
     return value
 
 
+def _byte_count(value: Any) -> int:
+    """A number of bytes: an integer, or a string with KiB/MiB ("4MiB")."""
+    text = value.strip() if isinstance(value, str) else None
+    if text is not None:
+        for unit, factor in (("KiB", 1 << 10), ("MiB", 1 << 20)):
+            if text.endswith(unit) and text[:-len(unit)].strip().isdigit():
+                value = int(text[:-len(unit)]) * factor
+                break
+        else:
+            raise ValueError(f"expected a number of bytes (e.g. 4194304 or \"4MiB\"), got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"expected a number of bytes (e.g. 4194304 or \"4MiB\"), got {value!r}")
+    if value > 1 << 30:
+        raise ValueError(f"{value} bytes is over the 1 GiB limit")
+    return value
+
+
 def _positive_duration(value: Any) -> float:
     seconds = parse_duration(value)
     if seconds == 0:
@@ -331,7 +351,7 @@ def _ipv4(value: Any) -> ipaddress.IPv4Address:
 
 
 PEER_KEYS = {"name", "address", "link", "listen", "key_file", "probe_port", "macvlan"}
-PAIR_KEYS = {"mode", "heartbeat", "dead_after", "claim_wait"}
+PAIR_KEYS = {"mode", "heartbeat", "dead_after", "claim_wait", "continue_buffer"}
 NODE_KEYS = {"name", "interface", "address", "state_dir", "control", "grace", "log_level", "metrics"}
 SERVICE_KEYS = {"name", "protocol", "port", "backend", "extra_ports", "connect_timeout", "secure"}
 TOP_KEYS = {"node", "service", "peer", "pair"}
@@ -479,6 +499,7 @@ def _parse_pair(r: _Reader, doc: dict, node: NodeConfig | None) -> tuple[PeerCon
         heartbeat=r.value(pair_t, "heartbeat", "pair", _positive_duration, 0.02),
         dead_after=r.value(pair_t, "dead_after", "pair", _positive_duration, 0.1),
         claim_wait=r.value(pair_t, "claim_wait", "pair", parse_duration, 1.0),
+        continue_buffer=r.value(pair_t, "continue_buffer", "pair", _byte_count, 4 << 20),
     )
     if None in peer_values.values() or None in pair_values.values():
         return None, None

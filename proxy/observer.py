@@ -62,8 +62,10 @@ def _frame(message: dict) -> bytes:
 class ObserverProcess:
     """The node's handle on its observer child: start it, ask it things."""
 
-    def __init__(self, ifname: str, views: dict[str, dict], *, rcvbuf: int = 128 << 20, batch: int = 256):
-        self.setup = {"ifname": ifname, "views": views, "rcvbuf": rcvbuf, "batch": batch}
+    def __init__(self, ifname: str, views: dict[str, dict], *, rcvbuf: int = 128 << 20, batch: int = 256,
+                 continuation_cap: int | None = None):
+        self.setup = {"ifname": ifname, "views": views, "rcvbuf": rcvbuf, "batch": batch,
+                      "continuation_cap": continuation_cap}
         self._process: trio.Process | None = None
         self._lock = trio.Lock()
         self._next_id = 0
@@ -139,7 +141,8 @@ class _Observer:
             from proxy.continuation import DEFAULT_CAP, ContinuationBook
 
             self.book = ContinuationBook(peer.address, [peer.pipeline.tcp, backend.pipeline.tcp],
-                                         cap=setup.get("continuation_cap") or DEFAULT_CAP)
+                                         cap=DEFAULT_CAP if setup.get("continuation_cap") is None
+                                         else setup["continuation_cap"])
 
     def _callback(self, name: str, view):
         """The snooper's callback of one view: the peer's views feed the continuation book too."""

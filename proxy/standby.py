@@ -94,7 +94,8 @@ class StatefulStandby:
         self.addresses = {name: v["address"] for name, v in views.items()}
         self.view_sync = ViewSync(peer_name=peer.name)
         # 128 MiB: with 8 MiB a bulk transfer through the lab lost a fifth of its frames (bench/SNOOPER.md)
-        self.observer = observer or ObserverProcess(node.interface, views, rcvbuf=128 << 20)
+        self.observer = observer or ObserverProcess(node.interface, views, rcvbuf=128 << 20,
+                                                    continuation_cap=config.pair.continue_buffer)
         self.prepared: PreparedTakeover | None = None
         self.observer_timeouts = 0
         self.messages_dropped = 0

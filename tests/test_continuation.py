@@ -307,3 +307,22 @@ def test_frames_to_the_node_alone_decode_the_same_sessions_as_both_directions():
         for key, data in book.relay_server_bytes():
             one_way.feed_relayed(key, False, data)
     assert tables(one_way) == tables(full)
+
+
+def test_the_buffer_bound_is_configurable_and_bad_values_name_the_key():
+    from proxy.config import ConfigError, parse_config
+
+    doc = {"node": {"name": "b", "interface": "eth0", "address": "10.0.0.2/24", "state_dir": "/tmp/s",
+                    "control": "/tmp/s/c.sock"},
+           "service": [{"name": "smb", "protocol": "smb", "port": 445, "backend": "10.0.2.10:445"}],
+           "peer": {"name": "a", "address": "10.0.0.1", "link": "10.1.0.1:7400", "listen": "10.1.0.2:7400",
+                    "key_file": "/etc/pairproxy/pair.key"},
+           "pair": {"mode": "stateful"}}
+    assert parse_config(doc).pair.continue_buffer == 4 << 20
+    doc["pair"]["continue_buffer"] = "256KiB"
+    assert parse_config(doc).pair.continue_buffer == 256 << 10
+    for bad in ("4MB", -1, True, 2 << 30):
+        doc["pair"]["continue_buffer"] = bad
+        with pytest.raises(ConfigError) as err:
+            parse_config(doc)
+        assert err.value.problems[0].startswith("pair.continue_buffer: ")
