@@ -45,11 +45,15 @@ class Pipeline:
     """
 
     def __init__(self, smb_ports=SMB_PORTS, nfs_ports=NFS_PORTS, ooo_limit: int = 1 << 20,
-                 idle_timeout: float = 7200.0, max_connections: int = 65536) -> None:
+                 idle_timeout: float = 7200.0, max_connections: int = 65536, zero_copy: bool = False) -> None:
+        """``zero_copy``: Data events carry views of the frame (valid during ``feed_frame`` only), so
+        bulk payload is never copied; for callers that do not keep Data events (the snooper's views,
+        replay). Default off: every event stays valid."""
         self.smb_ports = frozenset(smb_ports)
         self.nfs_ports = frozenset(nfs_ports) if RpcDecoder is not None else frozenset()
         self.tcp = TcpTracker(self.smb_ports | frozenset(nfs_ports), ooo_limit=ooo_limit,
-                              idle_timeout=idle_timeout, max_connections=max_connections)
+                              idle_timeout=idle_timeout, max_connections=max_connections,
+                              zero_copy=zero_copy)
         self.smb = SmbSessionTable()
         self.nfs: StateTable | None = NfsStateTable() if NfsStateTable is not None and RpcDecoder else None
         self.decoders: dict[ConnKey, tuple[str, AppDecoder | None]] = {}

@@ -46,7 +46,7 @@ class AddressView:
         #: what the snooper must capture: the service address, or the backend hosts
         self.capture_addresses = self.as_client_of or [address]
         self.pipeline = Pipeline(smb_ports=[p for p in self.ports if p == 445],
-                                 nfs_ports=[p for p in self.ports if p != 445])
+                                 nfs_ports=[p for p in self.ports if p != 445], zero_copy=True)
         self.frames = 0
         self.bytes = 0
         #: frames whose IPv4 destination / source is ``address``: which way this node sees its traffic
