@@ -282,7 +282,9 @@ def format_status(status: NodeStatus) -> str:
                          f" ({sync.matches}/{sync.compared} digests matched"
                          + (f"; behind: {behind.frames} frames, {behind.bytes} bytes, {_ms(behind.ms)})"
                             if behind else ")"))
-            lines.append(f"observer {sync.observer}; {sum(s.kernel_drops for s in sync.snoopers)} frames dropped by "
+            paths = "/".join(sorted({s.path for s in sync.snoopers})) or "-"
+            lines.append(f"observer {sync.observer} (reading: {paths}); "
+                         f"{sum(s.kernel_drops for s in sync.snoopers)} frames dropped by "
                          f"the kernel; frames seen, per address:")
             views = {"own_address": "own address", "peer_address": f"{pair.peer}'s address",
                      "peer_backend": f"{pair.peer}'s backend connections"}

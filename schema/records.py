@@ -384,6 +384,8 @@ class SnooperStats:
     kernel_packets: int = 0
     kernel_drops: int = 0
     rcvbuf: int = 0
+    path: str = "recv"           # how frames are read: "ring" (TPACKET_V3, mmap) or "recv" (the fallback)
+    ring_bytes: int = 0          # the ring's size (0 on recv)
 
 
 @dataclass

@@ -222,6 +222,12 @@ elif mode == "udp":
 """
 
 
+@pytest.fixture(params=["ring", "recv"])
+def path(request) -> str:
+    """Every live test runs on both read paths: the TPACKET_V3 ring and the recv fallback."""
+    return request.param
+
+
 @pytest.fixture
 def net():
     if shutil.which("ip") is None:
@@ -292,11 +298,12 @@ def _drain(s: socket.socket) -> list[tuple]:
             return out
 
 
-async def test_filter_live(net: Net):
+async def test_filter_live(net: Net, path: str):
     rec = Recorder()
     with in_netns(net.a):
-        sn = Snooper("va", [A_ADDR], PORTS, rec)
+        sn = Snooper("va", [A_ADDR], PORTS, rec, ring=path == "ring")
         ctl = _control_socket()
+    assert sn.path == path
     with sn, ctl:
         async with trio.open_nursery() as nursery:
             await nursery.start(sn.run)
@@ -343,7 +350,7 @@ async def test_filter_live(net: Net):
     assert st["rcvbuf"] >= 8 << 20
 
 
-async def test_bulk_transfer(net: Net):
+async def test_bulk_transfer(net: Net, path: str):
     size = 50_000_000
     payload = {"out": 0, "retransmitted": 0}
     frames = {"n": 0}
@@ -367,7 +374,8 @@ async def test_bulk_transfer(net: Net):
                 highest[key] = (base, (base + end) % (1 << 32))
 
     with in_netns(net.a):
-        sn = Snooper("va", [A_ADDR], PORTS, on_frame)
+        sn = Snooper("va", [A_ADDR], PORTS, on_frame, ring=path == "ring")
+    assert sn.path == path
     with sn:
         async with trio.open_nursery() as nursery:
             await nursery.start(sn.run)
@@ -388,10 +396,11 @@ async def test_bulk_transfer(net: Net):
         assert payload["out"] < size
 
 
-async def test_callback_errors_counted(net: Net, caplog):
+async def test_callback_errors_counted(net: Net, caplog, path: str):
     rec = Recorder(raise_first=3)
     with in_netns(net.a):
-        sn = Snooper("va", [A_ADDR], PORTS, rec, batch=2)
+        sn = Snooper("va", [A_ADDR], PORTS, rec, batch=2, ring=path == "ring")
+    assert sn.path == path
     with sn:
         async with trio.open_nursery() as nursery:
             await nursery.start(sn.run)
@@ -404,11 +413,36 @@ async def test_callback_errors_counted(net: Net, caplog):
     assert sum(1 for r in caplog.records if "on_frame raised ValueError" in r.getMessage()) == 1
 
 
-def test_close_is_idempotent_and_bad_interface(net: Net):
+def test_close_is_idempotent_and_bad_interface(net: Net, path: str):
     with in_netns(net.a):
-        sn = Snooper("va", [A_ADDR], PORTS, lambda f, t: None)
+        sn = Snooper("va", [A_ADDR], PORTS, lambda f, t: None, ring=path == "ring")
         with pytest.raises(OSError):
-            Snooper("nonexistent0", [A_ADDR], PORTS, lambda f, t: None)
+            Snooper("nonexistent0", [A_ADDR], PORTS, lambda f, t: None, ring=path == "ring")
+    assert sn.path == path and (sn.ring_bytes > 0) == (path == "ring")
     sn.close()
     sn.close()
     assert sn.sock is None
+
+
+async def test_ring_refused_falls_back_to_recv(net: Net):
+    """A ring the kernel refuses (a block size it rejects) leaves the snooper on recv, which works,
+    and says why; the ring's timestamps are the kernel's receive times."""
+    seen: list[float] = []
+    with in_netns(net.a):
+        sn = Snooper("va", [A_ADDR], PORTS, lambda f, ts: seen.append(ts), block_size=1 << 31)
+        ok = Snooper("va", [A_ADDR], PORTS, lambda f, ts: seen.append(ts))
+    assert sn.path == "recv" and sn.ring_error and "blocks of 2147483648 bytes" in sn.ring_error
+    assert ok.path == "ring" and ok.ring_error is None
+    with sn, ok:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sn.run)
+            await nursery.start(ok.run)
+            t0 = time.time()
+            await trio.to_thread.run_sync(net.tcp, A_ADDR, PORTS[0], 3000, 10)
+            await _settle(sn)
+            await _settle(ok)
+            nursery.cancel_scope.cancel()
+        a, b = sn.stats(), ok.stats()
+    assert a["frames"] == b["frames"] > 5 and a["bytes"] == b["bytes"]
+    assert (a["path"], b["path"]) == ("recv", "ring") and b["ring_bytes"] >= 8 << 20
+    assert all(t0 - 1 < t < time.time() + 1 for t in seen)
