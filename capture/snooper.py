@@ -18,8 +18,8 @@ Two ways to read, chosen at construction (``status`` shows which: ``path``):
   it is full or ``retire_ms`` after its first frame; the loop waits (one ``poll`` through trio) until
   a block is ready, hands each frame to ``on_frame`` as a view *into the ring* (no system call and no
   copy per frame), and gives the block back by writing its status word. The ring's size
-  (``ring_bytes``, default ``rcvbuf``) is what the kernel can queue while Python is busy, as the
-  receive buffer is for ``recv``. ``ts`` is the kernel's receive time of the frame.
+  (``ring_bytes``, default twice ``rcvbuf``, as the kernel doubles ``SO_RCVBUF``) is what the kernel
+  can queue while Python is busy, as the receive buffer is for ``recv``. ``ts`` is the kernel's receive time of the frame.
 * ``recv`` (fallback, when the ring cannot be set up, e.g. no memory for it, or ``ring=False``):
   ``recv_into`` into one reusable buffer until ``EAGAIN``, ``ts`` = ``time.time()`` after the read
   (one vDSO call, cheaper than an ``SO_TIMESTAMPNS`` control message per frame).
@@ -88,7 +88,7 @@ class Snooper:
                  *, rcvbuf: int = 8 << 20, batch: int = 256, snaplen: int = 1 << 18,
                  vlan: bool = True, ring: bool = True, ring_bytes: int | None = None,
                  block_size: int = 1 << 18, retire_ms: int = 4) -> None:
-        """``ring``: try the TPACKET_V3 ring first (``ring_bytes``, default ``rcvbuf``, in blocks of
+        """``ring``: try the TPACKET_V3 ring first (``ring_bytes``, default twice ``rcvbuf``, in blocks of
         ``block_size``; a block not full is handed over ``retire_ms`` after its first frame), falling
         back to ``recv`` if the kernel refuses it; False: ``recv`` only."""
         if batch < 1:
@@ -123,8 +123,8 @@ class Snooper:
                 sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)
             except PermissionError:  # without CAP_NET_ADMIN: as much as rmem_max allows
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-            if ring:
-                self._open_ring(sock, ring_bytes or rcvbuf, block_size, retire_ms)
+            if ring:  # the same room the kernel gives recv (it doubles SO_RCVBUF for its bookkeeping)
+                self._open_ring(sock, ring_bytes or 2 * rcvbuf, block_size, retire_ms)
             if self.path == "recv":
                 self._buf = bytearray(snaplen)
                 self._view = memoryview(self._buf)
