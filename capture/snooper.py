@@ -86,11 +86,12 @@ class Snooper:
 
     def __init__(self, ifname: str, addresses: list[str], ports: list[int], on_frame: FrameCallback,
                  *, rcvbuf: int = 8 << 20, batch: int = 256, snaplen: int = 1 << 18,
-                 vlan: bool = True, ring: bool = True, ring_bytes: int | None = None,
+                 vlan: bool = True, peers: list[str] | None = None, ring: bool = True, ring_bytes: int | None = None,
                  block_size: int = 1 << 18, retire_ms: int = 4) -> None:
         """``ring``: try the TPACKET_V3 ring first (``ring_bytes``, default twice ``rcvbuf``, in blocks of
         ``block_size``; a block not full is handed over ``retire_ms`` after its first frame), falling
-        back to ``recv`` if the kernel refuses it; False: ``recv`` only."""
+        back to ``recv`` if the kernel refuses it; False: ``recv`` only. ``peers``: only segments whose
+        other end is one of these (see :func:`capture.bpf.tcp_service_filter`)."""
         if batch < 1:
             raise ValueError("batch must be at least 1")
         if block_size < mmap.PAGESIZE or block_size % mmap.PAGESIZE:
@@ -100,7 +101,7 @@ class Snooper:
         self.ports = list(ports)
         self.on_frame = on_frame
         self.batch = batch
-        self.program = bpf.tcp_service_filter(self.addresses, self.ports, vlan=vlan)
+        self.program = bpf.tcp_service_filter(self.addresses, self.ports, vlan=vlan, peers=peers)
         self.snaplen = snaplen
         self._buf = bytearray()
         self._view = memoryview(self._buf)

@@ -139,8 +139,11 @@ class _Observer:
         async with trio.open_nursery() as nursery:
             try:
                 for view in self.views.values():
+                    # a view of the peer's backend connections filters on the peer's address too, so
+                    # the kernel keeps this node's own backend connections out of it
                     snooper = Snooper(self.setup["ifname"], view.capture_addresses, view.ports, view.on_frame,
-                                      rcvbuf=self.setup["rcvbuf"], batch=self.setup["batch"])
+                                      rcvbuf=self.setup["rcvbuf"], batch=self.setup["batch"],
+                                      peers=[view.address] if view.as_client_of else None)
                     self.snoopers.append(snooper)
                     await nursery.start(snooper.run)
             except OSError as exc:

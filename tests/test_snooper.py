@@ -113,6 +113,35 @@ def test_interpreter_agrees_with_tcpdump():
     check()
 
 
+def test_peer_restricted_filter_agrees_with_tcpdump():
+    """With ``peers`` (the standby's view of its peer's backend connections): only segments between
+    the addresses and the peers, as tcpdump compiles it, frame by frame."""
+    from hypothesis import given, settings, strategies as st
+    from scapy.layers.inet import IP, TCP
+    from scapy.layers.l2 import Dot1Q, Ether
+
+    backends, peers, ports = ["10.0.2.10", "10.0.2.11"], ["10.0.0.2"], [445, 2049]
+    ours = bpf.tcp_service_filter(backends, ports, peers=peers)
+    core = (f"((dst host {backends[0]} or dst host {backends[1]}) and (dst port 445 or dst port 2049) and "
+            f"src host {peers[0]}) or ((src host {backends[0]} or src host {backends[1]}) and "
+            f"(src port 445 or src port 2049) and dst host {peers[0]})")
+    plain, tagged = _tcpdump_program(f"tcp and ({core})"), _tcpdump_program(f"vlan and tcp and ({core})")
+    hosts = st.sampled_from(backends + peers + ["10.0.0.1", "10.0.2.12"])
+    port = st.sampled_from(ports + [80, 800, 50000])
+
+    @settings(max_examples=400, deadline=None)
+    @given(src=hosts, dst=hosts, sport=port, dport=port, vlan=st.booleans())
+    def check(src, dst, sport, dport, vlan):
+        l2 = Ether() / Dot1Q(vlan=3) if vlan else Ether()
+        frame = bytes(l2 / IP(src=src, dst=dst) / TCP(sport=sport, dport=dport))
+        want = bpf.interpret(tagged if vlan else plain, frame)
+        assert bool(bpf.interpret(ours, frame)) == bool(want), (src, dst, sport, dport, vlan)
+
+    check()
+    with pytest.raises(ValueError):
+        bpf.tcp_service_filter(backends, ports, peers=[])
+
+
 # ------------------------------------------------------------------------------- namespaces
 _libc = ctypes.CDLL(None, use_errno=True)
 
