@@ -143,7 +143,10 @@ class _Observer:
                     # the kernel keeps this node's own backend connections out of it
                     snooper = Snooper(self.setup["ifname"], view.capture_addresses, view.ports, view.on_frame,
                                       rcvbuf=self.setup["rcvbuf"], batch=self.setup["batch"],
-                                      peers=[view.address] if view.as_client_of else None)
+                                      peers=[view.address] if view.as_client_of else None,
+                                      # a ring of rcvbuf bytes (not twice, the Snooper default): three
+                                      # views share the node's memory, and the ring pins its pages
+                                      ring_bytes=self.setup["rcvbuf"])
                     self.snoopers.append(snooper)
                     await nursery.start(snooper.run)
             except OSError as exc:
