@@ -26,6 +26,7 @@ from pathlib import Path
 from driver import Bench, LabError, NodeProcess, PairTimings, copies, cpu_seconds, random_file, say, serving, sha256_of
 
 MODES = ("stateless", "stateful")
+FLOODED = "flooded"  # a stateless pair on the hub-like bridge: what flooding alone costs, without snooping
 METRICS = {"smb_put": "smb_write", "smb_get": "smb_read", "nfs_put": "nfs_write", "nfs_get": "nfs_read"}
 
 
@@ -50,7 +51,9 @@ def loadavg() -> str:
 def one_round(bench: Bench, mode: str, src: Path, src_sha: str, tag: str,
               timings: PairTimings) -> tuple[dict, list[int]]:
     lab = bench.lab
-    bench.flood(mode == "stateful")
+    bench.flood(mode in ("stateful", FLOODED))
+    if mode == FLOODED:
+        mode = "stateless"
     cfg = bench.pair_configs(mode, timings)
     a = bench.started(NodeProcess(lab, "a", cfg["a"], log=bench.work / f"{mode}-a.log"))
     b = bench.started(NodeProcess(lab, "b", cfg["b"], log=bench.work / f"{mode}-b.log"))
@@ -91,6 +94,9 @@ def main() -> int:
     parser.add_argument("--root", help="lab state directory (default /var/tmp/pairproxy-modes-lab-PREFIX)")
     parser.add_argument("--keep-lab", action="store_true")
     parser.add_argument("--keep-work", action="store_true", help="keep the node logs")
+    parser.add_argument("--flooded", action="store_true",
+                        help="also a stateless pair on the flooding bridge: separates what the bridge's "
+                             "flooding costs from what snooping and decoding cost")
     parser.add_argument("--heartbeat-ms", type=int, default=20)
     parser.add_argument("--dead-after-ms", type=int, default=100,
                         help="the lab's 100 ms; on a machine loaded by others a longer one keeps a false "
@@ -99,7 +105,8 @@ def main() -> int:
     if os.geteuid() != 0:
         say("modes.py: needs root (network namespaces)")
         return 1
-    results: dict[str, dict[str, list[float]]] = {m: {k: [] for k in METRICS} for m in MODES}
+    modes = MODES + ((FLOODED,) if args.flooded else ())
+    results: dict[str, dict[str, list[float]]] = {m: {k: [] for k in METRICS} for m in modes}
     drops: list[int] = []
     timings = PairTimings.from_ms(args.heartbeat_ms, args.dead_after_ms)
     with Bench("modes", args.prefix, root=args.root, keep_lab=args.keep_lab, keep_work=args.keep_work,
@@ -109,7 +116,7 @@ def main() -> int:
             src = random_file(bench.work / "src.bin", args.size_mib << 20)
             src_sha = sha256_of(src)
             for r in range(args.rounds):
-                for mode in MODES:
+                for mode in modes:
                     got, d = one_round(bench, mode, src, src_sha, f"{r}-{mode}-{time.time():.0f}", timings)
                     drops += d
                     extra = {k: got.pop(k) for k in ("paths", "loadavg", "cpu") if k in got}
@@ -125,10 +132,16 @@ def main() -> int:
             say("modes.py: interrupted; cleaning up")
             return 130
     say(f"\nmedians over {args.rounds} round(s), {args.size_mib} MiB, MB/s")
-    say(f"{'metric':<10} {'stateless':>10} {'stateful':>10} {'ratio':>7}")
+    fl = args.flooded
+    say(f"{'metric':<10} {'stateless':>10} {'stateful':>10} {'ratio':>7}"
+        + (f" {'flooded':>10} {'ratio':>7}" if fl else ""))
     for k in METRICS:
         sl, sf = statistics.median(results["stateless"][k]), statistics.median(results["stateful"][k])
-        say(f"{k:<10} {sl:>10.0f} {sf:>10.0f} {sf / sl:>7.2f}")
+        line = f"{k:<10} {sl:>10.0f} {sf:>10.0f} {sf / sl:>7.2f}"
+        if fl:
+            fd = statistics.median(results[FLOODED][k])
+            line += f" {fd:>10.0f} {fd / sl:>7.2f}"
+        say(line)
     say(f"snooper kernel drops (all observers, all stateful rounds): {sum(drops)}")
     return 0
 
