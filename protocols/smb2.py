@@ -618,7 +618,7 @@ class Smb2Decoder:
         Candidates come from a byte search for the protocol ids (``b"SMB"`` finds all four: 0xFE SMB2,
         0xFF SMB1, 0xFD transform, 0xFC compressed), never from a trial decode at every byte. A
         candidate is a NetBIOS session header (type 0, a length that fits the id) before the id;
-        for SMB2 also a 64-byte StructureSize, a command below 0x13 and the response flag of this
+        for SMB2 also a 64-byte StructureSize, a known command (below 0x14) and the response flag of this
         direction. The frame itself is decoded once, by the normal path."""
         buf = d.buf
         p = buf.find(b"SMB", pos + 5)
@@ -633,7 +633,7 @@ class Smb2Decoder:
                         plausible = buf[h + 4] == HEADER_SIZE and buf[h + 5] == 0
                     if plausible and len(buf) >= h + 17:
                         command, flags = buf[h + 12] | buf[h + 13] << 8, buf[h + 16]
-                        plausible = command < 0x13 and bool(flags & FLAG_RESPONSE) != from_client
+                        plausible = command < len(COMMAND_NAMES) and bool(flags & FLAG_RESPONSE) != from_client
                 if plausible:
                     return h - 4
             p = buf.find(b"SMB", p + 1)
