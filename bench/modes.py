@@ -31,13 +31,20 @@ METRICS = {"smb_put": "smb_write", "smb_get": "smb_read", "nfs_put": "nfs_write"
 
 
 def observers(node: NodeProcess) -> list[int]:
-    """PIDs of the node's observer child (stateful mode)."""
+    """PIDs of the node's observer child (stateful mode): processes whose parent is the node."""
     pid = node.proc.pid if node.proc else None
-    try:
-        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    except OSError:
-        return []
-    return [int(k) for k in kids if b"proxy.observer" in Path(f"/proc/{k}/cmdline").read_bytes()]
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            if int(stat[stat.rindex(")") + 2:].split()[1]) == pid and \
+                    b"proxy.observer" in (entry / "cmdline").read_bytes():
+                out.append(int(entry.name))
+        except (OSError, ValueError):
+            continue
+    return out
 
 
 def cpu_of(pids: list[int]) -> float:
