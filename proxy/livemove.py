@@ -21,7 +21,7 @@ Giving node (:func:`move_out`), in the order bench/TCPREPAIR.md's findings deman
    then ``move_commit``;
 7. wait (bounded: ``ready_wait``) for the peer's ``move_ready``: every connection restored there, quietly.
    Then close the frozen sockets silently, remove the address (still locked: a segment that finds no
-   socket would be answered with a reset), unlock, and send ``move_go``.
+   socket would be answered with a reset), send ``move_go``, unlock.
    No ``move_ready`` in time, or the sync link broke: **thaw** (repair mode off with the same state, the
    held bytes written, the pumps resumed, accepting again, the address never left) and send
    ``move_abort``; each connection is reported as kept here.
@@ -58,8 +58,9 @@ log = logging.getLogger("pairproxy.livemove")
 BATCH_BYTES = 512 * 1024
 #: a connection whose two legs' state is larger than this cannot be sent in one message: it is cut
 MAX_CONNECTION_BYTES = 900 * 1024
-#: how long the giver waits for in-flight bytes to be acknowledged before freezing
-DRAIN_WAIT = 0.05
+#: how long the giver waits for in-flight bytes to be acknowledged before freezing (a client's delayed ACK
+#: can take 40 ms; bytes still in flight after this are booked as sent and acknowledged to the new holder)
+DRAIN_WAIT = 0.01
 #: how long the giver waits for a connection's pumps to stop
 STOP_WAIT = 1.0
 #: how long the giver waits for ``move_ready`` after its commit before it thaws
@@ -85,7 +86,7 @@ class MoveReport:
     failed: int = 0
     failures: list[str] = field(default_factory=list)
     state_bytes: int = 0
-    #: out: pumps stopped -> go sent (or thawed); in: go received -> last leg live
+    #: out: pumps stopped -> unlocked after the go (or thawed); in: go received -> last leg live
     pause_ms: float | None = None
     #: in: the giver's first freeze -> the last leg live here (wall clocks of both nodes)
     freeze_to_live_ms: float | None = None
@@ -201,35 +202,47 @@ async def move_out(*, address: str, move_id: int, service: Any, remove_address: 
     report = MoveReport(address, "out", move_id, time.time())
     t0 = trio.current_time()
     phases = _Phases(report)
-    # 1-2
-    service.stop_accepting()
-    await trio.sleep(0)  # connections accepted just now register themselves
-    conns = [(proxy, conn) for proxy in service.proxies for conn in list(proxy.connections)]
-    for _, conn in conns:
-        conn.moving = True
-        conn.pumps.cancel()
-    with trio.move_on_after(STOP_WAIT):
+    prepared: list = []
+
+    async def prepare_lock() -> None:  # the lock's table, in a thread while the pumps stop (slow netlink)
+        try:
+            prepared.append(await trio.to_thread.run_sync(lock(address).prepare))
+        except MoveLockError as exc:
+            prepared.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(prepare_lock)
+        # 1-2
+        service.stop_accepting()
+        await trio.sleep(0)  # connections accepted just now register themselves
+        conns = [(proxy, conn) for proxy in service.proxies for conn in list(proxy.connections)]
         for _, conn in conns:
-            await conn.ended.wait()
-    report.connections = len(conns)
-    handed = [(p, c) for p, c in conns if c.handed is not None]
-    for _, conn in conns:
-        if conn.handed is None:
-            report.fail(_name(conn), "its pumps ended first (closed or reset as usual)")
-    phases.done("stop")
-    # 3. nothing in flight
-    with trio.move_on_after(drain_wait):
-        while True:
-            try:
-                if all(tcprepair.unacknowledged(s) == 0 for _, c in handed for s in c.handed):
+            conn.moving = True
+            conn.pumps.cancel()
+        with trio.move_on_after(STOP_WAIT):
+            for _, conn in conns:
+                await conn.ended.wait()
+        report.connections = len(conns)
+        handed = [(p, c) for p, c in conns if c.handed is not None]
+        for _, conn in conns:
+            if conn.handed is None:
+                report.fail(_name(conn), "its pumps ended first (closed or reset as usual)")
+        phases.done("stop")
+        # 3. nothing in flight (the lock is not engaged yet: the remotes' ACKs still come in)
+        with trio.move_on_after(drain_wait):
+            while True:
+                try:
+                    if all(tcprepair.unacknowledged(s) == 0 for _, c in handed for s in c.handed):
+                        break
+                except OSError:
                     break
-            except OSError:
-                break
-            await trio.sleep(0.0005)
-    phases.done("drain")
+                await trio.sleep(0.0005)
+        phases.done("drain")
     # 4. the lock
     try:
-        held = lock(address).open()
+        if isinstance(prepared[0], MoveLockError):
+            raise prepared[0]
+        held = prepared[0].engage()
     except MoveLockError as exc:  # nothing is frozen yet: the connections simply go on here
         log.error("move of %s not started: %s", address, exc)
         for proxy, conn in handed:
@@ -244,7 +257,8 @@ async def move_out(*, address: str, move_id: int, service: Any, remove_address: 
     finally:
         if report.lock_drops is None:
             report.lock_drops = held.dropped()
-        held.close()
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(held.close)  # 1-80 ms under load (measured): off the event loop
 
 
 async def _freeze_and_send(report: MoveReport, t0: float, phases: _Phases, address: str, move_id: int, service: Any,
@@ -332,11 +346,11 @@ async def _freeze_and_send(report: MoveReport, t0: float, phases: _Phases, addre
         phases.done("close")
         await remove_address()
         phases.done("remove_address")
-        report.lock_drops = held.dropped()
-        held.close()
-        phases.done("unlock")
         await send({"type": "move_go", "address": address, "move_id": move_id, "frozen_at": frozen_at})
         phases.done("go")
+        report.lock_drops = held.dropped()
+        await trio.to_thread.run_sync(held.close)  # after the go: 1-80 ms under load, none of it the clients'
+        phases.done("unlock")
         report.outcome = "moved"
     report.pause_ms = round((trio.current_time() - t0) * 1000, 3)
     report.finished = True

@@ -320,9 +320,17 @@ class Node:
                 return
             if address == self.core.peer_address and self.held is None:
                 self._nursery.start_soon(self._prepare_move_in)
-            self.receiver = livemove.Receiver(address, move_id, send=self.link.send,
-                                              connected=lambda: self.link.state == "connected")
-            self._nursery.start_soon(self.receiver.run)
+            receiver = self.receiver = livemove.Receiver(address, move_id, send=self.link.send,
+                                                         connected=lambda: self.link.state == "connected")
+
+            async def receive() -> None:
+                await receiver.run()
+                if receiver.state == "given_up":  # status tells that this side dropped what it restored
+                    self._record_move(receiver.report)
+                    if self.receiver is receiver:
+                        self.receiver = None
+
+            self._nursery.start_soon(receive)
             return
         receiver = self.receiver
         if receiver is None or (receiver.address, receiver.move_id) != (address, move_id):
@@ -456,6 +464,9 @@ class Node:
         self._enqueue(roles.HandoverBackRequested() if back else roles.HandoverRequested())
         with trio.move_on_after(min(float(request.get("timeout_s") or 10.0), 60.0)):
             while self.core.own_role != want or len(self.moves) == before:
+                if len(self.moves) > before and self.moves[-1].outcome in ("thawed", "given_up") \
+                        and self.core.own_role not in (roles.MOVING_OUT,):
+                    break  # called off: everything stays as it was
                 await trio.sleep(0.005)
         last = self.moves[-1] if len(self.moves) > before else None
         return {"own_role": self.core.own_role, "changed": self.core.own_role == want,
@@ -491,8 +502,8 @@ class Node:
             return waiting[2][0] if waiting[2] else None
 
         report = None
+        service = self.own_service if mine else held.service
         try:
-            service = self.own_service if mine else held.service
             report = await livemove.move_out(address=address, move_id=self._move_ids, service=service,
                                              remove_address=remove_address, send=self.link.send, wait_ready=wait_ready)
             self._record_move(report)
@@ -501,11 +512,14 @@ class Node:
         finally:
             self._awaiting_ready = None
             self.move_in_progress = None
-            if held is not None and (report is None or report.outcome != "thawed"):
+            if held is not None and (report.outcome != "thawed" if report else service.state != "serving"):
                 # the rest of the hand-back (macvlan, standby) after the clients' pause
                 self.held = None
                 await release(held, macvlan=self.peer_macvlan, standby=self.standby)
-        thawed = report is not None and report.outcome == "thawed"
+        if report is None:  # a bug: whether the address is still served here says what happened
+            thawed = service.state == "serving"
+        else:
+            thawed = report.outcome == "thawed"
         return roles.MovedOut(address, stopping=stopping, thawed=thawed)
 
     async def _prepare_move_in(self) -> None:

@@ -414,7 +414,15 @@ def close_silently(sock: socket.socket) -> None:
 def thaw(sock: socket.socket) -> None:
     """Leave repair mode after :func:`freeze` and go on serving here (a move that was refused)."""
     _set(sock, socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, TCP_NO_QUEUE, "deselect queue")
-    _set(sock, socket.IPPROTO_TCP, TCP_REPAIR, TCP_REPAIR_OFF, "TCP_REPAIR off")
+    _repair_off(sock, TCP_REPAIR_OFF, "TCP_REPAIR off")
+
+
+def _repair_off(sock: socket.socket, how: int, step: str) -> None:
+    """Leave repair mode. The kernel then clears the socket's SO_REUSEADDR (repair mode forces reuse and
+    leaving it sets "no reuse"), after which a listener on the same address and port can no longer be
+    bound (measured: EADDRINUSE): set it again."""
+    _set(sock, socket.IPPROTO_TCP, TCP_REPAIR, how, step)
+    _set(sock, socket.SOL_SOCKET, socket.SO_REUSEADDR, 1, f"{step}: SO_REUSEADDR")
 
 
 # ------------------------------------------------------------------ restore
@@ -437,7 +445,7 @@ class RestoredSocket:
         failure here raises TcpRepairError and the caller must reset the connection (close normally)."""
         sock = self.sock
         step = f"go live {self.state.endpoints}"
-        _set(sock, socket.IPPROTO_TCP, TCP_REPAIR, TCP_REPAIR_OFF, f"{step}: TCP_REPAIR off")
+        _repair_off(sock, TCP_REPAIR_OFF, f"{step}: TCP_REPAIR off")
         done, pending = 0, self.pending
         while done < len(pending):  # the buffer was sized for it: this does not wait
             try:

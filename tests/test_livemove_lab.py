@@ -18,6 +18,7 @@ import time
 import pytest
 
 from deploy.lab.clients import SCRIPTS, established
+from proxy.control import request
 from tests.test_pair_lab import pair, standing_by  # noqa: F401 (the fixture)
 
 pytestmark = pytest.mark.lab
@@ -28,7 +29,7 @@ ROUNDS = int(os.environ.get("PAIRPROXY_MOVE_ROUNDS", "3"))   # each: handover, t
 
 def log_tails(lab) -> str:
     """The end of both nodes' logs (for an assertion's message)."""
-    return "\n".join(f"--- {n}:\n" + (lab.root / f"pair-{n}.log").read_text(errors="replace")[-3000:] for n in "ab")
+    return "\n".join(f"--- {n}:\n" + (lab.root / f"pair-{n}.log").read_text(errors="replace")[-6000:] for n in "ab")
 
 
 def handover(lab, node, back: bool = False) -> tuple[subprocess.CompletedProcess, float]:
@@ -81,7 +82,8 @@ def test_handover_and_back_moves_live_connections_without_a_reconnect(lab, pair,
         print(f"to {m['to']}: client stall smb {m['stall']['smb']} ms, nfs {m['stall']['nfs']} ms; ", end="")
         print(f"to {m['to']}: {m['in']['moved']}/{m['in']['connections']} moved, freeze->live "
               f"{m['in']['freeze_to_live_ms']} ms, giver pause {m['out']['pause_ms']} ms, taker "
-              f"{m['in']['pause_ms']} ms, cli {m['cli_s']} s")
+              f"{m['in']['pause_ms']} ms, cli {m['cli_s']} s; phases out {m['out'].get('phases_ms')} "
+              f"in {m['in'].get('phases_ms')}; lock drops {m['out'].get('lock_drops')}")
     print("clients:", json.dumps({k: ({kk: vv for kk, vv in v.items() if kk != "gaps"} if isinstance(v, dict)
                                      else v) for k, v in report.items()}))
     assert report, "the clients did not report"
@@ -152,3 +154,51 @@ def test_hand_back_after_a_return_moves_the_connections_the_holder_served(lab, p
         assert report[kind]["error_count"] == 0 and report[kind]["mismatches"] == 0, (kind, report[kind])
     assert (report["smb_port"], report["nfs_port"]) == (ready["smb_port"], ready["nfs_port"])
     assert len(ports_after) == 2 and report["connections"] == 1
+
+
+def test_a_move_whose_peer_never_confirms_is_called_off_and_every_client_goes_on(lab, pair):
+    """The sync link breaks mid-move: b restores a's connections but its ``move_ready`` never reaches a
+    (a blackhole route in b for a's sync address: b's side of the link stops sending). a must thaw its frozen sockets (the address never
+    left it), b must drop what it restored, and the clients must not notice beyond a pause: no error, no
+    reset, the same two connections; a's status reports the move as called off with both kept."""
+    a, b = pair
+    host = lab.addresses.service_a
+    clients, ready = start_clients(lab, host, "thaw.bin")
+    cut = ["ip", "route", "add", "blackhole", f"{lab.addresses.sync_a}/32"]
+    try:
+        time.sleep(0.3)
+        ports_before = established(lab, host, 445) | established(lab, host, 2049)
+        lab.run(lab.ns_b, cut, check=True)
+        try:  # at once (not through the CLI's start-up): a's side of the link must still be up
+            began = time.monotonic()
+            answer = request(a.control_socket, "handover", timeout=10, timeout_s=5)
+            took = time.monotonic() - began
+        finally:
+            lab.run(lab.ns_b, ["ip", "route", "del", "blackhole", f"{lab.addresses.sync_a}/32"], check=True)
+        assert answer["changed"] is False and answer["own_role"] == "serving", answer
+        move = a.status()["pair"]["last_move"]
+        time.sleep(1.0)  # the clients go on after the pause (a request dropped by the lock: the client resends)
+        st_a = a.status()
+        ports_after = established(lab, host, 445) | established(lab, host, 2049)
+        b_moves = b.status()["pair"].get("last_move")
+    finally:
+        report = stop_clients(clients)
+    print("called-off move:", json.dumps(move), "cli", round(took, 3), "s")
+    print("b's side:", json.dumps(b_moves))
+    print("clients:", json.dumps({k: ({kk: vv for kk, vv in v.items() if kk != "gaps"} if isinstance(v, dict)
+                                     else v) for k, v in report.items()}))
+    assert move["direction"] == "out" and move["outcome"] == "thawed", (move, log_tails(lab))
+    assert move["thawed"] == 2 and move["moved"] == 0, move
+    assert any("called off" in f for f in move["failures"]), move
+    assert st_a["pair"]["addresses"][host]["role"] == "serving", log_tails(lab)
+    for kind in ("smb", "nfs"):
+        assert report[kind]["error_count"] == 0 and report[kind]["mismatches"] == 0, (kind, report[kind])
+        assert report[kind]["ops"] > 20, (kind, report[kind])
+    assert (report["smb_port"], report["nfs_port"]) == (ready["smb_port"], ready["nfs_port"])
+    assert ports_before == ports_after and len(ports_after) == 2 and report["connections"] == 1
+    # b holds no copy: it never took the address, and it dropped what it restored
+    assert b.status()["pair"]["addresses"][host]["role"] != "holding"
+    assert b_moves and b_moves["direction"] == "in" and b_moves["outcome"] == "given_up", b_moves
+    assert b_moves["moved"] == 0 and b_moves["connections"] == 2, b_moves
+    assert lab.run(lab.ns_b, ["ss", "-Htn", "state", "established", "src", host],
+                   capture_output=True, text=True).stdout.strip() == "", "b kept a restored connection"
