@@ -99,6 +99,9 @@ class MoveReport:
     phases_ms: dict[str, float] = field(default_factory=dict)
     #: out: client/backend segments the lock dropped during the move (each one the remote resends)
     lock_drops: int | None = None
+    #: the longest the event loop went without a turn during this side of the move (heartbeats wait that
+    #: long: a stretch near dead_after makes the peer suspect this node)
+    loop_lag_ms: float | None = None
 
     def fail(self, what: str, why: str) -> None:
         self.failed += 1
@@ -118,6 +121,36 @@ class _Phases:
         now = trio.current_time()
         self.report.phases_ms[name] = round(self.report.phases_ms.get(name, 0.0) + (now - self.last) * 1000, 3)
         self.last = now
+
+
+class _LagWatch:
+    """Measures the event loop's longest stretch without a turn while a move runs (``loop_lag_ms``)."""
+
+    PERIOD = 0.001
+
+    def __init__(self, report: MoveReport) -> None:
+        self.report = report
+        self.worst = 0.0
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        try:
+            while True:
+                before = time.perf_counter()
+                await trio.sleep(self.PERIOD)
+                self.worst = max(self.worst, time.perf_counter() - before - self.PERIOD)
+        finally:
+            self.report.loop_lag_ms = round(max(self.worst, (self.report.loop_lag_ms or 0.0) / 1000) * 1000, 3)
+
+
+async def _watched(report: MoveReport, fn: Callable[[], Awaitable[Any]]) -> Any:
+    """``await fn()`` while a :class:`_LagWatch` measures the event loop."""
+    async with trio.open_nursery() as nursery:
+        await nursery.start(_LagWatch(report).run)
+        try:
+            return await fn()
+        finally:
+            nursery.cancel_scope.cancel()
 
 
 class _Slicer:
@@ -200,6 +233,14 @@ async def move_out(*, address: str, move_id: int, service: Any, remove_address: 
     address; ``wait_ready`` returns the peer's ``move_ready`` message, or None (no answer within the bound,
     or the sync link broke)."""
     report = MoveReport(address, "out", move_id, time.time())
+    return await _watched(report, lambda: _move_out(report, address, move_id, service, remove_address, send,
+                                                    wait_ready, drain_wait, lock))
+
+
+async def _move_out(report: MoveReport, address: str, move_id: int, service: Any,
+                    remove_address: Callable[[], Awaitable[None]], send: Callable[[dict], Awaitable[bool]],
+                    wait_ready: Callable[[], Awaitable[dict | None]], drain_wait: float,
+                    lock: Callable[[str], Any]) -> MoveReport:
     t0 = trio.current_time()
     phases = _Phases(report)
     prepared: list = []
@@ -397,6 +438,9 @@ class Receiver:
             self._decided.set()
 
     async def run(self) -> None:
+        await _watched(self.report, self._run)
+
+    async def _run(self) -> None:
         phases = _Phases(self.report)
         slicer = _Slicer()
         committed = False
@@ -499,6 +543,11 @@ async def move_in(*, address: str, receiver: Receiver | None,
     """The receiving node's sequence after ``move_go``: ``bring_up()`` (the address up and announced; it
     returns the :class:`~proxy.serving.AddressService` now serving it), go live, pump."""
     report = receiver.report if receiver is not None else MoveReport(address, "in", 0, time.time())
+    return await _watched(report, lambda: _move_in(report, address, receiver, bring_up))
+
+
+async def _move_in(report: MoveReport, address: str, receiver: Receiver | None,
+                   bring_up: Callable[[], Awaitable[Any]]) -> MoveReport:
     restored = receiver.take() if receiver is not None else []
     t0 = trio.current_time()
     phases = _Phases(report)

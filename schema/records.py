@@ -550,6 +550,7 @@ class MoveRecord:
     thawed: int = field(default=0, metadata=OPTIONAL)        # out, called off: connections kept here
     phases_ms: dict[str, float] | None = field(default=None, metadata=OPTIONAL)  # each phase's time, in order
     lock_drops: int | None = field(default=None, metadata=OPTIONAL)  # out: segments the move lock dropped
+    loop_lag_ms: float | None = field(default=None, metadata=OPTIONAL)  # the event loop's longest stretch
 
 
 @dataclass

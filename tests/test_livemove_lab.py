@@ -14,6 +14,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -28,8 +29,13 @@ ROUNDS = int(os.environ.get("PAIRPROXY_MOVE_ROUNDS", "3"))   # each: handover, t
 
 
 def log_tails(lab) -> str:
-    """The end of both nodes' logs (for an assertion's message)."""
-    return "\n".join(f"--- {n}:\n" + (lab.root / f"pair-{n}.log").read_text(errors="replace")[-6000:] for n in "ab")
+    """The end of both nodes' logs (for an assertion's message; all of them in $PAIRPROXY_MOVE_LOGS if set)."""
+    keep = os.environ.get("PAIRPROXY_MOVE_LOGS")
+    texts = {n: (lab.root / f"pair-{n}.log").read_text(errors="replace") for n in "ab"}
+    if keep:
+        for n, text in texts.items():
+            Path(f"{keep}-{n}.log").write_text(text)
+    return "\n".join(f"--- {n}:\n" + text[-6000:] for n, text in texts.items())
 
 
 def handover(lab, node, back: bool = False) -> tuple[subprocess.CompletedProcess, float]:
@@ -83,7 +89,8 @@ def test_handover_and_back_moves_live_connections_without_a_reconnect(lab, pair,
         print(f"to {m['to']}: {m['in']['moved']}/{m['in']['connections']} moved, freeze->live "
               f"{m['in']['freeze_to_live_ms']} ms, giver pause {m['out']['pause_ms']} ms, taker "
               f"{m['in']['pause_ms']} ms, cli {m['cli_s']} s; phases out {m['out'].get('phases_ms')} "
-              f"in {m['in'].get('phases_ms')}; lock drops {m['out'].get('lock_drops')}")
+              f"in {m['in'].get('phases_ms')}; lock drops {m['out'].get('lock_drops')}; loop lag out "
+              f"{m['out'].get('loop_lag_ms')} in {m['in'].get('loop_lag_ms')} ms")
     print("clients:", json.dumps({k: ({kk: vv for kk, vv in v.items() if kk != "gaps"} if isinstance(v, dict)
                                      else v) for k, v in report.items()}))
     assert report, "the clients did not report"
