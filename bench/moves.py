@@ -93,21 +93,29 @@ def per_move(report: dict, windows: list[tuple[float, float]]) -> list[dict]:
             m[f"{kind}_stall_ms"] = max([g for at, g in r["gaps"] if start <= at <= end + AFTER], default=0.0)
             m[f"{kind}_reconnects"] = [c for c in r["reconnects"] if start - 0.05 <= c["at"] <= end + AFTER]
         m["stall_ms"] = max(m["smb_stall_ms"], m["nfs_stall_ms"])
+        # a client that never worked again (e.g. SMB: the old session still holds the file open) has no gap
+        # that ends: its stall is "not within the run", not 0
+        m["recovered"] = all(c["ms"] is not None for c in m["smb_reconnects"] + m["nfs_reconnects"])
+        if not m["recovered"]:
+            m["stall_ms"] = None
         out.append(m)
     return out
 
 
 def summary(moves: list[dict], report: dict) -> dict:
-    stalls = [m["stall_ms"] for m in moves]
+    stalls = [m["stall_ms"] for m in moves if m["stall_ms"] is not None]
     reconnects = sum(len(m["smb_reconnects"]) + len(m["nfs_reconnects"]) for m in moves)
     return {"moves": len(moves), "stall_ms_median": round(statistics.median(stalls), 2) if stalls else None,
-            "stall_ms_worst": max(stalls, default=None), "stall_ms_all": stalls,
+            "stall_ms_worst": max(stalls, default=None) if all(m["recovered"] for m in moves) else "not recovered",
+            "stall_ms_all": [m["stall_ms"] for m in moves], "moves_not_recovered": sum(not m["recovered"] for m in moves),
             "errors": report["smb"]["error_count"] + report["nfs"]["error_count"],
             "mismatches": report["smb"]["mismatches"] + report["nfs"]["mismatches"],
             "reconnects": reconnects, "moves_with_a_reconnect": sum(
                 1 for m in moves if m["smb_reconnects"] or m["nfs_reconnects"]),
             "reconnect_ms": [c["ms"] for m in moves for c in m["smb_reconnects"] + m["nfs_reconnects"]],
-            "ops": {k: report[k]["ops"] for k in ("smb", "nfs")}}
+            "ops": {k: report[k]["ops"] for k in ("smb", "nfs")},
+            "never_recovered": sum(1 for m in moves for c in m["smb_reconnects"] + m["nfs_reconnects"] if c["ms"] is None),
+            "first_errors": {k: report[k]["errors"] for k in ("smb", "nfs")}}
 
 
 def handover(node: NodeProcess, back: bool) -> dict:
