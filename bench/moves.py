@@ -207,6 +207,7 @@ def run_pairproxy(bench: Bench, args) -> dict:
         idle = bench.started(IdleProbe(lab, host, smb=args.connections - nfs, nfs=nfs)).start(timeout=180)
         out["bulk"]["connections"] = {"smb": args.connections - nfs, "nfs": nfs}
         time.sleep(1.0)
+        bulk_started = time.monotonic()
         bulk = []
         for back in (False, True):
             handover(a, back)
@@ -223,7 +224,11 @@ def run_pairproxy(bench: Bench, args) -> dict:
                 f"{n.get('loop_lag_ms')} ms")
             time.sleep(1.0)
         out["bulk"]["moves"] = bulk
-        out["bulk"]["idle_connections_ended"] = len(idle.ended())
+        ended = idle.ended()
+        out["bulk"]["idle_connections_ended"] = len(ended)
+        out["bulk"]["idle_ended_events"] = {f"{e['p']} {e['ev']}": sum(1 for x in ended if (x['p'], x['ev']) == (e['p'], e['ev']))
+                                            for e in ended}
+        out["bulk"]["idle_ended_at_s"] = sorted({round(e["t"] - bulk_started, 1) for e in ended})[:50]
         bench.stop(idle)
         out["bulk"]["load_after"] = load()
         b.wait_for(standing_by, 10, "b standing by after the bulk moves")

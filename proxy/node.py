@@ -494,8 +494,8 @@ class Node:
 
         waiting = self._awaiting_ready = ((address, self._move_ids), trio.Event(), [])
 
-        async def wait_ready() -> dict | None:
-            with trio.move_on_after(livemove.READY_WAIT):
+        async def wait_ready(bound: float) -> dict | None:
+            with trio.move_on_after(bound):
                 while self.link.state == "connected" and not waiting[1].is_set():
                     with trio.move_on_after(0.01):
                         await waiting[1].wait()

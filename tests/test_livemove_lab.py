@@ -57,6 +57,8 @@ def pair(lab, tmp_path):
         "b left its macvlan behind"
 
 MOVE_CLIENTS = SCRIPTS / "move_clients.py"
+IDLE_PROBE = Path(__file__).resolve().parents[1] / "bench" / "_idleprobe.py"
+IDLE = 100
 ROUNDS = int(os.environ.get("PAIRPROXY_MOVE_ROUNDS", "3"))   # each: handover, then handover --back
 
 
@@ -203,8 +205,12 @@ def test_a_move_whose_peer_never_confirms_is_called_off_and_every_client_goes_on
     a, b = pair
     host = lab.addresses.service_a
     clients, ready = start_clients(lab, host, "thaw.bin")
+    # and 100 idle NFS connections (bench/_idleprobe.py prints one line per connection that ends)
+    idle = lab.popen(lab.ns_client, [sys.executable, str(IDLE_PROBE), host, "--smb", "0", "--nfs", str(IDLE)],
+                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     cut = ["ip", "route", "add", "blackhole", f"{lab.addresses.sync_a}/32"]
     try:
+        assert "ready" in json.loads(idle.stdout.readline() or "{}"), idle.stderr.read()[-1000:]
         time.sleep(0.3)
         ports_before = established(lab, host, 445) | established(lab, host, 2049)
         lab.run(lab.ns_b, cut, check=True)
@@ -222,23 +228,29 @@ def test_a_move_whose_peer_never_confirms_is_called_off_and_every_client_goes_on
         b_moves = b.status()["pair"].get("last_move")
     finally:
         report = stop_clients(clients)
+        stopping = time.monotonic()  # the probe's clock too (CLOCK_MONOTONIC is not per namespace)
+        idle.terminate()
+        ended = [json.loads(line) for line in idle.communicate(timeout=30)[0].splitlines() if line.strip()]
     print("called-off move:", json.dumps(move), "cli", round(took, 3), "s")
+    ended = [e for e in ended if e.get("t", 0) < stopping]  # not those the probe's own exit closed
+    print(f"idle connections that ended before the probe stopped: {len(ended)} of {IDLE}", ended[:5])
     print("b's side:", json.dumps(b_moves))
     print("clients:", json.dumps({k: ({kk: vv for kk, vv in v.items() if kk != "gaps"} if isinstance(v, dict)
                                      else v) for k, v in report.items()}))
     assert move["direction"] == "out" and move["outcome"] == "thawed", (move, log_tails(lab))
-    assert move["thawed"] == 2 and move["moved"] == 0, move
+    assert move["thawed"] == 2 + IDLE and move["moved"] == 0 and move["failed"] == 0, move
+    assert not ended, ended[:5]
     assert any("called off" in f for f in move["failures"]), move
     assert st_a["pair"]["addresses"][host]["role"] == "serving", log_tails(lab)
     for kind in ("smb", "nfs"):
         assert report[kind]["error_count"] == 0 and report[kind]["mismatches"] == 0, (kind, report[kind])
         assert report[kind]["ops"] > 20, (kind, report[kind])
     assert (report["smb_port"], report["nfs_port"]) == (ready["smb_port"], ready["nfs_port"])
-    assert ports_before == ports_after and len(ports_after) == 2 and report["connections"] == 1
+    assert ports_before == ports_after and len(ports_after) == 2 + IDLE and report["connections"] == 1
     # b holds no copy: it never took the address, and it dropped what it restored
     assert b.status()["pair"]["addresses"][host]["role"] != "holding"
     assert b_moves and b_moves["direction"] == "in" and b_moves["outcome"] == "given_up", b_moves
-    assert b_moves["moved"] == 0 and b_moves["connections"] == 2, b_moves
+    assert b_moves["moved"] == 0 and b_moves["connections"] == 2 + IDLE, b_moves
     assert lab.run(lab.ns_b, ["ss", "-Htn", "state", "established", "src", host],
                    capture_output=True, text=True).stdout.strip() == "", "b kept a restored connection"
 
