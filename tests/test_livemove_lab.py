@@ -284,3 +284,60 @@ def test_a_move_in_the_middle_of_a_64_mib_download_keeps_every_byte(lab, pair, t
     assert move_out["moved"] == 1 and move_out["failed"] == 0, move_out
     assert move_in["moved"] == 1 and move_in["failed"] == 0, move_in
     assert sha256_of(out) == sha256_of(src)
+
+
+@pytest.fixture
+def stateful_move_pair(lab, tmp_path):
+    """A stateful pair (the switch floods, as in tests/test_stateful_lab.py) with MOVE_TIMINGS."""
+    lab.flood(True)
+    configs = {n: lab.write_node_config(tmp_path / f"sf-{n}.toml", n, pair=True, mode="stateful",
+                                        timings=MOVE_TIMINGS) for n in "ab"}
+    a = NodeProcess(lab, "a", config=configs["a"], log=lab.root / "pair-a.log")
+    b = NodeProcess(lab, "b", config=configs["b"], log=lab.root / "pair-b.log")
+    try:
+        b.start()
+        a.start()
+        a.wait_for(serving(lab.addresses.service_a, "a"), 10, "a serving")
+        b.wait_for(standing_by, 10, "b standing by, link up")
+        for node in (a, b):
+            node.wait_for(lambda s: s["pair"]["state_sync"]["observer"] == "running", 15, "observer running")
+        yield a, b
+    finally:
+        a.stop(10)
+        b.stop(10)
+        lab.run(lab.ns_a, ["ip", "link", "set", "eth0", "up"])
+        lab.flood(False)
+
+
+def test_after_a_stateful_move_both_nodes_know_the_moved_connections(lab, stateful_move_pair):
+    """Stateful mode, a -> b: b proxies the two moved connections (its own sockets in its status) and a,
+    which gave the address up, still has both in its view of the address (the standby side of it), with the
+    state sync between the two in agreement."""
+    a, b = stateful_move_pair
+    host = lab.addresses.service_a
+    clients, ready = start_clients(lab, host, "stateful-move.bin")
+    try:
+        time.sleep(1.5)
+        answer = request(a.control_socket, "handover", timeout=30, timeout_s=20)
+        assert answer["changed"], answer
+        time.sleep(2.0)
+        st_a, st_b = a.status(), b.status()
+    finally:
+        report = stop_clients(clients)
+        log_tails(lab)
+    ends = {f"{host}:445": ready["smb_port"], f"{host}:2049": ready["nfs_port"]}
+
+    def ours(st: dict) -> dict:
+        return {c["server"]: c for c in st.get("connections", [])
+                if c["server"] in ends and c["client"] == f"{lab.addresses.client}:{ends[c['server']]}"}
+
+    on_a, on_b = ours(st_a), ours(st_b)
+    print("a:", {k: (v["protocol"], bool(v.get("proxied"))) for k, v in on_a.items()}, st_a["pair"]["state_sync"]["in_sync"])
+    print("b:", {k: (v["protocol"], bool(v.get("proxied"))) for k, v in on_b.items()}, st_b["pair"]["state_sync"]["in_sync"])
+    for kind in ("smb", "nfs"):
+        assert report[kind]["error_count"] == 0, report[kind]
+    assert st_b["pair"]["addresses"][host]["role"] == "holding"
+    assert set(on_b) == set(ends) and all(c.get("proxied") for c in on_b.values()), on_b
+    assert set(on_a) == set(ends) and not any(c.get("proxied") for c in on_a.values()), on_a
+    assert on_a[f"{host}:445"]["opens"] and on_a[f"{host}:445"]["opens"][0]["path"] == "stateful-move.bin"
+    assert st_b["pair"]["state_sync"]["in_sync"] is not False
