@@ -312,7 +312,7 @@ def stateful_move_pair(lab, tmp_path):
 def test_after_a_stateful_move_both_nodes_know_the_moved_connections(lab, stateful_move_pair):
     """Stateful mode, a -> b: b proxies the two moved connections (its own sockets in its status) and a,
     which gave the address up, still has both in its view of the address (the standby side of it), with the
-    state sync between the two in agreement."""
+    state sync between the two in agreement; and the same the other way after the move back."""
     a, b = stateful_move_pair
     host = lab.addresses.service_a
     clients, ready = start_clients(lab, host, "stateful-move.bin")
@@ -322,6 +322,9 @@ def test_after_a_stateful_move_both_nodes_know_the_moved_connections(lab, statef
         assert answer["changed"], answer
         time.sleep(2.0)
         st_a, st_b = a.status(), b.status()
+        back = request(a.control_socket, "handover", timeout=30, back=True, timeout_s=20)
+        time.sleep(2.0)
+        back_a, back_b = a.status(), b.status()
     finally:
         report = stop_clients(clients)
         log_tails(lab)
@@ -341,3 +344,8 @@ def test_after_a_stateful_move_both_nodes_know_the_moved_connections(lab, statef
     assert set(on_a) == set(ends) and not any(c.get("proxied") for c in on_a.values()), on_a
     assert on_a[f"{host}:445"]["opens"] and on_a[f"{host}:445"]["opens"][0]["path"] == "stateful-move.bin"
     assert st_b["pair"]["state_sync"]["in_sync"] is not False
+    # and back: a proxies them again, b (standby again) still has them in its view
+    assert back["changed"] and back_a["pair"]["addresses"][host]["role"] == "serving", back
+    on_a, on_b = ours(back_a), ours(back_b)
+    assert set(on_a) == set(ends) and all(c.get("proxied") for c in on_a.values()), on_a
+    assert set(on_b) == set(ends) and not any(c.get("proxied") for c in on_b.values()), on_b
