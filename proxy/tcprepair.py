@@ -27,15 +27,17 @@ Theory of operation (the sequence space of one socket; as in CRIU's ``soccr``)::
 * A socket in repair mode that is closed sends nothing (no FIN, no RST): that is how the old holder lets
   go of a connection it handed over.
 
-A move, step by step (what tests/test_tcprepair.py does, and what the node is to do):
+A move, step by step (what tests/test_tcprepair.py does; the node's sequence is :mod:`proxy.livemove`):
 
-1. old holder: stop writing to the sockets; wait (about one round trip) until :func:`unacknowledged` is 0,
-   so that no byte is in flight (a byte in flight at the freeze that the remote lost is resent only by the
+1. old holder: stop writing to the sockets; wait briefly until :func:`unacknowledged` is 0, so that no
+   byte is in flight (a byte in flight at the freeze that the remote lost is resent only by the
    retransmission timer, 1 to 3 s later);
-2. old holder: remove the service address. From now on no segment reaches its sockets: the kernel still
-   receives and acknowledges data in repair mode, and a byte acknowledged after the snapshot would be lost;
-3. old holder: :func:`freeze` each socket, ``to_wire``, send; :func:`close_silently` once the peer has it
-   (or :func:`thaw` and re-add the address if the move is called off);
+2. old holder: keep every segment away from the sockets: the kernel still receives and acknowledges data
+   in repair mode, and a byte acknowledged after the snapshot would be lost. The node drops them with an
+   nftables rule (:mod:`proxy.movelock`) and keeps the address, so that a move called off can go on here;
+   removing the address does the same;
+3. old holder: :func:`freeze` each socket, ``to_wire``, send; :func:`close_silently` once the peer has
+   restored them (or :func:`thaw` if the move is called off: the connection goes on here);
 4. new holder: ``from_wire``, :func:`restore_quiet` each (still in repair mode: it sends nothing);
 5. new holder: add the address (only now: a segment that finds the address but no socket is reset),
    announce it (gratuitous ARP), then ``go_live()`` each socket.
