@@ -102,6 +102,22 @@ def per_move(report: dict, windows: list[tuple[float, float]]) -> list[dict]:
     return out
 
 
+def baseline(report: dict, windows: list[tuple[float, float]]) -> dict:
+    """The clients' gaps over 20 ms away from every move (from 1 s after the first move's start to the end):
+    what the machine's load alone costs an operation, to read the stalls against."""
+    if not windows:
+        return {}
+    first = windows[0][0]
+    out = {}
+    for kind in ("smb", "nfs"):
+        gaps = [g for at, g in report[kind]["gaps"]
+                if at > first and not any(s - 0.05 <= at <= e + AFTER for s, e in windows)]
+        out[kind] = {"gaps_over_20ms": len(gaps), "median_ms": round(statistics.median(gaps), 1) if gaps else None,
+                     "worst_ms": max(gaps, default=None),
+                     "p90_ms": round(sorted(gaps)[int(0.9 * (len(gaps) - 1))], 1) if gaps else None}
+    return out
+
+
 def summary(moves: list[dict], report: dict) -> dict:
     stalls = [m["stall_ms"] for m in moves if m["stall_ms"] is not None]
     reconnects = sum(len(m["smb_reconnects"]) + len(m["nfs_reconnects"]) for m in moves)
@@ -191,6 +207,7 @@ def run_pairproxy(bench: Bench, args) -> dict:
             f"{len(m['smb_reconnects']) + len(m['nfs_reconnects'])}")
     out["moves"] = moves
     out["summary"] = summary(moves, report)
+    out["summary"]["away_from_moves"] = baseline(report, windows)
     out["summary"]["freeze_to_live_ms"] = [(m["in"] or {}).get("freeze_to_live_ms") for m in moves]
     out["summary"]["outcomes"] = [(m["out"] or {}).get("outcome") for m in moves]
     out["summary"]["loop_lag_ms_worst"] = max([(m[s] or {}).get("loop_lag_ms") or 0 for m in moves for s in ("out", "in")],
@@ -326,6 +343,7 @@ def run_keepalived(bench: Bench, args) -> dict:
         say(f"  keepalived move: stall {m['stall_ms']} ms, reconnects {len(m['smb_reconnects']) + len(m['nfs_reconnects'])}")
     out["moves"] = moves
     out["summary"] = summary(moves, report)
+    out["summary"]["away_from_moves"] = baseline(report, windows)
     out["restart_to_serving_ms"] = restart  # keepalived+haproxy start -> VIP on a (polled every 5 ms)
     out["load_after"] = load()
     say(f"keepalived+haproxy: {json.dumps({k: v for k, v in out['summary'].items() if k != 'stall_ms_all'})}")
