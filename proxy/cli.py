@@ -273,6 +273,8 @@ def format_status(status: NodeStatus) -> str:
         if m is not None:
             lines.append(f"last move: {m.address} {m.direction}, {m.moved} of {m.connections} connection(s) live, "
                          f"{m.failed} cut, pause {_ms(m.pause_ms)}"
+                         + (f", CALLED OFF: {m.thawed} connection(s) kept here" if m.outcome == "thawed" else "")
+                         + (", GIVEN UP: the restored connections were dropped" if m.outcome == "given_up" else "")
                          + (f", freeze to live {_ms(m.freeze_to_live_ms)}" if m.freeze_to_live_ms is not None else ""))
         sync = pair.state_sync
         if sync:
