@@ -129,9 +129,12 @@ class Assembler:
         return off
 
 
-def _body(asm: Assembler, l3: int, addrs: Sequence[int], ports: Sequence[int], tag: str) -> None:
-    """IPv4/TCP/non-fragment + host/port test, IP header at offset ``l3``; labels suffixed ``tag``."""
+def _body(asm: Assembler, l3: int, addrs: Sequence[int], ports: Sequence[int], tag: str,
+          peers: Sequence[int] = ()) -> None:
+    """IPv4/TCP/non-fragment + host/port test, IP header at offset ``l3``; labels suffixed ``tag``.
+    With ``peers``, the other end of the segment must also be one of them."""
     dst, src, dport, sport = (f"{n}{tag}" for n in ("dst", "src", "dport", "sport"))
+    dpeer, speer = (f"{n}{tag}" if peers else "accept" for n in ("dpeer", "speer"))
     asm.ld_b(l3 + 9)                       # ip proto
     asm.jeq(IPPROTO_TCP, jf="reject")
     asm.ld_h(l3 + 6)                       # flags + fragment offset
@@ -145,8 +148,14 @@ def _body(asm: Assembler, l3: int, addrs: Sequence[int], ports: Sequence[int], t
     asm.label(dport)
     asm.ld_h_ind(l3 + 2)                   # tcp dst port
     for p in ports[:-1]:
-        asm.jeq(p, jt="accept")
-    asm.jeq(ports[-1], jt="accept")
+        asm.jeq(p, jt=dpeer)
+    asm.jeq(ports[-1], jt=dpeer, jf=src)
+    if peers:
+        asm.label(dpeer)
+        asm.ld_w(l3 + 12)                  # ip src: the other end
+        for a in peers[:-1]:
+            asm.jeq(a, jt="accept")
+        asm.jeq(peers[-1], jt="accept")
     asm.label(src)
     asm.ld_w(l3 + 12)                      # ip src
     for a in addrs[:-1]:
@@ -155,18 +164,31 @@ def _body(asm: Assembler, l3: int, addrs: Sequence[int], ports: Sequence[int], t
     asm.label(sport)
     asm.ld_h_ind(l3)                       # tcp src port
     for p in ports[:-1]:
-        asm.jeq(p, jt="accept")
-    asm.jeq(ports[-1], jt="accept", jf="reject")
+        asm.jeq(p, jt=speer)
+    asm.jeq(ports[-1], jt=speer, jf="reject")
+    if peers:
+        asm.label(speer)
+        asm.ld_w(l3 + 16)                  # ip dst: the other end
+        for a in peers[:-1]:
+            asm.jeq(a, jt="accept")
+        asm.jeq(peers[-1], jt="accept", jf="reject")
 
 
-def tcp_service_filter(addresses: Iterable[str], ports: Iterable[int], *, vlan: bool = True) -> list[Insn]:
-    """The snooper's program: TCP to/from ``addresses`` on ``ports`` (1-4 IPv4 addresses, 1-8 ports)."""
+def tcp_service_filter(addresses: Iterable[str], ports: Iterable[int], *, vlan: bool = True,
+                       peers: Iterable[str] | None = None) -> list[Insn]:
+    """The snooper's program: TCP to/from ``addresses`` on ``ports`` (1-4 IPv4 addresses, 1-8 ports);
+    with ``peers`` (1-4 addresses) only segments whose other end is one of them: the standby's view of
+    its peer's backend connections (backend hosts as ``addresses``, the peer's address as ``peers``)
+    then skips the node's own backend connections in the kernel."""
     addrs = sorted({int(ipaddress.IPv4Address(a)) for a in addresses})
     plist = sorted({int(p) for p in ports})
+    others = sorted({int(ipaddress.IPv4Address(a)) for a in peers}) if peers is not None else []
     if not 1 <= len(addrs) <= 4:
         raise ValueError(f"1-4 IPv4 addresses, not {len(addrs)}")
     if not 1 <= len(plist) <= 8 or not all(0 < p < 65536 for p in plist):
         raise ValueError(f"1-8 TCP ports in 1..65535, not {plist}")
+    if peers is not None and not 1 <= len(others) <= 4:
+        raise ValueError(f"1-4 IPv4 peer addresses, not {len(others)}")
     asm = Assembler()
     asm.ld_h(12)                           # ethertype
     if vlan:
@@ -177,10 +199,10 @@ def tcp_service_filter(addresses: Iterable[str], ports: Iterable[int], *, vlan: 
         asm.label("ip14")
     else:
         asm.jeq(ETH_P_IP, jf="reject")
-    _body(asm, 14, addrs, plist, "14")
+    _body(asm, 14, addrs, plist, "14", others)
     if vlan:
         asm.label("ip18")
-        _body(asm, 18, addrs, plist, "18")
+        _body(asm, 18, addrs, plist, "18", others)
     asm.label("accept")
     asm.ret(ACCEPT_LEN)
     asm.label("reject")

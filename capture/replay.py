@@ -163,7 +163,7 @@ def _parse_at(text: str) -> tuple[str, float]:
 
 def replay(path: str, at: tuple[str, float] | None = None, on_event=None, progress=None) -> ReplayResult:
     """Feed a capture file through a Pipeline. ``on_event(rel_ts, key, event)`` sees every event."""
-    pipe = Pipeline()
+    pipe = Pipeline(zero_copy=True)  # Data events are not kept: no copy of bulk payload
     first = last = None
     packets = 0
     error = None

@@ -45,11 +45,18 @@ class Pipeline:
     """
 
     def __init__(self, smb_ports=SMB_PORTS, nfs_ports=NFS_PORTS, ooo_limit: int = 1 << 20,
-                 idle_timeout: float = 7200.0, max_connections: int = 65536) -> None:
+                 idle_timeout: float = 7200.0, max_connections: int = 65536, zero_copy: bool = False,
+                 decode: bool = True) -> None:
+        """``zero_copy``: Data events carry views of the frame (valid during ``feed_frame`` only), so
+        bulk payload is never copied; for callers that do not keep Data events (the snooper's views,
+        replay). Default off: every event stays valid. ``decode=False``: TCP only (sequence state for
+        resets), no SMB/RPC decoding: the standby's view of its peer's backend connections."""
+        self.decode = decode
         self.smb_ports = frozenset(smb_ports)
         self.nfs_ports = frozenset(nfs_ports) if RpcDecoder is not None else frozenset()
         self.tcp = TcpTracker(self.smb_ports | frozenset(nfs_ports), ooo_limit=ooo_limit,
-                              idle_timeout=idle_timeout, max_connections=max_connections)
+                              idle_timeout=idle_timeout, max_connections=max_connections,
+                              zero_copy=zero_copy)
         self.smb = SmbSessionTable()
         self.nfs: StateTable | None = NfsStateTable() if NfsStateTable is not None and RpcDecoder else None
         self.decoders: dict[ConnKey, tuple[str, AppDecoder | None]] = {}
@@ -115,7 +122,9 @@ class Pipeline:
             if isinstance(ev, ConnectionOpened):
                 proto = self.protocol_of(key)
                 dec: AppDecoder | None = None
-                if proto == "smb":
+                if not self.decode:
+                    pass
+                elif proto == "smb":
                     dec = Smb2Decoder(midstream=ev.mid_stream)
                 elif proto == "nfs":
                     try:
@@ -186,7 +195,7 @@ class Pipeline:
                     entry["nfs"] = {"error": f"{type(exc).__name__}: {exc}"}
             entry["tcp"] = conn.sequence_state()
             entry["unsynchronised"] = bool(dec is not None and dec.unsynchronised) or \
-                (dec is None and proto != "tcp")
+                (dec is None and proto != "tcp" and self.decode)
             conns.append(entry)
         errors = dict(self.counters)
         errors.update({f"tcp_{k}": v for k, v in self.tcp.counters.items()})

@@ -17,10 +17,23 @@ Losing sync
 -----------
 A direction loses record sync when a fragment is absurd (larger than :data:`MAX_RECORD`), when a
 record's RPC header does not parse, or when a capture gap swallows a fragment boundary. Then the
-direction *hunts*: it scans for a position that looks like the start of a record -- a mark of sane
-length, then either a CALL with ``rpcvers == 2`` and a program we know, or a REPLY to an XID we
-are waiting for -- and resumes there. A gap that ends inside the current fragment keeps sync: the
-damaged record is dropped, and the next mark is exactly where we expected it.
+direction *hunts*: it searches (``bytearray.find``, not a trial decode at every byte) for the bytes a
+record header has after its mark and XID -- ``msg_type 0, rpcvers 2`` for a CALL, ``msg_type 1,
+reply_stat 0|1`` for a REPLY -- and checks each candidate cheaply: a mark of sane length, then a CALL
+to a program we know whose credentials parse within the fragment, or a REPLY to an XID we are waiting
+for. It resumes there; the candidate's record is decoded once, by the normal path. A gap that ends
+inside the current fragment keeps sync: the damaged record is dropped (unless the lost bytes were
+bulk payload it skips anyway), and the next mark is exactly where we expected it.
+
+Bulk records
+------------
+READ replies and WRITE calls carry up to a megabyte of file data that nobody here needs. A record of
+one fragment longer than :data:`BULK_THRESHOLD` is decoded from its first :data:`PEEK` bytes with a
+:class:`SparseXdr`, which crosses an opaque by its length without the bytes: if the message needs
+nothing after the data (NFSv3 WRITE/READ, NFSv4 READ) its event is out at once and the rest of the
+record is skipped as it streams by; if it needs bytes after the data (an NFSv4 COMPOUND with a GETATTR
+after its WRITE) only those are kept. File data is never copied, and memory per direction stays at
+the head plus that tail.
 
 Why a hand-written XDR reader and not construct: XDR is a run of 4-byte words with unions,
 optional lists and variable opaques; a cursor with ``u32()``/``opaque()`` mirrors the RFC's XDR
@@ -155,19 +168,102 @@ _ACCEPT_STAT = {0: "SUCCESS", 1: "PROG_UNAVAIL", 2: "PROG_MISMATCH", 3: "PROC_UN
 
 
 class _Direction:
-    """Record-marking state of one direction of the connection."""
+    """Record-marking state of one direction of the connection.
 
-    __slots__ = ("buf", "frags", "frag_left", "record_len", "last", "damaged", "hunting", "offset")
+    Positions: ``offset`` is the stream offset of the next byte not yet consumed; ``got`` counts the
+    payload bytes of the current record seen so far (marks excluded). ``rec`` holds the record's bytes,
+    except those a bulk record skips (see :meth:`RpcDecoder._probe`): with ``hole_at`` set, ``rec`` is
+    the head (``rec[:hole_at]``) then the bytes from record position ``keep_from`` on.
+    """
+
+    __slots__ = ("buf", "rec", "frag_left", "record_len", "last", "damaged", "hunting", "offset", "got",
+                 "rec_start", "total", "candidate", "probed", "emitted", "keep_from", "hole_at")
 
     def __init__(self) -> None:
-        self.buf = bytearray()      # bytes not yet consumed
-        self.frags: list[bytes] = []  # fragments of the record being assembled
+        self.buf = bytearray()      # only a split record mark, or the bytes searched while hunting
         self.frag_left = 0          # bytes of the current fragment still to come (0: expect a mark)
+        self.hunting = False
+        self.offset = 0             # stream offset of the next byte to consume
+        self.new_record()
+
+    def new_record(self) -> None:
+        self.rec = bytearray()
         self.record_len = 0
         self.last = False           # the current fragment is the last of its record
-        self.damaged = False        # a gap hit the current record: drop it when complete
-        self.hunting = False
-        self.offset = 0             # stream offset of buf[0]
+        self.damaged = False        # a gap hit the kept part of the current record: drop it when complete
+        self.got = 0
+        self.rec_start = self.offset
+        self.total = 0              # the record's length when it is one fragment
+        self.candidate = False      # one fragment over BULK_THRESHOLD: probe its head once PEEK bytes are in
+        self.probed = False
+        self.emitted = False        # decoded from its head; the rest is skipped
+        self.keep_from = 0          # record bytes before this position (after the head) are not kept
+        self.hole_at = None         # len(head) when a hole was skipped, else None
+
+
+BULK_THRESHOLD = 64 * 1024
+"""Records longer than this (one fragment) are decoded from their head; bulk payload is skipped."""
+PEEK = 4096
+"""Bytes of a bulk record's head decoded before deciding what to skip (RPC header, AUTH_SYS
+credentials, an NFSv4 SEQUENCE/PUTFH/WRITE prefix fit easily)."""
+
+# Resync patterns (RFC 5531): after mark(4) and xid(4), a CALL is msg_type 0 then rpcvers 2; a REPLY is
+# msg_type 1 then reply_stat 0 (MSG_ACCEPTED) or 1 (MSG_DENIED), i.e. seven zero-or-one-ending bytes.
+_CALL_PATTERN = b"\0\0\0\0\0\0\0\x02"
+_REPLY_PATTERN = b"\0\0\0\x01\0\0\0"
+
+
+class _Missing(Exception):
+    """A read of record bytes that were skipped (or not yet seen); not an XdrError, so that the
+    program decoders do not turn it into a partial result."""
+
+    def __init__(self, pos: int) -> None:
+        super().__init__(pos)
+        self.pos = pos
+
+
+class SparseXdr(Xdr):
+    """An XDR cursor over a record of ``total`` bytes of which only a head and, from ``tail_at`` on,
+    a tail are held. :meth:`skip_opaque` crosses the gap between them by length (bulk READ/WRITE
+    data is never copied); any other read there raises :class:`_Missing` with its position."""
+
+    __slots__ = ("total", "head_len", "tail", "tail_at")
+
+    def __init__(self, head: bytes | memoryview, total: int, tail: bytes | memoryview = b"",
+                 tail_at: int | None = None) -> None:
+        super().__init__(head)
+        self.total = total
+        self.head_len = len(self.buf)
+        self.tail = memoryview(tail)
+        self.tail_at = total if tail_at is None else tail_at
+
+    @property
+    def remaining(self) -> int:
+        return self.total - self.pos
+
+    def _take(self, n: int) -> memoryview:
+        pos = self.pos
+        end = pos + n
+        if n < 0 or end > self.total:
+            raise XdrShort(f"short data: need {n} bytes at {pos}, have {self.total - pos}")
+        if end <= self.head_len:
+            v = self.buf[pos:end]
+        elif pos >= self.tail_at and end - self.tail_at <= len(self.tail):
+            v = self.tail[pos - self.tail_at:end - self.tail_at]
+        else:
+            raise _Missing(pos)
+        self.pos = end
+        return v
+
+    def skip_opaque(self, limit: int = MAX_RECORD) -> int:
+        n = self.u32()
+        if n > limit:
+            raise XdrError(f"opaque of {n} bytes exceeds {limit}")
+        end = self.pos + n + (-n) % 4
+        if end > self.total:
+            raise XdrShort(f"short data: opaque of {n} bytes at {self.pos}, have {self.total - self.pos}")
+        self.pos = end
+        return n
 
 
 class RpcDecoder:
@@ -193,6 +289,7 @@ class RpcDecoder:
         # XIDs of calls still waiting for a reply, per direction of the call
         self._outstanding: dict[bool, OrderedDict[int, RpcCall]] = {True: OrderedDict(), False: OrderedDict()}
         self.errors = 0
+        self.counters = {"resyncs": 0, "bulk_records": 0, "skipped_bytes": 0}
 
     # -------------------------------------------------------------- public interface
     @property
@@ -204,12 +301,21 @@ class RpcDecoder:
         """How many calls sent in that direction wait for a reply."""
         return len(self._outstanding[from_client])
 
-    def feed(self, from_client: bool, data: bytes) -> list[object]:
+    def feed(self, from_client: bool, data: bytes | memoryview) -> list[object]:
+        """``data`` may be a view of the caller's buffer: only what a record needs is copied."""
         d = self._dirs[from_client]
-        d.buf += data
         events: list[object] = []
         try:
-            self._run(from_client, d, events)
+            if d.hunting:
+                d.buf += data
+                rest = self._hunt(from_client, d)
+                if rest is None:
+                    return events
+                data = rest
+            elif d.buf:  # a record mark split between two segments
+                d.buf += data
+                data, d.buf = bytes(d.buf), bytearray()
+            self._scan(from_client, d, memoryview(data), events)
         except Exception as e:  # a bug of ours must not kill the node: report, resync
             events.append(ProtocolError(f"internal decoder error: {type(e).__name__}: {e}", d.offset))
             self._lose_sync(d)
@@ -222,84 +328,137 @@ class RpcDecoder:
             return events
         if d.hunting:
             d.offset += len(d.buf) + length
-            d.buf.clear()
+            d.buf = bytearray()
             return events
-        # whatever is buffered comes before the gap: consume it first
-        self._run(from_client, d, events)
-        if not d.hunting and d.frag_left and len(d.buf) < d.frag_left and len(d.buf) + length <= d.frag_left:
-            # the gap ends inside the current fragment: fill the hole, keep the boundary
-            filled = len(d.buf) + length
-            d.frag_left -= filled
-            d.offset += filled
-            d.buf.clear()
-            d.damaged = True
-            d.frags.clear()
+        if not d.buf and d.frag_left and length <= d.frag_left:
+            # the gap ends inside the current fragment: the next mark is where we expected it; the
+            # record survives if the lost bytes were bulk payload it skips anyway
+            if not self._skipped(d, length):
+                d.damaged = True
+                d.rec = bytearray()
+            d.got += length
+            d.frag_left -= length
+            d.offset += length
+            if d.frag_left == 0 and d.last:
+                self._record_done(from_client, d, events)
             return events
         self._lose_sync(d)
         d.offset += len(d.buf) + length
-        d.buf.clear()
+        d.buf = bytearray()
         return events
 
     # -------------------------------------------------------------- record marking
+    @staticmethod
+    def _skipped(d: _Direction, length: int) -> bool:
+        """Would the next ``length`` bytes of the current record be skipped anyway?"""
+        return d.probed and (d.emitted or (d.hole_at is not None and d.got + length <= d.keep_from))
+
     def _lose_sync(self, d: _Direction) -> None:
         d.hunting = True
-        d.frags.clear()
         d.frag_left = 0
-        d.record_len = 0
-        d.damaged = False
+        d.new_record()
 
-    def _consume(self, d: _Direction, n: int) -> bytes:
-        chunk = bytes(d.buf[:n])
-        del d.buf[:n]
-        d.offset += n
-        return chunk
-
-    def _run(self, from_client: bool, d: _Direction, events: list[object]) -> None:
-        while True:
-            if d.hunting and not self._hunt(from_client, d):
-                return
-            if d.frag_left == 0:
-                if len(d.buf) < 4:
+    def _scan(self, from_client: bool, d: _Direction, mv: memoryview, events: list[object]) -> None:
+        """Consume ``mv`` (not hunting): record marks, and fragment bytes kept or skipped."""
+        i, n = 0, len(mv)
+        while i < n:
+            if d.hunting:
+                d.buf += mv[i:]
+                rest = self._hunt(from_client, d)
+                if rest is None:
                     return
-                mark = _U32.unpack_from(d.buf, 0)[0]
-                d.last = bool(mark >> 31)
-                n = mark & 0x7FFFFFFF
-                if d.record_len + n > self.max_record:
+                mv, i, n = memoryview(rest), 0, len(rest)
+                continue
+            if d.frag_left == 0:
+                if n - i < 4:
+                    d.buf += mv[i:]
+                    return
+                mark = _U32.unpack_from(mv, i)[0]
+                size = mark & 0x7FFFFFFF
+                if d.record_len + size > self.max_record:
                     events.append(ProtocolError(
-                        f"RPC record of {d.record_len + n}+ bytes exceeds {self.max_record}", d.offset))
+                        f"RPC record of {d.record_len + size}+ bytes exceeds {self.max_record}", d.offset))
                     self.errors += 1
                     self._lose_sync(d)
-                    self._consume(d, 1)
                     continue
-                self._consume(d, 4)
-                d.record_len += n
-                d.frag_left = n
-                if n == 0:
-                    if d.last:
-                        self._record_done(from_client, d, events)
-                    continue
-            take = min(d.frag_left, len(d.buf))
-            if take == 0:
-                return
-            chunk = self._consume(d, take)
-            if not d.damaged:
-                d.frags.append(chunk)
-            d.frag_left -= take
+                if d.record_len == 0:
+                    d.rec_start = d.offset
+                    d.total = size
+                    d.candidate = bool(mark >> 31) and size > BULK_THRESHOLD
+                i += 4
+                d.offset += 4
+                d.last = bool(mark >> 31)
+                d.record_len += size
+                d.frag_left = size
+                if size == 0 and d.last:
+                    self._record_done(from_client, d, events)
+                continue
+            take = min(d.frag_left, n - i)
+            chunk = mv[i:i + take]
+            i += take
+            if d.candidate and not d.probed and not d.damaged:
+                want = PEEK - d.got
+                if take >= want:
+                    self._keep(d, chunk[:want])
+                    self._probe(from_client, d, events)
+                    chunk = chunk[want:]
+            self._keep(d, chunk)
             if d.frag_left == 0 and d.last:
                 self._record_done(from_client, d, events)
 
-    def _record_done(self, from_client: bool, d: _Direction, events: list[object]) -> None:
-        record = b"".join(d.frags)
-        damaged = d.damaged
-        start = d.offset - len(record) - 4
-        d.frags.clear()
-        d.record_len = 0
-        d.damaged = False
-        if damaged:
+    @staticmethod
+    def _keep(d: _Direction, chunk: memoryview) -> None:
+        """Fragment bytes: into the record, unless they are bulk payload it skips."""
+        n = len(chunk)
+        pos = d.got
+        if not d.damaged and pos + n > d.keep_from:
+            a = d.keep_from - pos
+            d.rec += chunk[a:] if a > 0 else chunk
+        d.got = pos + n
+        d.frag_left -= n
+        d.offset += n
+
+    def _probe(self, from_client: bool, d: _Direction, events: list[object]) -> None:
+        """A bulk record's first PEEK bytes are in: decode them as if the record were complete, with
+        opaque data skipped by length. If that needs nothing else, the message is done now and the rest
+        of the record is skipped; if it needs bytes after a skipped opaque (an NFSv4 COMPOUND with ops
+        after its WRITE), only the bytes from there on are kept; otherwise the record is kept whole."""
+        d.probed = True
+        head = bytes(d.rec)
+        try:
+            ev = self._message(from_client, SparseXdr(head, d.total))
+        except _Missing as m:
+            if m.pos >= len(head):
+                d.keep_from, d.hole_at = m.pos, len(head)
+                self.counters["bulk_records"] += 1
+                self.counters["skipped_bytes"] += m.pos - len(head)
             return
-        if not record:
+        if isinstance(ev, ProtocolError):
+            return  # decoded whole at its end, where the error gets its offset
+        events.append(ev)
+        d.emitted = True
+        d.keep_from = d.total + 1
+        d.rec = bytearray()
+        self.counters["bulk_records"] += 1
+        self.counters["skipped_bytes"] += d.total - len(head)
+
+    def _record_done(self, from_client: bool, d: _Direction, events: list[object]) -> None:
+        rec, start, total, hole_at, keep_from = d.rec, d.rec_start, d.total, d.hole_at, d.keep_from
+        skip = d.damaged or d.emitted
+        d.new_record()
+        if skip:
+            return
+        if hole_at is not None:
+            mv = memoryview(rec)
+            x: Xdr = SparseXdr(mv[:hole_at], total, mv[hole_at:], keep_from)
+        elif rec:
+            x = Xdr(rec)
+        else:
             return  # an empty record (only zero-length fragments): nothing to decode
-        ev = self._message(from_client, record)
+        try:
+            ev = self._message(from_client, x)
+        except _Missing as m:  # cannot happen: the probe decoded the same head the same way
+            ev = ProtocolError(f"RPC message needs skipped bytes at {m.pos}")
         if isinstance(ev, ProtocolError):
             events.append(ProtocolError(ev.what, start))
             self.errors += 1
@@ -307,45 +466,60 @@ class RpcDecoder:
         else:
             events.append(ev)
 
-    def _hunt(self, from_client: bool, d: _Direction) -> bool:
-        """Find a plausible record start in ``d.buf``; drop the bytes before it. True if found."""
+    def _hunt(self, from_client: bool, d: _Direction) -> bytes | None:
+        """Find a plausible record start in ``d.buf`` by searching for the byte patterns of a CALL and
+        a REPLY header (a find, not a trial decode per byte) and checking each candidate cheaply.
+        Found: the bytes from there (``d.buf`` emptied); else None, keeping only a short tail."""
         buf = d.buf
-        i = 0
-        limit = len(buf) - 16
-        while i <= limit:
+        c = buf.find(_CALL_PATTERN, 8)
+        r = buf.find(_REPLY_PATTERN, 8)
+        while c >= 0 or r >= 0:
+            hit = c if r < 0 or 0 <= c < r else r
+            i = hit - 8
             ok = self._plausible(from_client, buf, i)
             if ok is None:  # need more data to decide
-                break
+                del buf[:i]
+                d.offset += i
+                return None
             if ok:
-                self._consume(d, i)
+                rest = bytes(buf[i:])
+                d.offset += i
+                d.buf = bytearray()
                 d.hunting = False
-                return True
-            i += 1
-        drop = max(0, min(i, len(buf) - _HUNT_KEEP))
+                d.new_record()
+                self.counters["resyncs"] += 1
+                return rest
+            if hit == c:
+                c = buf.find(_CALL_PATTERN, hit + 1)
+            else:
+                r = buf.find(_REPLY_PATTERN, hit + 1)
+        drop = max(0, len(buf) - _HUNT_KEEP)
         if drop:
-            self._consume(d, drop)
-        return False
+            del buf[:drop]
+            d.offset += drop
+        return None
 
     def _plausible(self, from_client: bool, buf: bytearray, i: int) -> bool | None:
-        mark, xid, mtype = struct.unpack_from(">III", buf, i)
+        if len(buf) - i < 16:
+            return None
+        mark, xid, mtype, word = struct.unpack_from(">IIII", buf, i)
         n = mark & 0x7FFFFFFF
         if n < 12 or n > self.max_record:
             return False
         if mtype == REPLY:
             if xid not in self._outstanding[not from_client]:
                 return False
-            reply_stat = _U32.unpack_from(buf, i + 12)[0]
-            return reply_stat in (0, 1)
-        if mtype != CALL:
+            return word in (0, 1)  # reply_stat
+        if mtype != CALL or word != 2:
             return False
         if len(buf) - i < 28:
             return None
-        rpcvers, prog, vers = struct.unpack_from(">III", buf, i + 12)
-        if rpcvers != 2 or prog not in self._known_progs or (prog, vers) not in self.programs:
+        prog, vers = struct.unpack_from(">II", buf, i + 16)
+        if prog not in self._known_progs or (prog, vers) not in self.programs:
             return False
         # the header must parse up to the end of the verifier, within the fragment
         end = min(len(buf), i + 4 + n)
-        x = Xdr(memoryview(buf)[i + 4:end])
+        x = Xdr(bytes(buf[i + 4:end]))
         try:
             x.pos = 24
             _auth(x)
@@ -357,8 +531,8 @@ class RpcDecoder:
         return True
 
     # -------------------------------------------------------------- messages
-    def _message(self, from_client: bool, record: bytes) -> RpcCall | RpcReply | ProtocolError:
-        x = Xdr(record)
+    def _message(self, from_client: bool, x: Xdr) -> RpcCall | RpcReply | ProtocolError:
+        """One record's message. Raises :class:`_Missing` only for a :class:`SparseXdr`."""
         try:
             xid, mtype = x.u32(), x.u32()
             if mtype == CALL:
@@ -396,7 +570,20 @@ class RpcDecoder:
         return call
 
     def _reply(self, from_client: bool, xid: int, x: Xdr) -> RpcReply | ProtocolError:
-        call = self._outstanding[not from_client].pop(xid, None)
+        pending = self._outstanding[not from_client]
+        # the call is forgotten only once the reply is decoded: a bulk record's probe may stop short
+        # (_Missing) and decode the reply again when its tail is in
+        try:
+            reply = self._reply_body(from_client, xid, x, pending.get(xid))
+        except _Missing:
+            raise
+        except XdrError:
+            pending.pop(xid, None)
+            raise
+        pending.pop(xid, None)
+        return reply
+
+    def _reply_body(self, from_client: bool, xid: int, x: Xdr, call: RpcCall | None) -> RpcReply | ProtocolError:
         reply_stat = x.u32()
         if reply_stat == 1:  # MSG_DENIED
             reject = x.u32()

@@ -517,6 +517,19 @@ def _smb1_dialects(frame: memoryview) -> tuple[str, ...]:
     return tuple(p[1:].decode("latin-1") for p in data.split(b"\x00") if p.startswith(b"\x02"))
 
 
+def _bulk_head(data: bytes | memoryview) -> int:
+    """If ``data`` starts with a single SMB2 message larger than BULK_THRESHOLD and longer than
+    ``data`` (a READ response or WRITE request), how many bytes of it to buffer (its head), else 0."""
+    if len(data) <= 4 + BULK_PEEK:
+        return 0
+    word = _NBT.unpack_from(data, 0)[0]
+    length = word & 0xFFFFFF
+    if (word >> 24 or length <= BULK_THRESHOLD or length + 4 <= len(data) or data[4:8] != SMB2_MAGIC
+            or struct.unpack_from("<I", data, 4 + 20)[0]):
+        return 0
+    return 4 + BULK_PEEK
+
+
 # ------------------------------------------------------------------------------------------ decoder
 @dataclass
 class _Pending:
@@ -558,18 +571,25 @@ class Smb2Decoder:
         return len(self._pending)
 
     # ------------------------------------------------------------------ AppDecoder
-    def feed(self, from_client: bool, data: bytes) -> list[object]:
+    def feed(self, from_client: bool, data: bytes | memoryview) -> list[object]:
+        """``data`` may be a view of the caller's buffer: only what a message needs is copied."""
         events: list[object] = []
         d = self._dirs[from_client]
-        if d.skip:
-            n = min(d.skip, len(data))
-            d.skip -= n
-            d.offset += n
-            data = data[n:]
-            if not data:
-                return events
-        d.buf += data
-        self._frames(from_client, d, events)
+        while data:
+            if d.skip:
+                n = min(d.skip, len(data))
+                d.skip -= n
+                d.offset += n
+                data = data[n:]
+                continue
+            head = 0 if d.buf or d.hunting else _bulk_head(data)
+            if head:  # a bulk frame starts here: buffer its head only, skip the rest as it streams by
+                d.buf += data[:head]
+                data = data[head:]
+            else:
+                d.buf += data
+                data = b""
+            self._frames(from_client, d, events)
         return events
 
     def gap(self, from_client: bool, length: int) -> list[object]:
@@ -592,9 +612,14 @@ class Smb2Decoder:
         d.hunting = True
         events.append(ProtocolError(what, d.offset + at))
 
-    def _resync(self, d: _Direction, pos: int) -> int | None:
-        """Position (>= ``pos``) of the next plausible frame start: a NetBIOS session header with a
-        sane length, followed by an SMB protocol id (and, for SMB2, a 64-byte header), else None."""
+    def _resync(self, d: _Direction, pos: int, from_client: bool) -> int | None:
+        """Position (>= ``pos``) of the next plausible frame start, else None.
+
+        Candidates come from a byte search for the protocol ids (``b"SMB"`` finds all four: 0xFE SMB2,
+        0xFF SMB1, 0xFD transform, 0xFC compressed), never from a trial decode at every byte. A
+        candidate is a NetBIOS session header (type 0, a length that fits the id) before the id;
+        for SMB2 also a 64-byte StructureSize, a known command (below 0x14) and the response flag of this
+        direction. The frame itself is decoded once, by the normal path."""
         buf = d.buf
         p = buf.find(b"SMB", pos + 5)
         while p >= 0:
@@ -603,8 +628,12 @@ class Smb2Decoder:
             if magic in _MAGICS and buf[h - 4] == 0:
                 length = _NBT.unpack_from(buf, h - 4)[0] & 0xFFFFFF
                 plausible = length >= (32 if magic == SMB1_MAGIC else HEADER_SIZE)
-                if plausible and magic == SMB2_MAGIC and len(buf) >= h + 6:
-                    plausible = struct.unpack_from("<H", buf, h + 4)[0] == HEADER_SIZE
+                if plausible and magic == SMB2_MAGIC:
+                    if len(buf) >= h + 6:
+                        plausible = buf[h + 4] == HEADER_SIZE and buf[h + 5] == 0
+                    if plausible and len(buf) >= h + 17:
+                        command, flags = buf[h + 12] | buf[h + 13] << 8, buf[h + 16]
+                        plausible = command < len(COMMAND_NAMES) and bool(flags & FLAG_RESPONSE) != from_client
                 if plausible:
                     return h - 4
             p = buf.find(b"SMB", p + 1)
@@ -615,7 +644,7 @@ class Smb2Decoder:
         pos = 0
         while True:
             if d.hunting:
-                found = self._resync(d, pos)
+                found = self._resync(d, pos, from_client)
                 if found is None:
                     keep = max(pos, len(buf) - 8)
                     pos = keep

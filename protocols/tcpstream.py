@@ -67,9 +67,13 @@ class ConnectionOpened:
 
 @dataclass(frozen=True, slots=True)
 class Data:
+    """In-order bytes of one direction. With ``TcpTracker(zero_copy=True)`` ``data`` may be a view of
+    the caller's frame buffer (a live snooper reuses it, or hands out its ring): valid only while the
+    ``feed`` call that returned it runs. The decoders copy only message heads, never bulk payload."""
+
     key: ConnKey
     from_client: bool
-    data: bytes = field(repr=False)
+    data: bytes | memoryview = field(repr=False)
 
     def __repr__(self) -> str:
         return f"Data({self.key}, from_client={self.from_client}, {len(self.data)} bytes)"
@@ -186,8 +190,11 @@ class TcpTracker:
 
     def __init__(self, server_ports: Iterable[int] = (), ooo_limit: int = 1 << 20,
                  idle_timeout: float = 7200.0, closing_timeout: float = 120.0,
-                 max_connections: int = 65536, ooo_max_segments: int = 16384) -> None:
+                 max_connections: int = 65536, ooo_max_segments: int = 16384, zero_copy: bool = False) -> None:
+        """``zero_copy``: in-order payload is delivered as a view of the segment's buffer (see
+        :class:`Data`), for callers that consume each event before the next frame; else as bytes."""
         self.server_ports = frozenset(server_ports)
+        self.zero_copy = zero_copy
         self.ooo_limit = ooo_limit
         self.idle_timeout = idle_timeout
         self.closing_timeout = closing_timeout
@@ -374,7 +381,8 @@ class TcpTracker:
                 return
             if d < 0:
                 self.counters["retransmitted_bytes"] += -d
-            chunks = [bytes(payload[-d:])]
+            chunk = payload[-d:] if d else payload
+            chunks = [chunk if self.zero_copy else bytes(chunk)]
             self._advance(half, len(chunks[0]))
             if half.ooo:
                 self._drain(half, chunks)

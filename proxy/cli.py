@@ -277,6 +277,8 @@ def format_status(status: NodeStatus) -> str:
         if m is not None:
             lines.append(f"last move: {m.address} {m.direction}, {m.moved} of {m.connections} connection(s) live, "
                          f"{m.failed} cut, pause {_ms(m.pause_ms)}"
+                         + (f", CALLED OFF: {m.thawed} connection(s) kept here" if m.outcome == "thawed" else "")
+                         + (", GIVEN UP: the restored connections were dropped" if m.outcome == "given_up" else "")
                          + (f", freeze to live {_ms(m.freeze_to_live_ms)}" if m.freeze_to_live_ms is not None else ""))
         sync = pair.state_sync
         if sync:
@@ -286,7 +288,9 @@ def format_status(status: NodeStatus) -> str:
                          f" ({sync.matches}/{sync.compared} digests matched"
                          + (f"; behind: {behind.frames} frames, {behind.bytes} bytes, {_ms(behind.ms)})"
                             if behind else ")"))
-            lines.append(f"observer {sync.observer}; {sum(s.kernel_drops for s in sync.snoopers)} frames dropped by "
+            paths = "/".join(sorted({s.path for s in sync.snoopers})) or "-"
+            lines.append(f"observer {sync.observer} (reading: {paths}); "
+                         f"{sum(s.kernel_drops for s in sync.snoopers)} frames dropped by "
                          f"the kernel; frames seen, per address:")
             views = {"own_address": "own address", "peer_address": f"{pair.peer}'s address",
                      "peer_backend": f"{pair.peer}'s backend connections"}

@@ -29,7 +29,7 @@ from proxy import roles
 from proxy.arp import announce, who_has
 from proxy.config import Config, service_to_dict
 from proxy.control import bind_control_socket, serve_control
-from proxy import drain, livemove
+from proxy import drain, livemove, movelock
 from proxy.drain import DrainRedirect, DrainTunnel, flows_from_message
 from proxy.handback import leave, release
 from proxy.metrics import serve_node_metrics
@@ -93,8 +93,9 @@ class Node:
         self._own_done = trio.Event()
         self.dropped_events = 0
         # live moves (proxy.livemove): what the peer is sending, the moves done, the one under way
-        self.inbound = livemove.Inbound()
-        self.arrived: dict[str, dict] = {}       # address -> the move committed by the peer, to take
+        self.receiver: livemove.Receiver | None = None
+        self.arrived: dict[str, livemove.Receiver | None] = {}  # address -> the move the peer said go for
+        self._awaiting_ready: tuple[tuple[str, int], trio.Event, list[dict]] | None = None
         self.moves: list[livemove.MoveReport] = []
         self.move_in_progress: str | None = None
         self._move_ids = 0
@@ -199,8 +200,9 @@ class Node:
 
     async def _start_pair(self, nursery: trio.Nursery) -> None:
         peer, pair, node, timings = self.config.peer, self.config.pair, self.config.node, self.timings
+        locks = [f"move lock of {a}" for a in (node.address.ip, peer.address) if movelock.remove_leftover(a)]
         for what in remove_leftovers(node.interface, node.address, peer.macvlan) + \
-                drain.remove_leftovers(node.interface):
+                drain.remove_leftovers(node.interface) + locks:
             log.warning("removed %s left by an earlier run: not serving before the peer is asked", what)
         self.peer_info = load_peer_hello(node.state_dir)
         if self.peer_info:
@@ -291,18 +293,60 @@ class Node:
             self._enqueue(roles.PeerLeaving(address, trio.current_time(), flows_from_message(message.get("drain")),
                                             grace))
         elif kind in livemove.MESSAGES:
-            if kind == "move_begin" and address == str(self.config.peer.address) and self.held is None:
-                self._nursery.start_soon(self._prepare_move_in)
-            move = self.inbound.on_message(message)
-            if move is not None:
-                self.arrived[str(move["address"])] = move
-                self._enqueue(roles.MoveArrived(move["address"]))
+            self._on_move_message(message)
         elif kind == "move_request":
             self._enqueue(roles.MoveBackRequested(address))
         elif kind in ("digest", "snapshot_request", "snapshot", "pairings") and self.standby is not None:
             self.standby.on_message(message)
         else:
             log.debug("message %r ignored", kind)
+
+    def _on_move_message(self, message: dict) -> None:
+        """The sync link's ``move_*`` messages: the giver's own wait for ``move_ready``, or this node's
+        :class:`~proxy.livemove.Receiver` (restoring as the states arrive, before the decision task hears
+        of the move); ``move_go`` becomes the event that takes the address."""
+        kind, address, move_id = message.get("type"), message.get("address"), message.get("move_id")
+        if kind == "move_ready":
+            waiting = self._awaiting_ready
+            if waiting is not None and waiting[0] == (address, move_id):
+                waiting[2].append(message)
+                waiting[1].set()
+            return
+        if kind == "move_begin":
+            if self.receiver is not None:  # a new move replaces one that never finished
+                self.receiver.decide("abort")
+            if address not in (self.core.my_address, self.core.peer_address) or not isinstance(move_id, int):
+                log.warning("move_begin for %r (move %r): not an address of this pair; ignored", address, move_id)
+                self.receiver = None
+                return
+            if address == self.core.peer_address and self.held is None:
+                self._nursery.start_soon(self._prepare_move_in)
+            receiver = self.receiver = livemove.Receiver(address, move_id, send=self.link.send,
+                                                         connected=lambda: self.link.state == "connected")
+
+            async def receive() -> None:
+                await receiver.run()
+                if receiver.state == "given_up":  # status tells that this side dropped what it restored
+                    self._record_move(receiver.report)
+                    if self.receiver is receiver:
+                        self.receiver = None
+
+            self._nursery.start_soon(receive)
+            return
+        receiver = self.receiver
+        if receiver is None or (receiver.address, receiver.move_id) != (address, move_id):
+            if kind == "move_go" and isinstance(address, str):  # the peer let go: take it, with nothing
+                self.arrived[address] = None
+                self._enqueue(roles.MoveArrived(address))
+            else:
+                log.warning("%s for a move not under way (%r, %r): ignored", kind, address, move_id)
+            return
+        receiver.feed(message)
+        if kind in ("move_go", "move_abort"):
+            self.receiver = None
+        if kind == "move_go":
+            self.arrived[address] = receiver
+            self._enqueue(roles.MoveArrived(address))
 
     def _enqueue(self, event: Any) -> None:
         try:
@@ -421,6 +465,9 @@ class Node:
         self._enqueue(roles.HandoverBackRequested() if back else roles.HandoverRequested())
         with trio.move_on_after(min(float(request.get("timeout_s") or 10.0), 60.0)):
             while self.core.own_role != want or len(self.moves) == before:
+                if len(self.moves) > before and self.moves[-1].outcome in ("thawed", "given_up") \
+                        and self.core.own_role not in (roles.MOVING_OUT,):
+                    break  # called off: everything stays as it was
                 await trio.sleep(0.005)
         last = self.moves[-1] if len(self.moves) > before else None
         return {"own_role": self.core.own_role, "changed": self.core.own_role == want,
@@ -446,18 +493,35 @@ class Node:
             service.stop(0)  # no connections left: the address goes at once
             await done.wait()
 
+        waiting = self._awaiting_ready = ((address, self._move_ids), trio.Event(), [])
+
+        async def wait_ready(bound: float) -> dict | None:
+            with trio.move_on_after(bound):
+                while self.link.state == "connected" and not waiting[1].is_set():
+                    with trio.move_on_after(0.01):
+                        await waiting[1].wait()
+            return waiting[2][0] if waiting[2] else None
+
+        report = None
+        service = self.own_service if mine else held.service
         try:
-            service = self.own_service if mine else held.service
-            self._record_move(await livemove.move_out(address=address, move_id=self._move_ids, service=service,
-                                                      remove_address=remove_address, send=self.link.send))
-        except Exception:  # a bug in a move must not stop the node; the peer gets no commit and keeps waiting
+            report = await livemove.move_out(address=address, move_id=self._move_ids, service=service,
+                                             remove_address=remove_address, send=self.link.send, wait_ready=wait_ready)
+            self._record_move(report)
+        except Exception:  # a bug in a move must not stop the node; the peer gets no go and gives up
             log.exception("moving %s out failed", address)
         finally:
+            self._awaiting_ready = None
             self.move_in_progress = None
-            if held is not None:  # the rest of the hand-back (macvlan, standby) after the clients' pause
+            if held is not None and (report.outcome != "thawed" if report else service.state != "serving"):
+                # the rest of the hand-back (macvlan, standby) after the clients' pause
                 self.held = None
                 await release(held, macvlan=self.peer_macvlan, standby=self.standby)
-        return roles.MovedOut(address, stopping=stopping)
+        if report is None:  # a bug: whether the address is still served here says what happened
+            thawed = service.state == "serving"
+        else:
+            thawed = report.outcome == "thawed"
+        return roles.MovedOut(address, stopping=stopping, thawed=thawed)
 
     async def _prepare_move_in(self) -> None:
         """The peer began moving its address here: make the macvlan with its MAC now, while the peer
@@ -472,7 +536,7 @@ class Node:
             log.warning("macvlan for the move not prepared: %s", exc)
 
     async def _move_in(self, address: str) -> roles.Event | None:
-        move = self.arrived.pop(address, None) or {"address": address, "move_id": 0, "connections": []}
+        receiver = self.arrived.pop(address, None)
         mine = address == self.core.my_address
         self.move_in_progress = f"{address} from {self.config.peer.name}"
         try:
@@ -482,7 +546,7 @@ class Node:
                     self.state = "pair"
                     return self.own_service
 
-                self._record_move(await livemove.move_in(move=move, bring_up=bring_up_own))
+                self._record_move(await livemove.move_in(address=address, receiver=receiver, bring_up=bring_up_own))
                 return None
 
             async def bring_up_peer():
@@ -495,7 +559,7 @@ class Node:
                 return self.held.service
 
             try:
-                self._record_move(await livemove.move_in(move=move, bring_up=bring_up_peer))
+                self._record_move(await livemove.move_in(address=address, receiver=receiver, bring_up=bring_up_peer))
             except TakeoverError as exc:
                 log.error("cannot take %s in a move: %s", address, exc)
                 if self._move_macvlan and self.standby is None:

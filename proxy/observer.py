@@ -176,9 +176,15 @@ class _Observer:
         async with trio.open_nursery() as nursery:
             try:
                 for name, view in self.views.items():
+                    # a view of the peer's backend connections filters on the peer's address too, so
+                    # the kernel keeps this node's own backend connections out of it
                     snooper = Snooper(self.setup["ifname"], view.capture_addresses, view.ports,
                                       self._callback(name, view),
-                                      rcvbuf=self.setup["rcvbuf"], batch=self.setup["batch"])
+                                      rcvbuf=self.setup["rcvbuf"], batch=self.setup["batch"],
+                                      peers=[view.address] if view.as_client_of else None,
+                                      # a ring of rcvbuf bytes (not twice, the Snooper default): three
+                                      # views share the node's memory, and the ring pins its pages
+                                      ring_bytes=self.setup["rcvbuf"])
                     self.snoopers.append(snooper)
                     await nursery.start(snooper.run)
             except OSError as exc:

@@ -622,11 +622,14 @@ class MoveArrived:
 @dataclass(frozen=True)
 class MovedOut:
     """The move-out sequence ended. ``started``: False if it changed nothing (e.g. no sync link).
-    ``stopping``: as the :class:`MoveOut` it answers (a stop that falls back to the drain)."""
+    ``stopping``: as the :class:`MoveOut` it answers (a stop that falls back to the drain).
+    ``thawed``: the move was called off after the freeze (no confirmation from the peer, or the sync link
+    broke); the connections go on here and the address never left."""
 
     address: str
     started: bool = True
     stopping: bool = False
+    thawed: bool = False
 
 
 @dataclass(frozen=True)
@@ -666,8 +669,9 @@ MOVE_OUT_FAILED = "move_out_failed"      # nothing was changed
 MOVE_IN_FAILED = "move_in_failed"
 STOPPING_LINKED = "stopping_linked"      # SIGTERM with the sync link up: move instead of drain
 STOP_MOVE_FAILED = "stop_move_failed"    # ... and that move could not start: drain as before
+MOVE_THAWED = "move_thawed"              # called off after the freeze: everything stays as it was
 MOVE_KINDS = (MOVE_REQUESTED, MOVE_BACK_WANTED, PEER_ASKS_MOVE, MINE_ARRIVES, THEIRS_ARRIVES, MOVED_OUT,
-              MOVE_OUT_FAILED, MOVE_IN_FAILED, STOPPING_LINKED, STOP_MOVE_FAILED)
+              MOVE_OUT_FAILED, MOVE_IN_FAILED, STOPPING_LINKED, STOP_MOVE_FAILED, MOVE_THAWED)
 KINDS += MOVE_KINDS
 
 MOVE_OUT_MINE, MOVE_OUT_THEIRS, MOVE_IN_MINE, MOVE_IN_THEIRS = "move_out_mine", "move_out_theirs", "move_in_mine", \
@@ -679,6 +683,7 @@ OWN_TRANSITIONS.update({
     (SERVING, MOVE_REQUESTED): (MOVING_OUT, (MOVE_OUT_MINE,)),
     (MOVING_OUT, MOVED_OUT): (HANDED_OVER, ()),
     (MOVING_OUT, MOVE_OUT_FAILED): (SERVING, ()),
+    (MOVING_OUT, MOVE_THAWED): (SERVING, ()),
     (HANDED_OVER, MOVE_BACK_WANTED): (HANDED_OVER, (ASK_MOVE_BACK,)),
     (HANDED_OVER, MINE_ARRIVES): (SERVING, (MOVE_IN_MINE,)),
     # the peer died holding it, or says it does not hold it (its move-in failed): serve it again
@@ -695,6 +700,8 @@ PEER_TRANSITIONS.update({
     # nothing held to move (e.g. the move-in failed): say so, the owner serves it again
     (STANDBY, PEER_ASKS_MOVE): (STANDBY, (TELL_RELEASED,)),
     (MOVING_BACK, MOVED_OUT): (STANDBY, ()),
+    # called off after the freeze: the connections went on here, so this node still holds the address
+    (MOVING_BACK, MOVE_THAWED): (HOLDING, ()),
     # the move could not start (no sync link): hand it back the old way, cutting its connections
     (MOVING_BACK, MOVE_OUT_FAILED): (RELEASING, (RELEASE,)),
     # the hand-back after the owner returns moves the address with its live connections (issue 11)
@@ -734,7 +741,9 @@ def _move_kinds(core: PairCore, event: Event) -> list[tuple[str, str]] | None:
     if isinstance(event, Stopping) and event.link_connected:
         return [(STOPPING_LINKED, f"stopping: moving {mine} to {peer} with its connections")]
     if isinstance(event, MovedOut):
-        if event.started:
+        if event.thawed and not event.stopping:
+            return [(MOVE_THAWED, f"move of {event.address} to {peer} called off: its connections stay here")]
+        if event.started and not event.thawed:
             return [(MOVED_OUT, f"moved {event.address} to {peer}")]
         if event.stopping:
             return [(STOP_MOVE_FAILED, f"could not move {event.address}: draining instead")]

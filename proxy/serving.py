@@ -46,6 +46,7 @@ class AddressService:
         self._connections_scope: trio.CancelScope | None = None
         self._connections: trio.Nursery | None = None
         self._listeners_scope: trio.CancelScope | None = None
+        self._listeners: trio.Nursery | None = None
 
     def stop(self, grace: float) -> None:
         """Stop accepting; open connections get ``grace`` seconds, then are reset."""
@@ -61,6 +62,15 @@ class AddressService:
         """Close the listeners and go on serving the open connections (a live move's first step)."""
         if self._listeners_scope is not None:
             self._listeners_scope.cancel()
+
+    def resume_accepting(self) -> None:
+        """Accept again after :meth:`stop_accepting` (a live move that was called off)."""
+        if self._listeners is None or self._connections is None or self.state != "serving":
+            return
+        if self._listeners_scope is not None and not self._listeners_scope.cancel_called:
+            return
+        self.open_listeners()
+        self._start_accepting()
 
     def adopt(self, proxy: ServiceProxy, client, backend, port: int, **counters: int) -> None:
         """Pump a connection restored here by a live move (while serving)."""
@@ -110,20 +120,25 @@ class AddressService:
             self.close_listeners()
             self.state = "stopped"
 
+    def _start_accepting(self) -> None:
+        accepting = self._listeners_scope = trio.CancelScope()
+        connections = self._connections
+
+        async def accept_all() -> None:
+            with accepting:  # stop_accepting() ends only this, not the wait for stop in _serve
+                async with trio.open_nursery() as loops:
+                    for proxy in self.proxies:
+                        loops.start_soon(proxy.accept_loop, connections)
+
+        self._listeners.start_soon(accept_all)
+
     async def _serve(self, task_status: trio.TaskStatus[None]) -> None:
         async with trio.open_nursery() as connections:
             self._connections_scope = connections.cancel_scope
             self._connections = connections
             async with trio.open_nursery() as listeners:
-                accepting = self._listeners_scope = trio.CancelScope()
-
-                async def accept_all() -> None:
-                    with accepting:  # stop_accepting() ends only this, not the wait for stop below
-                        async with trio.open_nursery() as loops:
-                            for proxy in self.proxies:
-                                loops.start_soon(proxy.accept_loop, connections)
-
-                listeners.start_soon(accept_all)
+                self._listeners = listeners
+                self._start_accepting()
                 self.state = "serving"
                 self.started_at = time.monotonic()
                 ports = ", ".join(f"{p.service.name}:{'/'.join(map(str, p.service.ports))}" for p in self.proxies)
@@ -131,7 +146,7 @@ class AddressService:
                 task_status.started()
                 await self._stop.wait()
                 listeners.cancel_scope.cancel()
-            self._listeners_scope = None
+            self._listeners_scope = self._listeners = None
             self.state = "draining"
             active = self.active_connections()
             if active and self._grace > 0:

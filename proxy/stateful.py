@@ -46,7 +46,8 @@ class AddressView:
         #: what the snooper must capture: the service address, or the backend hosts
         self.capture_addresses = self.as_client_of or [address]
         self.pipeline = Pipeline(smb_ports=[p for p in self.ports if p == 445],
-                                 nfs_ports=[p for p in self.ports if p != 445])
+                                 nfs_ports=[p for p in self.ports if p != 445], zero_copy=True,
+                                 decode=self.as_client_of is None)  # backend legs: sequence state only
         self.frames = 0
         self.bytes = 0
         #: frames whose IPv4 destination / source is ``address``: which way this node sees its traffic

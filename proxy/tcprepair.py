@@ -27,15 +27,17 @@ Theory of operation (the sequence space of one socket; as in CRIU's ``soccr``)::
 * A socket in repair mode that is closed sends nothing (no FIN, no RST): that is how the old holder lets
   go of a connection it handed over.
 
-A move, step by step (what tests/test_tcprepair.py does, and what the node is to do):
+A move, step by step (what tests/test_tcprepair.py does; the node's sequence is :mod:`proxy.livemove`):
 
-1. old holder: stop writing to the sockets; wait (about one round trip) until :func:`unacknowledged` is 0,
-   so that no byte is in flight (a byte in flight at the freeze that the remote lost is resent only by the
+1. old holder: stop writing to the sockets; wait briefly until :func:`unacknowledged` is 0, so that no
+   byte is in flight (a byte in flight at the freeze that the remote lost is resent only by the
    retransmission timer, 1 to 3 s later);
-2. old holder: remove the service address. From now on no segment reaches its sockets: the kernel still
-   receives and acknowledges data in repair mode, and a byte acknowledged after the snapshot would be lost;
-3. old holder: :func:`freeze` each socket, ``to_wire``, send; :func:`close_silently` once the peer has it
-   (or :func:`thaw` and re-add the address if the move is called off);
+2. old holder: keep every segment away from the sockets: the kernel still receives and acknowledges data
+   in repair mode, and a byte acknowledged after the snapshot would be lost. The node drops them with an
+   nftables rule (:mod:`proxy.movelock`) and keeps the address, so that a move called off can go on here;
+   removing the address does the same;
+3. old holder: :func:`freeze` each socket, ``to_wire``, send; :func:`close_silently` once the peer has
+   restored them (or :func:`thaw` if the move is called off: the connection goes on here);
 4. new holder: ``from_wire``, :func:`restore_quiet` each (still in repair mode: it sends nothing);
 5. new holder: add the address (only now: a segment that finds the address but no socket is reset),
    announce it (gratuitous ARP), then ``go_live()`` each socket.
@@ -414,7 +416,15 @@ def close_silently(sock: socket.socket) -> None:
 def thaw(sock: socket.socket) -> None:
     """Leave repair mode after :func:`freeze` and go on serving here (a move that was refused)."""
     _set(sock, socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, TCP_NO_QUEUE, "deselect queue")
-    _set(sock, socket.IPPROTO_TCP, TCP_REPAIR, TCP_REPAIR_OFF, "TCP_REPAIR off")
+    _repair_off(sock, TCP_REPAIR_OFF, "TCP_REPAIR off")
+
+
+def _repair_off(sock: socket.socket, how: int, step: str) -> None:
+    """Leave repair mode. The kernel then clears the socket's SO_REUSEADDR (repair mode forces reuse and
+    leaving it sets "no reuse"), after which a listener on the same address and port can no longer be
+    bound (measured: EADDRINUSE): set it again."""
+    _set(sock, socket.IPPROTO_TCP, TCP_REPAIR, how, step)
+    _set(sock, socket.SOL_SOCKET, socket.SO_REUSEADDR, 1, f"{step}: SO_REUSEADDR")
 
 
 # ------------------------------------------------------------------ restore
@@ -437,7 +447,7 @@ class RestoredSocket:
         failure here raises TcpRepairError and the caller must reset the connection (close normally)."""
         sock = self.sock
         step = f"go live {self.state.endpoints}"
-        _set(sock, socket.IPPROTO_TCP, TCP_REPAIR, TCP_REPAIR_OFF, f"{step}: TCP_REPAIR off")
+        _repair_off(sock, TCP_REPAIR_OFF, f"{step}: TCP_REPAIR off")
         done, pending = 0, self.pending
         while done < len(pending):  # the buffer was sized for it: this does not wait
             try:

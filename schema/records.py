@@ -384,6 +384,8 @@ class SnooperStats:
     kernel_packets: int = 0
     kernel_drops: int = 0
     rcvbuf: int = 0
+    path: str = "recv"           # how frames are read: "ring" (TPACKET_V3, mmap) or "recv" (the fallback)
+    ring_bytes: int = 0          # the ring's size (0 on recv)
 
 
 @dataclass
@@ -573,6 +575,12 @@ class MoveRecord:
     pause_ms: float | None          # out: pumps stopped -> commit sent; in: commit received -> all live
     freeze_to_live_ms: float | None  # in: the giver's freeze -> live here (the two nodes' wall clocks)
     finished: bool
+    #: moved | thawed (called off after the freeze: the connections stayed with the giver) | given_up
+    outcome: str | None = field(default=None, metadata=OPTIONAL)
+    thawed: int = field(default=0, metadata=OPTIONAL)        # out, called off: connections kept here
+    phases_ms: dict[str, float] | None = field(default=None, metadata=OPTIONAL)  # each phase's time, in order
+    lock_drops: int | None = field(default=None, metadata=OPTIONAL)  # out: segments the move lock dropped
+    loop_lag_ms: float | None = field(default=None, metadata=OPTIONAL)  # the event loop's longest stretch
 
 
 @dataclass

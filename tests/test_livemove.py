@@ -49,6 +49,23 @@ def test_a_move_that_could_not_start_leaves_everything_as_it_was():
     assert b.handle(roles.Released()) == [SendMessage("handback_done", A)]
 
 
+def test_a_move_called_off_after_the_freeze_leaves_the_holder_holding():
+    """No move_ready in time (or the link broke): the giver thawed, its connections went on, the address
+    never left; the core must not release or hand back anything."""
+    a, b = pair()
+    a.handle(HandoverRequested())
+    assert a.handle(MovedOut(A, thawed=True)) == [] and a.own_role == SERVING
+    b.handle(MoveArrived(A))
+    b.handle(TakeoverDone())
+    b.handle(MoveBackRequested(A))
+    assert b.handle(MovedOut(A, thawed=True)) == [] and b.peer_role == HOLDING
+    # SIGTERM whose move was called off: the drain, as before
+    a, _ = pair()
+    a.handle(roles.Stopping(link_connected=True))
+    assert a.handle(MovedOut(A, stopping=True, thawed=True)) == [roles.LeaveOwnAddress()]
+    assert not a.unexpected and not b.unexpected
+
+
 def test_a_failed_move_in_gives_the_address_back_to_its_owner():
     a, b = pair()
     a.handle(HandoverRequested())

@@ -102,6 +102,7 @@ EVENT_OF_KIND = {
     roles.MOVE_IN_FAILED: roles.MoveInFailed("File exists"),
     roles.STOPPING_LINKED: Stopping(link_connected=True),
     roles.STOP_MOVE_FAILED: roles.MovedOut(MINE, started=False, stopping=True),
+    roles.MOVE_THAWED: roles.MovedOut(MINE, thawed=True),
 }
 
 
@@ -242,16 +243,18 @@ def test_never_serving_the_peers_address_without_a_death_or_a_departure():
     RETRY_TAKEOVER only from retrying, which only a failed takeover enters."""
     into_holding = sorted((state, kind) for (state, kind), (new, _) in PEER_TRANSITIONS.items()
                           if new == HOLDING and state != HOLDING)
-    # and a live move: the peer froze and sent the address's connections (it let go first)
-    assert into_holding == [(RETRYING, roles.RETRY_TAKEOVER), (STANDBY, roles.PEER_DEAD),
-                            (STANDBY, roles.THEIRS_ARRIVES)]
+    # and a live move: the peer froze and sent the address's connections (it let go first); a move back
+    # to the peer that was called off after the freeze leaves this node holding what it held
+    assert into_holding == [(MOVING_BACK, roles.MOVE_THAWED), (RETRYING, roles.RETRY_TAKEOVER),
+                            (STANDBY, roles.PEER_DEAD), (STANDBY, roles.THEIRS_ARRIVES)]
 
 
 def test_own_address_is_served_only_when_the_peer_cannot_be_serving_it():
     reasons = {kind for (state, kind), (new, _) in OWN_TRANSITIONS.items() if new == SERVING and state != SERVING}
-    # live moves: the peer moved it back (it let go first), or a handover that could not start (nothing changed)
+    # live moves: the peer moved it back (it let go first), or a handover that could not start or was called
+    # off before the peer took anything (nothing changed)
     assert reasons == {roles.PEER_DOES_NOT_HOLD_MINE, roles.NOBODY_ANSWERS, roles.PEER_RELEASED_MINE, roles.PEER_DEAD,
-                       roles.MINE_ARRIVES, roles.MOVE_OUT_FAILED, roles.STOP_MOVE_FAILED}
+                       roles.MINE_ARRIVES, roles.MOVE_OUT_FAILED, roles.STOP_MOVE_FAILED, roles.MOVE_THAWED}
 
 
 def test_history_keeps_transitions_in_order():

@@ -113,6 +113,35 @@ def test_interpreter_agrees_with_tcpdump():
     check()
 
 
+def test_peer_restricted_filter_agrees_with_tcpdump():
+    """With ``peers`` (the standby's view of its peer's backend connections): only segments between
+    the addresses and the peers, as tcpdump compiles it, frame by frame."""
+    from hypothesis import given, settings, strategies as st
+    from scapy.layers.inet import IP, TCP
+    from scapy.layers.l2 import Dot1Q, Ether
+
+    backends, peers, ports = ["10.0.2.10", "10.0.2.11"], ["10.0.0.2"], [445, 2049]
+    ours = bpf.tcp_service_filter(backends, ports, peers=peers)
+    core = (f"((dst host {backends[0]} or dst host {backends[1]}) and (dst port 445 or dst port 2049) and "
+            f"src host {peers[0]}) or ((src host {backends[0]} or src host {backends[1]}) and "
+            f"(src port 445 or src port 2049) and dst host {peers[0]})")
+    plain, tagged = _tcpdump_program(f"tcp and ({core})"), _tcpdump_program(f"vlan and tcp and ({core})")
+    hosts = st.sampled_from(backends + peers + ["10.0.0.1", "10.0.2.12"])
+    port = st.sampled_from(ports + [80, 800, 50000])
+
+    @settings(max_examples=400, deadline=None)
+    @given(src=hosts, dst=hosts, sport=port, dport=port, vlan=st.booleans())
+    def check(src, dst, sport, dport, vlan):
+        l2 = Ether() / Dot1Q(vlan=3) if vlan else Ether()
+        frame = bytes(l2 / IP(src=src, dst=dst) / TCP(sport=sport, dport=dport))
+        want = bpf.interpret(tagged if vlan else plain, frame)
+        assert bool(bpf.interpret(ours, frame)) == bool(want), (src, dst, sport, dport, vlan)
+
+    check()
+    with pytest.raises(ValueError):
+        bpf.tcp_service_filter(backends, ports, peers=[])
+
+
 # ------------------------------------------------------------------------------- namespaces
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -222,6 +251,12 @@ elif mode == "udp":
 """
 
 
+@pytest.fixture(params=["ring", "recv"])
+def path(request) -> str:
+    """Every live test runs on both read paths: the TPACKET_V3 ring and the recv fallback."""
+    return request.param
+
+
 @pytest.fixture
 def net():
     if shutil.which("ip") is None:
@@ -292,11 +327,12 @@ def _drain(s: socket.socket) -> list[tuple]:
             return out
 
 
-async def test_filter_live(net: Net):
+async def test_filter_live(net: Net, path: str):
     rec = Recorder()
     with in_netns(net.a):
-        sn = Snooper("va", [A_ADDR], PORTS, rec)
+        sn = Snooper("va", [A_ADDR], PORTS, rec, ring=path == "ring")
         ctl = _control_socket()
+    assert sn.path == path
     with sn, ctl:
         async with trio.open_nursery() as nursery:
             await nursery.start(sn.run)
@@ -343,7 +379,7 @@ async def test_filter_live(net: Net):
     assert st["rcvbuf"] >= 8 << 20
 
 
-async def test_bulk_transfer(net: Net):
+async def test_bulk_transfer(net: Net, path: str):
     size = 50_000_000
     payload = {"out": 0, "retransmitted": 0}
     frames = {"n": 0}
@@ -367,7 +403,8 @@ async def test_bulk_transfer(net: Net):
                 highest[key] = (base, (base + end) % (1 << 32))
 
     with in_netns(net.a):
-        sn = Snooper("va", [A_ADDR], PORTS, on_frame)
+        sn = Snooper("va", [A_ADDR], PORTS, on_frame, ring=path == "ring")
+    assert sn.path == path
     with sn:
         async with trio.open_nursery() as nursery:
             await nursery.start(sn.run)
@@ -388,10 +425,11 @@ async def test_bulk_transfer(net: Net):
         assert payload["out"] < size
 
 
-async def test_callback_errors_counted(net: Net, caplog):
+async def test_callback_errors_counted(net: Net, caplog, path: str):
     rec = Recorder(raise_first=3)
     with in_netns(net.a):
-        sn = Snooper("va", [A_ADDR], PORTS, rec, batch=2)
+        sn = Snooper("va", [A_ADDR], PORTS, rec, batch=2, ring=path == "ring")
+    assert sn.path == path
     with sn:
         async with trio.open_nursery() as nursery:
             await nursery.start(sn.run)
@@ -404,11 +442,36 @@ async def test_callback_errors_counted(net: Net, caplog):
     assert sum(1 for r in caplog.records if "on_frame raised ValueError" in r.getMessage()) == 1
 
 
-def test_close_is_idempotent_and_bad_interface(net: Net):
+def test_close_is_idempotent_and_bad_interface(net: Net, path: str):
     with in_netns(net.a):
-        sn = Snooper("va", [A_ADDR], PORTS, lambda f, t: None)
+        sn = Snooper("va", [A_ADDR], PORTS, lambda f, t: None, ring=path == "ring")
         with pytest.raises(OSError):
-            Snooper("nonexistent0", [A_ADDR], PORTS, lambda f, t: None)
+            Snooper("nonexistent0", [A_ADDR], PORTS, lambda f, t: None, ring=path == "ring")
+    assert sn.path == path and (sn.ring_bytes > 0) == (path == "ring")
     sn.close()
     sn.close()
     assert sn.sock is None
+
+
+async def test_ring_refused_falls_back_to_recv(net: Net):
+    """A ring the kernel refuses (a block size it rejects) leaves the snooper on recv, which works,
+    and says why; the ring's timestamps are the kernel's receive times."""
+    seen: list[float] = []
+    with in_netns(net.a):
+        sn = Snooper("va", [A_ADDR], PORTS, lambda f, ts: seen.append(ts), block_size=1 << 31)
+        ok = Snooper("va", [A_ADDR], PORTS, lambda f, ts: seen.append(ts))
+    assert sn.path == "recv" and sn.ring_error and "blocks of 2147483648 bytes" in sn.ring_error
+    assert ok.path == "ring" and ok.ring_error is None
+    with sn, ok:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sn.run)
+            await nursery.start(ok.run)
+            t0 = time.time()
+            await trio.to_thread.run_sync(net.tcp, A_ADDR, PORTS[0], 3000, 10)
+            await _settle(sn)
+            await _settle(ok)
+            nursery.cancel_scope.cancel()
+        a, b = sn.stats(), ok.stats()
+    assert a["frames"] == b["frames"] > 5 and a["bytes"] == b["bytes"]
+    assert (a["path"], b["path"]) == ("recv", "ring") and b["ring_bytes"] >= 8 << 20
+    assert all(t0 - 1 < t < time.time() + 1 for t in seen)

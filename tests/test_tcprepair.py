@@ -571,3 +571,32 @@ def test_freeze_refuses_what_it_cannot_move(namespaces):
             tcprepair.freeze(s6)
     client.sock.close()
     server.sock.close()
+
+
+def test_a_thawed_socket_does_not_keep_its_listener_from_binding_again():
+    """Leaving repair mode clears SO_REUSEADDR in the kernel; a move that is called off thaws its sockets
+    and then reopens its listeners on the same port: that bind must work (it failed with EADDRINUSE)."""
+    def listener() -> socket.socket:
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", 0) if not ports else ("127.0.0.1", ports[0]))
+        s.listen()
+        return s
+
+    ports: list[int] = []
+    lis = listener()
+    ports.append(lis.getsockname()[1])
+    client = socket.create_connection(lis.getsockname())
+    served, _ = lis.accept()
+    lis.close()
+    try:
+        tcprepair.freeze(served)
+        tcprepair.thaw(served)
+        again = listener()  # EADDRINUSE before _repair_off set SO_REUSEADDR again
+        again.close()
+        served.sendall(b"still here")
+        client.settimeout(2)
+        assert client.recv(100) == b"still here"
+    finally:
+        served.close()
+        client.close()

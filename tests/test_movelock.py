@@ -1,0 +1,79 @@
+"""proxy.movelock: while a move's lock is engaged, no TCP segment reaches a socket of the address.
+
+Server namespace ``n`` holds SERVICE with a listener and one established connection from namespace ``c``.
+Prepared only, the lock drops nothing. Engaged, the client's bytes do not arrive (they are dropped on
+arrival, counted, and the server's socket sees nothing), a new connection is not answered; released, the
+client's retransmission arrives (nothing was lost for good, nothing was reset). A table a killed node left
+is removed by ``remove_leftover``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+from proxy import movelock
+from tests.test_snooper import in_netns
+from tests.test_tcprepair import SERVICE, namespaces, pair_lab  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (namespaces, nftables)")
+
+PORT = 5301
+
+
+def _readable_within(sock: socket.socket, seconds: float) -> bytes | None:
+    sock.settimeout(seconds)
+    try:
+        return sock.recv(100)
+    except TimeoutError:
+        return None
+
+
+def test_an_engaged_lock_keeps_every_segment_away_and_loses_none(namespaces):
+    pair_lab(namespaces)
+    n, c = namespaces["n"], namespaces["c"]
+    with in_netns(n):
+        listener = socket.create_server((SERVICE, PORT))
+    with in_netns(c):
+        client = socket.create_connection((SERVICE, PORT), timeout=5)
+    served, _ = listener.accept()
+    lock = None
+    try:
+        with in_netns(n):
+            lock = movelock.MoveLock(SERVICE).prepare()
+        client.sendall(b"before")
+        assert _readable_within(served, 2) == b"before"     # prepared only: nothing dropped
+        with in_netns(n):
+            lock.engage()
+        client.sendall(b"during")
+        assert _readable_within(served, 0.5) is None        # dropped on arrival ...
+        assert lock.dropped() >= 1
+        with in_netns(c):
+            probe = socket.socket()
+            probe.settimeout(0.5)
+            with pytest.raises((TimeoutError, socket.timeout)):
+                probe.connect((SERVICE, PORT))              # ... a new client too (no reset either)
+            probe.close()
+        with in_netns(n):
+            lock.close()
+        assert _readable_within(served, 5) == b"during"     # ... and resent by the client once unlocked
+        served.sendall(b"still one connection")
+        assert _readable_within(client, 2) == b"still one connection"
+    finally:
+        if lock is not None:
+            with in_netns(n):
+                lock.close()
+        for s in (client, served, listener):
+            s.close()
+
+
+def test_a_lock_left_behind_is_removed(namespaces):
+    pair_lab(namespaces)
+    with in_netns(namespaces["n"]):
+        lock = movelock.MoveLock(SERVICE).open()
+        lock._nft.close()
+        lock._nft = None                                    # as if the process had been killed
+        assert movelock.remove_leftover(SERVICE) is True
+        assert movelock.remove_leftover(SERVICE) is False
