@@ -170,10 +170,18 @@ def test_reordered_and_duplicated_frames_give_the_same_state(cut, rnd):
 @given(st.sampled_from(CUTS), st.randoms(use_true_random=False), st.floats(0.02, 0.5))
 def test_lost_frames_never_give_a_wrong_state(cut, rnd, loss):
     """Frames lost at the standby; after the death the remotes retransmit what the node had not
-    acknowledged (here: those frames again). Continuable or not, never a wrong state."""
+    acknowledged (here: those frames again). Continuable or not, never a wrong state.
+
+    Except one case, kept out here and named in the README's known limits: when the standby lost a
+    remote's bytes that the node had acknowledged and *no later frame* of that remote arrived (every
+    later frame carries a sequence number that reveals the hole), nothing in the capture shows the loss.
+    So each remote's last frame before the death is never lost here."""
     o = Oracle(cut)
     frames = to_node(cut)
-    kept = [f for f in frames if rnd.random() >= loss]
+    last = {}
+    for i, (_, s) in enumerate(frames):
+        last[(s.src, s.sport)] = i
+    kept = [f for i, f in enumerate(frames) if i in last.values() or rnd.random() >= loss]
     c, b = o.c, o.b
     node_acks = {True: c.server.last_ack, False: b.client.last_ack}  # what the node acknowledged per leg
     resent = []
