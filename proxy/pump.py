@@ -209,3 +209,212 @@ async def splice_pump(src: trio.socket.SocketType, dst: trio.socket.SocketType,
     finally:
         if pipe is not None:
             pipes.discard(pipe)
+
+
+# ------------------------------------------------------------------------------ the in-kernel relay
+_TCP_CLOSE = 7
+#: how long a cancelled relay waits for bytes in flight inside the kernel before it gives up (moves)
+LEAVE_TIMEOUT = 2.0
+
+
+def _tcp_state(sock: socket.socket) -> int:
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+
+
+def _check_reset(sock: socket.socket, where: str, shut: bool = False) -> None:
+    """Raise ConnectionLost if ``sock`` was reset (or otherwise closed by the kernel).
+
+    ``shut``: we half-closed it ourselves, so its reaching CLOSE (our FIN acknowledged after the peer's)
+    is the normal end. The error it reports is read (and so cleared) here: a leg gets a harmless EPIPE
+    when its peer's FIN passes through the relay (the kernel tries to send the empty FIN segment and
+    stops sending to it, which is right: nothing follows a FIN), and a cleared error no longer wakes us."""
+    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if (_tcp_state(sock) == _TCP_CLOSE and not shut) or (err and err != errno.EPIPE):
+        raise ConnectionLost(f"{where}: {os.strerror(err) if err else 'reset'}")
+
+
+async def _until(done: Callable[[], bool], watch: tuple[socket.socket, ...], where: str,
+                 limit: float = float("inf"), shut: set[int] = frozenset()) -> bool:
+    """Poll ``done`` (1 ms, backing off to 50 ms) while none of ``watch`` is reset; False after ``limit`` s."""
+    delay, deadline = 0.0005, trio.current_time() + limit
+    while not done():
+        for s in watch:
+            _check_reset(s, where, s.fileno() in shut)
+        if trio.current_time() >= deadline:
+            return False
+        await trio.sleep(delay)
+        delay = min(delay * 2, 0.05)
+    return True
+
+
+class Switch:
+    """What :func:`sockmap_relay` returns when it handed a connection back to Python mid-way (a bulk
+    phase, or a reader too slow for the kernel's queue): the bytes it held on each leg, to be written
+    before the splice pump takes over."""
+
+    def __init__(self, to_backend: bytes, to_client: bytes, why: str):
+        self.to_backend, self.to_client, self.why = to_backend, to_client, why
+
+
+async def sockmap_relay(relay, client: trio.socket.SocketType, backend: trio.socket.SocketType,
+                        counters: Callable[[int, int], None],
+                        spill: tuple[Callable[[bytes], None], Callable[[bytes], None]] | None = None,
+                        expose: Callable[[Callable[[], None] | None], None] | None = None,
+                        careful: Callable[[], bool] = lambda: True) -> bool | Switch:
+    """Relay ``client`` and ``backend`` to each other in the kernel (:class:`proxy.sockmap.Relay`)
+    until both directions ended; Python only waits for EOF and reset on each leg.
+
+    ``counters(to_backend, to_client)`` receives byte counts as they become known (at the end, and
+    whenever the function handed to ``expose`` is called; ``expose(None)`` at the end). EOF on a leg
+    is passed on as ``shutdown(SHUT_WR)`` of the other once every byte before it is in that leg's send
+    queue. Raises :class:`ConnectionLost` when either leg resets. Returns False, having done nothing,
+    where the relay cannot take this connection (the caller uses the splice pump), True once it ended,
+    or a :class:`Switch` when the relay's governor moved it to the splice pump (bulk or a slow reader:
+    the kernel's relay queue has no bound of its own, see :class:`proxy.sockmap.Governor`).
+
+    ``spill`` (to_backend, to_client): cancelled with it (a live move), the relay holds new bytes on
+    their own socket, waits until no byte is still on its way inside the kernel, and hands the held
+    ones to ``spill`` as the sockets leave the map, so they can be frozen with nothing lost. A byte
+    that slips in at the last instant is detected: ConnectionLost then. ``careful()`` says at the
+    cancellation whether that is needed (only for a move; otherwise the sockets just leave).
+    """
+    from proxy.sockmap import BpfError  # noqa: PLC0415
+
+    cs, bs = client._sock, backend._sock
+    try:
+        lc, lb = relay.join(cs, bs)
+    except BpfError as exc:
+        # EOPNOTSUPP: a leg is no longer ESTABLISHED (its peer's FIN came first); ENOSPC: the map is full
+        log.debug("in-kernel relay refused this connection (%s): splice pump instead", exc)
+        return False
+    reported = [0, 0]
+
+    def report() -> None:
+        now = (relay.seen(lc) - relay.held(lc), relay.seen(lb) - relay.held(lb))
+        counters(now[0] - reported[0], now[1] - reported[1])
+        reported[0], reported[1] = now
+
+    shut: set[int] = set()  # the legs we half-closed
+
+    async def direction(src, dst, name: str, done: trio.Event) -> None:
+        while True:
+            await trio.lowlevel.wait_readable(src.sock)
+            _check_reset(src.sock, name, src.sock.fileno() in shut)
+            try:
+                peek = src.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                continue  # woken by an error we just cleared
+            except OSError as exc:
+                if exc.errno in CONNECTION_LOST:
+                    raise ConnectionLost(f"{name}: {os.strerror(exc.errno)}") from None
+                raise
+            if peek:
+                if relay.held(src):
+                    await trio.sleep_forever()  # the governor is taking the connection out: it reads these
+                # the program passes bytes to a socket's own queue only while leaving: a bug, not data to lose
+                raise RuntimeError(f"{name}: bytes on a relayed socket's own queue")
+            break
+        # EOF: pass it on once every byte before it has left the kernel's queue for dst
+        await _until(lambda: relay.caught_up(src, eof=True) and relay.delivered(src, dst), (dst.sock,), name,
+                     shut=shut)
+        try:
+            shut.add(dst.sock.fileno())
+            dst.sock.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            if exc.errno in CONNECTION_LOST:
+                raise ConnectionLost(f"{name}: {os.strerror(exc.errno)}") from None
+            raise
+        done.set()
+        # src sends nothing more, but may still be reset while the other direction goes on
+        while True:
+            await trio.sleep(0.5)
+            _check_reset(src.sock, name, src.sock.fileno() in shut)
+
+    joined = True
+    switch = trio.Event()
+    if expose is not None:
+        expose(report)
+    governor = relay.governor()
+    result: bool | Switch = True
+    try:
+        async with trio.open_nursery() as nursery:
+            done_c, done_b = trio.Event(), trio.Event()
+            nursery.start_soon(direction, lc, lb, "client", done_c)
+            nursery.start_soon(direction, lb, lc, "backend", done_b)
+            governor.watch(lc, lb, switch)
+            try:
+                with trio.CancelScope() as waiting:
+                    async def both():
+                        await done_c.wait()
+                        await done_b.wait()
+                        waiting.cancel()
+                    nursery.start_soon(both)
+                    await switch.wait()
+                    # the governor wants it out (no FIN passed on yet in the direction that gets switched)
+                    if done_c.is_set() or done_b.is_set():
+                        await trio.sleep_forever()  # half-closed: stay in the kernel to the end
+                    joined = False
+                    held = await _leave(relay, lc, lb, shut)
+                    result = Switch(held[0], held[1], governor.why(lc))
+            finally:
+                governor.forget(lc)
+            nursery.cancel_scope.cancel()
+        return result
+    except trio.Cancelled:
+        if spill is not None and careful() and joined:
+            joined = False
+            with trio.CancelScope(shield=True):
+                held = await _leave(relay, lc, lb, shut, LEAVE_TIMEOUT)
+            spill[0](held[0])
+            spill[1](held[1])
+        raise
+    finally:
+        if joined:
+            relay.part(lc, lb)
+        report()
+        if expose is not None:
+            expose(None)
+
+
+async def _leave(relay, lc, lb, shut: set[int], limit: float = float("inf")) -> tuple[bytes, bytes]:
+    """Take a connection out of the kernel relay without losing a byte; the bytes that arrived on each
+    leg and were not relayed (to_backend, to_client).
+
+    New bytes are held on their own socket (charged to it, so its TCP window closes: bounded), until
+    every byte already redirected is in the other leg's send queue; then the held ones are copied
+    (peeked: reading would reopen the window at the worst moment) and the sockets leave the map, which
+    drops the kernel's copy. The program counts the bytes it held: more than were peeked means some
+    came in between, and the connection is reset (ConnectionLost) rather than continued without them.
+    """
+    from proxy.sockmap import read_held  # noqa: PLC0415
+
+    relay.hold(lc, lb)
+    try:
+        ok = await _until(lambda: relay.delivered(lc, lb) and relay.delivered(lb, lc),
+                          (lc.sock, lb.sock), "leaving the relay", limit, shut)
+        peeked = (read_held(lc.sock, peek=True), read_held(lb.sock, peek=True))
+    finally:
+        relay.part(lc, lb)
+    if not ok:
+        raise ConnectionLost(f"leaving the relay: bytes still queued in the kernel after {limit:g} s "
+                             "(the receiver does not read)")
+    if relay.held(lc) != len(peeked[0]) or relay.held(lb) != len(peeked[1]):
+        raise ConnectionLost("leaving the relay: bytes arrived at the instant the sockets left the map "
+                             f"({relay.held(lc)}/{len(peeked[0])}, {relay.held(lb)}/{len(peeked[1])} held/copied)")
+    return peeked
+
+
+async def send_all(sock: trio.socket.SocketType, data: bytes) -> None:
+    """Write ``data`` to ``sock`` (bytes a relay held when it handed the connection to the pump)."""
+    view = memoryview(data)
+    while view:
+        try:
+            n = sock._sock.send(view, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            await trio.lowlevel.wait_writable(sock)
+            continue
+        except OSError as exc:
+            if exc.errno in CONNECTION_LOST:
+                raise ConnectionLost(f"write: {os.strerror(exc.errno)}") from None
+            raise
+        view = view[n:]

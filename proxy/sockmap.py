@@ -1,0 +1,528 @@
+"""An in-kernel byte path: a SOCKHASH and an ``sk_skb`` verdict program that redirects each leg's bytes
+to the other leg, loaded with the ``bpf()`` system call through ctypes (no compiler on the node).
+
+Why: the splice pump wakes Python for every message (about 40 us of node CPU and 3+ system calls per
+forwarded message); here the kernel forwards every segment itself as it arrives, and Python only sets a
+connection up, watches for EOF and reset, and tears it down.
+
+What the kernel does (``net/core/skmsg.c``): a socket in the SOCKHASH gets a *psock*; its data-ready
+callback hands each received skb to the verdict program (:data:`PROGRAM`), which looks up the socket's
+own cookie in :attr:`Relay.conns` (its peer's cookie, a byte counter, a "hold" flag), adds the skb's
+length to the counter and redirects it to the peer's egress (``bpf_sk_redirect_hash``). Redirected skbs
+are queued to the peer's psock and sent by a kernel worker; they stay charged to the receiving socket
+until sent, so a slow reader closes the sender's TCP window (backpressure) as with splice.
+
+What it does not do, and Python must:
+
+- FIN is not carried: EOF (and reset) on a leg wakes Python (trio's ``wait_readable``: a socket whose
+  bytes are redirected is readable only at EOF or error), which waits until every redirected byte is in
+  the other leg's send queue (:meth:`Relay.delivered`: ``tcpi_bytes_acked`` + ``SIOCOUTQ``) and only
+  then half-closes it, so the FIN never overtakes bytes still queued in the kernel.
+- Bytes that arrived before a socket joined the map wait in its receive queue until more bytes arrive.
+  :meth:`Relay.join` kicks them through the program at once with ``SO_RCVLOWAT`` (``tcp_set_rcvlowat``
+  calls the data-ready callback), in order, before any later byte.
+- Leaving the map drops whatever the kernel still queues for the socket, so :meth:`Relay.leave` first
+  sets the hold flag (the program then passes new bytes to the socket's own queue, where ``recv`` reads
+  them), waits until nothing redirected is still on its way, reads the held bytes, and deletes; the
+  counter tells whether a byte slipped in between (then the connection is reset, never corrupted).
+
+:func:`open_relay` returns None with the reason where this kernel or process cannot do it (no
+``CAP_BPF``/``CAP_NET_ADMIN``, no sockmap support); the data path then uses the splice pump.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import mmap
+import os
+import socket
+import struct
+from dataclasses import dataclass
+
+#: bpf(2) commands, map/program/attach types (linux/bpf.h)
+_SYS_BPF = 321  # x86_64
+BPF_MAP_CREATE, BPF_MAP_LOOKUP_ELEM, BPF_MAP_UPDATE_ELEM, BPF_MAP_DELETE_ELEM = 0, 1, 2, 3
+BPF_PROG_LOAD, BPF_PROG_ATTACH = 5, 8
+BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_SOCKHASH = 1, 18
+BPF_PROG_TYPE_SK_SKB = 14
+BPF_SK_SKB_VERDICT = 38
+BPF_F_NO_PREALLOC = 1
+BPF_ANY, BPF_NOEXIST = 0, 1
+#: helper numbers
+_MAP_LOOKUP_ELEM, _GET_SOCKET_COOKIE, _SK_REDIRECT_HASH = 1, 46, 72
+SK_DROP, SK_PASS = 0, 1
+SO_COOKIE = 57
+SIOCOUTQ = 0x5411
+SIOCINQ = 0x541B
+TCP_INFO_BYTES_ACKED = 120  # offset of tcpi_bytes_acked in struct tcp_info
+TCP_INFO_BYTES_RECEIVED = 128
+
+#: a ``conns`` entry (key: a socket's cookie): the peer socket's cookie and this socket's slot in ``stats``
+_CONN = struct.Struct("=QI4x")
+_KEY = struct.Struct("=Q")
+#: a ``stats`` slot (an mmap-able array Python reads and writes without system calls): bytes the program
+#: saw arrive on the socket, the hold flag (non-zero: pass bytes to the socket's own queue instead), and
+#: how many of the bytes were so held (so bytes - held were redirected, exactly)
+_STAT = struct.Struct("=QQQ")
+BPF_MAP_TYPE_ARRAY = 2
+BPF_F_MMAPABLE = 1 << 10
+
+
+def _insn(code: int, dst: int = 0, src: int = 0, off: int = 0, imm: int = 0) -> bytes:
+    return struct.pack("<BBhi", code, (src << 4) | dst, off, imm)
+
+
+def _ld_map_fd(dst: int, fd: int) -> bytes:
+    # BPF_LD | BPF_DW | BPF_IMM with src = BPF_PSEUDO_MAP_FD: two instruction slots
+    return _insn(0x18, dst, 1, 0, fd) + _insn(0, 0, 0, 0, 0)
+
+
+def program(conns_fd: int, stats_fd: int, sockhash_fd: int) -> bytes:
+    """The verdict program, hand-assembled (37 instructions). In C::
+
+        u64 key = bpf_get_socket_cookie(skb);
+        struct conn *c = bpf_map_lookup_elem(&conns, &key);
+        if (!c) return SK_PASS;                       // not ours: stays on this socket
+        u64 peer = c->peer; u32 slot = c->slot;
+        struct stat *s = bpf_map_lookup_elem(&stats, &slot);
+        if (!s) return SK_PASS;
+        __sync_fetch_and_add(&s->bytes, skb->len);
+        if (s->hold) { __sync_fetch_and_add(&s->held, skb->len); return SK_PASS; }  // leaving
+        return bpf_sk_redirect_hash(skb, &sockhash, &peer, 0);   // to the peer's egress
+    """
+    PASS, HELD = 31, 33
+    code = [
+        _insn(0xBF, 6, 1),                          # 0  r6 = r1 (skb)
+        _insn(0x85, imm=_GET_SOCKET_COOKIE),        # 1  r0 = cookie(skb)
+        _insn(0x7B, 10, 0, -8),                     # 2  *(u64 *)(r10 - 8) = r0
+        _ld_map_fd(1, conns_fd),                    # 3,4 r1 = &conns
+        _insn(0xBF, 2, 10),                         # 5  r2 = r10
+        _insn(0x07, 2, imm=-8),                     # 6  r2 += -8
+        _insn(0x85, imm=_MAP_LOOKUP_ELEM),          # 7  r0 = lookup(conns, &key)
+        _insn(0x15, 0, 0, PASS - 9, 0),             # 8  if r0 == 0 goto pass
+        _insn(0x79, 1, 0, 0),                       # 9  r1 = c->peer
+        _insn(0x7B, 10, 1, -16),                    # 10 *(u64 *)(r10 - 16) = r1
+        _insn(0x61, 1, 0, 8),                       # 11 r1 = c->slot
+        _insn(0x63, 10, 1, -20),                    # 12 *(u32 *)(r10 - 20) = r1
+        _ld_map_fd(1, stats_fd),                    # 13,14 r1 = &stats
+        _insn(0xBF, 2, 10),                         # 15 r2 = r10
+        _insn(0x07, 2, imm=-20),                    # 16 r2 += -20
+        _insn(0x85, imm=_MAP_LOOKUP_ELEM),          # 17 r0 = lookup(stats, &slot)
+        _insn(0x15, 0, 0, PASS - 19, 0),            # 18 if r0 == 0 goto pass
+        _insn(0x61, 1, 6, 0),                       # 19 r1 = skb->len
+        _insn(0xDB, 0, 1, 0, 0),                    # 20 lock *(u64 *)(r0 + 0) += r1
+        _insn(0x79, 1, 0, 8),                       # 21 r1 = s->hold
+        _insn(0x55, 1, 0, HELD - 23, 0),            # 22 if r1 != 0 goto held
+        _insn(0xBF, 1, 6),                          # 23 r1 = skb
+        _ld_map_fd(2, sockhash_fd),                 # 24,25 r2 = &sockhash
+        _insn(0xBF, 3, 10),                         # 26 r3 = r10
+        _insn(0x07, 3, imm=-16),                    # 27 r3 += -16
+        _insn(0xB7, 4, imm=0),                      # 28 r4 = 0 (egress)
+        _insn(0x85, imm=_SK_REDIRECT_HASH),         # 29 r0 = redirect(skb, &sockhash, &peer, 0)
+        _insn(0x95),                                # 30 exit
+        _insn(0xB7, 0, imm=SK_PASS),                # 31 pass: r0 = SK_PASS
+        _insn(0x95),                                # 32 exit
+        _insn(0x61, 1, 6, 0),                       # 33 held: r1 = skb->len
+        _insn(0xDB, 0, 1, 16, 0),                   # 34 lock *(u64 *)(r0 + 16) += r1
+        _insn(0xB7, 0, imm=SK_PASS),                # 35 r0 = SK_PASS
+        _insn(0x95),                                # 36 exit
+    ]
+    out = b"".join(code)
+    assert len(out) // 8 == 37
+    return out
+
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+
+class BpfError(OSError):
+    """A bpf() call failed (errno and what was tried)."""
+
+
+def _bpf(cmd: int, attr: bytes, what: str) -> int:
+    buf = ctypes.create_string_buffer(attr, max(len(attr), 128))
+    ret = _libc.syscall(_SYS_BPF, cmd, buf, len(buf))
+    if ret < 0:
+        err = ctypes.get_errno()
+        raise BpfError(err, f"{what}: {os.strerror(err)}")
+    return ret
+
+
+def _map_create(map_type: int, key_size: int, value_size: int, entries: int, flags: int, name: bytes) -> int:
+    attr = struct.pack("=IIIIIII16s", map_type, key_size, value_size, entries, flags, 0, 0, name)
+    return _bpf(BPF_MAP_CREATE, attr, f"creating the {name.decode()} map")
+
+
+def _elem(cmd: int, fd: int, key: ctypes.Array, value: ctypes.Array | None, flags: int, what: str) -> int:
+    attr = struct.pack("=IIQQQ", fd, 0, ctypes.addressof(key), ctypes.addressof(value) if value is not None else 0,
+                       flags)
+    return _bpf(cmd, attr, what)
+
+
+def _prog_load(insns: bytes) -> int:
+    code = ctypes.create_string_buffer(insns, len(insns))
+    lic = ctypes.create_string_buffer(b"GPL")
+    log = ctypes.create_string_buffer(65536)
+    attr = struct.pack("=IIQQIIQII16s", BPF_PROG_TYPE_SK_SKB, len(insns) // 8, ctypes.addressof(code),
+                       ctypes.addressof(lic), 1, len(log), ctypes.addressof(log), 0, 0, b"pp_relay")
+    try:
+        return _bpf(BPF_PROG_LOAD, attr, "loading the verdict program")
+    except BpfError as exc:
+        text = log.value.decode(errors="replace").strip().splitlines()
+        raise BpfError(exc.errno, f"{exc.strerror}; verifier: {' | '.join(text[-4:])}") from None
+
+
+def cookie(sock: socket.socket) -> int:
+    """The kernel's 64-bit identity of a socket (what the program sees as ``bpf_get_socket_cookie``)."""
+    return struct.unpack("=Q", sock.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8))[0]
+
+
+def bytes_written(sock: socket.socket) -> int:
+    """Bytes ever put into ``sock``'s send queue (acknowledged + still queued), FIN not counted."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+    acked = struct.unpack_from("=Q", info, TCP_INFO_BYTES_ACKED)[0]
+    queued = struct.unpack("=i", fcntl.ioctl(sock.fileno(), SIOCOUTQ, b"\0" * 4))[0]
+    if sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] in _FIN_SENT_STATES:
+        queued -= 1 if queued > 0 else 0  # SIOCOUTQ counts our FIN while it is unacknowledged
+    return acked + queued
+
+
+def bytes_received(sock: socket.socket) -> int:
+    """Bytes ``sock`` received from its peer (``tcpi_bytes_received``; FIN not counted)."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+    return struct.unpack_from("=Q", info, TCP_INFO_BYTES_RECEIVED)[0]
+
+
+#: TCP states after our FIN was queued (linux/tcp_states.h): FIN_WAIT1, FIN_WAIT2, CLOSING, LAST_ACK
+_FIN_SENT_STATES = {4, 5, 11, 9}
+
+
+class BytesLost(Exception):
+    """Bytes arrived in the instant between the last read and the removal from the map and were
+    dropped with the socket's kernel queue; the connection must be reset, not continued."""
+
+
+@dataclass
+class Leg:
+    """One socket of a relayed connection as the relay knows it."""
+
+    sock: socket.socket
+    cookie: int
+    slot: int
+    #: bytes_written() of this socket when it joined: what Python (or a restore) had put there before
+    written_base: int
+    #: bytes_received() of this socket when it joined, less those still unread (the program sees those)
+    received_base: int
+
+
+class Relay:
+    """The maps and the program of one process; :meth:`join` pairs two sockets, :meth:`leave` and
+    :meth:`part` part them.
+
+    One relay serves every connection of the node (the maps hold ``capacity`` sockets). Its four
+    descriptors are closed by :meth:`close`; the kernel then frees the program and the maps, and any
+    socket still in the map leaves it.
+    """
+
+    def __init__(self, capacity: int = 1 << 16):
+        self.capacity = capacity
+        self.conns_fd = self.stats_fd = self.sockhash_fd = self.prog_fd = -1
+        self._stats: mmap.mmap | None = None
+        self._free = list(range(capacity - 1, -1, -1))
+        try:
+            self.conns_fd = _map_create(BPF_MAP_TYPE_HASH, 8, _CONN.size, capacity, BPF_F_NO_PREALLOC, b"pp_conns")
+            self.stats_fd = _map_create(BPF_MAP_TYPE_ARRAY, 4, _STAT.size, capacity, BPF_F_MMAPABLE, b"pp_stats")
+            size = -(-capacity * _STAT.size // mmap.PAGESIZE) * mmap.PAGESIZE
+            self._stats = mmap.mmap(self.stats_fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            self.sockhash_fd = _map_create(BPF_MAP_TYPE_SOCKHASH, 8, 8, capacity, 0, b"pp_socks")
+            self.prog_fd = _prog_load(program(self.conns_fd, self.stats_fd, self.sockhash_fd))
+            attr = struct.pack("=IIII", self.sockhash_fd, self.prog_fd, BPF_SK_SKB_VERDICT, 0)
+            _bpf(BPF_PROG_ATTACH, attr, "attaching the verdict program to the socket map")
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self._stats is not None:
+            self._stats.close()
+            self._stats = None
+        for name in ("prog_fd", "sockhash_fd", "stats_fd", "conns_fd"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                os.close(fd)
+                setattr(self, name, -1)
+
+    @property
+    def joined(self) -> int:
+        """Sockets in the map now."""
+        return self.capacity - len(self._free)
+
+    # --- counters (shared memory with the program) -----------------------------------------------------
+    def seen(self, leg: Leg) -> int:
+        """Bytes the program saw arrive on ``leg`` since it joined (redirected or held)."""
+        assert self._stats is not None
+        return struct.unpack_from("=Q", self._stats, leg.slot * _STAT.size)[0]
+
+    def held(self, leg: Leg) -> int:
+        """Of :meth:`seen`, the bytes the program passed to ``leg``'s own queue (hold set) instead."""
+        assert self._stats is not None
+        return struct.unpack_from("=Q", self._stats, leg.slot * _STAT.size + 16)[0]
+
+    def lag(self, src: Leg, dst: Leg) -> int:
+        """Bytes redirected from ``src`` that are not yet in ``dst``'s send queue (queued in the kernel)."""
+        return self.seen(src) - self.held(src) - (bytes_written(dst.sock) - dst.written_base)
+
+    def _hold(self, leg: Leg, on: bool) -> None:
+        assert self._stats is not None
+        struct.pack_into("=Q", self._stats, leg.slot * _STAT.size + 8, 1 if on else 0)
+
+    def _reset(self, slot: int) -> None:
+        assert self._stats is not None
+        _STAT.pack_into(self._stats, slot * _STAT.size, 0, 0, 0)
+
+    # --- maps -----------------------------------------------------------------------------------------
+    def _delete(self, fd: int, key: int) -> None:
+        k = ctypes.create_string_buffer(_KEY.pack(key), 8)
+        try:
+            _elem(BPF_MAP_DELETE_ELEM, fd, k, None, 0, "removing a socket")
+        except BpfError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+
+    # --- connections ----------------------------------------------------------------------------------
+    def join(self, a: socket.socket, b: socket.socket) -> tuple[Leg, Leg]:
+        """Relay ``a`` and ``b`` to each other in the kernel from now on.
+
+        Bytes already waiting in either receive queue go first (kicked through the program here);
+        bytes Python wrote before are remembered so :meth:`delivered` counts only redirected ones.
+        Raises BpfError (ENOSPC: the map is full) with nothing left behind.
+        """
+        if len(self._free) < 2:
+            raise BpfError(errno.ENOSPC, f"the socket map is full ({self.capacity} sockets)")
+        la = Leg(a, cookie(a), self._free.pop(), bytes_written(a), _received_unread(a))
+        lb = Leg(b, cookie(b), self._free.pop(), bytes_written(b), _received_unread(b))
+        added: list[tuple[int, int]] = []
+        try:
+            for leg, peer in ((la, lb), (lb, la)):
+                self._reset(leg.slot)
+                k = ctypes.create_string_buffer(_KEY.pack(leg.cookie), 8)
+                v = ctypes.create_string_buffer(_CONN.pack(peer.cookie, leg.slot), _CONN.size)
+                _elem(BPF_MAP_UPDATE_ELEM, self.conns_fd, k, v, BPF_NOEXIST, "adding a connection")
+                added.append((self.conns_fd, leg.cookie))
+            for leg in (la, lb):
+                k = ctypes.create_string_buffer(_KEY.pack(leg.cookie), 8)
+                v = ctypes.create_string_buffer(struct.pack("=Q", leg.sock.fileno()), 8)
+                added.append((self.sockhash_fd, leg.cookie))
+                _elem(BPF_MAP_UPDATE_ELEM, self.sockhash_fd, k, v, BPF_NOEXIST, "adding a socket to the map")
+        except BaseException:
+            for fd, key in reversed(added):
+                self._delete(fd, key)
+            self._free += [lb.slot, la.slot]
+            raise
+        for leg in (la, lb):
+            kick(leg.sock)
+        return la, lb
+
+    def delivered(self, src: Leg, dst: Leg) -> bool:
+        """Every byte redirected from ``src`` so far is in ``dst``'s send queue: none is still queued
+        in the kernel between them."""
+        return self.lag(src, dst) <= 0
+
+    def caught_up(self, leg: Leg, eof: bool = False) -> bool:
+        """The program has seen every byte ``leg`` received since it joined (none waits for it).
+        ``eof``: the peer's FIN arrived (``tcpi_bytes_received`` counts it as one byte)."""
+        return bytes_received(leg.sock) - leg.received_base - (1 if eof else 0) <= self.seen(leg)
+
+    def part(self, a: Leg, b: Leg) -> None:
+        """Remove both sockets from the maps. Whatever the kernel still queued for them is dropped:
+        the caller made sure nothing is (both directions :meth:`delivered`), or it does not matter."""
+        for leg in (a, b):
+            self._delete(self.sockhash_fd, leg.cookie)
+        for leg in (a, b):
+            self._delete(self.conns_fd, leg.cookie)
+        self._free += [b.slot, a.slot]
+
+    def governor(self) -> "Governor":
+        """The task watching this relay's queues (one per relay, started on first use)."""
+        if getattr(self, "_governor", None) is None:
+            self._governor = Governor(self)
+        return self._governor
+
+    def hold(self, *legs: Leg) -> None:
+        """From now on, bytes arriving on ``legs`` stay on their own socket (``recv`` reads them)."""
+        for leg in legs:
+            self._hold(leg, True)
+
+
+class Governor:
+    """Takes connections out of the kernel relay when it is the wrong tool for them.
+
+    Why: a redirected segment is queued for the other leg without any limit (the kernel's psock queue is
+    not charged to either socket, so the sender's TCP window stays open while the receiver does not
+    read), and bulk moves at about half the speed of splice here (``bench/BYTEPATH.md``). Every
+    ``INTERVAL`` seconds one task reads the counters of every relayed connection from shared memory (no
+    system call for an idle one); where a direction moved more than ``BULK_BYTES`` since the last look,
+    or (two system calls, only for legs that moved) more than ``QUEUE_LIMIT`` bytes wait in the kernel
+    for a slow reader, it sets the connection's event and :func:`proxy.pump.sockmap_relay` hands the
+    connection to the splice pump, whose memory is bounded by its pipe.
+    """
+
+    INTERVAL = 0.05
+    BULK_BYTES = 2 << 20
+    QUEUE_LIMIT = 1 << 20
+
+    def __init__(self, relay: Relay):
+        self.relay = relay
+        self._watched: dict[int, list] = {}
+        self._why: dict[int, str] = {}
+        self._running = False
+        self.switched = 0
+
+    def watch(self, a: Leg, b: Leg, event) -> None:
+        self._watched[a.slot] = [a, b, event, self.relay.seen(a), self.relay.seen(b)]
+        if not self._running:
+            import trio  # noqa: PLC0415
+            self._running = True
+            trio.lowlevel.spawn_system_task(self._run, name="pairproxy.sockmap.governor")
+
+    def forget(self, a: Leg) -> None:
+        self._watched.pop(a.slot, None)
+        self._why.pop(a.slot, None)
+
+    def why(self, a: Leg) -> str:
+        return self._why.get(a.slot, "")
+
+    async def _run(self) -> None:
+        import trio  # noqa: PLC0415
+        try:
+            while self._watched:
+                await trio.sleep(self.INTERVAL)
+                for slot, w in list(self._watched.items()):
+                    a, b, event, last_a, last_b = w
+                    if event.is_set():
+                        continue
+                    try:
+                        why = self._check(w)
+                    except OSError:
+                        continue  # a leg closed under us: its relay task sees it
+                    if why:
+                        self._why[slot] = why
+                        self.switched += 1
+                        event.set()
+        finally:
+            self._running = False
+
+    def _check(self, w: list) -> str | None:
+        a, b, _, last_a, last_b = w
+        seen_a, seen_b = self.relay.seen(a), self.relay.seen(b)
+        w[3], w[4] = seen_a, seen_b
+        for moved, src, dst, name in ((seen_a - last_a, a, b, "to the backend"), (seen_b - last_b, b, a, "to the client")):
+            if moved <= 0:
+                continue
+            if moved > self.BULK_BYTES:
+                return f"bulk {name}: {moved} bytes in {self.INTERVAL:g} s"
+            lag = self.relay.lag(src, dst)
+            if lag > self.QUEUE_LIMIT:
+                return f"slow reader {name}: {lag} bytes queued in the kernel"
+        return None
+
+
+def _received_unread(sock: socket.socket) -> int:
+    """bytes_received() less the bytes still unread, read consistently (nothing arrived in between)."""
+    while True:
+        before = _inq(sock)
+        received = bytes_received(sock)
+        if _inq(sock) == before:
+            return received - before
+
+
+def _inq(sock: socket.socket) -> int:
+    return struct.unpack("=i", fcntl.ioctl(sock.fileno(), SIOCINQ, b"\0" * 4))[0]
+
+
+def read_held(sock: socket.socket, peek: bool = False) -> bytes:
+    """The bytes the program passed to ``sock``'s own queue (after :meth:`Relay.hold`), without waiting;
+    ``peek``: leave them there (all of them: one call)."""
+    if peek:
+        n = max(1, sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) * 2)
+        try:
+            return sock.recv(n, socket.MSG_DONTWAIT | socket.MSG_PEEK)
+        except BlockingIOError:
+            return b""
+    out = []
+    while True:
+        try:
+            chunk = sock.recv(1 << 20, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            break
+        if not chunk:
+            break
+        out.append(chunk)
+    return b"".join(out)
+
+
+def kick(sock: socket.socket) -> None:
+    """Run the data-ready callback of ``sock`` now (``tcp_set_rcvlowat`` does), so bytes that arrived
+    before it joined the map go through the program instead of waiting for the next segment."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+
+
+# --------------------------------------------------------------------------------------- the choice
+BYTE_PATHS = ("auto", "sockmap", "splice")
+
+
+class SockmapUnavailable(Exception):
+    """``byte_path = "sockmap"`` was asked for, and this kernel or process cannot do it."""
+
+
+@dataclass
+class BytePath:
+    """Which byte path new connections of this process take, and why (shown in ``status``)."""
+
+    configured: str = "splice"
+    path: str = "splice"
+    reason: str | None = None
+    relay: Relay | None = None
+
+    def close(self) -> None:
+        if self.relay is not None:
+            self.relay.close()
+            self.relay = None
+
+
+#: the byte path of this process; the node sets it at start (:func:`activate`); splice until then
+ACTIVE = BytePath(reason="not chosen (no node started)")
+
+
+def choose(configured: str, capacity: int = 1 << 16) -> BytePath:
+    """The byte path for ``[node] byte_path``: "splice" as asked; "sockmap" or an error saying why not;
+    "auto": sockmap where the kernel and the process's privileges allow it, else splice with the reason."""
+    if configured not in BYTE_PATHS:
+        raise ValueError(f"byte_path {configured!r} is not one of {', '.join(BYTE_PATHS)}")
+    if configured == "splice":
+        return BytePath(configured, "splice", "configured")
+    try:
+        relay = Relay(capacity)
+    except OSError as exc:
+        why = str(exc)
+        if exc.errno in (errno.EPERM, errno.EACCES):
+            why += " (the node needs CAP_BPF and CAP_NET_ADMIN, or root, for the in-kernel relay)"
+        elif exc.errno in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            why += " (this kernel lacks sockmap support: CONFIG_BPF_SYSCALL, CONFIG_NET_SOCK_MSG, 5.13 or newer)"
+        if configured == "sockmap":
+            raise SockmapUnavailable(f"node.byte_path = \"sockmap\": {why}") from None
+        return BytePath(configured, "splice", f"sockmap unavailable: {why}")
+    return BytePath(configured, "sockmap", None, relay)
+
+
+def activate(configured: str) -> BytePath:
+    """Choose the byte path for this process (closing the previous relay) and make it :data:`ACTIVE`."""
+    global ACTIVE
+    new = choose(configured)
+    old, ACTIVE = ACTIVE, new
+    old.close()
+    return new
