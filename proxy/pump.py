@@ -330,47 +330,49 @@ async def sockmap_relay(relay, client: trio.socket.SocketType, backend: trio.soc
             await trio.sleep(0.5)
             _check_reset(src.sock, name, src.sock.fileno() in shut)
 
-    joined = True
-    switch = trio.Event()
+    wake = trio.Event()  # both directions ended, or the governor wants the connection out
     if expose is not None:
         expose(report)
     governor = relay.governor()
-    result: bool | Switch = True
+    leaving = False
     try:
-        async with trio.open_nursery() as nursery:
-            done_c, done_b = trio.Event(), trio.Event()
-            nursery.start_soon(direction, lc, lb, "client", done_c)
-            nursery.start_soon(direction, lb, lc, "backend", done_b)
-            governor.watch(lc, lb, switch)
-            try:
-                with trio.CancelScope() as waiting:
-                    async def both():
-                        await done_c.wait()
-                        await done_b.wait()
-                        waiting.cancel()
-                    nursery.start_soon(both)
-                    await switch.wait()
-                    # the governor wants it out (no FIN passed on yet in the direction that gets switched)
-                    if done_c.is_set() or done_b.is_set():
-                        await trio.sleep_forever()  # half-closed: stay in the kernel to the end
-                    joined = False
-                    held = await _leave(relay, lc, lb, shut)
-                    result = Switch(held[0], held[1], governor.why(lc))
-            finally:
-                governor.forget(lc)
-            nursery.cancel_scope.cancel()
-        return result
+        try:
+            async with trio.open_nursery() as nursery:
+                done_c, done_b = trio.Event(), trio.Event()
+                nursery.start_soon(direction, lc, lb, "client", done_c)
+                nursery.start_soon(direction, lb, lc, "backend", done_b)
+
+                async def both() -> None:
+                    await done_c.wait()
+                    await done_b.wait()
+                    wake.set()
+                nursery.start_soon(both)
+                governor.watch(lc, lb, wake)
+                await wake.wait()
+                # out only while no FIN was passed on (a half-closed connection stays in the kernel
+                # to its end); a direction waiting to pass one on is cancelled, the pump redoes it
+                leaving = bool(governor.why(lc)) and not (done_c.is_set() or done_b.is_set())
+                if not leaving:
+                    await done_c.wait()
+                    await done_b.wait()
+                nursery.cancel_scope.cancel()
+        finally:
+            why = governor.why(lc)
+            governor.forget(lc)
+        if not leaving:
+            return True
+        log.debug("handing a connection to the splice pump: %s", why)
+        held = await _leave(relay, lc, lb, shut)  # cancelled (a move): the except below finishes it
+        return Switch(held[0], held[1], why)
     except trio.Cancelled:
-        if spill is not None and careful() and joined:
-            joined = False
+        if spill is not None and careful() and not lc.parted:
             with trio.CancelScope(shield=True):
                 held = await _leave(relay, lc, lb, shut, LEAVE_TIMEOUT)
             spill[0](held[0])
             spill[1](held[1])
         raise
     finally:
-        if joined:
-            relay.part(lc, lb)
+        relay.part(lc, lb)  # nothing if already parted
         report()
         if expose is not None:
             expose(None)
@@ -389,19 +391,66 @@ async def _leave(relay, lc, lb, shut: set[int], limit: float = float("inf")) -> 
     from proxy.sockmap import read_held  # noqa: PLC0415
 
     relay.hold(lc, lb)
+    legs = (lc, lb)
+    taken: list[list[bytes]] = [[], []]
+    ntaken = [0, 0]
+    deadline = trio.current_time() + limit
+    delay = 0.0005
     try:
-        ok = await _until(lambda: relay.delivered(lc, lb) and relay.delivered(lb, lc),
-                          (lc.sock, lb.sock), "leaving the relay", limit, shut)
-        peeked = (read_held(lc.sock, peek=True), read_held(lb.sock, peek=True))
-    finally:
+        while True:
+            if relay.delivered(lc, lb) and relay.delivered(lb, lc):
+                # every redirected byte has left the kernel's queues; the held ones wait on their own
+                # socket. Shrink the receive buffers (so reading them opens no window), read them all
+                # (a read, not a peek: the kernel counts a held byte as consumed only when read), and
+                # let go of the map. Held bytes not on the queue yet (kept back over its budget) come
+                # after this read: try again.
+                bufs = [_shrink_rcvbuf(leg.sock) for leg in legs]
+                try:
+                    for i, leg in enumerate(legs):
+                        data = read_held(leg.sock)
+                        if data:
+                            taken[i].append(data)
+                            ntaken[i] += len(data)
+                    if all(relay.held(leg) == ntaken[i] for i, leg in enumerate(legs)):
+                        relay.part(lc, lb)
+                        break
+                finally:
+                    for leg, size in zip(legs, bufs):
+                        _restore_rcvbuf(leg.sock, size)
+            for leg in legs:
+                _check_reset(leg.sock, "leaving the relay", leg.sock.fileno() in shut)
+            if trio.current_time() >= deadline:
+                relay.part(lc, lb)
+                raise ConnectionLost(f"leaving the relay: bytes still queued in the kernel after {limit:g} s "
+                                     "(the receiver does not read)")
+            await trio.sleep(delay)
+            delay = min(delay * 2, 0.02)
+    except trio.Cancelled:
+        raise  # still held and joined: the caller finishes or parts
+    except BaseException:
         relay.part(lc, lb)
-    if not ok:
-        raise ConnectionLost(f"leaving the relay: bytes still queued in the kernel after {limit:g} s "
-                             "(the receiver does not read)")
-    if relay.held(lc) != len(peeked[0]) or relay.held(lb) != len(peeked[1]):
-        raise ConnectionLost("leaving the relay: bytes arrived at the instant the sockets left the map "
-                             f"({relay.held(lc)}/{len(peeked[0])}, {relay.held(lb)}/{len(peeked[1])} held/copied)")
-    return peeked
+        raise
+    for i, leg in enumerate(legs):
+        if relay.held(leg) != ntaken[i]:
+            raise ConnectionLost("leaving the relay: bytes arrived at the instant the sockets left the map "
+                                 f"({relay.held(leg)} held, {ntaken[i]} read)")
+    return b"".join(taken[0]), b"".join(taken[1])
+
+
+_SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
+
+
+def _shrink_rcvbuf(sock: socket.socket) -> int:
+    size = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)
+    return size
+
+
+def _restore_rcvbuf(sock: socket.socket, size: int) -> None:
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, size // 2)  # the kernel doubles what it is given
+    except OSError:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size // 2)
 
 
 async def send_all(sock: trio.socket.SocketType, data: bytes) -> None:

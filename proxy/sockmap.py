@@ -217,6 +217,7 @@ class Leg:
     written_base: int
     #: bytes_received() of this socket when it joined, less those still unread (the program sees those)
     received_base: int
+    parted: bool = False
 
 
 class Relay:
@@ -232,12 +233,14 @@ class Relay:
         self.capacity = capacity
         self.conns_fd = self.stats_fd = self.sockhash_fd = self.prog_fd = -1
         self._stats: mmap.mmap | None = None
+        self._words: memoryview | None = None
         self._free = list(range(capacity - 1, -1, -1))
         try:
             self.conns_fd = _map_create(BPF_MAP_TYPE_HASH, 8, _CONN.size, capacity, BPF_F_NO_PREALLOC, b"pp_conns")
             self.stats_fd = _map_create(BPF_MAP_TYPE_ARRAY, 4, _STAT.size, capacity, BPF_F_MMAPABLE, b"pp_stats")
             size = -(-capacity * _STAT.size // mmap.PAGESIZE) * mmap.PAGESIZE
             self._stats = mmap.mmap(self.stats_fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            self._words = memoryview(self._stats).cast("Q")  # slot i: [3i] bytes, [3i+1] hold, [3i+2] held
             self.sockhash_fd = _map_create(BPF_MAP_TYPE_SOCKHASH, 8, 8, capacity, 0, b"pp_socks")
             self.prog_fd = _prog_load(program(self.conns_fd, self.stats_fd, self.sockhash_fd))
             attr = struct.pack("=IIII", self.sockhash_fd, self.prog_fd, BPF_SK_SKB_VERDICT, 0)
@@ -247,6 +250,9 @@ class Relay:
             raise
 
     def close(self) -> None:
+        if getattr(self, "_words", None) is not None:
+            self._words.release()
+            self._words = None
         if self._stats is not None:
             self._stats.close()
             self._stats = None
@@ -264,25 +270,21 @@ class Relay:
     # --- counters (shared memory with the program) -----------------------------------------------------
     def seen(self, leg: Leg) -> int:
         """Bytes the program saw arrive on ``leg`` since it joined (redirected or held)."""
-        assert self._stats is not None
-        return struct.unpack_from("=Q", self._stats, leg.slot * _STAT.size)[0]
+        return self._words[3 * leg.slot]
 
     def held(self, leg: Leg) -> int:
         """Of :meth:`seen`, the bytes the program passed to ``leg``'s own queue (hold set) instead."""
-        assert self._stats is not None
-        return struct.unpack_from("=Q", self._stats, leg.slot * _STAT.size + 16)[0]
+        return self._words[3 * leg.slot + 2]
 
     def lag(self, src: Leg, dst: Leg) -> int:
         """Bytes redirected from ``src`` that are not yet in ``dst``'s send queue (queued in the kernel)."""
         return self.seen(src) - self.held(src) - (bytes_written(dst.sock) - dst.written_base)
 
     def _hold(self, leg: Leg, on: bool) -> None:
-        assert self._stats is not None
-        struct.pack_into("=Q", self._stats, leg.slot * _STAT.size + 8, 1 if on else 0)
+        self._words[3 * leg.slot + 1] = 1 if on else 0
 
     def _reset(self, slot: int) -> None:
-        assert self._stats is not None
-        _STAT.pack_into(self._stats, slot * _STAT.size, 0, 0, 0)
+        self._words[3 * slot:3 * slot + 3] = memoryview(bytes(24)).cast("Q")
 
     # --- maps -----------------------------------------------------------------------------------------
     def _delete(self, fd: int, key: int) -> None:
@@ -339,7 +341,11 @@ class Relay:
 
     def part(self, a: Leg, b: Leg) -> None:
         """Remove both sockets from the maps. Whatever the kernel still queued for them is dropped:
-        the caller made sure nothing is (both directions :meth:`delivered`), or it does not matter."""
+        the caller made sure nothing is (both directions :meth:`delivered`), or it does not matter.
+        A second call does nothing."""
+        if a.parted:
+            return
+        a.parted = b.parted = True
         for leg in (a, b):
             self._delete(self.sockhash_fd, leg.cookie)
         for leg in (a, b):
@@ -371,8 +377,8 @@ class Governor:
     connection to the splice pump, whose memory is bounded by its pipe.
     """
 
-    INTERVAL = 0.05
-    BULK_BYTES = 2 << 20
+    INTERVAL = 0.01
+    BULK_BYTES = 1 << 20
     QUEUE_LIMIT = 1 << 20
 
     def __init__(self, relay: Relay):

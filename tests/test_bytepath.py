@@ -367,6 +367,7 @@ def test_stalled_reader_bounded_memory(byte_path):
         go.set()
         s.shutdown(socket.SHUT_WR)
         wait_for(lambda: "data" in result, timeout=30, what="the backend to read it all")
+        assert len(result["data"]) == sent, (len(result["data"]), sent)
         assert result["data"] == b"q" * sent
         s.close()
 
