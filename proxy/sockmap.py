@@ -42,6 +42,8 @@ import socket
 import struct
 from dataclasses import dataclass
 
+from proxy.config import BYTE_PATHS
+
 #: bpf(2) commands, map/program/attach types (linux/bpf.h)
 _SYS_BPF = 321  # x86_64
 BPF_MAP_CREATE, BPF_MAP_LOOKUP_ELEM, BPF_MAP_UPDATE_ELEM, BPF_MAP_DELETE_ELEM = 0, 1, 2, 3
@@ -478,10 +480,7 @@ def kick(sock: socket.socket) -> None:
 
 
 # --------------------------------------------------------------------------------------- the choice
-BYTE_PATHS = ("auto", "sockmap", "splice")
-
-
-class SockmapUnavailable(Exception):
+class SockmapUnavailable(OSError):
     """``byte_path = "sockmap"`` was asked for, and this kernel or process cannot do it."""
 
 
@@ -498,6 +497,15 @@ class BytePath:
         if self.relay is not None:
             self.relay.close()
             self.relay = None
+            if self.path == "sockmap":
+                self.path, self.reason = "splice", "closed"
+
+    def status(self) -> dict:
+        """What ``status`` shows of it (schema.records.BytePathStatus)."""
+        gov = getattr(self.relay, "_governor", None) if self.relay is not None else None
+        return {"configured": self.configured, "path": self.path, "reason": self.reason,
+                "relayed_sockets": self.relay.joined if self.relay is not None else 0,
+                "handed_to_splice": gov.switched if gov is not None else 0}
 
 
 #: the byte path of this process; the node sets it at start (:func:`activate`); splice until then

@@ -446,3 +446,41 @@ def test_1000_concurrent_connections(byte_path):
         assert (st.connections_total, st.connections_reset, st.bytes_to_backend, st.bytes_to_client) == (n, 0, 8 * n, 8 * n)
         if byte_path.relay is not None:
             assert byte_path.relay.joined == 0
+
+
+# ------------------------------------------------------------------------------ choosing the path
+def test_byte_path_config_key(tmp_path):
+    from proxy.config import ConfigError, load_config
+
+    base = ('[node]\nname = "a"\ninterface = "eth0"\naddress = "10.0.0.1/24"\nstate_dir = "/var/lib/p"\n'
+            'control = "/run/p.sock"\n')
+    svc = '\n[[service]]\nname = "smb"\nprotocol = "smb"\nport = 445\nbackend = "10.0.2.10:445"\n'
+    path = tmp_path / "n.toml"
+    path.write_text(base + svc)
+    assert load_config(path).node.byte_path == "auto"
+    path.write_text(base + 'byte_path = "Splice"\n' + svc)
+    assert load_config(path).node.byte_path == "splice"
+    path.write_text(base + 'byte_path = "kernel"\n' + svc)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.problems == ["node.byte_path: 'kernel' is not one of auto, sockmap, splice"]
+
+
+def test_splice_when_configured_and_when_not_privileged():
+    """``splice`` is taken as configured; without the privilege for bpf() (a process running as
+    nobody, real kernel), ``auto`` falls back to splice and says why, ``sockmap`` refuses to start."""
+    assert sockmap.choose("splice").path == "splice"
+    code = ("from proxy import sockmap\n"
+            "p = sockmap.choose('auto'); print(p.path, '|', p.reason)\n"
+            "try:\n    sockmap.choose('sockmap')\nexcept sockmap.SockmapUnavailable as e:\n    print('refused |', e)\n")
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all",
+                          sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=30,
+                         env={"PYTHONPATH": str(root), "PATH": os.environ.get("PATH", "")})
+    assert out.returncode == 0, out.stderr
+    auto, refused = out.stdout.splitlines()
+    assert auto.startswith("splice | sockmap unavailable:") and "CAP_BPF" in auto
+    assert refused.startswith('refused | node.byte_path = "sockmap":') and "Operation not permitted" in refused
