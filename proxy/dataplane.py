@@ -458,9 +458,13 @@ class ServiceProxy:
                             # the relay handed it over (bulk, or a slow reader): what it held goes first
                             conn.byte_path = "splice"
                             stats.sockmap_switched += 1
-                            await send_all(backend, relayed.to_backend)
-                            to_backend(len(relayed.to_backend))
-                            await send_all(client, relayed.to_client)
+                            try:
+                                await send_all(backend, relayed.to_backend, conn.spill_to_backend)
+                                to_backend(len(relayed.to_backend))
+                            except trio.Cancelled:
+                                conn.spill_to_client(relayed.to_client)  # not begun: all of it
+                                raise
+                            await send_all(client, relayed.to_client, conn.spill_to_client)
                             to_client(len(relayed.to_client))
                             relayed = False
                         elif not relayed:

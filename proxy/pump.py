@@ -215,6 +215,8 @@ async def splice_pump(src: trio.socket.SocketType, dst: trio.socket.SocketType,
 _TCP_CLOSE = 7
 #: how long a cancelled relay waits for bytes in flight inside the kernel before it gives up (moves)
 LEAVE_TIMEOUT = 2.0
+#: bytes per leg a leaving relay reads while it waits for the other leg's queue to drain
+HOLD_READ_LIMIT = 4 << 20
 
 
 def _tcp_state(sock: socket.socket) -> int:
@@ -331,6 +333,7 @@ async def sockmap_relay(relay, client: trio.socket.SocketType, backend: trio.soc
             _check_reset(src.sock, name, src.sock.fileno() in shut)
 
     wake = trio.Event()  # both directions ended, or the governor wants the connection out
+    taken: list[list[bytes]] = [[], []]  # bytes a leave read from each leg (see _leave)
     if expose is not None:
         expose(report)
     governor = relay.governor()
@@ -349,9 +352,10 @@ async def sockmap_relay(relay, client: trio.socket.SocketType, backend: trio.soc
                 nursery.start_soon(both)
                 governor.watch(lc, lb, wake)
                 await wake.wait()
-                # out only while no FIN was passed on (a half-closed connection stays in the kernel
-                # to its end); a direction waiting to pass one on is cancelled, the pump redoes it
-                leaving = bool(governor.why(lc)) and not (done_c.is_set() or done_b.is_set())
+                # a direction that passed its FIN on is over (its pump sees EOF at once and shuts the
+                # other leg again, which is harmless); one waiting to pass it on is cancelled and its
+                # pump redoes that
+                leaving = bool(governor.why(lc)) and not (done_c.is_set() and done_b.is_set())
                 if not leaving:
                     await done_c.wait()
                     await done_b.wait()
@@ -362,12 +366,12 @@ async def sockmap_relay(relay, client: trio.socket.SocketType, backend: trio.soc
         if not leaving:
             return True
         log.debug("handing a connection to the splice pump: %s", why)
-        held = await _leave(relay, lc, lb, shut)  # cancelled (a move): the except below finishes it
+        held = await _leave(relay, lc, lb, shut, taken=taken)  # cancelled (a move): the except below finishes it
         return Switch(held[0], held[1], why)
     except trio.Cancelled:
         if spill is not None and careful() and not lc.parted:
             with trio.CancelScope(shield=True):
-                held = await _leave(relay, lc, lb, shut, LEAVE_TIMEOUT)
+                held = await _leave(relay, lc, lb, shut, LEAVE_TIMEOUT, taken)
             spill[0](held[0])
             spill[1](held[1])
         raise
@@ -378,7 +382,8 @@ async def sockmap_relay(relay, client: trio.socket.SocketType, backend: trio.soc
             expose(None)
 
 
-async def _leave(relay, lc, lb, shut: set[int], limit: float = float("inf")) -> tuple[bytes, bytes]:
+async def _leave(relay, lc, lb, shut: set[int], limit: float = float("inf"),
+                 taken: list[list[bytes]] | None = None) -> tuple[bytes, bytes]:
     """Take a connection out of the kernel relay without losing a byte; the bytes that arrived on each
     leg and were not relayed (to_backend, to_client).
 
@@ -392,12 +397,24 @@ async def _leave(relay, lc, lb, shut: set[int], limit: float = float("inf")) -> 
 
     relay.hold(lc, lb)
     legs = (lc, lb)
-    taken: list[list[bytes]] = [[], []]
-    ntaken = [0, 0]
+    # what was read so far: kept by the caller, so a leave cancelled half-way (a move during a switch)
+    # is finished by the next call without losing what this one read
+    taken = taken if taken is not None else [[], []]
+    ntaken = [sum(map(len, t)) for t in taken]
     deadline = trio.current_time() + limit
     delay = 0.0005
     try:
         while True:
+            # held bytes wait in the same kernel queue as the bytes redirected *to* their socket, in
+            # order: one over the socket's receive budget blocks those behind it until it is read.
+            # So read them as they come (up to HOLD_READ_LIMIT per leg: a sender whose peer does not
+            # read must not fill this process instead; its window closes on the unread ones).
+            for i, leg in enumerate(legs):
+                if ntaken[i] < HOLD_READ_LIMIT:
+                    data = read_held(leg.sock)
+                    if data:
+                        taken[i].append(data)
+                        ntaken[i] += len(data)
             if relay.delivered(lc, lb) and relay.delivered(lb, lc):
                 # every redirected byte has left the kernel's queues; the held ones wait on their own
                 # socket. Shrink the receive buffers (so reading them opens no window), read them all
@@ -430,6 +447,11 @@ async def _leave(relay, lc, lb, shut: set[int], limit: float = float("inf")) -> 
     except BaseException:
         relay.part(lc, lb)
         raise
+    for leg in legs:
+        # the EPIPE a passed-on FIN leaves (see _check_reset) would fail the pump's first write
+        err = leg.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err and err != errno.EPIPE:
+            raise ConnectionLost(f"leaving the relay: {os.strerror(err)}")
     for i, leg in enumerate(legs):
         if relay.held(leg) != ntaken[i]:
             raise ConnectionLost("leaving the relay: bytes arrived at the instant the sockets left the map "
@@ -453,17 +475,23 @@ def _restore_rcvbuf(sock: socket.socket, size: int) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size // 2)
 
 
-async def send_all(sock: trio.socket.SocketType, data: bytes) -> None:
-    """Write ``data`` to ``sock`` (bytes a relay held when it handed the connection to the pump)."""
+async def send_all(sock: trio.socket.SocketType, data: bytes, spill: Callable[[bytes], None] | None = None) -> None:
+    """Write ``data`` to ``sock`` (bytes a relay held when it handed the connection to the pump).
+    Cancelled (a live move), the bytes not yet written go to ``spill``, as a pump's would."""
     view = memoryview(data)
-    while view:
-        try:
-            n = sock._sock.send(view, socket.MSG_DONTWAIT)
-        except BlockingIOError:
-            await trio.lowlevel.wait_writable(sock)
-            continue
-        except OSError as exc:
-            if exc.errno in CONNECTION_LOST:
-                raise ConnectionLost(f"write: {os.strerror(exc.errno)}") from None
-            raise
-        view = view[n:]
+    try:
+        while view:
+            try:
+                n = sock._sock.send(view, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(sock)
+                continue
+            except OSError as exc:
+                if exc.errno in CONNECTION_LOST:
+                    raise ConnectionLost(f"write: {os.strerror(exc.errno)}") from None
+                raise
+            view = view[n:]
+    except trio.Cancelled:
+        if spill is not None and view:
+            spill(bytes(view))
+        raise

@@ -83,8 +83,10 @@ def _ld_map_fd(dst: int, fd: int) -> bytes:
 
 
 def program(conns_fd: int, stats_fd: int, sockhash_fd: int) -> bytes:
-    """The verdict program, hand-assembled (37 instructions). In C::
+    """The verdict program, hand-assembled (41 instructions; numbers in the comments are before the
+    first two were added, jumps are relative). In C::
 
+        if (skb->len == 0) return SK_DROP;            // a bare FIN: Python passes EOF on itself
         u64 key = bpf_get_socket_cookie(skb);
         struct conn *c = bpf_map_lookup_elem(&conns, &key);
         if (!c) return SK_PASS;                       // not ours: stays on this socket
@@ -98,6 +100,8 @@ def program(conns_fd: int, stats_fd: int, sockhash_fd: int) -> bytes:
     PASS, HELD = 31, 33
     code = [
         _insn(0xBF, 6, 1),                          # 0  r6 = r1 (skb)
+        _insn(0x61, 2, 6, 0),                       # +  r2 = skb->len
+        _insn(0x15, 2, 0, 36, 0),                   # +  if r2 == 0 goto drop (a bare FIN)
         _insn(0x85, imm=_GET_SOCKET_COOKIE),        # 1  r0 = cookie(skb)
         _insn(0x7B, 10, 0, -8),                     # 2  *(u64 *)(r10 - 8) = r0
         _ld_map_fd(1, conns_fd),                    # 3,4 r1 = &conns
@@ -131,9 +135,11 @@ def program(conns_fd: int, stats_fd: int, sockhash_fd: int) -> bytes:
         _insn(0xDB, 0, 1, 16, 0),                   # 34 lock *(u64 *)(r0 + 16) += r1
         _insn(0xB7, 0, imm=SK_PASS),                # 35 r0 = SK_PASS
         _insn(0x95),                                # 36 exit
+        _insn(0xB7, 0, imm=SK_DROP),                # 37 drop: r0 = SK_DROP
+        _insn(0x95),                                # 38 exit
     ]
     out = b"".join(code)
-    assert len(out) // 8 == 37
+    assert len(out) // 8 == 41
     return out
 
 
@@ -523,7 +529,7 @@ def choose(configured: str, capacity: int = 1 << 16) -> BytePath:
         relay = Relay(capacity)
     except OSError as exc:
         why = str(exc)
-        if exc.errno in (errno.EPERM, errno.EACCES):
+        if exc.errno == errno.EPERM:
             why += " (the node needs CAP_BPF and CAP_NET_ADMIN, or root, for the in-kernel relay)"
         elif exc.errno in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
             why += " (this kernel lacks sockmap support: CONFIG_BPF_SYSCALL, CONFIG_NET_SOCK_MSG, 5.13 or newer)"
