@@ -368,7 +368,10 @@ async def sockmap_relay(relay, client: trio.socket.SocketType, backend: trio.soc
         log.debug("handing a connection to the splice pump: %s", why)
         held = await _leave(relay, lc, lb, shut, taken=taken)  # cancelled (a move): the except below finishes it
         return Switch(held[0], held[1], why)
-    except trio.Cancelled:
+    except BaseException as exc:
+        # cancelled (a move, the grace time): the nursery may raise the Cancelled in a group
+        if not _only_cancelled(exc):
+            raise
         if spill is not None and careful() and not lc.parted:
             with trio.CancelScope(shield=True):
                 held = await _leave(relay, lc, lb, shut, LEAVE_TIMEOUT, taken)
@@ -380,6 +383,12 @@ async def sockmap_relay(relay, client: trio.socket.SocketType, backend: trio.soc
         report()
         if expose is not None:
             expose(None)
+
+
+def _only_cancelled(exc: BaseException) -> bool:
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_only_cancelled(e) for e in exc.exceptions)
+    return isinstance(exc, trio.Cancelled)
 
 
 async def _leave(relay, lc, lb, shut: set[int], limit: float = float("inf"),

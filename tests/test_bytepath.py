@@ -537,6 +537,7 @@ def test_stopped_for_a_move_mid_stream_nothing_lost(byte_path):
         if byte_path.relay is not None:
             assert byte_path.relay.joined == 0
         client, backend = conn.handed
+        where = (conn.byte_path, len(conn.spilled_to_backend), len(conn.spilled_to_client), conn.bytes_to_backend)
         # a stand-in for the frozen and restored legs: spilled bytes first, then a plain relay
         for sock in (client, backend):
             sock.setblocking(True)
@@ -563,5 +564,5 @@ def test_stopped_for_a_move_mid_stream_nothing_lost(byte_path):
         backend.close()
         s.close()
         wait_for(lambda: handler.results, what="the backend's result")
-        assert handler.results == [(size, hashlib.sha256(data).hexdigest())]
+        assert handler.results == [(size, hashlib.sha256(data).hexdigest())], where
         assert len(back) == size and bytes(back) == _pattern(size, b"B")
