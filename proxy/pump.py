@@ -366,7 +366,10 @@ async def sockmap_relay(relay, client: trio.socket.SocketType, backend: trio.soc
         if not leaving:
             return True
         log.debug("handing a connection to the splice pump: %s", why)
+        t0 = trio.current_time()
         held = await _leave(relay, lc, lb, shut, taken=taken)  # cancelled (a move): the except below finishes it
+        log.debug("left the relay in %.1f ms, %d + %d bytes held", (trio.current_time() - t0) * 1000,
+                  len(held[0]), len(held[1]))
         return Switch(held[0], held[1], why)
     except BaseException as exc:
         # cancelled (a move, the grace time): the nursery may raise the Cancelled in a group
@@ -404,6 +407,7 @@ async def _leave(relay, lc, lb, shut: set[int], limit: float = float("inf"),
     """
     from proxy.sockmap import read_held  # noqa: PLC0415
 
+    started = trio.current_time()
     relay.hold(lc, lb)
     legs = (lc, lb)
     # what was read so far: kept by the caller, so a leave cancelled half-way (a move during a switch)
@@ -420,7 +424,7 @@ async def _leave(relay, lc, lb, shut: set[int], limit: float = float("inf"),
             # read must not fill this process instead; its window closes on the unread ones).
             for i, leg in enumerate(legs):
                 if ntaken[i] < HOLD_READ_LIMIT:
-                    data = read_held(leg.sock)
+                    data = read_held(leg.sock, limit=HOLD_READ_LIMIT - ntaken[i])
                     if data:
                         taken[i].append(data)
                         ntaken[i] += len(data)

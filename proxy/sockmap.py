@@ -386,7 +386,7 @@ class Governor:
     """
 
     INTERVAL = 0.01
-    BULK_BYTES = 1 << 20
+    BULK_BYTES = 256 << 10
     QUEUE_LIMIT = 1 << 20
 
     def __init__(self, relay: Relay):
@@ -458,7 +458,7 @@ def _inq(sock: socket.socket) -> int:
     return struct.unpack("=i", fcntl.ioctl(sock.fileno(), SIOCINQ, b"\0" * 4))[0]
 
 
-def read_held(sock: socket.socket, peek: bool = False) -> bytes:
+def read_held(sock: socket.socket, peek: bool = False, limit: int = 1 << 62) -> bytes:
     """The bytes the program passed to ``sock``'s own queue (after :meth:`Relay.hold`), without waiting;
     ``peek``: leave them there (all of them: one call)."""
     if peek:
@@ -468,14 +468,15 @@ def read_held(sock: socket.socket, peek: bool = False) -> bytes:
         except BlockingIOError:
             return b""
     out = []
-    while True:
+    while limit > 0:
         try:
-            chunk = sock.recv(1 << 20, socket.MSG_DONTWAIT)
+            chunk = sock.recv(min(1 << 20, limit), socket.MSG_DONTWAIT)
         except BlockingIOError:
             break
         if not chunk:
             break
         out.append(chunk)
+        limit -= len(chunk)
     return b"".join(out)
 
 
