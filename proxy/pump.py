@@ -482,6 +482,12 @@ def _shrink_rcvbuf(sock: socket.socket) -> int:
 
 
 def _restore_rcvbuf(sock: socket.socket, size: int) -> None:
+    """Give the receive buffer back, as large as autotuning could have made it: a size set by hand
+    turns autotuning off for good, and the buffer of a young connection would then cap its throughput."""
+    try:
+        size = max(size, int(open("/proc/sys/net/ipv4/tcp_rmem").read().split()[2]))
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         sock.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, size // 2)  # the kernel doubles what it is given
     except OSError:

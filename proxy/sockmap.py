@@ -3,31 +3,36 @@ to the other leg, loaded with the ``bpf()`` system call through ctypes (no compi
 
 Why: the splice pump wakes Python for every message (about 40 us of node CPU and 3+ system calls per
 forwarded message); here the kernel forwards every segment itself as it arrives, and Python only sets a
-connection up, watches for EOF and reset, and tears it down.
+connection up, watches for EOF and reset, and tears it down (``bench/BYTEPATH.md`` has the numbers).
 
-What the kernel does (``net/core/skmsg.c``): a socket in the SOCKHASH gets a *psock*; its data-ready
-callback hands each received skb to the verdict program (:data:`PROGRAM`), which looks up the socket's
-own cookie in :attr:`Relay.conns` (its peer's cookie, a byte counter, a "hold" flag), adds the skb's
-length to the counter and redirects it to the peer's egress (``bpf_sk_redirect_hash``). Redirected skbs
-are queued to the peer's psock and sent by a kernel worker; they stay charged to the receiving socket
-until sent, so a slow reader closes the sender's TCP window (backpressure) as with splice.
+What the kernel does (``net/core/skmsg.c``, measured on 6.18): a socket in the SOCKHASH gets a *psock*;
+its data-ready callback hands each received skb to the verdict program (:func:`program`), which finds
+the socket's cookie in ``conns`` (the peer's cookie and a slot in ``stats``, an array Python maps into
+its memory), adds the skb's length to the slot's counter and redirects it to the peer's egress
+(``bpf_sk_redirect_hash``). A kernel worker sends the queued skbs.
 
-What it does not do, and Python must:
+What it does not do, and Python must (:func:`proxy.pump.sockmap_relay`):
 
-- FIN is not carried: EOF (and reset) on a leg wakes Python (trio's ``wait_readable``: a socket whose
-  bytes are redirected is readable only at EOF or error), which waits until every redirected byte is in
-  the other leg's send queue (:meth:`Relay.delivered`: ``tcpi_bytes_acked`` + ``SIOCOUTQ``) and only
-  then half-closes it, so the FIN never overtakes bytes still queued in the kernel.
+- FIN is not carried. The program drops the bare FIN segment (redirected, the empty send fails, which
+  sets EPIPE on the peer and stops all further sends to it), and Python, woken by the EOF (a socket whose
+  bytes are redirected is readable only at EOF or error), waits until every redirected byte is in the
+  other leg's send queue (:meth:`Relay.delivered`: ``tcpi_bytes_acked`` + ``SIOCOUTQ`` against the
+  counter) before it half-closes that leg. A reset moves the socket to CLOSE, which Python sees the same way.
 - Bytes that arrived before a socket joined the map wait in its receive queue until more bytes arrive.
   :meth:`Relay.join` kicks them through the program at once with ``SO_RCVLOWAT`` (``tcp_set_rcvlowat``
   calls the data-ready callback), in order, before any later byte.
-- Leaving the map drops whatever the kernel still queues for the socket, so :meth:`Relay.leave` first
-  sets the hold flag (the program then passes new bytes to the socket's own queue, where ``recv`` reads
-  them), waits until nothing redirected is still on its way, reads the held bytes, and deletes; the
-  counter tells whether a byte slipped in between (then the connection is reset, never corrupted).
+- No backpressure: a redirected skb is queued for the peer uncharged to either socket, so the sender's
+  window stays open while the receiver does not read (512 MiB accepted in a test before this was known).
+  :class:`Governor` hands a connection to the splice pump when a direction moves fast (bulk) or bytes
+  pile up in the kernel (a slow reader).
+- Leaving the map drops whatever the kernel still queues for the socket. :meth:`Relay.hold` makes the
+  program pass new bytes to the socket's own queue instead (counted apart); the caller waits until
+  nothing redirected is on its way, reads the held bytes (a read: the kernel counts a held byte as
+  consumed only when read, and a mere peek leaves the socket's sequence behind), and parts; the count
+  tells whether a byte slipped in between (then the connection is reset, never corrupted).
 
-:func:`open_relay` returns None with the reason where this kernel or process cannot do it (no
-``CAP_BPF``/``CAP_NET_ADMIN``, no sockmap support); the data path then uses the splice pump.
+:func:`choose` returns the byte path for ``[node] byte_path``: sockmap where the kernel and the process
+can (root, or CAP_BPF + CAP_NET_ADMIN), else the splice pump with the reason, shown in ``status``.
 """
 
 from __future__ import annotations
