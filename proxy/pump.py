@@ -280,7 +280,7 @@ async def sockmap_relay(relay, client: trio.socket.SocketType, backend: trio.soc
     that slips in at the last instant is detected: ConnectionLost then. ``careful()`` says at the
     cancellation whether that is needed (only for a move; otherwise the sockets just leave).
     """
-    from proxy.sockmap import BpfError  # noqa: PLC0415
+    from proxy.sockmap import WINDOW, BpfError  # noqa: PLC0415
 
     cs, bs = client._sock, backend._sock
     try:
@@ -297,6 +297,7 @@ async def sockmap_relay(relay, client: trio.socket.SocketType, backend: trio.soc
         reported[0], reported[1] = now
 
     shut: set[int] = set()  # the legs we half-closed
+    governor = relay.governor()
 
     async def direction(src, dst, name: str, done: trio.Event) -> None:
         while True:
@@ -311,8 +312,10 @@ async def sockmap_relay(relay, client: trio.socket.SocketType, backend: trio.soc
                     raise ConnectionLost(f"{name}: {os.strerror(exc.errno)}") from None
                 raise
             if peek:
-                if relay.held(src):
-                    await trio.sleep_forever()  # the governor is taking the connection out: it reads these
+                if relay.holding(src):
+                    # a burst past the window (or a leave under way): the held bytes go out with it
+                    governor.request(lc, f"a burst {name}: more than {WINDOW} bytes at once")
+                    await trio.sleep_forever()
                 # the program passes bytes to a socket's own queue only while leaving: a bug, not data to lose
                 raise RuntimeError(f"{name}: bytes on a relayed socket's own queue")
             break
@@ -336,7 +339,6 @@ async def sockmap_relay(relay, client: trio.socket.SocketType, backend: trio.soc
     taken: list[list[bytes]] = [[], []]  # bytes a leave read from each leg (see _leave)
     if expose is not None:
         expose(report)
-    governor = relay.governor()
     leaving = False
     try:
         try:

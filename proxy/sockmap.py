@@ -71,10 +71,14 @@ TCP_INFO_BYTES_RECEIVED = 128
 _CONN = struct.Struct("=QI4x")
 _KEY = struct.Struct("=Q")
 #: a ``stats`` slot (an mmap-able array Python reads and writes without system calls): bytes the program
-#: saw arrive on the socket, the hold flag (non-zero: pass bytes to the socket's own queue instead), and
-#: how many of the bytes were so held (so bytes - held were redirected, exactly)
-_STAT = struct.Struct("=QQQ")
+#: saw arrive on the socket, the hold flag (non-zero: pass bytes to the socket's own queue instead), how
+#: many of the bytes were so held (so bytes - held were redirected, exactly), and the limit: past it the
+#: program sets hold itself (the Governor moves it on while the connection is quiet)
+_STAT = struct.Struct("=QQQQ")
 BPF_MAP_TYPE_ARRAY = 2
+#: bytes the program may redirect on a leg beyond what Python last allowed (the Governor allows more every
+#: INTERVAL while the connection stays below BULK_BYTES): the most the kernel ever queues for one leg
+WINDOW = 1 << 20
 BPF_F_MMAPABLE = 1 << 10
 
 
@@ -87,65 +91,93 @@ def _ld_map_fd(dst: int, fd: int) -> bytes:
     return _insn(0x18, dst, 1, 0, fd) + _insn(0, 0, 0, 0, 0)
 
 
-def program(conns_fd: int, stats_fd: int, sockhash_fd: int) -> bytes:
-    """The verdict program, hand-assembled (41 instructions; numbers in the comments are before the
-    first two were added, jumps are relative). In C::
+def _assemble(code: list) -> bytes:
+    """Instructions (bytes) and labels (str) to bytes; a jump is ("jmp", opcode, dst, src, label, imm)."""
+    at, n = {}, 0
+    for item in code:
+        if isinstance(item, str):
+            at[item] = n
+        else:
+            n += 2 if isinstance(item, bytes) and len(item) == 16 else 1
+    out, n = [], 0
+    for item in code:
+        if isinstance(item, str):
+            continue
+        if isinstance(item, tuple):
+            _, op, dst, src, label, imm = item
+            item = _insn(op, dst, src, at[label] - (n + 1), imm)
+        out.append(item)
+        n += len(item) // 8
+    return b"".join(out)
 
-        if (skb->len == 0) return SK_DROP;            // a bare FIN: Python passes EOF on itself
+
+def program(conns_fd: int, stats_fd: int, sockhash_fd: int) -> bytes:
+    """The verdict program, hand-assembled. In C::
+
+        u32 len = skb->len;
+        if (len == 0) return SK_DROP;                 // a bare FIN: Python passes EOF on itself
         u64 key = bpf_get_socket_cookie(skb);
         struct conn *c = bpf_map_lookup_elem(&conns, &key);
         if (!c) return SK_PASS;                       // not ours: stays on this socket
         u64 peer = c->peer; u32 slot = c->slot;
         struct stat *s = bpf_map_lookup_elem(&stats, &slot);
         if (!s) return SK_PASS;
-        __sync_fetch_and_add(&s->bytes, skb->len);
-        if (s->hold) { __sync_fetch_and_add(&s->held, skb->len); return SK_PASS; }  // leaving
+        u64 total = __sync_fetch_and_add(&s->bytes, len) + len;
+        if (total > s->limit) s->hold = 1;            // a burst past the window: Python takes over
+        if (s->hold) { __sync_fetch_and_add(&s->held, len); return SK_PASS; }   // kept on this socket
         return bpf_sk_redirect_hash(skb, &sockhash, &peer, 0);   // to the peer's egress
+
+    A held segment goes to the socket's own queue, charged to it: its TCP window closes (the backpressure
+    a redirect does not give), and the socket becomes readable, which wakes Python.
     """
-    PASS, HELD = 31, 33
     code = [
-        _insn(0xBF, 6, 1),                          # 0  r6 = r1 (skb)
-        _insn(0x61, 2, 6, 0),                       # +  r2 = skb->len
-        _insn(0x15, 2, 0, 36, 0),                   # +  if r2 == 0 goto drop (a bare FIN)
-        _insn(0x85, imm=_GET_SOCKET_COOKIE),        # 1  r0 = cookie(skb)
-        _insn(0x7B, 10, 0, -8),                     # 2  *(u64 *)(r10 - 8) = r0
-        _ld_map_fd(1, conns_fd),                    # 3,4 r1 = &conns
-        _insn(0xBF, 2, 10),                         # 5  r2 = r10
-        _insn(0x07, 2, imm=-8),                     # 6  r2 += -8
-        _insn(0x85, imm=_MAP_LOOKUP_ELEM),          # 7  r0 = lookup(conns, &key)
-        _insn(0x15, 0, 0, PASS - 9, 0),             # 8  if r0 == 0 goto pass
-        _insn(0x79, 1, 0, 0),                       # 9  r1 = c->peer
-        _insn(0x7B, 10, 1, -16),                    # 10 *(u64 *)(r10 - 16) = r1
-        _insn(0x61, 1, 0, 8),                       # 11 r1 = c->slot
-        _insn(0x63, 10, 1, -20),                    # 12 *(u32 *)(r10 - 20) = r1
-        _ld_map_fd(1, stats_fd),                    # 13,14 r1 = &stats
-        _insn(0xBF, 2, 10),                         # 15 r2 = r10
-        _insn(0x07, 2, imm=-20),                    # 16 r2 += -20
-        _insn(0x85, imm=_MAP_LOOKUP_ELEM),          # 17 r0 = lookup(stats, &slot)
-        _insn(0x15, 0, 0, PASS - 19, 0),            # 18 if r0 == 0 goto pass
-        _insn(0x61, 1, 6, 0),                       # 19 r1 = skb->len
-        _insn(0xDB, 0, 1, 0, 0),                    # 20 lock *(u64 *)(r0 + 0) += r1
-        _insn(0x79, 1, 0, 8),                       # 21 r1 = s->hold
-        _insn(0x55, 1, 0, HELD - 23, 0),            # 22 if r1 != 0 goto held
-        _insn(0xBF, 1, 6),                          # 23 r1 = skb
-        _ld_map_fd(2, sockhash_fd),                 # 24,25 r2 = &sockhash
-        _insn(0xBF, 3, 10),                         # 26 r3 = r10
-        _insn(0x07, 3, imm=-16),                    # 27 r3 += -16
-        _insn(0xB7, 4, imm=0),                      # 28 r4 = 0 (egress)
-        _insn(0x85, imm=_SK_REDIRECT_HASH),         # 29 r0 = redirect(skb, &sockhash, &peer, 0)
-        _insn(0x95),                                # 30 exit
-        _insn(0xB7, 0, imm=SK_PASS),                # 31 pass: r0 = SK_PASS
-        _insn(0x95),                                # 32 exit
-        _insn(0x61, 1, 6, 0),                       # 33 held: r1 = skb->len
-        _insn(0xDB, 0, 1, 16, 0),                   # 34 lock *(u64 *)(r0 + 16) += r1
-        _insn(0xB7, 0, imm=SK_PASS),                # 35 r0 = SK_PASS
-        _insn(0x95),                                # 36 exit
-        _insn(0xB7, 0, imm=SK_DROP),                # 37 drop: r0 = SK_DROP
-        _insn(0x95),                                # 38 exit
+        _insn(0xBF, 6, 1),                          # r6 = r1 (skb)
+        _insn(0x61, 8, 6, 0),                       # r8 = skb->len
+        ("jmp", 0x15, 8, 0, "drop", 0),             # if r8 == 0 goto drop
+        _insn(0x85, imm=_GET_SOCKET_COOKIE),        # r0 = cookie(skb)
+        _insn(0x7B, 10, 0, -8),                     # *(u64 *)(r10 - 8) = r0
+        _ld_map_fd(1, conns_fd),                    # r1 = &conns
+        _insn(0xBF, 2, 10),                         # r2 = r10
+        _insn(0x07, 2, imm=-8),                     # r2 += -8
+        _insn(0x85, imm=_MAP_LOOKUP_ELEM),          # r0 = lookup(conns, &key)
+        ("jmp", 0x15, 0, 0, "pass", 0),             # if r0 == 0 goto pass
+        _insn(0x79, 1, 0, 0),                       # r1 = c->peer
+        _insn(0x7B, 10, 1, -16),                    # *(u64 *)(r10 - 16) = r1
+        _insn(0x61, 1, 0, 8),                       # r1 = c->slot
+        _insn(0x63, 10, 1, -20),                    # *(u32 *)(r10 - 20) = r1
+        _ld_map_fd(1, stats_fd),                    # r1 = &stats
+        _insn(0xBF, 2, 10),                         # r2 = r10
+        _insn(0x07, 2, imm=-20),                    # r2 += -20
+        _insn(0x85, imm=_MAP_LOOKUP_ELEM),          # r0 = lookup(stats, &slot)
+        ("jmp", 0x15, 0, 0, "pass", 0),             # if r0 == 0 goto pass
+        _insn(0xBF, 1, 8),                          # r1 = len
+        _insn(0xDB, 0, 1, 0, 0x01),                 # r1 = atomic_fetch_add(*(u64 *)(r0 + 0), r1)
+        _insn(0x0F, 1, 8),                          # r1 += len (the new total)
+        _insn(0x79, 3, 0, 24),                      # r3 = s->limit
+        ("jmp", 0x2D, 1, 3, "sethold", 0),          # if r1 > r3 goto sethold
+        _insn(0x79, 1, 0, 8),                       # r1 = s->hold
+        ("jmp", 0x55, 1, 0, "held", 0),             # if r1 != 0 goto held
+        _insn(0xBF, 1, 6),                          # r1 = skb
+        _ld_map_fd(2, sockhash_fd),                 # r2 = &sockhash
+        _insn(0xBF, 3, 10),                         # r3 = r10
+        _insn(0x07, 3, imm=-16),                    # r3 += -16
+        _insn(0xB7, 4, imm=0),                      # r4 = 0 (egress)
+        _insn(0x85, imm=_SK_REDIRECT_HASH),         # r0 = redirect(skb, &sockhash, &peer, 0)
+        _insn(0x95),                                # exit
+        "sethold",
+        _insn(0xB7, 1, imm=1),                      # r1 = 1
+        _insn(0x7B, 0, 1, 8),                       # s->hold = r1
+        "held",
+        _insn(0xBF, 1, 8),                          # r1 = len
+        _insn(0xDB, 0, 1, 16, 0),                   # lock *(u64 *)(r0 + 16) += r1
+        "pass",
+        _insn(0xB7, 0, imm=SK_PASS),                # r0 = SK_PASS
+        _insn(0x95),                                # exit
+        "drop",
+        _insn(0xB7, 0, imm=SK_DROP),                # r0 = SK_DROP
+        _insn(0x95),                                # exit
     ]
-    out = b"".join(code)
-    assert len(out) // 8 == 41
-    return out
+    return _assemble(code)
 
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -253,7 +285,7 @@ class Relay:
             self.stats_fd = _map_create(BPF_MAP_TYPE_ARRAY, 4, _STAT.size, capacity, BPF_F_MMAPABLE, b"pp_stats")
             size = -(-capacity * _STAT.size // mmap.PAGESIZE) * mmap.PAGESIZE
             self._stats = mmap.mmap(self.stats_fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-            self._words = memoryview(self._stats).cast("Q")  # slot i: [3i] bytes, [3i+1] hold, [3i+2] held
+            self._words = memoryview(self._stats).cast("Q")  # slot i: [4i] bytes, hold, held, limit
             self.sockhash_fd = _map_create(BPF_MAP_TYPE_SOCKHASH, 8, 8, capacity, 0, b"pp_socks")
             self.prog_fd = _prog_load(program(self.conns_fd, self.stats_fd, self.sockhash_fd))
             attr = struct.pack("=IIII", self.sockhash_fd, self.prog_fd, BPF_SK_SKB_VERDICT, 0)
@@ -283,21 +315,29 @@ class Relay:
     # --- counters (shared memory with the program) -----------------------------------------------------
     def seen(self, leg: Leg) -> int:
         """Bytes the program saw arrive on ``leg`` since it joined (redirected or held)."""
-        return self._words[3 * leg.slot]
+        return self._words[4 * leg.slot]
 
     def held(self, leg: Leg) -> int:
         """Of :meth:`seen`, the bytes the program passed to ``leg``'s own queue (hold set) instead."""
-        return self._words[3 * leg.slot + 2]
+        return self._words[4 * leg.slot + 2]
 
     def lag(self, src: Leg, dst: Leg) -> int:
         """Bytes redirected from ``src`` that are not yet in ``dst``'s send queue (queued in the kernel)."""
         return self.seen(src) - self.held(src) - (bytes_written(dst.sock) - dst.written_base)
 
     def _hold(self, leg: Leg, on: bool) -> None:
-        self._words[3 * leg.slot + 1] = 1 if on else 0
+        self._words[4 * leg.slot + 1] = 1 if on else 0
+
+    def holding(self, leg: Leg) -> bool:
+        """The hold flag is set (by :meth:`hold`, or by the program past the limit)."""
+        return self._words[4 * leg.slot + 1] != 0
+
+    def allow(self, leg: Leg, more: int) -> None:
+        """Let the program redirect up to ``more`` bytes beyond what it has seen on ``leg``."""
+        self._words[4 * leg.slot + 3] = self._words[4 * leg.slot] + more
 
     def _reset(self, slot: int) -> None:
-        self._words[3 * slot:3 * slot + 3] = memoryview(bytes(24)).cast("Q")
+        self._words[4 * slot:4 * slot + 4] = memoryview(struct.pack("=QQQQ", 0, 0, 0, WINDOW)).cast("Q")
 
     # --- maps -----------------------------------------------------------------------------------------
     def _delete(self, fd: int, key: int) -> None:
@@ -382,12 +422,14 @@ class Governor:
 
     Why: a redirected segment is queued for the other leg without any limit (the kernel's psock queue is
     not charged to either socket, so the sender's TCP window stays open while the receiver does not
-    read), and bulk moves at about half the speed of splice here (``bench/BYTEPATH.md``). Every
+    read), and bulk moves at about half the speed of splice here (``bench/BYTEPATH.md``). The program
+    redirects a leg's bytes only up to a limit (``WINDOW`` past what Python last allowed) and holds the
+    rest on the socket, which wakes :func:`proxy.pump.sockmap_relay` (:meth:`request`). Every
     ``INTERVAL`` seconds one task reads the counters of every relayed connection from shared memory (no
-    system call for an idle one); where a direction moved more than ``BULK_BYTES`` since the last look,
-    or (two system calls, only for legs that moved) more than ``QUEUE_LIMIT`` bytes wait in the kernel
-    for a slow reader, it sets the connection's event and :func:`proxy.pump.sockmap_relay` hands the
-    connection to the splice pump, whose memory is bounded by its pipe.
+    system call for an idle one); a direction that moved more than ``BULK_BYTES`` since the last look,
+    or (two system calls, only for legs that moved) has more than ``QUEUE_LIMIT`` bytes waiting in the
+    kernel for a slow reader, is handed to the splice pump, whose memory is bounded by its pipe; the
+    others get their limit moved on.
     """
 
     INTERVAL = 0.01
@@ -435,18 +477,31 @@ class Governor:
         finally:
             self._running = False
 
+    def request(self, a: Leg, why: str) -> None:
+        """Take the connection of ``a`` out now (its program held a burst past the window)."""
+        w = self._watched.get(a.slot)
+        if w is not None and not w[2].is_set():
+            self._why[a.slot] = why
+            self.switched += 1
+            w[2].set()
+
     def _check(self, w: list) -> str | None:
         a, b, _, last_a, last_b = w
         seen_a, seen_b = self.relay.seen(a), self.relay.seen(b)
         w[3], w[4] = seen_a, seen_b
+        # the program held a burst past the window (its socket's wake-up is not always delivered)
+        for leg, name in ((a, "to the backend"), (b, "to the client")):
+            if self.relay.holding(leg):
+                return f"a burst {name}: more than {WINDOW} bytes at once"
         for moved, src, dst, name in ((seen_a - last_a, a, b, "to the backend"), (seen_b - last_b, b, a, "to the client")):
             if moved <= 0:
-                continue
+                continue  # idle: its limit is still ahead of it, nothing to do (no system call)
             if moved > self.BULK_BYTES:
                 return f"bulk {name}: {moved} bytes in {self.INTERVAL:g} s"
             lag = self.relay.lag(src, dst)
             if lag > self.QUEUE_LIMIT:
                 return f"slow reader {name}: {lag} bytes queued in the kernel"
+            self.relay.allow(src, WINDOW)
         return None
 
 

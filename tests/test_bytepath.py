@@ -565,4 +565,4 @@ def test_stopped_for_a_move_mid_stream_nothing_lost(byte_path):
         s.close()
         wait_for(lambda: handler.results, what="the backend's result")
         assert handler.results == [(size, hashlib.sha256(data).hexdigest())], where
-        assert len(back) == size and bytes(back) == _pattern(size, b"B")
+        assert len(back) == size and bytes(back) == _pattern(size, b"B"), where
