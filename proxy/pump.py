@@ -12,6 +12,10 @@ connection costs its two sockets and nothing more.
 Each direction of a connection is one task running :func:`splice_pump`. EOF in one direction is passed
 on as ``shutdown(SHUT_WR)`` on the other socket (half-close), and the other direction goes on until it
 sees its own EOF.
+
+:func:`sockmap_relay` is the other byte path: the kernel relays the bytes (:mod:`proxy.sockmap`), and
+Python passes EOF and resets on and takes the connection out of the kernel again, for the splice pump
+(a bulk phase, a slow reader) or for a live move, without losing a byte (``bench/BYTEPATH.md``).
 """
 
 from __future__ import annotations
