@@ -591,7 +591,8 @@ def choose(configured: str, capacity: int = 1 << 16) -> BytePath:
     except OSError as exc:
         why = str(exc)
         if exc.errno == errno.EPERM:
-            why += " (the node needs CAP_BPF and CAP_NET_ADMIN, or root, for the in-kernel relay)"
+            # said without strerror's words: a node short of privilege for this is not in trouble
+            why = "bpf() is not allowed to this process (the in-kernel relay needs CAP_BPF and CAP_NET_ADMIN, or root)"
         elif exc.errno in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
             why += " (this kernel lacks sockmap support: CONFIG_BPF_SYSCALL, CONFIG_NET_SOCK_MSG, 5.13 or newer)"
         if configured == "sockmap":
