@@ -58,6 +58,7 @@ class Route:
 
     def __init__(self, name: str, host: str, haproxy: HAProxy | None = None, node: NodeProcess | None = None):
         self.name, self.host, self.haproxy, self.node = name, host, haproxy, node
+        self.statuses: list[dict] = []
 
     @property
     def proxy_pid(self) -> int | None:
@@ -66,6 +67,14 @@ class Route:
         if self.node is not None:
             return self.node.pid
         return None
+
+
+def node_config(lab, work: Path, byte_path: str) -> Path:
+    """Node a's lab config with ``[node] byte_path`` set."""
+    text = lab.node_config_path("a").read_text()
+    path = work / f"a-{byte_path}.toml"
+    path.write_text(text.replace("[node]\n", f'[node]\nbyte_path = "{byte_path}"\n', 1))
+    return path
 
 
 def run_round(bench: Bench, route: Route, rnd: int, src: Path, ops: int, expect_sha256: str | None,
@@ -98,6 +107,8 @@ def medians(results: dict[str, list[dict]]) -> dict[str, dict[str, float]]:
             secs = [r["transfers"][metric]["seconds"] for r in rounds]
             if all(c is not None for c in cpus):
                 m[f"{metric}_cpu_pct"] = statistics.median(100 * c / s for c, s in zip(cpus, secs))
+                gbs = [r["transfers"][metric]["mb_s"] * r["transfers"][metric]["seconds"] / 1000 for r in rounds]
+                m[f"{metric}_cpu_s_per_gb"] = statistics.median(c / g for c, g in zip(cpus, gbs))
             if metric.startswith("smb"):
                 m[f"{metric}_smbclient"] = statistics.median(r["transfers"][metric]["smbclient_mb_s"] or 0
                                                              for r in rounds)
@@ -118,6 +129,7 @@ def print_table(table: dict[str, dict[str, float]], ref: str) -> list[dict]:
     rows += [(f"{m} med us", f"{m}_median", "lat") for m in LATENCY]
     rows += [(f"{m} p99 us", f"{m}_p99", None) for m in LATENCY]
     rows += [(f"{m} proxy CPU %", f"{m}_cpu_pct", None) for m in THROUGHPUT]
+    rows += [(f"{m} proxy CPU s/GB", f"{m}_cpu_s_per_gb", None) for m in THROUGHPUT]
     cw = [max(len(p), 6) + 2 for p in paths]
     rw = [len(f"pp/{o}") + 2 for o in others]
     say(f"{'metric':<28}" + "".join(f"{p:>{w}}" for p, w in zip(paths, cw))
@@ -168,6 +180,9 @@ def main() -> int:
                          "reference for the targets (default 1,2,1s)")
     ap.add_argument("--workdir", default="/dev/shm", help="where the source and copied files live (tmpfs)")
     ap.add_argument("--keep-lab", action="store_true", help="leave the lab up at the end")
+    ap.add_argument("--byte-paths", default="auto,splice",
+                    help="pairproxy's [node] byte_path per pairproxy column: the first is 'pairproxy' (the one "
+                         "the targets judge), others 'pp-PATH' (default auto,splice)")
     ap.add_argument("--json", help="write all numbers to this file")
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -188,12 +203,15 @@ def main() -> int:
             src = random_file(bench.work / "src.bin", args.size_mib << 20)
             src_sha = sha256_of(src)
 
-            node = bench.started(NodeProcess(lab, "a", log=bench.work / "node-a.log")).start()
-            say(f"pairproxy node a: pid {node.pid} serving {a.service_a}")
+            byte_paths = [p.strip() for p in args.byte_paths.split(",") if p.strip()]
+            nodes = [NodeProcess(lab, "a", config=node_config(lab, bench.work, bp), log=bench.work / f"node-a-{bp}.log")
+                     for bp in byte_paths]
             bench.add_address(lab.ns_b, a.service_b)
             haproxies = [HAProxy(lab, lab.ns_b, a.service_b, HAPROXY_PORTS, bench.work, threads=t, splice=sp,
                                  source=a.service_b) for t, sp in variants]
-            routes = [Route("direct", a.server), Route("pairproxy", a.service_a, node=node)]
+            routes = [Route("direct", a.server)]
+            routes += [Route("pairproxy" if i == 0 else f"pp-{bp}", a.service_a, node=n)
+                       for i, (bp, n) in enumerate(zip(byte_paths, nodes))]
             routes += [Route(h.name, a.service_b, haproxy=h) for h in haproxies]
             results: dict[str, list[dict]] = {r.name: [] for r in routes}
             tag = os.urandom(4).hex()
@@ -201,13 +219,23 @@ def main() -> int:
                 for route in routes:
                     if route.haproxy is not None:
                         bench.started(route.haproxy).start()
+                    if route.node is not None:
+                        bench.started(route.node).start()
                     try:
                         t0 = time.monotonic()
                         r = run_round(bench, route, rnd, src, args.ops, src_sha if rnd == 0 else None, tag)
+                        if route.node is not None:
+                            st = route.node.status()
+                            r["byte_path"] = st.get("byte_path")
+                            r["services"] = st.get("services")
                     finally:
                         if route.haproxy is not None:
                             bench.stop(route.haproxy)
+                        if route.node is not None:
+                            bench.stop(route.node)
                     results[route.name].append(r)
+                    if route.node is not None:
+                        say(f"  {route.name}: byte path {r.get('byte_path')}")
                     tr = r["transfers"]
                     lat = r["latency"]
                     say(f"round {rnd + 1}/{args.rounds} {route.name:<18} "
@@ -215,7 +243,7 @@ def main() -> int:
                         + " ".join(f"{m}={lat[m]['median_us']:.0f}" for m in LATENCY) + " us"
                         + (" sha256 ok" if rnd == 0 else "") + f"  ({time.monotonic() - t0:.1f} s)")
 
-            node_status = node.status()
+            node_status = {r.name: r.statuses for r in routes if r.node is not None}
             load_after = Path("/proc/loadavg").read_text().split()[:3]
             busy_after = system_busy(3.0)
             say(f"after the run: load average {' '.join(load_after)}, CPUs {busy_after:.0f}% busy over 3 s")

@@ -208,6 +208,14 @@ def format_status(status: NodeStatus) -> str:
     lines = [
         f"node {status.node} (pid {status.pid}): {status.state}, "
         f"address {status.address} on {status.interface}, up {status.uptime:.1f}s",
+    ]
+    if status.byte_path is not None:
+        bp = status.byte_path
+        lines.append(f"byte path: {bp.path} (configured {bp.configured}"
+                     + (f"; {bp.reason}" if bp.reason else "")
+                     + f"); {bp.relayed_sockets // 2} connections in the kernel relay, "
+                       f"{bp.handed_to_splice} handed to splice")
+    lines += [
         "",
         f"{'service':<10} {'proto':<5} {'ports':<16} {'backend':<21} {'active':>6} {'total':>7} "
         f"{'to backend':>11} {'to client':>11} {'failed':>6}",

@@ -89,6 +89,10 @@ class NodeConfig:
     log_level: str = "info"
     #: where GET /metrics answers in the Prometheus text format (proxy.metrics); None: not served
     metrics: Endpoint | None = None
+    #: how connections' bytes move (proxy.sockmap): "auto" (in the kernel where it can, else splice),
+    #: "sockmap" (in the kernel, or the node does not start), "splice" (the splice pump always).
+    #: The default stays splice until the kernel relay's two rare faults (bench/BYTEPATH.md) are fixed.
+    byte_path: str = "splice"
 
 
 MODES = ("stateless", "stateful")
@@ -352,7 +356,8 @@ def _ipv4(value: Any) -> ipaddress.IPv4Address:
 
 PEER_KEYS = {"name", "address", "link", "listen", "key_file", "probe_port", "macvlan"}
 PAIR_KEYS = {"mode", "heartbeat", "dead_after", "claim_wait", "continue_buffer"}
-NODE_KEYS = {"name", "interface", "address", "state_dir", "control", "grace", "log_level", "metrics"}
+NODE_KEYS = {"name", "interface", "address", "state_dir", "control", "grace", "log_level", "metrics", "byte_path"}
+BYTE_PATHS = ("auto", "sockmap", "splice")
 SERVICE_KEYS = {"name", "protocol", "port", "backend", "extra_ports", "connect_timeout", "secure"}
 TOP_KEYS = {"node", "service", "peer", "pair"}
 
@@ -460,8 +465,9 @@ def parse_config(doc: dict, source: Path | None = None) -> Config:
             log_level=r.value(node_t, "log_level", "node", _log_level, "info"),
         )
         metrics = r.value(node_t, "metrics", "node", parse_endpoint, None)  # optional: None is valid
-        if all(v is not None for v in values.values()):
-            node = NodeConfig(**values, metrics=metrics)
+        byte_path = r.value(node_t, "byte_path", "node", _one_of(BYTE_PATHS, lower=True), "splice")
+        if all(v is not None for v in values.values()) and byte_path is not None:
+            node = NodeConfig(**values, metrics=metrics, byte_path=byte_path)
 
     services = _parse_services(r, doc.get("service", []), "service")
 

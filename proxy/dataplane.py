@@ -23,13 +23,14 @@ import struct
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Callable, Iterable
 
 import trio
 
 from proxy.config import ServiceConfig
 from proxy.fds import BUDGET, FdBudget
-from proxy.pump import PIPES, ConnectionLost, splice_pump
+from proxy import sockmap
+from proxy.pump import PIPES, ConnectionLost, Switch, send_all, sockmap_relay, splice_pump
 from proxy.rstguard import mark_own_close
 
 log = logging.getLogger("pairproxy.data")
@@ -69,6 +70,12 @@ class ServiceStats:
     fd_limit_pauses: int = 0
     #: connections closed because a descriptor could not be had after all (should stay 0)
     fd_errors: int = 0
+    #: open connections whose bytes the kernel relays (proxy.sockmap); the rest use the splice pump
+    connections_sockmap: int = 0
+    #: connections the relay did not take (a leg no longer established, the map full): spliced instead
+    sockmap_refused: int = 0
+    #: connections the relay handed to the splice pump mid-way (bulk, or a reader slower than the sender)
+    sockmap_switched: int = 0
 
 
 @dataclass(eq=False)
@@ -89,6 +96,14 @@ class Connection:
     handed: tuple[socket.socket, socket.socket] | None = None
     spilled_to_backend: bytes = b""
     spilled_to_client: bytes = b""
+
+    #: "sockmap" or "splice": how this connection's bytes move
+    byte_path: str = "splice"
+    #: while relayed in the kernel: brings bytes_to_* (and the service's) up to date (status calls it)
+    refresh: Callable[[], None] | None = None
+
+    def expose_refresh(self, refresh: Callable[[], None] | None) -> None:
+        self.refresh = refresh
 
     def spill_to_backend(self, data: bytes) -> None:
         self.spilled_to_backend += data
@@ -237,8 +252,10 @@ async def connect_backend(service: ServiceConfig, source: ipaddress.IPv4Address,
 class ServiceProxy:
     """Proxies one service: accepts on its ports, pumps each connection to the backend."""
 
-    def __init__(self, service: ServiceConfig, address: ipaddress.IPv4Address, budget: FdBudget = BUDGET):
+    def __init__(self, service: ServiceConfig, address: ipaddress.IPv4Address, budget: FdBudget = BUDGET,
+                 byte_path: "sockmap.BytePath | None" = None):
         self.service = service
+        self.byte_path = byte_path
         self.address = address
         self.budget = budget
         self.stats = ServiceStats()
@@ -251,6 +268,18 @@ class ServiceProxy:
         self._source_ports: dict[int, SourcePorts] = {}
         self._warned_at = -1e9
         self._unwarned = 0
+
+    def relay(self) -> "sockmap.Relay | None":
+        """The in-kernel relay new connections use, or None for the splice pump (the process's choice,
+        :data:`proxy.sockmap.ACTIVE`, unless this proxy was given its own ``byte_path``)."""
+        path = self.byte_path if self.byte_path is not None else sockmap.ACTIVE
+        return path.relay
+
+    def refresh_counters(self) -> None:
+        """Bring the byte counters of kernel-relayed connections up to date (read from shared memory)."""
+        for conn in self.connections:
+            if conn.refresh is not None:
+                conn.refresh()
 
     def source_ports(self, port: int) -> SourcePorts | None:
         """The pool of source ports for connections arriving on ``port`` (None: kernel-chosen)."""
@@ -409,11 +438,43 @@ class ServiceProxy:
                 stats.bytes_to_client += n
                 conn.bytes_to_client += n
 
+            def counts(b: int, c: int) -> None:
+                to_backend(b)
+                to_client(c)
+
             try:
                 with conn.pumps:
-                    async with trio.open_nursery() as nursery:
-                        nursery.start_soon(splice_pump, client, backend, to_backend, PIPES, conn.spill_to_backend)
-                        nursery.start_soon(splice_pump, backend, client, to_client, PIPES, conn.spill_to_client)
+                    relay = self.relay()
+                    relayed = False
+                    if relay is not None:
+                        try:
+                            conn.byte_path = "sockmap"
+                            stats.connections_sockmap += 1
+                            relayed = await sockmap_relay(relay, client, backend, counts,
+                                                          (conn.spill_to_backend, conn.spill_to_client),
+                                                          conn.expose_refresh, careful=lambda: conn.moving)
+                        finally:
+                            stats.connections_sockmap -= 1
+                        if isinstance(relayed, Switch):
+                            # the relay handed it over (bulk, or a slow reader): what it held goes first
+                            conn.byte_path = "splice"
+                            stats.sockmap_switched += 1
+                            try:
+                                await send_all(backend, relayed.to_backend, conn.spill_to_backend)
+                                to_backend(len(relayed.to_backend))
+                            except trio.Cancelled:
+                                conn.spill_to_client(relayed.to_client)  # not begun: all of it
+                                raise
+                            await send_all(client, relayed.to_client, conn.spill_to_client)
+                            to_client(len(relayed.to_client))
+                            relayed = False
+                        elif not relayed:
+                            stats.sockmap_refused += 1
+                            conn.byte_path = "splice"
+                    if not relayed:
+                        async with trio.open_nursery() as nursery:
+                            nursery.start_soon(splice_pump, client, backend, to_backend, PIPES, conn.spill_to_backend)
+                            nursery.start_soon(splice_pump, backend, client, to_client, PIPES, conn.spill_to_client)
                     finished = True
                 if conn.moving and not finished:  # stopped for a live move: the sockets go to the mover
                     conn.handed = (socket.socket(fileno=client.detach()), socket.socket(fileno=backend.detach()))

@@ -99,13 +99,22 @@ def render(status: NodeStatus | None) -> str:
                 "Stateful: frames seen per view and direction (to or from the view's address)."),
         _Family("pairproxy_state_sees_peer", "gauge",
                 "Stateful: 0 while this node sees nothing of the peer's traffic although the peer has some, 1 if it sees it."),
+        _Family("pairproxy_byte_path", "gauge",
+                "1 for the byte path new connections take (path: sockmap = relayed in the kernel, splice = the splice pump)."),
+        _Family("pairproxy_connections_sockmap", "gauge", "Client connections whose bytes the kernel relays now."),
+        _Family("pairproxy_sockmap_switched_total", "counter",
+                "Connections the kernel relay handed to the splice pump (a bulk phase, or a slow reader)."),
     ]}
     if status is None:
         fam["pairproxy_up"].add(0)
         return "\n".join(line for f in fam.values() for line in f.text()) + "\n"
     fam["pairproxy_up"].add(1)
+    if status.byte_path is not None:
+        fam["pairproxy_byte_path"].add(1, path=status.byte_path.path, configured=status.byte_path.configured)
     services = list(status.services) + (list(status.pair.peer_services) if status.pair else [])
     for s in services:
+        fam["pairproxy_connections_sockmap"].add(s.connections_sockmap, service=s.name, address=s.address)
+        fam["pairproxy_sockmap_switched_total"].add(s.sockmap_switched, service=s.name, address=s.address)
         fam["pairproxy_connections_active"].add(s.connections_active, service=s.name, address=s.address)
         fam["pairproxy_connections_total"].add(s.connections_total, service=s.name, address=s.address)
         fam["pairproxy_bytes_total"].add(s.bytes_to_backend, service=s.name, address=s.address, direction="to_backend")

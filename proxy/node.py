@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from proxy import sockmap
 from proxy import roles
 from proxy.arp import announce, who_has
 from proxy.config import Config, service_to_dict
@@ -118,6 +119,9 @@ class Node:
                   task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         node = self.config.node
         node.state_dir.mkdir(parents=True, exist_ok=True)
+        # before anything binds: byte_path = "sockmap" on a kernel or process that cannot stops here
+        byte_path = sockmap.activate(node.byte_path)
+        log.info("byte path: %s%s", byte_path.path, f" ({byte_path.reason})" if byte_path.reason else "")
         control = bind_control_socket(node.control)
         try:
             self.own_service.open_listeners()  # a port in use fails here, before any kernel change
@@ -145,6 +149,7 @@ class Node:
         finally:
             control.close()
             self.own_service.close_listeners()
+            sockmap.ACTIVE.close()  # every connection has ended: the maps and the program go
             if self.peer_macvlan is not None:
                 self.peer_macvlan.close()
             self.state = "stopped"

@@ -10,7 +10,8 @@ import time
 from typing import Any
 
 from schema.records import *  # noqa: F401,F403 (the record types, re-exported)
-from schema.records import (AddressStatus, ConnectionRecord, DetectorStatus, LinkStatus, PeerRefusal, NodeStatus,
+from proxy import sockmap
+from schema.records import (AddressStatus, BytePathStatus, ConnectionRecord, DetectorStatus, LinkStatus, PeerRefusal, NodeStatus,
                             OwnAddressStuck, PairStatus, ProbeStatus,
                             ProxiedRecord, RttStatus, MoveRecord, ServiceStatus, TakeoverFailure, from_json)
 from schema.records import __all__ as _records
@@ -22,6 +23,8 @@ __all__ = [*_records, "service_status", "proxied_connections", "merge_connection
 def service_status(proxy: Any) -> ServiceStatus:
     """One :class:`~proxy.dataplane.ServiceProxy`'s counters."""
     s, stats = proxy.service, proxy.stats
+    if hasattr(proxy, "refresh_counters"):
+        proxy.refresh_counters()  # kernel-relayed connections' bytes, from shared memory
     return ServiceStatus(
         name=s.name, protocol=s.protocol, address=str(proxy.address), ports=list(s.ports), backend=str(s.backend),
         connections_active=stats.connections_active, connections_total=stats.connections_total,
@@ -29,7 +32,9 @@ def service_status(proxy: Any) -> ServiceStatus:
         backend_failures=stats.backend_failures, connections_reset=stats.connections_reset,
         internal_errors=stats.internal_errors, last_backend_error=stats.last_backend_error,
         source_ports_exhausted=stats.source_ports_exhausted, fd_limit_paused=stats.fd_limit_paused,
-        fd_limit_pauses=stats.fd_limit_pauses, fd_errors=stats.fd_errors)
+        fd_limit_pauses=stats.fd_limit_pauses, fd_errors=stats.fd_errors,
+        connections_sockmap=getattr(stats, "connections_sockmap", 0),
+        sockmap_switched=getattr(stats, "sockmap_switched", 0), sockmap_refused=getattr(stats, "sockmap_refused", 0))
 
 
 def proxied_connections(services: list[Any], now: float | None = None) -> list[ConnectionRecord]:
@@ -37,6 +42,8 @@ def proxied_connections(services: list[Any], now: float | None = None) -> list[C
     now = time.monotonic() if now is None else now
     out = []
     for proxy in services:
+        if hasattr(proxy, "refresh_counters"):
+            proxy.refresh_counters()
         for conn in sorted(proxy.connections, key=lambda c: (c.client, c.port)):
             source = getattr(conn, "backend_source", None)
             out.append(ConnectionRecord(
@@ -150,7 +157,8 @@ def node_status(node: Any) -> NodeStatus:
         uptime=round(time.monotonic() - node.started_at, 3) if node.started_at else 0.0,
         tasks=_count_tasks(), services=[service_status(p) for p in node.own_service.proxies],
         pair=_pair_status(node) if node.config.peer is not None else None,
-        connections=proxied_connections(_proxies(node)), errors={}, digests={})
+        connections=proxied_connections(_proxies(node)), errors={}, digests={},
+        byte_path=BytePathStatus(**sockmap.ACTIVE.status()))
 
 
 async def collect_status(node: Any, *, tables: bool = True) -> NodeStatus:

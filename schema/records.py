@@ -33,7 +33,7 @@ __all__ = [
     "TreeRecord", "SessionRecord", "OpenRecord", "TcpRecord", "ProxiedRecord", "ConnectionRecord",
     "Snapshot", "Tables", "ServiceStatus", "RttStatus", "LinkStatus", "AddressStatus", "ProbeStatus",
     "PeerRefusal", "DetectorStatus", "Behind", "Difference", "SnooperStats", "StateSync", "Takeover", "TakeoverReport", "ResumeBefore",
-    "ResumeRecord", "PairStatus", "NodeStatus", "CaptureInfo", "ReplayReport",
+    "ResumeRecord", "PairStatus", "BytePathStatus", "NodeStatus", "CaptureInfo", "ReplayReport",
     "TakeoverFailure", "OwnAddressStuck", "MoveRecord", "OPTIONAL", "snapshot_from_dict", "tables_with_digests",
 ]
 
@@ -285,6 +285,9 @@ class ServiceStatus:
     fd_limit_paused: bool = False       # not accepting now: near the descriptor limit (clients wait)
     fd_limit_pauses: int = 0
     fd_errors: int = 0
+    connections_sockmap: int = 0        # open connections whose bytes the kernel relays (proxy.sockmap)
+    sockmap_switched: int = 0           # handed from the kernel relay to the splice pump (bulk, slow reader)
+    sockmap_refused: int = 0            # the relay could not take them (a leg already closing, map full)
 
 
 @dataclass
@@ -608,6 +611,17 @@ class PairStatus:
 
 
 @dataclass
+class BytePathStatus:
+    """How this node moves connections' bytes (``[node] byte_path``, proxy.sockmap)."""
+
+    configured: str          # auto | sockmap | splice
+    path: str                # what new connections use: sockmap | splice
+    reason: str | None       # why splice where sockmap was possible to ask for (e.g. no CAP_BPF)
+    relayed_sockets: int     # sockets in the kernel relay's map now (two per connection)
+    handed_to_splice: int    # connections the relay handed to the splice pump so far
+
+
+@dataclass
 class NodeStatus(Tables):
     """``pairproxy status --json``."""
 
@@ -621,6 +635,7 @@ class NodeStatus(Tables):
     tasks: int
     services: list[ServiceStatus]
     pair: PairStatus | None = field(default=None, metadata=OPTIONAL)  # only in a pair
+    byte_path: BytePathStatus | None = field(default=None, metadata=OPTIONAL)
 
 
 @dataclass

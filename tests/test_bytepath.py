@@ -1,0 +1,568 @@
+"""The data path against both byte paths (issue 13): the in-kernel relay (proxy.sockmap, needs root or
+CAP_BPF) and the splice pump, each test once per path. One :class:`~proxy.dataplane.ServiceProxy` runs
+in a thread of its own (its own trio loop) on loopback, in front of small backends written here;
+clients are plain blocking sockets. Loopback only: nothing leaves the machine, no namespace is made.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import os
+import resource
+import socket
+import struct
+import threading
+import time
+from contextlib import contextmanager
+
+import pytest
+import trio
+
+from proxy import sockmap
+from proxy.config import Endpoint, ServiceConfig
+from proxy.dataplane import ServiceProxy
+
+LOOPBACK = ipaddress.IPv4Address("127.0.0.1")
+
+
+def _paths() -> list:
+    params = [pytest.param("splice", id="splice")]
+    try:
+        probe = sockmap.choose("sockmap", capacity=16)
+    except sockmap.SockmapUnavailable as exc:
+        params.append(pytest.param("sockmap", id="sockmap", marks=pytest.mark.skip(reason=str(exc))))
+    else:
+        probe.close()
+        params.append(pytest.param("sockmap", id="sockmap"))
+    return params
+
+
+@pytest.fixture(params=_paths())
+def byte_path(request):
+    path = sockmap.choose(request.param, capacity=4096)
+    assert path.path == request.param
+    yield path
+    path.close()
+
+
+class Backend:
+    """A TCP server on loopback running ``handler(conn)`` in a thread per connection."""
+
+    def __init__(self, handler, listen: bool = True):
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.handler = handler
+        self.errors: list[BaseException] = []
+        self.conns: list[socket.socket] = []
+        if listen:
+            self.sock.listen(2048)
+            threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.conns.append(conn)
+            threading.Thread(target=self._run, args=(conn,), daemon=True).start()
+
+    def _run(self, conn):
+        try:
+            self.handler(conn)
+        except BaseException as exc:  # noqa: BLE001 (reported by the test)
+            self.errors.append(exc)
+        finally:
+            conn.close()
+
+    def close(self):
+        self.sock.close()
+        for c in self.conns:
+            try:
+                c.close()
+            except OSError:
+                pass
+
+
+class ProxyThread:
+    """A ServiceProxy for ``backend_port`` on a free loopback port, in its own thread and trio loop."""
+
+    def __init__(self, backend_port: int, path: sockmap.BytePath, connect_timeout: float = 3.0):
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", 0))
+        self.port = probe.getsockname()[1]
+        probe.close()
+        service = ServiceConfig(name="t", protocol="tcp", port=self.port,
+                                backend=Endpoint(LOOPBACK, backend_port), connect_timeout=connect_timeout,
+                                secure=False)
+        self.proxy = ServiceProxy(service, LOOPBACK, byte_path=path)
+        self._token = None
+        self._cancel: trio.CancelScope | None = None
+        self._ready = threading.Event()
+        self.thread = threading.Thread(target=trio.run, args=(self._main,), daemon=True)
+        self.thread.start()
+        assert self._ready.wait(5)
+
+    async def _main(self):
+        self._token = trio.lowlevel.current_trio_token()
+        self.proxy.open_listeners()
+        with trio.CancelScope() as self._cancel:
+            async with trio.open_nursery() as connections:
+                self._ready.set()
+                await self.proxy.accept_loop(connections)
+
+    def call(self, fn):
+        return trio.from_thread.run_sync(fn, trio_token=self._token)
+
+    @property
+    def stats(self):
+        self.call(self.proxy.refresh_counters)
+        return self.proxy.stats
+
+    def close(self):
+        if self._token is not None and self._cancel is not None:
+            try:
+                self.call(self._cancel.cancel)
+            except trio.RunFinishedError:
+                pass
+        self.thread.join(10)
+        assert not self.thread.is_alive()
+
+
+@contextmanager
+def proxied(handler, path, **kw):
+    backend = Backend(handler)
+    proxy = ProxyThread(backend.port, path, **kw)
+    try:
+        yield proxy, backend
+    finally:
+        proxy.close()
+        backend.close()
+    assert not backend.errors, backend.errors
+
+
+def connect(proxy: ProxyThread, timeout: float = 20) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", proxy.port), timeout=timeout)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return s
+
+
+def recv_all(sock: socket.socket) -> bytes:
+    out = []
+    while True:
+        d = sock.recv(1 << 20)
+        if not d:
+            return b"".join(out)
+        out.append(d)
+
+
+def wait_for(cond, timeout=10.0, what=""):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def sink_and_source(size: int):
+    """A backend that reads everything (returns its digest) and answers ``size`` bytes of its own."""
+    def handler(conn):
+        got = hashlib.sha256()
+        n = 0
+        data = _pattern(size, b"B")
+
+        def send():
+            conn.sendall(data)
+            conn.shutdown(socket.SHUT_WR)
+        t = threading.Thread(target=send)
+        t.start()
+        while True:
+            d = conn.recv(1 << 20)
+            if not d:
+                break
+            got.update(d)
+            n += len(d)
+        t.join()
+        handler.results.append((n, got.hexdigest()))
+    handler.results = []
+    return handler
+
+
+def _pattern(size: int, tag: bytes) -> bytes:
+    block = hashlib.sha256(tag + size.to_bytes(8, "big")).digest() * 2048  # 64 KiB, not periodic in 1
+    return (block * (size // len(block) + 1))[:size]
+
+
+@pytest.mark.parametrize("size", [0, 1, 1000, 1 << 20, 64 << 20])
+def test_bytes_identical_both_ways(byte_path, size):
+    """0 B to 64 MiB each way at once, byte-identical, counted in status; the client sends before
+    the proxy has even connected to the backend (bytes queued before the relay starts)."""
+    handler = sink_and_source(size)
+    with proxied(handler, byte_path) as (proxy, _):
+        s = connect(proxy)
+        data = _pattern(size, b"C")
+        t = threading.Thread(target=lambda: (s.sendall(data), s.shutdown(socket.SHUT_WR)))
+        t.start()
+        back = recv_all(s)
+        t.join()
+        s.close()
+        wait_for(lambda: handler.results, what="the backend's result")
+        assert handler.results == [(size, hashlib.sha256(data).hexdigest())]
+        assert hashlib.sha256(back).digest() == hashlib.sha256(_pattern(size, b"B")).digest() and len(back) == size
+        wait_for(lambda: proxy.stats.connections_active == 0, what="the connection to end")
+        st = proxy.stats
+        assert (st.bytes_to_backend, st.bytes_to_client, st.connections_reset) == (size, size, 0)
+
+
+def test_small_round_trips_without_pipelining(byte_path):
+    """A request sent right after connecting, then one message at a time (the SMB/NFS pattern): each
+    answer comes at once (the bytes that arrived before the relay started do not wait for more)."""
+    def echo(conn):
+        while True:
+            d = conn.recv(65536)
+            if not d:
+                return
+            conn.sendall(d)
+    with proxied(echo, byte_path) as (proxy, _):
+        s = connect(proxy, timeout=2)
+        for i in range(200):
+            msg = struct.pack("!I", i) * 16
+            s.sendall(msg)
+            got = b""
+            while len(got) < len(msg):
+                got += s.recv(len(msg) - len(got))
+            assert got == msg
+        s.close()
+
+
+def test_half_close_client_first(byte_path):
+    """The client shuts its sending side; the backend sees EOF after every byte and still answers."""
+    def handler(conn):
+        got = recv_all(conn)
+        conn.sendall(b"got " + str(len(got)).encode())
+        time.sleep(0.05)
+        conn.sendall(b" and more")
+    with proxied(handler, byte_path) as (proxy, _):
+        s = connect(proxy)
+        s.sendall(b"x" * 300000)
+        s.shutdown(socket.SHUT_WR)
+        assert recv_all(s) == b"got 300000 and more"
+        s.close()
+        wait_for(lambda: proxy.stats.connections_active == 0, what="the connection to end")
+        assert proxy.stats.connections_reset == 0
+
+
+def test_half_close_backend_first(byte_path):
+    """The backend shuts its sending side first; the client sees EOF after every byte and can still send."""
+    def handler(conn):
+        conn.sendall(b"y" * 200000)
+        conn.shutdown(socket.SHUT_WR)
+        got = recv_all(conn)
+        assert got == b"late request"
+    with proxied(handler, byte_path) as (proxy, backend):
+        s = connect(proxy)
+        assert recv_all(s) == b"y" * 200000
+        time.sleep(0.05)
+        s.sendall(b"late request")
+        s.shutdown(socket.SHUT_WR)
+        assert recv_all(s) == b""
+        s.close()
+        wait_for(lambda: proxy.stats.connections_active == 0, what="the connection to end")
+        assert proxy.stats.connections_reset == 0
+
+
+def test_half_close_then_bulk_answer(byte_path):
+    """The client half-closes, then the backend answers 32 MiB (the relay hands such a connection to
+    the splice pump mid-way): every byte arrives, then EOF."""
+    answer = _pattern(32 << 20, b"H")
+
+    def handler(conn):
+        assert recv_all(conn) == b"request"
+        conn.sendall(answer)
+    with proxied(handler, byte_path) as (proxy, _):
+        s = connect(proxy)
+        s.sendall(b"request")
+        s.shutdown(socket.SHUT_WR)
+        back = recv_all(s)
+        assert len(back) == len(answer) and back == answer
+        s.close()
+        wait_for(lambda: proxy.stats.connections_active == 0, what="the connection to end")
+        assert proxy.stats.connections_reset == 0
+
+
+def _rst(sock: socket.socket) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def test_reset_by_client_resets_backend(byte_path):
+    seen = {}
+
+    def handler(conn):
+        conn.sendall(b"hello")
+        try:
+            while conn.recv(65536):
+                pass
+            seen["end"] = "eof"
+        except ConnectionResetError:
+            seen["end"] = "reset"
+    with proxied(handler, byte_path) as (proxy, _):
+        s = connect(proxy)
+        assert s.recv(5) == b"hello"
+        s.sendall(b"abc")
+        time.sleep(0.05)
+        _rst(s)
+        wait_for(lambda: "end" in seen, what="the backend to see the end")
+        assert seen["end"] == "reset"
+        wait_for(lambda: proxy.stats.connections_active == 0, what="the connection to end")
+        assert proxy.stats.connections_reset == 1
+
+
+def test_reset_by_backend_resets_client(byte_path):
+    def handler(conn):
+        assert conn.recv(3) == b"abc"
+        _rst(conn)
+    with proxied(handler, byte_path) as (proxy, _):
+        s = connect(proxy)
+        s.sendall(b"abc")
+        with pytest.raises(ConnectionResetError):
+            while s.recv(65536):
+                pass
+        s.close()
+        wait_for(lambda: proxy.stats.connections_active == 0, what="the connection to end")
+        assert proxy.stats.connections_reset == 1
+
+
+def test_reset_after_half_close(byte_path):
+    """The client half-closes, then resets while the backend still sends: the backend is reset too."""
+    seen = {}
+
+    def handler(conn):
+        recv_all(conn)
+        try:
+            for _ in range(400):
+                conn.sendall(b"z" * 1000)
+                time.sleep(0.005)
+            seen["end"] = "all sent"
+        except (ConnectionResetError, BrokenPipeError):
+            seen["end"] = "reset"
+    with proxied(handler, byte_path) as (proxy, _):
+        s = connect(proxy)
+        s.shutdown(socket.SHUT_WR)
+        s.recv(1000)
+        _rst(s)
+        wait_for(lambda: "end" in seen, timeout=15, what="the backend to see the end")
+        assert seen["end"] == "reset"
+
+
+def test_stalled_reader_bounded_memory(byte_path):
+    """A backend that stops reading: the client can push only a bounded amount (the relay does not
+    buffer without limit), and all of it arrives, in order, once the backend reads again."""
+    go = threading.Event()
+    result = {}
+
+    def handler(conn):
+        go.wait(30)
+        result["data"] = recv_all(conn)
+    with proxied(handler, byte_path) as (proxy, _):
+        s = connect(proxy)
+        s.setblocking(False)
+        chunk = b"q" * 65536
+        sent = 0
+        last_progress = time.monotonic()
+        while time.monotonic() - last_progress < 1.0 and sent < 512 << 20:
+            try:
+                sent += s.send(chunk)
+                last_progress = time.monotonic()
+            except BlockingIOError:
+                time.sleep(0.01)
+        # client send buffer + proxy's two legs + backend receive buffer: a few tens of MiB at most
+        assert sent < 64 << 20, f"{sent} bytes accepted while the backend did not read"
+        if byte_path.path == "sockmap":  # the kernel's queue has no bound: the governor takes it out
+            assert byte_path.status()["handed_to_splice"] == 1
+        s.setblocking(True)
+        go.set()
+        s.shutdown(socket.SHUT_WR)
+        wait_for(lambda: "data" in result, timeout=30, what="the backend to read it all")
+        assert len(result["data"]) == sent, (len(result["data"]), sent)
+        assert result["data"] == b"q" * sent
+        s.close()
+
+
+def test_backend_refuses(byte_path):
+    refused = Backend(None, listen=False)  # bound, not listening: connect() gets RST
+    proxy = ProxyThread(refused.port, byte_path)
+    try:
+        s = connect(proxy)
+        assert recv_all(s) == b""
+        s.close()
+        wait_for(lambda: proxy.stats.backend_failures == 1, what="the failure to be counted")
+        assert "refused" in (proxy.stats.last_backend_error or "").lower()
+    finally:
+        proxy.close()
+        refused.close()
+
+
+def test_backend_never_answers(byte_path):
+    """A backend whose listen backlog is full never completes the handshake: the client is closed
+    after connect_timeout and the failure counted."""
+    silent = Backend(None, listen=False)
+    silent.sock.listen(0)
+    fillers = []
+    try:
+        for _ in range(8):  # fill the backlog of 0 (+1) so that further SYNs are dropped
+            f = socket.socket()
+            f.setblocking(False)
+            f.connect_ex(("127.0.0.1", silent.port))
+            fillers.append(f)
+        time.sleep(0.2)
+        proxy = ProxyThread(silent.port, byte_path, connect_timeout=0.5)
+        try:
+            s = connect(proxy)
+            t0 = time.monotonic()
+            assert recv_all(s) == b""
+            assert 0.4 < time.monotonic() - t0 < 5
+            s.close()
+            wait_for(lambda: proxy.stats.backend_failures == 1, what="the failure to be counted")
+            assert "no answer" in proxy.stats.last_backend_error
+        finally:
+            proxy.close()
+    finally:
+        for f in fillers:
+            f.close()
+        silent.close()
+
+
+def test_1000_concurrent_connections(byte_path):
+    """1,000 connections open at once, each a request and its answer, then all closed cleanly."""
+    n = 1000
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 8 * n:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 16 * n), hard))
+
+    def handler(conn):
+        d = conn.recv(64)
+        conn.sendall(d[::-1])
+        recv_all(conn)
+    with proxied(handler, byte_path) as (proxy, _):
+        socks = [connect(proxy) for _ in range(n)]
+        for i, s in enumerate(socks):
+            s.sendall(b"%08d" % i)
+        for i, s in enumerate(socks):
+            assert s.recv(64) == (b"%08d" % i)[::-1]
+        wait_for(lambda: proxy.stats.connections_active == n, what="all connections")
+        if byte_path.path == "sockmap":
+            assert proxy.stats.connections_sockmap == n
+        for s in socks:
+            s.shutdown(socket.SHUT_WR)
+        for s in socks:
+            assert recv_all(s) == b""
+            s.close()
+        wait_for(lambda: proxy.stats.connections_active == 0, timeout=30, what="all connections to end")
+        st = proxy.stats
+        assert (st.connections_total, st.connections_reset, st.bytes_to_backend, st.bytes_to_client) == (n, 0, 8 * n, 8 * n)
+        if byte_path.relay is not None:
+            assert byte_path.relay.joined == 0
+
+
+# ------------------------------------------------------------------------------ choosing the path
+def test_byte_path_config_key(tmp_path):
+    from proxy.config import ConfigError, load_config
+
+    base = ('[node]\nname = "a"\ninterface = "eth0"\naddress = "10.0.0.1/24"\nstate_dir = "/var/lib/p"\n'
+            'control = "/run/p.sock"\n')
+    svc = '\n[[service]]\nname = "smb"\nprotocol = "smb"\nport = 445\nbackend = "10.0.2.10:445"\n'
+    path = tmp_path / "n.toml"
+    path.write_text(base + svc)
+    assert load_config(path).node.byte_path == "auto"
+    path.write_text(base + 'byte_path = "Splice"\n' + svc)
+    assert load_config(path).node.byte_path == "splice"
+    path.write_text(base + 'byte_path = "kernel"\n' + svc)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.problems == ["node.byte_path: 'kernel' is not one of auto, sockmap, splice"]
+
+
+def test_splice_when_configured_and_when_not_privileged():
+    """``splice`` is taken as configured; without the privilege for bpf() (a process running as
+    nobody, real kernel), ``auto`` falls back to splice and says why, ``sockmap`` refuses to start."""
+    assert sockmap.choose("splice").path == "splice"
+    code = ("from proxy import sockmap\n"
+            "p = sockmap.choose('auto'); print(p.path, '|', p.reason)\n"
+            "try:\n    sockmap.choose('sockmap')\nexcept sockmap.SockmapUnavailable as e:\n    print('refused |', e)\n")
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all",
+                          sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=30,
+                         env={"PYTHONPATH": str(root), "PATH": os.environ.get("PATH", "")})
+    assert out.returncode == 0, out.stderr
+    auto, refused = out.stdout.splitlines()
+    assert auto.startswith("splice | sockmap unavailable:") and "CAP_BPF" in auto
+    assert refused.startswith('refused | node.byte_path = "sockmap": bpf() is not allowed') and "CAP_BPF" in refused
+
+
+def test_stopped_for_a_move_mid_stream_nothing_lost(byte_path):
+    """What a live move does (proxy.livemove): set ``moving``, cancel the pumps while bytes flow both
+    ways. The sockets come out of the relay (the map is empty again) with the bytes still on their way
+    in ``spilled_to_*``; a plain relay continuing from there delivers every byte exactly once."""
+    size = 8 << 20
+    handler = sink_and_source(size)
+    with proxied(handler, byte_path) as (proxy, _):
+        s = connect(proxy)
+        data = _pattern(size, b"M")
+        sender = threading.Thread(target=lambda: (s.sendall(data), s.shutdown(socket.SHUT_WR)))
+        back = bytearray()
+
+        def read():
+            while d := s.recv(1 << 20):
+                back.extend(d)
+        reader = threading.Thread(target=read)
+        sender.start()
+        reader.start()
+        wait_for(lambda: proxy.proxy.connections and len(back) > 0, what="bytes flowing")
+        conn = next(iter(proxy.proxy.connections))
+
+        def stop():
+            conn.moving = True
+            conn.pumps.cancel()
+        proxy.call(stop)
+        wait_for(lambda: conn.ended.is_set(), what="the pumps to stop")
+        assert conn.handed is not None, "the connection ended instead of stopping"
+        if byte_path.relay is not None:
+            assert byte_path.relay.joined == 0
+        client, backend = conn.handed
+        where = (conn.byte_path, len(conn.spilled_to_backend), len(conn.spilled_to_client), conn.bytes_to_backend)
+        # a stand-in for the frozen and restored legs: spilled bytes first, then a plain relay
+        for sock in (client, backend):
+            sock.setblocking(True)
+        for sock, spilled in ((backend, conn.spilled_to_backend), (client, conn.spilled_to_client)):
+            if spilled:
+                sock.sendall(spilled)
+
+        def relay(src, dst):
+            while True:
+                d = src.recv(1 << 20)
+                if not d:
+                    try:
+                        dst.shutdown(socket.SHUT_WR)
+                    except OSError:
+                        pass  # the stopped relay had passed this FIN on already
+                    return
+                dst.sendall(d)
+        ts = [threading.Thread(target=relay, args=(client, backend)), threading.Thread(target=relay, args=(backend, client))]
+        for t in ts:
+            t.start()
+        for t in (sender, reader, *ts):
+            t.join(60)
+        client.close()
+        backend.close()
+        s.close()
+        wait_for(lambda: handler.results, what="the backend's result")
+        assert handler.results == [(size, hashlib.sha256(data).hexdigest())], where
+        assert len(back) == size and bytes(back) == _pattern(size, b"B"), where
