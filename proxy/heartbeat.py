@@ -55,6 +55,8 @@ log = logging.getLogger("pairproxy.heartbeat")
 RT_PRIORITY = 20           # above ordinary processes, below the kernel's own real-time threads (50)
 LOOP_TICK = 0.1            # the node's loop writes a line this often
 STATS_EVERY = 1.0          # the process reports its counters and jitter this often
+SAVE_EVERY = 10.0          # the node saves them for `pairproxy check` this often
+JITTER_FILE = "heartbeat-jitter.json"
 READ_RATE = 4000.0         # datagrams read per second and path at most (4x what two peers could send)
 RECEIVE_BUFFER = 16 * 1024
 IP_FREEBIND = 15
@@ -314,8 +316,11 @@ class HeartbeatProcess:
     ``await nursery.start(hb.run)``: started once the process has bound its sockets.
     """
 
-    def __init__(self, setup: HeartbeatSetup, on_fact: Callable[[str, float, str | None, float | None], None]):
+    def __init__(self, setup: HeartbeatSetup, on_fact: Callable[[str, float, str | None, float | None], None],
+                 state_dir: str | os.PathLike[str] | None = None):
         self.setup = setup
+        self.state_dir = state_dir
+        self._saved_at: float | None = None
         self.on_fact = on_fact
         self.pid: int | None = None
         self.realtime: str | None = None          # None: SCHED_FIFO; else why not
@@ -330,11 +335,18 @@ class HeartbeatProcess:
 
         if task_status is None:
             task_status = trio.TASK_STATUS_IGNORED
-        process = await trio.lowlevel.open_process([sys.executable, "-m", "proxy.heartbeat"],
-                                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        # Popen here, in the loop's own thread, not trio's open_process: that forks from a worker
+        # thread, and PR_SET_PDEATHSIG fires when the *thread* that forked exits (trio's idle worker
+        # threads do after 10 s), which killed the heartbeat process of a healthy node.
+        process = subprocess.Popen([sys.executable, "-m", "proxy.heartbeat"], stdin=subprocess.PIPE,
+                                   stdout=subprocess.PIPE, close_fds=True)
+        stdin = trio.lowlevel.FdStream(os.dup(process.stdin.fileno()))
+        stdout = trio.lowlevel.FdStream(os.dup(process.stdout.fileno()))
+        process.stdin.close()
+        process.stdout.close()
         try:
-            await process.stdin.send_all((json.dumps(self.setup.to_json()) + "\n").encode())
-            lines = _Lines(process.stdout)
+            await stdin.send_all((json.dumps(self.setup.to_json()) + "\n").encode())
+            lines = _Lines(stdout)
             ready = await lines.next()
             if not ready or not ready.get("ok"):
                 raise OSError(f"heartbeat process did not start: {(ready or {}).get('error', 'no answer')}")
@@ -349,30 +361,30 @@ class HeartbeatProcess:
                 log.info("heartbeat process %s: SCHED_FIFO %d, memory locked", self.pid, RT_PRIORITY)
             task_status.started()
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._tick, process)
+                nursery.start_soon(self._tick, stdin)
                 while True:
                     message = await lines.next()
                     if message is None:
                         break
                     self._on_message(message, trio.current_time(), time.monotonic())
                 nursery.cancel_scope.cancel()
-            code = await process.wait()
+            code = await trio.to_thread.run_sync(process.wait)
             self.failed = f"heartbeat process exited with {code}"
             log.error("%s: the peer will see this node as dead", self.failed)
         finally:
             with trio.CancelScope(shield=True):
-                if process.returncode is None:
+                if process.poll() is None:
                     process.kill()
-                    await process.wait()
-                for pipe in (process.stdin, process.stdout):
+                    await trio.to_thread.run_sync(process.wait)
+                for pipe in (stdin, stdout):
                     await pipe.aclose()
 
-    async def _tick(self, process: Any) -> None:
+    async def _tick(self, stdin: Any) -> None:
         import trio
 
         while True:
             try:
-                await process.stdin.send_all(b".\n")
+                await stdin.send_all(b".\n")
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 return
             await trio.sleep(LOOP_TICK)
@@ -388,6 +400,9 @@ class HeartbeatProcess:
         elif kind == "stats":
             self.last_stats, self.stats_at = message, trio_now
             self.paused = bool(message.get("paused"))
+            if self.state_dir is not None and (self._saved_at is None or trio_now - self._saved_at >= SAVE_EVERY):
+                self._saved_at = trio_now
+                self._save_jitter()
         elif kind == "paused":
             self.paused = True
             log.error("heartbeats were stopped: the node's loop did not run for %.1f s (stopped or hung); "
@@ -395,6 +410,24 @@ class HeartbeatProcess:
         elif kind == "resumed":
             self.paused = False
             log.warning("heartbeats sent again: the node's loop runs again")
+
+    def _save_jitter(self) -> None:
+        """``state_dir/heartbeat-jitter.json``: what ``pairproxy check`` compares dead_after with."""
+        from pathlib import Path
+
+        s = self.last_stats or {}
+        doc = {"at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "heartbeat_ms": self.setup.heartbeat * 1000,
+               "dead_after_ms": self.setup.dead_after * 1000, "send_late_ms": s.get("send_late_ms"),
+               "realtime": self.realtime is None, "paths": {
+                   p: {k: v.get(k) for k in ("gap_ms", "jitter_ms", "max_gap_ever_ms", "received")}
+                   for p, v in (s.get("paths") or {}).items()}}
+        path = Path(self.state_dir) / JITTER_FILE
+        tmp = path.with_name(f".{JITTER_FILE}.tmp")
+        try:
+            tmp.write_text(json.dumps(doc, indent=1) + "\n")
+            os.replace(tmp, path)
+        except OSError as exc:
+            log.debug("cannot save %s: %s", path, exc)
 
     def status(self) -> dict:
         """The process, its priority, and per path: up, counters, gaps and jitter (ms)."""

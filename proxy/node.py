@@ -224,7 +224,7 @@ class Node:
             dead_after=timings.dead_after, port=peer.heartbeat_port,
             paths={"sync": (str(peer.listen.host), str(peer.link.host)),
                    "service": (str(node.address.ip), str(peer.address))},
-            loop_stall_limit=timings.loop_stall_limit), self._on_fact)
+            loop_stall_limit=timings.loop_stall_limit), self._on_fact, state_dir=node.state_dir)
         await nursery.start(self.heartbeats.run)
         await nursery.start(self.link.run)
         nursery.start_soon(self.probe_responder.serve)
@@ -248,9 +248,11 @@ class Node:
 
         The heartbeats themselves are the heartbeat process's (facts arrive in :meth:`_on_fact`)."""
         # A starting node gives its peer claim_wait to show up before silence can mean death:
-        # both nodes of a pair often start together.
+        # both nodes of a pair often start together. Armed early once the peer's heartbeats arrive
+        # (not on the link alone: it may come up a few heartbeats before they do).
         with trio.move_on_after(self.timings.claim_wait):
-            await self.link.wait_connected()
+            while self.detector.state not in ("alive", "link_down"):
+                await trio.sleep(self.timings.heartbeat)
         self._verdicts_armed = True
         if self.detector.state == "dead":  # silent since before the wait ended: the verdict stands now
             self._on_verdict(verdicts.PeerDead(self.detector.silent_for(trio.current_time()) or 0.0))

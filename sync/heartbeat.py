@@ -313,3 +313,31 @@ class HeartbeatMonitor:
 
 def _rounded(p: dict | None) -> dict | None:
     return None if p is None else {k: (round(v, 3) if k != "count" else v) for k, v in p.items()}
+
+
+#: ``pairproxy check`` warns when a path's largest gap was this share of dead_after or more
+TIGHT_SHARE = 0.75
+
+
+def jitter_warning(dead_after: float, measured: dict) -> str | None:
+    """Is ``dead_after`` too tight for the gaps the heartbeat process measured (``measured``: what the
+    node saves as ``heartbeat-jitter.json``)? A warning naming the key and what to set, or None.
+
+    Both paths must be silent at once for a takeover, so the path with the *smaller* worst gap is what
+    a false verdict needs; the warning still names the worst path, as the cause to look at."""
+    paths = {p: v for p, v in (measured.get("paths") or {}).items() if isinstance(v, dict)}
+    worst = {p: float(v.get("max_gap_ever_ms") or 0.0) for p, v in paths.items()}
+    if not worst:
+        return None
+    both = min(worst.values())
+    path, gap = max(worst.items(), key=lambda kv: kv[1])
+    limit = dead_after * 1000 * TIGHT_SHARE
+    if gap < limit:
+        return None
+    p99 = ((paths[path].get("gap_ms") or {}).get("p99"))
+    suggest = max(gap, both) / TIGHT_SHARE
+    return (f"pair.dead_after: {dead_after * 1000:g}ms is tight for the heartbeat gaps measured "
+            f"{measured.get('at', 'in the last run')}: up to {gap:.1f} ms on the {path} path"
+            + (f" (p99 {p99:.1f} ms)" if p99 is not None else "")
+            + f", {both:.1f} ms on both; a gap of dead_after on both paths is a false takeover: set dead_after "
+              f"to at least {suggest:.0f}ms, or find what delays the heartbeats (status: heartbeat)")

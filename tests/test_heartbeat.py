@@ -158,3 +158,22 @@ def test_gaps_and_jitter_are_measured_per_path():
 def test_constructor_checks():
     with pytest.raises(ValueError):
         HeartbeatMonitor(KEY, me="a", peer="b", mode="stateless", heartbeat=0.05, dead_after=0.04, now=0)
+
+
+def test_check_warns_when_dead_after_is_tight_for_the_gaps_the_node_measured(tmp_path):
+    import json
+
+    from proxy.preflight import jitter_warnings
+    from sync.heartbeat import jitter_warning
+
+    calm = {"paths": {"sync": {"max_gap_ever_ms": 14.0}, "service": {"max_gap_ever_ms": 12.0}}}
+    assert jitter_warning(0.04, calm) is None
+    rough = {"at": "2026-11-27T22:00:00", "paths": {"sync": {"max_gap_ever_ms": 36.0, "gap_ms": {"p99": 11.0}},
+                                                    "service": {"max_gap_ever_ms": 33.0}}}
+    warning = jitter_warning(0.04, rough)
+    assert warning.startswith("pair.dead_after: 40ms is tight") and "36.0 ms on the sync path" in warning
+    assert "at least 48ms" in warning
+    (tmp_path / "heartbeat-jitter.json").write_text(json.dumps(rough))
+    values = {"node.state_dir": tmp_path, "pair.dead_after": 0.04}
+    assert jitter_warnings(values) == [warning]
+    assert jitter_warnings({"node.state_dir": tmp_path / "never-ran", "pair.dead_after": 0.04}) == []
