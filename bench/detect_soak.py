@@ -1,0 +1,166 @@
+"""Detection soak (issue 12): a healthy pair under full load for N minutes; count false takeovers.
+
+    sudo .venv/bin/python bench/detect_soak.py [--minutes 30] [--mode stateful] [--heartbeat 10]
+        [--dead-after 40] [--size 4194304] [--writers-per-address 1] [--poll-ms 100]
+        [--prefix d12s] [--json FILE] [--keep-lab] [--keep-logs]
+
+Nobody is killed. A fresh pair (the lab's pair configs with ``--heartbeat``/``--dead-after`` as config
+values; ``stateful`` with the service bridge in flood mode, so both observers decode everything), then
+for ``--minutes``:
+
+* bulk writers through **both** service addresses (bench/soak.py's ``Writer``: SMB via smbprotocol and
+  NFSv3 via ``nfs-cp``, ``--size`` bytes per file, written, read back and compared, back to back);
+* ``pairproxy status`` of both nodes every ``--poll-ms`` over their control sockets (the node answers it
+  in its event loop: part of the load the heartbeats must ride out);
+* once a minute: both nodes' heartbeat gaps and jitter per path (p50/p99/max over the last minute,
+  from status), the heartbeat process's send lateness, the load average.
+
+Counted: takeovers by either node (each is false: nobody died), every poll that saw the peer not
+``alive`` (with the state), both nodes' detector facts (``quiet``/``silent``), writer operations and
+errors. The machine is shared (other sessions' benchmarks and tests): the load average is recorded
+next to every minute, and a takeover under that load is still counted as false.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+from driver import Bench, LabError, NodeProcess, PairTimings, run_info, say, serving, standing_by
+from soak import Writer
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--minutes", type=float, default=30.0)
+    ap.add_argument("--mode", default="stateful", choices=("stateless", "stateful"))
+    ap.add_argument("--heartbeat", type=float, default=10.0, help="ms (default 10)")
+    ap.add_argument("--dead-after", type=float, default=40.0, help="ms (default 40)")
+    ap.add_argument("--size", type=int, default=4 << 20, help="bytes per written file (default 4 MiB)")
+    ap.add_argument("--writers-per-address", type=int, default=1, help="per protocol and address (default 1)")
+    ap.add_argument("--poll-ms", type=float, default=100.0)
+    ap.add_argument("--prefix", default="d12s")
+    ap.add_argument("--json")
+    ap.add_argument("--keep-lab", action="store_true")
+    ap.add_argument("--keep-logs", action="store_true")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        say("detect_soak.py: needs root")
+        return 1
+    started = datetime.datetime.now().astimezone()
+    timings = PairTimings.from_ms(args.heartbeat, args.dead_after)
+    out: dict = {"minutes": [], "not_alive_polls": {"a": {}, "b": {}}, "poll_errors": 0, "polls": 0}
+    with Bench("detect-soak", args.prefix, default_prefix="d12s", keep_lab=args.keep_lab,
+               keep_work=args.keep_logs or args.keep_lab) as bench:
+        try:
+            lab = bench.up()
+            addr = lab.addresses
+            bench.flood(args.mode == "stateful")
+            cfg = bench.pair_configs(args.mode, timings)
+            nodes = {n: bench.started(NodeProcess(lab, n, config=cfg[n], log=bench.work / f"{n}.log"))
+                     for n in ("a", "b")}
+            nodes["b"].start()
+            nodes["a"].start()
+            nodes["a"].wait_for(serving(addr.service_a, "a"), 20, "a serving")
+            nodes["b"].wait_for(serving(addr.service_b, "b"), 20, "b serving")
+            for n in nodes.values():
+                n.wait_for(standing_by, 20, "standing by")
+            time.sleep(1.0)
+            base = {n: len(nodes[n].status()["pair"]["takeovers"]) for n in nodes}
+            writers = []
+            for host in (addr.service_a, addr.service_b):
+                for proto in ("smb", "nfs"):
+                    for _ in range(args.writers_per_address):
+                        writers.append(bench.started(Writer(bench, proto, host, args.size, 0)).start())
+            stop = threading.Event()
+            latest: dict[str, dict] = {}
+
+            def poll() -> None:
+                while not stop.is_set():
+                    t0 = time.monotonic()
+                    for n, node in nodes.items():
+                        try:
+                            st = node.status()
+                        except LabError:
+                            out["poll_errors"] += 1
+                            continue
+                        out["polls"] += 1
+                        latest[n] = st
+                        state = st["pair"]["peer_state"]
+                        if state != "alive":
+                            seen = out["not_alive_polls"][n]
+                            seen[state] = seen.get(state, 0) + 1
+                    stop.wait(max(0.0, args.poll_ms / 1000 - (time.monotonic() - t0)))
+
+            poller = threading.Thread(target=poll, daemon=True)
+            poller.start()
+            t_start = time.monotonic()
+            say(f"soak: {args.mode} {args.heartbeat:g}/{args.dead_after:g} ms for {args.minutes:g} min, "
+                f"{len(writers)} writers of {args.size} B, status every {args.poll_ms:g} ms")
+            minute = 0
+            while time.monotonic() - t_start < args.minutes * 60:
+                time.sleep(min(60.0, args.minutes * 60 - (time.monotonic() - t_start)))
+                minute += 1
+                row: dict = {"minute": minute, "loadavg": os.getloadavg(), "nodes": {}}
+                for n in nodes:
+                    st = latest.get(n)
+                    if st is None:
+                        continue
+                    pair = st["pair"]
+                    hb = pair.get("heartbeat") or {}
+                    row["nodes"][n] = {
+                        "takeovers": len(pair["takeovers"]) - base[n], "peer_state": pair["peer_state"],
+                        "facts": (pair.get("detector") or {}).get("facts"),
+                        "paths": {p: {k: v.get(k) for k in ("gap_ms", "jitter_ms", "max_gap_ever_ms", "received",
+                                                             "rejected", "stale")}
+                                  for p, v in (hb.get("paths") or {}).items()},
+                        "send_late_ms": hb.get("send_late_ms"), "max_send_late_ever_ms": hb.get("max_send_late_ever_ms"),
+                        "realtime": hb.get("realtime"), "memory_locked": hb.get("memory_locked")}
+                ops = {w.token: (sum(1 for r in w.snapshot() if r["ok"]), sum(1 for r in w.snapshot() if not r["ok"]))
+                       for w in writers}
+                row["writer_ops_ok_err"] = ops
+                out["minutes"].append(row)
+                gaps = " ".join(
+                    f"{n}:{p} max {((v.get('gap_ms') or {}).get('max') or 0):.0f}"
+                    for n, r in row["nodes"].items() for p, v in r["paths"].items())
+                say(f"minute {minute}: load {row['loadavg'][0]:.1f}, takeovers "
+                    f"{ {n: r['takeovers'] for n, r in row['nodes'].items()} }, not-alive polls "
+                    f"{out['not_alive_polls']}, gaps (ms) {gaps}, writer ok {sum(o for o, _ in ops.values())} "
+                    f"err {sum(e for _, e in ops.values())}")
+            stop.set()
+            poller.join(5)
+            final = {n: nodes[n].status()["pair"] for n in nodes}
+            out["false_takeovers"] = {n: len(final[n]["takeovers"]) - base[n] for n in nodes}
+            out["takeover_records"] = {n: final[n]["takeovers"] for n in nodes}
+            out["final_heartbeat"] = {n: final[n].get("heartbeat") for n in nodes}
+            out["final_detector"] = {n: final[n].get("detector") for n in nodes}
+            for w in writers:
+                bench.stop(w)
+            out["writers"] = {w.token: {"ok": sum(1 for r in w.ops if r["ok"]),
+                                        "errors": sum(1 for r in w.ops if not r["ok"]),
+                                        "bytes": sum(r.get("bytes", 0) for r in w.ops if r["ok"])} for w in writers}
+            say(f"false takeovers: {out['false_takeovers']}; not-alive polls: {out['not_alive_polls']}; "
+                f"polls {out['polls']} (errors {out['poll_errors']})")
+            if args.json:
+                doc = run_info("detect_soak.py", started)
+                doc["args"] = vars(args)
+                doc.update(out)
+                Path(args.json).write_text(json.dumps(doc, indent=1) + "\n")
+                say(f"numbers written to {args.json}")
+            return 0
+        except (LabError, OSError) as exc:
+            say(f"detect_soak.py: {exc}")
+            return 1
+        except KeyboardInterrupt:
+            say("detect_soak.py: interrupted; cleaning up")
+            return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
