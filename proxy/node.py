@@ -103,6 +103,7 @@ class Node:
         self.move_in_progress: str | None = None
         self._move_ids = 0
         self._move_macvlan = False                # the macvlan was made for a move that is arriving
+        self._prepared_macvlan = False            # ... or for a takeover that may come (peer quiet)
 
     @property
     def peer_service(self) -> AddressService | None:
@@ -401,9 +402,14 @@ class Node:
         elif isinstance(action, roles.PrepareTakeover):
             if self.standby is not None:
                 self.standby.prepare_takeover()
+            else:
+                self._prepare_macvlan()
         elif isinstance(action, roles.DropTakeoverPreparation):
             if self.standby is not None:
                 self.standby.drop_preparation()
+            elif self._prepared_macvlan and self.held is None:
+                self.peer_macvlan.close()
+                self._prepared_macvlan = False
         else:
             raise AssertionError(f"no executor for {action!r}")
         return None
@@ -415,6 +421,9 @@ class Node:
             redirect = DrainRedirect(self.config.node.interface, str(peer.address), action.drain,
                                      DrainTunnel(str(peer.listen.host), str(peer.link.host)), action.drain_for)
         detected_at = action.detected_at
+        if detected_at is not None:  # where the time goes (issue 12): the heartbeat process's verdict -> here
+            log.info("takeover of %s starts %.1f ms after the heartbeat process saw the silence", peer.address,
+                     (trio.current_time() - detected_at) * 1000)
         try:
             self.held = await take_over(
                 node=self.config.node, peer=peer, peer_hello=self.peer_info, mac=self.mac,
@@ -425,9 +434,24 @@ class Node:
             log.error("cannot take over %s: %s%s", self.config.peer.address, exc,
                       "; retrying, still serving own address" if exc.retry else "")
             return roles.TakeoverFailed(str(exc), exc.retry)
+        if self._prepared_macvlan:  # made when the peer went quiet: the hand-back removes it as its own
+            self.held.opened_macvlan, self._prepared_macvlan = True, False
         self.takeovers.append(self.held.takeover)
         del self.takeovers[:-20]
         return roles.TakeoverDone()
+
+    def _prepare_macvlan(self) -> None:
+        """Stateless: the peer is quiet (dead_after / 2 without heartbeats): make the macvlan with its MAC
+        now, so the takeover, if it comes, only adds the address (issue 12: address up within 5 ms of
+        the verdict; the macvlan took 10-30 ms of it). Harmless if the peer lives: a stateful standby
+        keeps this macvlan all the time (no address, no ARP, no IPv6); removed when it is heard again."""
+        mac = (self.peer_info or {}).get("mac")
+        if not mac or self.held is not None:
+            return
+        try:
+            self._prepared_macvlan = self.peer_macvlan.open(mac) or self._prepared_macvlan
+        except Exception as exc:  # the takeover sequence tries again and reports it
+            log.warning("macvlan for a takeover not prepared: %s", exc)
 
     # -- live moves (issue 11) -------------------------------------------------------------------
 
