@@ -27,8 +27,8 @@ def pair(lab):
     a = NodeProcess(lab, "a", pair=True, log=lab.root / "detect-a.log")
     b = NodeProcess(lab, "b", pair=True, log=lab.root / "detect-b.log")
     try:
-        b.start()
-        a.start()
+        b.start(60)  # a shared 2-core machine under others' benchmarks: python alone takes seconds to start
+        a.start(60)
         addr = lab.addresses
         a.wait_for(serving(addr.service_a, "a"), 10, "a serving its address")
         b.wait_for(serving(addr.service_b, "b"), 10, "b serving its address")
