@@ -88,17 +88,17 @@ def test_sync_network_cut_is_link_down_on_the_heartbeat_paths_and_no_takeover(la
 
 def test_a_stopped_node_is_found_only_after_the_loop_stall_limit(lab, pair):
     """SIGSTOP of the node's process alone: its heartbeat process runs on. A loop stall must not be a
-    takeover; a node that stays stopped (1 s, proxy.timings.loop_stall_limit) must be."""
+    takeover; a node that stays stopped (3 s, proxy.timings.loop_stall_limit) must be."""
     a, b = pair
     host = lab.addresses.service_a
     a.signal(signal.SIGSTOP)
     try:
         stopped = time.monotonic()
-        time.sleep(0.6)  # six dead_after: the heartbeats went on
+        time.sleep(2.0)  # twenty dead_after: the heartbeats went on
         assert b.status()["pair"]["addresses"][host]["role"] == "standby"
-        b.wait_for(serving(host, "b"), 5, "b taking over the stopped node's address")
+        b.wait_for(serving(host, "b"), 8, "b taking over the stopped node's address")
         took = time.monotonic() - stopped
-        assert 0.9 <= took <= 3.0, took
+        assert 2.9 <= took <= 6.0, took
     finally:
         a.signal(signal.SIGCONT)
     b.wait_for(lambda s: s["pair"]["addresses"][host]["role"] == "standby", 10, "b letting go")
