@@ -32,8 +32,18 @@ import threading
 import time
 from pathlib import Path
 
-from driver import Bench, LabError, NodeProcess, PairTimings, run_info, say, serving, standing_by
+from driver import Bench, KeepalivedNode, LabError, NodeProcess, PairTimings, run_info, say, serving, standing_by
 from soak import Writer
+
+
+VIP = "10.77.0.50"
+
+
+def _masters(k: KeepalivedNode) -> int:
+    try:
+        return (k.dir / "keepalived.log").read_text(errors="replace").count("Entering MASTER STATE")
+    except OSError:
+        return 0
 
 
 def main() -> int:
@@ -46,6 +56,9 @@ def main() -> int:
     ap.add_argument("--writers-per-address", type=int, default=1, help="per protocol and address (default 1)")
     ap.add_argument("--poll-ms", type=float, default=100.0)
     ap.add_argument("--prefix", default="d12s")
+    ap.add_argument("--keepalived", action="store_true",
+                    help="also run keepalived (VRRPv3, advert 10 ms, VIP 10.77.0.50) in the two node namespaces "
+                         "and count its MASTER transitions: the same load, the same false-verdict question")
     ap.add_argument("--json")
     ap.add_argument("--keep-lab", action="store_true")
     ap.add_argument("--keep-logs", action="store_true")
@@ -65,14 +78,27 @@ def main() -> int:
             cfg = bench.pair_configs(args.mode, timings)
             nodes = {n: bench.started(NodeProcess(lab, n, config=cfg[n], log=bench.work / f"{n}.log"))
                      for n in ("a", "b")}
-            nodes["b"].start()
-            nodes["a"].start()
+            nodes["b"].start(60)  # the shared machine: a python start takes seconds under others' load
+            nodes["a"].start(60)
             nodes["a"].wait_for(serving(addr.service_a, "a"), 20, "a serving")
             nodes["b"].wait_for(serving(addr.service_b, "b"), 20, "b serving")
             for n in nodes.values():
                 n.wait_for(standing_by, 20, "standing by")
             time.sleep(1.0)
             base = {n: len(nodes[n].status()["pair"]["takeovers"]) for n in nodes}
+            kas = {}
+            if args.keepalived:
+                for ns in (lab.ns_a, lab.ns_b):
+                    bench.sysctl(ns, "net.ipv4.ip_nonlocal_bind", "1")
+                    bench.defer(bench.at_end_in, ns, ["ip", "addr", "del", f"{VIP}/{addr.prefixlen}", "dev", "eth0"])
+                kas = {"a": KeepalivedNode(lab, "a", 150, VIP, bench.work), "b": KeepalivedNode(lab, "b", 100, VIP, bench.work)}
+                for k in kas.values():
+                    k.remove_vip()
+                bench.started(kas["a"]).start(60)
+                time.sleep(1.0)
+                bench.started(kas["b"]).start(60)
+                time.sleep(1.0)
+                ka_base = {n: _masters(k) for n, k in kas.items()}
             writers = []
             for host in (addr.service_a, addr.service_b):
                 for proto in ("smb", "nfs"):
@@ -125,6 +151,8 @@ def main() -> int:
                 ops = {w.token: (sum(1 for r in w.snapshot() if r["ok"]), sum(1 for r in w.snapshot() if not r["ok"]))
                        for w in writers}
                 row["writer_ops_ok_err"] = ops
+                if kas:
+                    row["keepalived_master_transitions"] = {n: _masters(k) - ka_base[n] for n, k in kas.items()}
                 out["minutes"].append(row)
                 gaps = " ".join(
                     f"{n}:{p} max {((v.get('gap_ms') or {}).get('max') or 0):.0f}"
@@ -137,6 +165,10 @@ def main() -> int:
             poller.join(5)
             final = {n: nodes[n].status()["pair"] for n in nodes}
             out["false_takeovers"] = {n: len(final[n]["takeovers"]) - base[n] for n in nodes}
+            if kas:
+                # a is the master from the start: every MASTER transition after that is a false verdict
+                out["keepalived_master_transitions"] = {n: _masters(k) - ka_base[n] for n, k in kas.items()}
+                say(f"keepalived (advert 10 ms) MASTER transitions during the soak: {out['keepalived_master_transitions']}")
             out["takeover_records"] = {n: final[n]["takeovers"] for n in nodes}
             out["final_heartbeat"] = {n: final[n].get("heartbeat") for n in nodes}
             out["final_detector"] = {n: final[n].get("detector") for n in nodes}

@@ -161,8 +161,8 @@ def run_pairproxy(bench: Bench, i: int, setup: Setup, idle_cap: float) -> dict:
     a = bench.started(NodeProcess(lab, "a", config=cfg["a"], log=logs["a"]))
     b = bench.started(NodeProcess(lab, "b", config=cfg["b"], log=logs["b"]))
     try:
-        b.start()
-        a.start()
+        b.start(60)  # a shared, loaded machine: a python start may take many seconds
+        a.start(60)
         a.wait_for(serving(host, "a"), 15, "a serving its address")
         b.wait_for(serving(addr.service_b, "b"), 10, "b serving its address")
         b.wait_for(lambda s: standing_by(s) and (s["pair"]["link"].get("rtt_ms") or {}).get("count", 0) > 5,
@@ -207,7 +207,7 @@ def run_pairproxy(bench: Bench, i: int, setup: Setup, idle_cap: float) -> dict:
         time.sleep(0.2)
         back = time.monotonic()
         a.link_up()
-        a.start()
+        a.start(60)
         a.wait_for(serving(host, "a"), 20, "a serving again")
         b.wait_for(lambda s: s["pair"]["addresses"][host]["role"] == "standby", 10, "b standby")
         handback_phase(bench, probe, back, time.monotonic(), out)
@@ -469,7 +469,13 @@ def main() -> int:
                     if i >= setup.runs:
                         continue
                     fn = run_keepalived if setup.kind == "keepalived" else run_pairproxy
-                    res = r[setup.key] = fn(bench, i, setup, idle_cap)
+                    try:
+                        res = fn(bench, i, setup, idle_cap)
+                    except LabError as exc:  # one broken run (e.g. a start timing out under load) is recorded
+                        say(f"run {i + 1} {setup.label}: FAILED: {exc}")
+                        r.setdefault("errors", {})[setup.key] = str(exc)
+                        continue
+                    res = r[setup.key] = res
                     res["loadavg_after"] = os.getloadavg()
                     idle = sorted(("-" if c["notice_s"] is None else f"{c['notice_s'] * 1000:.0f}") for c in res["idle"])
                     extra = ""
