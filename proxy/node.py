@@ -96,6 +96,7 @@ class Node:
         self._nursery: trio.Nursery | None = None
         self._own_done = trio.Event()
         self.dropped_events = 0
+        self.stale_verdicts = 0  # death verdicts dropped because the peer was heard before they were acted on
         # live moves (proxy.livemove): what the peer is sending, the moves done, the one under way
         self.inbound = livemove.Inbound()
         self.arrived: dict[str, dict] = {}       # address -> the move committed by the peer, to take
@@ -347,6 +348,13 @@ class Node:
                 return
             if isinstance(event, dict):
                 event = self._take_hello(event)
+            if isinstance(event, roles.PeerDeclaredDead) and self.detector.state != "dead":
+                # A loop that stalled reads the heartbeat process's facts in a burst: "silent" then
+                # "heard". The verdict queued first is stale by now: a takeover of a live peer.
+                log.warning("death verdict dropped: %s was heard again before it could be acted on (%s)",
+                            self.config.peer.name, self.detector.reason)
+                self.stale_verdicts += 1
+                continue
             await self._execute(self.core.handle(event))
             await self._update_hello()
 
