@@ -484,6 +484,9 @@ def main() -> int:
                         extra = (f" (b: silence {n['silence_ms']} moved {n['address_moved_ms']} first client "
                                  f"{n['first_client_ms']} resets {n['clients_reset']}/{n['backend_connections_reset']}"
                                  f"; takeovers b {res['takeovers_b']})")
+                    if args.json:  # as it goes: a series cut short (time, Ctrl-C) keeps its runs
+                        Path(args.json).write_text(json.dumps({"partial": True, "runs": runs,
+                                                               "setups": [s.key for s in setups]}) + "\n")
                     say(f"run {i + 1} {setup.label}: takeover smb {ms(res['takeover_s']['smb'])} "
                         f"nfs {ms(res['takeover_s']['nfs'])} ms, idle ended {','.join(idle)} ms{extra}, hand-back gap "
                         f"smb {ms(res['handback']['smb']['longest_gap_s'])} nfs {ms(res['handback']['nfs']['longest_gap_s'])}"
