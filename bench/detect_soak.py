@@ -46,6 +46,13 @@ def _masters(k: KeepalivedNode) -> int:
         return 0
 
 
+def _count(log: Path, text: str) -> int:
+    try:
+        return log.read_text(errors="replace").count(text)
+    except OSError:
+        return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--minutes", type=float, default=30.0)
@@ -153,17 +160,30 @@ def main() -> int:
                 row["writer_ops_ok_err"] = ops
                 if kas:
                     row["keepalived_master_transitions"] = {n: _masters(k) - ka_base[n] for n, k in kas.items()}
+                row["took_over_log_lines"] = {n: _count(nodes[n].log, "took over ") for n in nodes}
                 out["minutes"].append(row)
                 gaps = " ".join(
                     f"{n}:{p} max {((v.get('gap_ms') or {}).get('max') or 0):.0f}"
                     for n, r in row["nodes"].items() for p, v in r["paths"].items())
-                say(f"minute {minute}: load {row['loadavg'][0]:.1f}, takeovers "
-                    f"{ {n: r['takeovers'] for n, r in row['nodes'].items()} }, not-alive polls "
+                say(f"minute {minute}: load {row['loadavg'][0]:.1f}, takeovers (log) {row['took_over_log_lines']}"
+                    + (f", keepalived MASTER {row['keepalived_master_transitions']}" if kas else "")
+                    + f", status (last answered) takeovers {({n: r['takeovers'] for n, r in row['nodes'].items()})}, not-alive polls "
                     f"{out['not_alive_polls']}, gaps (ms) {gaps}, writer ok {sum(o for o, _ in ops.values())} "
                     f"err {sum(e for _, e in ops.values())}")
             stop.set()
             poller.join(5)
-            final = {n: nodes[n].status()["pair"] for n in nodes}
+            final = {}
+            for n in nodes:  # a node too busy to answer keeps its last answer; the log counts anyway
+                try:
+                    final[n] = nodes[n].status()["pair"]
+                except LabError:
+                    final[n] = (latest.get(n) or {}).get("pair") or {"takeovers": [], "heartbeat": None, "detector": None}
+            out["took_over_log_lines"] = {n: _count(nodes[n].log, "took over ") for n in nodes}
+            out["dead_verdict_log_lines"] = {n: _count(nodes[n].log, "-> dead:") for n in nodes}
+            out["stale_verdicts_dropped"] = {n: _count(nodes[n].log, "death verdict dropped") for n in nodes}
+            out["heartbeat_pauses"] = {n: _count(nodes[n].log, "heartbeats were stopped") for n in nodes}
+            say(f"from the logs: takeovers {out['took_over_log_lines']}, dead verdicts {out['dead_verdict_log_lines']}, "
+                f"stale verdicts dropped {out['stale_verdicts_dropped']}, heartbeat pauses {out['heartbeat_pauses']}")
             out["false_takeovers"] = {n: len(final[n]["takeovers"]) - base[n] for n in nodes}
             if kas:
                 # a is the master from the start: every MASTER transition after that is a false verdict
