@@ -176,42 +176,50 @@ class _Child:
         muted: dict[int, float] = {}  # fd -> until (over the read rate)
         while True:
             now = time.monotonic()
+            for fd, until in list(muted.items()):
+                if now >= until:
+                    del muted[fd]
+                    poller.register(fd, select.POLLIN)
+            # Read before judging: after a stall of this process (a preempted VM, a kernel that would not
+            # let it run) the peer's heartbeats wait in the socket buffers; judging the silence first
+            # would call the peer dead for this process's own stall.
+            for fd, path in by_fd.items():
+                if fd not in muted:
+                    self._read(path, fd, poller, muted)
+            now = time.monotonic()
+            self.monitor.tick(now)
+            self._report(now)
             if now >= next_send:
                 self._send(now, now - next_send)
                 next_send += self.heartbeat
                 if next_send <= now:  # more than a whole interval late: start the rhythm again
                     next_send = now + self.heartbeat
-            for fd, until in list(muted.items()):
-                if now >= until:
-                    del muted[fd]
-                    poller.register(fd, select.POLLIN)
-            self.monitor.tick(now)
-            self._report(now)
             if now >= next_stats:
                 self.out({"k": "stats", **self.stats(now)})
                 next_stats = now + STATS_EVERY
             wake = min([next_send, self.monitor.next_deadline(now), next_stats, *muted.values()])
             timeout = max(0.0, wake - time.monotonic())
             for fd, _ in poller.poll(timeout * 1000 + 0.5 if timeout > 0 else 0):
-                if fd == stdin:
-                    if not self._read_stdin(stdin):
-                        return
-                    continue
-                path = by_fd[fd]
-                sock = self.paths[path][0]
-                for _ in range(64):
-                    t = time.monotonic()
-                    if not self.reads[path].take(t):
-                        poller.unregister(fd)  # the kernel drops what does not fit meanwhile
-                        muted[fd] = t + self.reads[path].wait()
-                        break
-                    try:
-                        data = sock.recv(128)
-                    except (BlockingIOError, InterruptedError):
-                        break
-                    except OSError:
-                        continue  # e.g. an ICMP error from an earlier send
-                    self.monitor.received(path, data, t)
+                if fd == stdin and not self._read_stdin(stdin):
+                    return
+                # datagrams are read at the top of the loop
+
+    def _read(self, path: str, fd: int, poller: select.poll, muted: dict[int, float]) -> None:
+        sock = self.paths[path][0]
+        for _ in range(64):
+            t = time.monotonic()
+            if not self.reads[path].take(t):
+                poller.unregister(fd)  # the kernel drops what does not fit meanwhile
+                muted[fd] = t + self.reads[path].wait()
+                return
+            try:
+                data = sock.recv(128)
+            except (BlockingIOError, InterruptedError):
+                self.reads[path].tokens += 1  # nothing read: the token is not spent
+                return
+            except OSError:
+                continue  # e.g. an ICMP error from an earlier send
+            self.monitor.received(path, data, t)
 
     def _read_stdin(self, stdin: int) -> bool:
         try:

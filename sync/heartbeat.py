@@ -249,8 +249,16 @@ class HeartbeatMonitor:
         return True
 
     def _fresh(self, st: PathState, echo: bytes, now: float) -> bool:
+        """Does ``echo`` prove the datagram was made after we sent that nonce, recently?
+
+        Our *latest* nonce always counts, however old: if we ourselves stalled (sent nothing for a
+        while), the peer's answer to our last heartbeat is as fresh as an answer can be, and only the
+        peer's process can make it (a replay of an earlier datagram echoes an earlier nonce, or has a
+        sequence number already seen)."""
         sent = st.mine.get(echo)
-        return sent is not None and 0 <= now - sent <= self.fresh_for
+        if sent is None:
+            return False
+        return (0 <= now - sent <= self.fresh_for) or (bool(st.order) and echo == st.order[-1])
 
     def send_failed(self, path: str, error: str) -> None:
         st = self.paths[path]

@@ -97,7 +97,21 @@ def test_a_delayed_relay_postpones_the_verdict_by_at_most_dead_after():
     exchange(a, b, 0.0, 0.1)
     held = b.outgoing("sync", 0.1)      # the peer's last datagram, echoing a's nonce of 0.09
     assert a.received("sync", held, 0.1 + DEAD / 2)          # within the freshness bound: it did live then
-    assert not a.received("sync", b.outgoing("sync", 0.1), 0.1 + DEAD + 0.02)  # later: stale
+    late = b.outgoing("sync", 0.1)
+    for k in range(1, 7):               # a goes on sending (b is dead, nothing arrives)
+        a.outgoing("sync", 0.1 + k * HB)
+    assert not a.received("sync", late, 0.1 + DEAD + 0.02)  # later: stale
+
+
+def test_our_own_stall_is_not_the_peers_silence():
+    """a's process did not run for 200 ms (sent nothing): b's answer to a's last heartbeat, read after
+    the stall, proves b lives; it echoes a's latest nonce, which a replay cannot."""
+    a, b = pair()
+    exchange(a, b, 0.0, 0.1)
+    b.received("sync", a.outgoing("sync", 0.1), 0.1)
+    answer = b.outgoing("sync", 0.105)
+    assert a.received("sync", answer, 0.3)
+    assert a.silent_for(0.3) == 0.0
 
 
 def test_reflection_of_own_heartbeat_and_crossing_paths_are_rejected():
