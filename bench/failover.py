@@ -72,6 +72,9 @@ from driver import (PROTOS, Bench, IdleProbe, KeepalivedNode, LabError, NodeProc
                     run_info, say, serving, standing_by, stats, wait_until)
 
 VIP = "10.77.0.50"
+#: how long a setup may take to serve the probes and (stateful) to be in sync: 10 s used to be plenty;
+#: on the shared 2-core machine at load 20-60 (2026-11-27 evening) every pairproxy run missed it
+WAIT = 30.0
 
 
 def first_success_after(records: list[dict], proto: str, at: float) -> float | None:
@@ -132,7 +135,7 @@ def count_suspects(log: Path) -> int:
 
 def takeover_phase(bench: Bench, probe: Probe, died: float, out: dict) -> None:
     """After a death: stop the probe; death -> first success per protocol, failed attempts."""
-    probe.wait_ok(10, after=died, timeout=10)
+    probe.wait_ok(10, after=died, timeout=WAIT)
     time.sleep(0.2)
     recs = bench.stop(probe)
     out["takeover_s"] = {p: first_success_after(recs, p, died) for p in PROTOS}
@@ -168,7 +171,7 @@ def run_pairproxy(bench: Bench, i: int, setup: Setup, idle_cap: float) -> dict:
         b.wait_for(lambda s: standing_by(s) and (s["pair"]["link"].get("rtt_ms") or {}).get("count", 0) > 5,
                    10, "b standing by, link up")
         if stateful:
-            b.wait_for(lambda s: s["pair"].get("state_sync", {}).get("in_sync"), 10, "b's view of a in sync")
+            b.wait_for(lambda s: s["pair"].get("state_sync", {}).get("in_sync"), WAIT, "b's view of a in sync")
         # --- idle connections, then the takeover
         idle = bench.started(IdleProbe(lab, host)).start()
         locals_ = {r["local"] for r in idle.ready}
@@ -182,7 +185,7 @@ def run_pairproxy(bench: Bench, i: int, setup: Setup, idle_cap: float) -> dict:
             except LabError:
                 out["idle_seen_by_b"] = False
         probe = bench.started(Probe(lab, host)).start()
-        probe.wait_ok(10)
+        probe.wait_ok(10, timeout=WAIT)
         time.sleep(0.2)
         before = b.status()["pair"]
         out["takeovers_before_kill"] = len(before["takeovers"])
@@ -203,7 +206,7 @@ def run_pairproxy(bench: Bench, i: int, setup: Setup, idle_cap: float) -> dict:
             out["resume"] = status["pair"].get("resume", [])
         # --- hand-back
         probe = bench.started(Probe(lab, host)).start()
-        probe.wait_ok(10)
+        probe.wait_ok(10, timeout=WAIT)
         time.sleep(0.2)
         back = time.monotonic()
         a.link_up()
@@ -240,7 +243,7 @@ def run_keepalived(bench: Bench, i: int, setup: Setup, idle_cap: float) -> dict:
         # --- idle connections, then the takeover
         idle = bench.started(IdleProbe(lab, VIP)).start()
         probe = bench.started(Probe(lab, VIP)).start()
-        probe.wait_ok(10)
+        probe.wait_ok(10, timeout=WAIT)
         time.sleep(0.2)
         died = ka_a.kill_hard()
         moved = wait_until(ka_b.has_vip, 10, "VIP on b")
@@ -250,7 +253,7 @@ def run_keepalived(bench: Bench, i: int, setup: Setup, idle_cap: float) -> dict:
         bench.stop(idle)
         # --- hand-back (preemption by the higher priority)
         probe = bench.started(Probe(lab, VIP)).start()
-        probe.wait_ok(10)
+        probe.wait_ok(10, timeout=WAIT)
         time.sleep(0.2)
         ka_a.remove_vip()          # a rebooted machine has lost it; SIGKILL left it on a's eth0
         back = time.monotonic()
