@@ -253,7 +253,7 @@ def test_pair_config(tmp_path):
 def test_pair_timing_defaults_are_issue_12s(tmp_path):
     text = PAIR.replace('heartbeat = "20ms"\n', "").replace('dead_after = "100ms"\n', "")
     config = load_config(write(tmp_path, text))
-    assert (config.pair.heartbeat, config.pair.dead_after) == (0.01, 0.04)
+    assert (config.pair.heartbeat, config.pair.dead_after) == (0.01, 0.1)
 
 
 @pytest.mark.parametrize("old, new, expected", [
