@@ -478,9 +478,9 @@ def test_byte_path_config_key(tmp_path):
     svc = '\n[[service]]\nname = "smb"\nprotocol = "smb"\nport = 445\nbackend = "10.0.2.10:445"\n'
     path = tmp_path / "n.toml"
     path.write_text(base + svc)
+    assert load_config(path).node.byte_path == "splice"  # the default until sockmap's rare faults are fixed
+    path.write_text(base + 'byte_path = "Auto"\n' + svc)
     assert load_config(path).node.byte_path == "auto"
-    path.write_text(base + 'byte_path = "Splice"\n' + svc)
-    assert load_config(path).node.byte_path == "splice"
     path.write_text(base + 'byte_path = "kernel"\n' + svc)
     with pytest.raises(ConfigError) as info:
         load_config(path)
