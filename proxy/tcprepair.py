@@ -438,6 +438,10 @@ class RestoredSocket:
         sock = self.sock
         step = f"go live {self.state.endpoints}"
         _set(sock, socket.IPPROTO_TCP, TCP_REPAIR, TCP_REPAIR_OFF, f"{step}: TCP_REPAIR off")
+        # leaving repair mode clears the socket's reuse flag (the kernel forced it on for the bind): set it
+        # again, or after a crash this socket, orphaned, blocks the restarted node's listener on its port
+        # (bind: EADDRINUSE; bench/soak.py found it)
+        _set(sock, socket.SOL_SOCKET, socket.SO_REUSEADDR, 1, f"{step}: SO_REUSEADDR")
         done, pending = 0, self.pending
         while done < len(pending):  # the buffer was sized for it: this does not wait
             try:
