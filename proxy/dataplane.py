@@ -358,7 +358,11 @@ class ServiceProxy:
         and are live, so only the pumps start (in ``nursery``, the address's connection nursery)."""
         self.budget.used += FDS_PER_CONNECTION  # the descriptors exist already: book them (released at the end)
         tclient, tbackend = trio.socket.from_stdlib_socket(client), trio.socket.from_stdlib_socket(backend)
-        conn = Connection(client=client.getpeername(), port=port, bytes_to_backend=bytes_to_backend,
+        try:
+            peer = client.getpeername()
+        except OSError:  # reset between going live and here (ENOTCONN): the pumps see it and end as usual
+            peer = ("0.0.0.0", 0)
+        conn = Connection(client=peer, port=port, bytes_to_backend=bytes_to_backend,
                           bytes_to_client=bytes_to_client)
         source_ports = self.source_ports(port)
         if source_ports is not None:

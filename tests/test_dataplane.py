@@ -138,3 +138,25 @@ def test_raise_nofile_limit_to_hard():
     cp = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                         cwd=Path(__file__).resolve().parent.parent)
     assert cp.returncode == 0, cp.stderr
+
+
+def test_adopting_a_connection_reset_before_it_is_served_does_not_end_the_node(tmp_path):
+    """A live move restores a client connection that its client resets at once (it gave up during the
+    move): ``getpeername`` fails with ENOTCONN; the node must go on (bench/soak.py: a node exited)."""
+    import ipaddress
+    import socket
+
+    import trio
+
+    from proxy.dataplane import ServiceProxy
+
+    smb, = load(tmp_path, BASE).services
+    proxy = ServiceProxy(smb, ipaddress.IPv4Address("127.0.0.1"))
+
+    async def main():
+        client, backend = socket.socket(), socket.socket()   # never connected: getpeername raises
+        async with trio.open_nursery() as nursery:
+            proxy.adopt(client, backend, 4450, nursery)
+        assert proxy.connections == set()
+
+    trio.run(main)
