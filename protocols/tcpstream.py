@@ -526,7 +526,8 @@ class TcpTracker:
         """Close connections idle for longer than their timeout (by capture time ``now``)."""
         events: list[object] = []
         for conn in list(self.connections.values()):
-            closing = conn.client.fin_seq is not None or conn.server.fin_seq is not None
+            # closing, or never past its handshake (a SYN nobody answered, a client that gave up)
+            closing = conn.client.fin_seq is not None or conn.server.fin_seq is not None or not conn.synchronised()
             limit = self.closing_timeout if closing else self.idle_timeout
             if now - conn.last_seen > limit:
                 events += self._close(conn, reset=False, reason="idle")

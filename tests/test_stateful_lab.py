@@ -213,3 +213,84 @@ def test_replay_of_what_the_standby_saw_gives_its_live_digest(lab, stateful_pair
         return {(c.client, c.server): (c.protocol, c.sessions, c.opens) for c in connections
                 if c.server.startswith(host + ":")}
     assert tables(replayed.connections) == tables(live.connections)
+
+
+HOLD_NFS = r"""
+import socket, struct, sys, time
+conns = []
+for i in range(int(sys.argv[2])):
+    s = socket.create_connection((sys.argv[1], 2049), timeout=5)
+    call = struct.pack("!IIIIIIIIII", 0x1000 + i, 0, 2, 100003, 3, 0, 0, 0, 0, 0)   # NFSv3 NULL
+    s.sendall(struct.pack("!I", 0x80000000 | len(call)) + call)
+    s.recv(1024)
+    conns.append(s)
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+# clients that give up on a node that does not answer: SYNs into the void, then close (nothing more
+# is sent, so no observer ever sees these connections end)
+SYN_INTO_THE_VOID = r"""
+import socket, sys, time
+socks = []
+for port in (445, 2049) * 4:
+    s = socket.socket()
+    s.setblocking(False)
+    s.connect_ex((sys.argv[1], port))
+    socks.append(s)
+time.sleep(0.2)
+for s in socks:
+    s.close()
+"""
+
+
+def test_standby_view_of_the_peer_stays_bounded_over_failover_cycles(lab, stateful_pair):
+    """bench/SOAK.md: b's view of a's address kept every connection a had when it died, 20-40 per
+    cycle, until the takeover plan missed its bound and takeovers lost their resets. Three cycles with
+    idle and in-flight connections at each death: the view ends as small as it began."""
+    a, b = stateful_pair
+    host = lab.addresses.service_a
+    sizes, holders = [], []
+    try:
+        for cycle in range(3):
+            holder = lab.popen(lab.ns_client, [sys.executable, "-c", HOLD_NFS, host, "6"],
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            holders.append(holder)
+            assert holder.stdout.readline().strip() == "ready"
+            # connections being opened and closed while a dies
+            churn = lab.popen(lab.ns_client, ["sh", "-c", f"while :; do nfs-ls '{lab.nfs_url(host, '', 3)}' "
+                                                          ">/dev/null 2>&1; done"])
+            holders.append(churn)
+            b.wait_for(lambda s: len(connections_to(s, host)) >= 6, 5, "b seeing the held connections")
+            time.sleep(0.3)
+            lab.run(lab.ns_a, ["ip", "link", "set", "eth0", "down"], check=True)   # a's machine falls silent
+            lab.run(lab.ns_client, [sys.executable, "-c", SYN_INTO_THE_VOID, host], check=True, timeout=10)
+            a.kill_hard(link_down=False)
+            b.wait_for(serving(host, "b"), 5, f"cycle {cycle}: b holding a's address")
+            time.sleep(0.3)
+            churn.kill()
+            churn.wait(5)
+            a.link_up()
+            a.start()
+            a.wait_for(serving(host, "a"), 15, f"cycle {cycle}: a serving again")
+            b.wait_for(lambda s: s["pair"]["addresses"][host]["role"] == "standby", 10, f"cycle {cycle}: b standby")
+            holder.kill()
+            holder.wait(5)
+            # what is left: only connections that still exist (none of the held ones: their process is gone)
+            st = b.wait_for(lambda s: len(connections_to(s, host)) <= 2, 5,
+                            f"cycle {cycle}: b's view of {host} back to what lives")
+            sizes.append(len(connections_to(st, host)))
+        st = b.status()
+        assert st["pair"]["state_sync"]["forgotten"] > 0
+        assert st["pair"]["takeovers_total"] == 3 and all(t["clients_reset"] >= 1 for t in st["pair"]["takeovers"][-3:])
+        print(f"b's view of {host} after each cycle: {sizes}; forgotten {st['pair']['state_sync']['forgotten']}")
+    except BaseException:
+        for name in ("a", "b"):
+            print(f"--- stateful-{name}.log:\n" + "\n".join(
+                (lab.root / f"stateful-{name}.log").read_text(errors="replace").splitlines()[-40:]))
+        raise
+    finally:
+        for p in holders:
+            if p.poll() is None:
+                p.kill()
+                p.wait(5)

@@ -418,3 +418,15 @@ def test_a_kernels_reset_for_a_connection_it_does_not_have_ends_a_mid_stream_pic
     assert len(t.connections) == 1
     ev = t.feed(seg("s", 5006, flags=RST), 1)
     assert ev and ev[-1].reset and not t.connections
+
+
+def test_a_syn_nobody_answered_expires_like_a_closing_connection():
+    t = TcpTracker([445], idle_timeout=7200, closing_timeout=120)
+    t.feed(seg("c", 1000, flags=SYN), 0)
+    established(TcpTracker([445]))
+    assert t.expire(100) == [] and len(t.connections) == 1
+    [ev] = t.expire(121)
+    assert isinstance(ev, ConnectionClosed) and ev.reason == "idle" and not t.connections
+    t = TcpTracker([445], idle_timeout=7200, closing_timeout=120)
+    established(t, now=0)
+    assert t.expire(121) == [] and len(t.connections) == 1   # an idle synchronised one lives on
