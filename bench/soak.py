@@ -312,9 +312,10 @@ def run_mode(bench: Bench, mode: str, args, out: dict) -> dict:
             for host in (host_a, host_b):
                 writers.append(bench.started(Writer(bench, proto, host, args.size, args.writer_interval_ms)).start())
         time.sleep(1.0)
-        for w in writers:
-            if not any(r["ok"] for r in w.snapshot()):
-                time.sleep(2.0)
+        for w in writers:   # a loaded machine (load 10-14 from other work) needs up to ~10 s for the first
+            first = time.monotonic()
+            while not any(r["ok"] for r in w.snapshot()) and time.monotonic() - first < 20:
+                time.sleep(0.5)
             if not any(r["ok"] for r in w.snapshot()):
                 raise LabError(f"writer {w.proto} via {w.host}: no verified operation before cycle 1: "
                                f"{w.snapshot()[-1:] or w._stderr()}")

@@ -345,7 +345,8 @@ class StatefulStandby:
             try:
                 return await self.observer.request(op, **({"view": view} if view else {}), **args)
             except ObserverError as exc:
-                log.warning("stateful: %s", exc)
+                if self.observer.ready.is_set():  # not while it starts: the peer's digests would repeat it
+                    log.warning("stateful: %s", exc)
                 return default
         self.observer_timeouts += 1
         log.warning("stateful: observer did not answer %s within %.0f ms", op, timeout * 1000)
