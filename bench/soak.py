@@ -57,6 +57,8 @@ BENCH = Path(__file__).resolve().parent
 WRITER = BENCH / "_soakwriter.py"
 ARPWATCH = BENCH / "_arpwatch.py"
 MACS = {"02:77:00:00:00:0a": "a", "02:77:00:00:00:0b": "b"}
+#: sha256 -> which writer's file had these bytes (to name the source of a wrong read-back)
+SOAK_SHAS: dict[str, str] = {}
 
 
 # ------------------------------------------------------------------------------ client processes
@@ -83,6 +85,8 @@ class Writer(JsonLinesProcess):
 
     def _record(self, rec: dict) -> None:
         self.ops.append(rec)
+        if rec.get("ok") and rec.get("sha"):
+            SOAK_SHAS[rec["sha"]] = f"{self.proto}@{self.host} {rec['name']}"
 
     def snapshot(self) -> list[dict]:
         with self._lock:
@@ -108,6 +112,9 @@ class Writer(JsonLinesProcess):
                     rec["disk_sha_matches"] = hashlib.sha256(path.read_bytes()).hexdigest() == rec["sha"]
                 except OSError as exc:
                     rec["disk_sha_matches"] = f"unreadable: {exc}"
+                # whose bytes came back: any file any writer wrote this run (SOAK_SHAS: all writers)
+                got = (rec.get("evidence") or {}).get("got_sha")
+                rec["got_is_file_of"] = SOAK_SHAS.get(got) if got else None
             path.unlink(missing_ok=True)
         self.checked = len(ops)
 
@@ -115,7 +122,8 @@ class Writer(JsonLinesProcess):
         """The writer's files on the server, and its temporary files if it was killed mid-operation."""
         for path in [*self.folder.glob(f"soak-{self.proto}-{self.token}-*.bin"),
                      *Path("/dev/shm").glob(f"soak-{self.proto}-{self.token}.*")]:
-            path.unlink(missing_ok=True)
+            if ".bad-" not in path.name:   # a wrong read-back's bytes stay for a look
+                path.unlink(missing_ok=True)
 
     def totals(self) -> dict:
         ops = self.snapshot()
