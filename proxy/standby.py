@@ -259,8 +259,12 @@ class StatefulStandby:
             self._nursery.start_soon(self._forget_dead_peer, before, why)
 
     async def _forget_dead_peer(self, before: float, why: str) -> None:
+        # not remembered as closed (gone=False): a connection this node goes on with (a continued
+        # one, issue 10) is picked up again by its next segment, and a dead one's late segment is
+        # picked up and then ended by the holder's kernel's RST (tcpstream: an RST at the other side's
+        # last ACK); what neither happens to is pruned by the owner's next snapshot
         for view in PEER_VIEWS:
-            dropped = await self._ask("forget", view, 0, self.timings.observer_timeout, before=before, gone=True)
+            dropped = await self._ask("forget", view, 0, self.timings.observer_timeout, before=before, gone=False)
             self.view_sync.on_forgotten(dropped or 0, f"{why} ({view})")
 
     async def _fetch_plan(self, timeout: float) -> TakeoverPlan | None:

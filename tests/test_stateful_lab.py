@@ -271,7 +271,7 @@ def test_standby_view_of_the_peer_stays_bounded_over_failover_cycles(lab, statef
             churn.kill()
             churn.wait(5)
             a.link_up()
-            a.start()
+            a.start(timeout=40)   # a loaded machine: a Python start can take 10-20 s
             a.wait_for(serving(host, "a"), 15, f"cycle {cycle}: a serving again")
             b.wait_for(lambda s: s["pair"]["addresses"][host]["role"] == "standby", 10, f"cycle {cycle}: b standby")
             holder.kill()
