@@ -57,6 +57,8 @@ BENCH = Path(__file__).resolve().parent
 WRITER = BENCH / "_soakwriter.py"
 ARPWATCH = BENCH / "_arpwatch.py"
 MACS = {"02:77:00:00:00:0a": "a", "02:77:00:00:00:0b": "b"}
+#: how long a node may take to start: a Python start took up to 26 s at load 20-48 (other helpers' work)
+START_S = 90.0
 #: sha256 -> which writer's file had these bytes (to name the source of a wrong read-back)
 SOAK_SHAS: dict[str, str] = {}
 
@@ -308,11 +310,11 @@ def run_mode(bench: Bench, mode: str, args, out: dict) -> dict:
     writers: list[Writer] = []
     t_mode = time.monotonic()
     try:
-        b.start()
-        a.start()
-        a.wait_for(serving(host_a, "a"), 15, "a serving its address")
-        b.wait_for(serving(host_b, "b"), 10, "b serving its address")
-        b.wait_for(standing_by, 10, "b standing by, link up")
+        b.start(timeout=START_S)
+        a.start(timeout=START_S)
+        a.wait_for(serving(host_a, "a"), START_S, "a serving its address")
+        b.wait_for(serving(host_b, "b"), 30, "b serving its address")
+        b.wait_for(standing_by, 30, "b standing by, link up")
         if mode == "stateful":
             b.wait_for(lambda s: s["pair"].get("state_sync", {}).get("in_sync"), 15, "b's view of a in sync")
         arp = bench.started(ArpWatch(bench, [host_a, host_b], args.arp_interval_ms)).start()
@@ -351,8 +353,8 @@ def run_mode(bench: Bench, mode: str, args, out: dict) -> dict:
             if args.poll_status:
                 b.wait_for(serving(host_a, "b"), 10, f"cycle {n}: b holding a's address")
             else:
-                wait_until(lambda: holds(bench, lab.ns_b, host_a), 10, f"cycle {n}: b holding a's address")
-            probe.wait(lambda: all(probe.oks(p, died) for p in PROTOS), 10, f"cycle {n}: a client served after the death")
+                wait_until(lambda: holds(bench, lab.ns_b, host_a), 30, f"cycle {n}: b holding a's address")
+            probe.wait(lambda: all(probe.oks(p, died) for p in PROTOS), 30, f"cycle {n}: a client served after the death")
             recs = bench.stop(probe)
             c["takeover_s"] = {p: first_success_after(recs, p, died) for p in PROTOS}
             st = b.status()["pair"]
@@ -365,12 +367,12 @@ def run_mode(bench: Bench, mode: str, args, out: dict) -> dict:
             time.sleep(args.hold_s)
             back = time.monotonic()
             a.link_up()
-            a.start()
+            a.start(timeout=START_S)
             a_up = time.monotonic()
-            a.wait_for(serving(host_a, "a"), 20, f"cycle {n}: a serving again")
+            a.wait_for(serving(host_a, "a"), START_S, f"cycle {n}: a serving again")
             if not args.poll_status:
-                wait_until(lambda: not holds(bench, lab.ns_b, host_a), 10, f"cycle {n}: b without a's address")
-            b.wait_for(lambda s: s["pair"]["addresses"][host_a]["role"] == "standby", 10, f"cycle {n}: b standby")
+                wait_until(lambda: not holds(bench, lab.ns_b, host_a), 30, f"cycle {n}: b without a's address")
+            b.wait_for(lambda s: s["pair"]["addresses"][host_a]["role"] == "standby", 30, f"cycle {n}: b standby")
             done = time.monotonic()
             c["server_neigh_at_handback"] = server_neigh(bench, host_a)
             probe.wait(lambda: all(probe.oks(p, done) for p in PROTOS), 60, f"cycle {n}: a client served after hand-back")
