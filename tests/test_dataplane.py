@@ -160,3 +160,18 @@ def test_adopting_a_connection_reset_before_it_is_served_does_not_end_the_node(t
         assert proxy.connections == set()
 
     trio.run(main)
+
+
+def test_client_connections_notice_a_client_that_is_gone():
+    """A client reset elsewhere (a false takeover) must not hold this node's connection for ever."""
+    import socket
+
+    from proxy.dataplane import KEEPALIVE, keep_alive
+
+    with socket.socket() as sock:
+        keep_alive(sock)
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+        assert (sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+                sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
+                sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT)) == KEEPALIVE
+    assert KEEPALIVE[0] + KEEPALIVE[1] * KEEPALIVE[2] <= 60
