@@ -264,7 +264,10 @@ class StatefulStandby:
         # picked up and then ended by the holder's kernel's RST (tcpstream: an RST at the other side's
         # last ACK); what neither happens to is pruned by the owner's next snapshot
         for view in PEER_VIEWS:
-            dropped = await self._ask("forget", view, 0, self.timings.observer_timeout, before=before, gone=False)
+            # in the background, off the takeover's path: as patient as status (a loaded observer
+            # missed observer_timeout here in the soak at load 27)
+            dropped = await self._ask("forget", view, 0, self.timings.status_observer_timeout, before=before,
+                                      gone=False)
             self.view_sync.on_forgotten(dropped or 0, f"{why} ({view})")
 
     async def _fetch_plan(self, timeout: float) -> TakeoverPlan | None:
