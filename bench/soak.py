@@ -371,8 +371,8 @@ def run_mode(bench: Bench, mode: str, args, out: dict) -> dict:
             a_up = time.monotonic()
             a.wait_for(serving(host_a, "a"), START_S, f"cycle {n}: a serving again")
             if not args.poll_status:
-                wait_until(lambda: not holds(bench, lab.ns_b, host_a), 30, f"cycle {n}: b without a's address")
-            b.wait_for(lambda s: s["pair"]["addresses"][host_a]["role"] == "standby", 30, f"cycle {n}: b standby")
+                wait_until(lambda: not holds(bench, lab.ns_b, host_a), START_S, f"cycle {n}: b without a's address")
+            b.wait_for(lambda s: s["pair"]["addresses"][host_a]["role"] == "standby", START_S, f"cycle {n}: b standby")
             done = time.monotonic()
             c["server_neigh_at_handback"] = server_neigh(bench, host_a)
             probe.wait(lambda: all(probe.oks(p, done) for p in PROTOS), 60, f"cycle {n}: a client served after hand-back")
