@@ -43,14 +43,14 @@ def _alarm(signum, frame):
     raise OpTimeout("operation timeout")
 
 
-#: record mark + RPC reply header + READ3resok up to the data: what libnfs 4.0 splices into the data
+#: record mark + RPC reply header + READ3resok up to the data: what the wrong read-backs had inside
 READ_REPLY_HEADER = 132
 
 
-def reconnect_splice(want: bytes, got: bytes) -> int | None:
+def second_reply_splice(want: bytes, got: bytes) -> int | None:
     """Where ``got`` is ``want``'s first X bytes, then a whole READ reply's header, then ``want`` again
-    from its start: libnfs 4.0's reconnect keeps the half-read record (``rpc->inpos``/``inbuf``) and
-    fills it up with the new connection's reply to the re-sent READ (bench/SOAK.md). X, or None."""
+    from its start: a reply record cut after X bytes and filled up with a second reply to the same
+    READ (the shape of every wrong read-back seen; bench/SOAK.md names two candidate causes). X, or None."""
     for x in range(len(got) - READ_REPLY_HEADER):
         if got[x] != want[x]:
             rest = got[x + READ_REPLY_HEADER:]
@@ -71,7 +71,7 @@ def _evidence(want: bytes, got: bytes, got_sha: str, recent: list) -> dict:
     ev = {"got_sha": got_sha, "got_len": len(got), "first_diff": first, "bad_4k_blocks": len(blocks),
           "bad_block_ranges": [blocks[0], blocks[-1]] if blocks else None, "zero_bytes": got.count(0),
           "got_head": got[:32].hex(), "want_head": want[:32].hex()}
-    ev["libnfs_reconnect_splice"] = reconnect_splice(want, got)
+    ev["second_reply_after"] = second_reply_splice(want, got)
     ev["same_as_earlier_file"] = [name for name, sha, head, tail in recent if sha == got_sha]
     ev["starts_like_earlier_file"] = [name for name, sha, head, tail in recent if got[:64] == head]
     ev["ends_like_earlier_file"] = [name for name, sha, head, tail in recent if got[-64:] == tail]
