@@ -43,6 +43,41 @@ def _alarm(signum, frame):
     raise OpTimeout("operation timeout")
 
 
+#: record mark + RPC reply header + READ3resok up to the data: what the wrong read-backs had inside
+READ_REPLY_HEADER = 132
+
+
+def second_reply_splice(want: bytes, got: bytes) -> int | None:
+    """Where ``got`` is ``want``'s first X bytes, then a whole READ reply's header, then ``want`` again
+    from its start: a reply record cut after X bytes and filled up with a second reply to the same
+    READ (the shape of every wrong read-back seen; bench/SOAK.md names two candidate causes). X, or None."""
+    for x in range(len(got) - READ_REPLY_HEADER):
+        if got[x] != want[x]:
+            rest = got[x + READ_REPLY_HEADER:]
+            header = got[x:x + READ_REPLY_HEADER]
+            if header[:4] == (0x80000000 | (len(want) + READ_REPLY_HEADER - 4)).to_bytes(4, "big") and \
+                    rest == want[:len(rest)]:
+                return x
+            return None
+    return None
+
+
+def _evidence(want: bytes, got: bytes, got_sha: str, recent: list) -> dict:
+    """What a wrong read-back looks like: where it starts to differ, how much differs (per 4 KiB
+    block), zeros, and whether it is (the start or end of) one of this writer's earlier files."""
+    n = min(len(want), len(got))
+    first = next((k for k in range(n) if want[k] != got[k]), n if len(want) != len(got) else None)
+    blocks = [b for b in range(0, n, 4096) if want[b:b + 4096] != got[b:b + 4096]]
+    ev = {"got_sha": got_sha, "got_len": len(got), "first_diff": first, "bad_4k_blocks": len(blocks),
+          "bad_block_ranges": [blocks[0], blocks[-1]] if blocks else None, "zero_bytes": got.count(0),
+          "got_head": got[:32].hex(), "want_head": want[:32].hex()}
+    ev["second_reply_after"] = second_reply_splice(want, got)
+    ev["same_as_earlier_file"] = [name for name, sha, head, tail in recent if sha == got_sha]
+    ev["starts_like_earlier_file"] = [name for name, sha, head, tail in recent if got[:64] == head]
+    ev["ends_like_earlier_file"] = [name for name, sha, head, tail in recent if got[-64:] == tail]
+    return ev
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("proto", choices=("smb", "nfs"))
@@ -113,6 +148,7 @@ def main() -> int:
                 return f.read()
 
     i = 0
+    recent: list[tuple[str, str, bytes, bytes]] = []   # (name, sha256, head, tail) of this writer's last files
     reconnects = 0
     had_error = False
     try:
@@ -136,9 +172,13 @@ def main() -> int:
                 got = hashlib.sha256(back).hexdigest()
                 if got != want:
                     rec.update(ok=0, stage="compare", err=f"read back {len(back)} bytes, sha256 {got[:16]}",
-                               sha=want, bytes=args.size)
+                               sha=want, bytes=args.size, evidence=_evidence(data, back, got, recent))
+                    with open(f"{tmp}.bad-{i}", "wb") as f:   # kept for a look (bench/SOAK.md)
+                        f.write(back)
                 else:
                     rec.update(ok=1, sha=want, bytes=args.size)
+                recent.append((name, want, data[:64], data[-64:]))
+                del recent[:-200]
                 had_error = False
             except (Exception, OpTimeout) as exc:  # any client failure: count it, reconnect, go on
                 signal.setitimer(signal.ITIMER_REAL, 0)

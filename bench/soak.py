@@ -57,6 +57,10 @@ BENCH = Path(__file__).resolve().parent
 WRITER = BENCH / "_soakwriter.py"
 ARPWATCH = BENCH / "_arpwatch.py"
 MACS = {"02:77:00:00:00:0a": "a", "02:77:00:00:00:0b": "b"}
+#: how long a node may take to start: a Python start took up to 26 s at load 20-48 (other helpers' work)
+START_S = 90.0
+#: sha256 -> which writer's file had these bytes (to name the source of a wrong read-back)
+SOAK_SHAS: dict[str, str] = {}
 
 
 # ------------------------------------------------------------------------------ client processes
@@ -83,6 +87,8 @@ class Writer(JsonLinesProcess):
 
     def _record(self, rec: dict) -> None:
         self.ops.append(rec)
+        if rec.get("ok") and rec.get("sha"):
+            SOAK_SHAS[rec["sha"]] = f"{self.proto}@{self.host} {rec['name']}"
 
     def snapshot(self) -> list[dict]:
         with self._lock:
@@ -108,6 +114,9 @@ class Writer(JsonLinesProcess):
                     rec["disk_sha_matches"] = hashlib.sha256(path.read_bytes()).hexdigest() == rec["sha"]
                 except OSError as exc:
                     rec["disk_sha_matches"] = f"unreadable: {exc}"
+                # whose bytes came back: any file any writer wrote this run (SOAK_SHAS: all writers)
+                got = (rec.get("evidence") or {}).get("got_sha")
+                rec["got_is_file_of"] = SOAK_SHAS.get(got) if got else None
             path.unlink(missing_ok=True)
         self.checked = len(ops)
 
@@ -115,7 +124,8 @@ class Writer(JsonLinesProcess):
         """The writer's files on the server, and its temporary files if it was killed mid-operation."""
         for path in [*self.folder.glob(f"soak-{self.proto}-{self.token}-*.bin"),
                      *Path("/dev/shm").glob(f"soak-{self.proto}-{self.token}.*")]:
-            path.unlink(missing_ok=True)
+            if ".bad-" not in path.name:   # a wrong read-back's bytes stay for a look
+                path.unlink(missing_ok=True)
 
     def totals(self) -> dict:
         ops = self.snapshot()
@@ -300,11 +310,11 @@ def run_mode(bench: Bench, mode: str, args, out: dict) -> dict:
     writers: list[Writer] = []
     t_mode = time.monotonic()
     try:
-        b.start()
-        a.start()
-        a.wait_for(serving(host_a, "a"), 15, "a serving its address")
-        b.wait_for(serving(host_b, "b"), 10, "b serving its address")
-        b.wait_for(standing_by, 10, "b standing by, link up")
+        b.start(timeout=START_S)
+        a.start(timeout=START_S)
+        a.wait_for(serving(host_a, "a"), START_S, "a serving its address")
+        b.wait_for(serving(host_b, "b"), 30, "b serving its address")
+        b.wait_for(standing_by, 30, "b standing by, link up")
         if mode == "stateful":
             b.wait_for(lambda s: s["pair"].get("state_sync", {}).get("in_sync"), 15, "b's view of a in sync")
         arp = bench.started(ArpWatch(bench, [host_a, host_b], args.arp_interval_ms)).start()
@@ -312,9 +322,10 @@ def run_mode(bench: Bench, mode: str, args, out: dict) -> dict:
             for host in (host_a, host_b):
                 writers.append(bench.started(Writer(bench, proto, host, args.size, args.writer_interval_ms)).start())
         time.sleep(1.0)
-        for w in writers:
-            if not any(r["ok"] for r in w.snapshot()):
-                time.sleep(2.0)
+        for w in writers:   # a loaded machine (load 10-14 from other work) needs up to ~10 s for the first
+            first = time.monotonic()
+            while not any(r["ok"] for r in w.snapshot()) and time.monotonic() - first < 20:
+                time.sleep(0.5)
             if not any(r["ok"] for r in w.snapshot()):
                 raise LabError(f"writer {w.proto} via {w.host}: no verified operation before cycle 1: "
                                f"{w.snapshot()[-1:] or w._stderr()}")
@@ -337,13 +348,13 @@ def run_mode(bench: Bench, mode: str, args, out: dict) -> dict:
             # --- death and takeover (a probe only around it: at 50 new SMB connections a second it
             # costs smbd forks, a fair share of 2 cores)
             probe = bench.started(light_probe(lab, host_a, args)).start()
-            probe.wait_ok(3, timeout=15)
+            probe.wait_ok(3, timeout=60)   # flaps under load (false takeovers) can last a while
             died = a.kill_hard(link_down=True)
             if args.poll_status:
                 b.wait_for(serving(host_a, "b"), 10, f"cycle {n}: b holding a's address")
             else:
-                wait_until(lambda: holds(bench, lab.ns_b, host_a), 10, f"cycle {n}: b holding a's address")
-            probe.wait(lambda: all(probe.oks(p, died) for p in PROTOS), 10, f"cycle {n}: a client served after the death")
+                wait_until(lambda: holds(bench, lab.ns_b, host_a), 30, f"cycle {n}: b holding a's address")
+            probe.wait(lambda: all(probe.oks(p, died) for p in PROTOS), 30, f"cycle {n}: a client served after the death")
             recs = bench.stop(probe)
             c["takeover_s"] = {p: first_success_after(recs, p, died) for p in PROTOS}
             st = b.status()["pair"]
@@ -352,16 +363,16 @@ def run_mode(bench: Bench, mode: str, args, out: dict) -> dict:
             takeovers_b = st["takeovers_total"]
             # --- hand-back
             probe = bench.started(light_probe(lab, host_a, args)).start()
-            probe.wait_ok(3, timeout=15)
+            probe.wait_ok(3, timeout=60)   # flaps under load (false takeovers) can last a while
             time.sleep(args.hold_s)
             back = time.monotonic()
             a.link_up()
-            a.start()
+            a.start(timeout=START_S)
             a_up = time.monotonic()
-            a.wait_for(serving(host_a, "a"), 20, f"cycle {n}: a serving again")
+            a.wait_for(serving(host_a, "a"), START_S, f"cycle {n}: a serving again")
             if not args.poll_status:
-                wait_until(lambda: not holds(bench, lab.ns_b, host_a), 10, f"cycle {n}: b without a's address")
-            b.wait_for(lambda s: s["pair"]["addresses"][host_a]["role"] == "standby", 10, f"cycle {n}: b standby")
+                wait_until(lambda: not holds(bench, lab.ns_b, host_a), START_S, f"cycle {n}: b without a's address")
+            b.wait_for(lambda s: s["pair"]["addresses"][host_a]["role"] == "standby", START_S, f"cycle {n}: b standby")
             done = time.monotonic()
             c["server_neigh_at_handback"] = server_neigh(bench, host_a)
             probe.wait(lambda: all(probe.oks(p, done) for p in PROTOS), 60, f"cycle {n}: a client served after hand-back")

@@ -107,6 +107,13 @@ class Pipeline:
         self._tcp_events(self.tcp.close_all(), out)
         return out
 
+    def forget(self, keys, *, gone: bool) -> list[tuple[ConnKey, object]]:
+        """Drop these connections and what was decoded on them, on someone else's word (see
+        :meth:`TcpTracker.forget`); ``gone``: their owner died, ignore their late segments."""
+        out: list[tuple[ConnKey, object]] = []
+        self._tcp_events(self.tcp.forget(keys, gone=gone, now=self.last_ts), out)
+        return out
+
     # -------------------------------------------------------------------- routing
     def protocol_of(self, key: ConnKey) -> str:
         if key.server_port in self.smb_ports:

@@ -24,6 +24,15 @@ ACK and keep the connection, so we ignore it and count it (``rst_challenged``); 
 is dropped (``rst_out_of_window``). An RST from a side whose sequence numbers we never saw (a refused
 SYN) counts only if it acknowledges exactly what the other side sent (``rst_unverified`` otherwise).
 
+SYNs (RFC 5961 section 4): a SYN on a connection that is already synchronised (its handshake
+finished, or picked up mid-stream) never resets or replaces it: a real receiver answers it with a
+challenge ACK and keeps the connection, so we ignore it and count it (``syn_challenged``), and the
+same for a SYN-ACK that does not belong to the handshake in progress. A client's SYN with a new
+initial sequence number starts a new connection on the same 4-tuple only when the old one was seen
+closing (a FIN accepted in its window; FIN both ways or an exact RST has removed it already) or has
+been silent for ``reuse_after`` seconds (a close we missed: TIME_WAIT is over by then), or when the
+old one never got past its own SYN.
+
 Who is the client: the sender of a bare SYN; the receiver of a SYN-ACK; for connections picked up
 mid-stream (no handshake seen), the side *not* using a known server port (else the higher port).
 A mid-stream direction starts at the first sequence number seen from it.
@@ -90,7 +99,7 @@ class Gap:
 class ConnectionClosed:
     key: ConnKey
     reset: bool
-    reason: str  # "fin" | "rst" | "idle" | "evicted" | "end"
+    reason: str  # "fin" | "rst" | "idle" | "evicted" | "end" | "reused" | "forgotten"
 
 
 @dataclass(slots=True)
@@ -129,7 +138,7 @@ class HalfStream:
 class TcpConnection:
     """One tracked connection; ``client``/``server`` are the two :class:`HalfStream` s by sender."""
 
-    __slots__ = ("key", "client", "server", "handshake", "mid_stream", "last_seen", "closed")
+    __slots__ = ("key", "client", "server", "handshake", "mid_stream", "opened_at", "last_seen", "closed")
 
     def __init__(self, key: ConnKey, mid_stream: bool, now: float) -> None:
         self.key = key
@@ -137,8 +146,13 @@ class TcpConnection:
         self.server = HalfStream()
         self.handshake = not mid_stream
         self.mid_stream = mid_stream
+        self.opened_at = now  # when its first segment was seen (capture time)
         self.last_seen = now
         self.closed = False
+
+    def synchronised(self) -> bool:
+        """Past the handshake: picked up mid-stream, or the client acknowledged something."""
+        return self.mid_stream or self.client.last_ack is not None
 
     def half(self, from_client: bool) -> HalfStream:
         return self.client if from_client else self.server
@@ -190,11 +204,15 @@ class TcpTracker:
 
     def __init__(self, server_ports: Iterable[int] = (), ooo_limit: int = 1 << 20,
                  idle_timeout: float = 7200.0, closing_timeout: float = 120.0,
-                 max_connections: int = 65536, ooo_max_segments: int = 16384, zero_copy: bool = False) -> None:
+                 max_connections: int = 65536, ooo_max_segments: int = 16384, zero_copy: bool = False,
+                 reuse_after: float = 60.0) -> None:
         """``zero_copy``: in-order payload is delivered as a view of the segment's buffer (see
         :class:`Data`), for callers that consume each event before the next frame; else as bytes."""
         self.server_ports = frozenset(server_ports)
         self.zero_copy = zero_copy
+        #: a synchronised connection silent this long may be replaced by a new SYN on its 4-tuple
+        #: (its close passed us by; the sender's TIME_WAIT, 60 s on Linux, is over)
+        self.reuse_after = reuse_after
         self.ooo_limit = ooo_limit
         self.idle_timeout = idle_timeout
         self.closing_timeout = closing_timeout
@@ -212,7 +230,8 @@ class TcpTracker:
         self.max_recently_closed = 16384
         self.counters = {"segments": 0, "retransmitted_bytes": 0, "gaps": 0, "gap_bytes": 0,
                          "ooo_segments": 0, "evicted": 0, "late_segments": 0, "out_of_window": 0,
-                         "rst_challenged": 0, "rst_out_of_window": 0, "rst_unverified": 0}
+                         "rst_challenged": 0, "rst_out_of_window": 0, "rst_unverified": 0,
+                         "syn_challenged": 0, "forgotten": 0}
 
     # ----------------------------------------------------------------- lookup
     def _orient(self, seg: TcpSegment) -> tuple[ConnKey, bool]:
@@ -251,11 +270,17 @@ class TcpTracker:
         self.counters["segments"] += 1
         events: list[object] = []
         conn, from_client = self.lookup(seg)
-        if conn is not None and seg.syn and not seg.has_ack and from_client:
-            c = conn.client
-            if c.isn is None or c.isn != seg.seq:  # port reuse: a new connection on the same tuple
-                events += self._close(conn, reset=False, reason="fin")
+        if conn is not None and seg.syn:
+            verdict = self._syn_on(conn, from_client, seg, now)
+            if verdict == "replace":  # port reuse: a new connection on the same tuple
+                events += self._close(conn, reset=False, reason="reused")
+                self.recently_closed.pop(conn.key, None)
                 conn = None
+            elif verdict == "challenge":
+                self.counters["syn_challenged"] += 1
+                return events
+            elif verdict == "duplicate":
+                return events
         if conn is None:
             if seg.rst:
                 return events  # a reset for something we never tracked: nothing to say
@@ -278,6 +303,29 @@ class TcpTracker:
             conn.last_seen = now
             self.connections.move_to_end(conn.key)
         return events
+
+    def _syn_on(self, conn: TcpConnection, from_client: bool, seg: TcpSegment, now: float) -> str:
+        """What a SYN (or SYN-ACK) on a tracked connection means (RFC 5961 section 4, see the module
+        docstring): ``accept`` (part of its handshake), ``duplicate`` (a late copy of it), ``replace``
+        (a new connection on the 4-tuple), or ``challenge`` (ignored: the old connection stays)."""
+        c, s = conn.client, conn.server
+        synced = conn.synchronised()
+        if from_client and not seg.has_ack:
+            if c.isn == seg.seq or (c.isn is None and not synced):
+                return "duplicate" if synced else "accept"
+            if not synced:
+                return "replace"  # the old one never got past its SYN: nothing to lose
+            closing = c.fin_seq is not None or s.fin_seq is not None
+            if closing or now - conn.last_seen >= self.reuse_after:
+                return "replace"
+            return "challenge"
+        if not from_client and seg.has_ack:  # SYN-ACK
+            if s.isn == seg.seq and synced:
+                return "duplicate"
+            if not synced and (s.isn is None or s.isn == seg.seq) and \
+                    (c.isn is None or seg.ack == (c.isn + 1) & _MASK):
+                return "accept"
+        return "challenge"  # a SYN-ACK of another handshake, a SYN from the server's side
 
     def _segment(self, conn: TcpConnection, from_client: bool, seg: TcpSegment, events: list) -> bool:
         """Apply one segment; False if it was dropped (out of window, unacceptable RST)."""
@@ -352,8 +400,11 @@ class TcpTracker:
         peer = conn.half(not from_client)
         if half.next_seq is None:
             # we never saw this sender's sequence numbers (a refused SYN is answered with an RST
-            # carrying seq 0): it must acknowledge exactly what the other side sent
-            if seg.has_ack and peer.next_seq is not None and seg.ack == peer.next_seq:
+            # carrying seq 0): it must acknowledge exactly what the other side sent, or sit exactly at
+            # the other side's last ACK (a kernel's answer to a segment of a connection it does not
+            # have: RST with the segment's ACK as its sequence number)
+            if (seg.has_ack and peer.next_seq is not None and seg.ack == peer.next_seq) or \
+                    (peer.last_ack is not None and seg.seq == peer.last_ack):
                 events += self._close(conn, reset=True, reason="rst")
                 return True
             self.counters["rst_unverified"] += 1
@@ -479,11 +530,35 @@ class TcpTracker:
         return events
 
     # ------------------------------------------------------------ housekeeping
+    def forget(self, keys: Iterable[ConnKey], *, gone: bool, now: float | None = None) -> list[object]:
+        """Drop connections whose close this observer did not see, on someone else's word: the
+        owner of the address no longer has them, or their owner's process died. ``gone=True`` (the
+        process died) remembers them as closed, so that their clients' late segments do not bring
+        them back as mid-stream connections; ``gone=False`` does not: if one lives after all, its next
+        segment picks it up again. ``now`` (capture time) starts their TIME_WAIT; default: when each
+        was last active. No gap is reported for bytes still buffered."""
+        events: list[object] = []
+        for key in keys:
+            conn = self.connections.get(key)
+            if conn is None:
+                continue
+            conn.closed = True
+            self._remove(conn)
+            self.counters["forgotten"] += 1
+            if gone:
+                self.recently_closed.pop(key, None)
+                self.recently_closed[key] = conn.last_seen if now is None else max(now, conn.last_seen)
+                if len(self.recently_closed) > self.max_recently_closed:
+                    self.recently_closed.pop(next(iter(self.recently_closed)))
+            events.append(ConnectionClosed(key, False, "forgotten"))
+        return events
+
     def expire(self, now: float) -> list[object]:
         """Close connections idle for longer than their timeout (by capture time ``now``)."""
         events: list[object] = []
         for conn in list(self.connections.values()):
-            closing = conn.client.fin_seq is not None or conn.server.fin_seq is not None
+            # closing, or never past its handshake (a SYN nobody answered, a client that gave up)
+            closing = conn.client.fin_seq is not None or conn.server.fin_seq is not None or not conn.synchronised()
             limit = self.closing_timeout if closing else self.idle_timeout
             if now - conn.last_seen > limit:
                 events += self._close(conn, reset=False, reason="idle")

@@ -388,7 +388,11 @@ class ServiceProxy:
         and are live, so only the pumps start (in ``nursery``, the address's connection nursery)."""
         self.budget.used += FDS_PER_CONNECTION  # the descriptors exist already: book them (released at the end)
         tclient, tbackend = trio.socket.from_stdlib_socket(client), trio.socket.from_stdlib_socket(backend)
-        conn = Connection(client=client.getpeername(), port=port, bytes_to_backend=bytes_to_backend,
+        try:
+            peer = client.getpeername()
+        except OSError:  # reset between going live and here (ENOTCONN): the pumps see it and end as usual
+            peer = ("0.0.0.0", 0)
+        conn = Connection(client=peer, port=port, bytes_to_backend=bytes_to_backend,
                           bytes_to_client=bytes_to_client)
         source_ports = self.source_ports(port)
         if source_ports is not None:
@@ -414,6 +418,7 @@ class ServiceProxy:
         held_port: int | None = None
         try:
             client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            keep_alive(client)
             try:
                 if backend is None:
                     backend = await connect_backend(self.service, self.address, port, source_ports)
@@ -507,6 +512,22 @@ class ServiceProxy:
                 sock.close()
             if held_port is not None:
                 source_ports.give_back(held_port)
+
+
+#: TCP keepalive on client connections: idle seconds, probe interval, probes (about 50 s in all)
+KEEPALIVE = (30, 5, 4)
+
+
+def keep_alive(sock) -> None:
+    """Notice a client that is gone without a word. Another node may have answered for this address
+    for a while (a false takeover) and reset the client there; this node's connection then waits for
+    a request that never comes, holding its descriptors and tasks (bench/SOAK.md: hundreds after a
+    few dozen such flaps)."""
+    idle, interval, count = KEEPALIVE
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, count)
 
 
 def abort_on_close(sock: trio.socket.SocketType) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import signal
 import time
 from typing import TYPE_CHECKING, Any
@@ -67,6 +68,8 @@ class Node:
         self.config = config
         node = config.node
         self.mac = interface_mac(node.interface)
+        #: this process among the node's restarts: a peer that sees a new one forgets the old one's connections
+        self.epoch = os.urandom(8).hex()
         self.own_service = AddressService(node.address, node.interface, config.services,
                                           announce_ifname=node.interface, announce_mac=self.mac)
         self.state = "starting"
@@ -204,7 +207,7 @@ class Node:
         node = self.config.node
         return {
             "name": node.name, "mode": self.config.pair.mode, "version": VERSION,
-            "mac": self.mac, "address": str(node.address), "interface": node.interface,
+            "mac": self.mac, "address": str(node.address), "interface": node.interface, "epoch": self.epoch,
             "services": [service_to_dict(s) for s in self.config.services],
             "holds": self.core.holds() if self.core else [], "own_state": self.core.own_role if self.core else None,
         }

@@ -208,7 +208,7 @@ class _Observer:
 
         op = request.get("op")
         view = self.views.get(request.get("view", ""))
-        if view is None and op in ("digest", "snapshot", "live", "watch"):
+        if view is None and op in ("digest", "snapshot", "live", "watch", "forget"):
             raise ValueError(f"unknown view {request.get('view')!r}")
         if op == "digest":
             return view.digest_message()
@@ -216,6 +216,10 @@ class _Observer:
             return view.snapshot()
         if op == "live":
             return view.live_connections()
+        if op == "forget":  # connections the owner no longer has, or a dead peer's (see ViewSync)
+            keep = request.get("keep")
+            return view.forget(float(request["before"]), gone=bool(request.get("gone")),
+                               keep=None if keep is None else {(c, s) for c, s in keep})
         if op == "watch":  # a takeover: remember who had what, and watch them come back
             self.watcher = ResumeWatcher.from_snapshot(view.snapshot())
             view.watcher = self.watcher

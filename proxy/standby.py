@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import time
 from dataclasses import dataclass, replace
 from typing import Any, Awaitable, Callable
 
@@ -44,6 +45,14 @@ log = logging.getLogger("pairproxy.standby")
 OWN_ADDRESS = "own_address"      # this node's address, as the active node sees it
 PEER_ADDRESS = "peer_address"    # the peer's address, as a silent observer sees it
 PEER_BACKEND = "peer_backend"    # the peer's own connections to its backends (reset at takeover)
+PEER_VIEWS = (PEER_ADDRESS, PEER_BACKEND)
+
+#: a connection the standby saw open less than this long before it asked for the owner's snapshot
+#: is kept even if the snapshot lacks it (the owner's observer may not have decoded its first frames
+#: yet); the next snapshot decides
+PRUNE_MARGIN = 1.0
+#: how many client ports a log line names (the rest are counted)
+LOG_EXAMPLES = 5
 
 #: how often the active node tells its peer about new and ended connections (pairings, options): a
 #: connection younger than this when the node dies is reset instead of continued
@@ -113,6 +122,11 @@ class StatefulStandby:
         #: own: if only this process dies (SIGKILL, a crash) its kernel would end every client's connection
         #: before the peer can continue it (issue 10). Meant to outlive a killed process; replaced at start.
         self._guard = RstGuard(node.address.ip) if guard else None
+        #: the peer's process (its hello's ``epoch``): a new one means the old one died with its connections
+        self.peer_epoch = (peer_hello or {}).get("epoch")
+        #: wall-clock time of the peer's last digest (the snooper's timestamps are wall-clock too)
+        self._peer_heard_wall: float | None = None
+        self._snapshot_asked_wall: float | None = None
 
     # -- life cycle --------------------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -165,9 +179,20 @@ class StatefulStandby:
         self.peer_hello = hello
         self._open_macvlan()
         self.outbox.resync()  # a (re)connected peer may have missed deltas: send everything again
+        epoch = hello.get("epoch")
+        if epoch and epoch != self.peer_epoch:
+            if self.peer_epoch is not None:
+                # the peer restarted: every connection its old process served is gone (whether or not
+                # this node took over meanwhile); what it opened since its start is newer than its
+                # old process's last digest
+                before = self._peer_heard_wall if self._peer_heard_wall is not None else time.time()
+                self._forget_soon(before, f"{self.peer_hello.get('name', 'the peer')} restarted")
+            self.peer_epoch = epoch
 
     def on_message(self, message: dict) -> None:
         """A digest, snapshot request or snapshot from the peer: handled in this object's own task."""
+        if message.get("type") == "digest" and message.get("address") == self.addresses[PEER_ADDRESS]:
+            self._peer_heard_wall = time.time()
         try:
             self._messages_tx.send_nowait(message)
         except trio.WouldBlock:
@@ -182,6 +207,7 @@ class StatefulStandby:
             if kind == "digest" and address == peer:
                 ours = await self._ask("digest", PEER_ADDRESS, None, timeout)
                 if ours is not None and self.view_sync.on_peer_digest(message, ours, trio.current_time()):
+                    self._snapshot_asked_wall = time.time()
                     await self._send({"type": "snapshot_request", "address": peer})
             elif kind == "snapshot_request" and address == own:
                 snap = await self._ask("snapshot", OWN_ADDRESS, {"connections": []}, timeout)
@@ -193,8 +219,16 @@ class StatefulStandby:
             elif kind == "pairings" and address == peer:
                 await self._tell_pairings(message, timeout)
             elif kind == "snapshot" and address == peer:
+                theirs = message.get("snapshot") or {}
                 ours = await self._ask("snapshot", PEER_ADDRESS, {"connections": []}, timeout)
-                self.view_sync.on_peer_snapshot(message.get("snapshot") or {}, ours)
+                diff = self.view_sync.on_peer_snapshot(theirs, ours)
+                if diff["counts"]["only_here"] and self._snapshot_asked_wall is not None:
+                    # adopt the owner's word: what it no longer has (and this node saw open well
+                    # before it asked) is gone; its close passed this node by
+                    keep = [[c.get("client"), c.get("server")] for c in theirs.get("connections", [])]
+                    dropped = await self._ask("forget", PEER_ADDRESS, 0, timeout, gone=False, keep=keep,
+                                              before=self._snapshot_asked_wall - PRUNE_MARGIN)
+                    self.view_sync.on_forgotten(dropped or 0, "gone at the owner")
             else:
                 log.debug("stateful: %s for %r ignored", kind, address)
 
@@ -308,6 +342,16 @@ class StatefulStandby:
         at most ``observer_timeout`` (then none: a stateless takeover)."""
         if not self.observer.ready.is_set():
             return TakeoverPlan()
+        # the peer's process is dead, and every connection this node saw it serve with it: once the
+        # plan is fetched (and the resume watcher armed) the views forget them, whether or not the
+        # observer answers in time (the resets go to the clients it knew; the rest reconnect anyway)
+        dead_since = time.time()
+        try:
+            return await self._takeover_plan()
+        finally:
+            self._forget_soon(dead_since, "taken over")
+
+    async def _takeover_plan(self) -> TakeoverPlan:
         plan = None
         with trio.move_on_after(self.timings.observer_timeout):
             async with self._fetch_lock:  # a preparation under way finishes first
@@ -333,6 +377,23 @@ class StatefulStandby:
         log.warning("stateful: the observer did not say within %.0f ms which connections to continue: "
                     "resetting them all", CONTINUATIONS_TIMEOUT * 1000)
         return plan
+
+    def _forget_soon(self, before: float, why: str) -> None:
+        """In the background: the peer views forget the connections first seen before ``before``."""
+        if self._nursery is not None and self.observer.ready.is_set():
+            self._nursery.start_soon(self._forget_dead_peer, before, why)
+
+    async def _forget_dead_peer(self, before: float, why: str) -> None:
+        # not remembered as closed (gone=False): a connection this node goes on with (a continued
+        # one, issue 10) is picked up again by its next segment, and a dead one's late segment is
+        # picked up and then ended by the holder's kernel's RST (tcpstream: an RST at the other side's
+        # last ACK); what neither happens to is pruned by the owner's next snapshot
+        for view in PEER_VIEWS:
+            # in the background, off the takeover's path: as patient as status (a loaded observer
+            # missed observer_timeout here in the soak at load 27)
+            dropped = await self._ask("forget", view, 0, self.timings.status_observer_timeout, before=before,
+                                      gone=False)
+            self.view_sync.on_forgotten(dropped or 0, f"{why} ({view})")
 
     async def _fetch_plan(self, timeout: float) -> TakeoverPlan | None:
         """The peer's live connections (and a resume watcher armed with who had what); None if the
@@ -373,11 +434,11 @@ class StatefulStandby:
         clients = _send_resets(plan.clients_to_reset)
         if clients:
             log.info("stateful: reset %d client connection(s) of the peer at once: %s", clients,
-                     ", ".join(c["client"] for c in plan.clients_to_reset))
+                     examples([c["client"] for c in plan.clients_to_reset]))
         backends = _send_resets(plan.backends_to_reset, toward="server")
         if backends:
             log.info("stateful: reset %d backend connection(s) the peer had left open: %s", backends,
-                     ", ".join(f"{c['client']}->{c['server']}" for c in plan.backends_to_reset))
+                     examples([f"{c['client']}->{c['server']}" for c in plan.backends_to_reset]))
         return clients, backends
 
     # -- status ------------------------------------------------------------------------------------
@@ -411,7 +472,7 @@ class StatefulStandby:
             last_difference=from_json(Difference, sync["last_difference"], strict=False)
             if sync["last_difference"] else None,
             observer=self.observer.failed or ("running" if self.observer.ready.is_set() else "starting"),
-            observer_timeouts=self.observer_timeouts,
+            observer_timeouts=self.observer_timeouts, forgotten=sync["forgotten"],
             sight=sync["sight"], sight_detail=sync["sight_detail"], peer_connections=sync["peer_connections"],
             continuation=from_json(ContinuationSummary, continuation, strict=False) if continuation else None,
             # the observer answers in the order of its views, which is the order of self.addresses
@@ -424,17 +485,24 @@ class StatefulStandby:
         status.pair.resume = from_json(list[ResumeRecord], resume, strict=False, path="resume")
 
     # -- the observer ------------------------------------------------------------------------------
-    async def _ask(self, op: str, view: str | None, default: Any, timeout: float) -> Any:
+    async def _ask(self, op: str, view: str | None, default: Any, timeout: float, **args: Any) -> Any:
         """Ask the observer; ``default`` (and a log line) if it cannot answer within ``timeout``."""
         with trio.move_on_after(timeout):
             try:
-                return await self.observer.request(op, **({"view": view} if view else {}))
+                return await self.observer.request(op, **({"view": view} if view else {}), **args)
             except ObserverError as exc:
-                log.warning("stateful: %s", exc)
+                if self.observer.ready.is_set():  # not while it starts: the peer's digests would repeat it
+                    log.warning("stateful: %s", exc)
                 return default
         self.observer_timeouts += 1
         log.warning("stateful: observer did not answer %s within %.0f ms", op, timeout * 1000)
         return default
+
+
+def examples(items: list[str], limit: int = LOG_EXAMPLES) -> str:
+    """A few of ``items`` for a log line, and how many more (a log line must not grow with a table)."""
+    shown = ", ".join(items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
 
 def _send_resets(connections: list[dict], toward: str = "client") -> int:

@@ -92,6 +92,21 @@ class AddressView:
                 "frames_to": self.frames_to, "frames_from": self.frames_from,
                 "connections": len(snap["connections"])}
 
+    def covers(self, key) -> bool:
+        """Is this tracked connection one of this view's (to the address, or from it as a client)?"""
+        return (key.client_ip if self.as_client_of else key.server_ip) == self.address
+
+    def forget(self, before: float, *, keep: set[tuple[str, str]] | None = None, gone: bool) -> int:
+        """Drop this view's connections first seen before ``before`` (capture time), except those in
+        ``keep`` ((client, server) pairs); how many. Why a view forgets (see :class:`ViewSync`): the
+        owner's snapshot no longer has them (``gone=False``), or the process that served them died
+        (``gone=True``: their late segments are ignored as after a close)."""
+        keys = [k for k, c in self.pipeline.tcp.connections.items()
+                if c.opened_at < before and self.covers(k) and (keep is None or (k.client, k.server) not in keep)]
+        if keys:
+            self.pipeline.forget(keys, gone=gone)
+        return len(keys)
+
     def live_connections(self) -> list[dict]:
         """Connections with known sequence numbers each way (those a valid RST can end)."""
         return [c for c in self.snapshot()["connections"]
@@ -247,9 +262,23 @@ class ResumeWatcher:
         return to_json(out)
 
 
+#: how many connections of each kind a difference names (status and log lines); the rest are counted
+DIFFERENCE_EXAMPLES = 10
+
+
 @dataclass
 class ViewSync:
-    """Is the standby's view of the peer's address the same as the peer's own? (digest comparison)"""
+    """Is the standby's view of the peer's address the same as the peer's own? (digest comparison)
+
+    The owner's view is the reference: when the digests keep differing the standby asks for the
+    owner's snapshot, and the connections it has that the owner no longer has (and that it saw open
+    well before it asked) are dropped from its view (:meth:`StatefulStandby` asks the observer to
+    forget them): their close passed the standby by (it missed frames, or the owner's kernel ended
+    them while nobody saw). A dead peer's connections are forgotten at the takeover and again when
+    the peer's new process says hello, so the standby's view of the peer stays as big as the peer's
+    own, however many times it fails over (bench/SOAK.md: without this it grew by 20-40 entries per
+    failover until the takeover plan missed its time bound).
+    """
 
     mismatch_limit: int = 3
     compared: int = 0
@@ -270,6 +299,8 @@ class ViewSync:
     sight_judged_at: float | None = None
     sight_window: float = 2.0
     peer_connections: int | None = None   # what the peer's last digest says it has
+    #: connections dropped from the view of the peer (gone at the owner, or the dead peer's)
+    forgotten: int = 0
     _samples: deque = field(default_factory=deque)  # (now, peer frames, our frames to, our frames from)
 
     def on_peer_digest(self, message: dict, ours: dict, now: float) -> bool:
@@ -332,20 +363,33 @@ class ViewSync:
         self.sight, self.sight_detail, self.sight_judged_at = sight, detail, now
 
     def on_peer_snapshot(self, theirs: dict, ours: dict) -> dict:
-        """What differs between the peer's snapshot and ours; logged and kept for status."""
+        """What differs between the peer's snapshot and ours (per kind: how many, and the first
+        :data:`DIFFERENCE_EXAMPLES` client endpoints); logged as counts and kept for status."""
         def index(snap: dict) -> dict[str, dict]:
-            return {c["client"]: {"protocol": c["protocol"], "sessions": c["sessions"], "opens": c["opens"]}
-                    for c in snap.get("connections", [])}
+            return {c.get("client"): {"protocol": c.get("protocol"), "sessions": c.get("sessions"),
+                                      "opens": c.get("opens")}
+                    for c in snap.get("connections", []) if isinstance(c, dict)}
 
         ours, peer = index(ours), index(theirs)
-        diff = {
-            "only_at_peer": sorted(set(peer) - set(ours)),
-            "only_here": sorted(set(ours) - set(peer)),
-            "different": sorted(k for k in set(ours) & set(peer) if ours[k] != peer[k]),
+        kinds = {
+            "only_at_peer": sorted(set(peer) - set(ours), key=str),
+            "only_here": sorted(set(ours) - set(peer), key=str),
+            "different": sorted((k for k in set(ours) & set(peer) if ours[k] != peer[k]), key=str),
         }
+        diff: dict = {k: v[:DIFFERENCE_EXAMPLES] for k, v in kinds.items()}
+        diff["counts"] = {k: len(v) for k, v in kinds.items()}
         self.last_difference = diff
-        log.warning("the view of the peer's address differs from the peer's own: %s", diff)
+        log.warning("the view of %s's address differs from its own: %d connection(s) only there, %d only "
+                    "here, %d decoded differently (e.g. %s)", self.peer_name, diff["counts"]["only_at_peer"],
+                    diff["counts"]["only_here"], diff["counts"]["different"],
+                    ", ".join(str(c) for k in kinds.values() for c in k[:2]) or "-")
         return diff
+
+    def on_forgotten(self, count: int, why: str) -> None:
+        """The observer dropped ``count`` connections from the view of the peer (see the class docstring)."""
+        if count:
+            self.forgotten += count
+            log.info("stateful: forgot %d connection(s) of %s's address: %s", count, self.peer_name, why)
 
     def status(self) -> dict:
         # two empty tables agree, but a node that sees none of the peer's frames is not in sync with it
@@ -354,4 +398,4 @@ class ViewSync:
                 "mismatches_in_a_row": self.mismatches_in_a_row, "behind": self.behind,
                 "snapshots_requested": self.snapshots_requested, "last_difference": self.last_difference,
                 "sight": self.sight, "sight_detail": self.sight_detail, "sight_judged_at": self.sight_judged_at,
-                "peer_connections": self.peer_connections}
+                "peer_connections": self.peer_connections, "forgotten": self.forgotten}

@@ -414,9 +414,13 @@ class Behind:
 
 @dataclass
 class Difference:
+    """The standby's view of the peer's address against the peer's snapshot: the first few client
+    endpoints of each kind (``counts`` says how many there were: status stays small)."""
+
     only_at_peer: list[str]
     only_here: list[str]
     different: list[str]
+    counts: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -457,6 +461,9 @@ class StateSync:
     sight_detail: str | None = field(default=None, metadata=OPTIONAL)
     peer_connections: int | None = field(default=None, metadata=OPTIONAL)  # the peer's last digest says
     continuation: ContinuationSummary | None = field(default=None, metadata=OPTIONAL)  # issue 10
+    #: connections dropped from the view of the peer's address: gone at the owner (its snapshot), or
+    #: the dead peer's (at a takeover, at its restart)
+    forgotten: int = 0
 
 
 _takeover_numbers = itertools.count(1)

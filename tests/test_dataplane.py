@@ -138,3 +138,40 @@ def test_raise_nofile_limit_to_hard():
     cp = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                         cwd=Path(__file__).resolve().parent.parent)
     assert cp.returncode == 0, cp.stderr
+
+
+def test_adopting_a_connection_reset_before_it_is_served_does_not_end_the_node(tmp_path):
+    """A live move restores a client connection that its client resets at once (it gave up during the
+    move): ``getpeername`` fails with ENOTCONN; the node must go on (bench/soak.py: a node exited)."""
+    import ipaddress
+    import socket
+
+    import trio
+
+    from proxy.dataplane import ServiceProxy
+
+    smb, = load(tmp_path, BASE).services
+    proxy = ServiceProxy(smb, ipaddress.IPv4Address("127.0.0.1"))
+
+    async def main():
+        client, backend = socket.socket(), socket.socket()   # never connected: getpeername raises
+        async with trio.open_nursery() as nursery:
+            proxy.adopt(client, backend, 4450, nursery)
+        assert proxy.connections == set()
+
+    trio.run(main)
+
+
+def test_client_connections_notice_a_client_that_is_gone():
+    """A client reset elsewhere (a false takeover) must not hold this node's connection for ever."""
+    import socket
+
+    from proxy.dataplane import KEEPALIVE, keep_alive
+
+    with socket.socket() as sock:
+        keep_alive(sock)
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+        assert (sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+                sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
+                sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT)) == KEEPALIVE
+    assert KEEPALIVE[0] + KEEPALIVE[1] * KEEPALIVE[2] <= 60

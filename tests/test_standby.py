@@ -36,15 +36,24 @@ class FakeObserver:
         self.stuck = stuck
         self.live = {PEER_ADDRESS: [], PEER_BACKEND: []}
         self.requests: list[str] = []
+        self.forgets: list[tuple[str, dict]] = []
+        self.snapshot = {"connections": []}
 
     async def run(self):
         await trio.sleep_forever()
 
-    async def request(self, op, view=None):
+    async def request(self, op, view=None, **args):
         self.requests.append(op)
         if self.stuck:
             await trio.sleep_forever()
         await trio.sleep(0.001)  # a round trip
+        if op == "forget":
+            self.forgets.append((view, args))
+            return 0
+        if op == "snapshot":
+            return self.snapshot
+        if op == "digest":
+            return {"digest": "mine", "frames": 0, "bytes": 0}
         return list(self.live[view]) if op == "live" else None
 
 
@@ -141,6 +150,64 @@ def test_a_stuck_observer_costs_a_takeover_at_most_observer_timeout():
             start = trio.current_time()
             assert await standby.end_takeover() == []
             assert trio.current_time() - start <= 2 * TIMINGS.observer_timeout + 1e-6
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_the_dead_peers_connections_are_forgotten_at_the_takeover_and_at_its_restart():
+    """bench/SOAK.md: the standby's view of its peer grew by 20-40 connections per failover until the
+    takeover plan missed its bound. A takeover and a new process of the peer (its hello's epoch) make
+    both peer views forget what was open before; snapshots from the owner prune what it lacks."""
+    async def main():
+        import time
+
+        observer, heard = FakeObserver(), [0.0]
+        sent = []
+        standby = make(observer, heard)
+
+        async def send(message):
+            sent.append(message)
+        standby._send = send
+        async with trio.open_nursery() as nursery:
+            await nursery.start(standby.run)
+            standby.on_peer_hello({"name": "a", "epoch": "one"})
+            await trio.sleep(0.1)
+            assert observer.forgets == []                      # the first hello: nothing to forget
+            wall = time.time()
+            await standby.takeover_plan()
+            await trio.sleep(0.1)
+            assert [v for v, _ in observer.forgets] == [PEER_ADDRESS, PEER_BACKEND]
+            assert all(wall <= a["before"] <= time.time() for _, a in observer.forgets)
+            # the peer comes back as a new process: what was open before its old one was last heard goes
+            observer.forgets.clear()
+            standby.on_message({"type": "digest", "address": "10.0.0.1", "digest": "x"})
+            heard_wall = time.time()
+            standby.on_peer_hello({"name": "a", "epoch": "one"})   # the same process again (a reconnect)
+            await trio.sleep(0.1)
+            assert observer.forgets == []
+            standby.on_peer_hello({"name": "a", "epoch": "two"})
+            await trio.sleep(0.1)
+            assert [v for v, _ in observer.forgets] == [PEER_ADDRESS, PEER_BACKEND]
+            assert all(a["before"] <= heard_wall for _, a in observer.forgets)
+            # the owner's snapshot lacks connections this node has: they are pruned, with a margin
+            observer.forgets.clear()
+            for _ in range(3):
+                standby.on_message({"type": "digest", "address": "10.0.0.1", "digest": "x"})
+                await trio.sleep(0.1)
+            assert sent[-1] == {"type": "snapshot_request", "address": "10.0.0.1"}
+            asked = standby._snapshot_asked_wall
+            observer.snapshot = {"connections": [{"client": "10.0.0.9:5000", "server": "10.0.0.1:445",
+                                                  "protocol": "smb", "sessions": [], "opens": []},
+                                                 {"client": "10.0.0.9:6000", "server": "10.0.0.1:445",
+                                                  "protocol": "smb", "sessions": [], "opens": []}]}
+            standby.on_message({"type": "snapshot", "address": "10.0.0.1", "snapshot": {"connections": [
+                {"client": "10.0.0.9:5000", "server": "10.0.0.1:445", "protocol": "smb", "sessions": [], "opens": []}]}})
+            await trio.sleep(0.1)
+            [(view, args)] = observer.forgets
+            assert view == PEER_ADDRESS and not args["gone"] and args["keep"] == [["10.0.0.9:5000", "10.0.0.1:445"]]
+            assert args["before"] == asked - 1.0
+            assert standby.view_sync.last_difference["counts"]["only_here"] == 1
             nursery.cancel_scope.cancel()
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))

@@ -143,3 +143,59 @@ def test_a_peer_with_idle_clients_this_node_never_saw_is_named_too():
     assert sync.sight == "nothing"
     assert sync.sight_detail.startswith("SEES NOTHING of a's traffic while a has 2 connection(s) (this node knows "
                                         "none of them")
+
+
+# ------------------------------------------------------------ a view that stays as big as the peer's (issue 8, soak)
+def frame(src: str, dst: str, sport: int, dport: int, seq: int, flags: str, ack: int = 0, payload: bytes = b"") -> bytes:
+    from scapy.layers.l2 import Ether
+    return bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") /
+                 IP(src=src, dst=dst) / TCP(sport=sport, dport=dport, seq=seq, ack=ack, flags=flags) / payload)
+
+
+def test_a_spoofed_syn_keeps_the_connection_and_its_smb_session_in_the_view():
+    """RFC 5961 section 4 in the standby's view: a SYN with the right 4-tuple and a new ISN, alone or
+    followed by the rest of a fake handshake, neither replaces the connection nor loses its session."""
+    view = view_of("smb-open.pcap")
+    before = view.snapshot()["connections"]
+    [conn] = before
+    client_ip, client_port = conn["client"].rsplit(":", 1)
+    last_ts = view.last_frame_at
+    spoof = [frame(client_ip, SERVER, int(client_port), 445, 123456, "S"),
+             frame(SERVER, client_ip, 445, int(client_port), 654321, "SA", ack=123457),
+             frame(client_ip, SERVER, int(client_port), 445, 123457, "A", ack=654322),
+             frame(client_ip, SERVER, int(client_port), 445, 123457, "PA", ack=654322, payload=b"\0" * 64)]
+    for i, f in enumerate(spoof):
+        view.on_frame(f, last_ts + 0.01 * (i + 1))
+    after = view.snapshot()
+    assert after["connections"] == before
+    assert after["errors"]["tcp_syn_challenged"] == 2
+    assert view.live_connections()[0]["sessions"][0]["user"] == "pp"
+
+
+def test_view_forgets_what_the_owner_no_longer_has_but_not_what_it_saw_open_since_asking():
+    view = view_of("smb-open.pcap")
+    [conn] = view.snapshot()["connections"]
+    opened = view.pipeline.tcp.connections[next(iter(view.pipeline.tcp.connections))].opened_at
+    # asked before it opened: kept (the owner may not have decoded it yet); the owner has it: kept
+    assert view.forget(opened - 1, keep=set(), gone=False) == 0
+    assert view.forget(opened + 1, keep={(conn["client"], conn["server"])}, gone=False) == 0
+    # the owner's snapshot lacks it and it was open before the standby asked: gone, with its session
+    assert view.forget(opened + 1, keep=set(), gone=False) == 1
+    assert view.snapshot()["connections"] == [] and view.pipeline.smb.connections == {}
+    # a view only forgets its own address's connections
+    other = view_of("smb-open.pcap", address="10.77.0.100", as_client_of=[SERVER])
+    assert other.forget(float("inf"), gone=True) == 1
+    assert view_of("smb-open.pcap").forget(float("inf"), gone=True) == 1
+
+
+def test_a_difference_is_counted_and_names_only_a_few_connections():
+    ours = {"connections": [{"client": f"10.0.0.9:{p}", "protocol": "nfs", "sessions": [], "opens": []}
+                            for p in range(1000, 1500)]}
+    theirs = {"connections": ours["connections"][:3] + [{"client": "10.0.0.8:1", "protocol": "nfs",
+                                                         "sessions": [], "opens": []}]}
+    sync = ViewSync()
+    diff = sync.on_peer_snapshot(theirs, ours)
+    assert diff["counts"] == {"only_at_peer": 1, "only_here": 497, "different": 0}
+    assert len(diff["only_here"]) == 10 and diff["only_at_peer"] == ["10.0.0.8:1"]
+    sync.on_forgotten(497, "gone at the owner")
+    assert sync.status()["forgotten"] == 497 and len(str(sync.status())) < 2000

@@ -363,6 +363,15 @@ def test_freeze_close_restore_in_one_namespace(namespaces, resend_unacked):
         restored = tcprepair.restore_quiet(state, resend_unacked=resend_unacked)
     _ip("-n", n, "addr", "add", f"{SERVICE}/24", "dev", "eth0")
     server.swap(restored.go_live())
+    # a listener can take the port while the restored connection lives (a node restarted after a crash
+    # while the kernel still holds the connections it had moved in)
+    assert server.sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR) == 1
+    with in_netns(n):
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((SERVICE, PORT))
+        listener.listen()
+        listener.close()
     # full-size segments (the clamp less the timestamp option), not the 536-byte default
     assert server.sock.getsockopt(socket.IPPROTO_TCP, tcprepair.TCP_MAXSEG) == state.mss - 12
 

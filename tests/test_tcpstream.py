@@ -321,3 +321,112 @@ def test_takeover_window_of_a_syn_is_unscaled():
     t.feed(seg("c", 1001, b"hi", ack=5001, window=200), 1)
     state = next(iter(t.connections.values())).sequence_state()
     assert state["server_window"] == 100 and state["client_window"] == 200 << 7
+
+
+# --------------------------------------------------------------- SYNs on a tracked connection (RFC 5961 s. 4)
+def established(t, now=1):
+    """A connection with data both ways; the state a spoofer must not touch."""
+    handshake(t)
+    t.feed(seg("c", 1001, b"hello", ack=5001, window=200), now)
+    t.feed(seg("s", 5001, b"world", ack=1006, window=300), now)
+    [conn] = t.connections.values()
+    return conn
+
+
+def test_a_spoofed_syn_in_one_segment_does_not_replace_an_established_connection():
+    t = TcpTracker([445])
+    conn = established(t)
+    before = conn.sequence_state()
+    # a new ISN, with or without data, options that would change the window scale
+    for payload in (b"", b"injected"):
+        ev = t.feed(seg("c", 77_000, payload, flags=SYN, options=TcpOptions(mss=536, wscale=0)), 2)
+        assert ev == []
+    assert t.counters["syn_challenged"] == 2
+    assert list(t.connections.values()) == [conn] and conn.sequence_state() == before
+    # the real client goes on and is still decoded
+    assert data(t.feed(seg("c", 1006, b"more", ack=5006), 3)) == b"more"
+
+
+def test_a_spoofed_handshake_in_pieces_changes_nothing():
+    """What an attacker who cannot see the traffic sends: its own SYN, SYN-ACK, ACK and data on the
+    client's 4-tuple, in separate segments; also a SYN-ACK alone and a SYN from the server's side."""
+    t = TcpTracker([445])
+    conn = established(t)
+    before = conn.sequence_state()
+    pieces = [seg("c", 90_000, flags=SYN, options=TcpOptions(mss=536, wscale=1)),
+              seg("s", 40_000, flags=SYN | ACK, ack=90_001, options=TcpOptions(mss=536, wscale=1)),
+              seg("c", 90_001, flags=ACK, ack=40_001),
+              seg("c", 90_001, b"spoofed request", ack=40_001),
+              seg("s", 40_001, b"spoofed reply", ack=90_016),
+              seg("s", 5006 + 100, flags=SYN | ACK, ack=1006),     # a SYN-ACK "ahead" of the server
+              seg("s", 60_000, flags=SYN)]                        # a SYN from the server's side
+    for i, piece in enumerate(pieces):
+        assert not any(isinstance(e, (ConnectionOpened, ConnectionClosed, Data)) for e in t.feed(piece, 2 + i))
+    assert list(t.connections.values()) == [conn] and conn.sequence_state() == before
+    assert t.counters["syn_challenged"] == 4     # the SYNs and SYN-ACKs
+    assert t.counters["out_of_window"] == 3      # the rest: ACK, request and reply in the spoofer's numbers
+    assert data(t.feed(seg("c", 1006, b"more", ack=5006), 9)) == b"more"
+    assert data(t.feed(seg("s", 5006, b"answer", ack=1010), 9), False) == b"answer"
+
+
+def test_a_syn_after_the_close_was_seen_or_after_a_long_silence_starts_a_new_connection():
+    # a FIN accepted in the window: the old connection is closing, the 4-tuple may be used again
+    t = TcpTracker([445])
+    established(t)
+    t.feed(seg("c", 1006, b"", flags=FIN | ACK, ack=5006), 2)
+    ev = t.feed(seg("c", 9000, flags=SYN), 3)
+    assert [type(e) for e in ev] == [ConnectionClosed, ConnectionOpened] and ev[0].reason == "reused"
+    [conn] = t.connections.values()
+    assert conn.client.isn == 9000
+    # silent for longer than reuse_after (its close passed the observer by): replaced too
+    t = TcpTracker([445], reuse_after=60)
+    established(t, now=1)
+    assert t.feed(seg("c", 9000, flags=SYN), 30) == [] and t.counters["syn_challenged"] == 1
+    ev = t.feed(seg("c", 9000, flags=SYN), 62)
+    assert [type(e) for e in ev] == [ConnectionClosed, ConnectionOpened]
+    # a handshake that never finished has nothing to lose: a new SYN replaces it at once
+    t = TcpTracker([445])
+    t.feed(seg("c", 1000, flags=SYN), 0)
+    ev = t.feed(seg("c", 3000, flags=SYN), 0)
+    assert [type(e) for e in ev] == [ConnectionClosed, ConnectionOpened]
+    # the SYN's own retransmission is part of its handshake, and a late copy after it changes nothing
+    t = TcpTracker([445])
+    assert len(handshake(t)) == 1
+    assert t.feed(seg("c", 1000, flags=SYN), 1) == [] and t.counters["syn_challenged"] == 0
+
+
+def test_forgetting_connections_on_the_owners_word_or_because_their_owner_died():
+    t = TcpTracker([445])
+    established(t)
+    [key] = t.connections
+    ev = t.forget([key], gone=False)
+    assert ev == [ConnectionClosed(key, False, "forgotten")] and not t.connections
+    # not remembered as closed: if it lives after all, its next segment picks it up again
+    assert isinstance(t.feed(seg("c", 1006, b"x", ack=5006), 2)[0], ConnectionOpened)
+    # gone: its late segments are ignored, as after a close
+    t.forget([key], gone=True, now=2)
+    assert t.feed(seg("c", 1007, b"y", ack=5006), 3) == [] and t.counters["late_segments"] == 1
+    assert t.counters["forgotten"] == 2
+
+
+def test_a_kernels_reset_for_a_connection_it_does_not_have_ends_a_mid_stream_pickup():
+    """A client retransmits on a connection the new holder's kernel never had: the kernel answers
+    with an RST whose sequence number is the segment's ACK; the observer picked the connection up
+    from that segment (mid-stream, nothing seen from the server) and must let it go."""
+    t = TcpTracker([445])
+    t.feed(seg("c", 1006, b"retransmitted", ack=5006), 1)
+    assert len(t.connections) == 1
+    ev = t.feed(seg("s", 5006, flags=RST), 1)
+    assert ev and ev[-1].reset and not t.connections
+
+
+def test_a_syn_nobody_answered_expires_like_a_closing_connection():
+    t = TcpTracker([445], idle_timeout=7200, closing_timeout=120)
+    t.feed(seg("c", 1000, flags=SYN), 0)
+    established(TcpTracker([445]))
+    assert t.expire(100) == [] and len(t.connections) == 1
+    [ev] = t.expire(121)
+    assert isinstance(ev, ConnectionClosed) and ev.reason == "idle" and not t.connections
+    t = TcpTracker([445], idle_timeout=7200, closing_timeout=120)
+    established(t, now=0)
+    assert t.expire(121) == [] and len(t.connections) == 1   # an idle synchronised one lives on
