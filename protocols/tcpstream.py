@@ -310,6 +310,8 @@ class TcpTracker:
         (a new connection on the 4-tuple), or ``challenge`` (ignored: the old connection stays)."""
         c, s = conn.client, conn.server
         synced = conn.synchronised()
+        if self._late_handshake(conn, from_client, seg):
+            return "accept"
         if from_client and not seg.has_ack:
             if c.isn == seg.seq or (c.isn is None and not synced):
                 return "duplicate" if synced else "accept"
@@ -326,6 +328,24 @@ class TcpTracker:
                     (c.isn is None or seg.ack == (c.isn + 1) & _MASK):
                 return "accept"
         return "challenge"  # a SYN-ACK of another handshake, a SYN from the server's side
+
+    @staticmethod
+    def _late_handshake(conn: TcpConnection, from_client: bool, seg: TcpSegment) -> bool:
+        """A SYN or SYN-ACK that arrives after later segments of its own connection (reordered, or the
+        only direction this node sees): its sender's ISN was never seen, and ISN + 1 sits at or just
+        before everything seen of that sender (its next byte, the other side's smallest ACK). A spoofer
+        needs in-window sequence numbers for this, the bar RFC 5961 sets for data."""
+        half, other = conn.half(from_client), conn.half(not from_client)
+        if half.isn is not None or (from_client and seg.has_ack) or (not from_client and not seg.has_ack):
+            return False
+        refs = [r for r in (half.next_seq, other.first_ack) if r is not None]
+        if not refs:
+            return False
+        first = (seg.seq + 1) & _MASK
+        if not all(0 <= seq_diff(r, first) < MAX_WINDOW for r in refs):
+            return False
+        # a SYN-ACK must acknowledge the client's SYN where that is known
+        return from_client or other.isn is None or seg.ack == (other.isn + 1) & _MASK
 
     def _segment(self, conn: TcpConnection, from_client: bool, seg: TcpSegment, events: list) -> bool:
         """Apply one segment; False if it was dropped (out of window, unacceptable RST)."""
