@@ -327,6 +327,12 @@ class TcpTracker:
             if not synced and (s.isn is None or s.isn == seg.seq) and \
                     (c.isn is None or seg.ack == (c.isn + 1) & _MASK):
                 return "accept"
+            if c.isn is None and c.next_seq is None and c.last_ack is None:
+                # nothing of the client's side was ever seen (a standby that receives only the frames
+                # destined to its peer sees a backend leg from the server alone): a SYN-ACK is the only
+                # sign that the 4-tuple carries a new connection (the peer's source ports are reused
+                # and its old backend legs end with an RST this node never sees)
+                return "replace"
         return "challenge"  # a SYN-ACK of another handshake, a SYN from the server's side
 
     @staticmethod

@@ -202,7 +202,10 @@ class ResumeWatcher:
             ip = key.client_ip
             if ip not in self.before:
                 continue
-            if type(ev).__name__ == "ConnectionOpened" and ip not in self.reconnected:
+            # a reconnection starts with a SYN; a connection picked up mid-stream is an old one seen
+            # again (a continued connection after the view forgot the dead peer's, issue 10)
+            if type(ev).__name__ == "ConnectionOpened" and not getattr(ev, "mid_stream", False) \
+                    and ip not in self.reconnected:
                 self.reconnected[ip] = time.time() - self.started
             if isinstance(ev, Smb2Response) and ev.status == STATUS_SUCCESS and ev.request is not None:
                 fields = ev.request.fields or {}
