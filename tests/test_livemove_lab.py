@@ -249,8 +249,11 @@ def test_a_move_whose_peer_never_confirms_is_called_off_and_every_client_goes_on
     assert ports_before == ports_after and len(ports_after) == 2 + IDLE and report["connections"] == 1
     # b holds no copy: it never took the address, and it dropped what it restored
     assert b.status()["pair"]["addresses"][host]["role"] != "holding"
-    assert b_moves and b_moves["direction"] == "in" and b_moves["outcome"] == "given_up", b_moves
-    assert b_moves["moved"] == 0 and b_moves["connections"] == 2 + IDLE, b_moves
+    # b got the states and gave them up, or (its ACKs blackholed too, so a's sender stalls after its first
+    # window) never got a whole batch: either way nothing was kept
+    if b_moves is not None:
+        assert b_moves["direction"] == "in" and b_moves["outcome"] == "given_up", b_moves
+        assert b_moves["moved"] == 0 and b_moves["connections"] <= 2 + IDLE, b_moves
     assert lab.run(lab.ns_b, ["ss", "-Htn", "state", "established", "src", host],
                    capture_output=True, text=True).stdout.strip() == "", "b kept a restored connection"
 
