@@ -330,9 +330,13 @@ while time.monotonic() < until:
         if cp.returncode:
             print(json.dumps({"name": name, "result": "error"}), flush=True)
             continue
-        got = hashlib.sha256(open(out, "rb").read()).hexdigest()
+        data = open(out, "rb").read()
+        got = hashlib.sha256(data).hexdigest()
         whose = [n for n, s in want.items() if s == got]
-        print(json.dumps({"name": name, "result": "ok" if got == sha else "wrong", "got_is": whose}), flush=True)
+        line = {"name": name, "result": "ok" if got == sha else "wrong", "got_is": whose}
+        if got != sha:
+            line["got"] = data.hex()  # the test checks what the wrong bytes are
+        print(json.dumps(line), flush=True)
 if os.path.exists(out):
     os.unlink(out)
 """
@@ -344,7 +348,8 @@ def test_nfs_reads_through_a_flapping_pair_are_right_or_fail(lab, stateful_pair)
     both nodes answered for one address (false takeovers under load). This makes such moments on
     purpose: a's process stops for longer than dead_after (b takes its address over while a's kernel
     keeps a's connections and a, resumed, serves it too) while a client reads files of the same size
-    through a's address. Every read must return its own file's bytes or fail; never another's."""
+    through a's address. Every read must return its own file's bytes or fail; never another's, and wrong
+    bytes only in the shape of the known libnfs client bug."""
     a, b = stateful_pair
     host = lab.addresses.service_a
     files = {f"flap-{i}.bin": os.urandom(128 << 10) for i in range(6)}
@@ -374,6 +379,15 @@ def test_nfs_reads_through_a_flapping_pair_are_right_or_fail(lab, stateful_pair)
     print(f"reads: {len(results)}, right {sum(r['result'] == 'ok' for r in results)}, "
           f"failed {sum(r['result'] == 'error' for r in results)}, wrong {len(wrong)}; "
           f"b took over {b.status()['pair']['takeovers_total']} time(s)")
-    assert not wrong, wrong
+    # A wrong read is allowed only in the shape of libnfs's reconnect bug (README, bench/SOAK.md: a reset
+    # in the middle of a READ reply, the re-sent READ's reply written into the half-read buffer): the
+    # file's first X bytes, a whole READ reply header, the file again from its start. Anything else
+    # (another file's bytes, a hole, bytes shifted otherwise) is the pair's fault and fails here.
+    from bench._soakwriter import second_reply_splice
+
+    for r in wrong:
+        got = bytes.fromhex(r.pop("got"))
+        assert not r["got_is"], r  # never another file's bytes
+        assert second_reply_splice(files[r["name"]], got) is not None, (r, len(got), got[:64].hex())
     assert sum(r["result"] == "ok" for r in results) >= 10
     assert b.status()["pair"]["takeovers_total"] >= 1   # the flaps happened
