@@ -75,7 +75,8 @@ def test_sigterm_moves_the_address_with_its_connections_and_exits(lab, pair, tmp
         handed_over = time.monotonic() - stopped_at
         assert a.proc.wait(5) == 0
         exited = time.monotonic() - stopped_at
-        move = st["pair"]["last_move"]
+        # the move's record is written when the move-in finishes, which may be just after the role flips
+        move = b.wait_for(lambda s: s["pair"].get("last_move"), 3, "b's record of the move")["pair"]["last_move"]
         assert move["direction"] == "in" and move["moved"] >= 1 and move["failed"] == 0, move
         (tmp_path / "new.txt").write_bytes(b"a new client after the move\n")
         smb_put(lab, host, tmp_path / "new.txt", "drain-new-client.txt", timeout=10).check()
