@@ -31,7 +31,7 @@ from pyroute2.nftables.expressions import genex, verdict
 from pyroute2.nftables.main import NFTables
 
 from proxy.rstguard import (NF_ACCEPT, NF_DROP, NFPROTO_IPV4, NFT_CMP_EQ, NFT_PAYLOAD_NETWORK_HEADER, _cmp, _drops,
-                            _load, _table_exists)
+                            _delete_table, _load, _table_exists)
 
 log = logging.getLogger("pairproxy.movelock")
 
@@ -46,17 +46,10 @@ def table_name(address: ipaddress.IPv4Address | str) -> str:
 
 def remove_leftover(address: ipaddress.IPv4Address | str) -> bool:
     """Delete a lock a killed node left behind; True if there was one."""
-    nft = NFTables(nfgen_family=NFPROTO_IPV4)
     try:
-        name = table_name(address)
-        if not _table_exists(nft, name):
-            return False
-        nft.table("del", name=name)
-        return True
+        return _delete_table(table_name(address))
     except NetlinkError:
         return False
-    finally:
-        nft.close()
 
 
 def _rule(address: ipaddress.IPv4Address) -> list[dict]:

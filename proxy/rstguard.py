@@ -80,18 +80,25 @@ def mark_own_close(sock, mark: int = OWN_CLOSE_MARK) -> None:
         pass
 
 
-def remove_leftover(address: ipaddress.IPv4Address | str) -> bool:
-    """Delete the guard table of ``address`` if an earlier (killed) run left one; True if there was one."""
+def _delete_table(name: str) -> bool:
+    """Delete the nft table ``name`` if it exists; True if there was one (shared with proxy.movelock)."""
     nft = NFTables(nfgen_family=NFPROTO_IPV4)
     try:
-        name = table_name(address)
         if not _table_exists(nft, name):
             return False
         nft.table("del", name=name)
-        log.info("removed the FIN/RST guard %s left by an earlier run", name)
         return True
     finally:
         nft.close()
+
+
+def remove_leftover(address: ipaddress.IPv4Address | str) -> bool:
+    """Delete the guard table of ``address`` if an earlier (killed) run left one; True if there was one."""
+    name = table_name(address)
+    if not _delete_table(name):
+        return False
+    log.info("removed the FIN/RST guard %s left by an earlier run", name)
+    return True
 
 
 def destroy_leftover_sockets(address: ipaddress.IPv4Address | str) -> int:
