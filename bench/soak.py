@@ -261,14 +261,15 @@ def node_numbers(node: NodeProcess) -> dict:
     st = node.status()
     pid = node.pid
     kids = children(pid)
+    kid_numbers = [proc_numbers(k) for k in kids]  # each child's /proc read once
     pair = st.get("pair") or {}
     sync = pair.get("state_sync") or {}
     out = {"pid": pid, **proc_numbers(pid), "tasks": st.get("tasks"), "children": len(kids),
-           "children_cpu_s": round(sum(proc_numbers(k)["cpu_s"] or 0 for k in kids), 2),
-           "children_rss_kib": sum(proc_numbers(k)["rss_kib"] or 0 for k in kids),
-           "children_rss_anon_kib": sum(proc_numbers(k)["rss_anon_kib"] or 0 for k in kids),
-           "children_rss_file_kib": sum(proc_numbers(k)["rss_file_kib"] or 0 for k in kids),
-           "children_fds": sum(proc_numbers(k)["fds"] or 0 for k in kids),
+           "children_cpu_s": round(sum(n["cpu_s"] or 0 for n in kid_numbers), 2),
+           "children_rss_kib": sum(n["rss_kib"] or 0 for n in kid_numbers),
+           "children_rss_anon_kib": sum(n["rss_anon_kib"] or 0 for n in kid_numbers),
+           "children_rss_file_kib": sum(n["rss_file_kib"] or 0 for n in kid_numbers),
+           "children_fds": sum(n["fds"] or 0 for n in kid_numbers),
            "connections": len(st.get("connections", [])),
            "connections_by_server": by_server(st.get("connections", [])),
            "status_bytes": len(json.dumps(st)),
