@@ -334,3 +334,27 @@ def test_the_buffer_bound_is_configurable_and_bad_values_name_the_key():
         with pytest.raises(ConfigError) as err:
             parse_config(doc)
         assert err.value.problems[0].startswith("pair.continue_buffer: ")
+
+
+def test_leg_options_read_each_sides_window_scale_from_tcp_info():
+    """The options the active node sends for each leg (TCP_INFO of its own sockets): the remote's window
+    scale and its own are different numbers. A client with a tiny receive buffer announces scale 0; the
+    accepting side keeps its own (pyroute2's sock_diag decoder gave the remote's scale for both)."""
+    import socket
+
+    from proxy.standby import leg_options
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        client = socket.socket()
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: its SYN says scale 0
+        client.connect(listener.getsockname())
+        server, _ = listener.accept()
+        with client, server:
+            theirs, ours = leg_options(server), leg_options(client)
+            assert theirs.wscale and theirs.timestamps and theirs.sack
+            assert theirs.snd_wscale == 0 and theirs.rcv_wscale > 0
+            assert ours.snd_wscale == theirs.rcv_wscale and ours.rcv_wscale == 0
+            assert theirs.snd_mss > 0
+        assert leg_options(client) is None  # closed: nothing to say
