@@ -181,6 +181,31 @@ class _Tail:
         self.lost: str | None = None
 
 
+@dataclass(frozen=True)
+class _Legs:
+    """One client leg as a takeover found it: its pairing, both legs' connections and tails (references)."""
+
+    key: ConnKey
+    pairing: Pairing | None
+    client_conn: TcpConnection | None
+    backend_conn: TcpConnection | None
+    client_tail: _Tail | None
+    backend_tail: _Tail | None
+
+
+def _busiest_first(legs: _Legs) -> tuple[float, int]:
+    """Sort key: the latest activity on *both* legs (a connection the relay was moving bytes on when the
+    peer died; an idle client whose request arrived during the outage is recent on its client leg only),
+    then the most bytes either side still lacks. Cheap: no socket state is built."""
+    c, b = legs.client_conn, legs.backend_conn
+    if c is None or b is None:
+        return 0.0, 0
+    pending = 0
+    if not _leg_problem(c.client, "client") and not _leg_problem(b.server, "server"):
+        pending = max(_unacked(c.client, b.server), 0) + max(_unacked(b.server, c.client), 0)
+    return -min(c.last_seen, b.last_seen), -pending
+
+
 @dataclass
 class Verdict:
     """One connection at a takeover: ``states`` (client leg, backend leg) when continuable, else why not."""
@@ -224,6 +249,7 @@ class ContinuationBook:
         #: backend leg -> stream position up to which its server's bytes were handed on (-1: never)
         self.relayed: dict[ConnKey, int] = {}
         self._relay_due: set[ConnKey] = set()  # backend legs with bytes (or a pairing) since the last relay
+        self._rest: list[_Legs] = []  # what plan(first=...) left for plan_rest()
 
     # --------------------------------------------------------------------------------- input
     def _remote_is_client(self, key: ConnKey) -> bool:
@@ -369,18 +395,55 @@ class ContinuationBook:
         """The peer's client legs the trackers know (whether or not paired)."""
         return sorted({k for t in self.trackers for k in t.connections if k.server_ip == self.address})
 
-    def plan(self, now: float, *, keys: Iterable[ConnKey] | None = None) -> list[Verdict]:
-        """A verdict for every client leg of the peer (or for ``keys``), busiest first."""
-        verdicts = [self.verdict(k, now) for k in (self.client_legs() if keys is None else keys)]
-        verdicts.sort(key=lambda v: -(v.pending_to_server + v.pending_to_client))
-        return verdicts
+    def plan(self, now: float, *, keys: Iterable[ConnKey] | None = None, first: int | None = None) -> list[Verdict]:
+        """A verdict for every client leg of the peer (or for ``keys``), busiest first (:func:`_busiest_first`;
+        issue 10, behaviour 7: a takeover restores them in this order).
+
+        ``first``: only the first ``first`` verdicts; the others are kept, as the legs stand now, for
+        :meth:`plan_rest`. Why: a takeover restores the busiest connections before its address comes up
+        and the rest after, and the verdicts of thousands of idle ones must not delay the busy one. The
+        legs are kept by reference (the views forget the dead peer's connections right after the
+        takeover's first request; the objects themselves stay as they were)."""
+        legs = [self._legs(k) for k in (self.client_legs() if keys is None else keys)]
+        legs.sort(key=_busiest_first)
+        if first is None:
+            self._rest = []
+            return [self._verdict(leg, now) for leg in legs]
+        first = max(first, 0)
+        self._rest = legs[first:]
+        return [self._verdict(leg, now) for leg in legs[:first]]
+
+    @property
+    def rest_waiting(self) -> int:
+        """How many verdicts :meth:`plan_rest` would give now."""
+        return len(self._rest)
+
+    def plan_rest(self, now: float, limit: int | None = None) -> list[Verdict]:
+        """The next ``limit`` (default: all) of the verdicts :meth:`plan` with ``first`` left out, in the
+        same order; each is given once."""
+        if limit is None or limit >= len(self._rest):
+            rest, self._rest = self._rest, []
+        else:
+            rest, self._rest = self._rest[:max(limit, 1)], self._rest[max(limit, 1):]
+        return [self._verdict(leg, now) for leg in rest]
 
     def verdict(self, key: ConnKey, now: float) -> Verdict:
+        return self._verdict(self._legs(key), now)
+
+    def _legs(self, key: ConnKey) -> "_Legs":
         pairing = self.pairings.get(key)
+        if pairing is None:
+            return _Legs(key, None, self._conn(key), None, None, None)
+        bkey = pairing.backend_key(self.address)
+        return _Legs(key, pairing, self._conn(key), self._conn(bkey), self.tails.get(key), self.tails.get(bkey))
+
+    def _verdict(self, legs: "_Legs", now: float, *, states: bool = True) -> Verdict:
+        """``states=False``: only whether (and why not) continuable, without building the sockets' states
+        and copying their bytes (status asks for that often, for every connection)."""
+        key, pairing, c, b = legs.key, legs.pairing, legs.client_conn, legs.backend_conn
         name = key.client
         if pairing is None:
             return Verdict(None, name, "the peer did not say which backend leg it pairs with (nor its options)")
-        c, b = self._conn(key), self._conn(pairing.backend_key(self.address))
         if c is None:
             return Verdict(pairing, name, "its client leg was not seen")
         if b is None:
@@ -394,8 +457,9 @@ class ContinuationBook:
             v.reason = (f"the capture missed frames: the {'server' if to_server < 0 else 'client'} acknowledged "
                         f"{-min(to_server, to_client)} bytes more than were seen sent to it")
             return v
-        for pending, leg, who in ((to_server, key, "client"), (to_client, pairing.backend_key(self.address), "server")):
-            tail = self.tails.get(leg)
+        bkey = pairing.backend_key(self.address)
+        for pending, leg, tail, who in ((to_server, key, legs.client_tail, "client"),
+                                        (to_client, bkey, legs.backend_tail, "server")):
             if tail is not None and len(tail.data) > self.cap:
                 self._trim(leg, tail)  # (kept up to twice the cap between trims)
             if pending > self.cap:
@@ -406,8 +470,10 @@ class ContinuationBook:
                 lost = tail.lost if tail is not None and tail.lost else "not kept"
                 v.reason = f"{pending} bytes from the {who} not yet delivered, {have} kept: {lost}"
                 return v
-        to_server_bytes = bytes(self.tails[key].data[-to_server:]) if to_server else b""
-        to_client_bytes = bytes(self.tails[pairing.backend_key(self.address)].data[-to_client:]) if to_client else b""
+        if not states:
+            return v
+        to_server_bytes = bytes(legs.client_tail.data[-to_server:]) if to_server else b""
+        to_client_bytes = bytes(legs.backend_tail.data[-to_client:]) if to_client else b""
         try:
             v.states = (_leg_state(self.address, key.server_port, pairing.client, c.client, pairing.client_options,
                                    to_client_bytes, now - c.last_seen),
@@ -422,7 +488,7 @@ class ContinuationBook:
         others are not (reason -> count), and the bytes kept."""
         reasons: dict[str, int] = {}
         continuable = 0
-        for v in self.plan(now):
+        for v in (self._verdict(self._legs(k), now, states=False) for k in self.client_legs()):
             if v.reason is None:
                 continuable += 1
             else:

@@ -244,7 +244,17 @@ class _Observer:
             self._relay(self.book, self.views["peer_address"])  # a new pairing's replies so far
             return problems
         if op == "continuations":  # a takeover: each connection's two legs to restore, or why not
-            return [v.to_wire() for v in self.book.plan(time.time())] if self.book is not None else []
+            if self.book is None:
+                return [] if request.get("first") is None else {"first": [], "rest": 0}
+            if request.get("first") is None:
+                return [v.to_wire() for v in self.book.plan(time.time())]
+            # the busiest first: the takeover restores these before its address comes up, the rest after
+            first = [v.to_wire() for v in self.book.plan(time.time(), first=int(request["first"]))]
+            return {"first": first, "rest": self.book.rest_waiting}
+        if op == "continuations_rest":  # what "continuations" with "first" left for later
+            if self.book is None:
+                return []
+            return [v.to_wire() for v in self.book.plan_rest(time.time(), limit=request.get("limit"))]
         if op == "continuation_summary":
             return self.book.summary(time.time()) if self.book is not None else None
         if op == "stats":  # per view, in the order of the views: its snooper's counters, and which way frames went

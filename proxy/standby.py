@@ -32,7 +32,7 @@ from proxy.config import Config, ConfigError, ServiceConfig, services_from_dicts
 from proxy.continuation import LegOptions, Pairing, PairingOutbox
 from proxy.netplane import NetworkError
 from proxy.observer import ObserverError, ObserverProcess
-from proxy.rstguard import RstGuard, RstGuardError, destroy_leftover_sockets
+from proxy.rstguard import RstGuard, RstGuardError, destroy_leftover_sockets, remove_leftover
 from proxy.stateful import ViewSync, reset_frames
 from proxy.status import (Behind, Difference, NodeStatus, ResumeRecord, SnooperStats, StateSync, from_json,
                           merge_connections, snapshot_from_dict)
@@ -65,6 +65,11 @@ TCP_ESTABLISHED = 1
 #: bytes to put back): worth more than the ~100 ms of ``observer_timeout``, since each one continued is a
 #: client that does not reconnect
 CONTINUATIONS_TIMEOUT = 1.0
+#: how many of the peer's connections (the busiest) a takeover restores before its address comes up; the
+#: rest follow with the address up, their kernel resets held back (issue 10, behaviour 7)
+CONTINUE_FIRST = 32
+#: ... the rest in chunks of this many (the observer builds the next while this node restores one)
+REST_CHUNK = 256
 
 
 @dataclass(frozen=True)
@@ -111,6 +116,8 @@ class StatefulStandby:
         self.messages_dropped = 0
         self._messages_tx, self._messages_rx = trio.open_memory_channel[dict](100)
         self._fetch_lock = trio.Lock()
+        self._rest_fetched = trio.Event()
+        self._rest_fetched.set()
         self._nursery: trio.Nursery | None = None
         self._preparing = False
         #: this node's proxied connections (its own address's :class:`~proxy.dataplane.ServiceProxy` s):
@@ -139,6 +146,11 @@ class StatefulStandby:
             except (RstGuardError, OSError) as exc:
                 log.error("stateful: %s: if only this process dies, its kernel resets the clients", exc)
                 self._guard = None
+            try:  # a takeover's guard of the peer's address while it repairs (proxy.takeover), if this
+                # process was killed in the middle of one
+                remove_leftover(self.addresses[PEER_ADDRESS])
+            except (NetlinkError, OSError) as exc:
+                log.warning("stateful: cannot check for a leftover guard of %s: %s", self.addresses[PEER_ADDRESS], exc)
         try:
             await self._run(task_status)
         finally:
@@ -358,16 +370,22 @@ class StatefulStandby:
                         trio.current_time() - prepared.fetched_at <= self.timings.prepared_takeover_max_age:
                     plan = prepared.plan
                 else:
+                    log.info("stateful: no prepared takeover plan%s: fetching it now",
+                             "" if prepared is None else " for this silence")
                     plan = await self._fetch_plan(self.timings.observer_timeout)
         if plan is None:
             self.observer_timeouts += 1
             log.warning("stateful: no answer from the observer within %.0f ms: taking over without resets",
                         self.timings.observer_timeout * 1000)
             return TakeoverPlan()
-        # the legs' state as late as possible (never a prepared one: the last ACKs arrive after the death)
+        # the legs' state as late as possible (never a prepared one: the last ACKs arrive after the death);
+        # only the busiest now, the rest once the address is up (continuations_rest)
         with trio.move_on_after(CONTINUATIONS_TIMEOUT):
             try:
-                return replace(plan, continuations=await self.observer.request("continuations") or [])
+                first = await self.observer.request("continuations", first=CONTINUE_FIRST) or {}
+                if first.get("rest"):
+                    self._rest_fetched = trio.Event()  # set by continuations_rest when all are fetched
+                return replace(plan, continuations=first.get("first") or [], more_continuations=first.get("rest") or 0)
             except ObserverError as exc:
                 log.warning("stateful: no continuations: %s", exc)
                 return plan
@@ -375,6 +393,25 @@ class StatefulStandby:
         log.warning("stateful: the observer did not say within %.0f ms which connections to continue: "
                     "resetting them all", CONTINUATIONS_TIMEOUT * 1000)
         return plan
+
+    async def continuations_rest(self, limit: int = REST_CHUNK) -> list[dict]:
+        """The next ``limit`` continuations :meth:`takeover_plan` left for after the address is up (the
+        least busy), as the legs stood at the death verdict; [] when none are left, or if the observer
+        does not answer in time (then the rest are given up: they get resets)."""
+        rest: list[dict] = []
+        with trio.move_on_after(CONTINUATIONS_TIMEOUT):
+            try:
+                rest = await self.observer.request("continuations_rest", limit=limit) or []
+            except ObserverError as exc:
+                log.warning("stateful: no continuations for the rest: %s", exc)
+            if not rest:
+                self._rest_fetched.set()
+            return rest
+        self.observer_timeouts += 1
+        self._rest_fetched.set()
+        log.warning("stateful: the observer did not say within %.0f ms how to continue the rest: resetting them",
+                    CONTINUATIONS_TIMEOUT * 1000)
+        return []
 
     def _forget_soon(self, before: float, why: str) -> None:
         """In the background: the peer views forget the connections first seen before ``before``."""
@@ -386,6 +423,10 @@ class StatefulStandby:
         # one, issue 10) is picked up again by its next segment, and a dead one's late segment is
         # picked up and then ended by the holder's kernel's RST (tcpstream: an RST at the other side's
         # last ACK); what neither happens to is pruned by the owner's next snapshot
+        # after the takeover has fetched the rest of its continuations: they come from the same observer,
+        # one request at a time, and a view forgetting thousands of connections takes a while
+        with trio.move_on_after(CONTINUATIONS_TIMEOUT * 2):
+            await self._rest_fetched.wait()
         for view in PEER_VIEWS:
             # in the background, off the takeover's path: as patient as status (a loaded observer
             # missed observer_timeout here in the soak at load 27)

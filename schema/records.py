@@ -442,6 +442,9 @@ class Takeover:
     number: int = field(default_factory=lambda: next(_takeover_numbers))
     #: stateful: per connection of the peer, continued or reset and why (ContinuationRecord dicts)
     connections: list = field(default_factory=list)
+    #: stateful: when the first (the busiest) and the last continued connection went live
+    first_continued_at: float | None = None
+    all_continued_at: float | None = None
 
     def as_dict(self) -> dict:
         return to_json(self.report())
@@ -461,6 +464,8 @@ class Takeover:
             clients_reset=self.resets,
             backend_connections_reset=self.backend_resets,
             connections_continued=sum(1 for c in self.connections if c.get("continued")),
+            first_continued_ms=ms(self.detected_at, self.first_continued_at),
+            all_continued_ms=ms(self.detected_at, self.all_continued_at),
             connections=[from_json(ContinuationRecord, c, strict=False) for c in self.connections[:200]],
         )
 
@@ -479,6 +484,8 @@ class TakeoverReport:
     clients_reset: int
     backend_connections_reset: int
     connections_continued: int = 0   # stateful: continued with TCP_REPAIR (issue 10)
+    first_continued_ms: float | None = None  # declared dead -> the first (busiest) continued connection live
+    all_continued_ms: float | None = None    # declared dead -> the last continued connection live
     connections: list[ContinuationRecord] = field(default_factory=list)  # per connection (the first 200)
 
 

@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from deploy.lab import PairTimings
 from deploy.lab.clients import SCRIPTS, NodeProcess, established, serving
 from proxy.status import NodeStatus, from_json
 
@@ -164,3 +165,90 @@ def test_a_continued_connection_goes_back_to_a_when_it_returns(lab, continuing_p
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+ECHO_PORT = 7777
+
+
+@pytest.fixture
+def echo_pair(lab, tmp_path):
+    """A stateful pair (nodes-only switch) with one more service, a plain TCP echo (the lab server's
+    tcp_clients.py echo-server on 7777), so hundreds of idle connections cost the file servers nothing."""
+    echo = lab.popen(lab.ns_server, [sys.executable, str(SCRIPTS / "tcp_clients.py"), "echo-server",
+                                     lab.addresses.server, str(ECHO_PORT)], stdout=subprocess.PIPE, text=True)
+    lab.flood("nodes")
+    nodes = []
+    try:
+        assert echo.stdout.readline().strip() == "ready"
+        for name in ("a", "b"):
+            # 50/500 ms: the takeover's observer round trips with hundreds of connections on this loaded
+            # machine outlast the lab's 100 ms (observer_timeout = dead_after: then nothing is continued)
+            path = lab.write_node_config(tmp_path / f"echo-{name}.toml", name, pair=True, mode="stateful",
+                                         timings=PairTimings("50ms", "500ms"))
+            path.write_text(path.read_text() + f'\n[[service]]\nname = "echo"\nprotocol = "tcp"\nport = {ECHO_PORT}\n'
+                            f'backend = "{lab.addresses.server}:{ECHO_PORT}"\n')
+            nodes.append(NodeProcess(lab, name, config=path, log=tmp_path / f"echo-{name}.log"))
+        a, b = nodes
+        b.start()
+        a.start()
+        a.wait_for(serving(lab.addresses.service_a, "a"), 10, "a serving")
+        for node in (a, b):
+            node.wait_for(lambda s: s["pair"]["state_sync"]["observer"] == "running", 10, "observer running")
+        yield a, b
+    finally:
+        for node in nodes:
+            if node.log.exists():
+                print(f"--- log of {node.node} ---\n" + node.log.read_text(errors="replace")[-4000:])
+            node.stop(10)
+        lab.run(lab.ns_a, ["ip", "link", "set", "eth0", "up"])
+        lab.flood(False)
+        echo.kill()
+        echo.wait(10)
+
+
+def test_many_connections_the_busiest_first_and_none_reset_while_the_rest_are_repaired(lab, echo_pair):
+    """Behaviour 7: 300 idle connections and a busy one (an echo every 2 ms) through a; a dies. b restores
+    the busiest before a's address comes up and the rest after it, a few at a time, while its kernel's
+    resets for the ones not yet restored are held back (the idle clients send their next request right
+    at the death: their segments reach b during the repair). Every one is continued: the busy client
+    sees no error, each idle one gets its answer and closes cleanly."""
+    a, b = echo_pair
+    host, idle = lab.addresses.service_a, 300
+    held = lab.popen(lab.ns_client, [sys.executable, str(SCRIPTS / "tcp_clients.py"), "hold", host, str(ECHO_PORT),
+                                     str(idle)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    busy = None
+    try:
+        assert json.loads(held.stdout.readline())["open"] == idle
+        idle_clients = established(lab, host, ECHO_PORT)
+        busy = lab.popen(lab.ns_client, [sys.executable, str(SCRIPTS / "busy_echo.py"), host, str(ECHO_PORT), "30"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert json.loads(busy.stdout.readline()).get("ready")
+        [busy_client] = established(lab, host, ECHO_PORT) - idle_clients
+        b.wait_for(lambda s: (s["pair"]["state_sync"].get("continuation") or {}).get("continuable") == idle + 1,
+                   20, f"b able to continue all {idle + 1}")
+        a.kill_hard(link_down=True)
+        held.stdin.write("\n")  # the idle clients' next request, into the outage
+        held.stdin.flush()
+        b.wait_for(serving(host, "b"), 5, "b holding a's address")
+        st = b.wait_for(lambda s: s["pair"]["takeovers"][-1].get("all_continued_ms") is not None and
+                        s["pair"]["takeovers"][-1]["connections_continued"] == idle + 1, 10, "all continued")
+        takeover = st["pair"]["takeovers"][-1]
+        print("takeover:", {k: v for k, v in takeover.items() if k != "connections"})
+        closed = json.loads(held.stdout.readline())
+        busy.send_signal(signal.SIGTERM)
+        result = json.loads(busy.communicate(timeout=20)[0].strip().splitlines()[-1])
+        print("idle:", closed, "busy:", {k: v for k, v in result.items() if k != "gaps"})
+        assert closed["closed_cleanly"] == idle, closed
+        assert result["error"] is None and result["wrong"] == 0, result
+        assert takeover["clients_reset"] == 0
+        # the busy one first, before the address came up; the rest after it
+        busy_record = next(c for c in takeover["connections"] if c["client"] == busy_client)
+        assert busy_record["continued"]
+        assert takeover["connections"].index(busy_record) == 0
+        assert takeover["first_continued_ms"] <= takeover["address_moved_ms"] + 50
+        assert takeover["all_continued_ms"] > takeover["address_moved_ms"]
+    finally:
+        for proc in (busy, held):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
