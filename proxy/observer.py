@@ -30,6 +30,9 @@ log = logging.getLogger("pairproxy.observer")
 
 _LENGTH = struct.Struct("!I")
 MAX_MESSAGE = 64 << 20
+#: status asks for the continuation summary often; with thousands of the peer's connections it costs tens
+#: of milliseconds here, which a takeover's requests would wait behind: at most one per this many seconds
+SUMMARY_MAX_AGE = 0.5
 
 
 class ObserverError(Exception):
@@ -256,7 +259,7 @@ class _Observer:
                 return []
             return [v.to_wire() for v in self.book.plan_rest(time.time(), limit=request.get("limit"))]
         if op == "continuation_summary":
-            return self.book.summary(time.time()) if self.book is not None else None
+            return self.book.summary(time.time(), max_age=SUMMARY_MAX_AGE) if self.book is not None else None
         if op == "stats":  # per view, in the order of the views: its snooper's counters, and which way frames went
             return [dict(s.stats(), address=v.address, frames_to=v.frames_to, frames_from=v.frames_from)
                     for s, v in zip(self.snoopers, self.views.values())]

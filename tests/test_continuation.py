@@ -353,7 +353,7 @@ def test_busiest_first_and_the_rest_as_the_legs_stood_at_the_first_request():
     tracker = TcpTracker([445])
     book = ContinuationBook(NODE, [tracker], cap=1 << 20)
     n, busy = 40, 17
-    for i in range(n):
+    for i in [*range(busy), *range(busy + 1, n), busy]:  # the busy one's server sent bytes last
         p = oracle.pairing
         book.set_pairings([Pairing((p.client[0], p.client[1] + 2 * i), p.service_port, p.source_port + 2 * i,
                                    p.server, p.client_options, p.backend_options).to_wire()])
