@@ -135,6 +135,14 @@ def echo_configs(bench: Bench, timings: PairTimings) -> dict[str, Path]:
     return out
 
 
+def rss(pid: int) -> int:
+    """Resident memory of process ``pid`` in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
 def slow_poll(node: NodeProcess, predicate, timeout: float, what: str, step: float = 0.5) -> dict:
     """``node.wait_for`` at a slower pace: a status with thousands of connections costs the node (and
     its observer) tens of milliseconds each, and 50 a second are a load of their own."""
@@ -166,7 +174,9 @@ def run_scale(bench: Bench, i: int, idle: int, timings: PairTimings) -> dict:
         b.wait_for(standing_by, 15, "b standing by")
         for node in (a, b):
             node.wait_for(lambda s: s["pair"]["state_sync"]["observer"] == "running", 15, "observer running")
-        false_before = b.status()["pair"]["takeovers_total"]
+        st0 = b.status()
+        false_before = st0["pair"]["takeovers_total"]
+        rss_before = ((st0["pair"]["state_sync"].get("continuation") or {}).get("observer_rss"), rss(b.pid))
         held = lab.popen(lab.ns_client, [sys.executable, str(SCRIPTS / "tcp_clients.py"), "hold", host, str(ECHO_PORT),
                                          str(idle)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         opened = json.loads(held.stdout.readline() or "{}")
@@ -187,6 +197,13 @@ def run_scale(bench: Bench, i: int, idle: int, timings: PairTimings) -> dict:
         time.sleep(max(0.5, idle / 1000))  # the status poll's own cost passes
         load = os.getloadavg()[0]
         false_takeovers = st["pair"]["takeovers_total"] - false_before
+        rss_after = (summary_before.get("observer_rss"), rss(b.pid))
+        memory = {"observer_rss_before": rss_before[0], "observer_rss_after": rss_after[0],
+                  "node_rss_before": rss_before[1], "node_rss_after": rss_after[1],
+                  "bytes_kept": summary_before.get("bytes_kept")}
+        if None not in (rss_before[0], rss_after[0]):
+            memory["observer_bytes_per_connection"] = round((rss_after[0] - rss_before[0]) / (idle + 1))
+        memory["node_bytes_per_connection"] = round((rss_after[1] - rss_before[1]) / (idle + 1))
         a.kill_hard(link_down=True)
         killed_wall = time.time()
 
@@ -201,7 +218,7 @@ def run_scale(bench: Bench, i: int, idle: int, timings: PairTimings) -> dict:
         brec = bres[-1] if bres else {"error": "busy client: no result"}
         gaps = [g for g in brec.get("gaps", []) if g[1] >= killed_wall - 0.05]
         return {"idle": idle, "load": round(load, 2), "false_takeovers_before_kill": false_takeovers,
-                "summary_before": summary_before,
+                "summary_before": summary_before, "standby_memory": memory,
                 "sync_wait_s": round(time.monotonic() - waited, 2),
                 "silence_ms": t["silence_ms"], "address_moved_ms": t["address_moved_ms"],
                 "first_continued_ms": t.get("first_continued_ms"), "all_continued_ms": t.get("all_continued_ms"),

@@ -558,6 +558,16 @@ class ContinuationBook:
         self._summary = (now, out)
         return out
 
+    def sweep(self) -> int:
+        """Trim every tail to what the other leg's remote has not acknowledged (behaviour 6). ``feed``
+        trims a tail only once it holds ``trim_above`` bytes (amortised), so an idle connection would
+        keep up to that much each way for good; a sweep now and then (the observer: every few seconds)
+        brings each down to its need. Returns the bytes kept afterwards."""
+        for key, tail in list(self.tails.items()):
+            if tail.data:
+                self._trim(key, tail)
+        return self.memory()
+
     def memory(self) -> int:
         return sum(len(t.data) for t in self.tails.values())
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import struct
 import subprocess
 import sys
@@ -30,9 +31,21 @@ log = logging.getLogger("pairproxy.observer")
 
 _LENGTH = struct.Struct("!I")
 MAX_MESSAGE = 64 << 20
+_PAGE = os.sysconf("SC_PAGE_SIZE")
 #: status asks for the continuation summary often; with thousands of the peer's connections it costs tens
 #: of milliseconds here, which a takeover's requests would wait behind: at most one per this many seconds
 SUMMARY_MAX_AGE = 0.5
+#: how often the continuation book drops the bytes both sides have (it trims a busy one as it goes)
+SWEEP_EVERY = 5.0
+
+
+def _rss() -> int | None:
+    """This process's resident memory in bytes (/proc/self/statm), None if unreadable."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 class ObserverError(Exception):
@@ -194,6 +207,8 @@ class _Observer:
                 await stdout.send_all(_frame({"ok": False, "error": f"snooper on {self.setup['ifname']}: {exc}"}))
                 return
             await stdout.send_all(_frame({"ok": True}))
+            if self.book is not None:
+                nursery.start_soon(self._sweep)
             while True:
                 request = await _read_message(stdin, buffer)
                 if request is None:  # the node is gone
@@ -205,6 +220,12 @@ class _Observer:
                     answer = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
                 answer["id"] = request.get("id")
                 await stdout.send_all(_frame(answer))
+
+    async def _sweep(self) -> None:
+        """Every SWEEP_EVERY: the continuation book keeps only the bytes not yet acknowledged (behaviour 6)."""
+        while True:
+            await trio.sleep(SWEEP_EVERY)
+            self.book.sweep()
 
     def answer(self, request: dict) -> Any:
         from proxy.stateful import ResumeWatcher
@@ -259,7 +280,10 @@ class _Observer:
                 return []
             return [v.to_wire() for v in self.book.plan_rest(time.time(), limit=request.get("limit"))]
         if op == "continuation_summary":
-            return self.book.summary(time.time(), max_age=SUMMARY_MAX_AGE) if self.book is not None else None
+            if self.book is None:
+                return None
+            # and this process's resident memory: everything the standby keeps of the peer lives here
+            return dict(self.book.summary(time.time(), max_age=SUMMARY_MAX_AGE), observer_rss=_rss())
         if op == "stats":  # per view, in the order of the views: its snooper's counters, and which way frames went
             return [dict(s.stats(), address=v.address, frames_to=v.frames_to, frames_from=v.frames_from)
                     for s, v in zip(self.snoopers, self.views.values())]

@@ -508,6 +508,7 @@ class ContinuationSummary:
     not_continuable: dict[str, int]   # reason -> how many
     bytes_kept: int                   # the standby's buffers of bytes not yet acknowledged
     pairings: int                     # connections the peer told about (legs paired, options)
+    observer_rss: int | None = None   # bytes: the observer's resident memory (all it keeps of both addresses)
 
 
 @dataclass

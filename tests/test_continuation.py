@@ -428,3 +428,16 @@ def test_leg_options_read_each_sides_window_scale_from_tcp_info():
             assert ours.snd_wscale == theirs.rcv_wscale and ours.rcv_wscale == 0
             assert theirs.snd_mss > 0
         assert leg_options(client) is None  # closed: nothing to say
+
+
+def test_a_sweep_keeps_only_the_bytes_not_yet_acknowledged():
+    """Behaviour 6: per connection only what the other side has not acknowledged. ``feed`` trims a tail
+    once it holds 16 KiB; below that an idle connection kept everything it had exchanged (the sessions'
+    setup: kilobytes per connection, for good); the observer's sweep brings every tail to its need."""
+    for cut in (CUTS[len(CUTS) // 3], CUTS[-1]):
+        o = Oracle(cut)
+        v, book = standby_verdict(to_node(cut), o.pairing, SEGMENTS[cut - 1][0])
+        need = len(o.to_server) + len(o.to_client)
+        assert book.memory() > need  # what a connection's first exchanges left
+        assert book.sweep() == need == book.memory()
+        assert v.reason is None and book.verdict(o.pairing.client_key(NODE), SEGMENTS[cut - 1][0]).states == v.states
