@@ -159,16 +159,31 @@ class _Observer:
             self.book = ContinuationBook(peer.address, [peer.pipeline.tcp, backend.pipeline.tcp],
                                          cap=DEFAULT_CAP if setup.get("continuation_cap") is None
                                          else setup["continuation_cap"])
+        #: new clients' SYNs to the peer's address: answered at a takeover (proxy.synlog)
+        self.synlog = None
+        if peer is not None:
+            from proxy.synlog import SynLog
+
+            self.synlog = SynLog(peer.address, setup["views"]["peer_address"]["ports"])
 
     def _callback(self, name: str, view):
         """The snooper's callback of one view: the peer's views feed the continuation book too."""
         book = self.book
+        synlog = self.synlog if name == "peer_address" else None
         if book is None or name not in ("peer_address", "peer_backend"):
-            return view.on_frame
+            if synlog is None:
+                return view.on_frame
+
+            def on_frame_syns(frame, ts: float) -> None:
+                synlog.on_frame(frame, ts)
+                view.on_frame(frame, ts)
+            return on_frame_syns
 
         peer = self.views["peer_address"]
 
         def on_frame(frame, ts: float) -> None:
+            if synlog is not None:
+                synlog.on_frame(frame, ts)
             events = view.on_frame(frame, ts)
             if events:
                 book.feed(events)
@@ -279,6 +294,8 @@ class _Observer:
             if self.book is None:
                 return []
             return [v.to_wire() for v in self.book.plan_rest(time.time(), limit=request.get("limit"))]
+        if op == "syns":  # a takeover: the SYNs new clients sent to the peer's address during the outage
+            return self.synlog.recent(time.time()) if self.synlog is not None else []
         if op == "continuation_summary":
             if self.book is None:
                 return None

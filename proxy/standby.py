@@ -413,6 +413,30 @@ class StatefulStandby:
                     CONTINUATIONS_TIMEOUT * 1000)
         return []
 
+    async def open_repair_guard(self) -> RstGuard | None:
+        """A FIN/RST guard on the peer's address for a takeover's repair (:mod:`proxy.takeover`): once the
+        address is up, a segment of a connection not yet restored finds no socket, and this node's kernel
+        would reset it. In a thread (netlink and an nftables transaction: milliseconds under load). None
+        if it cannot be set (logged): the takeover goes on."""
+        guard = RstGuard(self.addresses[PEER_ADDRESS])
+        try:
+            return await trio.to_thread.run_sync(guard.open)
+        except (RstGuardError, NetlinkError, OSError) as exc:
+            log.error("stateful: %s: connections not yet repaired may be reset by this node's kernel", exc)
+            return None
+
+    async def outage_syns(self) -> list[bytes]:
+        """The SYNs new clients sent to the peer's address lately that nobody answered (IPv4 packets,
+        :mod:`proxy.synlog`); none if the observer does not answer within ``observer_timeout``."""
+        with trio.move_on_after(self.timings.observer_timeout):
+            try:
+                return [bytes(p) for p in await self.observer.request("syns") or []]
+            except ObserverError as exc:
+                log.warning("stateful: the SYNs of the outage not fetched: %s", exc)
+                return []
+        self.observer_timeouts += 1
+        return []
+
     def _forget_soon(self, before: float, why: str) -> None:
         """In the background: the peer views forget the connections first seen before ``before``."""
         if self._nursery is not None and self.observer.ready.is_set():

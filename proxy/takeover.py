@@ -35,11 +35,11 @@ from typing import TYPE_CHECKING, Any
 import trio
 from pyroute2.netlink.exceptions import NetlinkError
 
-from proxy import tcprepair
+from proxy import synlog, tcprepair
 from proxy.config import ConfigError, NodeConfig, PeerConfig, services_from_dicts
 from proxy.drain import DrainRedirect
 from proxy.netplane import NetworkError, PeerMacvlan
-from proxy.rstguard import RstGuard, RstGuardError
+from proxy.rstguard import RstGuard
 from proxy.serving import AddressService
 from proxy.status import Takeover  # the record is part of the status schema; defined once there
 
@@ -133,7 +133,7 @@ async def take_over(*, node: NodeConfig, peer: PeerConfig, peer_hello: dict[str,
     if standby is not None and drain is None:
         async def open_guard() -> None:
             nonlocal guard
-            guard = await _open_repair_guard(peer.address)
+            guard = await standby.open_repair_guard()
 
         try:
             async with trio.open_nursery() as both:
@@ -207,11 +207,12 @@ async def take_over(*, node: NodeConfig, peer: PeerConfig, peer_hello: dict[str,
     # not continued
     if standby is not None:
         if plan.more_continuations:
-            nursery.start_soon(_continue_rest, standby, plan, service, takeover, guard)
+            nursery.start_soon(_answer_syns_then_continue_rest, standby, plan, service, takeover, guard)
         else:
             if guard is not None:  # nothing left to repair: the kernel may reset what finds no socket
                 nursery.start_soon(trio.to_thread.run_sync, guard.close)
             _finish_continuing(standby, plan, takeover)
+            nursery.start_soon(_answer_syns, standby, takeover)
     # 7. the first client, and the end of a drain
     nursery.start_soon(_watch_first_client, takeover, service)
     if drain is not None:
@@ -254,16 +255,21 @@ def _restore_quiet(continuations: list[dict], takeover: Takeover) -> list[tuple[
 REST_BATCH = 8
 
 
-async def _open_repair_guard(address: Any) -> RstGuard | None:
-    """A FIN/RST guard on the peer's address while its connections are repaired with the address up (a
-    segment of one not yet restored finds no socket: the kernel's reset would end it); in a thread
-    (netlink and an nftables transaction: milliseconds under load). None if it cannot be set (logged)."""
-    guard = RstGuard(address)
-    try:
-        return await trio.to_thread.run_sync(guard.open)
-    except (RstGuardError, NetlinkError, OSError) as exc:
-        log.error("stateful: %s: connections not yet repaired may be reset by this node's kernel", exc)
-        return None
+async def _answer_syns(standby: StatefulStandby, takeover: Takeover) -> None:
+    """New clients' SYNs to the peer's address that arrived during the outage, handed to this node's own
+    kernel now that it holds the address: answered at once, instead of after the clients' 1 s SYN
+    retransmission (issue 10, behaviour 3; :mod:`proxy.synlog`)."""
+    packets = await standby.outage_syns()
+    if packets:
+        takeover.syns_answered = synlog.inject(packets, takeover.address)
+        log.info("stateful: %d SYN(s) new clients sent to %s during the outage handed to this node's kernel",
+                 takeover.syns_answered, takeover.address)
+
+
+async def _answer_syns_then_continue_rest(standby: StatefulStandby, plan: TakeoverPlan, service: AddressService,
+                                          takeover: Takeover, guard: RstGuard | None) -> None:
+    await _answer_syns(standby, takeover)
+    await _continue_rest(standby, plan, service, takeover, guard)
 
 
 async def _continue_rest(standby: StatefulStandby, plan: TakeoverPlan, service: AddressService,

@@ -445,6 +445,8 @@ class Takeover:
     #: stateful: when the first (the busiest) and the last continued connection went live
     first_continued_at: float | None = None
     all_continued_at: float | None = None
+    #: stateful: new clients' SYNs of the outage handed to this node's kernel (proxy.synlog)
+    syns_answered: int = 0
 
     def as_dict(self) -> dict:
         return to_json(self.report())
@@ -466,6 +468,7 @@ class Takeover:
             connections_continued=sum(1 for c in self.connections if c.get("continued")),
             first_continued_ms=ms(self.detected_at, self.first_continued_at),
             all_continued_ms=ms(self.detected_at, self.all_continued_at),
+            syns_answered=self.syns_answered,
             connections=[from_json(ContinuationRecord, c, strict=False) for c in self.connections[:200]],
         )
 
@@ -486,6 +489,7 @@ class TakeoverReport:
     connections_continued: int = 0   # stateful: continued with TCP_REPAIR (issue 10)
     first_continued_ms: float | None = None  # declared dead -> the first (busiest) continued connection live
     all_continued_ms: float | None = None    # declared dead -> the last continued connection live
+    syns_answered: int = 0  # stateful: new clients' SYNs seen during the outage, answered at the takeover
     connections: list[ContinuationRecord] = field(default_factory=list)  # per connection (the first 200)
 
 

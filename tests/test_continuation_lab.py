@@ -252,3 +252,44 @@ def test_many_connections_the_busiest_first_and_none_reset_while_the_rest_are_re
             if proc is not None and proc.poll() is None:
                 proc.kill()
                 proc.wait(10)
+
+
+CONNECT_ON_LINE = """
+import socket, sys, time
+socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10).close()  # knows a's MAC, as a client would
+sys.stdout.write("ready\\n"); sys.stdout.flush()
+sys.stdin.readline()
+t0 = time.monotonic()
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
+print(round(time.monotonic() - t0, 3), flush=True)
+s.close()
+"""
+
+
+@pytest.mark.parametrize("continuing_pair", ["nodes"], indirect=True)
+def test_a_client_whose_syn_arrived_during_the_outage_connects_at_the_takeover(lab, continuing_pair):
+    """Behaviour 3: a new client connects to a's address just after a died, before b holds it. Its SYN
+    reaches b (frames to a's MAC), nobody answers; b hands it to its own kernel once it holds the address,
+    so the client connects at the takeover, well before its own SYN retransmission (1 s)."""
+    a, b, _ = continuing_pair
+    host = lab.addresses.service_a
+    client = lab.popen(lab.ns_client, [sys.executable, "-c", CONNECT_ON_LINE, host, "445"], stdin=subprocess.PIPE,
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert client.stdout.readline().strip() == "ready"
+        a.kill_hard(link_down=True)
+        client.stdin.write("go\n")  # the SYN leaves now: b declares a dead only after 100 ms of silence
+        client.stdin.flush()
+        out, err = client.communicate(timeout=15)
+        assert client.returncode == 0, err[-2000:]
+        took = float(out.strip())
+        st = b.wait_for(serving(host, "b"), 5, "b holding a's address")
+        takeover = st["pair"]["takeovers"][-1]
+        print(f"connected after {took * 1000:.0f} ms; takeover {takeover['address_moved_ms']} ms after the verdict "
+              f"({takeover['silence_ms']} ms of silence), {takeover['syns_answered']} SYN(s) answered")
+        assert takeover["syns_answered"] >= 1
+        assert took < 0.8, took  # the SYN retransmission would be at 1 s
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.wait(10)
