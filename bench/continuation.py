@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.driver import (Bench, KeepalivedNode, LabError, NodeProcess, PairTimings, say, serving, standing_by, stats,  # noqa: E402
                           wait_until, run_info)
+from deploy.lab import nodeconfigs  # noqa: E402
 from deploy.lab.clients import SCRIPTS  # noqa: E402
 
 VIP = "10.77.0.50"
@@ -123,15 +124,19 @@ ECHO_PORT = 7777
 
 def echo_configs(bench: Bench, timings: PairTimings) -> dict[str, Path]:
     """The lab's stateful pair configs with one more service: a plain TCP echo on 7777 (the lab server's
-    tcp_clients.py echo-server), so thousands of idle connections cost the file servers nothing."""
+    tcp_clients.py echo-server), so thousands of idle connections cost the file servers nothing. Each
+    node gets its own state directory (a peer hello persisted by the lab's configs lacks the echo service,
+    and a standby snoops the ports of the hello it starts with)."""
     lab = bench.lab
     out = {}
     for n in ("a", "b"):
-        path = lab.write_node_config(bench.work / "configs" / f"scale-{n}.toml", n, pair=True, mode="stateful",
-                                      timings=timings)
-        path.write_text(path.read_text() + f'\n[[service]]\nname = "echo"\nprotocol = "tcp"\nport = {ECHO_PORT}\n'
-                        f'backend = "{lab.addresses.server}:{ECHO_PORT}"\n')
-        out[n] = path
+        config = lab.node_config(n, pair=True, mode="stateful", timings=timings)
+        config["service"].append({"name": "echo", "protocol": "tcp", "port": ECHO_PORT,
+                                  "backend": f"{lab.addresses.server}:{ECHO_PORT}"})
+        state = bench.work / f"state-{n}"
+        state.mkdir(exist_ok=True)
+        config["node"].update(state_dir=str(state), control=str(state / "control.sock"))
+        out[n] = nodeconfigs.write_toml(bench.work / "configs" / f"scale-{n}.toml", config)
     return out
 
 

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from deploy.lab import PairTimings
+from deploy.lab import PairTimings, nodeconfigs
 from deploy.lab.clients import SCRIPTS, NodeProcess, established, serving
 from proxy.status import NodeStatus, from_json
 
@@ -183,10 +183,15 @@ def echo_pair(lab, tmp_path):
         for name in ("a", "b"):
             # 50/500 ms: the takeover's observer round trips with hundreds of connections on this loaded
             # machine outlast the lab's 100 ms (observer_timeout = dead_after: then nothing is continued)
-            path = lab.write_node_config(tmp_path / f"echo-{name}.toml", name, pair=True, mode="stateful",
-                                         timings=PairTimings("50ms", "500ms"))
-            path.write_text(path.read_text() + f'\n[[service]]\nname = "echo"\nprotocol = "tcp"\nport = {ECHO_PORT}\n'
-                            f'backend = "{lab.addresses.server}:{ECHO_PORT}"\n')
+            config = lab.node_config(name, pair=True, mode="stateful", timings=PairTimings("50ms", "500ms"))
+            config["service"].append({"name": "echo", "protocol": "tcp", "port": ECHO_PORT,
+                                      "backend": f"{lab.addresses.server}:{ECHO_PORT}"})
+            # its own state directory: the peer's hello persisted by the lab's configs lacks the echo
+            # service, and a standby snoops the ports of the hello it starts with
+            state = tmp_path / f"state-{name}"
+            state.mkdir()
+            config["node"].update(state_dir=str(state), control=str(state / "control.sock"))
+            path = nodeconfigs.write_toml(tmp_path / f"echo-{name}.toml", config)
             nodes.append(NodeProcess(lab, name, config=path, log=tmp_path / f"echo-{name}.log"))
         a, b = nodes
         b.start()
