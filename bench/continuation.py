@@ -215,8 +215,15 @@ def run_scale(bench: Bench, i: int, idle: int, timings: PairTimings) -> dict:
         a.kill_hard(link_down=True)
         killed_wall = time.time()
 
-        time.sleep(3.0 + idle / 1000)  # the takeover, the rest of the connections, then the resets
-        t = b.status()["pair"]["takeovers"][-1]
+        time.sleep(3.0)  # the takeover, the rest of the connections, then the resets: until the count stays
+        last, t = -1, {}
+        while True:
+            st = slow_poll(b, lambda s: bool(s["pair"]["takeovers"]), 30, "a takeover record", step=1.0)
+            t = st["pair"]["takeovers"][-1]
+            if t.get("all_continued_ms") is not None and t["connections_continued"] == last:
+                break
+            last = t["connections_continued"]
+            time.sleep(1.0)
         busy.terminate()
         bout = busy.communicate(timeout=30)[0]
         bres = [json.loads(line) for line in bout.splitlines() if line.startswith("{") and "done" in line]

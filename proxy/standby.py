@@ -70,6 +70,9 @@ CONTINUATIONS_TIMEOUT = 1.0
 CONTINUE_FIRST = 32
 #: ... the rest in chunks of this many (the observer builds the next while this node restores one)
 REST_CHUNK = 256
+#: the views forget the dead peer's connections once the takeover has fetched all of them (a forget of
+#: thousands takes the observer a while; the chunks would wait behind it): at the latest after this
+FORGET_WAITS_AT_MOST = 30.0
 
 
 @dataclass(frozen=True)
@@ -437,6 +440,10 @@ class StatefulStandby:
         self.observer_timeouts += 1
         return []
 
+    def continuations_done(self) -> None:
+        """The takeover asks for no more continuations (all fetched, or it stopped): the views may forget."""
+        self._rest_fetched.set()
+
     def _forget_soon(self, before: float, why: str) -> None:
         """In the background: the peer views forget the connections first seen before ``before``."""
         if self._nursery is not None and self.observer.ready.is_set():
@@ -449,7 +456,7 @@ class StatefulStandby:
         # last ACK); what neither happens to is pruned by the owner's next snapshot
         # after the takeover has fetched the rest of its continuations: they come from the same observer,
         # one request at a time, and a view forgetting thousands of connections takes a while
-        with trio.move_on_after(CONTINUATIONS_TIMEOUT * 2):
+        with trio.move_on_after(FORGET_WAITS_AT_MOST):
             await self._rest_fetched.wait()
         for view in PEER_VIEWS:
             # in the background, off the takeover's path: as patient as status (a loaded observer

@@ -301,6 +301,7 @@ async def _continue_rest(standby: StatefulStandby, plan: TakeoverPlan, service: 
                         _go_live(_restore_quiet(chunk[i:i + REST_BATCH], takeover), service, takeover)
                         await trio.sleep(0)
     finally:
+        standby.continuations_done()
         with trio.CancelScope(shield=True):
             if guard is not None:
                 await trio.to_thread.run_sync(guard.close)
