@@ -29,8 +29,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.driver import (Bench, KeepalivedNode, NodeProcess, say, serving, standing_by, stats,  # noqa: E402
+from bench.driver import (Bench, KeepalivedNode, LabError, NodeProcess, PairTimings, say, serving, standing_by, stats,  # noqa: E402
                           wait_until, run_info)
+from deploy.lab import nodeconfigs  # noqa: E402
 from deploy.lab.clients import SCRIPTS  # noqa: E402
 
 VIP = "10.77.0.50"
@@ -118,6 +119,166 @@ def run_keepalived(bench: Bench, i: int, protocol: str) -> dict:
         lab.run(lab.ns_a, ["ip", "link", "set", "eth0", "up"])
 
 
+ECHO_PORT = 7777
+
+
+def echo_configs(bench: Bench, timings: PairTimings) -> dict[str, Path]:
+    """The lab's stateful pair configs with one more service: a plain TCP echo on 7777 (the lab server's
+    tcp_clients.py echo-server), so thousands of idle connections cost the file servers nothing. Each
+    node gets its own state directory (a peer hello persisted by the lab's configs lacks the echo service,
+    and a standby snoops the ports of the hello it starts with)."""
+    lab = bench.lab
+    out = {}
+    for n in ("a", "b"):
+        config = lab.node_config(n, pair=True, mode="stateful", timings=timings)
+        config["service"].append({"name": "echo", "protocol": "tcp", "port": ECHO_PORT,
+                                  "backend": f"{lab.addresses.server}:{ECHO_PORT}"})
+        state = bench.work / f"state-{n}"
+        state.mkdir(exist_ok=True)
+        config["node"].update(state_dir=str(state), control=str(state / "control.sock"))
+        out[n] = nodeconfigs.write_toml(bench.work / "configs" / f"scale-{n}.toml", config)
+    return out
+
+
+def rss(pid: int) -> int:
+    """Resident memory of process ``pid`` in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def slow_poll(node: NodeProcess, predicate, timeout: float, what: str, step: float = 0.5) -> dict:
+    """``node.wait_for`` at a slower pace: a status with thousands of connections costs the node (and
+    its observer) tens of milliseconds each, and 50 a second are a load of their own."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            st = node.status()
+        except LabError:  # (a status of thousands of connections on a loaded machine may take over 5 s)
+            st = None
+        if st is not None and predicate(st):
+            return st
+        if time.monotonic() > deadline:
+            raise LabError(f"node {node.node}: {what} not reached within {timeout:g}s")
+        time.sleep(step)
+
+
+def run_scale(bench: Bench, i: int, idle: int, timings: PairTimings) -> dict:
+    """``idle`` idle connections (tcp_clients.py hold: one echo each, then nothing) and one busy one
+    (deploy/lab/scripts/busy_echo.py: 64 bytes echoed every 2 ms) through a; a dies; when did b continue the busy one
+    and all of them (its takeover record, from the death verdict), did the busy client see an error, did
+    every idle one answer one more echo and close cleanly afterwards."""
+    lab = bench.lab
+    configs = echo_configs(bench, timings)
+    a = bench.started(NodeProcess(lab, "a", config=configs["a"], log=bench.work / f"scale-a-{idle}-{i}.log"))
+    b = bench.started(NodeProcess(lab, "b", config=configs["b"], log=bench.work / f"scale-b-{idle}-{i}.log"))
+    host = lab.addresses.service_a
+    held = busy = None
+    try:
+        b.start()
+        a.start()
+        a.wait_for(serving(host, "a"), 15, "a serving")
+        b.wait_for(standing_by, 15, "b standing by")
+        for node in (a, b):
+            node.wait_for(lambda s: s["pair"]["state_sync"]["observer"] == "running", 15, "observer running")
+        st0 = b.status()
+        false_before = st0["pair"]["takeovers_total"]
+        rss_before = ((st0["pair"]["state_sync"].get("continuation") or {}).get("observer_rss"), rss(b.pid))
+        held = lab.popen(lab.ns_client, [sys.executable, str(SCRIPTS / "tcp_clients.py"), "hold", host, str(ECHO_PORT),
+                                         str(idle)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        opened = json.loads(held.stdout.readline() or "{}")
+        if opened.get("open") != idle:
+            return {"error": f"idle connections not opened: {opened}"}
+        busy = lab.popen(lab.ns_client, [sys.executable, str(SCRIPTS / "busy_echo.py"), host,
+                                         str(ECHO_PORT), "60"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        if not json.loads(busy.stdout.readline() or "{}").get("ready"):
+            return {"error": "busy client did not start: " + busy.stderr.read()[-300:]}
+
+        def all_continuable(s: dict) -> bool:
+            c = s["pair"]["state_sync"].get("continuation") or {}
+            return c.get("continuable") == idle + 1
+
+        waited = time.monotonic()
+        st = slow_poll(b, all_continuable, 120, f"b able to continue all {idle + 1}", step=max(0.5, idle / 1000))
+        summary_before = st["pair"]["state_sync"].get("continuation")
+        time.sleep(max(0.5, idle / 1000))  # the status poll's own cost passes
+        load = os.getloadavg()[0]
+        false_takeovers = st["pair"]["takeovers_total"] - false_before
+        rss_after = (summary_before.get("observer_rss"), rss(b.pid))
+        memory = {"observer_rss_before": rss_before[0], "observer_rss_after": rss_after[0],
+                  "node_rss_before": rss_before[1], "node_rss_after": rss_after[1],
+                  "bytes_kept": summary_before.get("bytes_kept")}
+        if None not in (rss_before[0], rss_after[0]):
+            memory["observer_bytes_per_connection"] = round((rss_after[0] - rss_before[0]) / (idle + 1))
+        memory["node_bytes_per_connection"] = round((rss_after[1] - rss_before[1]) / (idle + 1))
+        a.kill_hard(link_down=True)
+        killed_wall = time.time()
+
+        time.sleep(3.0)  # the takeover, the rest of the connections, then the resets: until the count stays
+        last, t = -1, {}
+        while True:
+            st = slow_poll(b, lambda s: bool(s["pair"]["takeovers"]), 30, "a takeover record", step=1.0)
+            t = st["pair"]["takeovers"][-1]
+            if t.get("all_continued_ms") is not None and t["connections_continued"] == last:
+                break
+            last = t["connections_continued"]
+            time.sleep(1.0)
+        busy.terminate()
+        bout = busy.communicate(timeout=30)[0]
+        bres = [json.loads(line) for line in bout.splitlines() if line.startswith("{") and "done" in line]
+        held.stdin.write("\n")
+        held.stdin.flush()
+        closed = json.loads(held.stdout.readline() or "{}")
+        brec = bres[-1] if bres else {"error": "busy client: no result"}
+        gaps = [g for g in brec.get("gaps", []) if g[1] >= killed_wall - 0.05]
+        return {"idle": idle, "load": round(load, 2), "false_takeovers_before_kill": false_takeovers,
+                "summary_before": summary_before, "standby_memory": memory,
+                "sync_wait_s": round(time.monotonic() - waited, 2),
+                "silence_ms": t["silence_ms"], "address_moved_ms": t["address_moved_ms"],
+                "first_continued_ms": t.get("first_continued_ms"), "all_continued_ms": t.get("all_continued_ms"),
+                "continued": t["connections_continued"], "reset": t["clients_reset"],
+                "first_record": (t["connections"] or [{}])[0],
+                "reasons": sorted({c["reason"] for c in t["connections"] if not c["continued"]}),
+                "busy_error": brec.get("error"), "busy_wrong": brec.get("wrong"), "busy_rounds": brec.get("rounds"),
+                "busy_gap_ms": [round((g[1] - g[0]) * 1000, 1) for g in gaps],
+                "busy_back_after_kill_ms": round((gaps[0][1] - killed_wall) * 1000, 1) if gaps else None,
+                "idle_closed_cleanly": closed.get("closed_cleanly"), "idle_failed": closed.get("failed"),
+                "idle_errors": closed.get("errors")}
+    finally:
+        for proc in (busy, held):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        bench.stop(a)
+        bench.stop(b)
+        lab.run(lab.ns_a, ["ip", "link", "set", "eth0", "up"])
+
+
+def main_scale(args) -> int:
+    started = datetime.datetime.now(datetime.timezone.utc)
+    results: list = []
+    with Bench("continuation-scale", prefix=args.prefix, default_prefix="c10b", keep_work=True) as bench:
+        lab = bench.up()
+        for ns in (lab.ns_a, lab.ns_b):
+            bench.sysctl(ns, "net.ipv4.ip_nonlocal_bind", "1")
+        echo = lab.popen(lab.ns_server, [sys.executable, str(SCRIPTS / "tcp_clients.py"), "echo-server",
+                                         lab.addresses.server, str(ECHO_PORT)], stdout=subprocess.PIPE, text=True)
+        bench.defer(lambda: (echo.kill(), echo.wait()))
+        if echo.stdout.readline().strip() != "ready":
+            raise SystemExit("echo server did not start")
+        bench.defer(lambda: lab.ns_switch in lab.existing_namespaces() and lab.flood(False))
+        lab.flood(args.switch)
+        for i in range(args.runs):
+            for idle in [int(n) for n in args.scale.split(",")]:
+                r = run_scale(bench, i, idle, PairTimings(args.heartbeat, args.dead_after))
+                results.append(r)
+                say(f"run {i} idle {idle}: {json.dumps(r)}")
+    doc = {"info": run_info("continuation.py", started), "args": vars(args), "results": results}
+    Path(args.json).write_text(json.dumps(doc, indent=1, default=str) + "\n")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=10)
@@ -125,7 +286,15 @@ def main() -> int:
     parser.add_argument("--switch", default="nodes", choices=("nodes", "hub"))
     parser.add_argument("--prefix", default="c10b")
     parser.add_argument("--json", default=str(Path(__file__).parent / "continuation-latest.json"))
+    parser.add_argument("--scale", default=None,
+                        help="instead: idle connections plus a busy one, e.g. 1,100,1000,5000 (verdict to all continued)")
+    parser.add_argument("--heartbeat", default="50ms", help="--scale: the pair's heartbeat")
+    parser.add_argument("--dead-after", default="500ms", help="--scale: the pair's dead_after")
     args = parser.parse_args()
+    if args.scale:
+        if args.json == parser.get_default("json"):
+            args.json = str(Path(__file__).parent / "continuation-scale-latest.json")
+        return main_scale(args)
     started = datetime.datetime.now(datetime.timezone.utc)
     setups = args.setups.split(",")
     results: dict = {s: {"smb": [], "nfs": []} for s in setups}

@@ -41,6 +41,7 @@ Sans-I/O: events of :class:`protocols.tcpstream.TcpTracker` in, plain data out. 
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -181,6 +182,54 @@ class _Tail:
         self.lost: str | None = None
 
 
+class _Snapshot:
+    """The peer's legs at a takeover's first request (see :meth:`ContinuationBook.plan`)."""
+
+    def __init__(self, address: str, conns: list[dict], pairings: dict, tails: dict):
+        self.address, self.conns, self.pairings, self.tails = address, conns, pairings, tails
+        self.given: set[ConnKey] = set()
+        self.order: list[ConnKey] | None = None
+
+    def conn(self, key: ConnKey) -> TcpConnection | None:
+        for c in self.conns:
+            found = c.get(key)
+            if found is not None:
+                return found
+        return None
+
+    def legs(self, key: ConnKey) -> "_Legs":
+        pairing = self.pairings.get(key)
+        if pairing is None:
+            return _Legs(key, None, self.conn(key), None, None, None)
+        bkey = pairing.backend_key(self.address)
+        return _Legs(key, pairing, self.conn(key), self.conn(bkey), self.tails.get(key), self.tails.get(bkey))
+
+
+@dataclass(frozen=True)
+class _Legs:
+    """One client leg as a takeover found it: its pairing, both legs' connections and tails (references)."""
+
+    key: ConnKey
+    pairing: Pairing | None
+    client_conn: TcpConnection | None
+    backend_conn: TcpConnection | None
+    client_tail: _Tail | None
+    backend_tail: _Tail | None
+
+
+def _busiest_first(legs: _Legs) -> tuple[float, int]:
+    """Sort key: the latest activity on *both* legs (a connection the relay was moving bytes on when the
+    peer died; an idle client whose request arrived during the outage is recent on its client leg only),
+    then the most bytes either side still lacks. Cheap: no socket state is built."""
+    c, b = legs.client_conn, legs.backend_conn
+    if c is None or b is None:
+        return 0.0, 0
+    pending = 0
+    if not _leg_problem(c.client, "client") and not _leg_problem(b.server, "server"):
+        pending = max(_unacked(c.client, b.server), 0) + max(_unacked(b.server, c.client), 0)
+    return -min(c.last_seen, b.last_seen), -pending
+
+
 @dataclass
 class Verdict:
     """One connection at a takeover: ``states`` (client leg, backend leg) when continuable, else why not."""
@@ -224,6 +273,13 @@ class ContinuationBook:
         #: backend leg -> stream position up to which its server's bytes were handed on (-1: never)
         self.relayed: dict[ConnKey, int] = {}
         self._relay_due: set[ConnKey] = set()  # backend legs with bytes (or a pairing) since the last relay
+        #: client legs whose server sent bytes on the backend leg, least recent first (the relay was
+        #: moving bytes on them): the busiest are the last, found in O(first) at a takeover
+        self._active: OrderedDict[ConnKey, None] = OrderedDict()
+        #: what plan(first=...) left for plan_rest(): the peer's legs as they stood (copies of the
+        #: dictionaries, which keep their keys' hashes: cheap), the keys given, the order once computed
+        self._snapshot: _Snapshot | None = None
+        self._summary: tuple[float, dict] | None = None
 
     # --------------------------------------------------------------------------------- input
     def _remote_is_client(self, key: ConnKey) -> bool:
@@ -247,6 +303,11 @@ class ContinuationBook:
                 touched.add(key)
                 if key.client_ip == address:
                     self._relay_due.add(key)
+                    pairing = self.by_backend.get(key)
+                    if pairing is not None:
+                        ckey = pairing.client_key(address)
+                        self._active[ckey] = None
+                        self._active.move_to_end(ckey)
             elif isinstance(ev, Gap):
                 if ev.from_client != self._remote_is_client(key):
                     continue
@@ -257,6 +318,7 @@ class ContinuationBook:
             elif isinstance(ev, ConnectionClosed):
                 self.tails.pop(key, None)
                 self.relayed.pop(key, None)
+                self._active.pop(key, None)
         for key in touched:
             tail = self.tails[key]
             if len(tail.data) > self.trim_above:
@@ -369,18 +431,74 @@ class ContinuationBook:
         """The peer's client legs the trackers know (whether or not paired)."""
         return sorted({k for t in self.trackers for k in t.connections if k.server_ip == self.address})
 
-    def plan(self, now: float, *, keys: Iterable[ConnKey] | None = None) -> list[Verdict]:
-        """A verdict for every client leg of the peer (or for ``keys``), busiest first."""
-        verdicts = [self.verdict(k, now) for k in (self.client_legs() if keys is None else keys)]
-        verdicts.sort(key=lambda v: -(v.pending_to_server + v.pending_to_client))
-        return verdicts
+    def plan(self, now: float, *, keys: Iterable[ConnKey] | None = None, first: int | None = None) -> list[Verdict]:
+        """A verdict for every client leg of the peer (or for ``keys``), busiest first (:func:`_busiest_first`;
+        issue 10, behaviour 7: a takeover restores them in this order).
+
+        ``first``: only the verdicts of the ``first`` busiest (the client legs whose server sent bytes
+        last); the others wait for :meth:`plan_rest`, as the legs stand now. Why: a takeover restores the
+        busiest before its address comes up and the rest after, and thousands of idle connections must not
+        delay the busy one (this costs O(first) verdicts plus copying four dictionaries). The legs are kept
+        by reference: the views forget the dead peer's connections soon after; the objects stay as they were."""
+        if first is None:
+            self._snapshot = None
+            legs = [self._legs(k) for k in (self.client_legs() if keys is None else keys)]
+            legs.sort(key=_busiest_first)
+            return [self._verdict(leg, now) for leg in legs]
+        snap = _Snapshot(self.address, [dict(t.connections) for t in self.trackers], dict(self.pairings),
+                         dict(self.tails))
+        chosen: list[ConnKey] = []
+        for key in reversed(self._active):
+            if len(chosen) >= max(first, 0):
+                break
+            if snap.conn(key) is not None:
+                chosen.append(key)
+        snap.given = set(chosen)
+        self._snapshot = snap
+        return [self._verdict(snap.legs(k), now) for k in chosen]
+
+    @property
+    def rest_waiting(self) -> int:
+        """How many verdicts :meth:`plan_rest` would still give."""
+        snap = self._snapshot
+        if snap is None:
+            return 0
+        if snap.order is None:
+            return sum(1 for c in snap.conns for k in c if k.server_ip == self.address) - len(snap.given)
+        return len(snap.order)
+
+    def plan_rest(self, now: float, limit: int | None = None) -> list[Verdict]:
+        """The next ``limit`` (default: all) of the verdicts :meth:`plan` with ``first`` left out, the
+        most recently busy first; each is given once."""
+        snap = self._snapshot
+        if snap is None:
+            return []
+        if snap.order is None:  # now, not on the way to the address coming up
+            mine = {k for c in snap.conns for k in c if k.server_ip == self.address} - snap.given
+            recent = [k for k in reversed(self._active) if k in mine]
+            seen = set(recent)
+            snap.order = recent + [k for k in mine if k not in seen]
+        take = len(snap.order) if limit is None else max(limit, 1)
+        keys, snap.order = snap.order[:take], snap.order[take:]
+        return [self._verdict(snap.legs(k), now) for k in keys]
 
     def verdict(self, key: ConnKey, now: float) -> Verdict:
+        return self._verdict(self._legs(key), now)
+
+    def _legs(self, key: ConnKey) -> "_Legs":
         pairing = self.pairings.get(key)
+        if pairing is None:
+            return _Legs(key, None, self._conn(key), None, None, None)
+        bkey = pairing.backend_key(self.address)
+        return _Legs(key, pairing, self._conn(key), self._conn(bkey), self.tails.get(key), self.tails.get(bkey))
+
+    def _verdict(self, legs: "_Legs", now: float, *, states: bool = True) -> Verdict:
+        """``states=False``: only whether (and why not) continuable, without building the sockets' states
+        and copying their bytes (status asks for that often, for every connection)."""
+        key, pairing, c, b = legs.key, legs.pairing, legs.client_conn, legs.backend_conn
         name = key.client
         if pairing is None:
             return Verdict(None, name, "the peer did not say which backend leg it pairs with (nor its options)")
-        c, b = self._conn(key), self._conn(pairing.backend_key(self.address))
         if c is None:
             return Verdict(pairing, name, "its client leg was not seen")
         if b is None:
@@ -394,8 +512,9 @@ class ContinuationBook:
             v.reason = (f"the capture missed frames: the {'server' if to_server < 0 else 'client'} acknowledged "
                         f"{-min(to_server, to_client)} bytes more than were seen sent to it")
             return v
-        for pending, leg, who in ((to_server, key, "client"), (to_client, pairing.backend_key(self.address), "server")):
-            tail = self.tails.get(leg)
+        bkey = pairing.backend_key(self.address)
+        for pending, leg, tail, who in ((to_server, key, legs.client_tail, "client"),
+                                        (to_client, bkey, legs.backend_tail, "server")):
             if tail is not None and len(tail.data) > self.cap:
                 self._trim(leg, tail)  # (kept up to twice the cap between trims)
             if pending > self.cap:
@@ -406,8 +525,10 @@ class ContinuationBook:
                 lost = tail.lost if tail is not None and tail.lost else "not kept"
                 v.reason = f"{pending} bytes from the {who} not yet delivered, {have} kept: {lost}"
                 return v
-        to_server_bytes = bytes(self.tails[key].data[-to_server:]) if to_server else b""
-        to_client_bytes = bytes(self.tails[pairing.backend_key(self.address)].data[-to_client:]) if to_client else b""
+        if not states:
+            return v
+        to_server_bytes = bytes(legs.client_tail.data[-to_server:]) if to_server else b""
+        to_client_bytes = bytes(legs.backend_tail.data[-to_client:]) if to_client else b""
         try:
             v.states = (_leg_state(self.address, key.server_port, pairing.client, c.client, pairing.client_options,
                                    to_client_bytes, now - c.last_seen),
@@ -417,19 +538,35 @@ class ContinuationBook:
             v.reason = f"inconsistent state: {exc}"
         return v
 
-    def summary(self, now: float) -> dict:
+    def summary(self, now: float, *, max_age: float = 0.0) -> dict:
         """For status while standing by: how many of the peer's connections are continuable now, why the
-        others are not (reason -> count), and the bytes kept."""
+        others are not (reason -> count), and the bytes kept. ``max_age``: the last answer if it is at most
+        this old (seconds of ``now``): status is asked often, and with thousands of connections this costs
+        tens of milliseconds of the observer, which a takeover's requests would wait behind."""
+        if self._summary is not None and 0 <= now - self._summary[0] <= max_age:
+            return self._summary[1]
         reasons: dict[str, int] = {}
         continuable = 0
-        for v in self.plan(now):
+        for v in (self._verdict(self._legs(k), now, states=False) for k in self.client_legs()):
             if v.reason is None:
                 continuable += 1
             else:
                 short = v.reason.split(":")[0]
                 reasons[short] = reasons.get(short, 0) + 1
-        return {"connections": continuable + sum(reasons.values()), "continuable": continuable,
-                "not_continuable": reasons, "bytes_kept": self.memory(), "pairings": len(self.pairings)}
+        out = {"connections": continuable + sum(reasons.values()), "continuable": continuable,
+               "not_continuable": reasons, "bytes_kept": self.memory(), "pairings": len(self.pairings)}
+        self._summary = (now, out)
+        return out
+
+    def sweep(self) -> int:
+        """Trim every tail to what the other leg's remote has not acknowledged (behaviour 6). ``feed``
+        trims a tail only once it holds ``trim_above`` bytes (amortised), so an idle connection would
+        keep up to that much each way for good; a sweep now and then (the observer: every few seconds)
+        brings each down to its need. Returns the bytes kept afterwards."""
+        for key, tail in list(self.tails.items()):
+            if tail.data:
+                self._trim(key, tail)
+        return self.memory()
 
     def memory(self) -> int:
         return sum(len(t.data) for t in self.tails.values())

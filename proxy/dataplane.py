@@ -85,6 +85,8 @@ class Connection:
     started: float = field(default_factory=time.monotonic)
     #: for status (proxy.status.proxied_connections): this node's end of the backend leg, bytes each way
     backend_source: tuple[str, int] | None = None
+    #: (client, backend) sockets once both legs exist: a stateful node reads their TCP_INFO (proxy.standby)
+    legs: tuple | None = None
     bytes_to_backend: int = 0
     bytes_to_client: int = 0
     #: a live move (proxy.livemove): set ``moving`` and cancel ``pumps``; the pumps stop without closing
@@ -434,6 +436,7 @@ class ServiceProxy:
                 finished = True  # nothing was sent either way: a plain FIN tells the client cleanly
                 return
             conn.backend_source = backend.getsockname()
+            conn.legs = (client, backend)
 
             def to_backend(n: int) -> None:
                 stats.bytes_to_backend += n

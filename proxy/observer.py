@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import struct
 import subprocess
 import sys
@@ -30,6 +31,21 @@ log = logging.getLogger("pairproxy.observer")
 
 _LENGTH = struct.Struct("!I")
 MAX_MESSAGE = 64 << 20
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+#: status asks for the continuation summary often; with thousands of the peer's connections it costs tens
+#: of milliseconds here, which a takeover's requests would wait behind: at most one per this many seconds
+SUMMARY_MAX_AGE = 0.5
+#: how often the continuation book drops the bytes both sides have (it trims a busy one as it goes)
+SWEEP_EVERY = 5.0
+
+
+def _rss() -> int | None:
+    """This process's resident memory in bytes (/proc/self/statm), None if unreadable."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 class ObserverError(Exception):
@@ -143,16 +159,31 @@ class _Observer:
             self.book = ContinuationBook(peer.address, [peer.pipeline.tcp, backend.pipeline.tcp],
                                          cap=DEFAULT_CAP if setup.get("continuation_cap") is None
                                          else setup["continuation_cap"])
+        #: new clients' SYNs to the peer's address: answered at a takeover (proxy.synlog)
+        self.synlog = None
+        if peer is not None:
+            from proxy.synlog import SynLog
+
+            self.synlog = SynLog(peer.address, setup["views"]["peer_address"]["ports"])
 
     def _callback(self, name: str, view):
         """The snooper's callback of one view: the peer's views feed the continuation book too."""
         book = self.book
+        synlog = self.synlog if name == "peer_address" else None
         if book is None or name not in ("peer_address", "peer_backend"):
-            return view.on_frame
+            if synlog is None:
+                return view.on_frame
+
+            def on_frame_syns(frame, ts: float) -> None:
+                synlog.on_frame(frame, ts)
+                view.on_frame(frame, ts)
+            return on_frame_syns
 
         peer = self.views["peer_address"]
 
         def on_frame(frame, ts: float) -> None:
+            if synlog is not None:
+                synlog.on_frame(frame, ts)
             events = view.on_frame(frame, ts)
             if events:
                 book.feed(events)
@@ -191,6 +222,8 @@ class _Observer:
                 await stdout.send_all(_frame({"ok": False, "error": f"snooper on {self.setup['ifname']}: {exc}"}))
                 return
             await stdout.send_all(_frame({"ok": True}))
+            if self.book is not None:
+                nursery.start_soon(self._sweep)
             while True:
                 request = await _read_message(stdin, buffer)
                 if request is None:  # the node is gone
@@ -202,6 +235,12 @@ class _Observer:
                     answer = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
                 answer["id"] = request.get("id")
                 await stdout.send_all(_frame(answer))
+
+    async def _sweep(self) -> None:
+        """Every SWEEP_EVERY: the continuation book keeps only the bytes not yet acknowledged (behaviour 6)."""
+        while True:
+            await trio.sleep(SWEEP_EVERY)
+            self.book.sweep()
 
     def answer(self, request: dict) -> Any:
         from proxy.stateful import ResumeWatcher
@@ -244,9 +283,24 @@ class _Observer:
             self._relay(self.book, self.views["peer_address"])  # a new pairing's replies so far
             return problems
         if op == "continuations":  # a takeover: each connection's two legs to restore, or why not
-            return [v.to_wire() for v in self.book.plan(time.time())] if self.book is not None else []
+            if self.book is None:
+                return [] if request.get("first") is None else {"first": [], "rest": 0}
+            if request.get("first") is None:
+                return [v.to_wire() for v in self.book.plan(time.time())]
+            # the busiest first: the takeover restores these before its address comes up, the rest after
+            first = [v.to_wire() for v in self.book.plan(time.time(), first=int(request["first"]))]
+            return {"first": first, "rest": self.book.rest_waiting}
+        if op == "continuations_rest":  # what "continuations" with "first" left for later
+            if self.book is None:
+                return []
+            return [v.to_wire() for v in self.book.plan_rest(time.time(), limit=request.get("limit"))]
+        if op == "syns":  # a takeover: the SYNs new clients sent to the peer's address during the outage
+            return self.synlog.recent(time.time()) if self.synlog is not None else []
         if op == "continuation_summary":
-            return self.book.summary(time.time()) if self.book is not None else None
+            if self.book is None:
+                return None
+            # and this process's resident memory: everything the standby keeps of the peer lives here
+            return dict(self.book.summary(time.time(), max_age=SUMMARY_MAX_AGE), observer_rss=_rss())
         if op == "stats":  # per view, in the order of the views: its snooper's counters, and which way frames went
             return [dict(s.stats(), address=v.address, frames_to=v.frames_to, frames_from=v.frames_from)
                     for s, v in zip(self.snoopers, self.views.values())]

@@ -35,10 +35,11 @@ from typing import TYPE_CHECKING, Any
 import trio
 from pyroute2.netlink.exceptions import NetlinkError
 
-from proxy import tcprepair
+from proxy import synlog, tcprepair
 from proxy.config import ConfigError, NodeConfig, PeerConfig, services_from_dicts
 from proxy.drain import DrainRedirect
 from proxy.netplane import NetworkError, PeerMacvlan
+from proxy.rstguard import RstGuard
 from proxy.serving import AddressService
 from proxy.status import Takeover  # the record is part of the status schema; defined once there
 
@@ -57,6 +58,8 @@ class TakeoverPlan:
     #: per client leg of the peer: both legs' repair states, or why not continuable
     #: (:meth:`proxy.continuation.Verdict.to_wire`); the continued ones are not reset
     continuations: list[dict] = field(default_factory=list)
+    #: how many more (the least busy) the standby has for after the address is up (continuations_rest)
+    more_continuations: int = 0
 
 
 class TakeoverError(Exception):
@@ -115,11 +118,46 @@ async def take_over(*, node: NodeConfig, peer: PeerConfig, peer_hello: dict[str,
                             retry=False) from None
     takeover = Takeover(str(peer.address), last_heard_at, detected_at, time.time())
     # 2. what the standby knows (bounded: a stuck observer costs a stateless takeover, no more)
-    plan = await standby.takeover_plan() if standby is not None and drain is None else TakeoverPlan()
+    phases: dict[str, float] = {}
+    mark = trio.current_time()
+
+    def phase(name: str) -> None:
+        nonlocal mark
+        now = trio.current_time()
+        phases[name] = round((now - mark) * 1000, 1)
+        mark = now
+
+    # meanwhile, in a thread, the guard that keeps this node's kernel from resetting the connections not
+    # yet restored once the address is up (step 4; an nftables transaction: milliseconds under load)
+    guard: RstGuard | None = None
+    if standby is not None and drain is None:
+        async def open_guard() -> None:
+            nonlocal guard
+            guard = await standby.open_repair_guard()
+
+        try:
+            async with trio.open_nursery() as both:
+                both.start_soon(open_guard)
+                plan = await standby.takeover_plan()
+        except BaseException:  # cancelled (the node stops): not left behind
+            if guard is not None:
+                guard.close()
+            raise
+    else:
+        plan = TakeoverPlan()
+    phase("plan")
+
+    def close_guard() -> None:
+        nonlocal guard
+        if guard is not None:
+            guard.close()
+            guard = None
+
     # 3. the macvlan
     try:
         opened = macvlan.open(peer_hello["mac"])
     except (NetworkError, NetlinkError, OSError) as exc:
+        close_guard()
         raise TakeoverError(f"macvlan {peer.macvlan}: {_describe(exc)}", retry=True) from None
     if drain is not None:
         try:
@@ -127,8 +165,10 @@ async def take_over(*, node: NodeConfig, peer: PeerConfig, peer_hello: dict[str,
         except OSError as exc:  # the takeover goes on; the leaving peer's clients reconnect
             log.error("drain: cannot pass the leaving peer's connections on: %s", exc)
             drain = None
-    # 4. the continuable connections, restored quietly
+    # 4. the busiest continuable connections, restored quietly; the rest follow once the address is up,
+    # and until they are restored this node's kernel must not reset them (their segments find no socket)
     restored = _restore_quiet(plan.continuations, takeover) if standby is not None else []
+    phase("restore_first")
     # 5. the peer's services on its address
     service = AddressService(ipaddress.IPv4Interface(f"{peer.address}/32"), peer.macvlan, services,
                              announce_ifname=node.interface, announce_mac=mac)
@@ -153,26 +193,33 @@ async def take_over(*, node: NodeConfig, peer: PeerConfig, peer_hello: dict[str,
         for _, rc, rb in restored:
             rc.close_silently()
             rb.close_silently()
+        close_guard()
         if drain is not None:
             with trio.CancelScope(shield=True):
                 await drain.close()
         if opened:
             macvlan.close()
         raise TakeoverError(f"serving {peer.address}: {_describe(exc)}", retry=True) from None
+    phase("address")
     _go_live(restored, service, takeover)
-    # 6. resets, for every connection not continued
+    phase("live_first")
+    # 6. the rest of the continuable connections (in the background); then resets, for every connection
+    # not continued
     if standby is not None:
-        takeover.resets, takeover.backend_resets = standby.send_resets(_not_continued(plan, takeover))
-        continued = [r["client"] for r in takeover.connections if r["continued"]]
-        if continued:
-            standby.note_continued(continued)
+        if plan.more_continuations:
+            nursery.start_soon(_answer_syns_then_continue_rest, standby, plan, service, takeover, guard)
+        else:
+            if guard is not None:  # nothing left to repair: the kernel may reset what finds no socket
+                nursery.start_soon(trio.to_thread.run_sync, guard.close)
+            _finish_continuing(standby, plan, takeover)
+            nursery.start_soon(_answer_syns, standby, takeover)
     # 7. the first client, and the end of a drain
     nursery.start_soon(_watch_first_client, takeover, service)
     if drain is not None:
         nursery.start_soon(drain.close_after, drain.seconds + 1.0)
-    log.info("took over %s from %s in %.1f ms (detected after %.0f ms of silence); replies leave with MAC %s",
-             peer.address, peer.name, (takeover.address_up_at - takeover.detected_at) * 1000,
-             (takeover.detected_at - (takeover.last_heard_at or takeover.detected_at)) * 1000, mac)
+    log.info("took over %s from %s in %.1f ms (detected after %.0f ms of silence); replies leave with MAC %s; "
+             "phases (ms) %s", peer.address, peer.name, (takeover.address_up_at - takeover.detected_at) * 1000,
+             (takeover.detected_at - (takeover.last_heard_at or takeover.detected_at)) * 1000, mac, phases)
     return HeldAddress(service, done, takeover, opened, drain)
 
 
@@ -203,6 +250,78 @@ def _restore_quiet(continuations: list[dict], takeover: Takeover) -> list[tuple[
     return restored
 
 
+#: the rest of the continued connections are restored this many at a time, with a turn of the event loop
+#: between batches (the pumps of those already continued run meanwhile)
+REST_BATCH = 8
+
+
+async def _answer_syns(standby: StatefulStandby, takeover: Takeover) -> None:
+    """New clients' SYNs to the peer's address that arrived during the outage, handed to this node's own
+    kernel now that it holds the address: answered at once, instead of after the clients' 1 s SYN
+    retransmission (issue 10, behaviour 3; :mod:`proxy.synlog`)."""
+    packets = await standby.outage_syns()
+    if packets:
+        takeover.syns_answered = synlog.inject(packets, takeover.address)
+        log.info("stateful: %d SYN(s) new clients sent to %s during the outage handed to this node's kernel",
+                 takeover.syns_answered, takeover.address)
+
+
+async def _answer_syns_then_continue_rest(standby: StatefulStandby, plan: TakeoverPlan, service: AddressService,
+                                          takeover: Takeover, guard: RstGuard | None) -> None:
+    await _answer_syns(standby, takeover)
+    await _continue_rest(standby, plan, service, takeover, guard)
+
+
+async def _continue_rest(standby: StatefulStandby, plan: TakeoverPlan, service: AddressService,
+                         takeover: Takeover, guard: RstGuard | None) -> None:
+    """With the address up: the least busy connections, restored and live a batch at a time (the next
+    chunk is fetched from the observer meanwhile); then the guard goes and the connections not continued
+    get their resets."""
+    rest: list[dict] = []
+    chunks_tx, chunks_rx = trio.open_memory_channel[list](1)
+
+    async def fetch() -> None:
+        async with chunks_tx:
+            while chunk := await standby.continuations_rest():
+                await chunks_tx.send(chunk)
+
+    try:
+        async with trio.open_nursery() as fetching:
+            fetching.start_soon(fetch)
+            async with chunks_rx:
+                async for chunk in chunks_rx:
+                    rest += chunk
+                    for i in range(0, len(chunk), REST_BATCH):
+                        if service.state not in ("idle", "serving"):  # handed back (or stopped) meanwhile
+                            for entry in chunk[i:]:
+                                takeover.connections.append({"client": entry.get("client"), "continued": False,
+                                                             "reason": "the address was released during the repair",
+                                                             "pending": entry.get("pending")})
+                            break
+                        _go_live(_restore_quiet(chunk[i:i + REST_BATCH], takeover), service, takeover)
+                        await trio.sleep(0)
+    finally:
+        standby.continuations_done()
+        with trio.CancelScope(shield=True):
+            if guard is not None:
+                await trio.to_thread.run_sync(guard.close)
+            _finish_continuing(standby, replace(plan, continuations=plan.continuations + rest), takeover)
+
+
+def _finish_continuing(standby: StatefulStandby, plan: TakeoverPlan, takeover: Takeover) -> None:
+    """Every connection is continued or not: resets to the others, the resume report told, a log line."""
+    takeover.resets, takeover.backend_resets = standby.send_resets(_not_continued(plan, takeover))
+    continued = [r["client"] for r in takeover.connections if r["continued"]]
+    if continued:
+        standby.note_continued(continued)
+    if takeover.connections:
+        log.info("stateful: continued %d of the peer's %d connection(s) in %.1f ms%s", len(continued),
+                 len(takeover.connections),
+                 ((takeover.all_continued_at or takeover.detected_at) - takeover.detected_at) * 1000,
+                 "".join(f"; {r['client']} reset: {r['reason']}" for r in takeover.connections
+                         if not r["continued"])[:2000])
+
+
 def _go_live(restored: list[tuple[dict, Any, Any]], service: AddressService, takeover: Takeover) -> None:
     """The address is up: each restored connection's legs go live and get their pumps."""
     by_port = {p: proxy for proxy in service.proxies for p in proxy.service.ports}
@@ -224,11 +343,9 @@ def _go_live(restored: list[tuple[dict, Any, Any]], service: AddressService, tak
             continue
         service.adopt(proxy, client, backend, port)
         record["continued"] = True
-    continued = sum(1 for r in takeover.connections if r["continued"])
-    if takeover.connections:
-        log.info("stateful: continued %d of the peer's %d connection(s)%s", continued, len(takeover.connections),
-                 "".join(f"; {r['client']} reset: {r['reason']}" for r in takeover.connections
-                         if not r["continued"])[:2000])
+        takeover.all_continued_at = trio.current_time()
+        if takeover.first_continued_at is None:
+            takeover.first_continued_at = takeover.all_continued_at
 
 
 def _not_continued(plan: TakeoverPlan, takeover: Takeover) -> TakeoverPlan:

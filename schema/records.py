@@ -442,6 +442,11 @@ class Takeover:
     number: int = field(default_factory=lambda: next(_takeover_numbers))
     #: stateful: per connection of the peer, continued or reset and why (ContinuationRecord dicts)
     connections: list = field(default_factory=list)
+    #: stateful: when the first (the busiest) and the last continued connection went live
+    first_continued_at: float | None = None
+    all_continued_at: float | None = None
+    #: stateful: new clients' SYNs of the outage handed to this node's kernel (proxy.synlog)
+    syns_answered: int = 0
 
     def as_dict(self) -> dict:
         return to_json(self.report())
@@ -461,6 +466,9 @@ class Takeover:
             clients_reset=self.resets,
             backend_connections_reset=self.backend_resets,
             connections_continued=sum(1 for c in self.connections if c.get("continued")),
+            first_continued_ms=ms(self.detected_at, self.first_continued_at),
+            all_continued_ms=ms(self.detected_at, self.all_continued_at),
+            syns_answered=self.syns_answered,
             connections=[from_json(ContinuationRecord, c, strict=False) for c in self.connections[:200]],
         )
 
@@ -479,6 +487,9 @@ class TakeoverReport:
     clients_reset: int
     backend_connections_reset: int
     connections_continued: int = 0   # stateful: continued with TCP_REPAIR (issue 10)
+    first_continued_ms: float | None = None  # declared dead -> the first (busiest) continued connection live
+    all_continued_ms: float | None = None    # declared dead -> the last continued connection live
+    syns_answered: int = 0  # stateful: new clients' SYNs seen during the outage, answered at the takeover
     connections: list[ContinuationRecord] = field(default_factory=list)  # per connection (the first 200)
 
 
@@ -501,6 +512,7 @@ class ContinuationSummary:
     not_continuable: dict[str, int]   # reason -> how many
     bytes_kept: int                   # the standby's buffers of bytes not yet acknowledged
     pairings: int                     # connections the peer told about (legs paired, options)
+    observer_rss: int | None = None   # bytes: the observer's resident memory (all it keeps of both addresses)
 
 
 @dataclass

@@ -334,3 +334,110 @@ def test_the_buffer_bound_is_configurable_and_bad_values_name_the_key():
         with pytest.raises(ConfigError) as err:
             parse_config(doc)
         assert err.value.problems[0].startswith("pair.continue_buffer: ")
+
+
+def _copy(seg: TcpSegment, shift: int) -> TcpSegment:
+    """``seg`` of another proxied connection: the client's port and the node's backend port moved by ``shift``."""
+    sport = seg.sport + shift if seg.sport in (50768, 51806) else seg.sport
+    dport = seg.dport + shift if seg.dport in (50768, 51806) else seg.dport
+    return TcpSegment(seg.src, seg.dst, sport, dport, seg.seq, seg.ack, seg.flags, seg.window, seg.options, seg.payload)
+
+
+def test_busiest_first_and_the_rest_as_the_legs_stood_at_the_first_request():
+    """Behaviour 7: a takeover asks for the busiest few first (restored before its address comes up) and
+    for the rest afterwards; the rest are the legs as they stood at the first request, even when the views
+    forget the dead peer's connections in between (as they do right after a takeover's first request)."""
+    cut = CUTS[-1]
+    oracle = Oracle(cut)
+    frames = to_node(cut)
+    tracker = TcpTracker([445])
+    book = ContinuationBook(NODE, [tracker], cap=1 << 20)
+    n, busy = 40, 17
+    for i in [*range(busy), *range(busy + 1, n), busy]:  # the busy one's server sent bytes last
+        p = oracle.pairing
+        book.set_pairings([Pairing((p.client[0], p.client[1] + 2 * i), p.service_port, p.source_port + 2 * i,
+                                   p.server, p.client_options, p.backend_options).to_wire()])
+        late = 5.0 if i == busy else 0.0  # this one was active last
+        for ts, seg in frames:
+            book.feed([(ev.key, ev) for ev in tracker.feed(_copy(seg, 2 * i), ts + late)])
+    now = frames[-1][0] + 6.0
+    everything = {v.client: v for v in book.plan(now)}
+    first = book.plan(now, first=3)
+    assert len(first) == 3 and book.rest_waiting == n - 3
+    assert first[0].client == f"{oracle.pairing.client[0]}:{oracle.pairing.client[1] + 2 * busy}"
+    # the views forget the dead peer's connections (even were the book told, its tails would go)
+    book.feed([(ev.key, ev) for ev in tracker.forget(list(tracker.connections), gone=False)])
+    assert book.client_legs() == []
+    rest = book.plan_rest(now)
+    assert len(rest) == n - 3 and book.rest_waiting == 0 and book.plan_rest(now) == []
+    assert {v.client for v in first + rest} == set(everything)
+    for v in first + rest:
+        assert v.reason is None, v.reason
+        assert v.states == everything[v.client].states
+        shift = v.states[0].remote_port - oracle.pairing.client[1]
+        assert v.states[1].local_port == oracle.pairing.source_port + shift  # the two legs of one connection
+
+
+def test_status_summary_of_many_connections_builds_no_socket_state():
+    """Status asks for the summary often: with thousands of the peer's connections it must stay cheap
+    (no repair state built, no bytes copied) and still count them right."""
+    cut = CUTS[-1]
+    oracle = Oracle(cut)
+    frames = to_node(cut)
+    tracker = TcpTracker([445])
+    book = ContinuationBook(NODE, [tracker], cap=1 << 20)
+    for i in range(20):
+        p = oracle.pairing
+        if i % 4:
+            book.set_pairings([Pairing((p.client[0], p.client[1] + 2 * i), p.service_port, p.source_port + 2 * i,
+                                       p.server, p.client_options, p.backend_options).to_wire()])
+        for ts, seg in frames:
+            book.feed([(ev.key, ev) for ev in tracker.feed(_copy(seg, 2 * i), ts)])
+    import proxy.continuation as continuation
+
+    built = []
+    real = continuation._leg_state
+    continuation._leg_state = lambda *a, **k: built.append(1) or real(*a, **k)
+    try:
+        summary = book.summary(frames[-1][0])
+    finally:
+        continuation._leg_state = real
+    assert summary["connections"] == 20 and summary["continuable"] == 15 and built == []
+    assert sum(summary["not_continuable"].values()) == 5
+
+
+def test_leg_options_read_each_sides_window_scale_from_tcp_info():
+    """The options the active node sends for each leg (TCP_INFO of its own sockets): the remote's window
+    scale and its own are different numbers. A client with a tiny receive buffer announces scale 0; the
+    accepting side keeps its own (pyroute2's sock_diag decoder gave the remote's scale for both)."""
+    import socket
+
+    from proxy.standby import leg_options
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        client = socket.socket()
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: its SYN says scale 0
+        client.connect(listener.getsockname())
+        server, _ = listener.accept()
+        with client, server:
+            theirs, ours = leg_options(server), leg_options(client)
+            assert theirs.wscale and theirs.timestamps and theirs.sack
+            assert theirs.snd_wscale == 0 and theirs.rcv_wscale > 0
+            assert ours.snd_wscale == theirs.rcv_wscale and ours.rcv_wscale == 0
+            assert theirs.snd_mss > 0
+        assert leg_options(client) is None  # closed: nothing to say
+
+
+def test_a_sweep_keeps_only_the_bytes_not_yet_acknowledged():
+    """Behaviour 6: per connection only what the other side has not acknowledged. ``feed`` trims a tail
+    once it holds 16 KiB; below that an idle connection kept everything it had exchanged (the sessions'
+    setup: kilobytes per connection, for good); the observer's sweep brings every tail to its need."""
+    for cut in (CUTS[len(CUTS) // 3], CUTS[-1]):
+        o = Oracle(cut)
+        v, book = standby_verdict(to_node(cut), o.pairing, SEGMENTS[cut - 1][0])
+        need = len(o.to_server) + len(o.to_client)
+        assert book.memory() > need  # what a connection's first exchanges left
+        assert book.sweep() == need == book.memory()
+        assert v.reason is None and book.verdict(o.pairing.client_key(NODE), SEGMENTS[cut - 1][0]).states == v.states

@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from deploy.lab import PairTimings, nodeconfigs
 from deploy.lab.clients import SCRIPTS, NodeProcess, established, serving
 from proxy.status import NodeStatus, from_json
 
@@ -164,3 +165,136 @@ def test_a_continued_connection_goes_back_to_a_when_it_returns(lab, continuing_p
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+ECHO_PORT = 7777
+
+
+@pytest.fixture
+def echo_pair(lab, tmp_path):
+    """A stateful pair (nodes-only switch) with one more service, a plain TCP echo (the lab server's
+    tcp_clients.py echo-server on 7777), so hundreds of idle connections cost the file servers nothing."""
+    echo = lab.popen(lab.ns_server, [sys.executable, str(SCRIPTS / "tcp_clients.py"), "echo-server",
+                                     lab.addresses.server, str(ECHO_PORT)], stdout=subprocess.PIPE, text=True)
+    lab.flood("nodes")
+    nodes = []
+    try:
+        assert echo.stdout.readline().strip() == "ready"
+        for name in ("a", "b"):
+            # 50/500 ms: the takeover's observer round trips with hundreds of connections on this loaded
+            # machine outlast the lab's 100 ms (observer_timeout = dead_after: then nothing is continued)
+            config = lab.node_config(name, pair=True, mode="stateful", timings=PairTimings("50ms", "500ms"))
+            config["service"].append({"name": "echo", "protocol": "tcp", "port": ECHO_PORT,
+                                      "backend": f"{lab.addresses.server}:{ECHO_PORT}"})
+            # its own state directory: the peer's hello persisted by the lab's configs lacks the echo
+            # service, and a standby snoops the ports of the hello it starts with
+            state = tmp_path / f"state-{name}"
+            state.mkdir()
+            config["node"].update(state_dir=str(state), control=str(state / "control.sock"))
+            path = nodeconfigs.write_toml(tmp_path / f"echo-{name}.toml", config)
+            nodes.append(NodeProcess(lab, name, config=path, log=tmp_path / f"echo-{name}.log"))
+        a, b = nodes
+        b.start()
+        a.start()
+        a.wait_for(serving(lab.addresses.service_a, "a"), 10, "a serving")
+        for node in (a, b):
+            node.wait_for(lambda s: s["pair"]["state_sync"]["observer"] == "running", 10, "observer running")
+        yield a, b
+    finally:
+        for node in nodes:
+            if node.log.exists():
+                print(f"--- log of {node.node} ---\n" + node.log.read_text(errors="replace")[-4000:])
+            node.stop(10)
+        lab.run(lab.ns_a, ["ip", "link", "set", "eth0", "up"])
+        lab.flood(False)
+        echo.kill()
+        echo.wait(10)
+
+
+def test_many_connections_the_busiest_first_and_none_reset_while_the_rest_are_repaired(lab, echo_pair):
+    """Behaviour 7: 300 idle connections and a busy one (an echo every 2 ms) through a; a dies. b restores
+    the busiest before a's address comes up and the rest after it, a few at a time, while its kernel's
+    resets for the ones not yet restored are held back (the idle clients send their next request right
+    at the death: their segments reach b during the repair). Every one is continued: the busy client
+    sees no error, each idle one gets its answer and closes cleanly."""
+    a, b = echo_pair
+    host, idle = lab.addresses.service_a, 300
+    held = lab.popen(lab.ns_client, [sys.executable, str(SCRIPTS / "tcp_clients.py"), "hold", host, str(ECHO_PORT),
+                                     str(idle)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    busy = None
+    try:
+        assert json.loads(held.stdout.readline())["open"] == idle
+        idle_clients = established(lab, host, ECHO_PORT)
+        busy = lab.popen(lab.ns_client, [sys.executable, str(SCRIPTS / "busy_echo.py"), host, str(ECHO_PORT), "30"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert json.loads(busy.stdout.readline()).get("ready")
+        [busy_client] = established(lab, host, ECHO_PORT) - idle_clients
+        b.wait_for(lambda s: (s["pair"]["state_sync"].get("continuation") or {}).get("continuable") == idle + 1,
+                   20, f"b able to continue all {idle + 1}")
+        a.kill_hard(link_down=True)
+        held.stdin.write("\n")  # the idle clients' next request, into the outage
+        held.stdin.flush()
+        b.wait_for(serving(host, "b"), 5, "b holding a's address")
+        st = b.wait_for(lambda s: s["pair"]["takeovers"][-1].get("all_continued_ms") is not None and
+                        s["pair"]["takeovers"][-1]["connections_continued"] == idle + 1, 10, "all continued")
+        takeover = st["pair"]["takeovers"][-1]
+        print("takeover:", {k: v for k, v in takeover.items() if k != "connections"})
+        closed = json.loads(held.stdout.readline())
+        busy.send_signal(signal.SIGTERM)
+        result = json.loads(busy.communicate(timeout=20)[0].strip().splitlines()[-1])
+        print("idle:", closed, "busy:", {k: v for k, v in result.items() if k != "gaps"})
+        assert closed["closed_cleanly"] == idle, closed
+        assert result["error"] is None and result["wrong"] == 0, result
+        assert takeover["clients_reset"] == 0
+        # the busy one first, before the address came up; the rest after it
+        busy_record = next(c for c in takeover["connections"] if c["client"] == busy_client)
+        assert busy_record["continued"]
+        assert takeover["connections"].index(busy_record) == 0
+        assert takeover["first_continued_ms"] <= takeover["address_moved_ms"] + 50
+        assert takeover["all_continued_ms"] > takeover["address_moved_ms"]
+    finally:
+        for proc in (busy, held):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+
+
+CONNECT_ON_LINE = """
+import socket, sys, time
+socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10).close()  # knows a's MAC, as a client would
+sys.stdout.write("ready\\n"); sys.stdout.flush()
+sys.stdin.readline()
+t0 = time.monotonic()
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
+print(round(time.monotonic() - t0, 3), flush=True)
+s.close()
+"""
+
+
+@pytest.mark.parametrize("continuing_pair", ["nodes"], indirect=True)
+def test_a_client_whose_syn_arrived_during_the_outage_connects_at_the_takeover(lab, continuing_pair):
+    """Behaviour 3: a new client connects to a's address just after a died, before b holds it. Its SYN
+    reaches b (frames to a's MAC), nobody answers; b hands it to its own kernel once it holds the address,
+    so the client connects at the takeover, well before its own SYN retransmission (1 s)."""
+    a, b, _ = continuing_pair
+    host = lab.addresses.service_a
+    client = lab.popen(lab.ns_client, [sys.executable, "-c", CONNECT_ON_LINE, host, "445"], stdin=subprocess.PIPE,
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert client.stdout.readline().strip() == "ready"
+        a.kill_hard(link_down=True)
+        client.stdin.write("go\n")  # the SYN leaves now: b declares a dead only after 100 ms of silence
+        client.stdin.flush()
+        out, err = client.communicate(timeout=15)
+        assert client.returncode == 0, err[-2000:]
+        took = float(out.strip())
+        st = b.wait_for(serving(host, "b"), 5, "b holding a's address")
+        takeover = st["pair"]["takeovers"][-1]
+        print(f"connected after {took * 1000:.0f} ms; takeover {takeover['address_moved_ms']} ms after the verdict "
+              f"({takeover['silence_ms']} ms of silence), {takeover['syns_answered']} SYN(s) answered")
+        assert takeover["syns_answered"] >= 1
+        assert took < 0.8, took  # the SYN retransmission would be at 1 s
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.wait(10)

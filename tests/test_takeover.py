@@ -95,6 +95,12 @@ class FakeStandby:
         self.calls.append("end")
         return [{"client": "10.0.0.9", "verdict": "resumed"}]
 
+    async def open_repair_guard(self):  # a kernel change: not in a unit test
+        return None
+
+    async def outage_syns(self):
+        return []
+
 
 @pytest.fixture(autouse=True)
 def fake_service(monkeypatch):
