@@ -53,15 +53,19 @@ def _packet_socket(ifname: str) -> trio.socket.SocketType:
     return sock
 
 
-async def announce(ifname: str, mac: str, ip: str, count: int = 3, interval: float = 0.05) -> None:
+async def announce(ifname: str, mac: str, ip: str, count: int = 3, interval: float = 0.05,
+                   task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     """Send ``count`` gratuitous ARPs for ``ip`` at ``mac``: the first at once, the rest spaced out
-    (one frame may be lost; clients that were mid-retransmission pick up a later one)."""
+    (one frame may be lost; clients that were mid-retransmission pick up a later one). Started (for
+    ``nursery.start``) once the first frame is sent."""
     frame = gratuitous_arp(mac, ip)
     with _packet_socket(ifname) as sock:
         for i in range(count):
             if i:
                 await trio.sleep(interval)
             await sock.send(frame)
+            if not i:
+                task_status.started()
 
 
 def parse_arp_reply(frame: bytes) -> tuple[str, str] | None:

@@ -106,10 +106,12 @@ class AddressService:
         try:
             with ServiceAddress(self.ifname, self.address):
                 if self.announce_ifname and self.announce_mac:
-                    # first frame goes out before we report started; the rest follow in the background
+                    # the first frame goes out before we report started (a live move's sockets go live
+                    # only then: a client that got an answer before it could send its next request to the
+                    # old holder's MAC, where nothing answers); the rest follow in the background
                     async with trio.open_nursery() as announcing:
-                        announcing.start_soon(announce, self.announce_ifname, self.announce_mac,
-                                              str(self.address.ip))
+                        await announcing.start(announce, self.announce_ifname, self.announce_mac,
+                                               str(self.address.ip))
                         self.address_up_at = trio.current_time()
                         await self._serve(task_status)
                         announcing.cancel_scope.cancel()
