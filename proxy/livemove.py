@@ -20,9 +20,8 @@ Giving node (:func:`move_out`), in the order bench/TCPREPAIR.md's findings deman
 6. send ``move_begin``, the states in ``move_connections`` batches under the sync link's frame limit,
    then ``move_commit``;
 7. wait (bounded: ``ready_wait``) for the peer's ``move_ready``: every connection restored there, quietly.
-   Then close the frozen sockets silently, send ``move_go``, wait (bounded: ``LIVE_WAIT``) for the peer's
-   ``move_live`` (address announced, sockets live), remove the address (still locked: a segment that
-   finds no socket would be answered with a reset), unlock. The lock keeps a copy of every segment
+   Then close the frozen sockets silently, send ``move_go``, remove the address (still locked: a segment
+   that finds no socket would be answered with a reset), unlock. The lock keeps a copy of every segment
    it drops (:class:`~proxy.movelock.DropLog`): they go to the peer in ``move_segments`` messages before
    ``move_go`` and after it, and the peer delivers them to its sockets once live, so a client whose
    request arrived during the lock does not wait for its retransmission timer (>= 200 ms).
@@ -82,13 +81,10 @@ READY_PER_MIB = 0.1
 #: how long the receiver keeps what it restored waiting for ``move_go`` (longer than READY_WAIT: a giver
 #: that got ``move_ready`` just before its bound still sends ``move_go``)
 GO_WAIT = 3.0
-#: how long the giver keeps the address (locked, its drops copied and passed on) after ``move_go`` for the
-#: peer's ``move_live``: a client that sends before the peer's announcement reaches it sends to the giver
-LIVE_WAIT = 0.5
 #: the longest stretch of freezing or restoring without giving the event loop a turn
 SLICE = 0.002
 MESSAGES = ("move_begin", "move_part", "move_connections", "move_commit", "move_ready", "move_go", "move_abort",
-            "move_segments", "move_live")
+            "move_segments")
 #: segments the lock dropped that a receiver keeps until its sockets are live (beyond: the clients resend)
 MAX_SEGMENTS = 4096
 QUEUES = tuple((leg, queue) for leg in ("client", "backend") for queue in ("send_queue", "recv_queue"))
@@ -257,22 +253,19 @@ async def _thaw(service: Any, frozen: _Frozen, report: MoveReport, *, was_frozen
 
 async def move_out(*, address: str, move_id: int, service: Any, remove_address: Callable[[], Awaitable[None]],
                    send: Callable[[dict], Awaitable[bool]], wait_ready: Callable[[float], Awaitable[dict | None]],
-                   wait_live: Callable[[float], Awaitable[dict | None]] | None = None,
                    drain_wait: float = DRAIN_WAIT, lock: Callable[[str], Any] = MoveLock) -> MoveReport:
     """The giving node's sequence (module docstring); the report (``outcome`` moved or thawed).
     ``remove_address`` stops the address's service (it has no connections left by then) and removes the
     address; ``wait_ready(bound)`` returns the peer's ``move_ready`` message, or None (no answer within
-    ``bound`` seconds, or the sync link broke); ``wait_live(bound)`` the same for ``move_live`` (None: the
-    address goes right after the go)."""
+    ``bound`` seconds, or the sync link broke)."""
     report = MoveReport(address, "out", move_id, time.time())
     return await _watched(report, lambda: _move_out(report, address, move_id, service, remove_address, send,
-                                                    wait_ready, wait_live, drain_wait, lock))
+                                                    wait_ready, drain_wait, lock))
 
 
 async def _move_out(report: MoveReport, address: str, move_id: int, service: Any,
                     remove_address: Callable[[], Awaitable[None]], send: Callable[[dict], Awaitable[bool]],
-                    wait_ready: Callable[[float], Awaitable[dict | None]],
-                    wait_live: Callable[[float], Awaitable[dict | None]] | None, drain_wait: float,
+                    wait_ready: Callable[[float], Awaitable[dict | None]], drain_wait: float,
                     lock: Callable[[str], Any]) -> MoveReport:
     t0 = trio.current_time()
     phases = _Phases(report)
@@ -331,7 +324,7 @@ async def _move_out(report: MoveReport, address: str, move_id: int, service: Any
     phases.done("lock")
     try:
         return await _freeze_and_send(report, t0, phases, address, move_id, service, handed, held, remove_address,
-                                      send, wait_ready, wait_live)
+                                      send, wait_ready)
     finally:
         if report.lock_drops is None:
             report.lock_drops = held.dropped()
@@ -342,8 +335,7 @@ async def _move_out(report: MoveReport, address: str, move_id: int, service: Any
 async def _freeze_and_send(report: MoveReport, t0: float, phases: _Phases, address: str, move_id: int, service: Any,
                            handed: list, held: Any, remove_address: Callable[[], Awaitable[None]],
                            send: Callable[[dict], Awaitable[bool]],
-                           wait_ready: Callable[[float], Awaitable[dict | None]],
-                           wait_live: Callable[[float], Awaitable[dict | None]] | None) -> MoveReport:
+                           wait_ready: Callable[[float], Awaitable[dict | None]]) -> MoveReport:
     # 5. freeze
     frozen_at = time.time()
     frozen: list[_Frozen] = []
@@ -453,15 +445,6 @@ async def _freeze_and_send(report: MoveReport, t0: float, phases: _Phases, addre
         passed = await _pass_on(send, address, move_id, held.take_dropped())
         await send({"type": "move_go", "address": address, "move_id": move_id, "frozen_at": frozen_at})
         phases.done("go")
-        if wait_live is not None:
-            # the address stays (locked: what arrives is copied and passed on) until the peer has announced
-            # it and its sockets are live: a client that sent to this node's MAC meanwhile loses nothing
-            with trio.move_on_after(LIVE_WAIT):
-                while True:
-                    passed += await _pass_on(send, address, move_id, held.take_dropped())
-                    if await wait_live(0.002) is not None:
-                        break
-            phases.done("wait_live")
         await remove_address()
         phases.done("remove_address")
         report.lock_drops = held.dropped()
@@ -543,10 +526,6 @@ class Receiver:
             self.report.segments_passed = (self.report.segments_passed or 0) + movelock.deliver(segments)
         elif self.state != "given_up":
             self.segments.extend(segments[:MAX_SEGMENTS - len(self.segments)])
-
-    async def send_live(self) -> None:
-        """Tell the giver that the address is announced and every socket live (it may remove the address)."""
-        await self._send({"type": "move_live", "address": self.address, "move_id": self.move_id})
 
     def deliver_segments(self) -> None:
         """The sockets are live: deliver what the giver's lock dropped, and from now on as it comes."""
@@ -739,7 +718,6 @@ async def _move_in(report: MoveReport, address: str, receiver: Receiver | None,
         await slicer.tick()
     if receiver is not None:
         receiver.deliver_segments()
-        await receiver.send_live()
     phases.done("live")
     now = time.time()
     report.pause_ms = round((trio.current_time() - t0) * 1000, 3)
