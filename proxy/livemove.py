@@ -8,6 +8,8 @@ this module is the two sequences the node runs for :class:`~proxy.roles.MoveOut`
 
 Giving node (:func:`move_out`), in the order bench/TCPREPAIR.md's findings demand:
 
+0. prepare the lock (:meth:`~proxy.movelock.MoveLock.prepare`: its table and NFLOG listener), before
+   the clients' pause begins;
 1. stop accepting (the listeners close; the connections go on);
 2. stop the pumps of every connection without closing its sockets; bytes a pump still held in its pipe
    are kept (``Connection.spilled_to_*``) and become the end of the frozen send queue;
@@ -267,18 +269,19 @@ async def _move_out(report: MoveReport, address: str, move_id: int, service: Any
                     remove_address: Callable[[], Awaitable[None]], send: Callable[[dict], Awaitable[bool]],
                     wait_ready: Callable[[float], Awaitable[dict | None]], drain_wait: float,
                     lock: Callable[[str], Any]) -> MoveReport:
-    t0 = trio.current_time()
     phases = _Phases(report)
-    prepared: list = []
-
-    async def prepare_lock() -> None:  # the lock's table, in a thread while the pumps stop (slow netlink)
-        try:
-            prepared.append(await trio.to_thread.run_sync(lock(address).prepare))
-        except MoveLockError as exc:
-            prepared.append(exc)
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(prepare_lock)
+    # 0. the lock's table and its NFLOG listener, in a thread, BEFORE the pumps stop: netlink and an
+    # nftables transaction from a thread that waits for the GIL behind a busy event loop took 2-61 ms
+    # (measured at load 8), all of it in the clients' pause while it ran alongside the stop
+    try:
+        prepared = await trio.to_thread.run_sync(lock(address).prepare)
+    except MoveLockError as exc:  # nothing was touched: the connections simply go on here
+        log.error("move of %s not started: %s", address, exc)
+        report.outcome, report.finished = "thawed", True
+        return report
+    phases.done("prepare_lock")
+    t0 = trio.current_time()
+    try:
         # 1-2
         service.stop_accepting()
         await trio.sleep(0)  # connections accepted just now register themselves
@@ -309,11 +312,12 @@ async def _move_out(report: MoveReport, address: str, move_id: int, service: Any
                     break
                 await trio.sleep(0.0005)
         phases.done("drain")
+    except BaseException:
+        prepared.close()
+        raise
     # 4. the lock
     try:
-        if isinstance(prepared[0], MoveLockError):
-            raise prepared[0]
-        held = prepared[0].engage()
+        held = prepared.engage()
     except MoveLockError as exc:  # nothing is frozen yet: the connections simply go on here
         log.error("move of %s not started: %s", address, exc)
         for proxy, conn in handed:
