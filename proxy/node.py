@@ -101,7 +101,8 @@ class Node:
         self.last_receiver: livemove.Receiver | None = None   # after its go: the lock's late segments go to it
         self.arrived: dict[str, livemove.Receiver | None] = {}  # address -> the move the peer said go for
         self._awaiting_ready: tuple[tuple[str, int], trio.Event, list[dict]] | None = None
-        self.moves: list[livemove.MoveReport] = []
+        self.moves: list[livemove.MoveReport] = []       # the last 20
+        self.moves_recorded = 0                            # every move since start (moves is capped)
         self.move_in_progress: str | None = None
         self._move_ids = 0
         self._move_macvlan = False                # the macvlan was made for a move that is arriving
@@ -472,20 +473,21 @@ class Node:
             raise ValueError(f"own address is {role}: handover{' --back' if back else ''} needs it {ok_from}")
         if self.link is None or self.link.state != "connected":
             raise ValueError("the sync link to the peer is not connected: nothing can be moved")
-        before = len(self.moves)
+        before = self.moves_recorded
         self._enqueue(roles.HandoverBackRequested() if back else roles.HandoverRequested())
         with trio.move_on_after(min(float(request.get("timeout_s") or 10.0), 60.0)):
-            while self.core.own_role != want or len(self.moves) == before:
-                if len(self.moves) > before and self.moves[-1].outcome in ("thawed", "given_up") \
+            while self.core.own_role != want or self.moves_recorded == before:
+                if self.moves_recorded > before and self.moves[-1].outcome in ("thawed", "given_up") \
                         and self.core.own_role not in (roles.MOVING_OUT,):
                     break  # called off: everything stays as it was
                 await trio.sleep(0.005)
-        last = self.moves[-1] if len(self.moves) > before else None
+        last = self.moves[-1] if self.moves_recorded > before else None
         return {"own_role": self.core.own_role, "changed": self.core.own_role == want,
                 "move": None if last is None else dataclasses.asdict(last)}
 
     def _record_move(self, report: livemove.MoveReport) -> None:
         self.moves.append(report)
+        self.moves_recorded += 1
         del self.moves[:-20]
 
     async def _move_out(self, address: str, stopping: bool = False) -> roles.Event:

@@ -133,6 +133,7 @@ import os  # noqa: E402
 import socket  # noqa: E402
 
 import trio  # noqa: E402
+import trio.testing  # noqa: E402
 
 from proxy.pump import PipePool, splice_pump  # noqa: E402
 
@@ -267,3 +268,38 @@ def test_the_lock_is_prepared_before_the_clients_pause_begins():
     assert fake.steps[-2:] == ["address removed", "lock released"], fake.steps
     assert list(report.phases_ms)[:2] == ["prepare_lock", "stop"]
     assert sent == ["move_begin", "move_commit", "move_go"]
+
+
+def test_a_handover_answers_when_its_move_is_recorded_also_after_twenty_moves():
+    """``handover`` waits for the node's move record; the node keeps only the last 20 records, so counting
+    them (as before) never saw the 21st move end: every later handover waited its full timeout (20 s in
+    bench/moves.py) although the move itself took milliseconds."""
+    from types import SimpleNamespace
+
+    from proxy.node import Node
+
+    fake = SimpleNamespace(moves=[], moves_recorded=0, link=SimpleNamespace(state="connected"),
+                           core=SimpleNamespace(own_role=SERVING))
+    fake._record_move = lambda report: Node._record_move(fake, report)
+
+    made = []
+
+    def enqueue(event) -> None:  # the move runs at once: the role changes and the record is kept
+        fake.core.own_role = HANDED_OVER if isinstance(event, HandoverRequested) else SERVING
+        made.append(livemove.MoveReport("10.0.0.1", "out", len(made) + 1, 0.0, outcome="moved"))
+        fake._record_move(made[-1])
+
+    fake._enqueue = enqueue
+
+    async def main() -> list[float]:
+        took = []
+        for i in range(25):
+            began = trio.current_time()
+            answer = await Node._handover(fake, {"back": i % 2 == 1, "timeout_s": 5})
+            assert answer["changed"] and (answer["move"] or {}).get("move_id") == i + 1, (i, answer)
+            took.append(trio.current_time() - began)
+        return took
+
+    took = trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert len(fake.moves) == 20 and len(made) == 25
+    assert max(took) < 1, took
