@@ -193,6 +193,7 @@ class PeerLink:
         self._ever_connected = False
         self._changed = trio.Event()
         self._persisted: dict[str, Any] | None = None
+        self._persisting = trio.Lock()   # one write of the peer's hello at a time (one temp file)
 
     # -- public ------------------------------------------------------------------------------
 
@@ -537,13 +538,13 @@ class PeerLink:
             self.last_received = trio.current_time()
             self.counters["messages_in"] += 1
             self.peer_hello = hello
-            self._persist(hello)
             if self.on_hello is not None:
                 try:
                     self.on_hello(dict(hello))
                 except Exception:
                     self.counters["owner_errors"] += 1
                     log.exception("on_hello callback failed")
+            await self._persist(hello)
 
     def _check_hello(self, hello: dict[str, Any]) -> str | None:
         mine = self.hello
@@ -650,14 +651,19 @@ class PeerLink:
 
     # -- persistence -------------------------------------------------------------------------
 
-    def _persist(self, hello: dict[str, Any]) -> None:
-        if self.state_dir is None or hello == self._persisted:
-            return
-        try:
-            save_peer_hello(self.state_dir, hello)
-            self._persisted = hello
-        except (OSError, TypeError, ValueError) as exc:
-            log.warning("cannot save the peer's hello in %s: %s", self.state_dir, exc)
+    async def _persist(self, hello: dict[str, Any]) -> None:
+        """Save the peer's hello, in a thread: its fsync took ~100 ms on a loaded machine, and on the event
+        loop it stopped every task of the node, the pumps of connections a live move had just brought
+        here included (the peer's hello changes with every move: bench/MOVES.md). Only this connection's
+        next messages wait for it."""
+        async with self._persisting:
+            if self.state_dir is None or hello == self._persisted:
+                return
+            try:
+                await trio.to_thread.run_sync(save_peer_hello, self.state_dir, hello)
+                self._persisted = hello
+            except (OSError, TypeError, ValueError) as exc:
+                log.warning("cannot save the peer's hello in %s: %s", self.state_dir, exc)
 
 
 def _dial_error(exc: OSError) -> str:

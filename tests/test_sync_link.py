@@ -70,8 +70,9 @@ async def test_connect_hello_heartbeats_and_messages(nursery, tmp_path):
     await eventually(lambda: both_on_one_connection(pair))
 
     assert pair.a.peer_hello == hello("b") and pair.b.peer_hello == hello("a")
-    assert load_peer_hello(tmp_path / "a") == hello("b")
-    assert load_peer_hello(tmp_path / "b") == hello("a")
+    # saved in a thread, off the event loop: a moment after the hello
+    await eventually(lambda: load_peer_hello(tmp_path / "a") == hello("b"))
+    await eventually(lambda: load_peer_hello(tmp_path / "b") == hello("a"))
     assert not list((tmp_path / "a").glob(".*tmp"))
 
     await eventually(lambda: (pair.a.rtt() or {}).get("count", 0) >= 5 and (pair.b.rtt() or {}).get("count", 0) >= 5)
@@ -87,7 +88,7 @@ async def test_connect_hello_heartbeats_and_messages(nursery, tmp_path):
 
     await pair.a.update_hello(hello("a") | {"services": []})
     await eventually(lambda: pair.b.peer_hello["services"] == [])
-    assert load_peer_hello(tmp_path / "b")["services"] == []
+    await eventually(lambda: (load_peer_hello(tmp_path / "b") or {}).get("services") == [])
     with pytest.raises(ValueError):
         await pair.a.update_hello(hello("a", mode="stateful"))
 
@@ -150,7 +151,7 @@ async def test_peer_restart_reconnects(nursery, tmp_path):
     b2.dial = pair.a.listen_address
     await nursery.start(b2.run)
     await eventually(lambda: pair.a.state == b2.state == "connected" and pair.a.peer_hello["services"] == [])
-    assert load_peer_hello(tmp_path / "a")["services"] == []
+    await eventually(lambda: (load_peer_hello(tmp_path / "a") or {}).get("services") == [])
 
 
 async def test_mode_mismatch_is_refused_with_a_reason(nursery, tmp_path):
@@ -501,3 +502,33 @@ async def test_dials_failing_for_seconds_are_counted_and_warned_about_at_a_low_r
     assert "is the peer's peer.listen this address and port?" in status["dial_problem"]
     warnings = [r for r in caplog.records if r.levelname == "WARNING" and "peer.link" in r.getMessage()]
     assert len(warnings) == 1, [r.getMessage() for r in warnings]
+
+
+async def test_saving_the_peers_hello_does_not_stop_the_event_loop(nursery, tmp_path, monkeypatch):
+    """The hello is saved with an fsync (~100 ms measured on a loaded machine; the peer's hello changes
+    with every live move): in a thread, so the node's other tasks (its pumps) go on meanwhile."""
+    import time
+
+    import sync.link
+
+    real = sync.link.save_peer_hello
+
+    def slow_save(state_dir, peer_hello):
+        time.sleep(0.3)  # a slow disk
+        return real(state_dir, peer_hello)
+
+    monkeypatch.setattr(sync.link, "save_peer_hello", slow_save)
+    worst = [0.0]
+
+    async def ticker() -> None:
+        while True:
+            before = time.perf_counter()
+            await trio.sleep(0.005)
+            worst[0] = max(worst[0], time.perf_counter() - before)
+
+    nursery.start_soon(ticker)
+    pair = Pair(tmp_path)
+    await pair.start(nursery)
+    await eventually(lambda: load_peer_hello(tmp_path / "a") == hello("b") and
+                     load_peer_hello(tmp_path / "b") == hello("a"))
+    assert worst[0] < 0.2, f"the event loop stood still for {worst[0] * 1000:.0f} ms"
