@@ -35,7 +35,8 @@ Receiving node (:class:`Receiver`, from ``move_begin`` on): restore each batch a
 mode: it sends nothing), answer the commit with ``move_ready``, and wait (bounded: ``go_wait``) for
 ``move_go``; on ``move_abort``, a broken link or no word it closes what it restored silently, so no
 connection ever lives on both nodes. On ``move_go`` (:func:`move_in`): bring the address up and announce
-it (the caller's ``bring_up``), let every leg go live, deliver the segments the giver's lock dropped
+it (the caller's ``bring_up``), let every leg go live (its timestamp clock moved ahead by the time since
+the freeze: PAWS), deliver the segments the giver's lock dropped
 and start the pumps.
 
 A connection that cannot be frozen, is too large for one message, or cannot be restored falls back to
@@ -83,6 +84,9 @@ READY_PER_MIB = 0.1
 #: how long the receiver keeps what it restored waiting for ``move_go`` (longer than READY_WAIT: a giver
 #: that got ``move_ready`` just before its bound still sends ``move_go``)
 GO_WAIT = 3.0
+#: added to the time since the freeze when the restored sockets' timestamp clocks are moved ahead (the
+#: giver's count is carried over the sync link: its transit, and millisecond rounding)
+TS_MARGIN_MS = 20
 #: the longest stretch of freezing or restoring without giving the event loop a turn
 SLICE = 0.002
 MESSAGES = ("move_begin", "move_part", "move_connections", "move_commit", "move_ready", "move_go", "move_abort",
@@ -341,7 +345,7 @@ async def _freeze_and_send(report: MoveReport, t0: float, phases: _Phases, addre
                            send: Callable[[dict], Awaitable[bool]],
                            wait_ready: Callable[[float], Awaitable[dict | None]]) -> MoveReport:
     # 5. freeze
-    frozen_at = time.time()
+    frozen_at, frozen_t = time.time(), trio.current_time()
     frozen: list[_Frozen] = []
     slicer = _Slicer()
     for proxy, conn in handed:
@@ -447,7 +451,10 @@ async def _freeze_and_send(report: MoveReport, t0: float, phases: _Phases, addre
         # the peer's bring-up takes longer than the removal (measured: 34 vs 9 ms median at load 25)
         # what the lock dropped so far goes ahead of the go (the peer keeps it until its sockets are live)
         passed = await _pass_on(send, address, move_id, held.take_dropped())
-        await send({"type": "move_go", "address": address, "move_id": move_id, "frozen_at": frozen_at})
+        # how long the sockets have been frozen: the peer's restored timestamp clocks go at least that
+        # far ahead (tcprepair.RestoredSocket.go_live: a frozen socket may still have sent a later TSval)
+        await send({"type": "move_go", "address": address, "move_id": move_id, "frozen_at": frozen_at,
+                    "frozen_for": trio.current_time() - frozen_t})
         phases.done("go")
         await remove_address()
         phases.done("remove_address")
@@ -502,6 +509,9 @@ class Receiver:
         self._failed: list[dict] = []
         self._parts: dict[tuple[int, str, str], bytearray] = {}
         self._part_bytes = 0
+        #: from move_go: how long the giver's sockets had been frozen, and when the go arrived (trio time)
+        self.frozen_for: float | None = None
+        self.go_at: float | None = None
         #: segments the giver's lock dropped: kept until the sockets are live, then delivered at once
         self.segments: list[bytes] = []
         self.live = False
@@ -512,6 +522,9 @@ class Receiver:
             self._take_segments(message.get("segments"))
             return
         if kind == "move_go":
+            frozen_for = message.get("frozen_for")
+            self.frozen_for = frozen_for if isinstance(frozen_for, (int, float)) and 0 <= frozen_for < 3600 else None
+            self.go_at = trio.current_time()
             self.decide("go")
         elif kind == "move_abort":
             self.decide("abort")
@@ -530,6 +543,18 @@ class Receiver:
             self.report.segments_passed = (self.report.segments_passed or 0) + movelock.deliver(segments)
         elif self.state != "given_up":
             self.segments.extend(segments[:MAX_SEGMENTS - len(self.segments)])
+
+    def ts_advance_ms(self) -> int:
+        """How far the restored sockets' timestamp clocks go past the frozen values: the time since the
+        giver froze them (its own count, carried by move_go, plus the time since the go arrived; else the
+        two nodes' wall clocks) and TS_MARGIN_MS."""
+        if self.frozen_for is not None and self.go_at is not None:
+            since = self.frozen_for + trio.current_time() - self.go_at
+        elif self.frozen_at is not None:
+            since = max(time.time() - self.frozen_at, 0.0)
+        else:
+            since = 0.0
+        return int(since * 1000) + TS_MARGIN_MS
 
     def deliver_segments(self) -> None:
         """The sockets are live: deliver what the giver's lock dropped, and from now on as it comes."""
@@ -697,9 +722,10 @@ async def _move_in(report: MoveReport, address: str, receiver: Receiver | None,
     slicer = _Slicer()
     for entry, what, rc, rb in restored:
         proxy = by_name.get(entry.get("service"))
+        advance = receiver.ts_advance_ms() if receiver is not None else TS_MARGIN_MS
         try:
-            client = rc.go_live()
-            backend = rb.go_live()
+            client = rc.go_live(ts_advance_ms=advance)
+            backend = rb.go_live(ts_advance_ms=advance)
         except TcpRepairError as exc:
             report.fail(what, f"go live: {exc}")
             _abort(rc.sock)

@@ -303,3 +303,24 @@ def test_a_handover_answers_when_its_move_is_recorded_also_after_twenty_moves():
     took = trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
     assert len(fake.moves) == 20 and len(made) == 25
     assert max(took) < 1, took
+
+
+def test_the_restored_clocks_go_ahead_by_the_time_since_the_freeze():
+    """move_go carries how long the giver's sockets have been frozen; the receiver moves the restored
+    timestamp clocks at least that far ahead, plus what passed since the go (PAWS: see
+    tests/test_tcprepair.py's later-timestamp test)."""
+
+    async def main() -> tuple[int, int]:
+        async def send(message: dict) -> bool:
+            return True
+
+        receiver = livemove.Receiver("10.0.0.1", 7, send=send, connected=lambda: True)
+        receiver.feed({"type": "move_go", "address": "10.0.0.1", "move_id": 7, "frozen_at": 0.0,
+                       "frozen_for": 0.25})
+        at_go = receiver.ts_advance_ms()
+        await trio.sleep(0.1)
+        return at_go, receiver.ts_advance_ms()
+
+    at_go, later = trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert at_go == 250 + livemove.TS_MARGIN_MS
+    assert later == 350 + livemove.TS_MARGIN_MS
