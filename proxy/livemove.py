@@ -22,8 +22,9 @@ Giving node (:func:`move_out`), in the order bench/TCPREPAIR.md's findings deman
 6. send ``move_begin``, the states in ``move_connections`` batches under the sync link's frame limit,
    then ``move_commit``;
 7. wait (bounded: ``ready_wait``) for the peer's ``move_ready``: every connection restored there, quietly.
-   Then close the frozen sockets silently, send ``move_go``, remove the address (still locked: a segment
-   that finds no socket would be answered with a reset), unlock. The lock keeps a copy of every segment
+   Then close the frozen sockets silently, send ``move_go``, wait (bounded: ``LIVE_WAIT``) for the peer's
+   ``move_live`` (address announced, sockets live), remove the address (still locked: a segment that
+   finds no socket would be answered with a reset), unlock. The lock keeps a copy of every segment
    it drops (:class:`~proxy.movelock.DropLog`): they go to the peer in ``move_segments`` messages before
    ``move_go`` and after it, and the peer delivers them to its sockets once live, so a client whose
    request arrived during the lock does not wait for its retransmission timer (>= 200 ms).
@@ -87,10 +88,13 @@ GO_WAIT = 3.0
 #: added to the time since the freeze when the restored sockets' timestamp clocks are moved ahead (the
 #: giver's count is carried over the sync link: its transit, and millisecond rounding)
 TS_MARGIN_MS = 20
+#: how long the giver keeps the address (locked, its drops copied and passed on) after ``move_go`` for the
+#: peer's ``move_live``: a client that sends before the peer's announcement reaches it sends to the giver
+LIVE_WAIT = 0.5
 #: the longest stretch of freezing or restoring without giving the event loop a turn
 SLICE = 0.002
 MESSAGES = ("move_begin", "move_part", "move_connections", "move_commit", "move_ready", "move_go", "move_abort",
-            "move_segments")
+            "move_segments", "move_live")
 #: segments the lock dropped that a receiver keeps until its sockets are live (beyond: the clients resend)
 MAX_SEGMENTS = 4096
 QUEUES = tuple((leg, queue) for leg in ("client", "backend") for queue in ("send_queue", "recv_queue"))
@@ -259,19 +263,22 @@ async def _thaw(service: Any, frozen: _Frozen, report: MoveReport, *, was_frozen
 
 async def move_out(*, address: str, move_id: int, service: Any, remove_address: Callable[[], Awaitable[None]],
                    send: Callable[[dict], Awaitable[bool]], wait_ready: Callable[[float], Awaitable[dict | None]],
+                   wait_live: Callable[[float], Awaitable[dict | None]] | None = None,
                    drain_wait: float = DRAIN_WAIT, lock: Callable[[str], Any] = MoveLock) -> MoveReport:
     """The giving node's sequence (module docstring); the report (``outcome`` moved or thawed).
     ``remove_address`` stops the address's service (it has no connections left by then) and removes the
     address; ``wait_ready(bound)`` returns the peer's ``move_ready`` message, or None (no answer within
-    ``bound`` seconds, or the sync link broke)."""
+    ``bound`` seconds, or the sync link broke); ``wait_live(bound)`` the same for ``move_live`` (None: the
+    address goes right after the go)."""
     report = MoveReport(address, "out", move_id, time.time())
     return await _watched(report, lambda: _move_out(report, address, move_id, service, remove_address, send,
-                                                    wait_ready, drain_wait, lock))
+                                                    wait_ready, wait_live, drain_wait, lock))
 
 
 async def _move_out(report: MoveReport, address: str, move_id: int, service: Any,
                     remove_address: Callable[[], Awaitable[None]], send: Callable[[dict], Awaitable[bool]],
-                    wait_ready: Callable[[float], Awaitable[dict | None]], drain_wait: float,
+                    wait_ready: Callable[[float], Awaitable[dict | None]],
+                    wait_live: Callable[[float], Awaitable[dict | None]] | None, drain_wait: float,
                     lock: Callable[[str], Any]) -> MoveReport:
     phases = _Phases(report)
     # 0. the lock's table and its NFLOG listener, in a thread, BEFORE the pumps stop: netlink and an
@@ -332,7 +339,7 @@ async def _move_out(report: MoveReport, address: str, move_id: int, service: Any
     phases.done("lock")
     try:
         return await _freeze_and_send(report, t0, phases, address, move_id, service, handed, held, remove_address,
-                                      send, wait_ready)
+                                      send, wait_ready, wait_live)
     finally:
         if report.lock_drops is None:
             report.lock_drops = held.dropped()
@@ -343,7 +350,8 @@ async def _move_out(report: MoveReport, address: str, move_id: int, service: Any
 async def _freeze_and_send(report: MoveReport, t0: float, phases: _Phases, address: str, move_id: int, service: Any,
                            handed: list, held: Any, remove_address: Callable[[], Awaitable[None]],
                            send: Callable[[dict], Awaitable[bool]],
-                           wait_ready: Callable[[float], Awaitable[dict | None]]) -> MoveReport:
+                           wait_ready: Callable[[float], Awaitable[dict | None]],
+                           wait_live: Callable[[float], Awaitable[dict | None]] | None) -> MoveReport:
     # 5. freeze
     frozen_at, frozen_t = time.time(), trio.current_time()
     frozen: list[_Frozen] = []
@@ -456,6 +464,15 @@ async def _freeze_and_send(report: MoveReport, t0: float, phases: _Phases, addre
         await send({"type": "move_go", "address": address, "move_id": move_id, "frozen_at": frozen_at,
                     "frozen_for": trio.current_time() - frozen_t})
         phases.done("go")
+        if wait_live is not None:
+            # the address stays (locked: what arrives is copied and passed on) until the peer has announced
+            # it and its sockets are live: a client that sent to this node's MAC meanwhile loses nothing
+            with trio.move_on_after(LIVE_WAIT):
+                while True:
+                    passed += await _pass_on(send, address, move_id, held.take_dropped())
+                    if await wait_live(0.002) is not None:
+                        break
+            phases.done("wait_live")
         await remove_address()
         phases.done("remove_address")
         report.lock_drops = held.dropped()
@@ -555,6 +572,10 @@ class Receiver:
         else:
             since = 0.0
         return int(since * 1000) + TS_MARGIN_MS
+
+    async def send_live(self) -> None:
+        """Tell the giver that the address is announced and every socket live (it may remove the address)."""
+        await self._send({"type": "move_live", "address": self.address, "move_id": self.move_id})
 
     def deliver_segments(self) -> None:
         """The sockets are live: deliver what the giver's lock dropped, and from now on as it comes."""
@@ -748,6 +769,7 @@ async def _move_in(report: MoveReport, address: str, receiver: Receiver | None,
         await slicer.tick()
     if receiver is not None:
         receiver.deliver_segments()
+        await receiver.send_live()
     phases.done("live")
     now = time.time()
     report.pause_ms = round((trio.current_time() - t0) * 1000, 3)

@@ -100,7 +100,7 @@ class Node:
         self.receiver: livemove.Receiver | None = None
         self.last_receiver: livemove.Receiver | None = None   # after its go: the lock's late segments go to it
         self.arrived: dict[str, livemove.Receiver | None] = {}  # address -> the move the peer said go for
-        self._awaiting_ready: tuple[tuple[str, int], trio.Event, list[dict]] | None = None
+        self._awaiting_ready: tuple[tuple[str, int], dict[str, trio.Event], dict[str, dict]] | None = None
         self.moves: list[livemove.MoveReport] = []       # the last 20
         self.moves_recorded = 0                            # every move since start (moves is capped)
         self.move_in_progress: str | None = None
@@ -316,11 +316,11 @@ class Node:
         :class:`~proxy.livemove.Receiver` (restoring as the states arrive, before the decision task hears
         of the move); ``move_go`` becomes the event that takes the address."""
         kind, address, move_id = message.get("type"), message.get("address"), message.get("move_id")
-        if kind == "move_ready":
+        if kind in ("move_ready", "move_live"):
             waiting = self._awaiting_ready
-            if waiting is not None and waiting[0] == (address, move_id):
-                waiting[2].append(message)
-                waiting[1].set()
+            if waiting is not None and waiting[0] == (address, move_id) and kind in waiting[1]:
+                waiting[2][kind] = message
+                waiting[1][kind].set()
             return
         if kind == "move_begin":
             if self.receiver is not None:  # a new move replaces one that never finished
@@ -506,20 +506,24 @@ class Node:
             service.stop(0)  # no connections left: the address goes at once
             await done.wait()
 
-        waiting = self._awaiting_ready = ((address, self._move_ids), trio.Event(), [])
+        waiting = self._awaiting_ready = ((address, self._move_ids),
+                                          {"move_ready": trio.Event(), "move_live": trio.Event()}, {})
 
-        async def wait_ready(bound: float) -> dict | None:
-            with trio.move_on_after(bound):
-                while self.link.state == "connected" and not waiting[1].is_set():
-                    with trio.move_on_after(0.01):
-                        await waiting[1].wait()
-            return waiting[2][0] if waiting[2] else None
+        def waiter(kind: str):
+            async def wait(bound: float) -> dict | None:
+                with trio.move_on_after(bound):
+                    while self.link.state == "connected" and not waiting[1][kind].is_set():
+                        with trio.move_on_after(0.01):
+                            await waiting[1][kind].wait()
+                return waiting[2].get(kind)
+            return wait
 
         report = None
         service = self.own_service if mine else held.service
         try:
             report = await livemove.move_out(address=address, move_id=self._move_ids, service=service,
-                                             remove_address=remove_address, send=self.link.send, wait_ready=wait_ready)
+                                             remove_address=remove_address, send=self.link.send,
+                                             wait_ready=waiter("move_ready"), wait_live=waiter("move_live"))
             self._record_move(report)
         except Exception:  # a bug in a move must not stop the node; the peer gets no go and gives up
             log.exception("moving %s out failed", address)

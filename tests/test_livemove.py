@@ -324,3 +324,50 @@ def test_the_restored_clocks_go_ahead_by_the_time_since_the_freeze():
     at_go, later = trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
     assert at_go == 250 + livemove.TS_MARGIN_MS
     assert later == 350 + livemove.TS_MARGIN_MS
+
+
+def test_the_giver_keeps_its_address_until_the_peer_is_live_and_passes_on_what_arrives_meanwhile():
+    """After the go a client may still send to the giver's MAC until the peer's gratuitous ARP reaches it
+    (captured at load 11: a request 1 ms before the announcement, to an address already removed, cost the
+    client its 200 ms retransmission timeout). The giver keeps the address, locked, until move_live, and
+    passes on what its lock drops meanwhile; only then the address goes."""
+    fake = _Steps()
+    sent: list[str] = []
+    late = [[], [b"late segment"], []]   # what the lock drops: one segment while the peer brings it up
+
+    def take_dropped() -> list[bytes]:
+        return late.pop(0) if late else []
+
+    fake.take_dropped = take_dropped
+
+    async def send(message: dict) -> bool:
+        sent.append(message["type"])
+        if message["type"] == "move_segments":
+            fake.steps.append(f"passed on {len(message['segments'])}")
+        return True
+
+    async def wait_ready(bound: float) -> dict:
+        return {"type": "move_ready", "failed": []}
+
+    polls = []
+
+    async def wait_live(bound: float) -> dict | None:
+        polls.append(bound)
+        await trio.sleep(bound)
+        if len(polls) < 3:
+            return None
+        fake.steps.append("peer live")
+        return {"type": "move_live"}
+
+    async def remove_address() -> None:
+        fake.steps.append("address removed")
+
+    async def main() -> livemove.MoveReport:
+        return await livemove.move_out(address="10.0.0.1", move_id=1, service=fake, remove_address=remove_address,
+                                       send=send, wait_ready=wait_ready, wait_live=wait_live, lock=fake)
+
+    report = trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert report.outcome == "moved" and report.segments_passed == 1
+    assert fake.steps.index("passed on 1") < fake.steps.index("peer live") < fake.steps.index("address removed")
+    assert sent.index("move_go") < sent.index("move_segments")
+    assert "wait_live" in report.phases_ms
