@@ -193,7 +193,6 @@ class PeerLink:
         self._ever_connected = False
         self._changed = trio.Event()
         self._persisted: dict[str, Any] | None = None
-        self._persisting = trio.Lock()   # one write of the peer's hello at a time (one temp file)
 
     # -- public ------------------------------------------------------------------------------
 
@@ -538,13 +537,13 @@ class PeerLink:
             self.last_received = trio.current_time()
             self.counters["messages_in"] += 1
             self.peer_hello = hello
+            self._persist(hello)
             if self.on_hello is not None:
                 try:
                     self.on_hello(dict(hello))
                 except Exception:
                     self.counters["owner_errors"] += 1
                     log.exception("on_hello callback failed")
-            await self._persist(hello)
 
     def _check_hello(self, hello: dict[str, Any]) -> str | None:
         mine = self.hello
@@ -651,19 +650,21 @@ class PeerLink:
 
     # -- persistence -------------------------------------------------------------------------
 
-    async def _persist(self, hello: dict[str, Any]) -> None:
-        """Save the peer's hello, in a thread: its fsync took ~100 ms on a loaded machine, and on the event
-        loop it stopped every task of the node, the pumps of connections a live move had just brought
-        here included (the peer's hello changes with every move: bench/MOVES.md). Only this connection's
-        next messages wait for it."""
-        async with self._persisting:
-            if self.state_dir is None or hello == self._persisted:
-                return
-            try:
-                await trio.to_thread.run_sync(save_peer_hello, self.state_dir, hello)
-                self._persisted = hello
-            except (OSError, TypeError, ValueError) as exc:
-                log.warning("cannot save the peer's hello in %s: %s", self.state_dir, exc)
+    def _persist(self, hello: dict[str, Any]) -> None:
+        if self.state_dir is None or hello == self._persisted:
+            return
+        # which addresses the peer holds and its own address's state change with every live move, and the
+        # hello arrives just as the moved connections go live here: an fsync on the event loop then cost
+        # ~100 ms under load, stopping every pump (bench/MOVES.md). Those fields are written without one;
+        # a change of anything else (MAC, services, address: what a takeover after a restart needs) is synced
+        old = self._persisted or {}
+        durable = self._persisted is None or any(hello.get(k) != old.get(k) for k in set(hello) | set(old)
+                                                 if k not in MOVE_FIELDS)
+        try:
+            save_peer_hello(self.state_dir, hello, sync=durable)
+            self._persisted = hello
+        except (OSError, TypeError, ValueError) as exc:
+            log.warning("cannot save the peer's hello in %s: %s", self.state_dir, exc)
 
 
 def _dial_error(exc: OSError) -> str:
@@ -680,8 +681,12 @@ def _dial_error(exc: OSError) -> str:
     return str(exc) or type(exc).__name__
 
 
-def save_peer_hello(state_dir: str | os.PathLike[str], hello: dict[str, Any]) -> Path:
-    """Write ``state_dir/peer-hello.json`` atomically (temp file, fsync, rename).
+#: hello fields that change with every live move (no fsync when only these changed: see PeerLink._persist)
+MOVE_FIELDS = frozenset({"holds", "own_state"})
+
+
+def save_peer_hello(state_dir: str | os.PathLike[str], hello: dict[str, Any], *, sync: bool = True) -> Path:
+    """Write ``state_dir/peer-hello.json`` atomically (temp file, fsync unless ``sync`` is False, rename).
 
     Why: a node restarted after its peer died must still know the peer's MAC and services to take
     them over, and a crash mid-write must leave the old file, not half a new one.
@@ -695,7 +700,8 @@ def save_peer_hello(state_dir: str | os.PathLike[str], hello: dict[str, Any]) ->
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
-            os.fsync(f.fileno())
+            if sync:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
