@@ -139,13 +139,15 @@ def handover(node: NodeProcess, back: bool) -> dict:
 
 
 def records(giver: NodeProcess, taker: NodeProcess) -> tuple[dict | None, dict | None]:
-    """Both sides' record of the move just made (the taker's may end a little after the giver's)."""
-    out = giver.status()["pair"].get("last_move")
-    into = None
+    """Both sides' record of the move just made (either may end a little after the command returns: the
+    giver keeps the address until the taker is live)."""
+    out = into = None
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
+        out = giver.status()["pair"].get("last_move")
         into = taker.status()["pair"].get("last_move")
         if into and out and into.get("direction") == "in" and into.get("finished") and \
+                out.get("direction") == "out" and out.get("finished") and \
                 into.get("started_at", 0) >= out.get("started_at", 0) - 1:
             break
         time.sleep(0.02)

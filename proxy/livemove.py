@@ -8,6 +8,8 @@ this module is the two sequences the node runs for :class:`~proxy.roles.MoveOut`
 
 Giving node (:func:`move_out`), in the order bench/TCPREPAIR.md's findings demand:
 
+0. prepare the lock (:meth:`~proxy.movelock.MoveLock.prepare`: its table and NFLOG listener), before
+   the clients' pause begins;
 1. stop accepting (the listeners close; the connections go on);
 2. stop the pumps of every connection without closing its sockets; bytes a pump still held in its pipe
    are kept (``Connection.spilled_to_*``) and become the end of the frozen send queue;
@@ -20,17 +22,23 @@ Giving node (:func:`move_out`), in the order bench/TCPREPAIR.md's findings deman
 6. send ``move_begin``, the states in ``move_connections`` batches under the sync link's frame limit,
    then ``move_commit``;
 7. wait (bounded: ``ready_wait``) for the peer's ``move_ready``: every connection restored there, quietly.
-   Then close the frozen sockets silently, send ``move_go``, remove the address (still locked: a segment
-   that finds no socket would be answered with a reset), unlock.
+   Then close the frozen sockets silently, send ``move_go``, wait (bounded: ``LIVE_WAIT``) for the peer's
+   ``move_live`` (address announced, sockets live), remove the address (still locked: a segment that
+   finds no socket would be answered with a reset), unlock. The lock keeps a copy of every segment
+   it drops (:class:`~proxy.movelock.DropLog`): they go to the peer in ``move_segments`` messages before
+   ``move_go`` and after it, and the peer delivers them to its sockets once live, so a client whose
+   request arrived during the lock does not wait for its retransmission timer (>= 200 ms).
    No ``move_ready`` in time, or the sync link broke: **thaw** (repair mode off with the same state, the
    held bytes written, the pumps resumed, accepting again, the address never left) and send
-   ``move_abort``; each connection is reported as kept here.
+   ``move_abort``; each connection is reported as kept here, and the dropped segments are delivered here.
 
 Receiving node (:class:`Receiver`, from ``move_begin`` on): restore each batch as it arrives (repair
 mode: it sends nothing), answer the commit with ``move_ready``, and wait (bounded: ``go_wait``) for
 ``move_go``; on ``move_abort``, a broken link or no word it closes what it restored silently, so no
 connection ever lives on both nodes. On ``move_go`` (:func:`move_in`): bring the address up and announce
-it (the caller's ``bring_up``), let every leg go live and start its pumps.
+it (the caller's ``bring_up``), let every leg go live (its timestamp clock moved ahead by the time since
+the freeze: PAWS), deliver the segments the giver's lock dropped
+and start the pumps.
 
 A connection that cannot be frozen, is too large for one message, or cannot be restored falls back to
 what a move without this module does: it is cut. Each such connection is named in the report's
@@ -48,7 +56,7 @@ from typing import Any, Awaitable, Callable
 
 import trio
 
-from proxy import tcprepair
+from proxy import movelock, tcprepair
 from proxy.movelock import MoveLock, MoveLockError
 from proxy.tcprepair import TcpRepairError, TcpSocketState
 
@@ -77,9 +85,18 @@ READY_PER_MIB = 0.1
 #: how long the receiver keeps what it restored waiting for ``move_go`` (longer than READY_WAIT: a giver
 #: that got ``move_ready`` just before its bound still sends ``move_go``)
 GO_WAIT = 3.0
+#: added to the time since the freeze when the restored sockets' timestamp clocks are moved ahead (the
+#: giver's count is carried over the sync link: its transit, and millisecond rounding)
+TS_MARGIN_MS = 20
+#: how long the giver keeps the address (locked, its drops copied and passed on) after ``move_go`` for the
+#: peer's ``move_live``: a client that sends before the peer's announcement reaches it sends to the giver
+LIVE_WAIT = 0.5
 #: the longest stretch of freezing or restoring without giving the event loop a turn
 SLICE = 0.002
-MESSAGES = ("move_begin", "move_part", "move_connections", "move_commit", "move_ready", "move_go", "move_abort")
+MESSAGES = ("move_begin", "move_part", "move_connections", "move_commit", "move_ready", "move_go", "move_abort",
+            "move_segments", "move_live")
+#: segments the lock dropped that a receiver keeps until its sockets are live (beyond: the clients resend)
+MAX_SEGMENTS = 4096
 QUEUES = tuple((leg, queue) for leg in ("client", "backend") for queue in ("send_queue", "recv_queue"))
 
 
@@ -112,6 +129,9 @@ class MoveReport:
     #: the longest the event loop went without a turn during this side of the move (heartbeats wait that
     #: long: a stretch near dead_after makes the peer suspect this node)
     loop_lag_ms: float | None = None
+    #: segments the lock dropped, delivered from its copies (out: passed on, or delivered here if thawed;
+    #: in: delivered here)
+    segments_passed: int | None = None
 
     def fail(self, what: str, why: str) -> None:
         self.failed += 1
@@ -243,32 +263,36 @@ async def _thaw(service: Any, frozen: _Frozen, report: MoveReport, *, was_frozen
 
 async def move_out(*, address: str, move_id: int, service: Any, remove_address: Callable[[], Awaitable[None]],
                    send: Callable[[dict], Awaitable[bool]], wait_ready: Callable[[float], Awaitable[dict | None]],
+                   wait_live: Callable[[float], Awaitable[dict | None]] | None = None,
                    drain_wait: float = DRAIN_WAIT, lock: Callable[[str], Any] = MoveLock) -> MoveReport:
     """The giving node's sequence (module docstring); the report (``outcome`` moved or thawed).
     ``remove_address`` stops the address's service (it has no connections left by then) and removes the
     address; ``wait_ready(bound)`` returns the peer's ``move_ready`` message, or None (no answer within
-    ``bound`` seconds, or the sync link broke)."""
+    ``bound`` seconds, or the sync link broke); ``wait_live(bound)`` the same for ``move_live`` (None: the
+    address goes right after the go)."""
     report = MoveReport(address, "out", move_id, time.time())
     return await _watched(report, lambda: _move_out(report, address, move_id, service, remove_address, send,
-                                                    wait_ready, drain_wait, lock))
+                                                    wait_ready, wait_live, drain_wait, lock))
 
 
 async def _move_out(report: MoveReport, address: str, move_id: int, service: Any,
                     remove_address: Callable[[], Awaitable[None]], send: Callable[[dict], Awaitable[bool]],
-                    wait_ready: Callable[[float], Awaitable[dict | None]], drain_wait: float,
+                    wait_ready: Callable[[float], Awaitable[dict | None]],
+                    wait_live: Callable[[float], Awaitable[dict | None]] | None, drain_wait: float,
                     lock: Callable[[str], Any]) -> MoveReport:
-    t0 = trio.current_time()
     phases = _Phases(report)
-    prepared: list = []
-
-    async def prepare_lock() -> None:  # the lock's table, in a thread while the pumps stop (slow netlink)
-        try:
-            prepared.append(await trio.to_thread.run_sync(lock(address).prepare))
-        except MoveLockError as exc:
-            prepared.append(exc)
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(prepare_lock)
+    # 0. the lock's table and its NFLOG listener, in a thread, BEFORE the pumps stop: netlink and an
+    # nftables transaction from a thread that waits for the GIL behind a busy event loop took 2-61 ms
+    # (measured at load 8), all of it in the clients' pause while it ran alongside the stop
+    try:
+        prepared = await trio.to_thread.run_sync(lock(address).prepare)
+    except MoveLockError as exc:  # nothing was touched: the connections simply go on here
+        log.error("move of %s not started: %s", address, exc)
+        report.outcome, report.finished = "thawed", True
+        return report
+    phases.done("prepare_lock")
+    t0 = trio.current_time()
+    try:
         # 1-2
         service.stop_accepting()
         await trio.sleep(0)  # connections accepted just now register themselves
@@ -299,11 +323,12 @@ async def _move_out(report: MoveReport, address: str, move_id: int, service: Any
                     break
                 await trio.sleep(0.0005)
         phases.done("drain")
+    except BaseException:
+        prepared.close()
+        raise
     # 4. the lock
     try:
-        if isinstance(prepared[0], MoveLockError):
-            raise prepared[0]
-        held = prepared[0].engage()
+        held = prepared.engage()
     except MoveLockError as exc:  # nothing is frozen yet: the connections simply go on here
         log.error("move of %s not started: %s", address, exc)
         for proxy, conn in handed:
@@ -314,7 +339,7 @@ async def _move_out(report: MoveReport, address: str, move_id: int, service: Any
     phases.done("lock")
     try:
         return await _freeze_and_send(report, t0, phases, address, move_id, service, handed, held, remove_address,
-                                      send, wait_ready)
+                                      send, wait_ready, wait_live)
     finally:
         if report.lock_drops is None:
             report.lock_drops = held.dropped()
@@ -325,9 +350,10 @@ async def _move_out(report: MoveReport, address: str, move_id: int, service: Any
 async def _freeze_and_send(report: MoveReport, t0: float, phases: _Phases, address: str, move_id: int, service: Any,
                            handed: list, held: Any, remove_address: Callable[[], Awaitable[None]],
                            send: Callable[[dict], Awaitable[bool]],
-                           wait_ready: Callable[[float], Awaitable[dict | None]]) -> MoveReport:
+                           wait_ready: Callable[[float], Awaitable[dict | None]],
+                           wait_live: Callable[[float], Awaitable[dict | None]] | None) -> MoveReport:
     # 5. freeze
-    frozen_at = time.time()
+    frozen_at, frozen_t = time.time(), trio.current_time()
     frozen: list[_Frozen] = []
     slicer = _Slicer()
     for proxy, conn in handed:
@@ -410,6 +436,11 @@ async def _freeze_and_send(report: MoveReport, t0: float, phases: _Phases, addre
             await slicer.tick()
         service.resume_accepting()
         await send({"type": "move_abort", "address": address, "move_id": move_id})
+        # what the lock dropped goes to the thawed sockets here (the lock is released first: delivered
+        # while it holds, the copies would be dropped again)
+        report.lock_drops = held.dropped()
+        copies = held.take_dropped() + await trio.to_thread.run_sync(held.release)
+        report.segments_passed = movelock.deliver(copies)
         phases.done("thaw")
         report.outcome = "thawed"
         if report.thawed and len(report.failures) < 20:
@@ -426,12 +457,29 @@ async def _freeze_and_send(report: MoveReport, t0: float, phases: _Phases, addre
         phases.done("close")
         # the go before the address goes: the lock drops every segment to it here meanwhile (no reset), and
         # the peer's bring-up takes longer than the removal (measured: 34 vs 9 ms median at load 25)
-        await send({"type": "move_go", "address": address, "move_id": move_id, "frozen_at": frozen_at})
+        # what the lock dropped so far goes ahead of the go (the peer keeps it until its sockets are live)
+        passed = await _pass_on(send, address, move_id, held.take_dropped())
+        # how long the sockets have been frozen: the peer's restored timestamp clocks go at least that
+        # far ahead (tcprepair.RestoredSocket.go_live: a frozen socket may still have sent a later TSval)
+        await send({"type": "move_go", "address": address, "move_id": move_id, "frozen_at": frozen_at,
+                    "frozen_for": trio.current_time() - frozen_t})
         phases.done("go")
+        if wait_live is not None:
+            # the address stays (locked: what arrives is copied and passed on) until the peer has announced
+            # it and its sockets are live: a client that sent to this node's MAC meanwhile loses nothing
+            with trio.move_on_after(LIVE_WAIT):
+                while True:
+                    passed += await _pass_on(send, address, move_id, held.take_dropped())
+                    if await wait_live(0.002) is not None:
+                        break
+            phases.done("wait_live")
         await remove_address()
         phases.done("remove_address")
         report.lock_drops = held.dropped()
-        await trio.to_thread.run_sync(held.close)  # after the go: 1-80 ms under load, none of it the clients'
+        passed += await _pass_on(send, address, move_id, held.take_dropped())  # the peer is live by now, or nearly
+        # after the go: 1-80 ms under load, none of it the clients'
+        passed += await _pass_on(send, address, move_id, await trio.to_thread.run_sync(held.release))
+        report.segments_passed = passed
         phases.done("unlock")
         report.outcome = "moved"
     report.pause_ms = round((trio.current_time() - t0) * 1000, 3)
@@ -440,6 +488,23 @@ async def _freeze_and_send(report: MoveReport, t0: float, phases: _Phases, addre
              "here, %d cut; phases %s", address, report.outcome, report.moved, report.connections,
              report.state_bytes, report.pause_ms, report.thawed, report.failed, report.phases_ms)
     return report
+
+
+async def _pass_on(send: Callable[[dict], Awaitable[bool]], address: str, move_id: int, copies: list[bytes]) -> int:
+    """Send copies of segments the lock dropped to the peer, in ``move_segments`` messages under the sync
+    link's frame bound; how many were sent."""
+    passed = 0
+    while copies:
+        size, count = 0, 0
+        while count < len(copies) and (not count or size + len(copies[count]) <= BATCH_BYTES):
+            size += len(copies[count])
+            count += 1
+        if not await send({"type": "move_segments", "address": address, "move_id": move_id,
+                           "segments": copies[:count]}):
+            break
+        passed += count
+        copies = copies[count:]
+    return passed
 
 
 class Receiver:
@@ -461,10 +526,22 @@ class Receiver:
         self._failed: list[dict] = []
         self._parts: dict[tuple[int, str, str], bytearray] = {}
         self._part_bytes = 0
+        #: from move_go: how long the giver's sockets had been frozen, and when the go arrived (trio time)
+        self.frozen_for: float | None = None
+        self.go_at: float | None = None
+        #: segments the giver's lock dropped: kept until the sockets are live, then delivered at once
+        self.segments: list[bytes] = []
+        self.live = False
 
     def feed(self, message: dict) -> None:
         kind = message.get("type")
+        if kind == "move_segments":
+            self._take_segments(message.get("segments"))
+            return
         if kind == "move_go":
+            frozen_for = message.get("frozen_for")
+            self.frozen_for = frozen_for if isinstance(frozen_for, (int, float)) and 0 <= frozen_for < 3600 else None
+            self.go_at = trio.current_time()
             self.decide("go")
         elif kind == "move_abort":
             self.decide("abort")
@@ -474,6 +551,37 @@ class Receiver:
             except trio.WouldBlock:
                 log.error("move of %s: too many messages queued; the move is given up", self.address)
                 self.decide("abort")
+
+    def _take_segments(self, segments: Any) -> None:
+        if not isinstance(segments, list):
+            return
+        segments = [s for s in segments if isinstance(s, bytes)]
+        if self.live:
+            self.report.segments_passed = (self.report.segments_passed or 0) + movelock.deliver(segments)
+        elif self.state != "given_up":
+            self.segments.extend(segments[:MAX_SEGMENTS - len(self.segments)])
+
+    def ts_advance_ms(self) -> int:
+        """How far the restored sockets' timestamp clocks go past the frozen values: the time since the
+        giver froze them (its own count, carried by move_go, plus the time since the go arrived; else the
+        two nodes' wall clocks) and TS_MARGIN_MS."""
+        if self.frozen_for is not None and self.go_at is not None:
+            since = self.frozen_for + trio.current_time() - self.go_at
+        elif self.frozen_at is not None:
+            since = max(time.time() - self.frozen_at, 0.0)
+        else:
+            since = 0.0
+        return int(since * 1000) + TS_MARGIN_MS
+
+    async def send_live(self) -> None:
+        """Tell the giver that the address is announced and every socket live (it may remove the address)."""
+        await self._send({"type": "move_live", "address": self.address, "move_id": self.move_id})
+
+    def deliver_segments(self) -> None:
+        """The sockets are live: deliver what the giver's lock dropped, and from now on as it comes."""
+        self.live = True
+        segments, self.segments = self.segments, []
+        self.report.segments_passed = (self.report.segments_passed or 0) + movelock.deliver(segments)
 
     def decide(self, decision: str) -> None:
         if self.decision is None:
@@ -596,6 +704,7 @@ class Receiver:
         if len(self.report.failures) < 20:
             self.report.failures.append(f"given up: {why} ({len(self.restored)} restored, none kept)")
         self.restored = []
+        self.segments = []
         self.state = "given_up"
         self.report.outcome = "given_up"
         self.report.finished = True
@@ -634,9 +743,10 @@ async def _move_in(report: MoveReport, address: str, receiver: Receiver | None,
     slicer = _Slicer()
     for entry, what, rc, rb in restored:
         proxy = by_name.get(entry.get("service"))
+        advance = receiver.ts_advance_ms() if receiver is not None else TS_MARGIN_MS
         try:
-            client = rc.go_live()
-            backend = rb.go_live()
+            client = rc.go_live(ts_advance_ms=advance)
+            backend = rb.go_live(ts_advance_ms=advance)
         except TcpRepairError as exc:
             report.fail(what, f"go live: {exc}")
             _abort(rc.sock)
@@ -657,6 +767,9 @@ async def _move_in(report: MoveReport, address: str, receiver: Receiver | None,
             continue
         report.moved += 1
         await slicer.tick()
+    if receiver is not None:
+        receiver.deliver_segments()
+        await receiver.send_live()
     phases.done("live")
     now = time.time()
     report.pause_ms = round((trio.current_time() - t0) * 1000, 3)

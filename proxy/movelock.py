@@ -8,12 +8,20 @@ its address until the peer has confirmed; and between the silent close of the fr
 removal of the address, a segment finds no socket and would be answered with a reset: the lock drops it
 instead (the client resends it to the new holder). CRIU's network lock does the same with iptables.
 
+What the lock drops is not lost for the client's clock: each dropped segment is also copied to this
+process (NFLOG, :class:`DropLog`), and the move hands the copies to the sockets' new home, which delivers
+them to its restored sockets (:func:`deliver`) as soon as they are live. Without that, a client whose
+request arrived during the lock waits for its own retransmission: with one segment in flight Linux's tail
+loss probe fires only after 2 RTT + 200 ms and its retransmission timeout is 200 ms at least (measured:
+every move with a dropped segment stalled its client 223-229 ms, bench/MOVES.md). A duplicate that the
+client resends anyway is discarded by TCP as usual.
+
 One object owns the kernel change (an nftables table ``pairproxy_movelock_<address>``, family ip, one
 input chain with one rule and a counter), as :mod:`proxy.rstguard` does for output::
 
     table ip pairproxy_movelock_10_0_0_1 {
         chain in { type filter hook input priority -300; policy accept;
-            ip protocol tcp ip daddr 10.0.0.1 counter drop
+            ip protocol tcp ip daddr 10.0.0.1 counter log group 31249 queue-threshold 1 drop
         }
     }
 
@@ -22,9 +30,12 @@ A table left by a killed node is removed at the next start (:func:`remove_leftov
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
+import os
 import socket
+import struct
 
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.nftables.expressions import genex, verdict
@@ -52,29 +63,207 @@ def remove_leftover(address: ipaddress.IPv4Address | str) -> bool:
         return False
 
 
-def _rule(address: ipaddress.IPv4Address) -> list[dict]:
-    return [
+def _rule(address: ipaddress.IPv4Address, log_group: int | None) -> list[dict]:
+    rule = [
         _load(NFT_PAYLOAD_NETWORK_HEADER, 9, 1), _cmp(NFT_CMP_EQ, bytes([socket.IPPROTO_TCP])),
         _load(NFT_PAYLOAD_NETWORK_HEADER, 16, 4), _cmp(NFT_CMP_EQ, address.packed),
         genex("counter", {"bytes": 0, "packets": 0}),
     ]
+    if log_group is not None:  # a copy of each dropped segment to DropLog, at once (queue threshold 1)
+        # the kernel reads NFTA_LOG_GROUP and NFTA_LOG_QTHRESHOLD as be16 from the attribute's first two
+        # bytes; pyroute2 0.9 declares them be32: shifted, its four bytes start with the right two
+        rule.append(genex("log", {"group": log_group << 16, "qthreshold": 1 << 16}))
+    return rule
+
+
+# ------------------------------------------------------------------ NFLOG (include/uapi/linux/netfilter/nfnetlink_log.h)
+NETLINK_NETFILTER = 12
+NFNL_SUBSYS_ULOG = 4
+NFULNL_MSG_PACKET, NFULNL_MSG_CONFIG = 0, 1
+NFULA_CFG_CMD, NFULA_CFG_MODE, NFULA_CFG_QTHRESH = 1, 2, 5
+NFULNL_CFG_CMD_BIND, NFULNL_CFG_CMD_UNBIND = 1, 2
+NFULNL_COPY_PACKET = 2
+NFULA_PAYLOAD = 9
+NLM_F_REQUEST, NLM_F_ACK = 1, 4
+NLMSG_ERROR, NLMSG_DONE = 2, 3
+#: the NFLOG groups a lock tries (one listener per group and network namespace: two locks at once, or
+#: another NFLOG user such as ulogd on a group, take the next)
+LOG_GROUPS = range(31249, 31249 + 16)
+#: bound on the dropped segments a lock keeps (a move's lock lasts milliseconds; a flood is not kept)
+MAX_KEPT = 4096
+_NLMSG = struct.Struct("=IHHII")
+_NFGEN = struct.Struct("=BBH")      # family, version, res_id (big-endian group: packed by hand)
+_NLA = struct.Struct("=HH")
+
+
+def _nla(kind: int, payload: bytes) -> bytes:
+    size = _NLA.size + len(payload)
+    return _NLA.pack(size, kind) + payload + b"\0" * (-size % 4)
+
+
+def _attrs(data: bytes, at: int):
+    while at + _NLA.size <= len(data):
+        size, kind = _NLA.unpack_from(data, at)
+        if size < _NLA.size:
+            return
+        yield kind & 0x3FFF, data[at + _NLA.size:at + size]
+        at += (size + 3) & ~3
+
+
+class DropLog:
+    """Copies of the segments a lock drops, read from an NFLOG group of this network namespace.
+
+    Why NFLOG and not a packet socket: it gives exactly what the rule dropped (a packet socket on the
+    interface would also see what arrived just before the lock and hit no rule), with no filter of its own."""
+
+    def __init__(self) -> None:
+        self.group: int | None = None
+        self.kept: list[bytes] = []
+        self.lost = 0
+        self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK, NETLINK_NETFILTER)
+        try:
+            self._sock.setsockopt(socket.SOL_SOCKET, 33, 4 << 20)  # SO_RCVBUFFORCE: past rmem_max
+            self._sock.bind((0, 0))
+            last: OSError | None = None
+            for group in LOG_GROUPS:
+                try:
+                    self._config(group, _nla(NFULA_CFG_CMD, bytes([NFULNL_CFG_CMD_BIND])))
+                except OSError as exc:  # EBUSY: another listener has this group
+                    last = exc
+                    continue
+                self.group = group
+                break
+            if self.group is None:
+                raise last or OSError(errno.EBUSY, "no free NFLOG group")
+            self._config(self.group, _nla(NFULA_CFG_MODE, struct.pack("!IBB", 0xFFFF, NFULNL_COPY_PACKET, 0)) +
+                         _nla(NFULA_CFG_QTHRESH, struct.pack("!I", 1)))
+        except BaseException:
+            self._sock.close()
+            raise
+
+    def _config(self, group: int, attrs: bytes) -> None:
+        body = struct.pack("=BB", socket.AF_UNSPEC, 0) + struct.pack("!H", group) + attrs
+        header = _NLMSG.pack(_NLMSG.size + len(body), (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_CONFIG,
+                             NLM_F_REQUEST | NLM_F_ACK, 1, 0)
+        self._sock.send(header + body)
+        self._sock.settimeout(1.0)
+        try:
+            while True:
+                data = self._sock.recv(65536)
+                at = 0
+                while at + _NLMSG.size <= len(data):
+                    length, kind, _, _, _ = _NLMSG.unpack_from(data, at)
+                    if kind == NLMSG_ERROR:
+                        code = struct.unpack_from("=i", data, at + _NLMSG.size)[0]
+                        if code:
+                            raise OSError(-code, f"NFLOG group {group}: {os.strerror(-code)}")
+                        return
+                    at += max((length + 3) & ~3, _NLMSG.size)
+        finally:
+            self._sock.setblocking(False)
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def read(self) -> list[bytes]:
+        """The dropped segments that arrived since the last call (IPv4 packets, as received)."""
+        while True:
+            try:
+                data = self._sock.recv(1 << 17)
+            except BlockingIOError:
+                break
+            except OSError as exc:  # ENOBUFS: the socket overflowed; those copies are lost (the client resends)
+                if exc.errno == errno.ENOBUFS:
+                    self.lost += 1
+                    continue
+                break
+            at = 0
+            while at + _NLMSG.size <= len(data):
+                length, kind, _, _, _ = _NLMSG.unpack_from(data, at)
+                if length < _NLMSG.size:
+                    break
+                if kind == (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_PACKET:
+                    for attr, value in _attrs(data[:at + length], at + _NLMSG.size + _NFGEN.size):
+                        if attr == NFULA_PAYLOAD:
+                            if len(self.kept) < MAX_KEPT:
+                                self.kept.append(bytes(value))
+                            else:
+                                self.lost += 1
+                at += (length + 3) & ~3
+        kept, self.kept = self.kept, []
+        return kept
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+def _checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def _with_tcp_checksum(packet: bytes) -> bytes | None:
+    """``packet`` (IPv4 + TCP) with its TCP checksum computed (a copy taken on arrival may hold only the
+    pseudo-header sum: checksum offload); None if it is not a whole IPv4 TCP packet."""
+    if len(packet) < 40 or packet[0] >> 4 != 4 or packet[9] != socket.IPPROTO_TCP:
+        return None
+    ihl = (packet[0] & 0x0F) * 4
+    total = struct.unpack_from("!H", packet, 2)[0]
+    if ihl < 20 or total > len(packet) or total < ihl + 20:
+        return None
+    segment = bytearray(packet[ihl:total])
+    segment[16:18] = b"\0\0"
+    pseudo = packet[12:20] + struct.pack("!BBH", 0, socket.IPPROTO_TCP, len(segment))
+    segment[16:18] = struct.pack("!H", _checksum(pseudo + bytes(segment)))
+    return packet[:ihl] + bytes(segment)
+
+
+def deliver(packets: list[bytes]) -> int:
+    """Hand segments a lock dropped to the sockets of this network namespace, as if they had just arrived
+    (a raw IP socket: to a local address they loop back into TCP's input). Returns how many went."""
+    if not packets:
+        return 0
+    sent = 0
+    with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW) as raw:
+        for packet in packets:
+            fixed = _with_tcp_checksum(packet)
+            if fixed is None:
+                continue
+            try:
+                raw.sendto(fixed, (socket.inet_ntoa(fixed[16:20]), 0))
+                sent += 1
+            except OSError as exc:
+                log.warning("a segment the move lock dropped could not be delivered: %s", exc)
+    return sent
 
 
 class MoveLock:
-    """While open, TCP segments to ``address`` are dropped on arrival in this network namespace."""
+    """While open, TCP segments to ``address`` are dropped on arrival in this network namespace (and a copy
+    of each is kept: :meth:`take_dropped`)."""
 
     def __init__(self, address: ipaddress.IPv4Address | str):
         self.address = ipaddress.IPv4Address(str(address))
         self.table = table_name(self.address)
         self._nft: NFTables | None = None
+        self._log: DropLog | None = None
 
     def open(self) -> "MoveLock":
         """:meth:`prepare` and :meth:`engage` at once."""
         return self.prepare().engage()
 
     def prepare(self) -> "MoveLock":
-        """Make the table and its chain, without the rule (nothing is dropped yet). Slow under load (netlink
-        and an nftables transaction: 1-12 ms measured), so a move does it in a thread while its pumps stop."""
+        """Make the table and its chain, without the rule (nothing is dropped yet), and the NFLOG listener.
+        Slow under load (netlink and an nftables transaction: 1-12 ms measured), so a move does it in a
+        thread while its pumps stop."""
+        try:
+            self._log = DropLog()
+        except OSError as exc:  # the lock still works: a dropped segment then waits for the client's timer
+            log.warning("move lock of %s: dropped segments will not be passed on (NFLOG: %s)", self.address, exc)
+            self._log = None
         nft = NFTables(nfgen_family=NFPROTO_IPV4)
         try:
             if _table_exists(nft, self.table):
@@ -88,14 +277,17 @@ class MoveLock:
             raise MoveLockError(f"cannot lock {self.address} for a move: {exc.args[-1]}") from None
         except BaseException:
             nft.close()
+            self._close_log()
             raise
         self._nft = nft
         return self
 
     def engage(self) -> "MoveLock":
         """Add the drop rule: from now on no TCP segment reaches a socket of the address."""
+        group = self._log.group if self._log is not None else None
         try:
-            self._nft.rule("add", table=self.table, chain="in", expressions=(_rule(self.address), verdict(code=NF_DROP)))
+            self._nft.rule("add", table=self.table, chain="in",
+                           expressions=(_rule(self.address, group), verdict(code=NF_DROP)))
         except NetlinkError as exc:
             self.close()
             raise MoveLockError(f"cannot lock {self.address} for a move: {exc.args[-1]}") from None
@@ -108,13 +300,28 @@ class MoveLock:
         except NetlinkError:
             return 0
 
+    def take_dropped(self) -> list[bytes]:
+        """Copies of the segments dropped since the last call (IPv4 packets), oldest first."""
+        return self._log.read() if self._log is not None else []
+
+    def release(self) -> list[bytes]:
+        """Remove the lock; returns the copies of what it dropped that were not taken yet."""
+        if self._nft is not None:
+            try:
+                self._nft.table("del", name=self.table)
+            except NetlinkError as exc:
+                log.error("cannot remove the move lock %s: %s", self.table, exc)
+            finally:
+                self._nft.close()
+                self._nft = None
+        rest = self.take_dropped()
+        self._close_log()
+        return rest
+
     def close(self) -> None:
-        if self._nft is None:
-            return
-        try:
-            self._nft.table("del", name=self.table)
-        except NetlinkError as exc:
-            log.error("cannot remove the move lock %s: %s", self.table, exc)
-        finally:
-            self._nft.close()
-            self._nft = None
+        self.release()
+
+    def _close_log(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None

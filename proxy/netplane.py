@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import logging
+import socket
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -23,11 +24,13 @@ class NetworkError(Exception):
 
 
 def interface_index(ipr: IPRoute, ifname: str) -> int:
-    """The index of ``ifname`` in this network namespace; NetworkError if there is none."""
-    found = ipr.link_lookup(ifname=ifname)
-    if not found:
-        raise NetworkError(f"no interface {ifname!r} in this network namespace")
-    return found[0]
+    """The index of ``ifname`` in this network namespace; NetworkError if there is none.
+    (``if_nametoindex``: one ioctl; pyroute2's ``link_lookup`` dumps every link, 3-13 ms under load on
+    a live move's critical path.)"""
+    try:
+        return socket.if_nametoindex(ifname)
+    except OSError:
+        raise NetworkError(f"no interface {ifname!r} in this network namespace") from None
 
 
 def interface_mac(ifname: str) -> str:

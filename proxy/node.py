@@ -98,9 +98,11 @@ class Node:
         self.dropped_events = 0
         # live moves (proxy.livemove): what the peer is sending, the moves done, the one under way
         self.receiver: livemove.Receiver | None = None
+        self.last_receiver: livemove.Receiver | None = None   # after its go: the lock's late segments go to it
         self.arrived: dict[str, livemove.Receiver | None] = {}  # address -> the move the peer said go for
-        self._awaiting_ready: tuple[tuple[str, int], trio.Event, list[dict]] | None = None
-        self.moves: list[livemove.MoveReport] = []
+        self._awaiting_ready: tuple[tuple[str, int], dict[str, trio.Event], dict[str, dict]] | None = None
+        self.moves: list[livemove.MoveReport] = []       # the last 20
+        self.moves_recorded = 0                            # every move since start (moves is capped)
         self.move_in_progress: str | None = None
         self._move_ids = 0
         self._move_macvlan = False                # the macvlan was made for a move that is arriving
@@ -314,11 +316,11 @@ class Node:
         :class:`~proxy.livemove.Receiver` (restoring as the states arrive, before the decision task hears
         of the move); ``move_go`` becomes the event that takes the address."""
         kind, address, move_id = message.get("type"), message.get("address"), message.get("move_id")
-        if kind == "move_ready":
+        if kind in ("move_ready", "move_live"):
             waiting = self._awaiting_ready
-            if waiting is not None and waiting[0] == (address, move_id):
-                waiting[2].append(message)
-                waiting[1].set()
+            if waiting is not None and waiting[0] == (address, move_id) and kind in waiting[1]:
+                waiting[2][kind] = message
+                waiting[1][kind].set()
             return
         if kind == "move_begin":
             if self.receiver is not None:  # a new move replaces one that never finished
@@ -342,6 +344,8 @@ class Node:
             self._nursery.start_soon(receive)
             return
         receiver = self.receiver
+        if kind == "move_segments" and (receiver is None or (receiver.address, receiver.move_id) != (address, move_id)):
+            receiver = self.last_receiver
         if receiver is None or (receiver.address, receiver.move_id) != (address, move_id):
             if kind == "move_go" and isinstance(address, str):  # the peer let go: take it, with nothing
                 self.arrived[address] = None
@@ -353,7 +357,7 @@ class Node:
         if kind in ("move_go", "move_abort"):
             self.receiver = None
         if kind == "move_go":
-            self.arrived[address] = receiver
+            self.arrived[address] = self.last_receiver = receiver
             self._enqueue(roles.MoveArrived(address))
 
     def _enqueue(self, event: Any) -> None:
@@ -469,20 +473,21 @@ class Node:
             raise ValueError(f"own address is {role}: handover{' --back' if back else ''} needs it {ok_from}")
         if self.link is None or self.link.state != "connected":
             raise ValueError("the sync link to the peer is not connected: nothing can be moved")
-        before = len(self.moves)
+        before = self.moves_recorded
         self._enqueue(roles.HandoverBackRequested() if back else roles.HandoverRequested())
         with trio.move_on_after(min(float(request.get("timeout_s") or 10.0), 60.0)):
-            while self.core.own_role != want or len(self.moves) == before:
-                if len(self.moves) > before and self.moves[-1].outcome in ("thawed", "given_up") \
+            while self.core.own_role != want or self.moves_recorded == before:
+                if self.moves_recorded > before and self.moves[-1].outcome in ("thawed", "given_up") \
                         and self.core.own_role not in (roles.MOVING_OUT,):
                     break  # called off: everything stays as it was
                 await trio.sleep(0.005)
-        last = self.moves[-1] if len(self.moves) > before else None
+        last = self.moves[-1] if self.moves_recorded > before else None
         return {"own_role": self.core.own_role, "changed": self.core.own_role == want,
                 "move": None if last is None else dataclasses.asdict(last)}
 
     def _record_move(self, report: livemove.MoveReport) -> None:
         self.moves.append(report)
+        self.moves_recorded += 1
         del self.moves[:-20]
 
     async def _move_out(self, address: str, stopping: bool = False) -> roles.Event:
@@ -501,20 +506,24 @@ class Node:
             service.stop(0)  # no connections left: the address goes at once
             await done.wait()
 
-        waiting = self._awaiting_ready = ((address, self._move_ids), trio.Event(), [])
+        waiting = self._awaiting_ready = ((address, self._move_ids),
+                                          {"move_ready": trio.Event(), "move_live": trio.Event()}, {})
 
-        async def wait_ready(bound: float) -> dict | None:
-            with trio.move_on_after(bound):
-                while self.link.state == "connected" and not waiting[1].is_set():
-                    with trio.move_on_after(0.01):
-                        await waiting[1].wait()
-            return waiting[2][0] if waiting[2] else None
+        def waiter(kind: str):
+            async def wait(bound: float) -> dict | None:
+                with trio.move_on_after(bound):
+                    while self.link.state == "connected" and not waiting[1][kind].is_set():
+                        with trio.move_on_after(0.01):
+                            await waiting[1][kind].wait()
+                return waiting[2].get(kind)
+            return wait
 
         report = None
         service = self.own_service if mine else held.service
         try:
             report = await livemove.move_out(address=address, move_id=self._move_ids, service=service,
-                                             remove_address=remove_address, send=self.link.send, wait_ready=wait_ready)
+                                             remove_address=remove_address, send=self.link.send,
+                                             wait_ready=waiter("move_ready"), wait_live=waiter("move_live"))
             self._record_move(report)
         except Exception:  # a bug in a move must not stop the node; the peer gets no go and gives up
             log.exception("moving %s out failed", address)

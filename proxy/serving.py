@@ -16,10 +16,11 @@ from __future__ import annotations
 import ipaddress
 import logging
 import time
+from functools import partial
 
 import trio
 
-from proxy.arp import announce
+from proxy.arp import announce, announce_now
 from proxy.config import ServiceConfig
 from proxy.dataplane import ServiceProxy
 from proxy.netplane import ServiceAddress
@@ -106,10 +107,13 @@ class AddressService:
         try:
             with ServiceAddress(self.ifname, self.address):
                 if self.announce_ifname and self.announce_mac:
-                    # first frame goes out before we report started; the rest follow in the background
+                    # the first frame goes out before we report started, at once (a live move's sockets
+                    # go live only then: a client answered before it could send its next request to the
+                    # old holder's MAC, where nothing answers); the rest follow in the background
+                    announce_now(self.announce_ifname, self.announce_mac, str(self.address.ip))
                     async with trio.open_nursery() as announcing:
-                        announcing.start_soon(announce, self.announce_ifname, self.announce_mac,
-                                              str(self.address.ip))
+                        announcing.start_soon(partial(announce, already=1), self.announce_ifname,
+                                              self.announce_mac, str(self.address.ip))
                         self.address_up_at = trio.current_time()
                         await self._serve(task_status)
                         announcing.cancel_scope.cancel()

@@ -441,12 +441,25 @@ class RestoredSocket:
         self.state = state
         self.pending = pending  # to write once live: never sent (or, with resend_unacked, to resend)
 
-    def go_live(self) -> socket.socket:
+    def go_live(self, *, ts_advance_ms: int = 0) -> socket.socket:
         """Leave repair mode (the kernel sends a window probe: the remote's answer acknowledges whatever it
         has and opens the window) and write the pending bytes. After this the connection is live: a
-        failure here raises TcpRepairError and the caller must reset the connection (close normally)."""
+        failure here raises TcpRepairError and the caller must reset the connection (close normally).
+
+        ``ts_advance_ms``: move the timestamp clock this far past the frozen ``tsval`` first (the time
+        since the freeze, and a margin). Why: the restored clock starts where the old socket's stood at
+        the freeze, but the old socket may still have sent a segment after it (a delayed ACK fires in
+        repair mode too), with a later TSval; the remote then drops everything this socket sends as too
+        old (PAWS) until its clock catches up, and the first loss of a restored socket waits for its
+        3 s initial retransmission timeout (measured: a client stalled 5.9 s, bench/MOVES.md). A clock
+        that runs ahead is harmless: only the remote's PAWS check and our own RTT samples read it."""
         sock = self.sock
         step = f"go live {self.state.endpoints}"
+        if ts_advance_ms > 0 and self.state.timestamps:
+            tsval = self.state.tsval
+            units = ts_advance_ms * 1000 if tsval & 1 else ts_advance_ms  # low bit set: a usec clock
+            _set(sock, socket.IPPROTO_TCP, TCP_TIMESTAMP,
+                 _INT.pack(_signed(((tsval + units) & U32 & ~1) | (tsval & 1))), f"{step}: TCP_TIMESTAMP")
         _repair_off(sock, TCP_REPAIR_OFF, f"{step}: TCP_REPAIR off")
         done, pending = 0, self.pending
         while done < len(pending):  # the buffer was sized for it: this does not wait

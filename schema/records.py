@@ -603,6 +603,9 @@ class MoveRecord:
     phases_ms: dict[str, float] | None = field(default=None, metadata=OPTIONAL)  # each phase's time, in order
     lock_drops: int | None = field(default=None, metadata=OPTIONAL)  # out: segments the move lock dropped
     loop_lag_ms: float | None = field(default=None, metadata=OPTIONAL)  # the event loop's longest stretch
+    #: segments the move lock dropped that were delivered from its copies (out: passed on or, thawed,
+    #: delivered here; in: delivered here), so no client waited for its retransmission timer
+    segments_passed: int | None = field(default=None, metadata=OPTIONAL)
 
 
 @dataclass

@@ -653,8 +653,15 @@ class PeerLink:
     def _persist(self, hello: dict[str, Any]) -> None:
         if self.state_dir is None or hello == self._persisted:
             return
+        # which addresses the peer holds and its own address's state change with every live move, and the
+        # hello arrives just as the moved connections go live here: an fsync on the event loop then cost
+        # ~100 ms under load, stopping every pump (bench/MOVES.md). Those fields are written without one;
+        # a change of anything else (MAC, services, address: what a takeover after a restart needs) is synced
+        old = self._persisted or {}
+        durable = self._persisted is None or any(hello.get(k) != old.get(k) for k in set(hello) | set(old)
+                                                 if k not in MOVE_FIELDS)
         try:
-            save_peer_hello(self.state_dir, hello)
+            save_peer_hello(self.state_dir, hello, sync=durable)
             self._persisted = hello
         except (OSError, TypeError, ValueError) as exc:
             log.warning("cannot save the peer's hello in %s: %s", self.state_dir, exc)
@@ -674,8 +681,12 @@ def _dial_error(exc: OSError) -> str:
     return str(exc) or type(exc).__name__
 
 
-def save_peer_hello(state_dir: str | os.PathLike[str], hello: dict[str, Any]) -> Path:
-    """Write ``state_dir/peer-hello.json`` atomically (temp file, fsync, rename).
+#: hello fields that change with every live move (no fsync when only these changed: see PeerLink._persist)
+MOVE_FIELDS = frozenset({"holds", "own_state"})
+
+
+def save_peer_hello(state_dir: str | os.PathLike[str], hello: dict[str, Any], *, sync: bool = True) -> Path:
+    """Write ``state_dir/peer-hello.json`` atomically (temp file, fsync unless ``sync`` is False, rename).
 
     Why: a node restarted after its peer died must still know the peer's MAC and services to take
     them over, and a crash mid-write must leave the old file, not half a new one.
@@ -689,7 +700,8 @@ def save_peer_hello(state_dir: str | os.PathLike[str], hello: dict[str, Any]) ->
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
-            os.fsync(f.fileno())
+            if sync:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -133,6 +133,7 @@ import os  # noqa: E402
 import socket  # noqa: E402
 
 import trio  # noqa: E402
+import trio.testing  # noqa: E402
 
 from proxy.pump import PipePool, splice_pump  # noqa: E402
 
@@ -195,3 +196,178 @@ def test_a_pump_stopped_while_its_destination_is_full_hands_over_every_byte():
     assert payload.startswith(got + bytes(spilled) + rest)
     for s in (src_far, src, dst_far):
         s.close()
+
+
+# ------------------------------------------------------------------ the giver's order: the lock before the pause
+from proxy import livemove  # noqa: E402
+
+
+class _Steps:
+    """A fake lock and address service that write what happens, in order."""
+
+    def __init__(self) -> None:
+        self.steps: list[str] = []
+        self.proxies: list = []
+
+    # the address service
+    def stop_accepting(self) -> None:
+        self.steps.append("stop accepting")
+
+    def resume_accepting(self) -> None:
+        self.steps.append("resume accepting")
+
+    # the lock (livemove calls lock(address).prepare() and then works with what it returns)
+    def __call__(self, address: str) -> "_Steps":
+        return self
+
+    def prepare(self) -> "_Steps":
+        self.steps.append("lock prepared")
+        return self
+
+    def engage(self) -> "_Steps":
+        self.steps.append("lock engaged")
+        return self
+
+    def dropped(self) -> int:
+        return 0
+
+    def take_dropped(self) -> list[bytes]:
+        return []
+
+    def release(self) -> list[bytes]:  # idempotent, as MoveLock's
+        if "lock released" not in self.steps:
+            self.steps.append("lock released")
+        return []
+
+    close = release
+
+
+def test_the_lock_is_prepared_before_the_clients_pause_begins():
+    """Its table and NFLOG listener cost netlink round trips from a thread (2-61 ms measured under load):
+    done while the pumps still run, the clients never wait for them."""
+    fake = _Steps()
+    sent: list[str] = []
+
+    async def send(message: dict) -> bool:
+        sent.append(message["type"])
+        return True
+
+    async def wait_ready(bound: float) -> dict:
+        return {"type": "move_ready", "failed": []}
+
+    async def remove_address() -> None:
+        fake.steps.append("address removed")
+
+    async def main() -> livemove.MoveReport:
+        return await livemove.move_out(address="10.0.0.1", move_id=1, service=fake, remove_address=remove_address,
+                                       send=send, wait_ready=wait_ready, lock=fake)
+
+    report = trio.run(main)
+    assert report.outcome == "moved"
+    assert fake.steps[:3] == ["lock prepared", "stop accepting", "lock engaged"], fake.steps
+    assert fake.steps[-2:] == ["address removed", "lock released"], fake.steps
+    assert list(report.phases_ms)[:2] == ["prepare_lock", "stop"]
+    assert sent == ["move_begin", "move_commit", "move_go"]
+
+
+def test_a_handover_answers_when_its_move_is_recorded_also_after_twenty_moves():
+    """``handover`` waits for the node's move record; the node keeps only the last 20 records, so counting
+    them (as before) never saw the 21st move end: every later handover waited its full timeout (20 s in
+    bench/moves.py) although the move itself took milliseconds."""
+    from types import SimpleNamespace
+
+    from proxy.node import Node
+
+    fake = SimpleNamespace(moves=[], moves_recorded=0, link=SimpleNamespace(state="connected"),
+                           core=SimpleNamespace(own_role=SERVING))
+    fake._record_move = lambda report: Node._record_move(fake, report)
+
+    made = []
+
+    def enqueue(event) -> None:  # the move runs at once: the role changes and the record is kept
+        fake.core.own_role = HANDED_OVER if isinstance(event, HandoverRequested) else SERVING
+        made.append(livemove.MoveReport("10.0.0.1", "out", len(made) + 1, 0.0, outcome="moved"))
+        fake._record_move(made[-1])
+
+    fake._enqueue = enqueue
+
+    async def main() -> list[float]:
+        took = []
+        for i in range(25):
+            began = trio.current_time()
+            answer = await Node._handover(fake, {"back": i % 2 == 1, "timeout_s": 5})
+            assert answer["changed"] and (answer["move"] or {}).get("move_id") == i + 1, (i, answer)
+            took.append(trio.current_time() - began)
+        return took
+
+    took = trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert len(fake.moves) == 20 and len(made) == 25
+    assert max(took) < 1, took
+
+
+def test_the_restored_clocks_go_ahead_by_the_time_since_the_freeze():
+    """move_go carries how long the giver's sockets have been frozen; the receiver moves the restored
+    timestamp clocks at least that far ahead, plus what passed since the go (PAWS: see
+    tests/test_tcprepair.py's later-timestamp test)."""
+
+    async def main() -> tuple[int, int]:
+        async def send(message: dict) -> bool:
+            return True
+
+        receiver = livemove.Receiver("10.0.0.1", 7, send=send, connected=lambda: True)
+        receiver.feed({"type": "move_go", "address": "10.0.0.1", "move_id": 7, "frozen_at": 0.0,
+                       "frozen_for": 0.25})
+        at_go = receiver.ts_advance_ms()
+        await trio.sleep(0.1)
+        return at_go, receiver.ts_advance_ms()
+
+    at_go, later = trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert at_go == 250 + livemove.TS_MARGIN_MS
+    assert later == 350 + livemove.TS_MARGIN_MS
+
+
+def test_the_giver_keeps_its_address_until_the_peer_is_live_and_passes_on_what_arrives_meanwhile():
+    """After the go a client may still send to the giver's MAC until the peer's gratuitous ARP reaches it
+    (captured at load 11: a request 1 ms before the announcement, to an address already removed, cost the
+    client its 200 ms retransmission timeout). The giver keeps the address, locked, until move_live, and
+    passes on what its lock drops meanwhile; only then the address goes."""
+    fake = _Steps()
+    sent: list[str] = []
+    late = [[], [b"late segment"], []]   # what the lock drops: one segment while the peer brings it up
+
+    def take_dropped() -> list[bytes]:
+        return late.pop(0) if late else []
+
+    fake.take_dropped = take_dropped
+
+    async def send(message: dict) -> bool:
+        sent.append(message["type"])
+        if message["type"] == "move_segments":
+            fake.steps.append(f"passed on {len(message['segments'])}")
+        return True
+
+    async def wait_ready(bound: float) -> dict:
+        return {"type": "move_ready", "failed": []}
+
+    polls = []
+
+    async def wait_live(bound: float) -> dict | None:
+        polls.append(bound)
+        await trio.sleep(bound)
+        if len(polls) < 3:
+            return None
+        fake.steps.append("peer live")
+        return {"type": "move_live"}
+
+    async def remove_address() -> None:
+        fake.steps.append("address removed")
+
+    async def main() -> livemove.MoveReport:
+        return await livemove.move_out(address="10.0.0.1", move_id=1, service=fake, remove_address=remove_address,
+                                       send=send, wait_ready=wait_ready, wait_live=wait_live, lock=fake)
+
+    report = trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert report.outcome == "moved" and report.segments_passed == 1
+    assert fake.steps.index("passed on 1") < fake.steps.index("peer live") < fake.steps.index("address removed")
+    assert sent.index("move_go") < sent.index("move_segments")
+    assert "wait_live" in report.phases_ms

@@ -3,18 +3,20 @@
 Server namespace ``n`` holds SERVICE with a listener and one established connection from namespace ``c``.
 Prepared only, the lock drops nothing. Engaged, the client's bytes do not arrive (they are dropped on
 arrival, counted, and the server's socket sees nothing), a new connection is not answered; released, the
-client's retransmission arrives (nothing was lost for good, nothing was reset). A table a killed node left
-is removed by ``remove_leftover``.
+client's retransmission arrives (nothing was lost for good, nothing was reset). What the lock drops is
+also copied to the lock (NFLOG), and delivered from the copy it arrives at once, long before the client's
+own retransmission (>= 200 ms). A table a killed node left is removed by ``remove_leftover``.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import time
 
 import pytest
 
-from proxy import movelock
+from proxy import movelock, tcprepair
 from tests.test_snooper import in_netns
 from tests.test_tcprepair import SERVICE, namespaces, pair_lab  # noqa: F401 (fixture)
 
@@ -61,6 +63,45 @@ def test_an_engaged_lock_keeps_every_segment_away_and_loses_none(namespaces):
         assert _readable_within(served, 5) == b"during"     # ... and resent by the client once unlocked
         served.sendall(b"still one connection")
         assert _readable_within(client, 2) == b"still one connection"
+    finally:
+        if lock is not None:
+            with in_netns(n):
+                lock.close()
+        for s in (client, served, listener):
+            s.close()
+
+
+def test_a_dropped_segment_delivered_from_the_locks_copy_needs_no_retransmission(namespaces):
+    pair_lab(namespaces)
+    n, c = namespaces["n"], namespaces["c"]
+    with in_netns(n):
+        listener = socket.create_server((SERVICE, PORT))
+    with in_netns(c):
+        client = socket.create_connection((SERVICE, PORT), timeout=5)
+    served, _ = listener.accept()
+    lock = None
+    try:
+        client.sendall(b"warm")                              # an RTT estimate: the client's timers are minimal
+        assert _readable_within(served, 2) == b"warm"
+        with in_netns(n):
+            lock = movelock.MoveLock(SERVICE).open()
+        sent_at = time.monotonic()
+        client.sendall(b"request")
+        time.sleep(0.02)
+        copies = lock.take_dropped()
+        assert lock.dropped() == 1 and len(copies) == 1 and copies[0].endswith(b"request")
+        with in_netns(n):
+            assert lock.release() == []
+            lock = None
+            assert movelock.deliver(copies) == 1
+        assert _readable_within(served, 1) == b"request"
+        while tcprepair.unacknowledged(client) and time.monotonic() - sent_at < 1:
+            time.sleep(0.001)
+        # the client's own retransmission would come 200 ms (tail loss probe: 2 RTT + 200 ms) after its send
+        assert tcprepair.unacknowledged(client) == 0 and time.monotonic() - sent_at < 0.15
+        served.sendall(b"answer")
+        assert _readable_within(client, 2) == b"answer"
+        assert client.getsockopt(socket.IPPROTO_TCP, tcprepair.TCP_INFO, 104)[2] == 0  # tcpi_retransmits
     finally:
         if lock is not None:
             with in_netns(n):

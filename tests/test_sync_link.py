@@ -501,3 +501,26 @@ async def test_dials_failing_for_seconds_are_counted_and_warned_about_at_a_low_r
     assert "is the peer's peer.listen this address and port?" in status["dial_problem"]
     warnings = [r for r in caplog.records if r.levelname == "WARNING" and "peer.link" in r.getMessage()]
     assert len(warnings) == 1, [r.getMessage() for r in warnings]
+
+
+async def test_a_hello_that_changes_only_with_a_move_is_saved_without_an_fsync(nursery, tmp_path, monkeypatch):
+    """The peer's hello changes with every live move (which addresses it holds) and arrives just as the
+    moved connections go live: an fsync on the event loop then stopped every pump for ~100 ms under load.
+    Such a hello is written without one; the first hello and a change of MAC, services or address are
+    synced."""
+    import sync.link
+
+    synced = []
+    real_fsync = sync.link.os.fsync
+    monkeypatch.setattr(sync.link.os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+    pair = Pair(tmp_path)
+    await pair.start(nursery)
+    await eventually(lambda: load_peer_hello(tmp_path / "b") == hello("a"))
+    first = len(synced)
+    assert first >= 1
+    await pair.a.update_hello(hello("a") | {"holds": ["10.0.0.1", "10.0.0.2"], "own_state": "serving"})
+    await eventually(lambda: (load_peer_hello(tmp_path / "b") or {}).get("holds") == ["10.0.0.1", "10.0.0.2"])
+    assert len(synced) == first                 # a move's change: no fsync
+    await pair.a.update_hello(hello("a") | {"services": []})
+    await eventually(lambda: (load_peer_hello(tmp_path / "b") or {}).get("services") == [])
+    assert len(synced) == first + 1             # the services changed: synced

@@ -29,6 +29,7 @@ import os
 import selectors
 import shutil
 import socket
+import struct
 import subprocess
 import time
 from dataclasses import replace
@@ -474,6 +475,62 @@ def test_move_between_nodes(namespaces):
     for client, server in pairs:
         client.sock.close()
         server.sock.close()
+
+
+def _late_ack(state: TcpSocketState, tsval: int) -> bytes:
+    """The segment a frozen socket can still send after the freeze (its delayed ACK fires in repair mode):
+    a pure ACK from ``state``'s local end, carrying a TSval later than the frozen one."""
+    from proxy.movelock import _with_tcp_checksum
+
+    tcp = struct.pack("!HHIIBBHHH", state.local_port, state.remote_port, state.write_seq, state.rcv_nxt,
+                      8 << 4, 0x10, 512, 0, 0) + struct.pack("!BBBBII", 1, 1, 8, 10, tsval, 0)
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 0, 0x4000, 64, socket.IPPROTO_TCP, 0,
+                     socket.inet_aton(state.local_address), socket.inet_aton(state.remote_address))
+    return _with_tcp_checksum(ip + tcp)
+
+
+@needs_root
+@pytest.mark.parametrize("advance", [True, False], ids=["advanced", "not-advanced"])
+def test_a_later_timestamp_sent_after_the_freeze_does_not_silence_the_restored_socket(namespaces, advance):
+    """The old socket sends a delayed ACK after the freeze with a later TSval; the client takes it as its
+    newest timestamp. go_live(ts_advance_ms=time since the freeze + margin) lets the restored socket's
+    next bytes through at once; without the advance the client drops them (PAWS) and they come only with
+    the restored socket's first retransmission timeout (3 s: no RTT estimate)."""
+    pair_lab(namespaces)
+    n, c = namespaces["n"], namespaces["c"]
+    client, server = connect(n, c, 0, PORT + 20)
+    client.sock.sendall(b"hello")
+    assert server.sock.recv(5) == b"hello"
+    server.sock.sendall(b"world")
+    assert client.sock.recv(5) == b"world"
+    with in_netns(n):
+        # the address goes: nothing reaches the server socket (as the move's lock does)
+        _ip("-n", n, "addr", "del", f"{SERVICE}/24", "dev", "eth0")
+    state = tcprepair.freeze(server.sock)
+    frozen = time.monotonic()
+    assert state.timestamps and state.tsval & 1 == 0
+    time.sleep(0.1)
+    with in_netns(n):
+        with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW) as raw:
+            raw.sendto(_late_ack(state, (state.tsval + 80) & tcprepair.U32), (state.remote_address, 0))
+    time.sleep(0.05)
+    tcprepair.close_silently(server.sock)
+    with in_netns(n):
+        restored = tcprepair.restore_quiet(state)
+        _ip("-n", n, "addr", "add", f"{SERVICE}/24", "dev", "eth0")
+        elapsed_ms = int((time.monotonic() - frozen) * 1000) + 20
+        live = restored.go_live(ts_advance_ms=elapsed_ms if advance else 0)
+    try:
+        live.sendall(b"after the move")
+        client.sock.settimeout(1.0)
+        if advance:
+            assert client.sock.recv(100) == b"after the move"
+        else:
+            with pytest.raises((TimeoutError, socket.timeout)):
+                client.sock.recv(100)     # dropped as too old until the retransmission timeout
+    finally:
+        live.close()
+        client.sock.close()
 
 
 @needs_root
