@@ -115,6 +115,7 @@ class _Connection:
     budget: str | None = None  # which unauthenticated budget the connection uses until its hello is accepted
     closed: bool = False
     close_reason: str = ""
+    hello_sent: dict[str, Any] | None = None  # the hello this connection's peer got (update_hello may come later)
 
 
 class PeerLink:
@@ -234,6 +235,7 @@ class PeerLink:
             raise ValueError("update_hello may not change name, mode or version")
         self.hello = {k: v for k, v in hello.items() if k != "type"}
         if self._active is not None:
+            self._active.hello_sent = self.hello
             await self._send_on(self._active, self._hello_message())
 
     def drop(self, reason: str = "dropped on request") -> None:
@@ -474,6 +476,7 @@ class PeerLink:
 
     async def _handle(self, conn: _Connection, event: Ready | Message | Rejected) -> None:
         if isinstance(event, Ready):
+            conn.hello_sent = self.hello
             await self._send_on(conn, self._hello_message())
         elif isinstance(event, Rejected):
             self.counters[f"rejected_{event.kind}"] += 1
@@ -581,6 +584,10 @@ class PeerLink:
         self.state = "connected"
         self.refused_reason = None
         conn.nursery.start_soon(self._send_heartbeats, conn)
+        if conn.hello_sent is not self.hello:
+            # update_hello ran between this connection's hello and the peer's: the peer has an old one
+            conn.hello_sent = self.hello
+            conn.nursery.start_soon(self._send_on, conn, self._hello_message())
         self._notify()
 
     async def _refuse(self, conn: _Connection, reason: str, *, tell_peer: bool = True) -> None:

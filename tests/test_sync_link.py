@@ -524,3 +524,21 @@ async def test_a_hello_that_changes_only_with_a_move_is_saved_without_an_fsync(n
     await pair.a.update_hello(hello("a") | {"services": []})
     await eventually(lambda: (load_peer_hello(tmp_path / "b") or {}).get("services") == [])
     assert len(synced) == first + 1             # the services changed: synced
+
+
+async def test_a_hello_updated_during_the_handshake_reaches_the_peer(nursery, tmp_path):
+    """update_hello between this node's hello and the peer's (no active connection yet, so nothing is
+    sent then): the peer had the old hello, and kept it until the next reconnect. Once the connection is
+    up, the current hello follows."""
+    pair = Pair(tmp_path)
+    a_on_hello = pair.a._on_hello
+
+    async def late_hello(conn, body):
+        await trio.sleep(0.3)  # a's hello reaches b at once; b's is taken in late at a
+        await a_on_hello(conn, body)
+    pair.a._on_hello = late_hello
+    await pair.start(nursery)
+    await eventually(lambda: load_peer_hello(tmp_path / "b") == hello("a"))
+    assert pair.a.status()["state"] != "connected"  # the window: b has a's hello, a not yet b's
+    await pair.a.update_hello(hello("a") | {"holds": ["10.0.0.1"]})
+    await eventually(lambda: (load_peer_hello(tmp_path / "b") or {}).get("holds") == ["10.0.0.1"])
