@@ -32,7 +32,7 @@ from proxy.config import Config, ConfigError, ServiceConfig, services_from_dicts
 from proxy.continuation import LegOptions, Pairing, PairingOutbox
 from proxy.netplane import NetworkError
 from proxy.observer import ObserverError, ObserverProcess
-from proxy.rstguard import RstGuard, RstGuardError, destroy_leftover_sockets, remove_leftover
+from proxy.rstguard import RstGuard, RstGuardError, destroy_leftover_sockets, mark_own_close, remove_leftover
 from proxy.stateful import ViewSync, reset_frames
 from proxy.status import (Behind, Difference, NodeStatus, ResumeRecord, SnooperStats, StateSync, from_json,
                           merge_connections, snapshot_from_dict)
@@ -582,6 +582,8 @@ def _send_resets(connections: list[dict], toward: str = "client") -> int:
     if not connections:
         return sent
     with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW) as raw:
+        # deliberate RSTs: they must pass the takeover's FIN/RST guard, which may still be up (proxy.rstguard)
+        mark_own_close(raw)
         for client_ip, packet in reset_frames(connections, toward):
             try:
                 raw.sendto(packet, (client_ip, 0))
