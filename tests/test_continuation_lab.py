@@ -150,7 +150,9 @@ def test_a_continued_connection_goes_back_to_a_when_it_returns(lab, continuing_p
         a.link_up()
         t1 = time.monotonic()
         a.start(timeout=30)
-        st = a.wait_for(serving(host, "a"), 15, "a serving its address again")
+        # the move record is written as the move-in finishes, possibly just after the role flips
+        st = a.wait_for(lambda s: serving(host, "a")(s) and s["pair"].get("last_move"), 15,
+                        "a serving its address again, its move record written")
         print(f"a's cleanup and link up {t1 - t0:.1f} s, start and hand-back {time.monotonic() - t1:.1f} s")
         assert established(lab, host, 445) == before
         assert st["pair"]["last_move"]["moved"] == 1, st["pair"]["last_move"]

@@ -303,7 +303,9 @@ def test_standby_view_of_the_peer_stays_bounded_over_failover_cycles(lab, statef
         # 3 deaths; one more takeover is possible: a's restarted process can stall its event loop past
         # dead_after while it starts (CI saw one 0.7 s after a hand-back; heartbeats on the event loop
         # are issue 12's subject, README's known limits), and the view must stay bounded through it too
-        assert 3 <= st["pair"]["takeovers_total"] <= 4 and all(t["clients_reset"] + t["connections_continued"] >= 1 for t in st["pair"]["takeovers"][-3:])
+        # (that one has nothing to reset or continue: it is not necessarily the earliest of the last four)
+        assert 3 <= st["pair"]["takeovers_total"] <= 4
+        assert sum(t["clients_reset"] + t["connections_continued"] >= 1 for t in st["pair"]["takeovers"][-4:]) >= 3
         print(f"b's view of {host} after each cycle: {sizes}; forgotten {st['pair']['state_sync']['forgotten']}")
     except BaseException:
         for name in ("a", "b"):
