@@ -507,6 +507,55 @@ def test_splice_when_configured_and_when_not_privileged():
     assert refused.startswith('refused | node.byte_path = "sockmap": bpf() is not allowed') and "CAP_BPF" in refused
 
 
+def test_receive_window_reopens_after_the_leave_shrink():
+    """A relay's leave shrinks a leg's receive buffer around its last read (proxy.pump._leave). A
+    segment arriving meanwhile that changes the socket's len/truesize ratio makes the kernel clamp the
+    window to the tiny buffer (tcp_measure_rcv_mss: about 2 KB); restoring the buffer must reopen it,
+    or the leg crawls at some 20 KB/s for good (the stall of the move test above, 1 run in ~8).
+    Plain loopback TCP: the first segment of a young connection always re-measures that ratio."""
+    from proxy.pump import _restore_rcvbuf, _shrink_rcvbuf
+
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen()
+    sender = socket.create_connection(lsock.getsockname())
+    leg, _ = lsock.accept()
+    try:
+        sender.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        leg.settimeout(10)
+        size = _shrink_rcvbuf(leg)
+        sender.sendall(b"s" * 40000)  # arrives while the buffer is shrunk
+        got = 0
+        while got < 40000:
+            got += len(leg.recv(1 << 16))
+        clamped = leg.getsockopt(socket.IPPROTO_TCP, socket.TCP_WINDOW_CLAMP)
+        _restore_rcvbuf(leg, size)
+        total = 4 << 20
+
+        def send():
+            try:
+                sender.sendall(b"b" * total)
+            except OSError:
+                pass  # closed by the failing test below
+        t = threading.Thread(target=send, daemon=True)
+        t0 = time.monotonic()
+        t.start()
+        got = 0
+        leg.settimeout(0.5)
+        while got < total and time.monotonic() - t0 < 10:
+            try:
+                got += len(leg.recv(1 << 20))
+            except socket.timeout:
+                pass
+        took = time.monotonic() - t0
+        assert got == total, (f"{got} of {total} bytes in {took:.1f} s; window clamp {clamped} while shrunk, "
+                              f"{leg.getsockopt(socket.IPPROTO_TCP, socket.TCP_WINDOW_CLAMP)} after the restore")
+    finally:
+        sender.close()
+        leg.close()
+        lsock.close()
+
+
 def test_stopped_for_a_move_mid_stream_nothing_lost(byte_path):
     """What a live move does (proxy.livemove): set ``moving``, cancel the pumps while bytes flow both
     ways. The sockets come out of the relay (the map is empty again) with the bytes still on their way
