@@ -168,15 +168,16 @@ def wait_for(cond, timeout=10.0, what=""):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def sink_and_source(size: int):
-    """A backend that reads everything (returns its digest) and answers ``size`` bytes of its own."""
+def sink_and_source(size: int, gate: threading.Event | None = None):
+    """A backend that reads everything (returns its digest) and answers ``size`` bytes of its own
+    (``gate``: the last TAIL of them only once it is set)."""
     def handler(conn):
         got = hashlib.sha256()
         n = 0
         data = _pattern(size, b"B")
 
         def send():
-            conn.sendall(data)
+            send_gated(conn, data, gate)
             conn.shutdown(socket.SHUT_WR)
         t = threading.Thread(target=send)
         t.start()
@@ -190,6 +191,29 @@ def sink_and_source(size: int):
         handler.results.append((n, got.hexdigest()))
     handler.results = []
     return handler
+
+
+#: what :func:`send_gated` holds back
+TAIL = 64 << 10
+
+
+def send_gated(sock: socket.socket, data: bytes, gate: threading.Event | None) -> None:
+    """``sock.sendall(data)``, the last TAIL bytes only once ``gate`` is set (at most 30 s): a stream
+    that cannot end before the test has done what it must do mid-stream."""
+    if gate is not None and len(data) > TAIL:
+        sock.sendall(data[:-TAIL])
+        gate.wait(30)
+        data = data[-TAIL:]
+    sock.sendall(data)
+
+
+@contextmanager
+def released(gate: threading.Event):
+    """Sets ``gate`` on the way out, also when the test fails (no sender left waiting)."""
+    try:
+        yield gate
+    finally:
+        gate.set()
 
 
 def _pattern(size: int, tag: bytes) -> bytes:
@@ -511,7 +535,7 @@ def test_receive_window_reopens_after_the_leave_shrink():
     """A relay's leave shrinks a leg's receive buffer around its last read (proxy.pump._leave). A
     segment arriving meanwhile that changes the socket's len/truesize ratio makes the kernel clamp the
     window to the tiny buffer (tcp_measure_rcv_mss: about 2 KB); restoring the buffer must reopen it,
-    or the leg crawls at some 20 KB/s for good (the stall of the move test above, 1 run in ~8).
+    or the leg crawls at some 20 KB/s for good (the stall of the move test below, 1 run in ~15).
     Plain loopback TCP: the first segment of a young connection always re-measures that ratio."""
     from proxy.pump import _restore_rcvbuf, _shrink_rcvbuf
 
@@ -561,11 +585,13 @@ def test_stopped_for_a_move_mid_stream_nothing_lost(byte_path):
     ways. The sockets come out of the relay (the map is empty again) with the bytes still on their way
     in ``spilled_to_*``; a plain relay continuing from there delivers every byte exactly once."""
     size = 8 << 20
-    handler = sink_and_source(size)
-    with proxied(handler, byte_path) as (proxy, _):
+    # both ends hold their last bytes back until the stop: 8 MiB each way can pass in less than the 10 ms
+    # the test polls (both paths), and a connection that ended has nothing to stop (it failed so, 1 in ~40)
+    handler = sink_and_source(size, stopped := threading.Event())
+    with proxied(handler, byte_path) as (proxy, _), released(stopped):
         s = connect(proxy)
         data = _pattern(size, b"M")
-        sender = threading.Thread(target=lambda: (s.sendall(data), s.shutdown(socket.SHUT_WR)))
+        sender = threading.Thread(target=lambda: (send_gated(s, data, stopped), s.shutdown(socket.SHUT_WR)))
         back = bytearray()
 
         def read():
@@ -582,6 +608,7 @@ def test_stopped_for_a_move_mid_stream_nothing_lost(byte_path):
             conn.pumps.cancel()
         proxy.call(stop)
         wait_for(lambda: conn.ended.is_set(), what="the pumps to stop")
+        stopped.set()
         assert conn.handed is not None, "the connection ended instead of stopping"
         if byte_path.relay is not None:
             assert byte_path.relay.joined == 0
