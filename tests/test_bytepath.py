@@ -535,7 +535,7 @@ def test_receive_window_reopens_after_the_leave_shrink():
     """A relay's leave shrinks a leg's receive buffer around its last read (proxy.pump._leave). A
     segment arriving meanwhile that changes the socket's len/truesize ratio makes the kernel clamp the
     window to the tiny buffer (tcp_measure_rcv_mss: about 2 KB); restoring the buffer must reopen it,
-    or the leg crawls at some 20 KB/s for good (the stall of the move test below, 1 run in ~15).
+    or the leg crawls at some 20 KB/s for good (the stall of the move test below, 1 run in ~40).
     Plain loopback TCP: the first segment of a young connection always re-measures that ratio."""
     from proxy.pump import _restore_rcvbuf, _shrink_rcvbuf
 
@@ -586,7 +586,7 @@ def test_stopped_for_a_move_mid_stream_nothing_lost(byte_path):
     in ``spilled_to_*``; a plain relay continuing from there delivers every byte exactly once."""
     size = 8 << 20
     # both ends hold their last bytes back until the stop: 8 MiB each way can pass in less than the 10 ms
-    # the test polls (both paths), and a connection that ended has nothing to stop (it failed so, 1 in ~40)
+    # the test polls (both paths), and a connection that ended has nothing to stop (it failed so, 1 run in ~50)
     handler = sink_and_source(size, stopped := threading.Event())
     with proxied(handler, byte_path) as (proxy, _), released(stopped):
         s = connect(proxy)
