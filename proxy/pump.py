@@ -492,7 +492,13 @@ def _shrink_rcvbuf(sock: socket.socket) -> int:
 
 def _restore_rcvbuf(sock: socket.socket, size: int) -> None:
     """Give the receive buffer back, as large as autotuning could have made it: a size set by hand
-    turns autotuning off for good, and the buffer of a young connection would then cap its throughput."""
+    turns autotuning off for good, and the buffer of a young connection would then cap its throughput.
+
+    The window clamp too: a segment that arrives while the buffer is shrunk and changes the socket's
+    len/truesize ratio makes the kernel (``tcp_measure_rcv_mss``) clamp the window to what the tiny
+    buffer holds (about 2 KB), and nothing raises it again while every segment the sender may send
+    is smaller than the last one measured: the leg then crawls at some 20 KB/s on window probes
+    (``test_receive_window_reopens_after_the_leave_shrink``)."""
     try:
         size = max(size, int(open("/proc/sys/net/ipv4/tcp_rmem").read().split()[2]))
     except (OSError, ValueError, IndexError):
@@ -501,6 +507,12 @@ def _restore_rcvbuf(sock: socket.socket, size: int) -> None:
         sock.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, size // 2)  # the kernel doubles what it is given
     except OSError:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size // 2)
+    try:
+        # the buffer's size in bytes is at least the window it holds; the kernel uses the smaller of the two
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_WINDOW_CLAMP,
+                        sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))
+    except OSError:
+        pass  # reset meanwhile: the caller's reset check sees it
 
 
 async def send_all(sock: trio.socket.SocketType, data: bytes, spill: Callable[[bytes], None] | None = None) -> None:

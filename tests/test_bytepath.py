@@ -168,15 +168,16 @@ def wait_for(cond, timeout=10.0, what=""):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def sink_and_source(size: int):
-    """A backend that reads everything (returns its digest) and answers ``size`` bytes of its own."""
+def sink_and_source(size: int, gate: threading.Event | None = None):
+    """A backend that reads everything (returns its digest) and answers ``size`` bytes of its own
+    (``gate``: the last TAIL of them only once it is set)."""
     def handler(conn):
         got = hashlib.sha256()
         n = 0
         data = _pattern(size, b"B")
 
         def send():
-            conn.sendall(data)
+            send_gated(conn, data, gate)
             conn.shutdown(socket.SHUT_WR)
         t = threading.Thread(target=send)
         t.start()
@@ -190,6 +191,29 @@ def sink_and_source(size: int):
         handler.results.append((n, got.hexdigest()))
     handler.results = []
     return handler
+
+
+#: what :func:`send_gated` holds back
+TAIL = 64 << 10
+
+
+def send_gated(sock: socket.socket, data: bytes, gate: threading.Event | None) -> None:
+    """``sock.sendall(data)``, the last TAIL bytes only once ``gate`` is set (at most 30 s): a stream
+    that cannot end before the test has done what it must do mid-stream."""
+    if gate is not None and len(data) > TAIL:
+        sock.sendall(data[:-TAIL])
+        gate.wait(30)
+        data = data[-TAIL:]
+    sock.sendall(data)
+
+
+@contextmanager
+def released(gate: threading.Event):
+    """Sets ``gate`` on the way out, also when the test fails (no sender left waiting)."""
+    try:
+        yield gate
+    finally:
+        gate.set()
 
 
 def _pattern(size: int, tag: bytes) -> bytes:
@@ -507,16 +531,67 @@ def test_splice_when_configured_and_when_not_privileged():
     assert refused.startswith('refused | node.byte_path = "sockmap": bpf() is not allowed') and "CAP_BPF" in refused
 
 
+def test_receive_window_reopens_after_the_leave_shrink():
+    """A relay's leave shrinks a leg's receive buffer around its last read (proxy.pump._leave). A
+    segment arriving meanwhile that changes the socket's len/truesize ratio makes the kernel clamp the
+    window to the tiny buffer (tcp_measure_rcv_mss: about 2 KB); restoring the buffer must reopen it,
+    or the leg crawls at some 20 KB/s for good (the stall of the move test below, 1 run in ~40).
+    Plain loopback TCP: the first segment of a young connection always re-measures that ratio."""
+    from proxy.pump import _restore_rcvbuf, _shrink_rcvbuf
+
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen()
+    sender = socket.create_connection(lsock.getsockname())
+    leg, _ = lsock.accept()
+    try:
+        sender.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        leg.settimeout(10)
+        size = _shrink_rcvbuf(leg)
+        sender.sendall(b"s" * 40000)  # arrives while the buffer is shrunk
+        got = 0
+        while got < 40000:
+            got += len(leg.recv(1 << 16))
+        clamped = leg.getsockopt(socket.IPPROTO_TCP, socket.TCP_WINDOW_CLAMP)
+        _restore_rcvbuf(leg, size)
+        total = 4 << 20
+
+        def send():
+            try:
+                sender.sendall(b"b" * total)
+            except OSError:
+                pass  # closed by the failing test below
+        t = threading.Thread(target=send, daemon=True)
+        t0 = time.monotonic()
+        t.start()
+        got = 0
+        leg.settimeout(0.5)
+        while got < total and time.monotonic() - t0 < 10:
+            try:
+                got += len(leg.recv(1 << 20))
+            except socket.timeout:
+                pass
+        took = time.monotonic() - t0
+        assert got == total, (f"{got} of {total} bytes in {took:.1f} s; window clamp {clamped} while shrunk, "
+                              f"{leg.getsockopt(socket.IPPROTO_TCP, socket.TCP_WINDOW_CLAMP)} after the restore")
+    finally:
+        sender.close()
+        leg.close()
+        lsock.close()
+
+
 def test_stopped_for_a_move_mid_stream_nothing_lost(byte_path):
     """What a live move does (proxy.livemove): set ``moving``, cancel the pumps while bytes flow both
     ways. The sockets come out of the relay (the map is empty again) with the bytes still on their way
     in ``spilled_to_*``; a plain relay continuing from there delivers every byte exactly once."""
     size = 8 << 20
-    handler = sink_and_source(size)
-    with proxied(handler, byte_path) as (proxy, _):
+    # both ends hold their last bytes back until the stop: 8 MiB each way can pass in less than the 10 ms
+    # the test polls (both paths), and a connection that ended has nothing to stop (it failed so, 1 run in ~50)
+    handler = sink_and_source(size, stopped := threading.Event())
+    with proxied(handler, byte_path) as (proxy, _), released(stopped):
         s = connect(proxy)
         data = _pattern(size, b"M")
-        sender = threading.Thread(target=lambda: (s.sendall(data), s.shutdown(socket.SHUT_WR)))
+        sender = threading.Thread(target=lambda: (send_gated(s, data, stopped), s.shutdown(socket.SHUT_WR)))
         back = bytearray()
 
         def read():
@@ -533,6 +608,7 @@ def test_stopped_for_a_move_mid_stream_nothing_lost(byte_path):
             conn.pumps.cancel()
         proxy.call(stop)
         wait_for(lambda: conn.ended.is_set(), what="the pumps to stop")
+        stopped.set()
         assert conn.handed is not None, "the connection ended instead of stopping"
         if byte_path.relay is not None:
             assert byte_path.relay.joined == 0
