@@ -1,0 +1,139 @@
+"""proxy.heartbeat: two real heartbeat processes on loopback (two paths each), driven from trio."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+
+import pytest
+import trio
+
+from proxy.heartbeat import HeartbeatProcess, HeartbeatSetup
+from sync.detector import FailureDetector, PeerDead
+
+KEY = b"a shared secret of enough bytes!"
+HB, DEAD = 0.01, 0.06  # 60 ms: loopback on a loaded 2-core machine, the point is the mechanism
+
+
+def free_port() -> int:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def setup(me: str, port: int, key: bytes = KEY, mode: str = "stateless", stall: float = 1.0) -> HeartbeatSetup:
+    # a: sync 127.0.0.1, service 127.0.0.3; b: sync 127.0.0.2, service 127.0.0.4
+    addr = {"a": ("127.0.0.1", "127.0.0.3"), "b": ("127.0.0.2", "127.0.0.4")}
+    peer = "b" if me == "a" else "a"
+    return HeartbeatSetup(me=me, peer=peer, key=key, mode=mode, heartbeat=HB, dead_after=DEAD, port=port,
+                          paths={"sync": (addr[me][0], addr[peer][0]), "service": (addr[me][1], addr[peer][1])},
+                          loop_stall_limit=stall)
+
+
+class Node:
+    """What proxy.node does with its heartbeat process: facts into a detector."""
+
+    def __init__(self, s: HeartbeatSetup):
+        self.detector = FailureDetector(DEAD)
+        self.facts: list[tuple[str, float, str | None]] = []
+        self.verdicts: list[tuple[float, object]] = []
+        self.process = HeartbeatProcess(s, self.on_fact)
+
+    def on_fact(self, kind, at, path, last_heard):
+        self.facts.append((kind, at, path))
+        self.verdicts += [(at, v) for v in self.detector.fact(kind, at, path, last_heard)]
+
+
+async def eventually(predicate, timeout=5.0):
+    with trio.fail_after(timeout):
+        while not predicate():
+            await trio.sleep(0.01)
+
+
+async def test_a_killed_peer_is_silent_on_both_paths_within_dead_after():
+    port = free_port()
+    a, b = Node(setup("a", port)), Node(setup("b", port))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(a.process.run)
+        await nursery.start(b.process.run)
+        await eventually(lambda: a.detector.paths == {"sync": True, "service": True})
+        assert a.detector.state == "alive" and b.detector.state == "alive"
+        await trio.sleep(1.1)
+        assert a.detector.state == "alive", a.facts
+        st = a.process.status()
+        assert st["pid"] and st["paths"]["sync"]["received"] > 10, st
+        os.kill(b.process.pid, signal.SIGKILL)
+        killed = trio.current_time()
+        await eventually(lambda: a.detector.state == "dead")
+        at, verdict = [(t, v) for t, v in a.verdicts if isinstance(v, PeerDead)][-1]
+        # the silence began at the last heartbeat before the kill: the verdict within dead_after of it
+        assert at - killed <= DEAD + 0.01, (at - killed, a.facts[-6:])
+        assert a.detector.silent_for(at) >= DEAD - 0.001
+        if os.geteuid() == 0:
+            assert st["realtime"] and st["memory_locked"], st
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_short_loop_stall_is_ridden_out_a_long_one_silences_the_heartbeats():
+    """Both nodes' loops are this test's trio loop: time.sleep() stalls them as a busy loop would."""
+    import time
+
+    port = free_port()
+    a, b = Node(setup("a", port, stall=0.4)), Node(setup("b", port, stall=0.4))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(a.process.run)
+        await nursery.start(b.process.run)
+        await eventually(lambda: a.detector.state == "alive" and b.detector.state == "alive")
+        await trio.sleep(0.1)
+        a.verdicts.clear()  # the start (one process up before the other) is a silence of its own
+        b.verdicts.clear()
+        time.sleep(0.25)  # 6 dead_after of a stalled loop: the processes heartbeat on
+        await trio.sleep(0.1)
+        assert not [v for _, v in a.verdicts + b.verdicts if isinstance(v, PeerDead)], a.facts[-5:]
+        assert a.detector.state == "alive"
+        time.sleep(0.8)   # past the stall limit: a stopped node; both processes stop sending
+        await trio.sleep(0.1)
+        assert [v for _, v in a.verdicts if isinstance(v, PeerDead)]
+        assert a.process.status()["pauses"] >= 0  # stats may lag; the log says "heartbeats were stopped"
+        await eventually(lambda: a.detector.state == "alive")  # the loops write again: heartbeats resume
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("mistake", ["key", "mode"])
+async def test_a_peer_with_another_key_or_mode_is_misconfigured_never_dead(mistake):
+    port = free_port()
+    other = setup("b", port, key=b"another secret of enough bytes!!") if mistake == "key" else \
+        setup("b", port, mode="stateful")
+    a, b = Node(setup("a", port)), Node(other)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(a.process.run)
+        await nursery.start(b.process.run)
+        await trio.sleep(0.5)  # the start: a node acts on a verdict only after claim_wait (proxy.node)
+        a.verdicts.clear()
+        b.verdicts.clear()
+        await trio.sleep(1.0)
+        for node in (a, b):
+            assert node.detector.state == "misconfigured", node.facts[-5:]
+            assert not [v for _, v in node.verdicts if isinstance(v, PeerDead)]
+            assert node.process.status()["paths"]["sync"]["received"] == 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_the_kernel_filter_drops_what_is_not_from_the_peer_before_the_process_sees_it():
+    port = free_port()
+    a = Node(setup("a", port))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(a.process.run)
+        for source, size in (("127.0.0.9", 62), ("127.0.0.2", 61), ("127.0.0.2", 62)):
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s.bind((source, 0))
+            for _ in range(50):
+                s.sendto(b"x" * size, ("127.0.0.1", port))
+            s.close()
+        await trio.sleep(1.3)  # the next stats report
+        st = a.process.status()["paths"]["sync"]
+        assert st["rejected"] == 50, st  # only the right size from the peer's address reached the process
+        nursery.cancel_scope.cancel()
