@@ -37,6 +37,7 @@ It lives and dies with the node:
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
 import logging
 import os
@@ -84,6 +85,8 @@ def go_realtime(priority: int = RT_PRIORITY) -> str | None:
         os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(priority))
         return None
     except OSError as exc:
+        if exc.errno == errno.EPERM:  # named by what is missing (an unprivileged node's log stays readable)
+            return "SCHED_FIFO not allowed: needs CAP_SYS_NICE or an RLIMIT_RTPRIO"
         return f"SCHED_FIFO refused ({os.strerror(exc.errno) if exc.errno else exc})"
 
 
@@ -105,7 +108,10 @@ def lock_memory() -> str | None:
     if soft != resource.RLIM_INFINITY and not _has_cap(CAP_IPC_LOCK):
         return f"no CAP_IPC_LOCK and a memory lock limit of {soft} bytes"
     if _libc().mlockall(MCL_CURRENT | MCL_FUTURE) != 0:
-        return f"mlockall refused ({os.strerror(ctypes.get_errno())})"
+        err = ctypes.get_errno()
+        if err == errno.EPERM:
+            return "mlockall not allowed: needs CAP_IPC_LOCK"
+        return f"mlockall refused ({os.strerror(err)})"
     return None
 
 
