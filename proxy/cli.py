@@ -265,7 +265,7 @@ def format_status(status: NodeStatus) -> str:
         if hb is not None:
             how = "SCHED_FIFO" if hb.realtime else f"not real-time ({hb.realtime_problem})"
             how += ", memory locked" if hb.memory_locked else f", memory not locked ({hb.memory_problem})"
-            lines.append(f"heartbeat process {hb.pid}: {how}" + (", PAUSED (node loop stopped)" if hb.paused else "")
+            lines.append(f"heartbeat process {hb.pid}: {how}" + (", PAUSED (node stopped, or its loop hung)" if hb.paused else "")
                          + (f", {hb.failed}" if hb.failed else ""))
             for name, p in sorted(hb.paths.items()):
                 gap, jit = p.gap_ms, p.jitter_ms

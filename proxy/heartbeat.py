@@ -27,11 +27,16 @@ It lives and dies with the node:
 
 * ``PR_SET_PDEATHSIG``: the kernel kills it when the node dies (SIGKILL included), so a dead node
   falls silent on both paths at once; it also exits when its standard input reaches EOF.
-* the node's loop writes a line every ``LOOP_TICK`` seconds. Without one for ``loop_stall_limit``
-  (:attr:`proxy.timings.PairTimings.loop_stall_limit`, far longer than ``dead_after``) the node is not
-  stalled but stopped (SIGSTOP, a hung loop): the process stops sending, so the peer takes over, and
-  starts again when the loop writes again. A short stall of the loop (GC, a long status) thus never
-  silences the heartbeats; a stopped node is still found, only later.
+* a stopped or dead node falls silent at once: before every send the process reads the node's state in
+  ``/proc/<node>/stat``. Stopped (``T``; ``t`` on two reads in a row, as a debugger's stop lasts while
+  a traced syscall's does not) or a zombie (``Z``/``X``): no heartbeat is sent, so the peer takes over
+  at ``dead_after``, as it would for a killed node. A node stopped by SIGSTOP serves nobody: its
+  address must move as fast as a dead node's.
+* a busy or hung loop (the node runs but its trio loop does not) is told apart from a short stall by
+  time: the node's loop writes a line every ``LOOP_TICK`` seconds; without one for ``loop_stall_limit``
+  (:attr:`proxy.timings.PairTimings.loop_stall_limit`, far longer than ``dead_after``) the process stops
+  sending, and starts again when the loop writes again. A short stall of the loop (GC, a long status)
+  thus never silences the heartbeats; a hung loop is still found, only later.
 """
 
 from __future__ import annotations
@@ -131,6 +136,26 @@ def source_filter(peer_ip: str, payload: int) -> list:
     ]
 
 
+def _open_stat(pid: int) -> int | None:
+    """An open /proc/<pid>/stat, read again with pread at each send (no open per heartbeat)."""
+    try:
+        return os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+
+
+def process_state(stat_fd: int | None) -> str:
+    """The state letter (``R``, ``S``, ``T``, ``Z``...) of the process whose /proc/<pid>/stat is open as
+    ``stat_fd``; ``X`` if it cannot be read (the process is gone)."""
+    if stat_fd is None:
+        return "X"
+    try:
+        data = os.pread(stat_fd, 1024, 0)
+        return chr(data[data.rindex(b")") + 2])  # the name in parentheses may hold spaces and ")"
+    except (OSError, ValueError, IndexError):
+        return "X"
+
+
 def _open_socket(local: str, port: int, peer_ip: str, payload: int) -> socket.socket:
     from capture.bpf import attach
 
@@ -165,7 +190,10 @@ class _Child:
             self.paths[path] = (sock, (peer_ip, int(setup["port"])))
         self.reads = {path: TokenBucket(READ_RATE, READ_RATE / 20) for path in self.paths}
         self.loop_heard = now
-        self.paused = False
+        self.parent = int(setup["parent"])
+        self._parent_stat = _open_stat(self.parent)
+        self._traced = False        # the last read saw "t" (tracing stop)
+        self.paused: str | None = None  # why no heartbeat is sent: "stopped", "gone", "loop" (see the docstring)
         self.pauses = 0
         self.late: list[float] = []
         self.max_late = 0.0
@@ -235,17 +263,30 @@ class _Child:
         if not data:
             return False  # the node is gone
         self.loop_heard = time.monotonic()
-        if self.paused:
-            self.paused = False
-            self.out({"k": "resumed", "at": self.loop_heard})
         return True
 
-    def _send(self, now: float, late: float) -> None:
+    def _why_silent(self, now: float) -> str | None:
+        """Why this node must not heartbeat now (None: it may)."""
+        state = process_state(self._parent_stat)
+        traced, self._traced = self._traced, state == "t"
+        if state in "ZX":
+            return "gone"
+        if state == "T" or (state == "t" and traced):
+            return "stopped"
         if now - self.loop_heard > self.loop_stall_limit:
-            if not self.paused:
-                self.paused = True
+            return "loop"
+        return None
+
+    def _send(self, now: float, late: float) -> None:
+        why = self._why_silent(now)
+        if why != self.paused:
+            if why is not None:
                 self.pauses += 1
-                self.out({"k": "paused", "at": now})  # read when the node runs again
+                self.out({"k": "paused", "at": now, "why": why})  # read when the node runs again
+            else:
+                self.out({"k": "resumed", "at": now, "was": self.paused})
+            self.paused = why
+        if why is not None:
             return
         self.late.append(late)
         self.max_late = max(self.max_late, late)
@@ -419,11 +460,13 @@ class HeartbeatProcess:
                 self._save_jitter()
         elif kind == "paused":
             self.paused = True
-            log.error("heartbeats were stopped: the node's loop did not run for %.1f s (stopped or hung); "
-                      "the peer has probably taken over", self.setup.loop_stall_limit)
+            why = {"stopped": "this node's process was stopped (SIGSTOP or a debugger)",
+                   "gone": "this node's process was exiting"}.get(
+                message.get("why"), f"the node's loop did not run for {self.setup.loop_stall_limit:.1f} s (hung)")
+            log.error("heartbeats were stopped: %s; the peer has probably taken over", why)
         elif kind == "resumed":
             self.paused = False
-            log.warning("heartbeats sent again: the node's loop runs again")
+            log.warning("heartbeats sent again: this node runs again")
 
     def _save_jitter(self) -> None:
         """``state_dir/heartbeat-jitter.json``: what ``pairproxy check`` compares dead_after with."""

@@ -395,7 +395,7 @@ class HeartbeatStatus:
     pid: int | None
     realtime: bool                      # SCHED_FIFO
     memory_locked: bool                 # mlockall
-    paused: bool                        # not sending: the node's loop stopped writing to it
+    paused: bool                        # not sending: the node stopped, or its loop stopped writing to it
     pauses: int
     paths: dict[str, HeartbeatPath]
     send_late_ms: Percentiles | None    # how late each send was against its schedule

@@ -86,23 +86,28 @@ def test_sync_network_cut_is_link_down_on_the_heartbeat_paths_and_no_takeover(la
     b.wait_for(lambda s: s["pair"]["peer_state"] == "alive", 10, "b: alive again")
 
 
-def test_a_stopped_node_is_found_only_after_the_loop_stall_limit(lab, pair):
-    """SIGSTOP of the node's process alone: its heartbeat process runs on. A loop stall must not be a
-    takeover; a node that stays stopped (3 s, proxy.timings.loop_stall_limit) must be."""
+def test_a_stopped_node_is_silent_at_once_and_taken_over_at_dead_after(lab, pair):
+    """SIGSTOP of the node's process alone: its heartbeat process sees the node stopped (/proc) and stops
+    sending, so the peer takes over at dead_after as for a dead node (not after the loop stall limit);
+    SIGCONT: heartbeats again, the peer lets go."""
     a, b = pair
     host = lab.addresses.service_a
+    before = len(b.status()["pair"]["takeovers"])
     a.signal(signal.SIGSTOP)
     try:
         stopped = time.monotonic()
-        time.sleep(2.0)  # twenty dead_after: the heartbeats went on
-        assert b.status()["pair"]["addresses"][host]["role"] == "standby"
-        b.wait_for(serving(host, "b"), 8, "b taking over the stopped node's address")
+        st = b.wait_for(serving(host, "b"), 3, "b taking over the stopped node's address")
         took = time.monotonic() - stopped
-        assert 2.9 <= took <= 6.0, took
+        t = st["pair"]["takeovers"][-1]
+        assert len(st["pair"]["takeovers"]) == before + 1
+        assert DEAD_AFTER_MS - 1 <= t["silence_ms"] <= DEAD_AFTER_MS + 30, t
+        assert took < 1.0, took  # status polling included; the loop stall limit is 3 s
     finally:
         a.signal(signal.SIGCONT)
     b.wait_for(lambda s: s["pair"]["addresses"][host]["role"] == "standby", 10, "b letting go")
-    assert a.status()["pair"]["addresses"][host]["role"] == "serving"
+    a.wait_for(lambda s: s["pair"]["addresses"][host]["role"] == "serving"
+               and not s["pair"]["heartbeat"]["paused"], 10, "a serving and heartbeating again")
+    assert "this node's process was stopped" in a.log.read_text()
 
 
 def test_replayed_heartbeats_of_a_dead_node_keep_nothing_alive(lab, pair, tmp_path):

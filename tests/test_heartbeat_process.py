@@ -137,3 +137,82 @@ async def test_the_kernel_filter_drops_what_is_not_from_the_peer_before_the_proc
         st = a.process.status()["paths"]["sync"]
         assert st["rejected"] == 50, st  # only the right size from the peer's address reached the process
         nursery.cancel_scope.cancel()
+
+
+def test_the_node_state_the_process_reads_before_each_send_stopped_running_gone():
+    """What silences a stopped node's heartbeats at once (proxy.heartbeat: /proc/<node>/stat)."""
+    import subprocess
+    import time
+
+    from proxy.heartbeat import _open_stat, process_state
+
+    node = subprocess.Popen(["sleep", "30"])
+    fd = _open_stat(node.pid)
+    try:
+        assert process_state(fd) in "RS"
+        node.send_signal(signal.SIGSTOP)
+        deadline = time.monotonic() + 2
+        while process_state(fd) != "T" and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert process_state(fd) == "T"
+        node.send_signal(signal.SIGCONT)
+        while process_state(fd) == "T" and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert process_state(fd) in "RS"
+        node.kill()
+        while process_state(fd) not in "ZX" and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert process_state(fd) == "Z"  # dead, not yet reaped
+        node.wait()
+        assert process_state(fd) == "X"  # reaped: gone
+    finally:
+        if node.poll() is None:
+            node.kill()
+            node.wait()
+        os.close(fd)
+    assert process_state(None) == "X"
+
+
+# A node whose heartbeat process is b's: its own trio loop, in a process the test can stop.
+NODE_B = r'''
+import sys, trio
+sys.path.insert(0, sys.argv[2])
+from tests.test_heartbeat_process import Node, setup
+async def main():
+    b = Node(setup("b", int(sys.argv[1]), stall=30.0))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(b.process.run)
+        print("ready", flush=True)
+        await trio.sleep_forever()
+trio.run(main)
+'''
+
+
+async def test_a_stopped_node_falls_silent_at_once_and_heartbeats_again_when_continued():
+    """SIGSTOP of the node's process (not of its heartbeat process): the peer's verdict within dead_after
+    of the stop, not after the loop stall limit (30 s here); SIGCONT: heard again."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    port = free_port()
+    a = Node(setup("a", port))
+    b = subprocess.Popen([sys.executable, "-c", NODE_B, str(port), str(Path(__file__).parent.parent)],
+                         stdout=subprocess.PIPE, text=True)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(a.process.run)
+            assert await trio.to_thread.run_sync(b.stdout.readline) == "ready\n"
+            await eventually(lambda: a.detector.state == "alive")
+            await trio.sleep(0.3)
+            b.send_signal(signal.SIGSTOP)
+            stopped = trio.current_time()
+            await eventually(lambda: a.detector.state == "dead", 2.0)
+            at = [t for t, v in a.verdicts if isinstance(v, PeerDead)][-1]
+            assert at - stopped <= DEAD + 2 * HB + 0.01, (at - stopped, a.facts[-6:])
+            b.send_signal(signal.SIGCONT)
+            await eventually(lambda: a.detector.state == "alive", 2.0)
+            nursery.cancel_scope.cancel()
+    finally:
+        b.kill()
+        b.wait()
