@@ -384,23 +384,48 @@ class HeartbeatProcess:
         self.stats_at: float | None = None
         self.failed: str | None = None
         self.paused = False
+        self._process: subprocess.Popen | None = None
+
+    def spawn(self) -> None:
+        """Start the process now, before :meth:`run`: a Python start-up takes 50 ms on an idle machine
+        and seconds on a loaded one, and a starting node is silent to its peer until the process
+        heartbeats. The node calls this first thing, so the start-up overlaps its own.
+
+        Popen here, in the loop's own thread, not trio's open_process: that forks from a worker
+        thread, and PR_SET_PDEATHSIG fires when the *thread* that forked exits (trio's idle worker
+        threads do after 10 s), which killed the heartbeat process of a healthy node."""
+        if self._process is not None:
+            return
+        process = subprocess.Popen([sys.executable, "-m", "proxy.heartbeat"], stdin=subprocess.PIPE,
+                                   stdout=subprocess.PIPE, close_fds=True)
+        try:
+            os.write(process.stdin.fileno(), (json.dumps(self.setup.to_json()) + "\n").encode())  # < a pipe's buffer
+        except OSError:
+            pass  # it died at once: run() reports it
+        self._process = process
+
+    def discard(self) -> None:
+        """Kill a process spawned but never run (the node failed to start)."""
+        process, self._process = self._process, None
+        if process is not None and process.poll() is None:
+            process.kill()
+            process.wait()
+        for pipe in (process.stdin, process.stdout) if process is not None else ():
+            if not pipe.closed:
+                pipe.close()
 
     async def run(self, *, task_status: Any = None) -> None:
         import trio
 
         if task_status is None:
             task_status = trio.TASK_STATUS_IGNORED
-        # Popen here, in the loop's own thread, not trio's open_process: that forks from a worker
-        # thread, and PR_SET_PDEATHSIG fires when the *thread* that forked exits (trio's idle worker
-        # threads do after 10 s), which killed the heartbeat process of a healthy node.
-        process = subprocess.Popen([sys.executable, "-m", "proxy.heartbeat"], stdin=subprocess.PIPE,
-                                   stdout=subprocess.PIPE, close_fds=True)
+        self.spawn()
+        process, self._process = self._process, None
         stdin = trio.lowlevel.FdStream(os.dup(process.stdin.fileno()))
         stdout = trio.lowlevel.FdStream(os.dup(process.stdout.fileno()))
         process.stdin.close()
         process.stdout.close()
         try:
-            await stdin.send_all((json.dumps(self.setup.to_json()) + "\n").encode())
             lines = _Lines(stdout)
             ready = await lines.next()
             if not ready or not ready.get("ok"):

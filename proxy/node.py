@@ -133,6 +133,8 @@ class Node:
         log.info("byte path: %s%s", byte_path.path, f" ({byte_path.reason})" if byte_path.reason else "")
         control = bind_control_socket(node.control)
         try:
+            if self.core is not None:  # before the rest: its Python start-up overlaps the node's (issue 12)
+                self._spawn_heartbeats()
             self.own_service.open_listeners()  # a port in use fails here, before any kernel change
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -158,6 +160,8 @@ class Node:
         finally:
             control.close()
             self.own_service.close_listeners()
+            if self.heartbeats is not None:
+                self.heartbeats.discard()  # spawned but never run (a failed start); else a no-op
             sockmap.ACTIVE.close()  # every connection has ended: the maps and the program go
             if self.peer_macvlan is not None:
                 self.peer_macvlan.close()
@@ -231,13 +235,7 @@ class Node:
         self.detector = FailureDetector(timings.dead_after)
         self.probe_responder = ProbeResponder(self.key, str(node.address.ip), peer.probe_port,
                                               me=node.name, peer=peer.name)
-        self.heartbeats = HeartbeatProcess(HeartbeatSetup(
-            me=node.name, peer=peer.name, key=self.key, mode=pair.mode, heartbeat=timings.heartbeat,
-            dead_after=timings.dead_after, port=peer.heartbeat_port,
-            paths={"sync": (str(peer.listen.host), str(peer.link.host)),
-                   "service": (str(node.address.ip), str(peer.address))},
-            loop_stall_limit=timings.loop_stall_limit), self._on_fact, state_dir=node.state_dir)
-        await nursery.start(self.heartbeats.run)
+        await nursery.start(self._spawn_heartbeats().run)
         await nursery.start(self.link.run)
         nursery.start_soon(self.probe_responder.serve)
         if pair.mode == "stateful":
@@ -255,6 +253,19 @@ class Node:
         nursery.start_soon(self._tick_own_address)
         self.state = "pair"
         log.info("node %s: pair with %s (%s mode), claiming %s", node.name, peer.name, pair.mode, node.address.ip)
+
+    def _spawn_heartbeats(self) -> HeartbeatProcess:
+        """The heartbeat process, spawned once, as early as the node can (see HeartbeatProcess.spawn)."""
+        if self.heartbeats is None:
+            peer, pair, node, timings = self.config.peer, self.config.pair, self.config.node, self.timings
+            self.heartbeats = HeartbeatProcess(HeartbeatSetup(
+                me=node.name, peer=peer.name, key=self.key, mode=pair.mode, heartbeat=timings.heartbeat,
+                dead_after=timings.dead_after, port=peer.heartbeat_port,
+                paths={"sync": (str(peer.listen.host), str(peer.link.host)),
+                       "service": (str(node.address.ip), str(peer.address))},
+                loop_stall_limit=timings.loop_stall_limit), self._on_fact, state_dir=node.state_dir)
+            self.heartbeats.spawn()
+        return self.heartbeats
 
     async def _detect(self) -> None:
         """Arm the death verdict, and feed the detector the link's refusals and the time.

@@ -284,6 +284,9 @@ def test_different_key_files_or_modes_no_takeover_both_serve_their_own(lab, tmp_
         start_together(a, b)
         for node in (a, b):
             node.wait_for(misconfigured, 15, "peer misconfigured")
+        # the heartbeats show the mistake within dead_after; each node claims its own address after claim_wait
+        for node, own in ((a, addr.service_a), (b, addr.service_b)):
+            node.wait_for(lambda s: s["pair"]["addresses"][own]["role"] == "serving", 15, "serving its own address")
         time.sleep(2)  # well past dead_after (100 ms) and claim_wait: a split brain would be there by now
         for node, own, other in ((a, addr.service_a, addr.service_b), (b, addr.service_b, addr.service_a)):
             assert node.proc.poll() is None
