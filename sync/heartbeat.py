@@ -38,8 +38,11 @@ because a forged datagram must never change ``echo``: we would then echo garbage
 would find our heartbeats stale.
 
 ``seq`` (per sender, from 1) orders the peer's datagrams: while the path is up, an authenticated
-datagram with an old ``seq`` (a duplicate, or a recorded one replayed) is counted and ignored, so a replay
-cannot change the nonce we echo; while the path is down a lower ``seq`` is a restarted peer.
+datagram with an old ``seq`` (a duplicate, or a recorded one replayed), or one that echoes no fresh
+nonce, is counted and ignored, so a replay cannot change the nonce we echo. A lower ``seq`` is a
+restarted peer while the path is down, or when it echoes a nonce of ours newer than the one the peer's
+latest datagram echoed (no earlier datagram of one process can: see ``received``), so a peer that
+restarts within ``dead_after`` is heard at once.
 """
 
 from __future__ import annotations
@@ -142,6 +145,7 @@ class PathState:
     peer_nonce: bytes = bytes(8)     # echoed in our next heartbeat on this path
     any_nonce: bytes = bytes(8)      # echoed as echo_any (authenticated or not)
     peer_seq: int = -1
+    echo_sent: float = -1e18         # when we sent the nonce the peer's latest fresh heartbeat echoed
     mine: dict = field(default_factory=dict)  # our recent nonces -> when sent
     order: deque = field(default_factory=lambda: deque(maxlen=NONCES_KEPT))
 
@@ -222,17 +226,29 @@ class HeartbeatMonitor:
                     self._unauth_at = now
                     self.facts.append(Fact("unauthenticated", now, path, self.last_heard()))
             return False
-        if seq <= st.peer_seq and st.up:
+        echo_sent = st.mine.get(echo)
+        restarted = echo_sent is not None and echo_sent > st.echo_sent and self._fresh(st, echo, now)
+        if seq <= st.peer_seq and st.up and not restarted:
             # a duplicate or a replay while the peer talks: ignored (a replay must not change our echo,
             # or replayed datagrams would make our heartbeats look stale to the living peer)
             st.old_seq += 1
             return False
-        # a lower seq while the path is down: the peer restarted (its seq starts again at 1)
-        st.peer_seq, st.peer_nonce = seq, nonce
+        # A lower seq is a restarted peer (its seq starts again at 1) when the path is down, or when it
+        # echoes a nonce of ours sent after the one the peer's latest datagram echoed: the peer echoes
+        # the latest of ours it took, so no earlier datagram of the same process can (a replay cannot).
+        # Without this, a peer restarted within dead_after would be ignored until the path fell silent,
+        # and it would see this node's heartbeats as stale (echoing its old process's nonce) meanwhile.
         fresh = self._fresh(st, echo, now)
+        if not fresh and st.up:
+            # stale while the peer talks (e.g. a replay of a restarted peer's old process, whose seq is
+            # higher): changes nothing, as a replay must not change our echo
+            st.stale += 1
+            return False
+        st.peer_seq, st.peer_nonce = seq, nonce  # while down, a stale one too: echoing it completes the handshake
         if not fresh:
             st.stale += 1
             return False
+        st.echo_sent = echo_sent
         st.received += 1
         if st.heard_at is not None and now >= st.heard_at:
             gap = now - st.heard_at

@@ -160,6 +160,37 @@ def test_a_restarted_peer_is_heard_again_although_its_sequence_starts_over():
     assert [f.kind for f in a.take_facts()].count("heard") == 1 and a.paths["sync"].up
 
 
+def test_a_peer_restarted_within_dead_after_is_heard_at_once_and_a_replay_is_still_ignored():
+    """The path is still up when the new process's first heartbeats (seq from 1) arrive: the first that
+    echoes a nonce newer than the old process's last echo is the peer's; a replay of the old process's
+    datagrams still changes nothing."""
+    a, b = pair()
+    recorded = []
+    t = 0.0
+    while t < 0.2:  # as exchange(), keeping what b sent
+        for path in ("sync", "service"):
+            da, db = a.outgoing(path, t), b.outgoing(path, t)
+            b.received(path, da, t)
+            recorded.append((path, db))
+            a.received(path, db, t)
+        t = round(t + HB, 6)
+    a.take_facts()
+    old_seq = a.paths["sync"].old_seq
+    b2 = HeartbeatMonitor(KEY, me="b", peer="a", mode="stateless", heartbeat=HB, dead_after=DEAD, now=0.21)
+    for path in ("sync", "service"):  # b2's first: echoes nothing of a's yet
+        a.received(path, b2.outgoing(path, 0.21), 0.21)
+    for path in ("sync", "service"):
+        b2.received(path, a.outgoing(path, 0.215), 0.215)
+    assert a.paths["sync"].up  # 15 ms < dead_after: the path never went down
+    assert a.received("sync", b2.outgoing("sync", 0.22), 0.22)  # b2's, echoing a's nonce of 0.215
+    assert a.paths["sync"].peer_seq == b2._seq  # the new process's sequence
+    for path, data in recorded[-6:]:  # the old process's last datagrams, replayed
+        assert not a.received(path, data, 0.225)
+    assert a.paths["sync"].old_seq > old_seq
+    b2.received("sync", a.outgoing("sync", 0.23), 0.23)  # our echo is still b2's nonce: b2 hears us
+    assert b2.received("sync", a.outgoing("sync", 0.24), 0.24) or b2.paths["sync"].up
+
+
 def test_gaps_and_jitter_are_measured_per_path():
     a, b = pair()
     exchange(a, b, 0.0, 0.5)
