@@ -35,10 +35,12 @@ class PairTimings:
     @property
     def loop_stall_limit(self) -> float:
         """The heartbeat process stops sending when the node's loop has not written to it this long: a
-        stopped node (SIGSTOP, a hung loop) must look dead to the peer. Far longer than ``dead_after``:
-        a loop busy for tens of ms (GC, a big status) is a stall the heartbeats must ride out, which is
-        why they are sent from their own process. 3 s (50 ``dead_after`` for slow detectors): the detection
-        soak (bench/FAILOVER.md, 2026-11-27) saw a healthy node's loop stall over 1 s on a shared 2-core
+        hung loop (the process runs, its trio loop does not) must look dead to the peer. A *stopped*
+        node (SIGSTOP, a debugger) or an exiting one falls silent at once instead: the heartbeat process
+        reads its state in /proc before every send. Far longer than ``dead_after``: a loop busy for
+        tens of ms (GC, a big status) is a stall the heartbeats must ride out, which is why they are sent
+        from their own process. 3 s (50 ``dead_after`` for slow detectors): the detection soak
+        (bench/FAILOVER.md, 2026-11-27) saw a healthy node's loop stall over 1 s on a shared 2-core
         machine at load 60, and each such stall was a false takeover with a 1 s limit."""
         return max(3.0, 50 * self.dead_after)
 
