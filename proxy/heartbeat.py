@@ -36,7 +36,10 @@ It lives and dies with the node:
   time: the node's loop writes a line every ``LOOP_TICK`` seconds; without one for ``loop_stall_limit``
   (:attr:`proxy.timings.PairTimings.loop_stall_limit`, far longer than ``dead_after``) the process stops
   sending, and starts again when the loop writes again. A short stall of the loop (GC, a long status)
-  thus never silences the heartbeats; a hung loop is still found, only later.
+  thus never silences the heartbeats; a hung loop is still found, only later. Until the loop's first
+  line the bound is ``START_LIMIT``: the node spawns this process first thing and reaches its loop
+  only after its own start-up (seconds on a loaded machine), which must not look like a hang, or the
+  peer would take over a node that is starting.
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ log = logging.getLogger("pairproxy.heartbeat")
 
 RT_PRIORITY = 20           # above ordinary processes, below the kernel's own real-time threads (50)
 LOOP_TICK = 0.1            # the node's loop writes a line this often
+START_LIMIT = 30.0         # the loop's first line may take this long (a Python start-up under load)
 STATS_EVERY = 1.0          # the process reports its counters and jitter this often
 SAVE_EVERY = 10.0          # the node saves them for `pairproxy check` this often
 JITTER_FILE = "heartbeat-jitter.json"
@@ -190,6 +194,7 @@ class _Child:
             self.paths[path] = (sock, (peer_ip, int(setup["port"])))
         self.reads = {path: TokenBucket(READ_RATE, READ_RATE / 20) for path in self.paths}
         self.loop_heard = now
+        self.loop_started = False   # the node's loop has written its first line
         self.parent = int(setup["parent"])
         self._parent_stat = _open_stat(self.parent)
         self._traced = False        # the last read saw "t" (tracing stop)
@@ -263,6 +268,7 @@ class _Child:
         if not data:
             return False  # the node is gone
         self.loop_heard = time.monotonic()
+        self.loop_started = True
         return True
 
     def _why_silent(self, now: float) -> str | None:
@@ -273,7 +279,7 @@ class _Child:
             return "gone"
         if state == "T" or (state == "t" and traced):
             return "stopped"
-        if now - self.loop_heard > self.loop_stall_limit:
+        if now - self.loop_heard > (self.loop_stall_limit if self.loop_started else max(START_LIMIT, self.loop_stall_limit)):
             return "loop"
         return None
 

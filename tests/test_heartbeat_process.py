@@ -175,11 +175,13 @@ def test_the_node_state_the_process_reads_before_each_send_stopped_running_gone(
 
 # A node whose heartbeat process is b's: its own trio loop, in a process the test can stop.
 NODE_B = r'''
-import sys, trio
+import sys, time, trio
 sys.path.insert(0, sys.argv[2])
 from tests.test_heartbeat_process import Node, setup
 async def main():
-    b = Node(setup("b", int(sys.argv[1]), stall=30.0))
+    b = Node(setup("b", int(sys.argv[1]), stall=float(sys.argv[3])))
+    b.process.spawn()               # as proxy.node: first thing
+    time.sleep(float(sys.argv[4]))  # the rest of the node's start-up, its loop not running
     async with trio.open_nursery() as nursery:
         await nursery.start(b.process.run)
         print("ready", flush=True)
@@ -197,7 +199,7 @@ async def test_a_stopped_node_falls_silent_at_once_and_heartbeats_again_when_con
 
     port = free_port()
     a = Node(setup("a", port))
-    b = subprocess.Popen([sys.executable, "-c", NODE_B, str(port), str(Path(__file__).parent.parent)],
+    b = subprocess.Popen([sys.executable, "-c", NODE_B, str(port), str(Path(__file__).parent.parent), "30", "0"],
                          stdout=subprocess.PIPE, text=True)
     try:
         async with trio.open_nursery() as nursery:
@@ -212,6 +214,33 @@ async def test_a_stopped_node_falls_silent_at_once_and_heartbeats_again_when_con
             assert at - stopped <= DEAD + 2 * HB + 0.01, (at - stopped, a.facts[-6:])
             b.send_signal(signal.SIGCONT)
             await eventually(lambda: a.detector.state == "alive", 2.0)
+            nursery.cancel_scope.cancel()
+    finally:
+        b.kill()
+        b.wait()
+
+
+async def test_a_starting_node_heartbeats_from_its_spawn_and_a_long_start_is_no_hang():
+    """The node spawns its heartbeat process first and reaches its loop later (here 1.2 s, four times the
+    loop stall limit of 0.3 s): the peer hears it from the spawn on and never finds it dead."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    port = free_port()
+    a = Node(setup("a", port))
+    b = subprocess.Popen([sys.executable, "-c", NODE_B, str(port), str(Path(__file__).parent.parent), "0.3", "1.2"],
+                         stdout=subprocess.PIPE, text=True)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(a.process.run)
+            await eventually(lambda: a.detector.state == "alive", 5.0)  # before b's loop runs
+            heard = trio.current_time()
+            assert await trio.to_thread.run_sync(b.stdout.readline) == "ready\n"
+            assert trio.current_time() - heard > 0.3  # b's loop started well after it was heard
+            await trio.sleep(0.5)
+            assert a.detector.state == "alive", a.facts[-6:]
+            assert not [v for t, v in a.verdicts if isinstance(v, PeerDead) and t >= heard], a.facts[-6:]
             nursery.cancel_scope.cancel()
     finally:
         b.kill()
