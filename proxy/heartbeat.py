@@ -200,6 +200,8 @@ class _Child:
         self._traced = False        # the last read saw "t" (tracing stop)
         self.paused: str | None = None  # why no heartbeat is sent: "stopped", "gone", "loop" (see the docstring)
         self.pauses = 0
+        self.stalls = 0             # times this process woke a heartbeat or more late (own_stall)
+        self.stalled = 0.0          # the longest of them (s)
         self.late: list[float] = []
         self.max_late = 0.0
 
@@ -213,8 +215,14 @@ class _Child:
         next_send = time.monotonic()
         next_stats = next_send + STATS_EVERY
         muted: dict[int, float] = {}  # fd -> until (over the read rate)
+        wake: float | None = None
         while True:
             now = time.monotonic()
+            if wake is not None and now - wake > self.heartbeat:
+                # woke a beat or more late: we did not run meanwhile, so that was no silence of the peer's
+                self.monitor.own_stall(wake, now)
+                self.stalls += 1
+                self.stalled = max(self.stalled, now - wake)
             for fd, until in list(muted.items()):
                 if now >= until:
                     del muted[fd]
@@ -238,6 +246,7 @@ class _Child:
                 next_stats = now + STATS_EVERY
             wake = min([next_send, self.monitor.next_deadline(now), next_stats, *muted.values()])
             timeout = max(0.0, wake - time.monotonic())
+            wake = max(wake, time.monotonic())
             for fd, _ in poller.poll(timeout * 1000 + 0.5 if timeout > 0 else 0):
                 if fd == stdin and not self._read_stdin(stdin):
                     return
@@ -315,7 +324,8 @@ class _Child:
         del self.late[:-6000]
         return {"now": now, "paths": self.monitor.stats(now), "last_heard": self.monitor.last_heard(),
                 "send_late_ms": percentiles(late), "max_send_late_ever_ms": round(self.max_late * 1000, 3),
-                "paused": self.paused, "pauses": self.pauses}
+                "paused": self.paused, "pauses": self.pauses, "own_stalls": self.stalls,
+                "max_own_stall_ms": round(self.stalled * 1000, 3)}
 
 
 def child_main() -> int:
@@ -524,7 +534,8 @@ class HeartbeatProcess:
                 "realtime_problem": self.realtime, "memory_locked": self.memory_locked is None and self.pid is not None,
                 "memory_problem": self.memory_locked, "failed": self.failed, "paused": self.paused,
                 "pauses": s.get("pauses", 0), "paths": s.get("paths", {}), "send_late_ms": s.get("send_late_ms"),
-                "max_send_late_ever_ms": s.get("max_send_late_ever_ms")}
+                "max_send_late_ever_ms": s.get("max_send_late_ever_ms"), "own_stalls": s.get("own_stalls", 0),
+                "max_own_stall_ms": s.get("max_own_stall_ms", 0.0)}
 
 
 class _Lines:

@@ -400,6 +400,8 @@ class HeartbeatStatus:
     paths: dict[str, HeartbeatPath]
     send_late_ms: Percentiles | None    # how late each send was against its schedule
     max_send_late_ever_ms: float | None
+    own_stalls: int = 0                 # times the process woke a heartbeat or more late (not the peer's silence)
+    max_own_stall_ms: float = 0.0
     realtime_problem: str | None = field(default=None, metadata=OPTIONAL)  # why not SCHED_FIFO
     memory_problem: str | None = field(default=None, metadata=OPTIONAL)    # why not mlockall
     failed: str | None = field(default=None, metadata=OPTIONAL)

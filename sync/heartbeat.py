@@ -65,6 +65,7 @@ TAG = 16
 SIZE = _BODY.size + TAG
 KEY_LABEL = b"pairproxy heartbeat v1 "
 NAME_LABEL = b"pairproxy heartbeat name "
+STALLS_KEPT = 256  # our own recent stalls (see HeartbeatMonitor.own_stall)
 NONCES_KEPT = 256  # our recent nonces per path (at 10 ms, 2.5 s: far more than any fresh_for)
 GAPS_KEPT = 6000   # gaps kept per path for the percentiles (one minute at 10 ms)
 
@@ -188,6 +189,7 @@ class HeartbeatMonitor:
         self._peer_tag = sender_tag(peer)
         self.paths: dict[str, PathState] = {p: PathState() for p in PATHS}
         self.started = now
+        self._stalls: deque = deque(maxlen=STALLS_KEPT)  # (start, end) of our own stalls (see own_stall)
         self._seq = 0
         self._quiet = False     # "quiet" reported for this silence
         self._silent = False    # "silent" reported for this silence
@@ -274,7 +276,26 @@ class HeartbeatMonitor:
         sent = st.mine.get(echo)
         if sent is None:
             return False
-        return (0 <= now - sent <= self.fresh_for) or (bool(st.order) and echo == st.order[-1])
+        return (0 <= now - sent - self.excused(sent, now) <= self.fresh_for) or (bool(st.order) and echo == st.order[-1])
+
+    def own_stall(self, start: float, end: float) -> None:
+        """The process did not run from ``start`` to ``end`` (it woke that late). That time is not the
+        peer's silence: we could not hear it. Where the peer shares the CPU (the lab's two nodes on one
+        VM, a host that stops both), it did not run either, and after the stall both send at once: the
+        silence must be counted over time we ran, or every stall of the machine longer than dead_after is
+        a takeover (bench/FAILOVER.md, 2026-11-28: the heartbeat process itself 300-400 ms late on both
+        nodes at once, SCHED_FIFO notwithstanding). Costs a real death at most the stall's length."""
+        if end > start:
+            self._stalls.append((start, end))
+
+    def excused(self, since: float, now: float) -> float:
+        """Seconds of our own stalls between ``since`` and ``now``."""
+        total = 0.0
+        for start, end in reversed(self._stalls):
+            if end <= since:
+                break
+            total += max(0.0, min(end, now) - max(start, since))
+        return total
 
     def send_failed(self, path: str, error: str) -> None:
         st = self.paths[path]
@@ -284,9 +305,11 @@ class HeartbeatMonitor:
     def tick(self, now: float) -> None:
         """Let time pass: report paths and the peer falling silent."""
         for path, st in self.paths.items():
-            if st.up and now - st.heard_at >= self.dead_after:
+            excused = self.excused(st.heard_at, now) if st.up else 0.0
+            if st.up and now - st.heard_at - excused >= self.dead_after:
                 st.up = False
-                self.facts.append(Fact("path_silent", st.heard_at + self.dead_after, path, self.last_heard()))
+                self.facts.append(Fact("path_silent", min(now, st.heard_at + excused + self.dead_after), path,
+                                       self.last_heard()))
         silent = self.silent_for(now)
         if not self._quiet and silent >= self.dead_after / 2:
             self._quiet = True
@@ -305,14 +328,17 @@ class HeartbeatMonitor:
         return max(heard) if heard else None
 
     def silent_for(self, now: float) -> float:
-        """Seconds since a fresh heartbeat on any path (since start, before the first)."""
+        """Seconds since a fresh heartbeat on any path (since start, before the first), less our own
+        stalls (:meth:`own_stall`): the silence we were there to hear."""
         last = self.last_heard()
-        return max(0.0, now - (self.started if last is None else last))
+        base = self.started if last is None else last
+        return max(0.0, now - base - self.excused(base, now))
 
     def next_deadline(self, now: float) -> float:
         """The next time :meth:`tick` may have something to report (for the process's poll timeout)."""
-        times = [st.heard_at + self.dead_after for st in self.paths.values() if st.up]
+        times = [st.heard_at + self.excused(st.heard_at, now) + self.dead_after for st in self.paths.values() if st.up]
         base = self.started if self.last_heard() is None else self.last_heard()
+        base += self.excused(base, now)
         if not self._quiet:
             times.append(base + self.dead_after / 2)
         if not self._silent:

@@ -114,6 +114,40 @@ def test_our_own_stall_is_not_the_peers_silence():
     assert a.silent_for(0.3) == 0.0
 
 
+def test_a_stall_both_processes_share_is_no_silence_and_a_death_after_it_is_found_at_dead_after_of_our_time():
+    """Both processes stopped 300 ms at once (one machine stalled): when they run again a heard nothing
+    for 300 ms, but was not there to hear; b's first heartbeat after it (answering a's nonce from before the
+    stall) is life. If b does not come back, a's verdict comes dead_after of a's own running time later."""
+    a, b = pair()
+    t = exchange(a, b, 0.0, 0.1)          # last exchange at 0.09
+    a.take_facts()
+    a.own_stall(t, t + 0.3)               # a woke 300 ms late
+    now = t + 0.3
+    a.tick(now)
+    assert [f.kind for f in a.take_facts()] == [] and a.paths["sync"].up
+    assert a.silent_for(now) == pytest.approx(now - 0.09 - 0.3)
+    assert a.received("sync", b.outgoing("sync", now), now + 0.001)  # b's first after its own stall
+    # the same stall, then b dead: silent at dead_after of a's running time after the stall
+    a2, b2 = pair()
+    t = exchange(a2, b2, 0.0, 0.1)
+    a2.take_facts()
+    a2.own_stall(t, t + 0.3)
+    a2.tick(t + 0.3 + DEAD - 0.011)
+    assert "silent" not in [f.kind for f in a2.take_facts()]
+    a2.tick(t + 0.3 + DEAD)
+    assert "silent" in [f.kind for f in a2.take_facts()]
+    assert a2.next_deadline(t + 0.3) >= t + 0.3
+
+
+def test_without_a_stall_of_ours_the_silence_is_the_peers():
+    a, b = pair()
+    t = exchange(a, b, 0.0, 0.1)
+    a.take_facts()
+    a.own_stall(t + 0.01, t + 0.01)        # zero length: nothing excused
+    a.tick(t - HB + DEAD)
+    assert "silent" in [f.kind for f in a.take_facts()]
+
+
 def test_reflection_of_own_heartbeat_and_crossing_paths_are_rejected():
     a, b = pair()
     exchange(a, b, 0.0, 0.05)
