@@ -154,6 +154,7 @@ def main() -> int:
                                                              "rejected", "stale")}
                                   for p, v in (hb.get("paths") or {}).items()},
                         "send_late_ms": hb.get("send_late_ms"), "max_send_late_ever_ms": hb.get("max_send_late_ever_ms"),
+                        "own_stalls": hb.get("own_stalls"), "max_own_stall_ms": hb.get("max_own_stall_ms"),
                         "realtime": hb.get("realtime"), "memory_locked": hb.get("memory_locked")}
                 ops = {w.token: (sum(1 for r in w.snapshot() if r["ok"]), sum(1 for r in w.snapshot() if not r["ok"]))
                        for w in writers}
