@@ -38,8 +38,8 @@ because a forged datagram must never change ``echo``: we would then echo garbage
 would find our heartbeats stale.
 
 ``seq`` (per sender, from 1) orders the peer's datagrams: while the path is up, an authenticated
-datagram with an old ``seq`` (a duplicate, or a recorded one replayed), or one that echoes no fresh
-nonce, is counted and ignored, so a replay cannot change the nonce we echo. A lower ``seq`` is a
+datagram with an old ``seq`` (a duplicate, or a recorded one replayed) is counted and ignored, so a
+replay cannot change the nonce we echo. A lower ``seq`` is a
 restarted peer while the path is down, or when it echoes a nonce of ours newer than the one the peer's
 latest datagram echoed (no earlier datagram of one process can: see ``received``), so a peer that
 restarts within ``dead_after`` is heard at once.
@@ -241,12 +241,10 @@ class HeartbeatMonitor:
         # Without this, a peer restarted within dead_after would be ignored until the path fell silent,
         # and it would see this node's heartbeats as stale (echoing its old process's nonce) meanwhile.
         fresh = self._fresh(st, echo, now)
-        if not fresh and st.up:
-            # stale while the peer talks (e.g. a replay of a restarted peer's old process, whose seq is
-            # higher): changes nothing, as a replay must not change our echo
-            st.stale += 1
-            return False
-        st.peer_seq, st.peer_nonce = seq, nonce  # while down, a stale one too: echoing it completes the handshake
+        # A stale one too (not proof of life): echoing the peer's newest nonce is what lets its next
+        # heartbeat be fresh. Ignoring stale ones while the path is up made both sides echo old nonces
+        # to each other after one delay, each finding the other stale until the path fell silent.
+        st.peer_seq, st.peer_nonce = seq, nonce
         if not fresh:
             st.stale += 1
             return False

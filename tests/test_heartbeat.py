@@ -103,6 +103,23 @@ def test_a_delayed_relay_postpones_the_verdict_by_at_most_dead_after():
     assert not a.received("sync", late, 0.1 + DEAD + 0.02)  # later: stale
 
 
+def test_after_a_delay_both_ways_the_echoes_catch_up_in_one_round_trip():
+    """Datagrams lost both ways for 30 ms, then one of b's arrives late (stale): the next exchange must
+    be fresh again on both sides, not each echoing the other's old nonce until the path falls silent."""
+    a, b = pair()
+    exchange(a, b, 0.0, 0.1)
+    late = b.outgoing("sync", 0.1)
+    for t in (0.11, 0.12, 0.13):         # lost both ways
+        a.outgoing("sync", t)
+        b.outgoing("sync", t)
+    assert not a.received("sync", late, 0.145)  # stale, but its nonce is the one to echo
+    fresh = []
+    for t in (0.15, 0.16, 0.17):
+        fresh.append(b.received("sync", a.outgoing("sync", t), t))
+        fresh.append(a.received("sync", b.outgoing("sync", t + 0.001), t + 0.001))
+    assert fresh[2:] == [True] * 4, fresh
+
+
 def test_our_own_stall_is_not_the_peers_silence():
     """a's process did not run for 200 ms (sent nothing): b's answer to a's last heartbeat, read after
     the stall, proves b lives; it echoes a's latest nonce, which a replay cannot."""
@@ -194,7 +211,7 @@ def test_a_restarted_peer_is_heard_again_although_its_sequence_starts_over():
     assert [f.kind for f in a.take_facts()].count("heard") == 1 and a.paths["sync"].up
 
 
-def test_a_peer_restarted_within_dead_after_is_heard_at_once_and_a_replay_is_still_ignored():
+def test_a_peer_restarted_within_dead_after_is_heard_at_once_and_a_replay_is_no_life():
     """The path is still up when the new process's first heartbeats (seq from 1) arrive: the first that
     echoes a nonce newer than the old process's last echo is the peer's; a replay of the old process's
     datagrams still changes nothing."""
@@ -218,11 +235,14 @@ def test_a_peer_restarted_within_dead_after_is_heard_at_once_and_a_replay_is_sti
     assert a.paths["sync"].up  # 15 ms < dead_after: the path never went down
     assert a.received("sync", b2.outgoing("sync", 0.22), 0.22)  # b2's, echoing a's nonce of 0.215
     assert a.paths["sync"].peer_seq == b2._seq  # the new process's sequence
-    for path, data in recorded[-6:]:  # the old process's last datagrams, replayed
+    for path, data in recorded[:6] + recorded[-6:]:  # the old process's datagrams, replayed: no life
         assert not a.received(path, data, 0.225)
     assert a.paths["sync"].old_seq > old_seq
-    b2.received("sync", a.outgoing("sync", 0.23), 0.23)  # our echo is still b2's nonce: b2 hears us
-    assert b2.received("sync", a.outgoing("sync", 0.24), 0.24) or b2.paths["sync"].up
+    # after the replay (which may have changed the nonce a echoes), b2 and a hear each other again
+    for t in (0.23, 0.24, 0.25):
+        b2.received("sync", a.outgoing("sync", t), t)
+        a.received("sync", b2.outgoing("sync", t + 0.001), t + 0.002)
+    assert b2.paths["sync"].up and a.paths["sync"].heard_at == 0.252
 
 
 def test_gaps_and_jitter_are_measured_per_path():
