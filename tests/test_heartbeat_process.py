@@ -24,11 +24,12 @@ def free_port() -> int:
     return port
 
 
-def setup(me: str, port: int, key: bytes = KEY, mode: str = "stateless", stall: float = 1.0) -> HeartbeatSetup:
+def setup(me: str, port: int, key: bytes = KEY, mode: str = "stateless", stall: float = 1.0,
+          dead: float = DEAD) -> HeartbeatSetup:
     # a: sync 127.0.0.1, service 127.0.0.3; b: sync 127.0.0.2, service 127.0.0.4
     addr = {"a": ("127.0.0.1", "127.0.0.3"), "b": ("127.0.0.2", "127.0.0.4")}
     peer = "b" if me == "a" else "a"
-    return HeartbeatSetup(me=me, peer=peer, key=key, mode=mode, heartbeat=HB, dead_after=DEAD, port=port,
+    return HeartbeatSetup(me=me, peer=peer, key=key, mode=mode, heartbeat=HB, dead_after=dead, port=port,
                           paths={"sync": (addr[me][0], addr[peer][0]), "service": (addr[me][1], addr[peer][1])},
                           loop_stall_limit=stall)
 
@@ -37,7 +38,7 @@ class Node:
     """What proxy.node does with its heartbeat process: facts into a detector."""
 
     def __init__(self, s: HeartbeatSetup):
-        self.detector = FailureDetector(DEAD)
+        self.detector = FailureDetector(s.dead_after)
         self.facts: list[tuple[str, float, str | None]] = []
         self.verdicts: list[tuple[float, object]] = []
         self.process = HeartbeatProcess(s, self.on_fact)
@@ -221,15 +222,17 @@ async def test_a_stopped_node_falls_silent_at_once_and_heartbeats_again_when_con
 
 
 async def test_a_starting_node_heartbeats_from_its_spawn_and_a_long_start_is_no_hang():
-    """The node spawns its heartbeat process first and reaches its loop later (here 1.2 s, four times the
-    loop stall limit of 0.3 s): the peer hears it from the spawn on and never finds it dead."""
+    """The node spawns its heartbeat process first and reaches its loop later (here 2.5 s, eight times the
+    loop stall limit of 0.3 s): the peer hears it from the spawn on and never finds it dead. dead_after
+    0.5 s here: had b's process stopped at its loop stall limit, a would hear nothing for 1.5 s or more; a
+    loaded machine's own stalls (up to 0.3 s seen) must not decide this test."""
     import subprocess
     import sys
     from pathlib import Path
 
     port = free_port()
-    a = Node(setup("a", port))
-    b = subprocess.Popen([sys.executable, "-c", NODE_B, str(port), str(Path(__file__).parent.parent), "0.3", "1.2"],
+    a = Node(setup("a", port, dead=0.5))
+    b = subprocess.Popen([sys.executable, "-c", NODE_B, str(port), str(Path(__file__).parent.parent), "0.3", "2.5"],
                          stdout=subprocess.PIPE, text=True)
     try:
         async with trio.open_nursery() as nursery:
