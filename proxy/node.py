@@ -89,7 +89,7 @@ class Node:
         self.link: PeerLink | None = None
         self.detector: FailureDetector | None = None
         self.heartbeats: HeartbeatProcess | None = None
-        self._verdicts_armed = False  # claim_wait over (or the link up): a death verdict may be acted on
+        self._verdicts_armed = False  # the peer heard once (or unheard_peer_after over): a death verdict may be acted on
         self.probe_responder: ProbeResponder | None = None
         self.peer_info: dict[str, Any] | None = None  # the peer's last hello
         self.peer_macvlan = PeerMacvlanSlot(node.interface, peer.macvlan) if peer else None
@@ -271,12 +271,16 @@ class Node:
         """Arm the death verdict, and feed the detector the link's refusals and the time.
 
         The heartbeats themselves are the heartbeat process's (facts arrive in :meth:`_on_fact`)."""
-        # A starting node gives its peer claim_wait to show up before silence can mean death:
-        # both nodes of a pair often start together. Armed early once the peer's heartbeats arrive
-        # (not on the link alone: it may come up a few heartbeats before they do).
-        with trio.move_on_after(self.timings.claim_wait):
-            while self.detector.state not in ("alive", "link_down"):
+        # Armed once the peer's heartbeats have been heard since this node started: before that, its
+        # silence says nothing (it may be starting too, slower: a Python start on a loaded machine takes
+        # seconds, and a takeover then is a takeover of a starting node). A peer never heard is judged
+        # only after unheard_peer_after: by then it is down, not starting.
+        with trio.move_on_after(self.timings.unheard_peer_after):
+            while self.detector.last_heartbeat is None:
                 await trio.sleep(self.timings.heartbeat)
+        if self.detector.last_heartbeat is None:
+            log.warning("%s not heard in the %.0f s since this node started: down, not starting; its silence counts now",
+                        self.config.peer.name, self.timings.unheard_peer_after)
         self._verdicts_armed = True
         if self.detector.state == "dead":  # silent since before the wait ended: the verdict stands now
             self._on_verdict(verdicts.PeerDead(self.detector.silent_for(trio.current_time()) or 0.0))
@@ -321,7 +325,7 @@ class Node:
 
     def _on_verdict(self, action: verdicts.Action, at: float | None = None) -> None:
         if isinstance(action, verdicts.PeerDead):
-            if self._verdicts_armed:  # else _detect passes it on when claim_wait is over
+            if self._verdicts_armed:  # else _detect passes it on when armed
                 # detected_at: when the heartbeat process saw the silence, so the takeover's timing
                 # includes the way here through the pipe and this loop
                 self._enqueue(roles.PeerDeclaredDead(at if at is not None else trio.current_time(),

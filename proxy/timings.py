@@ -33,6 +33,13 @@ class PairTimings:
         return 0.05
 
     @property
+    def unheard_peer_after(self) -> float:
+        """A starting node acts on a death verdict only once it has heard the peer's heartbeats (a peer
+        not heard yet may be starting, slower); a peer never heard for this long since the node started
+        is down, and its silence counts. 30 s at least: the lab saw Python starts of 10-20 s under load."""
+        return max(30.0, 10 * self.claim_wait)
+
+    @property
     def loop_stall_limit(self) -> float:
         """The heartbeat process stops sending when the node's loop has not written to it this long: a
         hung loop (the process runs, its trio loop does not) must look dead to the peer. A *stopped*
