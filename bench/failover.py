@@ -2,7 +2,7 @@
 same lab, same probes.
 
     sudo .venv/bin/python bench/failover.py [--runs 10] [--modes stateless,stateful,keepalived]
-        [--heartbeat 20] [--dead-after 100[,60,...]] [--extra-runs N] [--idle-cap-ms 5000]
+        [--heartbeat 10] [--dead-after 40[,60,...]] [--extra-runs N] [--idle-cap-ms 5000]
         [--prefix ppf] [--json FILE] [--keep-lab] [--keep-logs]
 
 Setups are **interleaved**: run i measures every setup once, in the order stateless, stateful,
@@ -72,6 +72,9 @@ from driver import (PROTOS, Bench, IdleProbe, KeepalivedNode, LabError, NodeProc
                     run_info, say, serving, standing_by, stats, wait_until)
 
 VIP = "10.77.0.50"
+#: how long a setup may take to serve the probes and (stateful) to be in sync: 10 s used to be plenty;
+#: on the shared 2-core machine at load 20-60 (2026-11-27 evening) every pairproxy run missed it
+WAIT = 30.0
 
 
 def first_success_after(records: list[dict], proto: str, at: float) -> float | None:
@@ -132,7 +135,7 @@ def count_suspects(log: Path) -> int:
 
 def takeover_phase(bench: Bench, probe: Probe, died: float, out: dict) -> None:
     """After a death: stop the probe; death -> first success per protocol, failed attempts."""
-    probe.wait_ok(10, after=died, timeout=10)
+    probe.wait_ok(10, after=died, timeout=WAIT)
     time.sleep(0.2)
     recs = bench.stop(probe)
     out["takeover_s"] = {p: first_success_after(recs, p, died) for p in PROTOS}
@@ -161,14 +164,14 @@ def run_pairproxy(bench: Bench, i: int, setup: Setup, idle_cap: float) -> dict:
     a = bench.started(NodeProcess(lab, "a", config=cfg["a"], log=logs["a"]))
     b = bench.started(NodeProcess(lab, "b", config=cfg["b"], log=logs["b"]))
     try:
-        b.start()
-        a.start()
+        b.start(60)  # a shared, loaded machine: a python start may take many seconds
+        a.start(60)
         a.wait_for(serving(host, "a"), 15, "a serving its address")
         b.wait_for(serving(addr.service_b, "b"), 10, "b serving its address")
         b.wait_for(lambda s: standing_by(s) and (s["pair"]["link"].get("rtt_ms") or {}).get("count", 0) > 5,
                    10, "b standing by, link up")
         if stateful:
-            b.wait_for(lambda s: s["pair"].get("state_sync", {}).get("in_sync"), 10, "b's view of a in sync")
+            b.wait_for(lambda s: s["pair"].get("state_sync", {}).get("in_sync"), WAIT, "b's view of a in sync")
         # --- idle connections, then the takeover
         idle = bench.started(IdleProbe(lab, host)).start()
         locals_ = {r["local"] for r in idle.ready}
@@ -182,10 +185,13 @@ def run_pairproxy(bench: Bench, i: int, setup: Setup, idle_cap: float) -> dict:
             except LabError:
                 out["idle_seen_by_b"] = False
         probe = bench.started(Probe(lab, host)).start()
-        probe.wait_ok(10)
+        probe.wait_ok(10, timeout=WAIT)
         time.sleep(0.2)
         before = b.status()["pair"]
         out["takeovers_before_kill"] = len(before["takeovers"])
+        out["heartbeat_before_kill"] = {p: {k: v.get(k) for k in ("gap_ms", "jitter_ms", "max_gap_ever_ms")}
+                                        for p, v in ((before.get("heartbeat") or {}).get("paths") or {}).items()}
+        out["loadavg_at_kill"] = os.getloadavg()
         if stateful:
             out["state_sync_at_kill"] = {k: before["state_sync"].get(k) for k in ("in_sync", "compared", "matches",
                                                                                    "snapshots_requested")}
@@ -200,11 +206,11 @@ def run_pairproxy(bench: Bench, i: int, setup: Setup, idle_cap: float) -> dict:
             out["resume"] = status["pair"].get("resume", [])
         # --- hand-back
         probe = bench.started(Probe(lab, host)).start()
-        probe.wait_ok(10)
+        probe.wait_ok(10, timeout=WAIT)
         time.sleep(0.2)
         back = time.monotonic()
         a.link_up()
-        a.start()
+        a.start(60)
         a.wait_for(serving(host, "a"), 20, "a serving again")
         b.wait_for(lambda s: s["pair"]["addresses"][host]["role"] == "standby", 10, "b standby")
         handback_phase(bench, probe, back, time.monotonic(), out)
@@ -237,7 +243,7 @@ def run_keepalived(bench: Bench, i: int, setup: Setup, idle_cap: float) -> dict:
         # --- idle connections, then the takeover
         idle = bench.started(IdleProbe(lab, VIP)).start()
         probe = bench.started(Probe(lab, VIP)).start()
-        probe.wait_ok(10)
+        probe.wait_ok(10, timeout=WAIT)
         time.sleep(0.2)
         died = ka_a.kill_hard()
         moved = wait_until(ka_b.has_vip, 10, "VIP on b")
@@ -247,7 +253,7 @@ def run_keepalived(bench: Bench, i: int, setup: Setup, idle_cap: float) -> dict:
         bench.stop(idle)
         # --- hand-back (preemption by the higher priority)
         probe = bench.started(Probe(lab, VIP)).start()
-        probe.wait_ok(10)
+        probe.wait_ok(10, timeout=WAIT)
         time.sleep(0.2)
         ka_a.remove_vip()          # a rebooted machine has lost it; SIGKILL left it on a's eth0
         back = time.monotonic()
@@ -382,6 +388,11 @@ def verdicts(summ: dict, setups: list[Setup]) -> list[dict]:
             for stat in ("median", "worst"):
                 add(f"[{setup.label}] client {proto.upper()} death -> first success < 100 ms ({stat})",
                     p[f"takeover_{proto}"][stat], 0.1)
+        for proto in PROTOS:  # issue 12: worst under 60 ms
+            add(f"[{setup.label}] client {proto.upper()} death -> first success < 60 ms (worst)",
+                p[f"takeover_{proto}"]["worst"], 0.06)
+        add(f"[{setup.label}] node: dead -> address up <= 5 ms (median)", p["address_moved_ms"]["median"], 0.005)
+        add(f"[{setup.label}] node: dead -> first client <= 10 ms (median)", p["first_client_ms"]["median"], 0.01)
         if k:
             for proto in PROTOS:
                 for stat in ("median", "worst"):
@@ -424,9 +435,9 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--modes", default="stateless,stateful,keepalived",
                     help="comma list of stateless, stateful, keepalived (default all three)")
-    ap.add_argument("--heartbeat", type=float, default=20.0, help="pair heartbeat in ms (default 20, the lab's)")
-    ap.add_argument("--dead-after", type=ms_list, default=[100.0],
-                    help="pair dead_after in ms; a comma list measures each (default 100, the lab's)")
+    ap.add_argument("--heartbeat", type=float, default=10.0, help="pair heartbeat in ms (default 10, issue 12)")
+    ap.add_argument("--dead-after", type=ms_list, default=[40.0],
+                    help="pair dead_after in ms; a comma list measures each (default 40, issue 12)")
     ap.add_argument("--extra-runs", type=int, help="runs for the 2nd, 3rd ... --dead-after value (default --runs)")
     ap.add_argument("--idle-cap-ms", type=float, default=5000.0,
                     help="how long to wait for the idle connections to end after the death (default 5000)")
@@ -461,7 +472,14 @@ def main() -> int:
                     if i >= setup.runs:
                         continue
                     fn = run_keepalived if setup.kind == "keepalived" else run_pairproxy
-                    res = r[setup.key] = fn(bench, i, setup, idle_cap)
+                    try:
+                        res = fn(bench, i, setup, idle_cap)
+                    except LabError as exc:  # one broken run (e.g. a start timing out under load) is recorded
+                        say(f"run {i + 1} {setup.label}: FAILED: {exc}")
+                        r.setdefault("errors", {})[setup.key] = str(exc)
+                        continue
+                    res = r[setup.key] = res
+                    res["loadavg_after"] = os.getloadavg()
                     idle = sorted(("-" if c["notice_s"] is None else f"{c['notice_s'] * 1000:.0f}") for c in res["idle"])
                     extra = ""
                     if "node" in res:
@@ -469,6 +487,9 @@ def main() -> int:
                         extra = (f" (b: silence {n['silence_ms']} moved {n['address_moved_ms']} first client "
                                  f"{n['first_client_ms']} resets {n['clients_reset']}/{n['backend_connections_reset']}"
                                  f"; takeovers b {res['takeovers_b']})")
+                    if args.json:  # as it goes: a series cut short (time, Ctrl-C) keeps its runs
+                        Path(args.json).write_text(json.dumps({"partial": True, "runs": runs,
+                                                               "setups": [s.key for s in setups]}) + "\n")
                     say(f"run {i + 1} {setup.label}: takeover smb {ms(res['takeover_s']['smb'])} "
                         f"nfs {ms(res['takeover_s']['nfs'])} ms, idle ended {','.join(idle)} ms{extra}, hand-back gap "
                         f"smb {ms(res['handback']['smb']['longest_gap_s'])} nfs {ms(res['handback']['nfs']['longest_gap_s'])}"

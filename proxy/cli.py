@@ -261,6 +261,19 @@ def format_status(status: NodeStatus) -> str:
                          f"max {rtt.max:.2f} ms over {rtt.count}")
         else:
             lines.append("heartbeat round trip: n/a (no heartbeat answered yet)")
+        hb = pair.heartbeat
+        if hb is not None:
+            how = "SCHED_FIFO" if hb.realtime else f"not real-time ({hb.realtime_problem})"
+            how += ", memory locked" if hb.memory_locked else f", memory not locked ({hb.memory_problem})"
+            lines.append(f"heartbeat process {hb.pid}: {how}" + (", PAUSED (node stopped, or its loop hung)" if hb.paused else "")
+                         + (f", {hb.failed}" if hb.failed else ""))
+            for name, p in sorted(hb.paths.items()):
+                gap, jit = p.gap_ms, p.jitter_ms
+                lines.append(f"  {name:<8} {'up' if p.up else 'SILENT':<6} received {p.received}"
+                             + (f", gap p50/p99/max {gap.p50:.1f}/{gap.p99:.1f}/{gap.max:.1f} ms" if gap else "")
+                             + (f", jitter p50/p99/max {jit.p50:.2f}/{jit.p99:.2f}/{jit.max:.2f} ms" if jit else "")
+                             + (f", rejected {p.rejected}" if p.rejected else "")
+                             + (f", unauthenticated {p.unauthenticated}" if p.unauthenticated else ""))
         lines.append(f"{'address':<16} {'owner':<8} {'held by':<8} role")
         for address, a in pair.addresses.items():
             lines.append(f"{address:<16} {a.owner:<8} {a.held_by:<8} {a.role}")

@@ -107,6 +107,8 @@ class PeerConfig:
     key_file: Path
     #: UDP port of the liveness probe on the service addresses (see proxy.probe).
     probe_port: int = 7401
+    #: UDP port of the heartbeats (proxy.heartbeat), on the sync and on the service addresses alike.
+    heartbeat_port: int = 7402
     #: Name of the macvlan carrying the peer's MAC on the service interface.
     macvlan: str = ""
 
@@ -114,7 +116,11 @@ class PeerConfig:
 @dataclass(frozen=True)
 class PairConfig:
     mode: str = "stateless"
-    heartbeat: float = 0.02
+    #: the heartbeat process's interval, and the silence on both paths that makes the peer dead.
+    #: 100 ms: the tightest the soaks of bench/FAILOVER.md (2026-11-27, a shared 2-core VM at load
+    #: 16-64) ran without a false takeover; 40 ms (the issue 12 goal) had false takeovers there.
+    #: `pairproxy check` says when the gaps measured on a machine allow less.
+    heartbeat: float = 0.01
     dead_after: float = 0.1
     #: How long a starting node waits to hear from its peer before claiming its own address
     #: (and then only if no other host answers ARP for it).
@@ -354,7 +360,7 @@ def _ipv4(value: Any) -> ipaddress.IPv4Address:
         raise ValueError(f"{value!r} is not an IPv4 address (without prefix length)") from None
 
 
-PEER_KEYS = {"name", "address", "link", "listen", "key_file", "probe_port", "macvlan"}
+PEER_KEYS = {"name", "address", "link", "listen", "key_file", "probe_port", "heartbeat_port", "macvlan"}
 PAIR_KEYS = {"mode", "heartbeat", "dead_after", "claim_wait", "continue_buffer"}
 NODE_KEYS = {"name", "interface", "address", "state_dir", "control", "grace", "log_level", "metrics", "byte_path"}
 BYTE_PATHS = ("auto", "sockmap", "splice")
@@ -498,12 +504,13 @@ def _parse_pair(r: _Reader, doc: dict, node: NodeConfig | None) -> tuple[PeerCon
         listen=r.value(peer_t, "listen", "peer", parse_endpoint),
         key_file=r.value(peer_t, "key_file", "peer", _absolute_path),
         probe_port=r.value(peer_t, "probe_port", "peer", _port, 7401),
+        heartbeat_port=r.value(peer_t, "heartbeat_port", "peer", _port, 7402),
         macvlan=r.value(peer_t, "macvlan", "peer", _ifname, ""),
     )
     pair_values = dict(
         mode=r.value(pair_t, "mode", "pair", _mode, "stateless"),
-        heartbeat=r.value(pair_t, "heartbeat", "pair", _positive_duration, 0.02),
-        dead_after=r.value(pair_t, "dead_after", "pair", _positive_duration, 0.1),
+        heartbeat=r.value(pair_t, "heartbeat", "pair", _positive_duration, PairConfig.heartbeat),
+        dead_after=r.value(pair_t, "dead_after", "pair", _positive_duration, PairConfig.dead_after),
         claim_wait=r.value(pair_t, "claim_wait", "pair", parse_duration, 1.0),
         continue_buffer=r.value(pair_t, "continue_buffer", "pair", _byte_count, 4 << 20),
     )
@@ -516,6 +523,12 @@ def _parse_pair(r: _Reader, doc: dict, node: NodeConfig | None) -> tuple[PeerCon
         r.problem("pair.dead_after", f"{pair.dead_after * 1000:g}ms must be at least two heartbeats "
                                      f"(pair.heartbeat is {pair.heartbeat * 1000:g}ms), or one late heartbeat "
                                      "is a takeover")
+    if pair.heartbeat < 0.001:
+        r.problem("pair.heartbeat", f"{pair.heartbeat * 1000:g}ms is below 1ms: no scheduler keeps that "
+                                    "rhythm, and every missed beat counts against dead_after")
+    if peer.heartbeat_port == peer.probe_port:
+        r.problem("peer.heartbeat_port", f"{peer.heartbeat_port} is also peer.probe_port: both listen on the "
+                                         "service address, give them different ports")
     if node is not None:
         if peer.name == node.name:
             r.problem("peer.name", f"{peer.name!r} is this node's own name")

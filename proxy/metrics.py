@@ -79,6 +79,16 @@ def render(status: NodeStatus | None) -> str:
         _Family("pairproxy_sync_link_up", "gauge", "1 if the sync link to the peer is connected, else 0."),
         _Family("pairproxy_sync_link_rtt_seconds", "gauge",
                 "Heartbeat round trip over the sync link, over the last heartbeats (stat: last, min, median, max)."),
+        _Family("pairproxy_heartbeat_path_up", "gauge",
+                "1 while the peer's heartbeats arrive on the path (sync, service), else 0."),
+        _Family("pairproxy_heartbeat_gap_seconds", "gauge",
+                "Time between the peer's heartbeats on a path over the last minute (stat: p50, p99, max)."),
+        _Family("pairproxy_heartbeat_jitter_seconds", "gauge",
+                "|gap - heartbeat| of the peer's heartbeats on a path over the last minute (stat: p50, p99, max)."),
+        _Family("pairproxy_heartbeat_rejected_total", "counter",
+                "Heartbeat datagrams rejected per path (malformed, reflected, replayed, not authenticated)."),
+        _Family("pairproxy_heartbeat_realtime", "gauge",
+                "1 if the heartbeat process runs at SCHED_FIFO priority, else 0."),
         _Family("pairproxy_address_held", "gauge", "1 if this node serves the address now, else 0."),
         _Family("pairproxy_takeovers_total", "counter", "Takeovers of the peer's address since this node started."),
         _Family("pairproxy_last_takeover_seconds", "gauge",
@@ -135,6 +145,17 @@ def render(status: NodeStatus | None) -> str:
         if rtt is not None:
             for stat in ("last", "min", "median", "max"):
                 fam["pairproxy_sync_link_rtt_seconds"].add(getattr(rtt, stat) / 1000, peer=pair.peer, stat=stat)
+        hb = pair.heartbeat
+        if hb is not None:
+            fam["pairproxy_heartbeat_realtime"].add(int(hb.realtime), peer=pair.peer)
+            for name, p in hb.paths.items():
+                fam["pairproxy_heartbeat_path_up"].add(int(p.up), peer=pair.peer, path=name)
+                fam["pairproxy_heartbeat_rejected_total"].add(p.rejected, peer=pair.peer, path=name)
+                for family, series in (("pairproxy_heartbeat_gap_seconds", p.gap_ms),
+                                       ("pairproxy_heartbeat_jitter_seconds", p.jitter_ms)):
+                    if series is not None:
+                        for stat in ("p50", "p99", "max"):
+                            fam[family].add(getattr(series, stat) / 1000, peer=pair.peer, path=name, stat=stat)
         for address, a in pair.addresses.items():
             fam["pairproxy_address_held"].add(int(a.held_by == status.node), address=address, owner=a.owner)
         fam["pairproxy_takeovers_total"].add(pair.takeovers_total)

@@ -1,8 +1,9 @@
 """One pairproxy node: the executor of its own address, and (in a pair) of the pair's decisions.
 
 A node is one trio nursery. Alone, it serves its own address until SIGTERM. In a pair it also runs
-the sync link (:class:`sync.link.PeerLink`), the failure detector (:mod:`sync.detector`, fed by the
-link and by the UDP probe of :mod:`proxy.probe`) and, in stateful mode, the stateful standby
+the sync link (:class:`sync.link.PeerLink`), the heartbeat process (:mod:`proxy.heartbeat`: heartbeats
+on the sync and the service network, off this event loop), the failure detector (:mod:`sync.detector`,
+fed by that process's facts and the link's refusals) and, in stateful mode, the stateful standby
 (:mod:`proxy.standby`). It decides nothing about the pair itself: it turns what happens into events
 for the decision core (:mod:`proxy.roles`) and executes the actions the core returns:
 
@@ -36,13 +37,14 @@ from proxy.drain import DrainRedirect, DrainTunnel, flows_from_message
 from proxy.handback import leave, release
 from proxy.metrics import serve_node_metrics
 from proxy.netplane import interface_mac, remove_leftovers
-from proxy.probe import ProbeResponder, ProbeResult, probe
+from proxy.heartbeat import HeartbeatProcess, HeartbeatSetup
+from proxy.probe import ProbeResponder
 from proxy.serving import AddressService
 from proxy.status import NodeStatus, Takeover, collect_status, node_status, to_json
 from proxy.takeover import HeldAddress, PeerMacvlanSlot, TakeoverError, take_over
 from proxy.timings import PairTimings
 from sync import detector as verdicts
-from sync.detector import FailureDetector, watch
+from sync.detector import FailureDetector
 from sync.link import PeerLink, load_peer_hello
 
 if TYPE_CHECKING:
@@ -86,6 +88,8 @@ class Node:
             self.core.stuck_warn_every = self.timings.own_stuck_warn_every
         self.link: PeerLink | None = None
         self.detector: FailureDetector | None = None
+        self.heartbeats: HeartbeatProcess | None = None
+        self._verdicts_armed = False  # the peer heard once (or unheard_peer_after over): a death verdict may be acted on
         self.probe_responder: ProbeResponder | None = None
         self.peer_info: dict[str, Any] | None = None  # the peer's last hello
         self.peer_macvlan = PeerMacvlanSlot(node.interface, peer.macvlan) if peer else None
@@ -96,6 +100,7 @@ class Node:
         self._nursery: trio.Nursery | None = None
         self._own_done = trio.Event()
         self.dropped_events = 0
+        self.stale_verdicts = 0  # death verdicts dropped because the peer was heard before they were acted on
         # live moves (proxy.livemove): what the peer is sending, the moves done, the one under way
         self.receiver: livemove.Receiver | None = None
         self.last_receiver: livemove.Receiver | None = None   # after its go: the lock's late segments go to it
@@ -106,6 +111,7 @@ class Node:
         self.move_in_progress: str | None = None
         self._move_ids = 0
         self._move_macvlan = False                # the macvlan was made for a move that is arriving
+        self._prepared_macvlan = False            # ... or for a takeover that may come (peer quiet)
 
     @property
     def peer_service(self) -> AddressService | None:
@@ -129,6 +135,8 @@ class Node:
         log.info("byte path: %s%s", byte_path.path, f" ({byte_path.reason})" if byte_path.reason else "")
         control = bind_control_socket(node.control)
         try:
+            if self.core is not None:  # before the rest: its Python start-up overlaps the node's (issue 12)
+                self._spawn_heartbeats()
             self.own_service.open_listeners()  # a port in use fails here, before any kernel change
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -154,6 +162,8 @@ class Node:
         finally:
             control.close()
             self.own_service.close_listeners()
+            if self.heartbeats is not None:
+                self.heartbeats.discard()  # spawned but never run (a failed start); else a no-op
             sockmap.ACTIVE.close()  # every connection has ended: the maps and the program go
             if self.peer_macvlan is not None:
                 self.peer_macvlan.close()
@@ -222,12 +232,12 @@ class Node:
             node.name, peer.name, listen=(str(peer.listen.host), peer.listen.port),
             dial=(str(peer.link.host), peer.link.port), key=self.key, hello=self.hello(),
             on_message=self._on_message, on_hello=self._on_hello,
-            heartbeat=timings.heartbeat, dead_after=timings.dead_after, idle_timeout=timings.link_idle_timeout,
+            heartbeat=timings.link_heartbeat, dead_after=timings.dead_after, idle_timeout=timings.link_idle_timeout,
             state_dir=node.state_dir)
-        self.detector = FailureDetector(timings.dead_after, probe_after=timings.probe_after,
-                                        probe_every=timings.probe_every)
+        self.detector = FailureDetector(timings.dead_after)
         self.probe_responder = ProbeResponder(self.key, str(node.address.ip), peer.probe_port,
                                               me=node.name, peer=peer.name)
+        await nursery.start(self._spawn_heartbeats().run)
         await nursery.start(self.link.run)
         nursery.start_soon(self.probe_responder.serve)
         if pair.mode == "stateful":
@@ -246,20 +256,47 @@ class Node:
         self.state = "pair"
         log.info("node %s: pair with %s (%s mode), claiming %s", node.name, peer.name, pair.mode, node.address.ip)
 
+    def _spawn_heartbeats(self) -> HeartbeatProcess:
+        """The heartbeat process, spawned once, as early as the node can (see HeartbeatProcess.spawn)."""
+        if self.heartbeats is None:
+            peer, pair, node, timings = self.config.peer, self.config.pair, self.config.node, self.timings
+            self.heartbeats = HeartbeatProcess(HeartbeatSetup(
+                me=node.name, peer=peer.name, key=self.key, mode=pair.mode, heartbeat=timings.heartbeat,
+                dead_after=timings.dead_after, port=peer.heartbeat_port,
+                paths={"sync": (str(peer.listen.host), str(peer.link.host)),
+                       "service": (str(node.address.ip), str(peer.address))},
+                loop_stall_limit=timings.loop_stall_limit), self._on_fact, state_dir=node.state_dir)
+            self.heartbeats.spawn()
+        return self.heartbeats
+
     async def _detect(self) -> None:
-        peer, timings = self.config.peer, self.timings
-        source = str(self.config.node.address.ip)
+        """Arm the death verdict, and feed the detector the link's refusals and the time.
 
-        async def probe_peer() -> ProbeResult:
-            return await probe(self.key, source, str(peer.address), peer.probe_port,
-                               timeout=timings.probe_answer_within, me=self.config.node.name, peer=peer.name)
-
-        # A starting node gives its peer claim_wait to show up before silence can mean death:
-        # both nodes of a pair often start together.
-        with trio.move_on_after(timings.claim_wait):
-            await self.link.wait_connected()
-        await watch(self.detector, probe_peer, self._on_verdict, heard=lambda: self.link.last_received,
-                    refused=self.link.peer_refused, tick_every=timings.detector_tick, probe_timeout=timings.probe_timeout)
+        The heartbeats themselves are the heartbeat process's (facts arrive in :meth:`_on_fact`)."""
+        # Armed once the peer's heartbeats have been heard since this node started: before that, its
+        # silence says nothing (it may be starting too, slower: a Python start on a loaded machine takes
+        # seconds, and a takeover then is a takeover of a starting node). A peer never heard is judged
+        # only after unheard_peer_after: by then it is down, not starting.
+        with trio.move_on_after(self.timings.unheard_peer_after):
+            while self.detector.last_heartbeat is None:
+                await trio.sleep(self.timings.heartbeat)
+        if self.detector.last_heartbeat is None:
+            log.warning("%s not heard in the %.0f s since this node started: down, not starting; its silence counts now",
+                        self.config.peer.name, self.timings.unheard_peer_after)
+        self._verdicts_armed = True
+        if self.detector.state == "dead":  # silent since before the wait ended: the verdict stands now
+            self._on_verdict(verdicts.PeerDead(self.detector.silent_for(trio.current_time()) or 0.0))
+        last_refusal = None
+        while True:
+            refusal = self.link.peer_refused()
+            actions = []
+            if refusal is not None and refusal != last_refusal:
+                last_refusal = refusal
+                actions += self.detector.peer_refused(*refusal)
+            actions += self.detector.tick(trio.current_time())
+            for action in actions:
+                self._on_verdict(action)
+            await trio.sleep(self.timings.detector_tick)
 
     async def _claim_when_alone(self) -> None:
         """Every claim_wait while claiming: tell the core whether the link is up and who answers ARP
@@ -283,10 +320,19 @@ class Node:
     def _on_hello(self, hello: dict[str, Any]) -> None:
         self._enqueue(hello)  # handled in order with the other events (the hello is a dict)
 
-    def _on_verdict(self, action: verdicts.Action) -> None:
+    def _on_fact(self, kind: str, at: float, path: str | None, last_heard: float | None) -> None:
+        """A fact from the heartbeat process (times in trio's clock): to the detector, its verdicts on."""
+        for action in self.detector.fact(kind, at, path, last_heard):
+            self._on_verdict(action, at)
+
+    def _on_verdict(self, action: verdicts.Action, at: float | None = None) -> None:
         if isinstance(action, verdicts.PeerDead):
-            self._enqueue(roles.PeerDeclaredDead(trio.current_time(), action.silent_for))
-        elif isinstance(action, verdicts.StartProbe):
+            if self._verdicts_armed:  # else _detect passes it on when armed
+                # detected_at: when the heartbeat process saw the silence, so the takeover's timing
+                # includes the way here through the pipe and this loop
+                self._enqueue(roles.PeerDeclaredDead(at if at is not None else trio.current_time(),
+                                                     action.silent_for))
+        elif isinstance(action, verdicts.PeerQuiet):
             self._enqueue(roles.PeerProbing())
         elif isinstance(action, verdicts.PeerAlive):
             self._enqueue(roles.PeerAlive())
@@ -374,6 +420,13 @@ class Node:
                 return
             if isinstance(event, dict):
                 event = self._take_hello(event)
+            if isinstance(event, roles.PeerDeclaredDead) and self.detector.state != "dead":
+                # A loop that stalled reads the heartbeat process's facts in a burst: "silent" then
+                # "heard". The verdict queued first is stale by now: a takeover of a live peer.
+                log.warning("death verdict dropped: %s was heard again before it could be acted on (%s)",
+                            self.config.peer.name, self.detector.reason)
+                self.stale_verdicts += 1
+                continue
             await self._execute(self.core.handle(event))
             await self._update_hello()
 
@@ -429,9 +482,14 @@ class Node:
         elif isinstance(action, roles.PrepareTakeover):
             if self.standby is not None:
                 self.standby.prepare_takeover()
+            else:
+                self._prepare_macvlan()
         elif isinstance(action, roles.DropTakeoverPreparation):
             if self.standby is not None:
                 self.standby.drop_preparation()
+            elif self._prepared_macvlan and self.held is None:
+                self.peer_macvlan.close()
+                self._prepared_macvlan = False
         else:
             raise AssertionError(f"no executor for {action!r}")
         return None
@@ -443,19 +501,37 @@ class Node:
             redirect = DrainRedirect(self.config.node.interface, str(peer.address), action.drain,
                                      DrainTunnel(str(peer.listen.host), str(peer.link.host)), action.drain_for)
         detected_at = action.detected_at
+        if detected_at is not None:  # where the time goes (issue 12): the heartbeat process's verdict -> here
+            log.info("takeover of %s starts %.1f ms after the heartbeat process saw the silence", peer.address,
+                     (trio.current_time() - detected_at) * 1000)
         try:
             self.held = await take_over(
                 node=self.config.node, peer=peer, peer_hello=self.peer_info, mac=self.mac,
                 nursery=self._nursery, macvlan=self.peer_macvlan, standby=self.standby,
-                last_heard_at=self.link.last_received,
+                last_heard_at=self.detector.last_heartbeat,
                 detected_at=detected_at if detected_at is not None else trio.current_time(), drain=redirect)
         except TakeoverError as exc:
             log.error("cannot take over %s: %s%s", self.config.peer.address, exc,
                       "; retrying, still serving own address" if exc.retry else "")
             return roles.TakeoverFailed(str(exc), exc.retry)
+        if self._prepared_macvlan:  # made when the peer went quiet: the hand-back removes it as its own
+            self.held.opened_macvlan, self._prepared_macvlan = True, False
         self.takeovers.append(self.held.takeover)
         del self.takeovers[:-20]
         return roles.TakeoverDone()
+
+    def _prepare_macvlan(self) -> None:
+        """Stateless: the peer is quiet (dead_after / 2 without heartbeats): make the macvlan with its MAC
+        now, so the takeover, if it comes, only adds the address (issue 12: address up within 5 ms of
+        the verdict; the macvlan took 10-30 ms of it). Harmless if the peer lives: a stateful standby
+        keeps this macvlan all the time (no address, no ARP, no IPv6); removed when it is heard again."""
+        mac = (self.peer_info or {}).get("mac")
+        if not mac or self.held is not None:
+            return
+        try:
+            self._prepared_macvlan = self.peer_macvlan.open(mac) or self._prepared_macvlan
+        except Exception as exc:  # the takeover sequence tries again and reports it
+            log.warning("macvlan for a takeover not prepared: %s", exc)
 
     # -- live moves (issue 11) -------------------------------------------------------------------
 

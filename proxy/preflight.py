@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import json
 import os
 import socket
 from concurrent.futures import ThreadPoolExecutor
@@ -71,6 +72,8 @@ def values_of(config: Config) -> dict[str, Any]:
     if config.peer is not None:
         values.update({f"peer.{k}": getattr(config.peer, k) for k in ("name", "address", "link", "listen",
                                                                       "key_file", "macvlan")})
+    if config.pair is not None:
+        values.update({f"pair.{k}": getattr(config.pair, k) for k in ("mode", "heartbeat", "dead_after")})
     return values
 
 
@@ -257,7 +260,25 @@ def environment_warnings(config: Config | dict[str, Any], timeout: float = REACH
     """What may be fine but deserves a look, one line each naming the key (``check`` prints them and
     still exits 0): the peer's last hello disagreeing with peer.address, and what does not answer."""
     values = values_of(config) if isinstance(config, Config) else config
-    return _peer_hello_findings(values)[1] + reachability_warnings(values, timeout)
+    return _peer_hello_findings(values)[1] + jitter_warnings(values) + reachability_warnings(values, timeout)
+
+
+def jitter_warnings(config: Config | dict[str, Any]) -> list[str]:
+    """pair.dead_after against the heartbeat gaps the node measured in its last run (issue 12), saved
+    in ``state_dir/heartbeat-jitter.json`` every 10 s while it runs; nothing before the first run."""
+    from proxy.heartbeat import JITTER_FILE
+    from sync.heartbeat import jitter_warning
+
+    values = values_of(config) if isinstance(config, Config) else config
+    state_dir, dead_after = values.get("node.state_dir"), values.get("pair.dead_after")
+    if state_dir is None or dead_after is None:
+        return []
+    try:
+        measured = json.loads((Path(state_dir) / JITTER_FILE).read_text())
+    except (OSError, ValueError):
+        return []
+    warning = jitter_warning(float(dead_after), measured) if isinstance(measured, dict) else None
+    return [warning] if warning else []
 
 
 def _answers(host: str, port: int, timeout: float) -> str | None:

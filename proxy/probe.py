@@ -47,12 +47,12 @@ import logging
 import os
 import socket
 import struct
-from dataclasses import dataclass, field
 from typing import Literal
 
 import trio
 
 from proxy.dataplane import IP_FREEBIND
+from sync.heartbeat import TokenBucket  # one token bucket for both UDP responders
 
 log = logging.getLogger("pairproxy.probe")
 
@@ -123,32 +123,6 @@ def classify_answer(key: bytes, data: bytes, nonce: bytes, *, me: str, peer: str
     if kind == UNAUTHENTICATED and hmac.compare_digest(tag, name_tag(peer)):
         return "unauthenticated"
     return None
-
-
-@dataclass
-class TokenBucket:
-    """At most ``rate`` per second on average, ``burst`` at once. Pure: the caller passes ``now``."""
-
-    rate: float
-    burst: float
-    tokens: float = field(init=False)
-    _last: float | None = field(init=False, default=None)
-
-    def __post_init__(self) -> None:
-        self.tokens = self.burst
-
-    def take(self, now: float) -> bool:
-        if self._last is not None:
-            self.tokens = min(self.burst, self.tokens + (now - self._last) * self.rate)
-        self._last = now
-        if self.tokens >= 1:
-            self.tokens -= 1
-            return True
-        return False
-
-    def wait(self) -> float:
-        """Seconds until the next token (0 if one is there)."""
-        return max(0.0, (1 - self.tokens) / self.rate)
 
 
 class ProbeResponder:

@@ -70,7 +70,7 @@ class HelloReceived:
 
 @dataclass(frozen=True)
 class PeerDeclaredDead:
-    """The failure detector's verdict: sync link silent and the probe unanswered (trio time ``at``)."""
+    """The failure detector's verdict: no heartbeat on either path for dead_after (trio time ``at``)."""
 
     at: float
     silent_for: float
@@ -425,7 +425,7 @@ class PairCore:
             return kinds
         if isinstance(event, PeerDeclaredDead):
             self._detected_at, self._drain, self._drain_for = event.at, (), 0.0
-            return [(PEER_DEAD, f"peer {peer} silent {event.silent_for * 1000:.0f} ms and no answer to the probe")]
+            return [(PEER_DEAD, f"peer {peer} silent {event.silent_for * 1000:.0f} ms on both heartbeat paths")]
         if isinstance(event, PeerLeaving):
             if event.address != theirs:
                 return self._wrong_address("leaving", event.address, theirs)

@@ -11,7 +11,7 @@ from typing import Any
 
 from schema.records import *  # noqa: F401,F403 (the record types, re-exported)
 from proxy import sockmap
-from schema.records import (AddressStatus, BytePathStatus, ConnectionRecord, DetectorStatus, LinkStatus, PeerRefusal, NodeStatus,
+from schema.records import (AddressStatus, BytePathStatus, ConnectionRecord, DetectorStatus, HeartbeatStatus, LinkStatus, PeerRefusal, NodeStatus,
                             OwnAddressStuck, PairStatus, ProbeStatus,
                             ProxiedRecord, RttStatus, MoveRecord, ServiceStatus, TakeoverFailure, from_json)
 from schema.records import __all__ as _records
@@ -127,6 +127,8 @@ def _pair_status(node: Any) -> PairStatus:
         probe=from_json(ProbeStatus, node.probe_responder.stats()) if node.probe_responder
         else ProbeStatus(answered=0, rejected=0),
         detector=from_json(DetectorStatus, node.detector.stats()) if node.detector else None,
+        heartbeat=from_json(HeartbeatStatus, node.heartbeats.status())
+        if getattr(node, "heartbeats", None) is not None else None,
         takeover_error=None if core.last_takeover_error is None else TakeoverFailure(
             error=core.last_takeover_error, attempts=core.takeover_attempts),
         own_address_stuck=_own_address_stuck(core), address_mismatch=core.address_mismatch,

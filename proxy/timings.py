@@ -1,8 +1,8 @@
 """Every timing of a pair, derived from ``[pair] heartbeat``/``dead_after``/``claim_wait`` in one place.
 
-Why one place: the failure detector, the sync link, the probe and the takeover all depend on
-``dead_after``, and they only work together in the right proportions (a probe must report before the
-silence reaches ``dead_after``, the link must not drop a connection the detector still trusts). Spelled
+Why one place: the heartbeat process, the sync link and the takeover all depend on
+``dead_after``, and they only work together in the right proportions (a stopped node must fall silent
+long after a stalled one would, the link must not drop a connection for a stall the detector rides out). Spelled
 out at each call site, one of them drifts; here each derived value says why it is what it is.
 """
 
@@ -25,41 +25,45 @@ class PairTimings:
     def from_config(cls, pair: PairConfig) -> "PairTimings":
         return cls(heartbeat=pair.heartbeat, dead_after=pair.dead_after, claim_wait=pair.claim_wait)
 
-    # -- failure detection (sync.detector, proxy.probe) -------------------------------------------
-    @property
-    def probe_after(self) -> float:
-        """Silence after which probing starts: half of dead_after, so the probe's answer is in when
-        the silence reaches dead_after and the verdict is not delayed by a probe's round trip."""
-        return self.dead_after / 2
-
-    @property
-    def probe_every(self) -> float:
-        """How often a silent peer is probed again (link_down: a peer that dies later is still caught)."""
-        return self.dead_after / 2
-
-    @property
-    def probe_timeout(self) -> float:
-        """When the detector's driver cuts a probe off and counts it as silent."""
-        return self.dead_after / 2
-
-    @property
-    def probe_answer_within(self) -> float:
-        """The probe's own deadline: a little under :attr:`probe_timeout`, so it reports its result
-        itself instead of being cut off."""
-        return self.probe_timeout * 0.9
-
+    # -- failure detection (proxy.heartbeat, sync.detector) ---------------------------------------
     @property
     def detector_tick(self) -> float:
-        """How often the detector looks at the clock: a quarter heartbeat, at most 5 ms."""
-        return min(0.005, self.heartbeat / 4)
+        """How often the node's detector task looks at the link's refusals and the clock (the verdicts
+        themselves come from the heartbeat process the moment it sees the silence)."""
+        return 0.05
+
+    @property
+    def unheard_peer_after(self) -> float:
+        """A starting node acts on a death verdict only once it has heard the peer's heartbeats (a peer
+        not heard yet may be starting, slower); a peer never heard for this long since the node started
+        is down, and its silence counts. 30 s at least: the lab saw Python starts of 10-20 s under load."""
+        return max(30.0, 10 * self.claim_wait)
+
+    @property
+    def loop_stall_limit(self) -> float:
+        """The heartbeat process stops sending when the node's loop has not written to it this long: a
+        hung loop (the process runs, its trio loop does not) must look dead to the peer. A *stopped*
+        node (SIGSTOP, a debugger) or an exiting one falls silent at once instead: the heartbeat process
+        reads its state in /proc before every send. Far longer than ``dead_after``: a loop busy for
+        tens of ms (GC, a big status) is a stall the heartbeats must ride out, which is why they are sent
+        from their own process. 3 s (50 ``dead_after`` for slow detectors): the detection soak
+        (bench/FAILOVER.md, 2026-11-27) saw a healthy node's loop stall over 1 s on a shared 2-core
+        machine at load 60, and each such stall was a false takeover with a 1 s limit."""
+        return max(3.0, 50 * self.dead_after)
 
     # -- the sync link (sync.link) ---------------------------------------------------------------
     @property
+    def link_heartbeat(self) -> float:
+        """The sync link's own heartbeat (round trips for status, and idle detection): no longer the
+        failure detector's input, so not faster than every 25 ms, which the node's loop pays for."""
+        return max(self.heartbeat, 0.025)
+
+    @property
     def link_idle_timeout(self) -> float:
-        """A link connection silent this long is dropped: three verdicts' worth, so a connection is
-        never dropped before the detector could have judged the silence (and a half-open one does not
-        block a fresh one for long)."""
-        return 3 * self.dead_after
+        """A link connection silent this long is dropped (a half-open one must not block a fresh one for
+        long). At least half a second: the link runs in the node's loop, and dropping it for a loop
+        stall would cost a reconnect and a hello for nothing; the takeover does not wait for it."""
+        return max(3 * self.dead_after, 0.5)
 
     # -- the stateful observer (proxy.standby) ---------------------------------------------------
     @property
@@ -72,8 +76,7 @@ class PairTimings:
     @property
     def prepared_takeover_max_age(self) -> float:
         """A prefetched list of the peer's connections is used at takeover only if fetched within this
-        (and after the last heartbeat); older, it is fetched again. Probing repeats every
-        :attr:`probe_every`, and each probe refreshes it, so a long link outage cannot leave it stale."""
+        (and after the last heartbeat); older, it is fetched again."""
         return self.dead_after
 
     digest_every: float = 0.25  # stateful: how often the owner sends the digest of its own address
@@ -92,7 +95,7 @@ class PairTimings:
     @property
     def takeover_retry_first(self) -> float:
         """First backoff after a takeover failed on a kernel error (doubling up to :attr:`takeover_retry_max`)."""
-        return self.dead_after / 2
+        return max(self.dead_after / 2, 0.02)
 
     @property
     def takeover_retry_max(self) -> float:

@@ -32,7 +32,7 @@ __all__ = [
     "SchemaError", "to_json", "from_json",
     "TreeRecord", "SessionRecord", "OpenRecord", "TcpRecord", "ProxiedRecord", "ConnectionRecord",
     "Snapshot", "Tables", "ServiceStatus", "RttStatus", "LinkStatus", "AddressStatus", "ProbeStatus",
-    "PeerRefusal", "DetectorStatus", "Behind", "Difference", "SnooperStats", "StateSync", "Takeover", "TakeoverReport", "ResumeBefore",
+    "PeerRefusal", "DetectorStatus", "Percentiles", "HeartbeatPath", "HeartbeatStatus", "Behind", "Difference", "SnooperStats", "StateSync", "Takeover", "TakeoverReport", "ResumeBefore",
     "ResumeRecord", "PairStatus", "BytePathStatus", "NodeStatus", "CaptureInfo", "ReplayReport",
     "TakeoverFailure", "OwnAddressStuck", "MoveRecord", "OPTIONAL", "snapshot_from_dict", "tables_with_digests",
 ]
@@ -351,12 +351,60 @@ class ProbeStatus:
 
 @dataclass
 class DetectorStatus:
-    """The failure detector: its state, why, and what its probes of the peer got."""
+    """The failure detector: its state, why, and how many facts of each kind the heartbeat process sent."""
 
     state: str
     reason: str | None
     misconfigured: str | None           # the peer answers but cannot be authenticated: what to change
-    probes: dict[str, int]              # answered | unauthenticated | silent
+    facts: dict[str, int]               # path_up | path_silent | quiet | silent | heard | unauthenticated
+
+
+@dataclass
+class Percentiles:
+    """p50/p99/max of a series in milliseconds (the last minute), and how many values."""
+
+    p50: float
+    p99: float
+    max: float
+    count: int
+
+
+@dataclass
+class HeartbeatPath:
+    """One heartbeat path (sync or service network) as the heartbeat process sees it."""
+
+    up: bool                            # fresh heartbeats from the peer within dead_after
+    silent_for_ms: float | None         # since the last fresh one (None: never)
+    received: int                       # fresh and authenticated
+    sent: int
+    send_errors: int                    # e.g. the own service address not up (claiming, handed over)
+    rejected: int                       # malformed, reflected, another path, not authenticated
+    stale: int                          # authenticated, echoing no fresh nonce of ours (start, replay)
+    old_seq: int                        # authenticated duplicates or replays while the path is up
+    unauthenticated: int                # the peer's process with another key or mode
+    gap_ms: Percentiles | None          # time between fresh heartbeats
+    jitter_ms: Percentiles | None       # |gap - heartbeat|
+    max_gap_ever_ms: float              # since the process started
+    last_send_error: str | None = field(default=None, metadata=OPTIONAL)
+
+
+@dataclass
+class HeartbeatStatus:
+    """The heartbeat process (proxy.heartbeat): its scheduling, and per path what it sees."""
+
+    pid: int | None
+    realtime: bool                      # SCHED_FIFO
+    memory_locked: bool                 # mlockall
+    paused: bool                        # not sending: the node stopped, or its loop stopped writing to it
+    pauses: int
+    paths: dict[str, HeartbeatPath]
+    send_late_ms: Percentiles | None    # how late each send was against its schedule
+    max_send_late_ever_ms: float | None
+    own_stalls: int = 0                 # times the process woke a heartbeat or more late (not the peer's silence)
+    max_own_stall_ms: float = 0.0
+    realtime_problem: str | None = field(default=None, metadata=OPTIONAL)  # why not SCHED_FIFO
+    memory_problem: str | None = field(default=None, metadata=OPTIONAL)    # why not mlockall
+    failed: str | None = field(default=None, metadata=OPTIONAL)
 
 
 @dataclass
@@ -624,6 +672,7 @@ class PairStatus:
     resume: list[ResumeRecord] | None = field(default=None, metadata=OPTIONAL)
     takeover_error: TakeoverFailure | None = field(default=None, metadata=OPTIONAL)
     detector: DetectorStatus | None = field(default=None, metadata=OPTIONAL)
+    heartbeat: HeartbeatStatus | None = field(default=None, metadata=OPTIONAL)
     own_address_stuck: OwnAddressStuck | None = field(default=None, metadata=OPTIONAL)
     #: the peer's hello names an own address that is not [peer] address here: what to change
     address_mismatch: str | None = field(default=None, metadata=OPTIONAL)

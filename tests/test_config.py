@@ -246,7 +246,14 @@ def test_pair_config(tmp_path):
     assert str(config.peer.link) == "10.1.0.2:7400" and config.peer.listen.port == 7400
     assert config.peer.macvlan == "pp-b" and config.peer.probe_port == 7401
     assert (config.pair.mode, config.pair.heartbeat, config.pair.dead_after) == ("stateless", 0.02, 0.1)
+    assert config.peer.heartbeat_port == 7402
     assert load_config(write(tmp_path, GOOD)).peer is None
+
+
+def test_pair_timing_defaults_are_issue_12s(tmp_path):
+    text = PAIR.replace('heartbeat = "20ms"\n', "").replace('dead_after = "100ms"\n', "")
+    config = load_config(write(tmp_path, text))
+    assert (config.pair.heartbeat, config.pair.dead_after) == (0.01, 0.1)
 
 
 @pytest.mark.parametrize("old, new, expected", [
@@ -261,6 +268,11 @@ def test_pair_config(tmp_path):
     ('heartbeat = "20ms"', 'heartbeat = "0ms"', "pair.heartbeat: must be greater than zero"),
     ('dead_after = "100ms"', 'dead_after = "30ms"', "pair.dead_after: 30ms must be at least two heartbeats"),
     ('dead_after = "100ms"', 'dead_after = "100ms"\ndeadafter = 1', "pair.deadafter: unknown key (did you mean 'dead_after'?)"),
+    ('heartbeat = "20ms"', 'heartbeat = "0.5ms"', "pair.heartbeat: 0.5ms is below 1ms"),
+    ('key_file = "/etc/pairproxy/pair.key"', 'key_file = "/etc/pairproxy/pair.key"\nheartbeat_port = 7401',
+     "peer.heartbeat_port: 7401 is also peer.probe_port"),
+    ('key_file = "/etc/pairproxy/pair.key"', 'key_file = "/etc/pairproxy/pair.key"\nheartbeat_port = 70000',
+     "peer.heartbeat_port: "),
 ])
 def test_bad_pair_values(tmp_path, old, new, expected):
     assert old in PAIR

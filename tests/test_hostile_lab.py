@@ -4,7 +4,7 @@ A namespace of its own ("<prefix>-x", made and removed here) is plugged into bot
 sync network and the service network, like a compromised or curious host that has no key. From
 there it sends what issue 8 lists: the one-segment killer, garbage, forged preambles and frames,
 impossible lengths, 50 parallel connections trickling 1 MiB frames, and random and forged
-datagrams at both probe ports. The pair must not notice beyond its counters: no node exits, nobody
+datagrams at both probe ports and at the heartbeat port on both networks. The pair must not notice beyond its counters: no node exits, nobody
 takes over, both keep serving (smbclient through each address), and status counts the rejects.
 
 Then the operator's mistake of issue 9.1: the two nodes with different key files. The peer's
@@ -35,6 +35,8 @@ import msgpack
 seconds = float(sys.argv[1])
 syncs = [(sys.argv[2], 7400), (sys.argv[3], 7400)]
 probes = [(sys.argv[4], int(sys.argv[6])), (sys.argv[5], int(sys.argv[6]))]
+# issue 12: the heartbeat port on both networks too (forged heartbeats, garbage)
+probes += [(host, 7402) for host in sys.argv[2:6]]
 end = time.monotonic() + seconds
 MAGIC = b"PPS\x02"
 sent = {"killer": 0, "garbage": 0, "forged": 0, "impossible": 0, "trickle": 0, "datagrams": 0}
@@ -105,6 +107,8 @@ def datagrams():
                     data = os.urandom(random.randint(0, 200))
                 elif kind < 0.8:
                     data = b"PPPROBE2Q" + os.urandom(32)  # well-formed, forged
+                elif target[1] == 7402:
+                    data = b"PPHB1" + random.choice([b"S", b"V"]) + os.urandom(56)  # forged heartbeats
                 else:
                     data = b"PPPROBE2" + random.choice([b"A", b"U"]) + os.urandom(32)  # forged answers
                 try:
@@ -280,6 +284,9 @@ def test_different_key_files_or_modes_no_takeover_both_serve_their_own(lab, tmp_
         start_together(a, b)
         for node in (a, b):
             node.wait_for(misconfigured, 15, "peer misconfigured")
+        # the heartbeats show the mistake within dead_after; each node claims its own address after claim_wait
+        for node, own in ((a, addr.service_a), (b, addr.service_b)):
+            node.wait_for(lambda s: s["pair"]["addresses"][own]["role"] == "serving", 15, "serving its own address")
         time.sleep(2)  # well past dead_after (100 ms) and claim_wait: a split brain would be there by now
         for node, own, other in ((a, addr.service_a, addr.service_b), (b, addr.service_b, addr.service_a)):
             assert node.proc.poll() is None

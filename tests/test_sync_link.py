@@ -270,32 +270,6 @@ def test_constructor_checks():
         PeerLink("a", "b", hello=hello("a"), **(kw | {"key": b"short"}))
 
 
-async def test_detector_fed_by_the_link_sees_the_peer_die(nursery, tmp_path):
-    """The wiring the node uses: watch(heard=lambda: link.last_received) plus a probe."""
-    from sync.detector import FailureDetector, PeerDead, watch
-
-    pair = Pair(tmp_path)
-    await pair.start(nursery, pair.a)
-    detector, actions = FailureDetector(0.3), []  # roomy: a loaded test machine must not flap it
-
-    async def probe():  # the peer is off the service network too
-        await trio.sleep(0.002)
-        return False
-
-    nursery.start_soon(lambda: watch(detector, probe, actions.append, heard=lambda: pair.a.last_received))
-    with trio.CancelScope() as b_scope:
-        async with trio.open_nursery() as b_nursery:
-            await pair.start(b_nursery, pair.b)
-            await eventually(lambda: detector.state == "alive")
-            await trio.sleep(0.2)
-            assert detector.state == "alive"  # heartbeats every 20 ms keep it so
-            b_scope.cancel()
-    died = trio.current_time()
-    await eventually(lambda: detector.state == "dead")
-    assert trio.current_time() - died >= 0.3 - 0.03
-    assert isinstance(actions[-1], PeerDead)
-
-
 # -- issue 8.1: nothing a connection does may end the link --------------------------------------
 
 KILLER = MAGIC + os.urandom(16) + b"\xff\xff\xff\xff"
@@ -421,42 +395,6 @@ async def test_fifty_strangers_trickling_big_frames_neither_block_the_peer_nor_g
 
 
 # -- issue 9.1: a pair with different keys or modes: alive, refused, nobody takes over -----------
-
-@pytest.mark.parametrize("mistake", ["key", "mode"])
-async def test_misconfigured_pair_never_declares_the_peer_dead(nursery, tmp_path, mistake):
-    """Links, probe responders and detectors of both nodes on loopback, as the node wires them."""
-    from proxy.probe import ProbeResponder, probe
-    from sync.detector import FailureDetector, PeerDead, watch
-    other = b"another secret of enough bytes"
-    pair = Pair(tmp_path, key_b=other if mistake == "key" else KEY,
-                hello_b=hello("b", mode="stateful") if mistake == "mode" else None)
-    await pair.start(nursery)
-    keys = {"a": KEY, "b": other if mistake == "key" else KEY}
-    responders = {}
-    for me, peer in (("a", "b"), ("b", "a")):
-        port = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        port.bind(("127.0.0.1", 0))
-        number = port.getsockname()[1]
-        port.close()
-        responders[me] = ProbeResponder(keys[me], "127.0.0.1", number, me=me, peer=peer)
-        nursery.start_soon(responders[me].serve)
-    detectors, verdicts = {}, []
-    for me, peer, link in (("a", "b", pair.a), ("b", "a", pair.b)):
-        detectors[me] = FailureDetector(0.1, probe_after=0.05)
-
-        async def probe_peer(me=me, peer=peer):
-            return await probe(keys[me], "127.0.0.1", "127.0.0.1", responders[peer].port, 0.045, me=me, peer=peer)
-
-        nursery.start_soon(lambda d=detectors[me], p=probe_peer, link=link: watch(
-            d, p, verdicts.append, heard=lambda: link.last_received, refused=link.peer_refused,
-            probe_timeout=0.05))
-    await trio.sleep(2.5)
-    assert not [v for v in verdicts if isinstance(v, PeerDead)]
-    for me in ("a", "b"):
-        st = detectors[me].stats()
-        assert st["state"] == "misconfigured", st
-        assert ("key_file" if mistake == "key" else "mode") in st["misconfigured"]
-
 
 async def test_a_wrong_link_port_is_loud_although_the_peers_dial_carries_the_link(nursery, tmp_path, caplog):
     """Issue 9.7: a's peer.link names a port nobody listens on; b's dial brings the link up. a must
