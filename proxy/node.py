@@ -135,7 +135,9 @@ class Node:
         log.info("byte path: %s%s", byte_path.path, f" ({byte_path.reason})" if byte_path.reason else "")
         control = bind_control_socket(node.control)
         try:
-            if self.core is not None:  # before the rest: its Python start-up overlaps the node's (issue 12)
+            if self.core is not None and self.config.pair.mode == "stateless":
+                # before the rest: its Python start-up overlaps the node's (issue 12); a stateful node's
+                # waits for its observer (see _start_pair)
                 self._spawn_heartbeats()
             self.own_service.open_listeners()  # a port in use fails here, before any kernel change
             async with trio.open_nursery() as nursery:
@@ -237,9 +239,6 @@ class Node:
         self.detector = FailureDetector(timings.dead_after)
         self.probe_responder = ProbeResponder(self.key, str(node.address.ip), peer.probe_port,
                                               me=node.name, peer=peer.name)
-        await nursery.start(self._spawn_heartbeats().run)
-        await nursery.start(self.link.run)
-        nursery.start_soon(self.probe_responder.serve)
         if pair.mode == "stateful":
             # imported here, the one exception to imports at the top: proxy.standby loads the protocol
             # decoders (0.4 s of a loaded machine's start-up), which a stateless node never needs, and a
@@ -250,11 +249,35 @@ class Node:
                                            lambda: self.detector.last_heartbeat, timings,
                                            own_proxies=lambda: self.own_service.proxies, guard=True)
             await nursery.start(self.standby.run)
+            await self._await_observer(self.standby.observer)
+        await nursery.start(self._spawn_heartbeats().run)
+        await nursery.start(self.link.run)
+        nursery.start_soon(self.probe_responder.serve)
         nursery.start_soon(self._detect)
         nursery.start_soon(self._claim_when_alone)
         nursery.start_soon(self._tick_own_address)
         self.state = "pair"
         log.info("node %s: pair with %s (%s mode), claiming %s", node.name, peer.name, pair.mode, node.address.ip)
+
+    async def _await_observer(self, observer: Any) -> None:
+        """Until the observer's capture rings exist (or it failed, or heartbeat_hold_limit passed).
+
+        Why: the kernel sets up the rings (3 x 128 MiB) in one non-preemptible stretch of ~300 ms on
+        this machine, which stalls every process on that CPU, the SCHED_FIFO heartbeat process too.
+        A node heartbeating during it falls silent and its peer takes it over (75 false takeovers in
+        20 stateful failover runs, bench/results/stateful-start-stall-2026-11-28.txt). Silent until the
+        rings exist, the node is simply not started yet: its peer keeps or holds its address, and its
+        own verdicts are armed only once it hears the peer (_detect)."""
+        started = trio.current_time()
+        with trio.move_on_after(self.timings.heartbeat_hold_limit):
+            while not observer.ready.is_set() and not observer.failed:
+                await trio.sleep(0.02)
+        waited = trio.current_time() - started
+        if observer.ready.is_set():
+            log.info("stateful: observer ready after %.2f s; heartbeats start", waited)
+        else:
+            log.warning("stateful: observer %s after %.1f s; heartbeats start without it",
+                        observer.failed or "not ready", waited)
 
     def _spawn_heartbeats(self) -> HeartbeatProcess:
         """The heartbeat process, spawned once, as early as the node can (see HeartbeatProcess.spawn)."""

@@ -40,6 +40,15 @@ class PairTimings:
         return max(30.0, 10 * self.claim_wait)
 
     @property
+    def heartbeat_hold_limit(self) -> float:
+        """A starting stateful node heartbeats (and dials the link) only once its observer's capture
+        rings exist, at most this long: setting up 3 x 128 MiB of TPACKET rings runs ~300 ms in the
+        kernel without preemption on this machine (bench/results/stateful-start-stall-2026-11-28.txt), so a
+        node heartbeating meanwhile fell silent for that long and its peer took it over. Past this the
+        node heartbeats anyway (an observer that never starts must not keep the node out of the pair)."""
+        return 30.0
+
+    @property
     def loop_stall_limit(self) -> float:
         """The heartbeat process stops sending when the node's loop has not written to it this long: a
         hung loop (the process runs, its trio loop does not) must look dead to the peer. A *stopped*
