@@ -548,13 +548,19 @@ class Node:
         now, so the takeover, if it comes, only adds the address (issue 12: address up within 5 ms of
         the verdict; the macvlan took 10-30 ms of it). Harmless if the peer lives: a stateful standby
         keeps this macvlan all the time (no address, no ARP, no IPv6); removed when it is heard again."""
+        self._prepared_macvlan = self._open_peer_macvlan("a takeover") or self._prepared_macvlan
+
+    def _open_peer_macvlan(self, purpose: str) -> bool:
+        """Make the macvlan with the peer's MAC ahead of ``purpose``; True if this call made it.
+        Nothing while this node holds the peer's address or does not know its MAC."""
         mac = (self.peer_info or {}).get("mac")
         if not mac or self.held is not None:
-            return
+            return False
         try:
-            self._prepared_macvlan = self.peer_macvlan.open(mac) or self._prepared_macvlan
+            return bool(self.peer_macvlan.open(mac))
         except Exception as exc:  # the takeover sequence tries again and reports it
-            log.warning("macvlan for a takeover not prepared: %s", exc)
+            log.warning("macvlan for %s not prepared: %s", purpose, exc)
+            return False
 
     # -- live moves (issue 11) -------------------------------------------------------------------
 
@@ -643,13 +649,7 @@ class Node:
         """The peer began moving its address here: make the macvlan with its MAC now, while the peer
         freezes, so that the taking in (one uninterrupted stretch of the event loop) is shorter; under
         load a long stretch delays heartbeats past dead_after (bench/MOVES.md)."""
-        mac = (self.peer_info or {}).get("mac")
-        if not mac or self.held is not None:
-            return
-        try:
-            self._move_macvlan = self.peer_macvlan.open(mac) or self._move_macvlan
-        except Exception as exc:  # the takeover sequence tries again and reports it
-            log.warning("macvlan for the move not prepared: %s", exc)
+        self._move_macvlan = self._open_peer_macvlan("the move") or self._move_macvlan
 
     async def _move_in(self, address: str) -> roles.Event | None:
         receiver = self.arrived.pop(address, None)
