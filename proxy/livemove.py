@@ -126,6 +126,9 @@ class MoveReport:
     phases_ms: dict[str, float] = field(default_factory=dict)
     #: out: client/backend segments the lock dropped during the move (each one the remote resends)
     lock_drops: int | None = None
+    #: out, moved: ARP packets for the address this node dropped after the go (it kept the address
+    #: while the peer announced it; answering would have been an ARP conflict); None if not silenced
+    arp_drops: int | None = None
     #: the longest the event loop went without a turn during this side of the move (heartbeats wait that
     #: long: a stretch near dead_after makes the peer suspect this node)
     loop_lag_ms: float | None = None
@@ -459,6 +462,9 @@ async def _freeze_and_send(report: MoveReport, t0: float, phases: _Phases, addre
         # the peer's bring-up takes longer than the removal (measured: 34 vs 9 ms median at load 25)
         # what the lock dropped so far goes ahead of the go (the peer keeps it until its sockets are live)
         passed = await _pass_on(send, address, move_id, held.take_dropped())
+        # from the go on the peer announces the address: this node, which keeps it a while yet (below),
+        # must no longer answer ARP for it, or clients see two owners (an ARP conflict)
+        silenced = held.silence_arp()
         # how long the sockets have been frozen: the peer's restored timestamp clocks go at least that
         # far ahead (tcprepair.RestoredSocket.go_live: a frozen socket may still have sent a later TSval)
         await send({"type": "move_go", "address": address, "move_id": move_id, "frozen_at": frozen_at,
@@ -476,6 +482,7 @@ async def _freeze_and_send(report: MoveReport, t0: float, phases: _Phases, addre
         await remove_address()
         phases.done("remove_address")
         report.lock_drops = held.dropped()
+        report.arp_drops = held.arp_dropped() if silenced else None
         passed += await _pass_on(send, address, move_id, held.take_dropped())  # the peer is live by now, or nearly
         # after the go: 1-80 ms under load, none of it the clients'
         passed += await _pass_on(send, address, move_id, await trio.to_thread.run_sync(held.release))

@@ -25,7 +25,18 @@ input chain with one rule and a counter), as :mod:`proxy.rstguard` does for outp
         }
     }
 
-A table left by a killed node is removed at the next start (:func:`remove_leftover`).
+From the ``move_go`` on, the giver also stops speaking ARP for the address (:meth:`MoveLock.silence_arp`:
+a table ``pairproxy_movearp_<address>`` of family arp, prepared with the lock): it keeps the address
+until the peer is live, and its kernel would otherwise answer who-has requests with its own MAC while the
+peer announces the address with its MAC, two owners at once, what an ARP watcher reports as a conflict
+and a client may cache the wrong way round::
+
+    table arp pairproxy_movearp_10_0_0_1 {
+        chain in  { type filter hook input priority 0; policy accept; arp daddr ip 10.0.0.1 counter drop }
+        chain out { type filter hook output priority 0; policy accept; arp saddr ip 10.0.0.1 counter drop }
+    }
+
+Tables left by a killed node are removed at the next start (:func:`remove_leftover`).
 """
 
 from __future__ import annotations
@@ -55,12 +66,32 @@ def table_name(address: ipaddress.IPv4Address | str) -> str:
     return "pairproxy_movelock_" + str(address).replace(".", "_")
 
 
+def arp_table_name(address: ipaddress.IPv4Address | str) -> str:
+    return "pairproxy_movearp_" + str(address).replace(".", "_")
+
+
 def remove_leftover(address: ipaddress.IPv4Address | str) -> bool:
-    """Delete a lock a killed node left behind; True if there was one."""
-    try:
-        return _delete_table(table_name(address))
-    except NetlinkError:
-        return False
+    """Delete a lock (and its ARP silence) a killed node left behind; True if there was one."""
+    found = False
+    for name, family in ((table_name(address), NFPROTO_IPV4), (arp_table_name(address), NFPROTO_ARP)):
+        try:
+            found = _delete_table(name, family) or found
+        except NetlinkError:
+            pass
+    return found
+
+
+#: nftables' arp family has two hooks, NF_ARP_IN (0) and NF_ARP_OUT (1); pyroute2 0.9 takes hook names
+#: only, numbered as for ip (prerouting 0, input 1): these names give the arp hooks' numbers
+NFPROTO_ARP = 3
+ARP_IN_HOOK, ARP_OUT_HOOK = "prerouting", "input"
+#: offsets in an Ethernet/IPv4 ARP packet (network header): sender and target protocol address
+ARP_SPA, ARP_TPA = 14, 24
+
+
+def _arp_rule(offset: int, address: ipaddress.IPv4Address) -> list[dict]:
+    return [_load(NFT_PAYLOAD_NETWORK_HEADER, offset, 4), _cmp(NFT_CMP_EQ, address.packed),
+            genex("counter", {"bytes": 0, "packets": 0})]
 
 
 def _rule(address: ipaddress.IPv4Address, log_group: int | None) -> list[dict]:
@@ -249,6 +280,7 @@ class MoveLock:
         self.address = ipaddress.IPv4Address(str(address))
         self.table = table_name(self.address)
         self._nft: NFTables | None = None
+        self._arp: NFTables | None = None
         self._log: DropLog | None = None
 
     def open(self) -> "MoveLock":
@@ -280,7 +312,54 @@ class MoveLock:
             self._close_log()
             raise
         self._nft = nft
+        self._prepare_arp()
         return self
+
+    def _prepare_arp(self) -> None:
+        """The ARP silence's table and chains, without rules (nothing is dropped yet). A failure costs
+        only the silence (the move works; an ARP watcher may see two owners for a moment): logged."""
+        arp = NFTables(nfgen_family=NFPROTO_ARP)
+        name = arp_table_name(self.address)
+        try:
+            if _table_exists(arp, name):
+                arp.table("del", name=name)
+            arp.table("add", name=name)
+            arp.chain("add", table=name, name="in", hook=ARP_IN_HOOK, type="filter", priority=0, policy=NF_ACCEPT)
+            arp.chain("add", table=name, name="out", hook=ARP_OUT_HOOK, type="filter", priority=0, policy=NF_ACCEPT)
+        except NetlinkError as exc:
+            log.warning("move of %s: this node may still answer ARP for it after the go: %s", self.address,
+                        exc.args[-1])
+            try:
+                if _table_exists(arp, name):
+                    arp.table("del", name=name)
+            except NetlinkError:
+                pass
+            arp.close()
+            return
+        self._arp = arp
+
+    def silence_arp(self) -> bool:
+        """From now on this node neither answers ARP requests for the address nor sends ARP from it
+        (the peer is about to announce it). True if the silence is in place."""
+        if self._arp is None:
+            return False
+        name = arp_table_name(self.address)
+        try:
+            self._arp.rule("add", table=name, chain="in",
+                           expressions=(_arp_rule(ARP_TPA, self.address), verdict(code=NF_DROP)))
+            self._arp.rule("add", table=name, chain="out",
+                           expressions=(_arp_rule(ARP_SPA, self.address), verdict(code=NF_DROP)))
+        except NetlinkError as exc:
+            log.warning("move of %s: ARP not silenced: %s", self.address, exc.args[-1])
+            return False
+        return True
+
+    def arp_dropped(self) -> int:
+        """ARP packets the silence dropped so far (both directions)."""
+        try:
+            return (_drops(self._arp, arp_table_name(self.address)) or 0) if self._arp is not None else 0
+        except NetlinkError:
+            return 0
 
     def engage(self) -> "MoveLock":
         """Add the drop rule: from now on no TCP segment reaches a socket of the address."""
@@ -314,6 +393,14 @@ class MoveLock:
             finally:
                 self._nft.close()
                 self._nft = None
+        if self._arp is not None:
+            try:
+                self._arp.table("del", name=arp_table_name(self.address))
+            except NetlinkError as exc:
+                log.error("cannot remove the move's ARP silence %s: %s", arp_table_name(self.address), exc)
+            finally:
+                self._arp.close()
+                self._arp = None
         rest = self.take_dropped()
         self._close_log()
         return rest

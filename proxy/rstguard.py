@@ -80,9 +80,10 @@ def mark_own_close(sock, mark: int = OWN_CLOSE_MARK) -> None:
         pass
 
 
-def _delete_table(name: str) -> bool:
-    """Delete the nft table ``name`` if it exists; True if there was one (shared with proxy.movelock)."""
-    nft = NFTables(nfgen_family=NFPROTO_IPV4)
+def _delete_table(name: str, family: int = NFPROTO_IPV4) -> bool:
+    """Delete the nft table ``name`` of ``family`` if it exists; True if there was one (shared with
+    proxy.movelock)."""
+    nft = NFTables(nfgen_family=family)
     try:
         if not _table_exists(nft, name):
             return False
@@ -136,13 +137,15 @@ def drops(address: ipaddress.IPv4Address | str) -> int | None:
 
 
 def _drops(nft: NFTables, table: str) -> int | None:
+    """The packets counted by the counters of ``table``'s rules, summed; None if it has no counter."""
+    total = None
     for rule in nft.get_rules():
         if rule.get_attr("NFTA_RULE_TABLE") != table:
             continue
         for expr in rule.get_attr("NFTA_RULE_EXPRESSIONS") or ():
             if expr.get_attr("NFTA_EXPR_NAME") == "counter":
-                return expr.get_attr("NFTA_EXPR_DATA").get_attr("NFTA_COUNTER_PACKETS")
-    return None
+                total = (total or 0) + expr.get_attr("NFTA_EXPR_DATA").get_attr("NFTA_COUNTER_PACKETS")
+    return total
 
 
 def _table_exists(nft: NFTables, name: str) -> bool:

@@ -228,7 +228,14 @@ class _Steps:
         self.steps.append("lock engaged")
         return self
 
+    def silence_arp(self) -> bool:
+        self.steps.append("arp silenced")
+        return True
+
     def dropped(self) -> int:
+        return 0
+
+    def arp_dropped(self) -> int:
         return 0
 
     def take_dropped(self) -> list[bytes]:
@@ -266,6 +273,7 @@ def test_the_lock_is_prepared_before_the_clients_pause_begins():
     assert report.outcome == "moved"
     assert fake.steps[:3] == ["lock prepared", "stop accepting", "lock engaged"], fake.steps
     assert fake.steps[-2:] == ["address removed", "lock released"], fake.steps
+    assert fake.steps[-3] == "arp silenced", fake.steps  # from the go on, while the address is still here
     assert list(report.phases_ms)[:2] == ["prepare_lock", "stop"]
     assert sent == ["move_begin", "move_commit", "move_go"]
 

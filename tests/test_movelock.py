@@ -10,8 +10,10 @@ own retransmission (>= 200 ms). A table a killed node left is removed by ``remov
 
 from __future__ import annotations
 
+import json
 import os
 import socket
+import subprocess
 import time
 
 import pytest
@@ -118,3 +120,54 @@ def test_a_lock_left_behind_is_removed(namespaces):
         lock._nft = None                                    # as if the process had been killed
         assert movelock.remove_leftover(SERVICE) is True
         assert movelock.remove_leftover(SERVICE) is False
+
+
+def _arp_answers(namespaces) -> set[str]:
+    """MACs answering an ARP request for SERVICE, asked from the client namespace."""
+    import trio
+
+    from proxy.arp import who_has
+
+    out = subprocess.run(["ip", "-n", namespaces["c"], "-j", "link", "show", "eth0"], capture_output=True,
+                         text=True, check=True).stdout
+    mac = json.loads(out)[0]["address"]
+    with in_netns(namespaces["c"]):
+        return trio.run(lambda: who_has("eth0", mac, SERVICE, timeout=0.4, tries=2))
+
+
+def test_a_silenced_lock_answers_no_arp_for_the_address_until_released(namespaces):
+    """From the move's go on the giver keeps the address (locked) while the peer announces it: its
+    kernel must not answer ARP for it meanwhile (two owners: an ARP conflict). Prepared and engaged, the
+    lock leaves ARP alone; silenced, nobody answers; released, the address answers again."""
+    pair_lab(namespaces)
+    assert _arp_answers(namespaces), "the address answers ARP before any lock"
+    with in_netns(namespaces["n"]):
+        lock = movelock.MoveLock(SERVICE).open()
+    try:
+        assert _arp_answers(namespaces), "an engaged lock (no silence yet) leaves ARP alone"
+        with in_netns(namespaces["n"]):
+            assert lock.silence_arp() is True
+        assert _arp_answers(namespaces) == set()
+        with in_netns(namespaces["n"]):
+            assert lock.arp_dropped() >= 1
+    finally:
+        with in_netns(namespaces["n"]):
+            lock.release()
+    assert _arp_answers(namespaces), "released: the address answers again"
+    with in_netns(namespaces["n"]):
+        assert movelock.remove_leftover(SERVICE) is False  # release removed both tables
+
+
+def test_a_silence_left_behind_is_removed(namespaces):
+    pair_lab(namespaces)
+    with in_netns(namespaces["n"]):
+        lock = movelock.MoveLock(SERVICE).open()
+        lock.silence_arp()
+        for nft in (lock._nft, lock._arp):
+            nft.close()
+        lock._nft = lock._arp = None                        # as if the process had been killed
+    assert _arp_answers(namespaces) == set()
+    with in_netns(namespaces["n"]):
+        assert movelock.remove_leftover(SERVICE) is True
+        assert movelock.remove_leftover(SERVICE) is False
+    assert _arp_answers(namespaces)
