@@ -296,18 +296,20 @@ class Node:
         """Arm the death verdict, and feed the detector the link's refusals and the time.
 
         The heartbeats themselves are the heartbeat process's (facts arrive in :meth:`_on_fact`)."""
-        # Armed once the peer's heartbeats have been heard since this node started: before that, its
-        # silence says nothing (it may be starting too, slower: a Python start on a loaded machine takes
-        # seconds, and a takeover then is a takeover of a starting node). A peer never heard is judged
-        # only after unheard_peer_after: by then it is down, not starting.
+        # Armed once the peer's heartbeats (or its sync link) have been heard since this node started:
+        # before that, its silence says nothing (it may be starting too, slower: a Python start on a
+        # loaded machine takes seconds, and a takeover then is a takeover of a starting node). A peer
+        # never heard is judged only after unheard_peer_after: by then it is down, not starting.
+        judged = False  # the verdict already passed on (a peer heard on the link only, then silent)
         with trio.move_on_after(self.timings.unheard_peer_after):
-            while self.detector.last_heartbeat is None:
+            while self.detector.last_heartbeat is None and self.link.last_received is None:
                 await trio.sleep(self.timings.heartbeat)
-        if self.detector.last_heartbeat is None:
+            judged = await self._await_heartbeats_after_the_link()
+        if self.detector.last_heartbeat is None and self.link.last_received is None:
             log.warning("%s not heard in the %.0f s since this node started: down, not starting; its silence counts now",
                         self.config.peer.name, self.timings.unheard_peer_after)
         self._verdicts_armed = True
-        if self.detector.state == "dead":  # silent since before the wait ended: the verdict stands now
+        if self.detector.state == "dead" and not judged:  # silent since before the wait ended: the verdict stands now
             self._on_verdict(verdicts.PeerDead(self.detector.silent_for(trio.current_time()) or 0.0))
         last_refusal = None
         while True:
@@ -320,6 +322,33 @@ class Node:
             for action in actions:
                 self._on_verdict(action)
             await trio.sleep(self.timings.detector_tick)
+
+    async def _await_heartbeats_after_the_link(self) -> bool:
+        """The peer was heard on the sync link but not (yet) by the heartbeat process: its process lives.
+
+        A peer killed right after its start (the lab's tests do it; a crash loop does) may never have
+        reached this node's heartbeat process; waiting for unheard_peer_after then left its address
+        unserved for 30 s. So the link counts as hearing the peer, and once the link has gone silent
+        for dead_after with no heartbeat ever, the peer is dead (the verdict is passed on when armed).
+        While the link stays up without heartbeats the peer lives: no verdict (its heartbeats are held,
+        as a stateful node's are until its rings exist, or the heartbeat port is blocked: said once)."""
+        waiting_since, said = trio.current_time(), False
+        while self.detector.last_heartbeat is None:
+            now = trio.current_time()
+            silent = now - self.link.last_received
+            if self.link.state != "connected" and silent >= self.timings.dead_after:
+                log.warning("%s: heard on the sync link, never by the heartbeat process, and the link silent for "
+                            "%.0f ms: dead", self.config.peer.name, silent * 1000)
+                self._verdicts_armed = True
+                for action in self.detector.link_silent_never_heard(now, silent):
+                    self._on_verdict(action, now)
+                return True
+            if not said and self.link.state == "connected" and now - waiting_since > self.timings.heartbeat_hold_limit:
+                log.warning("%s answers on the sync link but no heartbeat arrives on port %d (blocked?)",
+                            self.config.peer.name, self.config.peer.heartbeat_port)
+                said = True
+            await trio.sleep(self.timings.heartbeat)
+        return False
 
     async def _claim_when_alone(self) -> None:
         """Every claim_wait while claiming: tell the core whether the link is up and who answers ARP

@@ -650,6 +650,9 @@ class MoveRecord:
     thawed: int = field(default=0, metadata=OPTIONAL)        # out, called off: connections kept here
     phases_ms: dict[str, float] | None = field(default=None, metadata=OPTIONAL)  # each phase's time, in order
     lock_drops: int | None = field(default=None, metadata=OPTIONAL)  # out: segments the move lock dropped
+    #: out, moved: ARP packets for the address dropped after the go (the giver kept the address while the
+    #: peer announced it); None if the silence could not be set
+    arp_drops: int | None = field(default=None, metadata=OPTIONAL)
     loop_lag_ms: float | None = field(default=None, metadata=OPTIONAL)  # the event loop's longest stretch
     #: segments the move lock dropped that were delivered from its copies (out: passed on or, thawed,
     #: delivered here; in: delivered here), so no client waited for its retransmission timer

@@ -130,6 +130,7 @@ class FailureDetector:
         self.refusal_valid_for = refusal_valid_for
         self._evidence: tuple[float, str] | None = None  # (when, reason) of the last sign of a misconfigured peer
         self._declared_dead = False  # PeerDead was returned since the last heartbeat
+        self._link_verdict = False  # link_silent_never_heard gave its verdict
         self._logged_misconfigured: str | None = None
         self.state: State = "unknown"
         self.reason = "no heartbeat seen yet"
@@ -183,6 +184,18 @@ class FailureDetector:
     def peer_refused(self, at: float, reason: str) -> list[Action]:
         """The peer's process answered on the sync link at ``at`` but refused or failed authentication."""
         return self._evidence_of_life(at, f"the peer's process refuses the sync link: {reason}")
+
+    def link_silent_never_heard(self, at: float, silent_for: float) -> list[Action]:
+        """The peer was heard only on the sync link (its heartbeats never arrived: killed right after
+        its start) and the link has been silent for ``silent_for`` (at least dead_after): dead, as if
+        its heartbeats had stopped when the link did. Nothing once a heartbeat was heard (the heartbeat
+        process judges from then on)."""
+        if self.last_heartbeat is not None or self._link_verdict:
+            return []
+        self._link_verdict = True
+        self._silent_since = at - silent_for
+        self._declared_dead = False  # a verdict at the start, before anything was heard, is not this one
+        return self._silent_verdict(at)
 
     def tick(self, now: float) -> list[Action]:
         """Let time pass: a misconfigured peer whose evidence of life stopped is dead."""

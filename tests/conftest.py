@@ -33,7 +33,10 @@ def lab():
         try:
             the_lab.down()
         finally:
-            shutil.rmtree(root, ignore_errors=True)
+            if os.environ.get("PAIRPROXY_TEST_KEEP_LOGS"):  # the nodes' logs, to read after a failure
+                print(f"lab logs kept in {root}")
+            else:
+                shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -115,3 +115,21 @@ def test_the_monitor_and_the_detector_together_in_fake_time():
             assert d.state == "link_down"
     dead = [at for at, v in verdicts if isinstance(v, PeerDead)]
     assert len(dead) == 1 and 1.5 + DEAD - hb <= dead[0] <= 1.5 + DEAD + 0.006
+
+
+def test_a_peer_heard_only_on_the_link_is_dead_once_the_link_is_silent_for_dead_after():
+    """Killed right after its start, before its heartbeats reached us: the start-up's "silent" verdict
+    (never heard) was not acted on; the link's silence is the peer's death, once."""
+    d = FailureDetector(DEAD)
+    assert d.fact("silent", 0.4) == [PeerDead(pytest.approx(DEAD))]      # at the start, before anything
+    (verdict,) = d.link_silent_never_heard(2.0, 0.15)
+    assert isinstance(verdict, PeerDead) and verdict.silent_for == pytest.approx(0.15)
+    assert d.state == "dead"
+    assert d.link_silent_never_heard(2.1, 0.25) == []                      # once
+
+
+def test_the_link_says_nothing_once_a_heartbeat_was_heard():
+    d = FailureDetector(DEAD)
+    d.fact("path_up", 1.0, "sync", last_heard=1.0)
+    assert d.state == "alive"
+    assert d.link_silent_never_heard(2.0, 0.5) == [] and d.state == "alive"

@@ -154,6 +154,7 @@ def test_handover_and_back_moves_live_connections_without_a_reconnect(lab, pair)
     for m in moves:
         assert m["out"]["failed"] == 0 and m["in"]["failed"] == 0, m
         assert m["in"]["moved"] == m["out"]["moved"] == 2, m
+        assert m["out"]["arp_drops"] is not None, m  # the giver silenced ARP for the address at the go
     live = [m["in"]["freeze_to_live_ms"] for m in moves]
     stalls = [max(m["stall"].values()) for m in moves]
     print(f"{len(moves)} moves: freeze->live median {statistics.median(live):.1f} ms, worst {max(live):.1f} ms; "
