@@ -180,6 +180,8 @@ async def take_over(*, node: NodeConfig, peer: PeerConfig, peer_hello: dict[str,
             # may be answered before this task's caller resumes
             def started(self, value: None = None) -> None:
                 takeover.address_up_at = service.address_up_at
+                if standby is None:  # stateless: nothing to continue or reset
+                    takeover.settled_at = service.address_up_at
                 task_status.started(value)
 
         try:
@@ -311,6 +313,7 @@ async def _continue_rest(standby: StatefulStandby, plan: TakeoverPlan, service: 
 def _finish_continuing(standby: StatefulStandby, plan: TakeoverPlan, takeover: Takeover) -> None:
     """Every connection is continued or not: resets to the others, the resume report told, a log line."""
     takeover.resets, takeover.backend_resets = standby.send_resets(_not_continued(plan, takeover))
+    takeover.settled_at = trio.current_time()
     continued = [r["client"] for r in takeover.connections if r["continued"]]
     if continued:
         standby.note_continued(continued)

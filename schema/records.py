@@ -495,6 +495,8 @@ class Takeover:
     all_continued_at: float | None = None
     #: stateful: new clients' SYNs of the outage handed to this node's kernel (proxy.synlog)
     syns_answered: int = 0
+    #: every connection of the peer continued or reset (stateless: the address up; nothing to decide)
+    settled_at: float | None = None
 
     def as_dict(self) -> dict:
         return to_json(self.report())
@@ -517,6 +519,7 @@ class Takeover:
             first_continued_ms=ms(self.detected_at, self.first_continued_at),
             all_continued_ms=ms(self.detected_at, self.all_continued_at),
             syns_answered=self.syns_answered,
+            settled_ms=ms(self.detected_at, self.settled_at),
             connections=[from_json(ContinuationRecord, c, strict=False) for c in self.connections[:200]],
         )
 
@@ -538,6 +541,9 @@ class TakeoverReport:
     first_continued_ms: float | None = None  # declared dead -> the first (busiest) continued connection live
     all_continued_ms: float | None = None    # declared dead -> the last continued connection live
     syns_answered: int = 0  # stateful: new clients' SYNs seen during the outage, answered at the takeover
+    #: declared dead -> every connection of the peer continued or reset, the counts above final
+    #: (None: still deciding; stateless: the address up)
+    settled_ms: float | None = None
     connections: list[ContinuationRecord] = field(default_factory=list)  # per connection (the first 200)
 
 

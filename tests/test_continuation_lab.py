@@ -14,7 +14,7 @@ import time
 import pytest
 
 from deploy.lab import PairTimings, nodeconfigs
-from deploy.lab.clients import SCRIPTS, NodeProcess, established, serving
+from deploy.lab.clients import SCRIPTS, NodeProcess, established, serving, takeover_settled
 from proxy.status import NodeStatus, from_json
 
 pytestmark = pytest.mark.lab
@@ -98,7 +98,7 @@ def test_a_client_with_an_open_file_goes_on_through_b(lab, continuing_pair, prot
             assert [s["session_id"] for s in conn["sessions"]] == [ready["session_id"]]
         time.sleep(1.0)
         a.kill_hard(link_down=death == "sigkill+link")
-        st = b.wait_for(serving(host, "b"), 5, "b holding a's address")
+        st = b.wait_for(takeover_settled(host, "b"), 5, "b holding a's address")
         time.sleep(0.5)
         assert established(lab, host, port) == before, "the client's connection is the same one, through b"
         out, err = proc.communicate(timeout=30)
@@ -143,7 +143,7 @@ def test_a_continued_connection_goes_back_to_a_when_it_returns(lab, continuing_p
                    "b able to continue the client's connection")
         time.sleep(1.0)
         a.kill_hard(link_down=True)
-        st = b.wait_for(serving(host, "b"), 5, "b holding a's address")
+        st = b.wait_for(takeover_settled(host, "b"), 5, "b holding a's address")
         assert st["pair"]["takeovers"][-1]["connections_continued"] == 1
         time.sleep(0.5)
         t0 = time.monotonic()
@@ -290,7 +290,7 @@ def test_a_client_whose_syn_arrived_during_the_outage_connects_at_the_takeover(l
         out, err = client.communicate(timeout=15)
         assert client.returncode == 0, err[-2000:]
         took = float(out.strip())
-        st = b.wait_for(serving(host, "b"), 5, "b holding a's address")
+        st = b.wait_for(takeover_settled(host, "b"), 5, "b holding a's address")
         takeover = st["pair"]["takeovers"][-1]
         print(f"connected after {took * 1000:.0f} ms; takeover {takeover['address_moved_ms']} ms after the verdict "
               f"({takeover['silence_ms']} ms of silence), {takeover['syns_answered']} SYN(s) answered")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from deploy.lab.clients import NodeProcess, SmbHolder, serving
+from deploy.lab.clients import NodeProcess, SmbHolder, serving, takeover_settled
 
 from .test_instance_lab import CLIENT_CONNECT
 from .test_pair_lab import standing_by
@@ -108,7 +108,7 @@ def test_a_node_with_only_the_units_capabilities_takes_over_and_serves(lab, host
                                      for o in c["opens"]), 5, "b snooping a's client")
 
         a.kill_hard(link_down=True)
-        st = b.wait_for(serving(lab.addresses.service_a, "b"), 5, "b holding a's address")
+        st = b.wait_for(takeover_settled(lab.addresses.service_a, "b"), 5, "b holding a's address")
         if mode == "stateful":
             t = st["pair"]["takeovers"][-1]  # the client's connection continued (TCP_REPAIR) or reset
             assert t["connections_continued"] + t["clients_reset"] >= 1, t

@@ -15,7 +15,7 @@ import pytest
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from deploy.lab.clients import NodeProcess, SmbHolder, established, serving
+from deploy.lab.clients import NodeProcess, SmbHolder, established, serving, takeover_settled
 from proxy.status import NodeStatus, from_json
 from tests.conftest import capturing, replay_json
 
@@ -134,7 +134,7 @@ def test_stateful_takeover_resets_idle_clients_at_once_and_reports_the_resume(la
         old = established(lab, host, 445)
         assert old, "the client holds its connection to a"
         died = a.kill_hard(link_down=True)
-        st = b.wait_for(serving(host, "b"), 5, "b holding a's address")
+        st = b.wait_for(takeover_settled(host, "b"), 5, "b holding a's address")
         assert st["pair"]["takeovers"][-1]["clients_reset"] >= 1
         [record] = [c for c in st["pair"]["takeovers"][-1]["connections"] if c["client"] in old]
         assert not record["continued"] and "mid-stream" in record["reason"]
@@ -188,7 +188,7 @@ def test_stateful_nfs4_client_is_seen_and_reset(lab, stateful_pair, tmp_path):
         old = established(lab, host, 2049)
         assert old
         a.kill_hard(link_down=True)
-        st = b.wait_for(serving(host, "b"), 5, "b holding a's address")
+        st = b.wait_for(takeover_settled(host, "b"), 5, "b holding a's address")
         [record] = [c for c in st["pair"]["takeovers"][-1]["connections"] if c["client"] in old]
         print("NFSv4 connection at the takeover:", record)
         if record["continued"]:  # issue 10: the same connection goes on through b

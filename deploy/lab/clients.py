@@ -133,6 +133,19 @@ def serving(address: str, node: str):
     return check
 
 
+def takeover_settled(address: str, node: str):
+    """A status predicate: ``node`` holds ``address`` after a takeover and has decided every connection
+    of the dead peer (continued or reset: the takeover's counts are final). Serving comes first: a
+    status read in between shows the address up with the counts still at 0."""
+    is_serving = serving(address, node)
+
+    def check(status: dict) -> bool:
+        takeovers = status.get("pair", {}).get("takeovers") or []
+        return is_serving(status) and bool(takeovers) and takeovers[-1]["address"] == address and \
+            takeovers[-1].get("settled_ms") is not None
+    return check
+
+
 class NodeProcess:
     """``pairproxy run`` of one lab node config in that node's namespace, owned by PID."""
 
