@@ -328,15 +328,17 @@ class Node:
 
         A peer killed right after its start (the lab's tests do it; a crash loop does) may never have
         reached this node's heartbeat process; waiting for unheard_peer_after then left its address
-        unserved for 30 s. So the link counts as hearing the peer, and once the link has gone silent
-        for dead_after with no heartbeat ever, the peer is dead (the verdict is passed on when armed).
+        unserved for 30 s. So the link counts as hearing the peer, and once the link is down and has
+        been silent for ``link_only_dead_after`` with no heartbeat ever, the peer is dead (the verdict is
+        passed on when armed). Not after dead_after: a sync network cut right after both started looks
+        the same for a while, until the peer's heartbeats arrive on the service path.
         While the link stays up without heartbeats the peer lives: no verdict (its heartbeats are held,
         as a stateful node's are until its rings exist, or the heartbeat port is blocked: said once)."""
         waiting_since, said = trio.current_time(), False
         while self.detector.last_heartbeat is None:
             now = trio.current_time()
             silent = now - self.link.last_received
-            if self.link.state != "connected" and silent >= self.timings.dead_after:
+            if self.link.state != "connected" and silent >= self.timings.link_only_dead_after:
                 log.warning("%s: heard on the sync link, never by the heartbeat process, and the link silent for "
                             "%.0f ms: dead", self.config.peer.name, silent * 1000)
                 self._verdicts_armed = True

@@ -40,6 +40,16 @@ class PairTimings:
         return max(30.0, 10 * self.claim_wait)
 
     @property
+    def link_only_dead_after(self) -> float:
+        """A peer heard on the sync link but never by the heartbeat process (killed right after its
+        start) is dead once the link is down and silent this long. Longer than ``dead_after``: a live
+        peer's service-path heartbeats can flow only once both nodes hold their service addresses (their
+        claims) and take an echo round trip to count, so a sync network cut right after the start is
+        silence on both paths for up to about a claim (the lab saw 540 ms, and a false takeover with
+        dead_after as the bound). Two claim_waits, at least dead_after."""
+        return max(self.dead_after, 2 * self.claim_wait)
+
+    @property
     def heartbeat_hold_limit(self) -> float:
         """A starting stateful node heartbeats (and dials the link) only once its observer's capture
         rings exist, at most this long: setting up 3 x 128 MiB of TPACKET rings runs ~300 ms in the

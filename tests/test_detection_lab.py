@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from deploy.lab.clients import NodeProcess, serving
+from deploy.lab.clients import NodeProcess, hears_peer_on_both_paths, serving
 
 pytestmark = pytest.mark.lab
 
@@ -32,9 +32,7 @@ def pair(lab):
         addr = lab.addresses
         a.wait_for(serving(addr.service_a, "a"), 10, "a serving its address")
         b.wait_for(serving(addr.service_b, "b"), 10, "b serving its address")
-        b.wait_for(lambda s: s["pair"]["peer_state"] == "alive"
-                   and all(p["up"] for p in (s["pair"].get("heartbeat") or {}).get("paths", {}).values())
-                   and len((s["pair"].get("heartbeat") or {}).get("paths", {})) == 2, 10, "b hears a on both paths")
+        b.wait_for(hears_peer_on_both_paths, 10, "b hears a on both paths")
         yield a, b
     finally:
         a.stop(10)

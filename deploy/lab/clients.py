@@ -133,6 +133,15 @@ def serving(address: str, node: str):
     return check
 
 
+def hears_peer_on_both_paths(status: dict) -> bool:
+    """A status predicate: the peer is alive and this node's heartbeat process hears it on the sync
+    link and on the service network (a test that cuts one path needs both up first: a path never up
+    cannot go down)."""
+    pair = status.get("pair", {})
+    paths = (pair.get("heartbeat") or {}).get("paths", {})
+    return pair.get("peer_state") == "alive" and len(paths) == 2 and all(p["up"] for p in paths.values())
+
+
 def takeover_settled(address: str, node: str):
     """A status predicate: ``node`` holds ``address`` after a takeover and has decided every connection
     of the dead peer (continued or reset: the takeover's counts are final). Serving comes first: a
