@@ -152,6 +152,19 @@ class PairingOutbox:
         self.sent = {}
         self._reset = True
 
+    def add(self, new: Iterable[Pairing]) -> list[dict]:
+        """Bodies telling only these (new) pairings, those not sent as they are; nothing is removed (the
+        next :meth:`update` says what ended)."""
+        if self._reset:  # nothing sent since a resync: the next update sends everything, with reset
+            return []
+        add = []
+        for p in new:
+            key = (p.client, p.service_port)
+            if self.sent.get(key) != p:
+                self.sent[key] = p
+                add.append(p.to_wire())
+        return [{"add": add[i:i + self.batch], "remove": []} for i in range(0, len(add), self.batch)]
+
     def update(self, current: Iterable[Pairing]) -> list[dict]:
         now = {(p.client, p.service_port): p for p in current}
         add = [p.to_wire() for k, p in now.items() if self.sent.get(k) != p]

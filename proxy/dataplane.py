@@ -14,6 +14,8 @@ with ``secure = false`` lets the kernel pick any port instead).
 
 from __future__ import annotations
 
+import collections
+
 import errno
 import ipaddress
 import logging
@@ -266,6 +268,10 @@ class ServiceProxy:
         self._listeners: list[tuple[int, trio.socket.SocketType]] = []
         #: trio time of the first accepted client connection (takeover timing: first client served)
         self.first_client_at: float | None = None
+        #: connections that just got both legs (client and backend), for the stateful node to tell its
+        #: peer their pairing at once (:meth:`proxy.standby.StatefulStandby._send_pairings` takes them);
+        #: bounded, as nobody takes them on a stateless node (the periodic full pass finds any left out)
+        self.new_legs: collections.deque[Connection] = collections.deque(maxlen=1024)
         #: per backend port, for ``secure`` services: the source ports below 1024 free towards it
         self._source_ports: dict[int, SourcePorts] = {}
         self._warned_at = -1e9
@@ -437,6 +443,7 @@ class ServiceProxy:
                 return
             conn.backend_source = backend.getsockname()
             conn.legs = (client, backend)
+            self.new_legs.append(conn)
 
             def to_backend(n: int) -> None:
                 stats.bytes_to_backend += n

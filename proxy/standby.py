@@ -18,6 +18,8 @@ decisions, because digests and snapshots are handled in this object's own task.
 
 from __future__ import annotations
 
+import collections
+
 import logging
 import socket
 import struct
@@ -55,11 +57,22 @@ PRUNE_MARGIN = 1.0
 #: how many client ports a log line names (the rest are counted)
 LOG_EXAMPLES = 5
 
-#: how often the active node tells its peer about new and ended connections (pairings, options): a
-#: connection younger than this when the node dies is reset instead of continued
+#: how often the active node tells its peer about ended connections and changed options (pairings)
 PAIRINGS_EVERY = 0.05
-#: every this many ticks, everything again (about 5 s), with ``reset``: the standby's table cannot drift
-PAIRINGS_RESYNC_TICKS = 100
+#: a new connection's pairing goes out within this of its backend leg's connect (not at the next
+#: PAIRINGS_EVERY): a connection the peer has no pairing for when this node dies is reset instead of
+#: continued, and short-lived clients (libnfs's nfs-cp: a connection per operation) died young that way
+#: in the soak, one of them keeping half a READ reply across its reconnect (bench/SOAK.md)
+PAIRINGS_NEW_WITHIN = 0.005
+#: every this many seconds, everything again, with ``reset``: the standby's table cannot drift
+PAIRINGS_RESYNC_EVERY = 5.0
+
+
+def _take_all(queue: "collections.deque") -> list:
+    """Everything in ``queue``, emptied (new connections the data plane queued for the pairings)."""
+    out = list(queue)
+    queue.clear()
+    return out
 TCP_ESTABLISHED = 1
 #: how long a takeover waits for the continuation states (both legs of every connection, with their
 #: bytes to put back): worth more than the ~100 ms of ``observer_timeout``, since each one continued is a
@@ -274,32 +287,46 @@ class StatefulStandby:
             await self._tell_pairings(message, self.timings.status_observer_timeout)
 
     async def _send_pairings(self) -> None:
-        """Every ``pairings_every``: tell the peer which client leg pairs with which backend leg, and
-        each leg's options (only the changes; new connections' options from TCP_INFO)."""
-        ticks = 0
+        """Tell the peer which client leg pairs with which backend leg, and each leg's options (only the
+        changes; new connections' options from TCP_INFO): a new connection's within
+        ``PAIRINGS_NEW_WITHIN`` of its backend connect (only the new ones are read), and every
+        ``PAIRINGS_EVERY`` a full pass (ended connections, changes, any new one left out)."""
+        last_full = resynced = trio.current_time()
         while True:
-            await trio.sleep(PAIRINGS_EVERY)
-            ticks += 1
-            if ticks % PAIRINGS_RESYNC_TICKS == 0:
-                self.outbox.resync()  # a message the peer could not take (observer starting) is not lost for long
+            await trio.sleep(PAIRINGS_NEW_WITHIN)
+            now = trio.current_time()
+            fresh = [(proxy, conn) for proxy in self._own_proxies() for conn in _take_all(proxy.new_legs)]
+            full = now - last_full >= PAIRINGS_EVERY
+            if not fresh and not full:
+                continue
+            if full:
+                last_full = now
+                if now - resynced >= PAIRINGS_RESYNC_EVERY:
+                    resynced = now
+                    self.outbox.resync()  # a message the peer could not take (observer starting) is not lost for long
             try:
-                current = self._current_pairings()
+                bodies = self.outbox.update(self._current_pairings()) if full else \
+                    self.outbox.add(self._pairings_of(fresh))
             except OSError as exc:  # sock_diag refused: the peer cannot continue; say so once a while
                 log.warning("stateful: TCP_INFO of own connections not read: %s", exc)
                 await trio.sleep(5)
                 continue
-            for body in self.outbox.update(current):
+            for body in bodies:
                 await self._send({"type": "pairings", "address": self.addresses[OWN_ADDRESS], **body})
                 self.pairings_sent += 1
 
     def _current_pairings(self) -> list[Pairing]:
+        return self._pairings_of([(proxy, conn) for proxy in self._own_proxies() for conn in list(proxy.connections)])
+
+    def _pairings_of(self, conns: list[tuple[Any, Any]]) -> list[Pairing]:
+        """The pairings of these (proxy, connection)s that have both legs and are not being moved; one
+        already sent is reused (its options are not read again)."""
         found = []
-        for proxy in self._own_proxies():
-            for conn in list(proxy.connections):
-                if conn.backend_source is None or conn.moving:
-                    continue
-                server = (str(proxy.service.backend.host), proxy.service.backend_port(conn.port))
-                found.append((conn, server))
+        for proxy, conn in conns:
+            if conn.backend_source is None or conn.moving:
+                continue
+            server = (str(proxy.service.backend.host), proxy.service.backend_port(conn.port))
+            found.append((conn, server))
         known = {(p.client, p.service_port): p for p in self.outbox.sent.values()}
         out = []
         for conn, server in found:

@@ -266,6 +266,27 @@ def test_outbox_sends_deltas_in_bounded_batches_and_everything_after_a_resync():
     assert sorted(k.client_port for k in book.pairings) == list(range(1001, 1008))
 
 
+def test_outbox_tells_new_pairings_at_once_and_the_next_full_pass_sends_them_no_more():
+    def pairing(port: int) -> Pairing:
+        return Pairing(("10.0.0.100", port), 445, port, ("10.0.2.10", 445), LegOptions(7, 7, 7, 1448),
+                       LegOptions(7, 7, 7, 1448))
+
+    box = PairingOutbox(batch=2)
+    assert box.add([pairing(999)]) == []  # before the first full pass (reset): that pass tells everything
+    first = box.update([pairing(999), pairing(1000)])
+    assert first[0]["reset"] and sum(len(b["add"]) for b in first) == 2
+    fresh = box.add([pairing(p) for p in (1000, 1001, 1002, 1003)])  # 1000 was sent already
+    assert fresh == [{"add": [pairing(1001).to_wire(), pairing(1002).to_wire()], "remove": []},
+                     {"add": [pairing(1003).to_wire()], "remove": []}]
+    # the full pass: 999 ended, 1004 new; nothing added at once is sent twice
+    delta = box.update([pairing(p) for p in (1000, 1001, 1002, 1003, 1004)])
+    assert delta == [{"add": [pairing(1004).to_wire()], "remove": [["10.0.0.100", 999, 445]]}]
+    book = ContinuationBook("10.0.0.1", [])
+    for body in first + fresh + delta:
+        book.set_pairings(body["add"], body["remove"], bool(body.get("reset")))
+    assert sorted(k.client_port for k in book.pairings) == [1000, 1001, 1002, 1003, 1004]
+
+
 # ------------------------------------------------------------------------------ the takeover's use
 def test_continued_connections_are_not_reset_and_the_others_are():
     from proxy.status import Takeover

@@ -261,6 +261,61 @@ def test_many_connections_the_busiest_first_and_none_reset_while_the_rest_are_re
                 proc.wait(10)
 
 
+YOUNG_CONNECTIONS = """
+import socket, struct, sys
+
+def null(s, xid):
+    body = struct.pack(">IIIIIIIIII", xid, 0, 2, 100003, 3, 0, 0, 0, 0, 0)
+    s.sendall(struct.pack(">I", 0x80000000 | len(body)) + body)
+    got = b""
+    while len(got) < 28:
+        chunk = s.recv(100)
+        if not chunk:
+            raise SystemExit(f"connection ended: {s.getsockname()}")
+        got += chunk
+    assert struct.unpack(">II", got[4:12]) == (xid, 1), got  # our xid, a REPLY
+
+conns = []
+for i in range(int(sys.argv[2])):
+    s = socket.create_connection((sys.argv[1], 2049), timeout=10)
+    null(s, 1000 + i)  # a's backend leg exists once the reply is here
+    conns.append(s)
+print("ready " + " ".join(f"{s.getsockname()[0]}:{s.getsockname()[1]}" for s in conns), flush=True)
+sys.stdin.readline()
+for i, s in enumerate(conns):
+    null(s, 2000 + i)
+print("ok", flush=True)
+"""
+
+
+@pytest.mark.parametrize("continuing_pair", ["nodes"], indirect=True)
+def test_connections_a_few_ms_old_at_the_death_are_continued(lab, continuing_pair):
+    """a tells b a new connection's pairing within a few ms of its backend connect, not at its next
+    50 ms round: three NFS connections made 15-20 ms before a dies are continued, not reset (a reset
+    one, the soak showed, can make libnfs keep half a READ reply across its reconnect)."""
+    a, b, _ = continuing_pair
+    host = lab.addresses.service_a
+    client = lab.popen(lab.ns_client, [sys.executable, "-c", YOUNG_CONNECTIONS, host, "3"], stdin=subprocess.PIPE,
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = client.stdout.readline().split()
+        assert line and line[0] == "ready", client.stderr.read()[-2000:]
+        young = set(line[1:])
+        time.sleep(0.015)
+        a.kill_hard(link_down=False)  # at once (a's FIN/RST guard keeps its kernel quiet)
+        st = b.wait_for(takeover_settled(host, "b"), 5, "b holding a's address")
+        records = {r["client"]: r for r in st["pair"]["takeovers"][-1]["connections"] if r["client"] in young}
+        assert len(records) == 3 and all(r["continued"] for r in records.values()), records
+        client.stdin.write("go\n")
+        client.stdin.flush()
+        out, err = client.communicate(timeout=15)
+        assert out.strip() == "ok", err[-2000:]
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.wait(10)
+
+
 CONNECT_ON_LINE = """
 import socket, sys, time
 socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10).close()  # knows a's MAC, as a client would

@@ -1,0 +1,176 @@
+"""Where a stateless takeover's time goes, on the wire (issue 12): packet captures around a death.
+
+    sudo .venv/bin/python bench/takeover_trace.py [--runs 5] [--heartbeat 10] [--dead-after 40]
+        [--mode stateless] [--prefix ptt] [--json FILE] [--keep-work]
+
+bench/failover.py measures death -> first new client answered and the node's own view (silence,
+address up, first client accepted); between "address up" and "first client accepted" it saw 11-12 ms
+at 10/40, where keepalived+haproxy answers within a millisecond of the address appearing. This script
+runs the same death (service link down, then SIGKILL) with ``tcpdump`` on the client's and on node b's
+interface and the failover probe (bench/_failprobe.py) running, then puts on one time line, in ms after
+the death:
+
+* b's verdict, its address up and its first accepted client (b's log lines, wall clock ms);
+* the first gratuitous ARP for a's address with b's MAC, as the client sees it;
+* every SYN the client sends to a's address after the death: when, to which MAC, and when (if) b's
+  interface saw it; the first SYN-ACK from a's address (and its source MAC);
+* the first answer from a's address that carries data (SMB2 NEGOTIATE response or RPC reply).
+
+Clocks: tcpdump stamps with CLOCK_REALTIME; the death is recorded with both clocks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from driver import Bench, NodeProcess, PairTimings, Probe, run_info, say, serving, standing_by
+
+from scapy.layers.inet import IP, TCP  # noqa: E402
+from scapy.layers.l2 import ARP, Ether  # noqa: E402
+from scapy.utils import PcapReader  # noqa: E402
+
+LOG_TIME = re.compile(r"^(\d\d):(\d\d):(\d\d)\.(\d{3}) ")
+EVENTS = {"verdict": "takeover of", "address_up": "serving 10.77.0.1", "first_client": "first client served"}
+
+
+def log_events(log: Path, day: datetime.date, after: float) -> dict[str, float]:
+    """Wall-clock times (epoch s) of b's takeover log lines after ``after``."""
+    out: dict[str, float] = {}
+    for line in log.read_text(errors="replace").splitlines():
+        m = LOG_TIME.match(line)
+        if not m:
+            continue
+        h, mi, s, ms_ = map(int, m.groups())
+        t = datetime.datetime.combine(day, datetime.time(h, mi, s, ms_ * 1000)).timestamp()
+        if t < after - 0.001:
+            continue
+        for name, text in EVENTS.items():
+            if name not in out and text in line:
+                out[name] = t
+    return out
+
+
+def packets(path: Path) -> list:
+    try:
+        with PcapReader(str(path)) as r:
+            return list(r)
+    except FileNotFoundError:
+        return []
+
+
+def timeline(client_pcap: Path, b_pcap: Path, host: str, died: float, macs: dict[str, str]) -> dict:
+    rel = lambda t: round((float(t) - died) * 1000, 2)  # noqa: E731
+    out: dict = {"syns": [], "garp": None, "first_synack": None, "first_data_reply": None}
+    b_syns = {}
+    for p in packets(b_pcap):
+        if p.haslayer(TCP) and p[IP].dst == host and p[TCP].flags & 0x02 and not p[TCP].flags & 0x10 \
+                and float(p.time) >= died:
+            b_syns.setdefault((p[TCP].sport, p[TCP].seq), float(p.time))
+    for p in packets(client_pcap):
+        if float(p.time) < died:
+            continue
+        if p.haslayer(ARP) and p[ARP].psrc == host and out["garp"] is None and \
+                macs.get(p[ARP].hwsrc.lower()) == "b":
+            out["garp"] = {"ms": rel(p.time), "op": int(p[ARP].op)}
+        if not p.haslayer(TCP):
+            continue
+        t = p[TCP]
+        if p[IP].dst == host and t.flags & 0x02 and not t.flags & 0x10:
+            seen = b_syns.get((t.sport, t.seq))
+            out["syns"].append({"ms": rel(p.time), "port": t.dport, "to": macs.get(p[Ether].dst.lower(), p[Ether].dst),
+                                "at_b_ms": rel(seen) if seen else None})
+        elif p[IP].src == host and t.flags & 0x12 == 0x12 and out["first_synack"] is None:
+            out["first_synack"] = {"ms": rel(p.time), "from": macs.get(p[Ether].src.lower(), p[Ether].src),
+                                   "port": t.sport}
+        elif p[IP].src == host and len(bytes(t.payload)) > 0 and out["first_data_reply"] is None:
+            out["first_data_reply"] = {"ms": rel(p.time), "port": t.sport}
+    return out
+
+
+def one_run(bench: Bench, i: int, mode: str, timings: PairTimings) -> dict:
+    lab, work = bench.lab, bench.work
+    host = lab.addresses.service_a
+    cfg = bench.pair_configs(mode, timings)
+    logs = {n: work / f"trace-{n}-{i}.log" for n in ("a", "b")}
+    bench.flood(mode == "stateful")
+    lab.run(lab.ns_a, ["ip", "link", "set", "eth0", "up"], check=True)
+    a = bench.started(NodeProcess(lab, "a", config=cfg["a"], log=logs["a"]))
+    b = bench.started(NodeProcess(lab, "b", config=cfg["b"], log=logs["b"]))
+    caps = {"client": work / f"client-{i}.pcap", "b": work / f"b-{i}.pcap"}
+    dumps = []
+    try:
+        b.start(60)
+        a.start(60)
+        a.wait_for(serving(host, "a"), 15, "a serving its address")
+        b.wait_for(lambda s: standing_by(s) and (s["pair"]["link"].get("rtt_ms") or {}).get("count", 0) > 5,
+                   10, "b standing by, link up")
+        for name, ns in (("client", lab.ns_client), ("b", lab.ns_b)):
+            dumps.append(lab.popen(ns, ["tcpdump", "-i", "eth0", "-n", "-U", "-s", "200", "-w", str(caps[name]),
+                                        f"arp or host {host}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        time.sleep(0.5)
+        probe = bench.started(Probe(lab, host)).start()
+        probe.wait_ok(10, timeout=30)
+        time.sleep(0.2)
+        died = a.kill_hard(link_down=True)
+        died_wall = time.time() - (time.monotonic() - died)
+        b.wait_for(serving(host, "b"), 10, "b holding a's address")
+        probe.wait_ok(10, after=died, timeout=30)
+        time.sleep(0.2)
+        recs = bench.stop(probe)
+        st = b.status()["pair"]["takeovers"][-1]
+    finally:
+        for d in dumps:
+            d.terminate()
+            d.wait(5)
+        bench.stop_all()
+        lab.run(lab.ns_a, ["ip", "link", "set", "eth0", "up"], check=True)
+    first_ok = {p: next((round((r["e"] - died) * 1000, 1) for r in sorted(recs, key=lambda r: r["e"])
+                         if r["p"] == p and r["ok"] and r["s"] >= died), None) for p in ("smb", "nfs")}
+    macs = {"02:77:00:00:00:0a": "a", "02:77:00:00:00:0b": "b"}
+    ev = log_events(logs["b"], datetime.date.today(), died_wall - 0.5)
+    out = {"run": i, "first_ok_ms": first_ok,
+           "b_log_ms": {k: round((v - died_wall) * 1000, 1) for k, v in ev.items()},
+           "b_status": {k: st.get(k) for k in ("silence_ms", "address_moved_ms", "first_client_ms")},
+           "wire": timeline(caps["client"], caps["b"], host, died_wall, macs)}
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--mode", default="stateless", choices=("stateless", "stateful"))
+    ap.add_argument("--heartbeat", type=float, default=10.0, help="ms")
+    ap.add_argument("--dead-after", type=float, default=40.0, help="ms")
+    ap.add_argument("--prefix", default="ptt")
+    ap.add_argument("--json")
+    ap.add_argument("--keep-work", action="store_true", help="keep the captures and logs (path printed)")
+    args = ap.parse_args()
+    timings = PairTimings.from_ms(args.heartbeat, args.dead_after)
+    runs = []
+    started = datetime.datetime.now().astimezone()
+    with Bench("takeover_trace", args.prefix, default_prefix="ptt", keep_work=args.keep_work) as bench:
+        bench.up()
+        say(f"captures and logs in {bench.work}")
+        for i in range(1, args.runs + 1):
+            r = one_run(bench, i, args.mode, timings)
+            runs.append(r)
+            w = r["wire"]
+            syns = w["syns"]
+            say(f"run {i}: first ok {r['first_ok_ms']}; b log {r['b_log_ms']}; b status {r['b_status']}")
+            say(f"   garp {w['garp']}; first syn-ack {w['first_synack']}; first data reply {w['first_data_reply']}")
+            after_up = [s for s in syns if s["ms"] >= (r["b_log_ms"].get("address_up") or 0) - 5]
+            say(f"   SYNs after the death: {len(syns)}; around/after address up: {after_up[:8]}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({**run_info("takeover_trace.py", started), "runs": runs}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
