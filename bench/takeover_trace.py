@@ -112,7 +112,7 @@ def one_run(bench: Bench, i: int, mode: str, timings: PairTimings) -> dict:
         b.wait_for(lambda s: standing_by(s) and (s["pair"]["link"].get("rtt_ms") or {}).get("count", 0) > 5,
                    10, "b standing by, link up")
         for name, ns in (("client", lab.ns_client), ("b", lab.ns_b)):
-            dumps.append(lab.popen(ns, ["tcpdump", "-i", "eth0", "-n", "-U", "-s", "200", "-w", str(caps[name]),
+            dumps.append(lab.popen(ns, ["tcpdump", "-i", "eth0", "-n", "-U", "--immediate-mode", "-s", "200", "-w", str(caps[name]),
                                         f"arp or host {host}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         time.sleep(0.5)
         probe = bench.started(Probe(lab, host)).start()
@@ -126,6 +126,7 @@ def one_run(bench: Bench, i: int, mode: str, timings: PairTimings) -> dict:
         recs = bench.stop(probe)
         st = b.status()["pair"]["takeovers"][-1]
     finally:
+        time.sleep(0.3)  # what the kernel holds for tcpdump reaches the file
         for d in dumps:
             d.terminate()
             d.wait(5)
