@@ -159,6 +159,8 @@ def main() -> int:
                 ops = {w.token: (sum(1 for r in w.snapshot() if r["ok"]), sum(1 for r in w.snapshot() if not r["ok"]))
                        for w in writers}
                 row["writer_ops_ok_err"] = ops
+                for w in writers:   # verified files checked on the server's disk and deleted: the disk stays empty
+                    w.check_disk()
                 if kas:
                     row["keepalived_master_transitions"] = {n: _masters(k) - ka_base[n] for n, k in kas.items()}
                 row["took_over_log_lines"] = {n: _count(nodes[n].log, "took over ") for n in nodes}
@@ -195,9 +197,12 @@ def main() -> int:
             out["final_detector"] = {n: final[n].get("detector") for n in nodes}
             for w in writers:
                 bench.stop(w)
+                w.check_disk()
+                w.remove_all()
             out["writers"] = {w.token: {"ok": sum(1 for r in w.ops if r["ok"]),
                                         "errors": sum(1 for r in w.ops if not r["ok"]),
-                                        "bytes": sum(r.get("bytes", 0) for r in w.ops if r["ok"])} for w in writers}
+                                        "bytes": sum(r.get("bytes", 0) for r in w.ops if r["ok"]),
+                                        "disk_ok": w.disk_ok, "disk_bad": w.disk_bad} for w in writers}
             say(f"false takeovers: {out['false_takeovers']}; not-alive polls: {out['not_alive_polls']}; "
                 f"polls {out['polls']} (errors {out['poll_errors']})")
             if args.json:

@@ -39,7 +39,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from deploy.lab import Lab, LabError, PairTimings  # noqa: E402
-from deploy.lab.clients import (NodeProcess, Transfer, nfs_get, nfs_put, random_file,  # noqa: E402
+from deploy.lab.clients import (NodeProcess, Transfer, nfs_get, nfs_put, random_file, wait_until,  # noqa: E402
                                 serving, sha256_of, smb_get, smb_put)
 from deploy.lab.processes import pid_alive  # noqa: E402
 
@@ -206,16 +206,6 @@ class Bench:
         tag = f"{mode}-hb{timings.heartbeat}-da{timings.dead_after}"
         return {n: self.lab.write_node_config(self.work / "configs" / f"{tag}-{n}.toml", n, pair=True,
                                               mode=mode, timings=timings) for n in ("a", "b")}
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str, step: float = 0.005) -> float:
-    """Poll until ``predicate()`` holds; the time it did. LabError naming ``what`` on timeout."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return time.monotonic()
-        time.sleep(step)
-    raise LabError(f"{what} not within {timeout:g}s")
 
 
 def standing_by(status: dict) -> bool:
@@ -565,9 +555,10 @@ class KeepalivedNode:
         self.lab.run(self.ns, ["ip", "addr", "del", f"{self.vip}/{self.lab.addresses.prefixlen}", "dev", "eth0"],
                      capture_output=True)
 
-    def kill_hard(self) -> float:
-        """Link down, then SIGKILL of keepalived's VRRP child, keepalived and haproxy: a dead machine."""
-        self.lab.run(self.ns, ["ip", "link", "set", "eth0", "down"], check=True)
+    def kill_hard(self, links: tuple[str, ...] = ("eth0",)) -> float:
+        """Links down (one ``ip -batch``), then SIGKILL of keepalived's VRRP child, keepalived and
+        haproxy: a dead machine."""
+        self.lab.set_links(self.ns, links, "down")
         at = time.monotonic()
         vp = self.vrrp_pid()
         if vp:

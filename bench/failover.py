@@ -34,9 +34,12 @@ NEGOTIATE each) and 2 to :2049 (one NFS NULL each) before the death and leaves t
 blocking in recv() (no keepalive). ``idle`` = death -> that recv() returned (ECONNRESET/EOF); not
 within ``--idle-cap-ms`` (5 s) -> reported as ">5000".
 
-Node death (all setups): ``ip link set eth0 down`` in the node's namespace, then SIGKILL of its
-processes (pairproxy; or keepalived's VRRP child, keepalived, haproxy). The death time is taken right
-after the link went down (as ``NodeProcess.kill_hard``).
+Node death (all setups): the node's service link (eth0) and sync link (sync0) down in one
+``ip -batch`` in its namespace, as a dead machine loses both at once, then SIGKILL of its processes
+(pairproxy; or keepalived's VRRP child, keepalived, haproxy). The death time is taken right after the
+links went down (as ``NodeProcess.kill_hard``). Until 2026-11-28 only eth0 went down: pairproxy's
+heartbeats on the sync path went on until the process was gone (8-15 ms), keepalived's (service link
+only) stopped at once, a death kinder to keepalived (bench/takeover_trace.py).
 
 Measured per run and protocol:
 
@@ -72,6 +75,8 @@ from driver import (PROTOS, Bench, IdleProbe, KeepalivedNode, LabError, NodeProc
                     run_info, say, serving, standing_by, stats, wait_until)
 
 VIP = "10.77.0.50"
+#: a dead machine loses every link at once: the service link and the sync link, for every setup
+MACHINE_LINKS = ("eth0", "sync0")
 #: how long a setup may take to serve the probes and (stateful) to be in sync: 10 s used to be plenty;
 #: on the shared 2-core machine at load 20-60 (2026-11-27 evening) every pairproxy run missed it
 WAIT = 30.0
@@ -160,7 +165,7 @@ def run_pairproxy(bench: Bench, i: int, setup: Setup, idle_cap: float) -> dict:
     stateful = setup.kind == "stateful"
     out: dict = {"config": {n: str(p) for n, p in cfg.items()}}
     bench.flood(stateful)
-    lab.run(lab.ns_a, ["ip", "link", "set", "eth0", "up"], check=True)
+    lab.set_links(lab.ns_a, MACHINE_LINKS, "up")
     a = bench.started(NodeProcess(lab, "a", config=cfg["a"], log=logs["a"]))
     b = bench.started(NodeProcess(lab, "b", config=cfg["b"], log=logs["b"]))
     try:
@@ -195,7 +200,7 @@ def run_pairproxy(bench: Bench, i: int, setup: Setup, idle_cap: float) -> dict:
         if stateful:
             out["state_sync_at_kill"] = {k: before["state_sync"].get(k) for k in ("in_sync", "compared", "matches",
                                                                                    "snapshots_requested")}
-        died = a.kill_hard(link_down=True)
+        died = a.kill_hard(link_down=True, links=MACHINE_LINKS)
         b.wait_for(serving(host, "b"), 10, "b holding a's address")
         takeover_phase(bench, probe, died, out)
         out["idle"] = idle.wait_ended(died, idle_cap)
@@ -209,7 +214,7 @@ def run_pairproxy(bench: Bench, i: int, setup: Setup, idle_cap: float) -> dict:
         probe.wait_ok(10, timeout=WAIT)
         time.sleep(0.2)
         back = time.monotonic()
-        a.link_up()
+        a.link_up(MACHINE_LINKS)
         a.start(60)
         a.wait_for(serving(host, "a"), 20, "a serving again")
         b.wait_for(lambda s: s["pair"]["addresses"][host]["role"] == "standby", 10, "b standby")
@@ -220,7 +225,7 @@ def run_pairproxy(bench: Bench, i: int, setup: Setup, idle_cap: float) -> dict:
         out["suspect_lines"] = {n: count_suspects(logs[n]) for n in ("a", "b")}
     finally:
         bench.stop_all()
-        lab.run(lab.ns_a, ["ip", "link", "set", "eth0", "up"], check=True)
+        lab.set_links(lab.ns_a, MACHINE_LINKS, "up")
     return out
 
 
@@ -228,7 +233,7 @@ def run_keepalived(bench: Bench, i: int, setup: Setup, idle_cap: float) -> dict:
     lab = bench.lab
     out: dict = {}
     bench.flood(False)
-    lab.run(lab.ns_a, ["ip", "link", "set", "eth0", "up"], check=True)
+    lab.set_links(lab.ns_a, MACHINE_LINKS, "up")
     ka_a = KeepalivedNode(lab, "a", 150, VIP, bench.work / f"run{i}")
     ka_b = KeepalivedNode(lab, "b", 100, VIP, bench.work / f"run{i}")
     try:
@@ -245,7 +250,7 @@ def run_keepalived(bench: Bench, i: int, setup: Setup, idle_cap: float) -> dict:
         probe = bench.started(Probe(lab, VIP)).start()
         probe.wait_ok(10, timeout=WAIT)
         time.sleep(0.2)
-        died = ka_a.kill_hard()
+        died = ka_a.kill_hard(MACHINE_LINKS)
         moved = wait_until(ka_b.has_vip, 10, "VIP on b")
         takeover_phase(bench, probe, died, out)
         out["vip_seen_on_b_s"] = moved - died  # polled every 5 ms with `ip addr`: coarse, an upper bound
@@ -257,13 +262,13 @@ def run_keepalived(bench: Bench, i: int, setup: Setup, idle_cap: float) -> dict:
         time.sleep(0.2)
         ka_a.remove_vip()          # a rebooted machine has lost it; SIGKILL left it on a's eth0
         back = time.monotonic()
-        lab.run(lab.ns_a, ["ip", "link", "set", "eth0", "up"], check=True)
+        lab.set_links(lab.ns_a, MACHINE_LINKS, "up")
         ka_a.start()
         done = wait_until(lambda: ka_a.has_vip() and not ka_b.has_vip(), 10, "VIP back on a only")
         handback_phase(bench, probe, back, done, out)
     finally:
         bench.stop_all()
-        lab.run(lab.ns_a, ["ip", "link", "set", "eth0", "up"], check=True)
+        lab.set_links(lab.ns_a, MACHINE_LINKS, "up")
     return out
 
 

@@ -247,7 +247,8 @@ class Node:
 
             self.standby = StatefulStandby(self.config, self.peer_info, self.peer_macvlan, self._send,
                                            lambda: self.detector.last_heartbeat, timings,
-                                           own_proxies=lambda: self.own_service.proxies, guard=True)
+                                           own_proxies=lambda: self.own_service.proxies, guard=True,
+                                           holds_peer_address=lambda: self.held is not None)
             await nursery.start(self.standby.run)
             await self._await_observer(self.standby.observer)
         await nursery.start(self._spawn_heartbeats().run)
@@ -526,6 +527,8 @@ class Node:
             if self.held is not None:
                 await release(self.held, macvlan=self.peer_macvlan, standby=self.standby)
                 self.held = None
+                if self.standby is not None:
+                    self.standby.holding_changed()
             return roles.Released()
         elif isinstance(action, roles.RetryTakeoverLater):
             self._nursery.start_soon(self._enqueue_later, action.delay, roles.RetryTakeover())
@@ -570,6 +573,8 @@ class Node:
             return roles.TakeoverFailed(str(exc), exc.retry)
         if self._prepared_macvlan:  # made when the peer went quiet: the hand-back removes it as its own
             self.held.opened_macvlan, self._prepared_macvlan = True, False
+        if self.standby is not None:
+            self.standby.holding_changed()
         self.takeovers.append(self.held.takeover)
         del self.takeovers[:-20]
         return roles.TakeoverDone()
@@ -670,6 +675,8 @@ class Node:
                 # the rest of the hand-back (macvlan, standby) after the clients' pause
                 self.held = None
                 await release(held, macvlan=self.peer_macvlan, standby=self.standby)
+                if self.standby is not None:
+                    self.standby.holding_changed()
         if report is None:  # a bug: whether the address is still served here says what happened
             thawed = service.state == "serving"
         else:
@@ -717,6 +724,8 @@ class Node:
                 log.exception("taking %s in a move failed", address)
                 if self.held is None:
                     return roles.MoveInFailed(f"{type(exc).__name__}: {exc}")
+            if self.standby is not None:  # the standing-by guard must not keep this kernel's resets now
+                self.standby.holding_changed()
             self.takeovers.append(self.held.takeover)
             del self.takeovers[:-20]
             return roles.TakeoverDone()

@@ -216,6 +216,10 @@ class RstGuard:
         log.info("FIN/RST from %s dropped unless marked 0x%x (table %s)", self.address, self.own_mark, self.table)
         return self
 
+    @property
+    def is_open(self) -> bool:
+        return self._nft is not None
+
     def dropped(self) -> int:
         """How many FIN/RST segments the guard has dropped so far (the rule's counter)."""
         return (_drops(self._nft, self.table) or 0) if self._nft is not None else 0

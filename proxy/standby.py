@@ -104,7 +104,8 @@ class StatefulStandby:
     def __init__(self, config: Config, peer_hello: dict[str, Any] | None, macvlan: PeerMacvlanSlot,
                  send: Callable[[dict], Awaitable[None]], last_heartbeat: Callable[[], float | None],
                  timings: PairTimings, *, observer: ObserverProcess | None = None,
-                 own_proxies: Callable[[], list] | None = None, guard: bool = False):
+                 own_proxies: Callable[[], list] | None = None, guard: bool = False,
+                 holds_peer_address: Callable[[], bool] | None = None):
         node, peer = config.node, config.peer
         self.peer_hello = peer_hello
         self.macvlan = macvlan
@@ -129,6 +130,7 @@ class StatefulStandby:
                                                     continuation_cap=config.pair.continue_buffer)
         self.prepared: PreparedTakeover | None = None
         self.observer_timeouts = 0
+        self.plan_phases: dict[str, float] = {}  # the last takeover plan's steps (ms), for its takeover record
         self.messages_dropped = 0
         self._messages_tx, self._messages_rx = trio.open_memory_channel[dict](100)
         self._fetch_lock = trio.Lock()
@@ -146,6 +148,16 @@ class StatefulStandby:
         #: own: if only this process dies (SIGKILL, a crash) its kernel would end every client's connection
         #: before the peer can continue it (issue 10). Meant to outlive a killed process; replaced at start.
         self._guard = RstGuard(node.address.ip) if guard else None
+        #: the guard a takeover's repair needs on the *peer's* address (:meth:`open_repair_guard`), set up
+        #: ahead while this node stands by: an nftables transaction took 6-21 ms of every stateful
+        #: takeover here (bench/FAILOVER.md, 2026-11-29). Harmless meanwhile: no segment leaves this
+        #: node from the peer's address while it does not hold it. Closed while it does (a live move
+        #: in, a takeover with a drain: there the node's kernel must reset what finds no socket).
+        self._armed_repair_guard: RstGuard | None = None
+        self._repair_guard_out: RstGuard | None = None  # handed to a takeover: its table, until it closes it
+        self._repair_guard_lock = trio.Lock()
+        self._holds_peer_address = holds_peer_address or (lambda: False)
+        self._repair_guard_check = trio.Event()
         #: the peer's process (its hello's ``epoch``): a new one means the old one died with its connections
         self.peer_epoch = (peer_hello or {}).get("epoch")
         #: wall-clock time of the peer's last digest (the snooper's timestamps are wall-clock too)
@@ -172,6 +184,9 @@ class StatefulStandby:
         finally:
             if self._guard is not None:
                 self._guard.close()
+            if self._armed_repair_guard is not None:
+                self._armed_repair_guard.close()
+                self._armed_repair_guard = None
 
     async def _run(self, task_status: trio.TaskStatus[None]) -> None:
         async with trio.open_nursery() as nursery:
@@ -184,6 +199,8 @@ class StatefulStandby:
             nursery.start_soon(self._send_pairings)
             nursery.start_soon(self._replay_early_pairings)
             nursery.start_soon(self._handle_messages)
+            if self._guard is not None:  # a node with its kernel objects (unit tests run without)
+                nursery.start_soon(self._keep_repair_guard_armed)
             log.info("stateful: snooping %s (own) and %s (peer)", self.addresses[OWN_ADDRESS],
                      self.addresses[PEER_ADDRESS])
             task_status.started()
@@ -393,12 +410,16 @@ class StatefulStandby:
 
     async def _takeover_plan(self) -> TakeoverPlan:
         plan = None
+        t0 = trio.current_time()
+        self.plan_phases = phases = {}  # ms: where a takeover's plan phase went (the takeover record shows it)
         with trio.move_on_after(self.timings.observer_timeout):
             async with self._fetch_lock:  # a preparation under way finishes first
                 prepared, self.prepared = self.prepared, None
-                if prepared is not None and prepared.last_heartbeat == self._last_heartbeat() and \
+                phases["lock"] = round((trio.current_time() - t0) * 1000, 1)
+                if prepared is not None and self._same_heartbeat(prepared.last_heartbeat) and \
                         trio.current_time() - prepared.fetched_at <= self.timings.prepared_takeover_max_age:
                     plan = prepared.plan
+                    phases["prepared"] = 1
                 else:
                     log.info("stateful: no prepared takeover plan%s: fetching it now",
                              "" if prepared is None else " for this silence")
@@ -410,9 +431,12 @@ class StatefulStandby:
             return TakeoverPlan()
         # the legs' state as late as possible (never a prepared one: the last ACKs arrive after the death);
         # only the busiest now, the rest once the address is up (continuations_rest)
+        t1 = trio.current_time()
+        phases["plan"] = round((t1 - t0) * 1000, 1)
         with trio.move_on_after(CONTINUATIONS_TIMEOUT):
             try:
                 first = await self.observer.request("continuations", first=CONTINUE_FIRST) or {}
+                phases["continuations"] = round((trio.current_time() - t1) * 1000, 1)
                 if first.get("rest"):
                     self._rest_fetched = trio.Event()  # set by continuations_rest when all are fetched
                 return replace(plan, continuations=first.get("first") or [], more_continuations=first.get("rest") or 0)
@@ -423,6 +447,16 @@ class StatefulStandby:
         log.warning("stateful: the observer did not say within %.0f ms which connections to continue: "
                     "resetting them all", CONTINUATIONS_TIMEOUT * 1000)
         return plan
+
+    def _same_heartbeat(self, then: float | None) -> bool:
+        """No heartbeat arrived since ``then`` (the last one when a plan was prepared). Not ``==``: each
+        fact of the heartbeat process converts the same last heartbeat to trio's clock anew, microseconds
+        apart, and a plan prepared at the quiet fact was never used at the silent one (every stateful
+        takeover fetched it again: 1.6-6 ms). A new heartbeat is a heartbeat interval later."""
+        now = self._last_heartbeat()
+        if then is None or now is None:
+            return then is now
+        return abs(now - then) < self.timings.heartbeat / 2
 
     async def continuations_rest(self, limit: int = REST_CHUNK) -> list[dict]:
         """The next ``limit`` continuations :meth:`takeover_plan` left for after the address is up (the
@@ -446,14 +480,45 @@ class StatefulStandby:
     async def open_repair_guard(self) -> RstGuard | None:
         """A FIN/RST guard on the peer's address for a takeover's repair (:mod:`proxy.takeover`): once the
         address is up, a segment of a connection not yet restored finds no socket, and this node's kernel
-        would reset it. In a thread (netlink and an nftables transaction: milliseconds under load). None
+        would reset it. The one armed while standing by if there is one (at once), else set up now in a
+        thread (netlink and an nftables transaction: milliseconds under load). The caller owns it. None
         if it cannot be set (logged): the takeover goes on."""
-        guard = RstGuard(self.addresses[PEER_ADDRESS])
-        try:
-            return await trio.to_thread.run_sync(guard.open)
-        except (RstGuardError, NetlinkError, OSError) as exc:
-            log.error("stateful: %s: connections not yet repaired may be reset by this node's kernel", exc)
-            return None
+        async with self._repair_guard_lock:  # an arming under way finishes first, then it is taken
+            guard, self._armed_repair_guard = self._armed_repair_guard, None
+            if guard is None:
+                try:
+                    guard = await trio.to_thread.run_sync(RstGuard(self.addresses[PEER_ADDRESS]).open)
+                except (RstGuardError, NetlinkError, OSError) as exc:
+                    log.error("stateful: %s: connections not yet repaired may be reset by this node's kernel", exc)
+                    return None
+            self._repair_guard_out = guard
+            return guard
+
+    def holding_changed(self) -> None:
+        """The node took or gave up the peer's address: arm or close the standing-by guard now."""
+        self._repair_guard_check.set()
+
+    async def _keep_repair_guard_armed(self) -> None:
+        """Armed while the peer's address is not here, closed while it is (checked on
+        :meth:`holding_changed` and every second)."""
+        while True:
+            holds = self._holds_peer_address()
+            async with self._repair_guard_lock:
+                try:
+                    if holds and self._armed_repair_guard is not None:
+                        guard, self._armed_repair_guard = self._armed_repair_guard, None
+                        await trio.to_thread.run_sync(guard.close)
+                    elif not holds and self._armed_repair_guard is None and \
+                            (self._repair_guard_out is None or not self._repair_guard_out.is_open):
+                        self._repair_guard_out = None
+                        guard = RstGuard(self.addresses[PEER_ADDRESS])
+                        self._armed_repair_guard = await trio.to_thread.run_sync(guard.open)
+                except (RstGuardError, NetlinkError, OSError) as exc:
+                    log.warning("stateful: the takeover's guard of %s not set up ahead: %s (a takeover sets it "
+                                "up itself)", self.addresses[PEER_ADDRESS], exc)
+            self._repair_guard_check = trio.Event()
+            with trio.move_on_after(1.0):
+                await self._repair_guard_check.wait()
 
     async def outage_syns(self) -> list[bytes]:
         """The SYNs new clients sent to the peer's address lately that nobody answered (IPv4 packets,

@@ -118,8 +118,9 @@ async def take_over(*, node: NodeConfig, peer: PeerConfig, peer_hello: dict[str,
                             retry=False) from None
     takeover = Takeover(str(peer.address), last_heard_at, detected_at, time.time())
     # 2. what the standby knows (bounded: a stuck observer costs a stateless takeover, no more)
-    phases: dict[str, float] = {}
+    phases = takeover.phases_ms  # in the record: status shows where a slow takeover's time went
     mark = trio.current_time()
+    phases["verdict"] = round((mark - detected_at) * 1000, 1)  # the heartbeat process's verdict -> here
 
     def phase(name: str) -> None:
         nonlocal mark
@@ -133,12 +134,16 @@ async def take_over(*, node: NodeConfig, peer: PeerConfig, peer_hello: dict[str,
     if standby is not None and drain is None:
         async def open_guard() -> None:
             nonlocal guard
+            t = trio.current_time()
             guard = await standby.open_repair_guard()
+            phases["plan.guard"] = round((trio.current_time() - t) * 1000, 1)
 
         try:
             async with trio.open_nursery() as both:
                 both.start_soon(open_guard)
                 plan = await standby.takeover_plan()
+                phases["plan.fetch"] = round((trio.current_time() - mark) * 1000, 1)
+                phases.update({f"plan.{k}": v for k, v in standby.plan_phases.items()})
         except BaseException:  # cancelled (the node stops): not left behind
             if guard is not None:
                 guard.close()

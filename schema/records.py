@@ -497,6 +497,9 @@ class Takeover:
     syns_answered: int = 0
     #: every connection of the peer continued or reset (stateless: the address up; nothing to decide)
     settled_at: float | None = None
+    #: how long each step of the takeover sequence took up to the address (proxy.takeover: plan,
+    #: restore_first, address, live_first), ms
+    phases_ms: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return to_json(self.report())
@@ -520,6 +523,7 @@ class Takeover:
             all_continued_ms=ms(self.detected_at, self.all_continued_at),
             syns_answered=self.syns_answered,
             settled_ms=ms(self.detected_at, self.settled_at),
+            phases_ms=dict(self.phases_ms),
             connections=[from_json(ContinuationRecord, c, strict=False) for c in self.connections[:200]],
         )
 
@@ -545,6 +549,10 @@ class TakeoverReport:
     #: (None: still deciding; stateless: the address up)
     settled_ms: float | None = None
     connections: list[ContinuationRecord] = field(default_factory=list)  # per connection (the first 200)
+    #: declared dead -> address up, step by step (ms): the verdict's way to the takeover (verdict), what
+    #: the standby knew (plan), the busiest
+    #: connections restored (restore_first), the address and its listeners (address), those live (live_first)
+    phases_ms: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass

@@ -14,7 +14,7 @@ import time
 import pytest
 
 from deploy.lab import PairTimings, nodeconfigs
-from deploy.lab.clients import SCRIPTS, NodeProcess, established, serving, takeover_settled
+from deploy.lab.clients import SCRIPTS, NodeProcess, established, rst_guard_in, serving, takeover_settled, wait_until
 from proxy.status import NodeStatus, from_json
 
 pytestmark = pytest.mark.lab
@@ -141,10 +141,15 @@ def test_a_continued_connection_goes_back_to_a_when_it_returns(lab, continuing_p
         before = established(lab, host, 445)
         b.wait_for(lambda s: (s["pair"]["state_sync"].get("continuation") or {}).get("continuable", 0) >= 1, 5,
                    "b able to continue the client's connection")
+        # b, standing by, has the guard its takeover's repair needs set up ahead (not on the critical path)
+        assert rst_guard_in(lab, lab.ns_b, host)
         time.sleep(1.0)
         a.kill_hard(link_down=True)
         st = b.wait_for(takeover_settled(host, "b"), 5, "b holding a's address")
         assert st["pair"]["takeovers"][-1]["connections_continued"] == 1
+        assert st["pair"]["takeovers"][-1]["phases_ms"]["plan.guard"] < 5.0  # taken, not made
+        # repaired: gone, so b's kernel resets what finds no socket on the address it now serves
+        wait_until(lambda: not rst_guard_in(lab, lab.ns_b, host), 3, "the repair guard removed once settled")
         time.sleep(0.5)
         t0 = time.monotonic()
         a.link_up()
@@ -156,6 +161,7 @@ def test_a_continued_connection_goes_back_to_a_when_it_returns(lab, continuing_p
         print(f"a's cleanup and link up {t1 - t0:.1f} s, start and hand-back {time.monotonic() - t1:.1f} s")
         assert established(lab, host, 445) == before
         assert st["pair"]["last_move"]["moved"] == 1, st["pair"]["last_move"]
+        wait_until(lambda: rst_guard_in(lab, lab.ns_b, host), 3, "b's guard set up ahead again, standing by")
         time.sleep(1.0)  # rounds through a again, then the client stops (the longer, the likelier a false
         proc.send_signal(signal.SIGUSR1)  # takeover on this loaded machine)
         out, err = proc.communicate(timeout=40)

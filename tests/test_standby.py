@@ -119,6 +119,16 @@ def test_a_prepared_plan_older_than_its_bound_or_from_another_silence_is_fetched
             await trio.sleep(TIMINGS.prepared_takeover_max_age * 2)
             observer.live[PEER_ADDRESS] = [connection(5000, 3)]
             assert (await standby.takeover_plan()).clients_to_reset == [connection(5000, 3)]
+            # the same last heartbeat, as the next fact of the heartbeat process converts it to trio's
+            # clock (microseconds later): still the same silence, used as prepared
+            heard[0] = -5.0
+            standby.prepare_takeover()
+            await trio.sleep(0.01)
+            heard[0] = -5.0 + 3e-6
+            observer.live[PEER_ADDRESS] = [connection(5000, 5)]
+            before = len(observer.requests)
+            assert (await standby.takeover_plan()).clients_to_reset == [connection(5000, 3)]
+            assert observer.requests[before:] == ["continuations"]
             # prepared during an earlier silence (a heartbeat came since): fetched again
             standby.prepare_takeover()
             await trio.sleep(0.01)

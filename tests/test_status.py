@@ -71,7 +71,7 @@ def test_takeover_record_keeps_its_json_keys_and_counts_every_takeover():
     doc = first.as_dict()
     assert set(doc) == {"number", "address", "when", "silence_ms", "address_moved_ms", "first_client_ms",
                         "held_for_s", "clients_reset", "backend_connections_reset", "connections_continued",
-                        "first_continued_ms", "all_continued_ms", "syns_answered", "settled_ms", "connections"}
+                        "first_continued_ms", "all_continued_ms", "syns_answered", "settled_ms", "connections", "phases_ms"}
     assert doc["silence_ms"] == 100.0 and doc["address_moved_ms"] == 3.5 and doc["first_client_ms"] is None
 
 

@@ -82,6 +82,7 @@ class FakeService:
 class FakeStandby:
     def __init__(self, plan=TakeoverPlan(), stuck=False):
         self.plan, self.stuck, self.calls = plan, stuck, []
+        self.plan_phases = {"plan": 0.0}
 
     async def takeover_plan(self):
         self.calls.append("plan")

@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any, Callable
 from pathlib import Path
 
 from .core import Lab, LabError
@@ -142,6 +143,23 @@ def hears_peer_on_both_paths(status: dict) -> bool:
     return pair.get("peer_state") == "alive" and len(paths) == 2 and all(p["up"] for p in paths.values())
 
 
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str, step: float = 0.005) -> float:
+    """Poll until ``predicate()`` holds; the time it did. LabError naming ``what`` on timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return time.monotonic()
+        time.sleep(step)
+    raise LabError(f"{what} not within {timeout:g}s")
+
+
+def rst_guard_in(lab: Lab, ns: str, address: str) -> bool:
+    """Whether namespace ``ns`` has the FIN/RST guard table of ``address`` (:mod:`proxy.rstguard`)."""
+    code = f"from proxy import rstguard; print(rstguard.drops({address!r}) is not None)"
+    out = lab.run(ns, [sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return out.strip() == "True"
+
+
 def takeover_settled(address: str, node: str):
     """A status predicate: ``node`` holds ``address`` after a takeover and has decided every connection
     of the dead peer (continued or reset: the takeover's counts are final). Serving comes first: a
@@ -220,20 +238,23 @@ class NodeProcess:
             time.sleep(0.02)
         raise LabError(f"node {self.node}: {what} not reached within {timeout:g}s; last status: {last}")
 
-    def kill_hard(self, link_down: bool = True) -> float:
-        """A node death: SIGKILL (and the service link down, as a dead machine); the time it happened."""
+    def kill_hard(self, link_down: bool = True, links: tuple[str, ...] = ("eth0",)) -> float:
+        """A node death: SIGKILL (and ``links`` down first, as a dead machine); the time it happened.
+
+        ``links=("eth0", "sync0")`` is a whole machine dying: both links go down in one ``ip -batch``
+        (microseconds apart), so neither heartbeat path outlives the other."""
         if link_down:
-            self.lab.run(self.ns, ["ip", "link", "set", "eth0", "down"], check=True)
+            self.lab.set_links(self.ns, links, "down")
         at = time.monotonic()
         self.kill()
         return at
 
-    def link_up(self) -> None:
+    def link_up(self, links: tuple[str, ...] = ("eth0",)) -> None:
         """The dead node's machine comes back: as after a reboot, its kernel holds none of the
         addresses the killed process had (``pairproxy cleanup``, what boot or systemd's
-        ExecStopPost would do), then its service link comes up."""
+        ExecStopPost would do), then its links come up."""
         self.lab.run(self.ns, self._cli("cleanup", "-c", str(self.config)), check=True, capture_output=True)
-        self.lab.run(self.ns, ["ip", "link", "set", "eth0", "up"], check=True)
+        self.lab.set_links(self.ns, links, "up")
 
     @property
     def pid(self) -> int | None:

@@ -185,6 +185,14 @@ class Lab:
         """Run ``argv`` inside network namespace ``ns`` (``ip netns exec``); check=False by default."""
         return netns.run(ns, argv, **kwargs)
 
+    def set_links(self, ns: str, devs: Sequence[str], state: str) -> None:
+        """Set links ``up`` or ``down`` in ``ns`` in one ``ip -batch``: a machine that dies loses all
+        its links at once (two ``ip`` processes would be milliseconds apart)."""
+        if state not in ("up", "down"):
+            raise ValueError(f"link state must be 'up' or 'down', not {state!r}")
+        batch = "".join(f"link set {dev} {state}\n" for dev in devs)
+        self.run(ns, ["ip", "-batch", "-"], input=batch, text=True, check=True)
+
     def popen(self, ns: str, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen:
         """Start ``argv`` inside network namespace ``ns``. ``ip netns exec`` execs, so .pid is the program's."""
         return netns.popen(ns, argv, **kwargs)
