@@ -6,7 +6,7 @@
 bench/failover.py measures death -> first new client answered and the node's own view (silence,
 address up, first client accepted); between "address up" and "first client accepted" it saw 11-12 ms
 at 10/40, where keepalived+haproxy answers within a millisecond of the address appearing. This script
-runs the same death (service link down, then SIGKILL) with ``tcpdump`` on the client's and on node b's
+runs the same death (both links down, then SIGKILL) with ``tcpdump`` on the client's and on node b's
 interface and the failover probe (bench/_failprobe.py) running, then puts on one time line, in ms after
 the death:
 
@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 from driver import Bench, NodeProcess, PairTimings, Probe, run_info, say, serving, standing_by
+from failover import MACHINE_LINKS
 
 from scapy.layers.inet import IP, TCP  # noqa: E402
 from scapy.layers.l2 import ARP, Ether  # noqa: E402
@@ -100,7 +101,7 @@ def one_run(bench: Bench, i: int, mode: str, timings: PairTimings) -> dict:
     cfg = bench.pair_configs(mode, timings)
     logs = {n: work / f"trace-{n}-{i}.log" for n in ("a", "b")}
     bench.flood(mode == "stateful")
-    lab.run(lab.ns_a, ["ip", "link", "set", "eth0", "up"], check=True)
+    lab.set_links(lab.ns_a, MACHINE_LINKS, "up")
     a = bench.started(NodeProcess(lab, "a", config=cfg["a"], log=logs["a"]))
     b = bench.started(NodeProcess(lab, "b", config=cfg["b"], log=logs["b"]))
     caps = {"client": work / f"client-{i}.pcap", "b": work / f"b-{i}.pcap"}
@@ -118,9 +119,9 @@ def one_run(bench: Bench, i: int, mode: str, timings: PairTimings) -> dict:
         probe = bench.started(Probe(lab, host)).start()
         probe.wait_ok(10, timeout=30)
         time.sleep(0.2)
-        died = a.kill_hard(link_down=True)
+        died = a.kill_hard(link_down=True, links=MACHINE_LINKS)
         died_wall = time.time() - (time.monotonic() - died)
-        b.wait_for(serving(host, "b"), 10, "b holding a's address")
+        b.wait_for(serving(host, "b"), 10, "b holding a's address", tables=False)
         probe.wait_ok(10, after=died, timeout=30)
         time.sleep(0.2)
         recs = bench.stop(probe)
@@ -131,7 +132,7 @@ def one_run(bench: Bench, i: int, mode: str, timings: PairTimings) -> dict:
             d.terminate()
             d.wait(5)
         bench.stop_all()
-        lab.run(lab.ns_a, ["ip", "link", "set", "eth0", "up"], check=True)
+        lab.set_links(lab.ns_a, MACHINE_LINKS, "up")
     first_ok = {p: next((round((r["e"] - died) * 1000, 1) for r in sorted(recs, key=lambda r: r["e"])
                          if r["p"] == p and r["ok"] and r["s"] >= died), None) for p in ("smb", "nfs")}
     macs = {"02:77:00:00:00:0a": "a", "02:77:00:00:00:0b": "b"}

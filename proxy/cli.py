@@ -356,7 +356,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         _print_problems(problems)
         return EXIT_PROBLEM
     try:
-        raw = request(config.node.control, "status")
+        # the decoded tables are a stateful node's costly part, answered in its event loop: left out when
+        # asked (frequent polling) and for metrics, which use none of them
+        light = args.no_tables or args.prometheus
+        raw = request(config.node.control, "status", **({"tables": False} if light else {}))
     except ControlError as exc:
         if args.prometheus:  # a scraper (textfile collector) learns that the node is down
             from proxy.metrics import render
@@ -460,6 +463,9 @@ def build_parser() -> argparse.ArgumentParser:
     form.add_argument("--prometheus", action="store_true",
                       help="print Prometheus metrics (text exposition format); 'pairproxy_up 0' if the node "
                            "does not answer")
+    p.add_argument("--no-tables", action="store_true",
+                   help="stateful: leave out the decoded connection and session tables and their digests "
+                        "(the costly part, answered in the node's event loop); for polling often")
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("handover", help="move this node's address and its live connections to the peer",

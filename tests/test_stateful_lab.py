@@ -95,7 +95,14 @@ def test_standby_sees_the_peers_session_tree_and_open_and_agrees(lab, stateful_p
         assert mine["tcp"]["handshake_seen"] and mine["proxied"]["service"] == "smb"
         assert conn["proxied"] is None  # b only watches it
         from_json(NodeStatus, st)  # strict: exactly the schema
-        # the same as metrics: printed by the CLI (from the full status) and served by the node
+        # the cheap status for frequent polling: the same pair state, without the decoded tables and digests
+        cp = lab.run(lab.ns_b, [sys.executable, "-m", "proxy.cli", "status", "-c", str(b.config), "--json",
+                                "--no-tables"], capture_output=True, text=True)
+        assert cp.returncode == 0, cp.stderr
+        light = json.loads(cp.stdout)
+        assert connections_to(light, host) == [] and not light["digests"]
+        assert light["pair"]["state_sync"]["in_sync"] and light["pair"]["peer_state"] == "alive"
+        # the same as metrics: printed by the CLI (from the status without tables) and served by the node
         prom = lab.run(lab.ns_b, [sys.executable, "-m", "proxy.cli", "status", "-c", str(b.config), "--prometheus"],
                        capture_output=True, text=True)
         served = lab.run(lab.ns_b, [sys.executable, "-c", "import urllib.request; print(urllib.request.urlopen("

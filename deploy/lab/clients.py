@@ -214,23 +214,25 @@ class NodeProcess:
 
         return load_config(self.config).node.control
 
-    def status(self) -> dict:
+    def status(self, tables: bool = True) -> dict:
         """The node's status over its control socket (what ``pairproxy status --json`` prints);
-        LabError if it does not answer. The socket is a file, so this works from any namespace."""
+        LabError if it does not answer. The socket is a file, so this works from any namespace.
+        ``tables=False``: without a stateful node's decoded tables and digests (cheap to poll)."""
         from proxy.control import ControlError, request
 
         try:
-            return request(self.control_socket, "status", timeout=5)
+            return request(self.control_socket, "status", timeout=5, **({} if tables else {"tables": False}))
         except ControlError as exc:
             raise LabError(f"status of node {self.node}: {exc}") from None
 
-    def wait_for(self, predicate, timeout: float = 10, what: str = "condition") -> dict:
-        """Poll the status until ``predicate(status)`` holds; the status then. LabError on timeout."""
+    def wait_for(self, predicate, timeout: float = 10, what: str = "condition", tables: bool = True) -> dict:
+        """Poll the status (every 20 ms) until ``predicate(status)`` holds; the status then. LabError on
+        timeout. ``tables=False`` polls the cheap status (see :meth:`status`)."""
         deadline = time.monotonic() + timeout
         last: dict | str = "no answer"
         while time.monotonic() < deadline:
             try:
-                last = self.status()
+                last = self.status(tables)
                 if predicate(last):
                     return last
             except LabError as exc:
