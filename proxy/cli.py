@@ -123,13 +123,20 @@ def cmd_run(args: argparse.Namespace) -> int:
         from sync.wire import load_key
 
         key = load_key(config.peer.key_file)
+    from proxy import loopwatch
+
+    try:
+        instruments = loopwatch.from_environment()
+    except ValueError as exc:
+        _print_problems([str(exc)])
+        return EXIT_PROBLEM
     node = Node(config, key)
     # Everything imported so far lives as long as the process: keep it out of the collector's scans,
     # so no full collection (20-30 ms here) stalls the loop that sends heartbeats.
     gc.collect()
     gc.freeze()
     try:
-        trio.run(node.run)
+        trio.run(node.run, instruments=instruments)
     except (ControlError, NetworkError, OSError, ExceptionGroup) as exc:
         expected, rest = _flatten(exc).split((ControlError, NetworkError, OSError))
         if rest is not None:
