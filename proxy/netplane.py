@@ -11,7 +11,9 @@ from __future__ import annotations
 import errno
 import ipaddress
 import logging
+import os
 import socket
+import struct
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -23,7 +25,7 @@ class NetworkError(Exception):
     """A kernel change the node needs could not be made."""
 
 
-def interface_index(ipr: IPRoute, ifname: str) -> int:
+def interface_index(ipr: IPRoute | None, ifname: str) -> int:
     """The index of ``ifname`` in this network namespace; NetworkError if there is none.
     (``if_nametoindex``: one ioctl; pyroute2's ``link_lookup`` dumps every link, 3-13 ms under load on
     a live move's critical path.)"""
@@ -88,47 +90,81 @@ def remove_leftovers(ifname: str, address: ipaddress.IPv4Interface, macvlan: str
     return removed
 
 
+# rtnetlink (include/uapi/linux/rtnetlink.h, if_addr.h, netlink.h): one IPv4 address added or deleted
+RTM_NEWADDR, RTM_DELADDR = 20, 21
+NLM_F_REQUEST, NLM_F_ACK, NLM_F_EXCL, NLM_F_CREATE = 0x1, 0x4, 0x200, 0x400
+NLMSG_ERROR = 2
+IFA_ADDRESS, IFA_LOCAL = 1, 2
+
+
+def _address_message(kind: int, index: int, address: ipaddress.IPv4Interface, seq: int) -> bytes:
+    """An RTM_NEWADDR/RTM_DELADDR request for ``address`` on interface ``index`` (as ``ip addr`` sends:
+    IFA_LOCAL and IFA_ADDRESS both the address)."""
+    flags = NLM_F_REQUEST | NLM_F_ACK | (NLM_F_CREATE | NLM_F_EXCL if kind == RTM_NEWADDR else 0)
+    packed = address.ip.packed
+    body = struct.pack("=BBBBI", socket.AF_INET, address.network.prefixlen, 0, 0, index)
+    body += struct.pack("=HH", 8, IFA_LOCAL) + packed + struct.pack("=HH", 8, IFA_ADDRESS) + packed
+    return struct.pack("=IHHII", 16 + len(body), kind, flags, seq, 0) + body
+
+
+def change_address(kind: int, index: int, address: ipaddress.IPv4Interface) -> int:
+    """Send one address request over a fresh rtnetlink socket; 0 or the kernel's errno.
+
+    Why not pyroute2 here: making an ``IPRoute`` and its ``addr`` call cost 1-2 ms of CPU on a quiet
+    machine and most of the 3-5 ms of CPU of a takeover's address step under load (bench/FAILOVER.md,
+    2026-11-29), on the path between the death verdict and the first client; this is one sendto and one
+    recv."""
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as sock:
+        sock.settimeout(5.0)
+        sock.bind((0, 0))
+        seq = 1
+        sock.sendto(_address_message(kind, index, address, seq), (0, 0))
+        while True:
+            data = sock.recv(65536)
+            offset = 0
+            while offset + 16 <= len(data):
+                length, mtype, _, mseq, _ = struct.unpack_from("=IHHII", data, offset)
+                if mtype == NLMSG_ERROR and mseq == seq:
+                    return -struct.unpack_from("=i", data, offset + 16)[0]
+                offset += max((length + 3) & ~3, 16)
+
+
 class ServiceAddress:
     """An IPv4 address this node serves, present on ``ifname`` exactly while this object is open."""
 
     def __init__(self, ifname: str, address: ipaddress.IPv4Interface):
         self.ifname = ifname
         self.address = address
-        self._ipr: IPRoute | None = None
         self._index: int | None = None
 
     def open(self) -> "ServiceAddress":
-        ipr = IPRoute()
+        index = interface_index(None, self.ifname)
         try:
-            self._index = interface_index(ipr, self.ifname)
-            try:
-                ipr.addr("add", index=self._index, address=str(self.address.ip),
-                         prefixlen=self.address.network.prefixlen)
-                log.info("address %s added to %s", self.address, self.ifname)
-            except NetlinkError as exc:
-                if exc.code != errno.EEXIST:
-                    raise NetworkError(f"cannot add {self.address} to {self.ifname}: {exc.args[-1]}") from None
-                log.warning("address %s was already on %s (left by an earlier run?); taking it over",
-                            self.address, self.ifname)
-        except BaseException:
-            ipr.close()
-            raise
-        self._ipr = ipr
+            code = change_address(RTM_NEWADDR, index, self.address)
+        except OSError as exc:
+            raise NetworkError(f"cannot add {self.address} to {self.ifname}: {exc}") from None
+        if code == errno.EEXIST:
+            log.warning("address %s was already on %s (left by an earlier run?); taking it over",
+                        self.address, self.ifname)
+        elif code:
+            raise NetworkError(f"cannot add {self.address} to {self.ifname}: {os.strerror(code)}")
+        else:
+            log.info("address %s added to %s", self.address, self.ifname)
+        self._index = index
         return self
 
     def close(self) -> None:
-        if self._ipr is None:
+        if self._index is None:
             return
         try:
-            self._ipr.addr("del", index=self._index, address=str(self.address.ip),
-                           prefixlen=self.address.network.prefixlen)
+            code = change_address(RTM_DELADDR, self._index, self.address)
+        except OSError as exc:
+            code = exc.errno or errno.EIO
+        self._index = None
+        if not code:
             log.info("address %s removed from %s", self.address, self.ifname)
-        except NetlinkError as exc:
-            if exc.code not in (errno.EADDRNOTAVAIL, errno.ENODEV, errno.ENOENT):
-                log.error("cannot remove %s from %s: %s", self.address, self.ifname, exc)
-        finally:
-            self._ipr.close()
-            self._ipr = None
+        elif code not in (errno.EADDRNOTAVAIL, errno.ENODEV, errno.ENOENT):
+            log.error("cannot remove %s from %s: %s", self.address, self.ifname, os.strerror(code))
 
     def __enter__(self) -> "ServiceAddress":
         return self.open()
