@@ -4,8 +4,7 @@ Why: a takeover's milliseconds (issue 12) are spent in one event loop shared by 
 decision task, status and the standby; when the first client after a takeover is answered 10-20 ms late,
 the question is which task step ran that long, or whether no step did (the process was off the CPU).
 Off by default (two clock reads per task step); ``PAIRPROXY_SLOW_STEP_MS=N`` in the node's environment
-logs every task step that ran N ms or more, with the task's name, and, once a second, how many there
-were. A step is the code between two checkpoints of one task: a long one is synchronous work (or the
+logs every task step that ran N ms or more, with the task's name. A step is the code between two checkpoints of one task: a long one is synchronous work (or the
 process descheduled in the middle of it; the log line gives the CPU time the step used to tell them
 apart).
 """

@@ -93,9 +93,9 @@ class Node:
         self.probe_responder: ProbeResponder | None = None
         self.peer_info: dict[str, Any] | None = None  # the peer's last hello
         self.peer_macvlan = PeerMacvlanSlot(node.interface, peer.macvlan) if peer else None
-        self.held: HeldAddress | None = None          # the peer's address, while this node serves it
-        self.takeovers: list[Takeover] = []
         self.standby: StatefulStandby | None = None   # stateful mode only
+        self._held: HeldAddress | None = None         # the peer's address, while this node serves it
+        self.takeovers: list[Takeover] = []
         self._events_tx, self._events_rx = trio.open_memory_channel[Any](1000)
         self._nursery: trio.Nursery | None = None
         self._own_done = trio.Event()
@@ -112,6 +112,18 @@ class Node:
         self._move_ids = 0
         self._move_macvlan = False                # the macvlan was made for a move that is arriving
         self._prepared_macvlan = False            # ... or for a takeover that may come (peer quiet)
+
+    @property
+    def held(self) -> HeldAddress | None:
+        return self._held
+
+    @held.setter
+    def held(self, value: HeldAddress | None) -> None:
+        """Every change of who holds the peer's address reaches the stateful standby: its takeover
+        guard is armed only while the address is elsewhere (:meth:`StatefulStandby.holding_changed`)."""
+        self._held = value
+        if self.standby is not None:
+            self.standby.holding_changed()
 
     @property
     def peer_service(self) -> AddressService | None:
@@ -527,8 +539,6 @@ class Node:
             if self.held is not None:
                 await release(self.held, macvlan=self.peer_macvlan, standby=self.standby)
                 self.held = None
-                if self.standby is not None:
-                    self.standby.holding_changed()
             return roles.Released()
         elif isinstance(action, roles.RetryTakeoverLater):
             self._nursery.start_soon(self._enqueue_later, action.delay, roles.RetryTakeover())
@@ -573,8 +583,6 @@ class Node:
             return roles.TakeoverFailed(str(exc), exc.retry)
         if self._prepared_macvlan:  # made when the peer went quiet: the hand-back removes it as its own
             self.held.opened_macvlan, self._prepared_macvlan = True, False
-        if self.standby is not None:
-            self.standby.holding_changed()
         self.takeovers.append(self.held.takeover)
         del self.takeovers[:-20]
         return roles.TakeoverDone()
@@ -675,8 +683,6 @@ class Node:
                 # the rest of the hand-back (macvlan, standby) after the clients' pause
                 self.held = None
                 await release(held, macvlan=self.peer_macvlan, standby=self.standby)
-                if self.standby is not None:
-                    self.standby.holding_changed()
         if report is None:  # a bug: whether the address is still served here says what happened
             thawed = service.state == "serving"
         else:
@@ -724,8 +730,6 @@ class Node:
                 log.exception("taking %s in a move failed", address)
                 if self.held is None:
                     return roles.MoveInFailed(f"{type(exc).__name__}: {exc}")
-            if self.standby is not None:  # the standing-by guard must not keep this kernel's resets now
-                self.standby.holding_changed()
             self.takeovers.append(self.held.takeover)
             del self.takeovers[:-20]
             return roles.TakeoverDone()
