@@ -453,9 +453,12 @@ async def test_a_hello_that_changes_only_with_a_move_is_saved_without_an_fsync(n
     monkeypatch.setattr(sync.link.os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
     pair = Pair(tmp_path)
     await pair.start(nursery)
-    await eventually(lambda: load_peer_hello(tmp_path / "b") == hello("a"))
+    # Both nodes save their peer's first hello (synced, and counted by the one patched os.fsync): wait for
+    # both, or a's late save of b's hello is miscounted as the move's.
+    await eventually(lambda: load_peer_hello(tmp_path / "b") == hello("a")
+                     and load_peer_hello(tmp_path / "a") == hello("b"))
     first = len(synced)
-    assert first >= 1
+    assert first >= 2
     await pair.a.update_hello(hello("a") | {"holds": ["10.0.0.1", "10.0.0.2"], "own_state": "serving"})
     await eventually(lambda: (load_peer_hello(tmp_path / "b") or {}).get("holds") == ["10.0.0.1", "10.0.0.2"])
     assert len(synced) == first                 # a move's change: no fsync
