@@ -47,19 +47,23 @@ def _alarm(signum, frame):
 READ_REPLY_HEADER = 132
 
 
-def second_reply_splice(want: bytes, got: bytes) -> int | None:
+def reconnect_splices(want: bytes, got: bytes) -> list[int] | None:
     """Where ``got`` is ``want``'s first X bytes, then a whole READ reply's header, then ``want`` again
-    from its start: a reply record cut after X bytes and filled up with a second reply to the same
-    READ (the shape of every wrong read-back seen; bench/SOAK.md names two candidate causes). X, or None."""
-    for x in range(len(got) - READ_REPLY_HEADER):
-        if got[x] != want[x]:
-            rest = got[x + READ_REPLY_HEADER:]
-            header = got[x:x + READ_REPLY_HEADER]
-            if header[:4] == (0x80000000 | (len(want) + READ_REPLY_HEADER - 4)).to_bytes(4, "big") and \
-                    rest == want[:len(rest)]:
-                return x
+    from its start, possibly cut again the same way (a client reset twice inside one reply, as a pair
+    made to flap can do): a reply record cut after X bytes and filled up with the next reply to the same
+    READ (the shape of every wrong read-back seen; bench/SOAK.md, "The wrong NFS read-backs"). The X of
+    each cut, in order, or None when ``got`` is not of that shape."""
+    mark = (0x80000000 | (len(want) + READ_REPLY_HEADER - 4)).to_bytes(4, "big")
+    cuts, pos = [], 0
+    while True:
+        rest = got[pos:]
+        x = next((k for k in range(min(len(rest), len(want))) if rest[k] != want[k]), None)
+        if x is None:
+            return cuts if cuts and len(rest) <= len(want) else None
+        if rest[x:x + 4] != mark or len(rest) < x + READ_REPLY_HEADER:
             return None
-    return None
+        cuts.append(x)
+        pos += x + READ_REPLY_HEADER
 
 
 def _evidence(want: bytes, got: bytes, got_sha: str, recent: list) -> dict:
@@ -71,7 +75,11 @@ def _evidence(want: bytes, got: bytes, got_sha: str, recent: list) -> dict:
     ev = {"got_sha": got_sha, "got_len": len(got), "first_diff": first, "bad_4k_blocks": len(blocks),
           "bad_block_ranges": [blocks[0], blocks[-1]] if blocks else None, "zero_bytes": got.count(0),
           "got_head": got[:32].hex(), "want_head": want[:32].hex()}
-    ev["second_reply_after"] = second_reply_splice(want, got)
+    ev["reconnect_splices"] = reconnect_splices(want, got)
+    if first is not None:  # where the bytes after the first difference come from, if from this file
+        after = got[first + READ_REPLY_HEADER:first + READ_REPLY_HEADER + 64]
+        ev["after_header_at"] = want.find(after) if len(after) == 64 else None
+        ev["at_first_diff"] = got[first:first + READ_REPLY_HEADER].hex()
     ev["same_as_earlier_file"] = [name for name, sha, head, tail in recent if sha == got_sha]
     ev["starts_like_earlier_file"] = [name for name, sha, head, tail in recent if got[:64] == head]
     ev["ends_like_earlier_file"] = [name for name, sha, head, tail in recent if got[-64:] == tail]
