@@ -49,7 +49,7 @@ from protocols.events import ConnKey
 from protocols.tcpstream import ConnectionClosed, Data, Gap, HalfStream, TcpConnection, seq_diff
 from proxy.tcprepair import RepairWindow, TcpSocketState
 
-__all__ = ["LegOptions", "Pairing", "ContinuationBook", "PairingOutbox", "DEFAULT_CAP"]
+__all__ = ["LegOptions", "Pairing", "ContinuationBook", "PairingOutbox", "DEFAULT_CAP", "relay_anchor"]
 
 U32 = 0xFFFF_FFFF
 #: default bound of the bytes kept per leg (and of what one connection may need put back each way)
@@ -105,6 +105,10 @@ class Pairing:
     server: tuple[str, int]         # the backend
     client_options: LegOptions
     backend_options: LegOptions
+    #: where the two legs' sequence spaces meet, for a connection this node restored rather than
+    #: accepted (a takeover's continuation, a live move in): the standby saw no handshake of it, so it
+    #: knows neither ISN; see :func:`relay_anchor`. None for a connection accepted here.
+    anchor: tuple[int, int, int, int] | None = None
 
     def client_key(self, address: str) -> ConnKey:
         return ConnKey(self.client[0], self.client[1], address, self.service_port)
@@ -117,22 +121,48 @@ class Pairing:
         return f"{self.client[0]}:{self.client[1]}->:{self.service_port}"
 
     def to_wire(self) -> list:
-        """Compact: about 60 bytes of msgpack per connection."""
-        return [self.client[0], self.client[1], self.service_port, self.source_port, self.server[0],
-                self.server[1], self.client_options.to_wire(), self.backend_options.to_wire()]
+        """Compact: about 60 bytes of msgpack per connection (20 more with an anchor)."""
+        out = [self.client[0], self.client[1], self.service_port, self.source_port, self.server[0],
+               self.server[1], self.client_options.to_wire(), self.backend_options.to_wire()]
+        if self.anchor is not None:
+            out.append(list(self.anchor))
+        return out
 
     @classmethod
     def from_wire(cls, data: Any) -> "Pairing":
-        if not isinstance(data, (list, tuple)) or len(data) != 8:
-            raise ValueError(f"pairing: must be a list of 8 items, not {data!r}")
-        cip, cport, sport, src, sip, svport, copts, bopts = data
+        if not isinstance(data, (list, tuple)) or len(data) not in (8, 9):
+            raise ValueError(f"pairing: must be a list of 8 or 9 items, not {data!r}")
+        cip, cport, sport, src, sip, svport, copts, bopts = data[:8]
+        anchor = None
+        if len(data) == 9:
+            a = data[8]
+            if not isinstance(a, (list, tuple)) or len(a) != 4 or not all(type(v) is int and 0 <= v <= U32 for v in a):
+                raise ValueError(f"pairing: anchor must be 4 sequence numbers, not {a!r}")
+            anchor = (a[0], a[1], a[2], a[3])
         for name, v in (("client port", cport), ("service port", sport), ("source port", src),
                         ("server port", svport)):
             if type(v) is not int or not 0 < v <= 0xFFFF:
                 raise ValueError(f"pairing: {name} {v!r} is not a port")
         if type(cip) is not str or type(sip) is not str:
             raise ValueError("pairing: addresses must be strings")
-        return cls((cip, cport), sport, src, (sip, svport), LegOptions.from_wire(copts), LegOptions.from_wire(bopts))
+        return cls((cip, cport), sport, src, (sip, svport), LegOptions.from_wire(copts), LegOptions.from_wire(bopts),
+                   anchor)
+
+
+def relay_anchor(client: TcpSocketState, backend: TcpSocketState) -> tuple[int, int, int, int]:
+    """Where a restored connection's two sequence spaces meet, from its two legs' states as restored:
+    ``(client_seq, backend_seq, server_seq, client_leg_seq)``: the client's byte at ``client_seq`` is
+    (or will be) sent to the server at ``backend_seq`` of the backend leg, and the server's byte at
+    ``server_seq`` to the client at ``client_leg_seq``.
+
+    Why: the standby turns "what the client sent" into "what the server has" through the two ISNs it
+    saw in the handshakes (offset 0 of both streams). A connection restored here (continued at a
+    takeover, moved in live) was never shaken hands with where the standby could see it: it picks it up
+    mid-stream and, without this, could only reset it at the next takeover. The relay's invariant gives
+    the meeting points at the restore: the client's unread bytes (``recv_queue``, from ``recv_seq`` on)
+    go to the server after everything in the backend leg's send queue, and the other way round."""
+    return (client.recv_seq, (backend.send_seq + len(backend.send_queue)) & U32,
+            backend.recv_seq, (client.send_seq + len(client.send_queue)) & U32)
 
 
 class PairingOutbox:
@@ -238,8 +268,10 @@ def _busiest_first(legs: _Legs) -> tuple[float, int]:
     if c is None or b is None:
         return 0.0, 0
     pending = 0
-    if not _leg_problem(c.client, "client") and not _leg_problem(b.server, "server"):
-        pending = max(_unacked(c.client, b.server), 0) + max(_unacked(b.server, c.client), 0)
+    if legs.pairing is not None:
+        anchored = _anchored(legs.pairing, c, b)
+        if not _leg_problem(c.client, "client", anchored) and not _leg_problem(b.server, "server", anchored):
+            pending = sum(max(n, 0) for n in _unacked_both(legs.pairing, c, b, anchored))
     return -min(c.last_seen, b.last_seen), -pending
 
 
@@ -363,11 +395,13 @@ class ContinuationBook:
             if pairing is None:
                 return None
             c, b = self._conn(pairing.client_key(self.address)), self._conn(key)
-        if c is None or b is None or _leg_problem(c.client, "client") or _leg_problem(b.server, "server"):
+        if c is None or b is None:
             return None
-        if self._remote_is_client(key):
-            return _unacked(c.client, b.server)
-        return _unacked(b.server, c.client)
+        anchored = _anchored(pairing, c, b)
+        if _leg_problem(c.client, "client", anchored) or _leg_problem(b.server, "server", anchored):
+            return None
+        to_server, to_client = _unacked_both(pairing, c, b, anchored)
+        return to_server if self._remote_is_client(key) else to_client
 
     def relay_server_bytes(self) -> list[tuple[ConnKey, bytes]]:
         """The server's bytes of each paired connection not yet handed on as the client leg's server
@@ -516,10 +550,11 @@ class ContinuationBook:
             return Verdict(pairing, name, "its client leg was not seen")
         if b is None:
             return Verdict(pairing, name, "its backend leg was not seen")
-        problem = _leg_problem(c.client, "client") or _leg_problem(b.server, "server")
+        anchored = _anchored(pairing, c, b)
+        problem = _leg_problem(c.client, "client", anchored) or _leg_problem(b.server, "server", anchored)
         if problem:
             return Verdict(pairing, name, problem)
-        to_server, to_client = _unacked(c.client, b.server), _unacked(b.server, c.client)
+        to_server, to_client = _unacked_both(pairing, c, b, anchored)
         v = Verdict(pairing, name, pending_to_server=max(to_server, 0), pending_to_client=max(to_client, 0))
         if to_server < 0 or to_client < 0:
             v.reason = (f"the capture missed frames: the {'server' if to_server < 0 else 'client'} acknowledged "
@@ -585,25 +620,51 @@ class ContinuationBook:
         return sum(len(t.data) for t in self.tails.values())
 
 
-def _unacked(sender: HalfStream, receiver: HalfStream) -> int:
+def _anchored(pairing: Pairing, c: TcpConnection, b: TcpConnection) -> bool:
+    """Whether the pairing's anchor, not the handshakes, relates the two legs: a leg was picked up
+    mid-stream (a connection the peer restored; the anchor is exact, the ISNs unknown)."""
+    return pairing.anchor is not None and (c.mid_stream or b.mid_stream)
+
+
+def _unacked_both(pairing: Pairing, c: TcpConnection, b: TcpConnection, anchored: bool) -> tuple[int, int]:
+    """(client bytes the server lacks, server bytes the client lacks)."""
+    if anchored:
+        client_seq, backend_seq, server_seq, client_leg_seq = pairing.anchor
+        return (_unacked(c.client, b.server, client_seq, backend_seq),
+                _unacked(b.server, c.client, server_seq, client_leg_seq))
+    return (_unacked(c.client, b.server, c.client.isn + 1, b.server.first_ack),
+            _unacked(b.server, c.client, b.server.isn + 1, c.client.first_ack))
+
+
+def _unacked(sender: HalfStream, receiver: HalfStream, sent_at: int, acked_at: int) -> int:
     """Bytes ``sender`` sent on its leg that ``receiver`` (the remote of the other leg) has not
-    acknowledged on its leg: the sender's stream length minus the receiver's ACK offset. Wrap-safe:
-    only the (small) difference is computed in sequence space."""
+    acknowledged on its leg. ``sender``'s byte at ``sent_at`` is the one ``receiver`` gets at
+    ``acked_at`` (the ISNs + 1, or a restored connection's anchor). Wrap-safe: only the (small)
+    difference is computed in sequence space."""
     sent_end = sender.next_seq
-    acked = (sender.isn + 1 + (receiver.last_ack - receiver.first_ack)) & U32
+    acked = (sent_at + (receiver.last_ack - acked_at)) & U32
     return seq_diff(sent_end, acked)
 
 
-def _leg_problem(remote: HalfStream, who: str) -> str | None:
-    if remote.isn is None or remote.next_seq is None:
+def _leg_problem(remote: HalfStream, who: str, anchored: bool = False) -> str | None:
+    if remote.next_seq is None or (remote.isn is None and not anchored):
         return f"picked up mid-stream: the {who}'s handshake was not seen"
-    if remote.first_ack is None or remote.last_ack is None:
+    if remote.last_ack is None or (remote.first_ack is None and not anchored):
         return f"the {who} acknowledged nothing yet (handshake not complete)"
     if remote.fin_seq is not None:
         return f"the {who} began to close the connection"
     if remote.ooo or (remote.highest_seq is not None and seq_diff(remote.highest_seq, remote.next_seq) > 0):
         return f"a hole in the capture of the {who}'s bytes"
     return None
+
+
+def _mss_clamp(opts: LegOptions) -> int:
+    """The remote's MSS as its SYN said, for a leg whose SYN was not seen (restored by the peer): the
+    peer's send MSS (``tcpi_snd_mss``) has the timestamp option (12 bytes) taken off; the repair
+    state wants the clamp, options not deducted."""
+    if not opts.snd_mss:
+        return 536
+    return opts.snd_mss + (12 if opts.timestamps else 0)
 
 
 def _leg_state(address: str, port: int, remote_addr: tuple[str, int], remote: HalfStream, opts: LegOptions,
@@ -623,7 +684,7 @@ def _leg_state(address: str, port: int, remote_addr: tuple[str, int], remote: Ha
     return TcpSocketState(
         local_address=address, local_port=port, remote_address=remote_addr[0], remote_port=remote_addr[1],
         send_seq=remote.last_ack, recv_seq=rcv_nxt, send_queue=to_send, send_unsent=len(to_send), recv_queue=b"",
-        mss=remote.mss or opts.snd_mss or 536, snd_wscale=snd_wscale, rcv_wscale=rcv_wscale,
+        mss=remote.mss or _mss_clamp(opts), snd_wscale=snd_wscale, rcv_wscale=rcv_wscale,
         sack_permitted=opts.sack, timestamps=opts.timestamps, tsval=tsval,
         window=RepairWindow(snd_wl1=rcv_nxt, snd_wnd=window, max_window=window,
                             rcv_wnd=min(0xFFFF << rcv_wscale, RECEIVE_WINDOW), rcv_wup=rcv_nxt))

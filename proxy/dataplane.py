@@ -89,6 +89,9 @@ class Connection:
     backend_source: tuple[str, int] | None = None
     #: (client, backend) sockets once both legs exist: a stateful node reads their TCP_INFO (proxy.standby)
     legs: tuple | None = None
+    #: where the legs' sequence spaces meet, for a connection restored here (proxy.continuation.relay_anchor):
+    #: told to the standby with the pairing, which saw no handshake of it
+    anchor: tuple[int, int, int, int] | None = None
     bytes_to_backend: int = 0
     bytes_to_client: int = 0
     #: a live move (proxy.livemove): set ``moving`` and cancel ``pumps``; the pumps stop without closing
@@ -391,9 +394,11 @@ class ServiceProxy:
             self.budget.release(FDS_PER_CONNECTION)
 
     def adopt(self, client: socket.socket, backend: socket.socket, port: int, nursery: trio.Nursery, *,
-              bytes_to_backend: int = 0, bytes_to_client: int = 0) -> None:
-        """Serve a connection that a live move (:mod:`proxy.livemove`) restored here: both legs exist
-        and are live, so only the pumps start (in ``nursery``, the address's connection nursery)."""
+              bytes_to_backend: int = 0, bytes_to_client: int = 0,
+              anchor: tuple[int, int, int, int] | None = None) -> None:
+        """Serve a connection that a live move (:mod:`proxy.livemove`) or a takeover restored here: both
+        legs exist and are live, so only the pumps start (in ``nursery``, the address's connection
+        nursery). ``anchor``: see :attr:`Connection.anchor`."""
         self.budget.used += FDS_PER_CONNECTION  # the descriptors exist already: book them (released at the end)
         tclient, tbackend = trio.socket.from_stdlib_socket(client), trio.socket.from_stdlib_socket(backend)
         try:
@@ -401,7 +406,7 @@ class ServiceProxy:
         except OSError:  # reset between going live and here (ENOTCONN): the pumps see it and end as usual
             peer = ("0.0.0.0", 0)
         conn = Connection(client=peer, port=port, bytes_to_backend=bytes_to_backend,
-                          bytes_to_client=bytes_to_client)
+                          bytes_to_client=bytes_to_client, anchor=anchor)
         source_ports = self.source_ports(port)
         if source_ports is not None:
             source_ports._free.pop(backend.getsockname()[1], None)  # in use by the moved connection

@@ -57,6 +57,7 @@ from typing import Any, Awaitable, Callable
 import trio
 
 from proxy import movelock, tcprepair
+from proxy.continuation import relay_anchor
 from proxy.movelock import MoveLock, MoveLockError
 from proxy.tcprepair import TcpRepairError, TcpSocketState
 
@@ -255,7 +256,7 @@ async def _thaw(service: Any, frozen: _Frozen, report: MoveReport, *, was_frozen
         return
     try:
         service.adopt(frozen.proxy, frozen.client, frozen.backend, conn.port,
-                      bytes_to_backend=conn.bytes_to_backend, bytes_to_client=conn.bytes_to_client)
+                      bytes_to_backend=conn.bytes_to_backend, bytes_to_client=conn.bytes_to_client, anchor=conn.anchor)
     except OSError as exc:  # the remote reset it meanwhile
         report.fail(_name(conn), f"thaw: ended before its pumps started: {exc}")
         _abort(frozen.client)
@@ -766,7 +767,7 @@ async def _move_in(report: MoveReport, address: str, receiver: Receiver | None,
             continue
         try:
             service.adopt(proxy, client, backend, int(entry["port"]), bytes_to_backend=int(entry.get("to_backend") or 0),
-                          bytes_to_client=int(entry.get("to_client") or 0))
+                          bytes_to_client=int(entry.get("to_client") or 0), anchor=relay_anchor(rc.state, rb.state))
         except OSError as exc:  # reset by the remote since it went live (e.g. the giver served it meanwhile)
             report.fail(what, f"ended before its pumps started: {exc}")
             _abort(client)

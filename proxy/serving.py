@@ -17,6 +17,7 @@ import ipaddress
 import logging
 import time
 from functools import partial
+from typing import Any
 
 import trio
 
@@ -73,10 +74,11 @@ class AddressService:
         self.open_listeners()
         self._start_accepting()
 
-    def adopt(self, proxy: ServiceProxy, client, backend, port: int, **counters: int) -> None:
-        """Pump a connection restored here by a live move (while serving)."""
+    def adopt(self, proxy: ServiceProxy, client, backend, port: int, **kwargs: Any) -> None:
+        """Pump a connection restored here by a live move or a takeover (while serving); ``kwargs``:
+        :meth:`ServiceProxy.adopt`'s counters and anchor."""
         assert self._connections is not None, "adopt needs a serving address"
-        proxy.adopt(client, backend, port, self._connections, **counters)
+        proxy.adopt(client, backend, port, self._connections, **kwargs)
 
     def active_connections(self) -> int:
         return sum(p.stats.connections_active for p in self.proxies)

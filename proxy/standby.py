@@ -348,7 +348,8 @@ class StatefulStandby:
         out = []
         for conn, server in found:
             old = known.get((tuple(conn.client), conn.port))
-            if old is not None and old.source_port == conn.backend_source[1] and old.server == server:
+            if old is not None and old.source_port == conn.backend_source[1] and old.server == server \
+                    and old.anchor == conn.anchor:
                 out.append(old)
                 continue
             if conn.legs is None:
@@ -356,7 +357,7 @@ class StatefulStandby:
             copts, bopts = leg_options(conn.legs[0]), leg_options(conn.legs[1])
             if copts is not None and bopts is not None:
                 out.append(Pairing((conn.client[0], conn.client[1]), conn.port, conn.backend_source[1], server,
-                                   copts, bopts))
+                                   copts, bopts, conn.anchor))
         return out
 
     async def _send_digests(self) -> None:

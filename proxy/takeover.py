@@ -37,6 +37,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from proxy import synlog, tcprepair
 from proxy.config import ConfigError, NodeConfig, PeerConfig, services_from_dicts
+from proxy.continuation import relay_anchor
 from proxy.drain import DrainRedirect
 from proxy.netplane import NetworkError, PeerMacvlan
 from proxy.rstguard import RstGuard
@@ -349,7 +350,7 @@ def _go_live(restored: list[tuple[dict, Any, Any]], service: AddressService, tak
             for s in (rc.sock, rb.sock):
                 s.close()
             continue
-        service.adopt(proxy, client, backend, port)
+        service.adopt(proxy, client, backend, port, anchor=relay_anchor(rc.state, rb.state))
         record["continued"] = True
         takeover.all_continued_at = trio.current_time()
         if takeover.first_continued_at is None:

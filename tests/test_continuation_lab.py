@@ -129,18 +129,24 @@ def test_a_client_with_an_open_file_goes_on_through_b(lab, continuing_pair, prot
 
 
 @pytest.mark.parametrize("continuing_pair", ["nodes"], indirect=True)
-def test_a_continued_connection_goes_back_to_a_when_it_returns(lab, continuing_pair):
+def test_a_continued_connection_goes_back_to_a_and_on_to_b_again(lab, continuing_pair):
     """After b continued the client's connection, a comes back: the hand-back moves the address and the
-    connection (issue 11's live move) to a; the client goes on through both, with its session."""
+    connection (issue 11's live move) to a; the client goes on through both, with its session. Then a
+    dies again: b saw no handshake of the connection a now serves (a restored it), so only the anchor a
+    sends with its pairing relates its two legs; b continues it a second time (before: reset, as
+    "picked up mid-stream")."""
     a, b, _ = continuing_pair
     host = lab.addresses.service_a
-    proc = client_loop(lab, "smb", host, "continue-and-back.bin", 40.0)  # a's return is slow under load
+    proc = client_loop(lab, "smb", host, "continue-and-back.bin", 60.0)  # a's return is slow under load
+
+    def continuable(s):
+        return (s["pair"]["state_sync"].get("continuation") or {}).get("continuable", 0) >= 1
+
     try:
         ready = json.loads(proc.stdout.readline() or "{}")
         assert ready.get("ready"), proc.stderr.read()[-2000:]
         before = established(lab, host, 445)
-        b.wait_for(lambda s: (s["pair"]["state_sync"].get("continuation") or {}).get("continuable", 0) >= 1, 5,
-                   "b able to continue the client's connection")
+        b.wait_for(continuable, 5, "b able to continue the client's connection")
         # b, standing by, has the guard its takeover's repair needs set up ahead (not on the critical path)
         assert rst_guard_in(lab, lab.ns_b, host)
         time.sleep(1.0)
@@ -162,13 +168,26 @@ def test_a_continued_connection_goes_back_to_a_when_it_returns(lab, continuing_p
         assert established(lab, host, 445) == before
         assert st["pair"]["last_move"]["moved"] == 1, st["pair"]["last_move"]
         wait_until(lambda: rst_guard_in(lab, lab.ns_b, host), 3, "b's guard set up ahead again, standing by")
-        time.sleep(1.0)  # rounds through a again, then the client stops (the longer, the likelier a false
-        proc.send_signal(signal.SIGUSR1)  # takeover on this loaded machine)
+        # the second death: b knows the moved connection from a's pairing (with its anchor) and the frames
+        st = b.wait_for(continuable, 5, "b able to continue the connection a restored")
+        time.sleep(0.5)
+        takeovers = len(st["pair"]["takeovers"])
+        a.kill_hard(link_down=True)
+        st = b.wait_for(lambda s: len(s["pair"]["takeovers"]) > takeovers and takeover_settled(host, "b")(s), 5,
+                        "b holding a's address again")
+        again = st["pair"]["takeovers"][-1]
+        print("second takeover:", json.dumps(again)[:2000])
+        [mine] = [c for c in again["connections"] if c["client"] in before]
+        assert mine["continued"] and mine["reason"] is None, mine
+        time.sleep(1.0)
+        assert established(lab, host, 445) == before, "the same connection, through b again"
+        proc.send_signal(signal.SIGUSR1)
         out, err = proc.communicate(timeout=40)
         result = json.loads(out.strip().splitlines()[-1])
         print("client:", result)
         assert result["error"] is None, (result, err[-2000:])
         assert result["mismatches"] == 0 and result["session_id"] == ready["session_id"]
+        assert result["longest_round_s"] < 2.0
     finally:
         if proc.poll() is None:
             proc.kill()
