@@ -48,22 +48,39 @@ READ_REPLY_HEADER = 132
 
 
 def reconnect_splices(want: bytes, got: bytes) -> list[int] | None:
-    """Where ``got`` is ``want``'s first X bytes, then a whole READ reply's header, then ``want`` again
-    from its start, possibly cut again the same way (a client reset twice inside one reply, as a pair
-    made to flap can do): a reply record cut after X bytes and filled up with the next reply to the same
-    READ (the shape of every wrong read-back seen; bench/SOAK.md, "The wrong NFS read-backs"). The X of
-    each cut, in order, or None when ``got`` is not of that shape."""
+    """Where ``got`` is what libnfs makes of a READ reply record cut by resets (bench/SOAK.md, "The
+    wrong NFS read-backs"): the record is filled up, from where the cut left it, with the next reply to
+    the same READ, which may be cut again. So ``got`` (the record after its own 132-byte header) is
+    ``want``'s first X bytes, then reply after reply from its start: a record mark
+    (one fragment of this READ's size), the rest of a READ reply header, ``want`` from its start,
+    each possibly cut short (also inside its header) by the next. The length of each piece, in order
+    (the first is X), or None when ``got`` is not of that shape (a hole, foreign bytes, bytes shifted)."""
     mark = (0x80000000 | (len(want) + READ_REPLY_HEADER - 4)).to_bytes(4, "big")
-    cuts, pos = [], 0
-    while True:
-        rest = got[pos:]
-        x = next((k for k in range(min(len(rest), len(want))) if rest[k] != want[k]), None)
-        if x is None:
-            return cuts if cuts and len(rest) <= len(want) else None
-        if rest[x:x + 4] != mark or len(rest) < x + READ_REPLY_HEADER:
+    if len(got) > len(want):
+        return None
+    pieces, pos = [], 0
+    x = next((k for k in range(len(got)) if got[k] != want[k]), None)
+    if x is None:
+        return None
+    pieces.append(x)
+    pos = x
+    while pos < len(got):
+        if got[pos:pos + 4] != mark[:len(got) - pos]:
             return None
-        cuts.append(x)
-        pos += x + READ_REPLY_HEADER
+        # the next reply: its header, unless cut inside it (another record mark there starts the next)
+        cut = got.find(mark, pos + 4, pos + READ_REPLY_HEADER)
+        if cut >= 0:
+            pieces.append(cut - pos)
+            pos = cut
+            continue
+        body = got[pos + READ_REPLY_HEADER:]
+        d = next((k for k in range(len(body)) if body[k] != want[k]), None)
+        if d is None:
+            pieces.append(len(got) - pos)
+            return pieces
+        pieces.append(READ_REPLY_HEADER + d)
+        pos += READ_REPLY_HEADER + d
+    return pieces
 
 
 def _evidence(want: bytes, got: bytes, got_sha: str, recent: list) -> dict:

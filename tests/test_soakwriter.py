@@ -13,20 +13,34 @@ def header(size: int = len(WANT)) -> bytes:
     return (0x80000000 | (size + READ_REPLY_HEADER - 4)).to_bytes(4, "big") + os.urandom(READ_REPLY_HEADER - 4)
 
 
-def cut(*xs: int) -> bytes:
-    """The record as libnfs fills it: each reconnect writes the next reply from where the last stopped."""
-    got = b""
-    for x in xs:
-        got += WANT[:x] + header()
-    return (got + WANT)[:len(WANT)]
+HEADER = header()  # the same READ's replies: one header
+
+
+def cut(x: int, *ys: int) -> bytes:
+    """The record as libnfs fills it: X bytes of the first reply's data, then each reconnect's reply
+    (header and data) from where the last stopped, the ``ys`` bytes of each cut one, then a whole one."""
+    got = WANT[:x]
+    for y in ys:
+        got += (HEADER + WANT)[:y]
+    return (got + HEADER + WANT)[:len(WANT)]
 
 
 def test_one_cut_is_the_known_shape():
-    assert reconnect_splices(WANT, cut(8556)) == [8556]
+    assert reconnect_splices(WANT, cut(8556)) == [8556, len(WANT) - 8556]
 
 
-def test_two_cuts_in_one_reply_are_the_known_shape():
-    assert reconnect_splices(WANT, cut(40_000, 30_000)) == [40_000, 30_000]
+def test_a_reply_cut_again_is_the_known_shape():
+    assert reconnect_splices(WANT, cut(40_000, 30_000)) == [40_000, 30_000, len(WANT) - 70_000]
+
+
+def test_a_reply_cut_inside_its_header_is_the_known_shape():
+    assert reconnect_splices(WANT, cut(40_000, 60)) == [40_000, 60, len(WANT) - 40_060]
+    assert reconnect_splices(WANT, cut(40_000, 2)) is None  # a record mark cut after 2 bytes: not told apart
+
+
+def test_cut_in_the_last_header_is_the_known_shape():
+    got = (WANT[:len(WANT) - 50] + HEADER)[:len(WANT)]
+    assert reconnect_splices(WANT, got) == [len(WANT) - 50, 50]
 
 
 def test_the_right_bytes_are_no_splice():
