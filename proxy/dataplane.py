@@ -25,13 +25,13 @@ import struct
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import trio
 
 from proxy.config import ServiceConfig
 from proxy.fds import BUDGET, FdBudget
-from proxy import sockmap
+from proxy import sockmap, tcprepair
 from proxy.pump import PIPES, ConnectionLost, Switch, send_all, sockmap_relay, splice_pump
 from proxy.rstguard import mark_own_close
 
@@ -76,6 +76,7 @@ class ServiceStats:
     connections_sockmap: int = 0
     #: connections the relay did not take (a leg no longer established, the map full): spliced instead
     sockmap_refused: int = 0
+    origins_unknown: int = 0
     #: connections the relay handed to the splice pump mid-way (bulk, or a reader slower than the sender)
     sockmap_switched: int = 0
 
@@ -275,6 +276,10 @@ class ServiceProxy:
         #: peer their pairing at once (:meth:`proxy.standby.StatefulStandby._send_pairings` takes them);
         #: bounded, as nobody takes them on a stateless node (the periodic full pass finds any left out)
         self.new_legs: collections.deque[Connection] = collections.deque(maxlen=1024)
+        #: a stateful node's own address: read each new connection's stream origins before its pumps start
+        #: (proxy.tcprepair.stream_origins), its anchor for a standby that misses the handshakes (one
+        #: restarted after them); a few system calls per connection, off the byte path
+        self.learn_origins = False
         #: per backend port, for ``secure`` services: the source ports below 1024 free towards it
         self._source_ports: dict[int, SourcePorts] = {}
         self._warned_at = -1e9
@@ -393,6 +398,19 @@ class ServiceProxy:
         finally:
             self.budget.release(FDS_PER_CONNECTION)
 
+    def _origins_anchor(self, client: Any, backend: Any, peer: tuple[str, int]) -> tuple[int, int, int, int] | None:
+        """A new connection's anchor (see :attr:`Connection.anchor`) from both legs' stream origins, read
+        before anything was written to either: where each direction's byte 0 is on both legs."""
+        try:
+            client_remote, client_own = tcprepair.stream_origins(client)
+            backend_remote, backend_own = tcprepair.stream_origins(backend)
+        except tcprepair.TcpRepairError as exc:  # (a reset meanwhile, no CAP_NET_ADMIN): continued only if seen
+            self.stats.origins_unknown += 1
+            self._warn("%s: client %s:%d: stream origins not read (%s); a standby that missed its handshake "
+                       "cannot continue it", self.service.name, *peer, exc)
+            return None
+        return client_remote, backend_own, backend_remote, client_own
+
     def adopt(self, client: socket.socket, backend: socket.socket, port: int, nursery: trio.Nursery, *,
               bytes_to_backend: int = 0, bytes_to_client: int = 0,
               anchor: tuple[int, int, int, int] | None = None) -> None:
@@ -448,6 +466,8 @@ class ServiceProxy:
                 return
             conn.backend_source = backend.getsockname()
             conn.legs = (client, backend)
+            if self.learn_origins and conn.anchor is None:
+                conn.anchor = self._origins_anchor(client, backend, peer)
             self.new_legs.append(conn)
 
             def to_backend(n: int) -> None:

@@ -257,6 +257,9 @@ class Node:
             # peer gives a starting node only claim_wait to connect before it may declare it dead
             from proxy.standby import StatefulStandby
 
+            for proxy in self.own_service.proxies:  # anchors for a standby that misses their handshakes
+                proxy.learn_origins = True
+
             self.standby = StatefulStandby(self.config, self.peer_info, self.peer_macvlan, self._send,
                                            lambda: self.detector.last_heartbeat, timings,
                                            own_proxies=lambda: self.own_service.proxies, guard=True,

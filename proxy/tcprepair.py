@@ -100,6 +100,8 @@ IP_FREEBIND = 15
 IP_TRANSPARENT = 19
 
 # include/uapi/linux/sockios.h and asm-generic/ioctls.h
+#: offset of ``tcpi_bytes_received`` (u64) in struct tcp_info (since Linux 4.1)
+_TCPI_BYTES_RECEIVED = 128
 SIOCINQ = 0x541B      # FIONREAD: rcv_nxt - copied_seq
 SIOCOUTQ = 0x5411     # TIOCOUTQ: write_seq - snd_una
 SIOCOUTQNSD = 0x894B  # write_seq - snd_nxt (not sent yet)
@@ -383,6 +385,46 @@ def _snapshot(sock: socket.socket) -> TcpSocketState:
                 sack_permitted=bool(options & TCPI_OPT_SACK), timestamps=timestamps, tsval=tsval, window=window)
     raise TcpRepairError("snapshot", errno_mod.EAGAIN,
                          f"state kept changing over {_FREEZE_TRIES} reads: segments still reach the socket")
+
+
+def stream_origins(sock: Any, written: int = 0) -> tuple[int, int]:
+    """``(remote's ISN + 1, own ISN + 1)`` of an established socket: the sequence numbers of the first
+    byte each way (stream offset 0), which a stateful standby that missed the handshake cannot know.
+
+    The kernel says neither, but in repair mode it says ``rcv_nxt`` and ``write_seq``; ``tcpi_bytes_received``
+    is exactly how far ``rcv_nxt`` moved since the handshake, and ``written`` is how many bytes the
+    application wrote (0 right after accept or connect, when a relay asks). Repair mode is on for a few
+    system calls and left without a window probe; the application must not write meanwhile (a write in
+    repair mode fails), segments arriving meanwhile are processed as usual (the reads are repeated until
+    ``bytes_received`` stands still around them). ``bytes_acked`` is not used: it counts an active
+    opener's SYN (measured on this kernel), a passive opener's not."""
+    if getattr(sock, "family", None) != socket.AF_INET:
+        raise TcpRepairError("check socket", errno_mod.EAFNOSUPPORT, "only IPv4 TCP sockets")
+    _set(sock, socket.IPPROTO_TCP, TCP_REPAIR, TCP_REPAIR_ON, "TCP_REPAIR on")
+    try:
+        for _ in range(_FREEZE_TRIES):
+            before = _bytes_received(sock)
+            rcv_nxt = _queue_seq(sock, TCP_RECV_QUEUE, "receive")
+            write_seq = _queue_seq(sock, TCP_SEND_QUEUE, "send")
+            _set(sock, socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, TCP_NO_QUEUE, "deselect queue")
+            if _bytes_received(sock) == before:
+                return (rcv_nxt - before) & U32, (write_seq - written) & U32
+        raise TcpRepairError("read stream origins", errno_mod.EAGAIN,
+                             f"bytes kept arriving over {_FREEZE_TRIES} reads")
+    finally:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, TCP_NO_QUEUE)
+        except OSError:
+            pass
+        _repair_off(sock, TCP_REPAIR_OFF_NO_WP, "TCP_REPAIR off")
+
+
+def _bytes_received(sock: Any) -> int:
+    """``tcpi_bytes_received`` (RFC 4898's HCThruOctetsReceived: how far ``rcv_nxt`` moved)."""
+    raw = _call("read TCP_INFO", sock.getsockopt, socket.IPPROTO_TCP, TCP_INFO, _TCPI_BYTES_RECEIVED + 8)
+    if len(raw) < _TCPI_BYTES_RECEIVED + 8:
+        raise TcpRepairError("read TCP_INFO", errno_mod.EOPNOTSUPP, "no tcpi_bytes_received on this kernel")
+    return struct.unpack_from("=Q", raw, _TCPI_BYTES_RECEIVED)[0]
 
 
 def unacknowledged(sock: socket.socket) -> int:

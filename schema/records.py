@@ -288,6 +288,7 @@ class ServiceStatus:
     connections_sockmap: int = 0        # open connections whose bytes the kernel relays (proxy.sockmap)
     sockmap_switched: int = 0           # handed from the kernel relay to the splice pump (bulk, slow reader)
     sockmap_refused: int = 0            # the relay could not take them (a leg already closing, map full)
+    origins_unknown: int = 0            # stateful: new connections whose stream origins were not read (no anchor)
 
 
 @dataclass

@@ -128,6 +128,29 @@ def test_a_client_with_an_open_file_goes_on_through_b(lab, continuing_pair, prot
             proc.wait(10)
 
 
+def a_dies_and_b_continues(lab, a, b, host: str, before: set, proc: subprocess.Popen, ready: dict) -> dict:
+    """a dies with its machine; b's next takeover continues the client's one connection (the same one,
+    through b); then the client stops: no error, no mismatch, its first session. The takeover record."""
+    takeovers = len(b.status(tables=False)["pair"]["takeovers"])
+    a.kill_hard(link_down=True)
+    st = b.wait_for(lambda s: len(s["pair"]["takeovers"]) > takeovers and takeover_settled(host, "b")(s), 5,
+                    "b holding a's address")
+    takeover = st["pair"]["takeovers"][-1]
+    print("takeover:", json.dumps(takeover)[:2000])
+    [mine] = [c for c in takeover["connections"] if c["client"] in before]
+    assert mine["continued"] and mine["reason"] is None, mine
+    time.sleep(1.0)
+    assert established(lab, host, 445) == before, "the same connection, through b"
+    proc.send_signal(signal.SIGUSR1)
+    out, err = proc.communicate(timeout=40)
+    result = json.loads(out.strip().splitlines()[-1])
+    print("client:", result)
+    assert result["error"] is None, (result, err[-2000:])
+    assert result["mismatches"] == 0 and result["session_id"] == ready["session_id"]
+    assert result["longest_round_s"] < 2.0
+    return takeover
+
+
 @pytest.mark.parametrize("continuing_pair", ["nodes"], indirect=True)
 def test_a_continued_connection_goes_back_to_a_and_on_to_b_again(lab, continuing_pair):
     """After b continued the client's connection, a comes back: the hand-back moves the address and the
@@ -169,25 +192,39 @@ def test_a_continued_connection_goes_back_to_a_and_on_to_b_again(lab, continuing
         assert st["pair"]["last_move"]["moved"] == 1, st["pair"]["last_move"]
         wait_until(lambda: rst_guard_in(lab, lab.ns_b, host), 3, "b's guard set up ahead again, standing by")
         # the second death: b knows the moved connection from a's pairing (with its anchor) and the frames
-        st = b.wait_for(continuable, 5, "b able to continue the connection a restored")
+        b.wait_for(continuable, 5, "b able to continue the connection a restored")
         time.sleep(0.5)
-        takeovers = len(st["pair"]["takeovers"])
-        a.kill_hard(link_down=True)
-        st = b.wait_for(lambda s: len(s["pair"]["takeovers"]) > takeovers and takeover_settled(host, "b")(s), 5,
-                        "b holding a's address again")
-        again = st["pair"]["takeovers"][-1]
-        print("second takeover:", json.dumps(again)[:2000])
-        [mine] = [c for c in again["connections"] if c["client"] in before]
-        assert mine["continued"] and mine["reason"] is None, mine
+        a_dies_and_b_continues(lab, a, b, host, before, proc, ready)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+@pytest.mark.parametrize("continuing_pair", ["nodes"], indirect=True)
+def test_a_standby_restarted_after_the_connection_began_continues_it(lab, continuing_pair):
+    """b restarts (an upgrade) while a serves a client: b's new observer picks the connection up
+    mid-stream and never sees its handshake. a read both legs' stream origins when it made the
+    connection and sends them with the pairing (the anchor), so when a dies b continues the client
+    anyway: same connection, same session, every read-back right (before: reset, "picked up
+    mid-stream")."""
+    a, b, _ = continuing_pair
+    host = lab.addresses.service_a
+    proc = client_loop(lab, "smb", host, "continue-after-b-restart.bin", 60.0)
+    try:
+        ready = json.loads(proc.stdout.readline() or "{}")
+        assert ready.get("ready"), proc.stderr.read()[-2000:]
+        before = established(lab, host, 445)
+        assert len(before) == 1
+        b.stop(10)
+        b.start(timeout=30)
+        st = b.wait_for(lambda s: s["pair"]["state_sync"]["observer"] == "running" and
+                        (s["pair"]["state_sync"].get("continuation") or {}).get("continuable", 0) >= 1, 20,
+                        "the restarted b able to continue a's client")
+        [seen] = [c for c in st["connections"] if c["client"] in before]
+        assert seen["tcp"]["handshake_seen"] is False  # b knows it only from the middle on
         time.sleep(1.0)
-        assert established(lab, host, 445) == before, "the same connection, through b again"
-        proc.send_signal(signal.SIGUSR1)
-        out, err = proc.communicate(timeout=40)
-        result = json.loads(out.strip().splitlines()[-1])
-        print("client:", result)
-        assert result["error"] is None, (result, err[-2000:])
-        assert result["mismatches"] == 0 and result["session_id"] == ready["session_id"]
-        assert result["longest_round_s"] < 2.0
+        a_dies_and_b_continues(lab, a, b, host, before, proc, ready)
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -125,26 +125,27 @@ def test_standby_sees_the_peers_session_tree_and_open_and_agrees(lab, stateful_p
 
 
 def test_stateful_takeover_resets_idle_clients_at_once_and_reports_the_resume(lab, stateful_pair):
-    """A connection b cannot continue (issue 10: b came up after the client connected, so it saw no
-    handshake) is reset at once, and the report says why."""
+    """A connection b cannot continue is reset at once, and the report says why. Here: the client
+    connected while the sync network was down (a's heartbeats on the service network kept it alive for
+    b), so a could not tell b which backend leg pairs with it; then a dies."""
     a, b = stateful_pair
     host = lab.addresses.service_a
-    holder = SmbHolder(lab, host, "stateful-resume.bin")
+    holder = None
     try:
-        b.stop(10)  # b comes back after the client connected: it picks the connection up mid-stream
-        b.start()
-        b.wait_for(lambda s: s["pair"]["link"]["state"] == "connected" and
-                   s["pair"]["state_sync"]["observer"] == "running", 10, "b back, observer running")
+        lab.set_links(lab.ns_a, ["sync0"], "down")
+        b.wait_for(lambda s: s["pair"]["link"]["state"] != "connected" and s["pair"]["peer_state"] == "link_down", 10,
+                   "b: the sync link down, a alive (heartbeats on the service network)")
+        holder = SmbHolder(lab, host, "stateful-resume.bin")
         assert holder.do("write")["ok"]
         b.wait_for(lambda s: any(o["path"] == "stateful-resume.bin" for c in connections_to(s, host)
-                                 for o in c["opens"]) or connections_to(s, host), 5, "b seeing the connection")
+                                 for o in c["opens"]), 5, "b seeing the connection and its open file")
         old = established(lab, host, 445)
         assert old, "the client holds its connection to a"
         died = a.kill_hard(link_down=True)
         st = b.wait_for(takeover_settled(host, "b"), 5, "b holding a's address")
         assert st["pair"]["takeovers"][-1]["clients_reset"] >= 1
         [record] = [c for c in st["pair"]["takeovers"][-1]["connections"] if c["client"] in old]
-        assert not record["continued"] and "mid-stream" in record["reason"]
+        assert not record["continued"] and "did not say which backend leg" in record["reason"], record
         # the idle client sent nothing, yet its connection is gone at once: b reset it
         assert wait_gone(lab, host, 445, old), "the client's connection survived the takeover"
         reset_after = time.monotonic() - died
@@ -163,13 +164,15 @@ def test_stateful_takeover_resets_idle_clients_at_once_and_reports_the_resume(la
 
         st = b.wait_for(resumed, 5, "the resume report")
         report = resumed(st)
-        # (picked up mid-stream, b never saw the session set up: "before" holds the connection only)
         assert report["before"]["connections"] >= 1
+        assert [o["path"] for o in report["before"]["opens"]] == ["stateful-resume.bin"]
         assert report["reconnected_after_s"] is not None
         assert report["lost_opens"] == []
         assert report["new_sessions"] >= 1
     finally:
-        holder.close()
+        if holder is not None:
+            holder.close()
+        lab.set_links(lab.ns_a, ["sync0"], "up")
 
 
 def test_stateful_nfs4_client_is_seen_and_reset(lab, stateful_pair, tmp_path):

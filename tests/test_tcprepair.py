@@ -666,3 +666,49 @@ def test_a_thawed_socket_does_not_keep_its_listener_from_binding_again():
     finally:
         served.close()
         client.close()
+
+
+# ------------------------------------------------------------------------------- stream origins
+@needs_root
+def test_stream_origins_of_both_ends_agree_and_a_freeze_confirms_them(namespaces):
+    """stream_origins gives each end's (remote ISN + 1, own ISN + 1) without stopping the connection: one
+    end's remote origin is the other end's own, whoever spoke first and however much moved since; a
+    freeze (the state a live move sends) puts the unread byte at origin + bytes read; the connection goes
+    on unharmed (repair mode left without a probe: no byte lost, nothing reset)."""
+    ns = namespaces.add("o")
+    with in_netns(ns):
+        lsock = socket.socket()
+        lsock.bind(("127.0.0.1", 0))
+        lsock.listen(1)
+        client = socket.create_connection(lsock.getsockname())
+        client.sendall(b"first words")          # the client speaks before the accept
+        server, _ = lsock.accept()
+        lsock.close()
+        time.sleep(0.05)
+        server_origins = tcprepair.stream_origins(server)
+        client_origins = tcprepair.stream_origins(client, written=11)
+        assert server_origins == (client_origins[1], client_origins[0])
+        assert server.recv(100) == b"first words"
+        server.sendall(b"x" * 70000)
+        got = 0
+        while got < 70000:
+            got += len(client.recv(1 << 20))
+        client.sendall(b"y" * 5)
+        time.sleep(0.05)
+        assert tcprepair.stream_origins(server, written=70000) == server_origins
+        assert tcprepair.stream_origins(client, written=16) == client_origins
+        for sock, origins, read in ((server, server_origins, 11), (client, client_origins, 70000)):
+            state = tcprepair.freeze(sock)
+            assert state.recv_seq == (origins[0] + read) & 0xFFFF_FFFF
+            tcprepair.thaw(sock)
+        assert server.recv(100) == b"y" * 5
+        client.sendall(b"z" * 3)
+        assert server.recv(100) == b"z" * 3
+        before = tcp_counters()
+        server.sendall(b"w" * 2)
+        assert client.recv(100) == b"w" * 2
+        assert tcp_counters()["OutRsts"] == before["OutRsts"]
+        client.close()
+        server.close()
+    with socket.socket(socket.AF_INET6) as v6, pytest.raises(TcpRepairError):
+        tcprepair.stream_origins(v6)
