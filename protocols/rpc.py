@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import struct
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .events import ProtocolError
 from .nfs import PROGRAMS
@@ -58,6 +58,12 @@ __all__ = [
 
 MAX_OUTSTANDING = 4096
 """Calls remembered per connection while waiting for their reply; the oldest are dropped first."""
+
+MAX_EARLY = 256
+"""Replies remembered per connection whose call was not seen (yet); the oldest are dropped first."""
+
+MAX_EARLY_BYTES = 1 << 20
+"""Bound of the bytes of those replies kept to decode them once their call comes."""
 
 CALL, REPLY = 0, 1
 AUTH_NONE, AUTH_SYS = 0, 1
@@ -288,8 +294,16 @@ class RpcDecoder:
                 d.hunting = True
         # XIDs of calls still waiting for a reply, per direction of the call
         self._outstanding: dict[bool, OrderedDict[int, RpcCall]] = {True: OrderedDict(), False: OrderedDict()}
+        #: replies whose call was not seen, by (direction of the reply, xid): the reply as decoded without
+        #: it, and its record (None for a bulk one, whose payload was skipped) to decode it again with the
+        #: call. Why: a standby that sees only frames to its peer gets the replies from the backend leg, in
+        #: other capture batches than the calls on the client leg, so a reply may be decoded first; when
+        #: its call comes, the reply follows it at once (``late_replies``) instead of the call waiting forever.
+        self._early: OrderedDict[tuple[bool, int], tuple[RpcReply, bytes | None]] = OrderedDict()
+        self._early_bytes = 0
+        self._late: list[RpcReply] = []
         self.errors = 0
-        self.counters = {"resyncs": 0, "bulk_records": 0, "skipped_bytes": 0}
+        self.counters = {"resyncs": 0, "bulk_records": 0, "skipped_bytes": 0, "late_replies": 0}
 
     # -------------------------------------------------------------- public interface
     @property
@@ -436,6 +450,7 @@ class RpcDecoder:
         if isinstance(ev, ProtocolError):
             return  # decoded whole at its end, where the error gets its offset
         events.append(ev)
+        self._flush_late(events)
         d.emitted = True
         d.keep_from = d.total + 1
         d.rec = bytearray()
@@ -465,6 +480,13 @@ class RpcDecoder:
             self._lose_sync(d)
         else:
             events.append(ev)
+            self._flush_late(events)
+
+    def _flush_late(self, events: list[object]) -> None:
+        """A call just decoded whose reply came first: the reply follows it."""
+        if self._late:
+            events.extend(self._late)
+            self._late.clear()
 
     def _hunt(self, from_client: bool, d: _Direction) -> bytes | None:
         """Find a plausible record start in ``d.buf`` by searching for the byte patterns of a CALL and
@@ -562,6 +584,10 @@ class RpcDecoder:
                 args = getattr(e, "partial", None)
                 error = str(e)
         call = RpcCall(from_client, xid, prog, vers, proc, name, cred, args, error)
+        early = self._early.pop((not from_client, xid), None)
+        if early is not None:  # its reply came first: it follows the call now
+            self._late.append(self._late_reply(call, *early))
+            return call
         pending = self._outstanding[from_client]
         pending[xid] = call
         pending.move_to_end(xid)
@@ -569,18 +595,46 @@ class RpcDecoder:
             pending.popitem(last=False)
         return call
 
+    def _late_reply(self, call: RpcCall, reply: RpcReply, record: bytes | None) -> RpcReply:
+        self.counters["late_replies"] += 1
+        if record is not None:
+            self._early_bytes -= len(record)
+            x = Xdr(record, 8)  # past xid and message type
+            try:
+                return self._reply_body(reply.from_client, reply.xid, x, call)
+            except XdrError:
+                pass
+        return replace(reply, call=call)
+
+    def _remember_early(self, reply: RpcReply, x: Xdr) -> None:
+        record = bytes(x.buf) if type(x) is Xdr and len(x.buf) <= MAX_EARLY_BYTES else None
+        key = (reply.from_client, reply.xid)
+        old = self._early.pop(key, None)
+        if old is not None and old[1] is not None:
+            self._early_bytes -= len(old[1])
+        self._early[key] = (reply, record)
+        if record is not None:
+            self._early_bytes += len(record)
+        while len(self._early) > MAX_EARLY or self._early_bytes > MAX_EARLY_BYTES:
+            _, (_, dropped) = self._early.popitem(last=False)
+            if dropped is not None:
+                self._early_bytes -= len(dropped)
+
     def _reply(self, from_client: bool, xid: int, x: Xdr) -> RpcReply | ProtocolError:
         pending = self._outstanding[not from_client]
         # the call is forgotten only once the reply is decoded: a bulk record's probe may stop short
         # (_Missing) and decode the reply again when its tail is in
+        call = pending.get(xid)
         try:
-            reply = self._reply_body(from_client, xid, x, pending.get(xid))
+            reply = self._reply_body(from_client, xid, x, call)
         except _Missing:
             raise
         except XdrError:
             pending.pop(xid, None)
             raise
         pending.pop(xid, None)
+        if call is None and isinstance(reply, RpcReply):
+            self._remember_early(reply, x)
         return reply
 
     def _reply_body(self, from_client: bool, xid: int, x: Xdr, call: RpcCall | None) -> RpcReply | ProtocolError:

@@ -103,8 +103,10 @@ class Pairing:
     service_port: int               # the port on the peer's address the client connected to
     source_port: int                # the peer's port of the backend leg (on the same address)
     server: tuple[str, int]         # the backend
-    client_options: LegOptions
-    backend_options: LegOptions
+    #: None when the peer could not read them (the connection ended at once, e.g. a MOUNT call): told
+    #: anyway, so a standby that sees only frames to the peer decodes its replies (not continuable)
+    client_options: LegOptions | None
+    backend_options: LegOptions | None
     #: where the two legs' sequence spaces meet, for a connection this node restored rather than
     #: accepted (a takeover's continuation, a live move in): the standby saw no handshake of it, so it
     #: knows neither ISN; see :func:`relay_anchor`. None for a connection accepted here.
@@ -123,7 +125,7 @@ class Pairing:
     def to_wire(self) -> list:
         """Compact: about 60 bytes of msgpack per connection (20 more with an anchor)."""
         out = [self.client[0], self.client[1], self.service_port, self.source_port, self.server[0],
-               self.server[1], self.client_options.to_wire(), self.backend_options.to_wire()]
+               self.server[1], _options_wire(self.client_options), _options_wire(self.backend_options)]
         if self.anchor is not None:
             out.append(list(self.anchor))
         return out
@@ -145,8 +147,12 @@ class Pairing:
                 raise ValueError(f"pairing: {name} {v!r} is not a port")
         if type(cip) is not str or type(sip) is not str:
             raise ValueError("pairing: addresses must be strings")
-        return cls((cip, cport), sport, src, (sip, svport), LegOptions.from_wire(copts), LegOptions.from_wire(bopts),
-                   anchor)
+        return cls((cip, cport), sport, src, (sip, svport), None if copts is None else LegOptions.from_wire(copts),
+                   None if bopts is None else LegOptions.from_wire(bopts), anchor)
+
+
+def _options_wire(options: LegOptions | None) -> list[int] | None:
+    return None if options is None else options.to_wire()
 
 
 def relay_anchor(client: TcpSocketState, backend: TcpSocketState) -> tuple[int, int, int, int]:
@@ -546,6 +552,8 @@ class ContinuationBook:
         name = key.client
         if pairing is None:
             return Verdict(None, name, "the peer did not say which backend leg it pairs with (nor its options)")
+        if pairing.client_options is None or pairing.backend_options is None:
+            return Verdict(pairing, name, "the peer could not read its options (it ended at once)")
         if c is None:
             return Verdict(pairing, name, "its client leg was not seen")
         if b is None:

@@ -349,15 +349,16 @@ class StatefulStandby:
         for conn, server in found:
             old = known.get((tuple(conn.client), conn.port))
             if old is not None and old.source_port == conn.backend_source[1] and old.server == server \
-                    and old.anchor == conn.anchor:
+                    and old.anchor == conn.anchor and old.client_options and old.backend_options:
                 out.append(old)
                 continue
             if conn.legs is None:
                 continue
+            # options None: it ended already (a MOUNT or portmapper call lasts a millisecond); told anyway,
+            # so a peer seeing only frames to this node decodes its replies (the export's file handle)
             copts, bopts = leg_options(conn.legs[0]), leg_options(conn.legs[1])
-            if copts is not None and bopts is not None:
-                out.append(Pairing((conn.client[0], conn.client[1]), conn.port, conn.backend_source[1], server,
-                                   copts, bopts, conn.anchor))
+            out.append(Pairing((conn.client[0], conn.client[1]), conn.port, conn.backend_source[1], server,
+                               copts, bopts, conn.anchor))
         return out
 
     async def _send_digests(self) -> None:

@@ -268,6 +268,28 @@ def test_mid_stream_pickup_with_the_peers_anchor_is_exact_or_says_what_it_lacks(
     assert exact >= 3
 
 
+def test_a_pairing_without_options_relays_the_replies_but_continues_nothing():
+    """A connection that ended before the peer read its options (a MOUNT call lasts a millisecond) is
+    still paired, so the standby decodes its replies from the backend leg; it cannot be continued."""
+    cut = CUTS[-1]
+    o = Oracle(cut)
+    frames = to_node(cut)
+    pairing = replace(o.pairing, client_options=None, backend_options=None)
+    assert Pairing.from_wire(pairing.to_wire()) == pairing
+    tracker = TcpTracker([445])
+    book = ContinuationBook(NODE, [tracker], cap=1 << 20)
+    book.set_pairings([pairing.to_wire()])
+    relayed = bytearray()
+    for ts, seg in frames:  # as the observer does: the relay after every frame
+        book.feed([(ev.key, ev) for ev in tracker.feed(seg, ts)])
+        for key, data in book.relay_server_bytes():
+            assert key == o.c.key
+            relayed += data
+    assert relayed == o.server_bytes
+    [v] = book.plan(frames[-1][0] + 0.1)
+    assert v.states is None and "could not read its options" in v.reason
+
+
 def test_the_handshakes_seen_win_over_an_anchor():
     """Both handshakes seen: the ISNs relate the legs, a (here wrong) anchor is not used."""
     cut = CUTS[len(CUTS) // 2]

@@ -213,3 +213,46 @@ def test_midstream_start_hunts_for_first_call():
     assert [e.xid for e in events] == [11] and dec.unsynchronised  # replies not found yet
     events = dec.feed(False, b"\x00" * 37 + record(rpc_reply(11, GETATTR_OK)))
     assert [e.xid for e in events] == [11] and not dec.unsynchronised
+
+
+def test_a_reply_decoded_before_its_call_follows_the_call():
+    """A standby that sees only frames to its peer gets the replies from the backend leg, in other capture
+    batches than the calls: a reply may come first. It is told as soon as it comes (its call unknown), and
+    again right after its call, decoded with it; nothing stays outstanding."""
+    dec = RpcDecoder()
+    [early] = dec.feed(False, record(rpc_reply(7, GETATTR_OK)))
+    assert early.call is None and early.result is None
+    call, late = dec.feed(True, record(rpc_call(7, NFS, 3, 1, GETATTR)))
+    assert isinstance(call, RpcCall) and isinstance(late, RpcReply)
+    assert late.call is call and late.result["attrs"]["size"] == 29
+    assert dec.outstanding() == 0 and dec.counters["late_replies"] == 1
+    # once matched it is gone: the same xid again is an ordinary call
+    [again] = dec.feed(True, record(rpc_call(7, NFS, 3, 1, GETATTR)))
+    assert dec.outstanding() == 1 and isinstance(again, RpcCall)
+
+
+def test_early_replies_are_bounded():
+    from protocols.rpc import MAX_EARLY
+
+    dec = RpcDecoder()
+    for xid in range(MAX_EARLY + 10):
+        dec.feed(False, record(rpc_reply(xid, GETATTR_OK)))
+    assert dec.feed(True, record(rpc_call(3, NFS, 3, 1, GETATTR)))[-1].xid == 3  # dropped: the call waits
+    assert dec.outstanding() == 1
+    assert len(dec.feed(True, record(rpc_call(MAX_EARLY + 5, NFS, 3, 1, GETATTR)))) == 2  # kept
+
+
+def test_the_reference_stream_with_every_reply_ahead_of_its_call_gives_the_same_replies():
+    """The fixture's NFSv3 connection with the server's bytes delivered a batch ahead of the client's:
+    every reply decoded with its call, as in order."""
+    chunks = list(NFS_STREAM)
+    reordered = []
+    for i in range(0, len(chunks), 2):
+        pair = chunks[i:i + 2]
+        reordered += sorted(pair, key=lambda c: c[0])  # the server's chunk (False) first
+    dec = RpcDecoder()
+    events = feed_all(dec, reordered)
+    assert dec.counters["late_replies"] >= 3
+    want = [(e.xid, e.call.name, e.result is not None) for e in REFERENCE if isinstance(e, RpcReply)]
+    got = [(e.xid, e.call.name, e.result is not None) for e in events if isinstance(e, RpcReply) and e.call]
+    assert got == want
