@@ -392,6 +392,8 @@ class Node:
 
     def _on_fact(self, kind: str, at: float, path: str | None, last_heard: float | None) -> None:
         """A fact from the heartbeat process (times in trio's clock): to the detector, its verdicts on."""
+        if kind == "restarted":
+            self._enqueue(roles.PeerRestarted())
         for action in self.detector.fact(kind, at, path, last_heard):
             self._on_verdict(action, at)
 

@@ -87,6 +87,15 @@ class PeerAlive:
 
 
 @dataclass(frozen=True)
+class PeerRestarted:
+    """The heartbeats are a new process's of the peer (before the :class:`PeerAlive` they bring): what
+    its old process said it served is void. Why: a peer that restarts (a reboot, an upgrade) serves
+    nothing until it asks for its address back, which the live move then gives it with every connection;
+    taken for the old hello's "serving", the returning peer looked like one that was only late, and
+    the address was released with every connection cut (bench/SOAK.md, 2026-11-29)."""
+
+
+@dataclass(frozen=True)
 class HandbackRequested:
     """Message ``handback_request``: the peer wants ``address`` back."""
 
@@ -162,7 +171,7 @@ class Stopping:
     link_connected: bool = False
 
 
-Event = (HelloReceived | PeerDeclaredDead | PeerProbing | PeerAlive | HandbackRequested | HandbackDone | PeerLeaving
+Event = (HelloReceived | PeerDeclaredDead | PeerProbing | PeerAlive | PeerRestarted | HandbackRequested | HandbackDone | PeerLeaving
          | ClaimWaitOver | TakeoverDone | TakeoverFailed | RetryTakeover | Released | Stopping | OwnAddressTick)
 
 
@@ -408,6 +417,9 @@ class PairCore:
             self.takeover_attempts, self.last_takeover_error = 0, None
         if isinstance(event, OwnAddressTick):
             self._check_not_serving(event.at)
+            return []
+        if isinstance(event, PeerRestarted):
+            self.remember_hello(frozenset(), None)
             return []
         if isinstance(event, HelloReceived):
             self.remember_hello(event.holds, event.peer_own_role)

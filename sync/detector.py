@@ -173,6 +173,8 @@ class FailureDetector:
             return self._alive("heard", f"heartbeats again on the {path} path")
         if kind == "unauthenticated":
             return self.unauthenticated(at, path)
+        if kind == "restarted":  # for the roles (proxy.node passes it on); life itself comes as heard/path_up
+            return []
         raise ValueError(f"unknown fact {kind!r}")
 
     def unauthenticated(self, at: float, path: str | None = None) -> list[Action]:

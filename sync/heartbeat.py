@@ -146,6 +146,9 @@ class PathState:
     peer_nonce: bytes = bytes(8)     # echoed in our next heartbeat on this path
     any_nonce: bytes = bytes(8)      # echoed as echo_any (authenticated or not)
     peer_seq: int = -1
+    #: the seq of the peer's latest *fresh* heartbeat: a fresh one with a lower seq is a new process (a
+    #: replayed old datagram is never fresh, so it cannot fake a restart)
+    fresh_seq: int = -1
     echo_sent: float = -1e18         # when we sent the nonce the peer's latest fresh heartbeat echoed
     mine: dict = field(default_factory=dict)  # our recent nonces -> when sent
     order: deque = field(default_factory=lambda: deque(maxlen=NONCES_KEPT))
@@ -159,11 +162,14 @@ class Fact:
     ``quiet``: both paths silent ``dead_after / 2`` (time to prepare a takeover);
     ``silent``: both paths silent ``dead_after`` (the fact a death verdict rests on);
     ``heard``: a fresh heartbeat after ``quiet`` or ``silent``;
-    ``unauthenticated``: the peer's process answers with another key or mode (rate-limited).
+    ``unauthenticated``: the peer's process answers with another key or mode (rate-limited);
+    ``restarted``: a fresh heartbeat from a new process of the peer (its sequence started again),
+    told before the ``path_up`` or ``heard`` it comes with: what the peer's old process said (the
+    addresses it served) no longer holds.
     ``at``: when it became true; ``last_heard``: the last fresh heartbeat on any path (None: never).
     """
 
-    kind: Literal["path_up", "path_silent", "quiet", "silent", "heard", "unauthenticated"]
+    kind: Literal["path_up", "path_silent", "quiet", "silent", "heard", "unauthenticated", "restarted"]
     at: float
     path: str | None = None
     last_heard: float | None = None
@@ -250,6 +256,9 @@ class HeartbeatMonitor:
             return False
         st.echo_sent = echo_sent
         st.received += 1
+        new_process, st.fresh_seq = seq < st.fresh_seq, seq
+        if new_process:
+            self.facts.append(Fact("restarted", now, path, now))
         if st.heard_at is not None and now >= st.heard_at:
             gap = now - st.heard_at
             st.gaps.append(gap)

@@ -208,7 +208,12 @@ def test_a_restarted_peer_is_heard_again_although_its_sequence_starts_over():
     a.take_facts()
     b2 = HeartbeatMonitor(KEY, me="b", peer="a", mode="stateless", heartbeat=HB, dead_after=DEAD, now=0.5)
     exchange(a, b2, 0.5, 0.6)
-    assert [f.kind for f in a.take_facts()].count("heard") == 1 and a.paths["sync"].up
+    kinds = [f.kind for f in a.take_facts()]
+    assert kinds.count("heard") == 1 and a.paths["sync"].up
+    # a new process, said once per path, before the life it brings (the roles forget the old hello first)
+    assert kinds.count("restarted") == 2 and kinds.index("restarted") < kinds.index("heard")
+    exchange(a, b2, 0.6, 0.7)
+    assert "restarted" not in [f.kind for f in a.take_facts()]
 
 
 def test_a_peer_restarted_within_dead_after_is_heard_at_once_and_a_replay_is_no_life():
@@ -235,9 +240,11 @@ def test_a_peer_restarted_within_dead_after_is_heard_at_once_and_a_replay_is_no_
     assert a.paths["sync"].up  # 15 ms < dead_after: the path never went down
     assert a.received("sync", b2.outgoing("sync", 0.22), 0.22)  # b2's, echoing a's nonce of 0.215
     assert a.paths["sync"].peer_seq == b2._seq  # the new process's sequence
+    assert "restarted" in [f.kind for f in a.take_facts()]
     for path, data in recorded[:6] + recorded[-6:]:  # the old process's datagrams, replayed: no life
         assert not a.received(path, data, 0.225)
     assert a.paths["sync"].old_seq > old_seq
+    assert "restarted" not in [f.kind for f in a.take_facts()]  # a replay is no new process either
     # after the replay (which may have changed the nonce a echoes), b2 and a hear each other again
     for t in (0.23, 0.24, 0.25):
         b2.received("sync", a.outgoing("sync", t), t)

@@ -175,6 +175,17 @@ def test_stall_the_verdict_was_wrong_the_holder_lets_go_when_heartbeats_return()
     assert "was only late" in c.history[-1].reason
 
 
+def test_a_restarted_peers_heartbeats_before_its_hello_do_not_release():
+    """The restarted peer's heartbeats arrive before its hello (its link is still connecting): its old
+    process's hello said it served its address, but a new process serves nothing, so this is no stall:
+    keep holding until it asks for the address back (the live move), instead of cutting every client."""
+    c, _ = run([hello(THEIRS), PeerDeclaredDead(1.0, 0.1)])
+    assert c.peer_role == HOLDING
+    assert c.handle(roles.PeerRestarted()) == []
+    assert ReleasePeerAddress() not in c.handle(PeerAlive())
+    assert c.peer_role == HOLDING and THEIRS in c.holds()
+
+
 def test_a_restarted_peer_asks_back_and_its_hello_alone_does_not_release():
     c, _ = run([hello(THEIRS), PeerDeclaredDead(1.0, 0.1)])
     c.handle(HelloReceived(frozenset(), CLAIMING))      # the restarted peer: claiming, serves nothing
