@@ -105,8 +105,12 @@ def test_sigterm_in_a_stateful_pair_moves_too_and_resets_nothing(lab, stateful_p
     try:
         assert wait_for(lambda: out.exists() and out.stat().st_size > (512 << 10), timeout=30)
         a.signal(signal.SIGTERM)
-        st = b.wait_for(serving(host, "b"), 3, "b serving a's address")
+        b.wait_for(serving(host, "b"), 3, "b serving a's address")
         assert a.proc.wait(5) == 0
+        # the move's and the takeover's records are written as each finishes, possibly just after the
+        # role flips (reading them at the flip failed about 1 run in 4)
+        st = b.wait_for(lambda s: s["pair"]["takeovers"] and s["pair"].get("last_move"), 3,
+                        "b's records of the move and the takeover")
         _, stderr = client.communicate(timeout=30)
         assert client.returncode == 0, stderr[-2000:]
         assert out.read_bytes() == b"s" * (6 << 20)
