@@ -1,9 +1,12 @@
 """Shared fixtures. `lab`: one namespace lab (prefix "ppt") for the whole test session.
 
 ``PAIRPROXY_TEST_LAB=<prefix>`` picks another prefix, so that two test runs on one machine (two
-checkouts) build separate labs instead of tearing down each other's."""
+checkouts) build separate labs instead of tearing down each other's. Two runs with the same prefix
+would share namespaces (a node of one answering in the other's lab): the second waits for the first
+(:func:`pytest_sessionstart`), and a lab a killed run left behind is torn down before it is reused."""
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -13,6 +16,56 @@ import tempfile
 import time
 
 import pytest
+
+
+#: how long a second run with the same lab prefix waits for the first before it gives up
+LAB_LOCK_WAIT = 20 * 60
+
+
+def pytest_sessionstart(session) -> None:
+    """Take this run's lab prefix: an exclusive lock on ``/run/lock/pairproxy-test-<prefix>.lock``,
+    held until the process ends. Another run holding it is waited for (saying so); once it is ours,
+    namespaces of the prefix are a killed run's leftovers and are torn down, so no stale node or
+    address of theirs is mistaken for this run's."""
+    if os.geteuid() != 0:
+        return
+    prefix = os.environ.get("PAIRPROXY_TEST_LAB", "ppt")
+    os.makedirs("/run/lock", exist_ok=True)
+    path = f"/run/lock/pairproxy-test-{prefix}.lock"
+    lock = open(path, "a+")  # noqa: SIM115 - held for the whole session, closed by the exit
+    deadline = time.monotonic() + LAB_LOCK_WAIT
+    said = False
+    while True:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "unknown"
+            if time.monotonic() > deadline:
+                pytest.exit(f"another test run (PID {holder}) holds lab prefix {prefix!r} ({path}) since "
+                            f"{LAB_LOCK_WAIT // 60} min: stop it, or set PAIRPROXY_TEST_LAB to another prefix",
+                            returncode=3)
+            if not said:
+                print(f"\nwaiting for another test run (PID {holder}) that uses lab prefix {prefix!r}; "
+                      "PAIRPROXY_TEST_LAB=<prefix> runs apart", file=sys.stderr, flush=True)
+                said = True
+            time.sleep(2)
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    session.config._pairproxy_lab_lock = lock  # keeps the lock (and its fd) alive
+    from deploy.lab import netns
+    from deploy.lab.processes import kill_pids, pids_in_namespaces
+
+    stale = sorted(name for name in netns.existing_namespaces() if name.startswith(prefix) and "-" in name)
+    if stale:
+        print(f"\ntearing down namespaces a killed test run left behind: {', '.join(stale)}",
+              file=sys.stderr, flush=True)
+        kill_pids(sorted(pids_in_namespaces(stale)))
+        for name in stale:
+            subprocess.run(["ip", "netns", "del", name], capture_output=True)
 
 
 @pytest.fixture(scope="session")
