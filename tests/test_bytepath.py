@@ -12,6 +12,7 @@ import os
 import resource
 import socket
 import struct
+import subprocess
 import threading
 import time
 from contextlib import contextmanager
@@ -187,10 +188,26 @@ def sink_and_source(size: int, gate: threading.Event | None = None):
                 break
             got.update(d)
             n += len(d)
+            handler.progress = n
         t.join()
         handler.results.append((n, got.hexdigest()))
     handler.results = []
+    handler.progress = 0
     return handler
+
+
+def stuck(proxy: ProxyThread, handler, backend_port: int) -> str:
+    """What a test that waited in vain for the backend shows: how far the backend read, the proxy's
+    counters and switches, and every TCP socket of the proxy's and the backend's ports (``ss``)."""
+    st = proxy.stats
+    relay = proxy.proxy.byte_path.relay
+    governor = getattr(relay, "_governor", None) if relay is not None else None
+    ss = subprocess.run(["ss", "-tniem", "state", "all", f"( sport = :{proxy.port} or dport = :{proxy.port} "
+                         f"or sport = :{backend_port} or dport = :{backend_port} )"],
+                        capture_output=True, text=True).stdout
+    return (f"backend read {handler.progress} bytes without EOF; proxy: to_backend {st.bytes_to_backend}, "
+            f"to_client {st.bytes_to_client}, active {st.connections_active}, reset {st.connections_reset}, "
+            f"switched to splice {governor.switched if governor else '-'}\n{ss}")
 
 
 #: what :func:`send_gated` holds back
@@ -226,7 +243,7 @@ def test_bytes_identical_both_ways(byte_path, size):
     """0 B to 64 MiB each way at once, byte-identical, counted in status; the client sends before
     the proxy has even connected to the backend (bytes queued before the relay starts)."""
     handler = sink_and_source(size)
-    with proxied(handler, byte_path) as (proxy, _):
+    with proxied(handler, byte_path) as (proxy, backend):
         s = connect(proxy)
         data = _pattern(size, b"C")
         t = threading.Thread(target=lambda: (s.sendall(data), s.shutdown(socket.SHUT_WR)))
@@ -234,7 +251,10 @@ def test_bytes_identical_both_ways(byte_path, size):
         back = recv_all(s)
         t.join()
         s.close()
-        wait_for(lambda: handler.results, what="the backend's result")
+        try:
+            wait_for(lambda: handler.results, what="the backend's result")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}: {stuck(proxy, handler, backend.port)}") from None
         assert handler.results == [(size, hashlib.sha256(data).hexdigest())]
         assert hashlib.sha256(back).digest() == hashlib.sha256(_pattern(size, b"B")).digest() and len(back) == size
         wait_for(lambda: proxy.stats.connections_active == 0, what="the connection to end")
