@@ -238,6 +238,7 @@ def run_scale(bench: Bench, i: int, idle: int, timings: PairTimings) -> dict:
                 "silence_ms": t["silence_ms"], "address_moved_ms": t["address_moved_ms"],
                 "first_continued_ms": t.get("first_continued_ms"), "all_continued_ms": t.get("all_continued_ms"),
                 "continued": t["connections_continued"], "reset": t["clients_reset"],
+                "phases_ms": t.get("phases_ms"),
                 "first_record": (t["connections"] or [{}])[0],
                 "reasons": sorted({c["reason"] for c in t["connections"] if not c["continued"]}),
                 "busy_error": brec.get("error"), "busy_wrong": brec.get("wrong"), "busy_rounds": brec.get("rounds"),
@@ -258,7 +259,7 @@ def run_scale(bench: Bench, i: int, idle: int, timings: PairTimings) -> dict:
 def main_scale(args) -> int:
     started = datetime.datetime.now(datetime.timezone.utc)
     results: list = []
-    with Bench("continuation-scale", prefix=args.prefix, default_prefix="c10b", keep_work=True) as bench:
+    with Bench("continuation-scale", prefix=args.prefix, default_prefix="c10b", keep_work=args.keep_logs) as bench:
         lab = bench.up()
         for ns in (lab.ns_a, lab.ns_b):
             bench.sysctl(ns, "net.ipv4.ip_nonlocal_bind", "1")
@@ -290,6 +291,8 @@ def main() -> int:
                         help="instead: idle connections plus a busy one, e.g. 1,100,1000,5000 (verdict to all continued)")
     parser.add_argument("--heartbeat", default="50ms", help="--scale: the pair's heartbeat")
     parser.add_argument("--dead-after", default="500ms", help="--scale: the pair's dead_after")
+    parser.add_argument("--keep-logs", action="store_true", help="--scale: keep the nodes' logs (their directory "
+                        "is printed at the end; removed otherwise)")
     args = parser.parse_args()
     if args.scale:
         if args.json == parser.get_default("json"):

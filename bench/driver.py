@@ -84,6 +84,7 @@ class Bench:
 
     def __init__(self, name: str, prefix: str, default_prefix: str | None = None, root: str | None = None,
                  keep_lab: bool = False, keep_work: bool = False, workdir: str = "/var/tmp") -> None:
+        self._own_root = root is None  # a directory given by the caller is theirs: not removed
         if root is None:
             base = f"/var/tmp/pairproxy-{name}-lab"
             root = base if prefix == default_prefix else f"{base}-{prefix}"
@@ -113,7 +114,7 @@ class Bench:
                 say(f"{self.name}: undoing a lab change: {exc}")
             if not self.keep_lab:
                 try:
-                    self.lab.down()
+                    self.lab.down(purge=self._own_root)  # and its own directory: nothing left in /var/tmp
                 except LabError as exc:
                     say(f"{self.name}: lab down: {exc}")
             else:
