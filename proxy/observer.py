@@ -94,12 +94,6 @@ class ObserverProcess:
         """Start the child and keep it until cancelled (then it is terminated)."""
         process = await trio.lowlevel.open_process([sys.executable, "-m", "proxy.observer"],
                                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        # a takeover's continuation chunks are hundreds of KiB: through a 64 KiB pipe each takes several
-        # turns of this node's event loop to read, and the takeover waits for them (bench/CONTINUATION.md)
-        from proxy.pump import grow_pipe  # noqa: PLC0415 - the child does not need the pumps
-
-        for pipe in (process.stdin, process.stdout):
-            grow_pipe(pipe.fileno())
         try:
             await process.stdin.send_all(_frame(self.setup))
             ready = await _read_message(process.stdout, self._buffer)

@@ -49,18 +49,12 @@ class ConnectionLost(Exception):
     """The peer on one side reset or broke the connection; the whole proxied connection must end."""
 
 
-def grow_pipe(fd: int, size: int = CHUNK) -> None:
-    """Make the pipe of ``fd`` hold ``size`` bytes where the kernel allows it (``pipe-max-size``, the
-    user's pipe pages); else it stays at the default 64 KiB and works, only with more calls."""
-    try:
-        fcntl.fcntl(fd, _F_SETPIPE_SZ, size)
-    except OSError:
-        pass
-
-
 def _open_pipe() -> tuple[int, int]:
     r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    grow_pipe(w)
+    try:
+        fcntl.fcntl(w, _F_SETPIPE_SZ, CHUNK)
+    except OSError:
+        pass  # pipe-max-size is lower here; the default 64 KiB pipe still works, only with more calls
     return r, w
 
 
