@@ -313,6 +313,11 @@ async def _child_main() -> None:
     if setup is None:
         return
     observer = _Observer(setup)
+    # imported now, not at the first resume report (ResumeWatcher.report): that is asked for by the
+    # first status while this node holds the peer's address, i.e. during a takeover, and compiling the
+    # status schema then held this process 0.1-0.14 s while the takeover waited for its answers
+    import proxy.status  # noqa: F401, PLC0415
+
     gc.collect()
     gc.freeze()  # see proxy.cli.cmd_run: no long collections of what lives as long as the process
     await observer.run(stdin, buffer)
