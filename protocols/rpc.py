@@ -603,7 +603,7 @@ class RpcDecoder:
             try:
                 return self._reply_body(reply.from_client, reply.xid, x, call)
             except XdrError:
-                pass
+                pass  # the call does not fit the reply's body: the reply stays as decoded without it
         return replace(reply, call=call)
 
     def _remember_early(self, reply: RpcReply, x: Xdr) -> None:

@@ -349,7 +349,7 @@ class StatefulStandby:
         for conn, server in found:
             old = known.get((tuple(conn.client), conn.port))
             if old is not None and old.source_port == conn.backend_source[1] and old.server == server \
-                    and old.anchor == conn.anchor and old.client_options and old.backend_options:
+                    and old.anchor == conn.anchor and old.client_options is not None and old.backend_options is not None:
                 out.append(old)
                 continue
             if conn.legs is None:

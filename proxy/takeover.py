@@ -314,7 +314,7 @@ async def _continue_rest(standby: StatefulStandby, plan: TakeoverPlan, service: 
                     now = trio.current_time()
                     spent["rest.wait"] += now - t
                     rest += chunk
-                    sliced = trio.current_time()
+                    sliced = now
                     for i in range(0, len(chunk), REST_BATCH):
                         if service.state not in ("idle", "serving"):  # handed back (or stopped) meanwhile
                             for entry in chunk[i:]:
@@ -330,6 +330,7 @@ async def _continue_rest(standby: StatefulStandby, plan: TakeoverPlan, service: 
                             await trio.sleep(0)
                             t = sliced = trio.current_time()
                             spent["rest.turns"] += t - now
+                    now = trio.current_time()
                     await trio.sleep(0)  # the chunk's last slice gets its turn too
                     t = trio.current_time()
                     spent["rest.turns"] += t - now

@@ -193,7 +193,7 @@ class TcpSocketState:
         if self.window is not None:
             if not isinstance(self.window, RepairWindow):
                 raise ValueError(f"window: must be a RepairWindow or None, not {type(self.window).__name__}")
-            for name in _WINDOW_FIELDS:
+            for name in _field_names(RepairWindow):
                 _check_int(f"window.{name}", getattr(self.window, name), 0, U32)
             w = self.window
             if w.max_window < w.snd_wnd:  # the kernel refuses this with EINVAL
@@ -235,7 +235,7 @@ class TcpSocketState:
             raise ValueError(f"tcp state: must be a map, not {type(data).__name__}")
         if data.get("v") != WIRE_VERSION:
             raise ValueError(f"v: wire version {data.get('v')!r} is not {WIRE_VERSION}")
-        names = _STATE_FIELDS if cls is TcpSocketState else [f.name for f in fields(cls)]
+        names = _field_names(cls)
         for key in data:
             if key != "v" and key not in names:
                 raise ValueError(f"{key}: unknown field" if isinstance(key, str) else f"unknown key {key!r}")
@@ -249,15 +249,17 @@ class TcpSocketState:
         _check_queues(values["send_queue"], values["recv_queue"], max_queue)
         window = values["window"]
         if window is not None:
-            if not isinstance(window, (list, tuple)) or len(window) != len(_WINDOW_FIELDS):
-                raise ValueError(f"window: must be a list of {len(_WINDOW_FIELDS)} integers or nil")
+            if not isinstance(window, (list, tuple)) or len(window) != len(_field_names(RepairWindow)):
+                raise ValueError(f"window: must be a list of {len(_field_names(RepairWindow))} integers or nil")
             values["window"] = RepairWindow(*window)  # its fields are checked with the state's
         return cls(**values)
 
 
-#: field names, computed once: a takeover validates thousands of states at once (``fields()`` is slow)
-_STATE_FIELDS = [f.name for f in fields(TcpSocketState)]
-_WINDOW_FIELDS = [f.name for f in fields(RepairWindow)]
+@functools.cache
+def _field_names(cls: type) -> tuple[str, ...]:
+    """A dataclass's field names, computed once: a takeover validates thousands of states at once, and
+    ``fields()`` is slow."""
+    return tuple(f.name for f in fields(cls))
 
 
 def _check_ipv4(name: str, value: Any) -> None:

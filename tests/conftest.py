@@ -65,7 +65,7 @@ def pytest_sessionstart(session) -> None:
               file=sys.stderr, flush=True)
         kill_pids(sorted(pids_in_namespaces(stale)))
         for name in stale:
-            subprocess.run(["ip", "netns", "del", name], capture_output=True)
+            netns.ip("netns", "del", name, check=False)
 
 
 @pytest.fixture(scope="session")
