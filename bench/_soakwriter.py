@@ -47,6 +47,21 @@ def _alarm(signum, frame):
 READ_REPLY_HEADER = 132
 
 
+def _mark_start(got: bytes, mark: bytes, diff: int, lo: int) -> int | None:
+    """Where a record mark starts whose first differing byte is ``diff``: up to 3 bytes before it, as
+    the bytes the mark replaced may equal its first bytes (``want[x] == 0x80`` one time in 256), not
+    before ``lo``; None when no mark (or the start of one, at the end of ``got``) is there."""
+    for p in range(max(lo, diff - len(mark) + 1), diff + 1):
+        if got[p:p + len(mark)] == mark[:len(got) - p]:
+            return p
+    return None
+
+
+def _first_diff(a: bytes, b: bytes) -> int | None:
+    """The first offset where ``a`` and ``b`` differ, over ``a``'s length (``b`` at least as long)."""
+    return next((k for k in range(len(a)) if a[k] != b[k]), None)
+
+
 def reconnect_splices(want: bytes, got: bytes) -> list[int] | None:
     """Where ``got`` is what libnfs makes of a READ reply record cut by resets (bench/SOAK.md, "The
     wrong NFS read-backs"): the record is filled up, from where the cut left it, with the next reply to
@@ -58,28 +73,30 @@ def reconnect_splices(want: bytes, got: bytes) -> list[int] | None:
     mark = (0x80000000 | (len(want) + READ_REPLY_HEADER - 4)).to_bytes(4, "big")
     if len(got) > len(want):
         return None
-    pieces, pos = [], 0
-    x = next((k for k in range(len(got)) if got[k] != want[k]), None)
+    x = _first_diff(got, want)
     if x is None:
         return None
-    pieces.append(x)
-    pos = x
+    pos = _mark_start(got, mark, x, 0)
+    if pos is None:
+        return None
+    pieces = [pos]
     while pos < len(got):
-        if got[pos:pos + 4] != mark[:len(got) - pos]:
-            return None
         # the next reply: its header, unless cut inside it (another record mark there starts the next)
         cut = got.find(mark, pos + 4, pos + READ_REPLY_HEADER)
         if cut >= 0:
             pieces.append(cut - pos)
             pos = cut
             continue
-        body = got[pos + READ_REPLY_HEADER:]
-        d = next((k for k in range(len(body)) if body[k] != want[k]), None)
+        body = pos + READ_REPLY_HEADER
+        d = _first_diff(got[body:], want)
         if d is None:
             pieces.append(len(got) - pos)
             return pieces
-        pieces.append(READ_REPLY_HEADER + d)
-        pos += READ_REPLY_HEADER + d
+        nxt = _mark_start(got, mark, body + d, body)
+        if nxt is None:
+            return None
+        pieces.append(nxt - pos)
+        pos = nxt
     return pieces
 
 
