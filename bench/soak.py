@@ -407,6 +407,13 @@ def run_mode(bench: Bench, mode: str, args, out: dict) -> dict:
                 w.check_disk()
             c["writer_errors"] = {f"{w.proto}@{w.host}": len([r for r in w.snapshot() if not r["ok"]]) - errs_before[id(w)]
                                   for w in writers}
+            # each failed operation, its times from the death (the restart at "back_s", both nodes
+            # settled at "done_s"): which moment of the cycle a client noticed
+            c["back_s"], c["done_s"] = round(back - died, 4), round(done - died, 4)
+            c["failed_ops"] = [{"writer": f"{w.proto}@{w.host}", "stage": r.get("stage"), "err": r.get("err"),
+                                "start_s": round(r["s"] - died, 4), "end_s": round(r["e"] - died, 4)}
+                               for w in writers
+                               for r in [r for r in w.snapshot() if not r["ok"]][errs_before[id(w)]:]]
             c["seconds"] = time.monotonic() - t0
             out["cycles"].append(c)
             node = c["node"] or {}
@@ -415,6 +422,8 @@ def run_mode(bench: Bench, mode: str, args, out: dict) -> dict:
                 flags.append(f"LEAK {c['leaks']}")
             if c["arp"]:
                 flags.append(f"ARP CONFLICT x{len(c['arp'])} ({c['arp'][0]} .. {c['arp'][-1]})")
+            for f in c["failed_ops"][:4]:
+                flags.append(f"FAILED {f['writer']} {f['stage']} {f['start_s']:+.2f}..{f['end_s']:+.2f} s: {(f['err'] or '')[-80:]}")
             if c["takeovers_b_new"] != 1 or c["takeovers_a"]:
                 flags.append(f"TAKEOVERS b+{c['takeovers_b_new']} a {c['takeovers_a']}")
             say(f"[{mode}] {n:3d}: takeover smb {ms(c['takeover_s']['smb'])} nfs {ms(c['takeover_s']['nfs'])} ms "
