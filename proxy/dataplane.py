@@ -412,18 +412,17 @@ class ServiceProxy:
         return client_remote, backend_own, backend_remote, client_own
 
     def adopt(self, client: socket.socket, backend: socket.socket, port: int, nursery: trio.Nursery, *,
-              bytes_to_backend: int = 0, bytes_to_client: int = 0,
+              peer: tuple[str, int], bytes_to_backend: int = 0, bytes_to_client: int = 0,
               anchor: tuple[int, int, int, int] | None = None) -> None:
         """Serve a connection that a live move (:mod:`proxy.livemove`) or a takeover restored here: both
         legs exist and are live, so only the pumps start (in ``nursery``, the address's connection
-        nursery). ``anchor``: see :attr:`Connection.anchor`."""
+        nursery). ``peer``: the client's address and port, from the restored state (not
+        ``getpeername``: a client that reset it between going live and here leaves none, and the
+        connection must still be named, also in the pairings told to the peer). ``anchor``: see
+        :attr:`Connection.anchor`."""
         self.budget.used += FDS_PER_CONNECTION  # the descriptors exist already: book them (released at the end)
         tclient, tbackend = trio.socket.from_stdlib_socket(client), trio.socket.from_stdlib_socket(backend)
-        try:
-            peer = client.getpeername()
-        except OSError:  # reset between going live and here (ENOTCONN): the pumps see it and end as usual
-            peer = ("0.0.0.0", 0)
-        conn = Connection(client=peer, port=port, bytes_to_backend=bytes_to_backend,
+        conn = Connection(client=(str(peer[0]), int(peer[1])), port=port, bytes_to_backend=bytes_to_backend,
                           bytes_to_client=bytes_to_client, anchor=anchor)
         source_ports = self.source_ports(port)
         if source_ports is not None:

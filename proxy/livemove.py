@@ -255,7 +255,7 @@ async def _thaw(service: Any, frozen: _Frozen, report: MoveReport, *, was_frozen
         _abort(frozen.backend)
         return
     try:
-        service.adopt(frozen.proxy, frozen.client, frozen.backend, conn.port,
+        service.adopt(frozen.proxy, frozen.client, frozen.backend, conn.port, peer=conn.client,
                       bytes_to_backend=conn.bytes_to_backend, bytes_to_client=conn.bytes_to_client, anchor=conn.anchor)
     except OSError as exc:  # the remote reset it meanwhile
         report.fail(_name(conn), f"thaw: ended before its pumps started: {exc}")
@@ -766,7 +766,8 @@ async def _move_in(report: MoveReport, address: str, receiver: Receiver | None,
             _abort(backend)
             continue
         try:
-            service.adopt(proxy, client, backend, int(entry["port"]), bytes_to_backend=int(entry.get("to_backend") or 0),
+            service.adopt(proxy, client, backend, int(entry["port"]),
+                          peer=(rc.state.remote_address, rc.state.remote_port), bytes_to_backend=int(entry.get("to_backend") or 0),
                           bytes_to_client=int(entry.get("to_client") or 0), anchor=relay_anchor(rc.state, rb.state))
         except OSError as exc:  # reset by the remote since it went live (e.g. the giver served it meanwhile)
             report.fail(what, f"ended before its pumps started: {exc}")

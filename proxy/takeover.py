@@ -382,7 +382,8 @@ def _go_live(restored: list[tuple[dict, Any, Any]], service: AddressService, tak
             for s in (rc.sock, rb.sock):
                 s.close()
             continue
-        service.adopt(proxy, client, backend, port, anchor=relay_anchor(rc.state, rb.state))
+        service.adopt(proxy, client, backend, port, peer=(rc.state.remote_address, rc.state.remote_port),
+                      anchor=relay_anchor(rc.state, rb.state))
         record["continued"] = True
         takeover.all_continued_at = trio.current_time()
         if takeover.first_continued_at is None:
