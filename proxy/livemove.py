@@ -136,6 +136,14 @@ class MoveReport:
     #: segments the lock dropped, delivered from its copies (out: passed on, or delivered here if thawed;
     #: in: delivered here)
     segments_passed: int | None = None
+    #: of those, new clients' SYNs held by the lock from its preparation on (delivered to the listener of
+    #: the address's holder after the move instead of being reset here: :meth:`MoveLock.prepare`)
+    syns_passed: int | None = None
+
+    def delivered(self, segments: list[bytes]) -> None:
+        """Deliver segments the giver's lock dropped to this node's sockets, and count them."""
+        self.segments_passed = (self.segments_passed or 0) + movelock.deliver(segments)
+        self.syns_passed = (self.syns_passed or 0) + movelock.count_syns(segments)
 
     def fail(self, what: str, why: str) -> None:
         self.failed += 1
@@ -444,7 +452,7 @@ async def _freeze_and_send(report: MoveReport, t0: float, phases: _Phases, addre
         # while it holds, the copies would be dropped again)
         report.lock_drops = held.dropped()
         copies = held.take_dropped() + await trio.to_thread.run_sync(held.release)
-        report.segments_passed = movelock.deliver(copies)
+        report.delivered(copies)
         phases.done("thaw")
         report.outcome = "thawed"
         if report.thawed and len(report.failures) < 20:
@@ -565,7 +573,7 @@ class Receiver:
             return
         segments = [s for s in segments if isinstance(s, bytes)]
         if self.live:
-            self.report.segments_passed = (self.report.segments_passed or 0) + movelock.deliver(segments)
+            self.report.delivered(segments)
         elif self.state != "given_up":
             self.segments.extend(segments[:MAX_SEGMENTS - len(self.segments)])
 
@@ -589,7 +597,7 @@ class Receiver:
         """The sockets are live: deliver what the giver's lock dropped, and from now on as it comes."""
         self.live = True
         segments, self.segments = self.segments, []
-        self.report.segments_passed = (self.report.segments_passed or 0) + movelock.deliver(segments)
+        self.report.delivered(segments)
 
     def decide(self, decision: str) -> None:
         if self.decision is None:

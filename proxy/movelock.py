@@ -17,12 +17,16 @@ every move with a dropped segment stalled its client 223-229 ms, bench/MOVES.md)
 client resends anyway is discarded by TCP as usual.
 
 One object owns the kernel change (an nftables table ``pairproxy_movelock_<address>``, family ip, one
-input chain with one rule and a counter), as :mod:`proxy.rstguard` does for output::
+input chain with two rules, each with a counter), as :mod:`proxy.rstguard` does for output::
 
     table ip pairproxy_movelock_10_0_0_1 {
         chain in { type filter hook input priority -300; policy accept;
+            ip protocol tcp ip daddr 10.0.0.1 tcp flags & (syn | ack) == syn counter log group 31249 queue-threshold 1 drop
             ip protocol tcp ip daddr 10.0.0.1 counter log group 31249 queue-threshold 1 drop
         }
+
+The first rule (new clients' SYNs) is there from :meth:`MoveLock.prepare`, before the listeners close;
+the second from :meth:`MoveLock.engage`.
     }
 
 From the ``move_go`` on, the giver also stops speaking ARP for the address (:meth:`MoveLock.silence_arp`:
@@ -52,8 +56,9 @@ from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.nftables.expressions import genex, verdict
 from pyroute2.nftables.main import NFTables
 
-from proxy.rstguard import (NF_ACCEPT, NF_DROP, NFPROTO_IPV4, NFT_CMP_EQ, NFT_PAYLOAD_NETWORK_HEADER, _cmp, _drops,
-                            _delete_table, _load, _table_exists)
+from proxy.rstguard import (NF_ACCEPT, NF_DROP, NFPROTO_IPV4, NFT_CMP_EQ, NFT_PAYLOAD_NETWORK_HEADER,
+                            NFT_PAYLOAD_TRANSPORT_HEADER, _REG, _cmp, _data, _delete_table, _drops, _load,
+                            _table_exists)
 
 log = logging.getLogger("pairproxy.movelock")
 
@@ -94,12 +99,22 @@ def _arp_rule(offset: int, address: ipaddress.IPv4Address) -> list[dict]:
             genex("counter", {"bytes": 0, "packets": 0})]
 
 
-def _rule(address: ipaddress.IPv4Address, log_group: int | None) -> list[dict]:
+TCP_SYN, TCP_ACK = 0x02, 0x10
+
+
+def _rule(address: ipaddress.IPv4Address, log_group: int | None, *, syn_only: bool = False) -> list[dict]:
+    """Every TCP segment to ``address`` (``syn_only``: a new client's SYN, no ACK), counted, and copied to
+    the NFLOG ``log_group``."""
     rule = [
         _load(NFT_PAYLOAD_NETWORK_HEADER, 9, 1), _cmp(NFT_CMP_EQ, bytes([socket.IPPROTO_TCP])),
         _load(NFT_PAYLOAD_NETWORK_HEADER, 16, 4), _cmp(NFT_CMP_EQ, address.packed),
-        genex("counter", {"bytes": 0, "packets": 0}),
     ]
+    if syn_only:
+        rule += [_load(NFT_PAYLOAD_TRANSPORT_HEADER, 13, 1),
+                 genex("bitwise", {"sreg": _REG, "dreg": _REG, "len": 1, "mask": _data(bytes([TCP_SYN | TCP_ACK])),
+                                   "xor": _data(b"\0")}),
+                 _cmp(NFT_CMP_EQ, bytes([TCP_SYN]))]
+    rule.append(genex("counter", {"bytes": 0, "packets": 0}))
     if log_group is not None:  # a copy of each dropped segment to DropLog, at once (queue threshold 1)
         # the kernel reads NFTA_LOG_GROUP and NFTA_LOG_QTHRESHOLD as be16 from the attribute's first two
         # bytes; pyroute2 0.9 declares them be32: shifted, its four bytes start with the right two
@@ -272,6 +287,16 @@ def deliver(packets: list[bytes]) -> int:
     return sent
 
 
+def count_syns(packets: list[bytes]) -> int:
+    """How many of these IPv4 packets are a new client's SYN (SYN without ACK)."""
+    n = 0
+    for packet in packets:
+        at = (packet[0] & 0x0F) * 4 + 13 if packet else 0
+        if len(packet) > at and packet[9] == socket.IPPROTO_TCP and packet[at] & (TCP_SYN | TCP_ACK) == TCP_SYN:
+            n += 1
+    return n
+
+
 class MoveLock:
     """While open, TCP segments to ``address`` are dropped on arrival in this network namespace (and a copy
     of each is kept: :meth:`take_dropped`)."""
@@ -288,7 +313,17 @@ class MoveLock:
         return self.prepare().engage()
 
     def prepare(self) -> "MoveLock":
-        """Make the table and its chain, without the rule (nothing is dropped yet), and the NFLOG listener.
+        """Make the table and its chain with the rule that holds new clients (:meth:`engage` adds the one
+        that drops everything), and the NFLOG listener.
+
+        Why new clients are held from the start: the move closes the listeners before it freezes (and
+        a move under load takes hundreds of milliseconds from there to the peer's go: 755 ms in
+        bench/soak.py at load 12); a SYN that arrived meanwhile was answered with a reset by this
+        node's kernel (no listener), and a client that connects per operation (libnfs ``nfs-cp``)
+        failed at once. Held, each SYN is copied like any segment the lock drops and delivered to the
+        listener of whoever holds the address after the move (:func:`deliver`): the client's
+        handshake completes there without waiting for its 1 s retransmission.
+
         Slow under load (netlink and an nftables transaction: 1-12 ms measured), so a move does it in a
         thread while its pumps stop."""
         try:
@@ -303,6 +338,9 @@ class MoveLock:
             nft.table("add", name=self.table)
             nft.chain("add", table=self.table, name="in", hook="input", type="filter", priority=-300,
                       policy=NF_ACCEPT)
+            group = self._log.group if self._log is not None else None
+            nft.rule("add", table=self.table, chain="in",
+                     expressions=(_rule(self.address, group, syn_only=True), verdict(code=NF_DROP)))
         except NetlinkError as exc:
             self._nft = nft
             self.close()

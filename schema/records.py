@@ -672,6 +672,9 @@ class MoveRecord:
     #: segments the move lock dropped that were delivered from its copies (out: passed on or, thawed,
     #: delivered here; in: delivered here), so no client waited for its retransmission timer
     segments_passed: int | None = field(default=None, metadata=OPTIONAL)
+    #: of those, new clients' SYNs the lock held from its preparation on (answered by the address's holder
+    #: after the move instead of reset by the giver, which had no listener any more)
+    syns_passed: int | None = field(default=None, metadata=OPTIONAL)
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """proxy.movelock: while a move's lock is engaged, no TCP segment reaches a socket of the address.
 
 Server namespace ``n`` holds SERVICE with a listener and one established connection from namespace ``c``.
-Prepared only, the lock drops nothing. Engaged, the client's bytes do not arrive (they are dropped on
+Prepared only, the lock drops only new clients' SYNs (held and handed on). Engaged, the client's bytes do not arrive (they are dropped on
 arrival, counted, and the server's socket sees nothing), a new connection is not answered; released, the
 client's retransmission arrives (nothing was lost for good, nothing was reset). What the lock drops is
 also copied to the lock (NFLOG), and delivered from the copy it arrives at once, long before the client's
@@ -110,6 +110,48 @@ def test_a_dropped_segment_delivered_from_the_locks_copy_needs_no_retransmission
                 lock.close()
         for s in (client, served, listener):
             s.close()
+
+
+def test_a_prepared_lock_holds_new_clients_and_hands_their_syn_on(namespaces):
+    """A move closes its listeners right after preparing the lock and freezes much later (hundreds of
+    ms under load): a new client's SYN meanwhile must not be answered with a reset (no listener) but
+    held, copied, and delivered to whoever listens after the move, where the handshake completes at
+    once instead of after the client's 1 s SYN retransmission (bench/soak.py: libnfs failed at once)."""
+    import select
+
+    pair_lab(namespaces)
+    n, c = namespaces["n"], namespaces["c"]
+    lock = listener = None
+    with in_netns(c):
+        probe = socket.socket()
+    try:
+        with in_netns(n):
+            lock = movelock.MoveLock(SERVICE).prepare()     # nobody listens: as after stop_accepting
+        probe.setblocking(False)
+        sent_at = time.monotonic()
+        assert probe.connect_ex((SERVICE, PORT)) in (115, 11)   # EINPROGRESS
+        time.sleep(0.1)
+        copies = lock.take_dropped()
+        assert lock.dropped() == 1 and len(copies) == 1
+        assert copies[0][(copies[0][0] & 0x0F) * 4 + 13] & 0x12 == 0x02     # the client's SYN
+        assert probe.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0    # no reset: still connecting
+        with in_netns(n):
+            assert lock.release() == []
+            lock = None
+            listener = socket.create_server((SERVICE, PORT))
+            assert movelock.deliver(copies) == 1
+        _, writable, _ = select.select([], [probe], [], 0.9)
+        assert writable and probe.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+        assert time.monotonic() - sent_at < 0.9          # before the client's own retransmission (1 s)
+        served, _ = listener.accept()
+        served.close()
+    finally:
+        if lock is not None:
+            with in_netns(n):
+                lock.close()
+        for s in (probe, listener):
+            if s is not None:
+                s.close()
 
 
 def test_a_lock_left_behind_is_removed(namespaces):
