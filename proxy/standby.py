@@ -66,6 +66,8 @@ PAIRINGS_EVERY = 0.05
 PAIRINGS_NEW_WITHIN = 0.005
 #: every this many seconds, everything again, with ``reset``: the standby's table cannot drift
 PAIRINGS_RESYNC_EVERY = 5.0
+#: the peer's pairings messages kept for a slow observer at most (each holds up to 500 entries)
+PENDING_PAIRINGS = 400
 
 
 def _take_all(queue: "collections.deque") -> list:
@@ -143,7 +145,11 @@ class StatefulStandby:
         self._own_proxies = own_proxies or (lambda: [])
         self.outbox = PairingOutbox()
         self.pairings_sent = 0
-        self._early_pairings: list[dict] = []
+        #: the peer's pairings messages not yet taken by the observer, in order (:meth:`_tell_pairings`)
+        self._pending_pairings: list[dict] = []
+        self._pairings_lock = trio.Lock()
+        #: times the observer did not take them within the bound (they were kept and sent again later)
+        self.pairings_late = 0
         #: drop this node's kernel's FIN/RST from its own address unless the node marked the close as its
         #: own: if only this process dies (SIGKILL, a crash) its kernel would end every client's connection
         #: before the peer can continue it (issue 10). Meant to outlive a killed process; replaced at start.
@@ -197,7 +203,7 @@ class StatefulStandby:
             self._open_macvlan()
             nursery.start_soon(self._send_digests)
             nursery.start_soon(self._send_pairings)
-            nursery.start_soon(self._replay_early_pairings)
+            nursery.start_soon(self._flush_pairings_when_ready)
             nursery.start_soon(self._handle_messages)
             if self._guard is not None:  # a node with its kernel objects (unit tests run without)
                 nursery.start_soon(self._keep_repair_guard_armed)
@@ -279,29 +285,55 @@ class StatefulStandby:
                 log.debug("stateful: %s for %r ignored", kind, address)
 
     async def _tell_pairings(self, message: dict, timeout: float) -> None:
-        if not self.observer.ready.is_set():
-            # kept until the observer runs (bounded: the peer sends everything again every few seconds)
-            if message.get("reset"):
-                self._early_pairings.clear()
-            if len(self._early_pairings) < 200:
-                self._early_pairings.append(message)
-            return
-        with trio.move_on_after(timeout):
-            try:
-                problems = await self.observer.request("pairings", add=message.get("add") or [],
-                                                       remove=message.get("remove") or [],
-                                                       reset=bool(message.get("reset")))
-            except ObserverError as exc:
-                log.warning("stateful: pairings not kept: %s", exc)
-                return
-            for problem in (problems or [])[:3]:
-                log.warning("stateful: a pairing from the peer skipped: %s", problem)
+        """Hand one pairings message of the peer to the observer, after those still pending.
 
-    async def _replay_early_pairings(self) -> None:
+        Never dropped for a slow observer: the peer sends only changes (:class:`PairingOutbox`), so a
+        message lost here left its connections unpaired until the peer's next full resync (5 s), and a
+        death meanwhile reset them (bench/soak.py at load 12: a libnfs client's connection in about one
+        takeover in two, its mount failing). A message the observer did not take within ``timeout``
+        stays pending, in order, and goes first with the next one, at the takeover at the latest
+        (:meth:`_takeover_plan`). One taken but timed out before its answer is sent again: harmless, as
+        the same messages again in the same order leave the book as it was (adds and removals are
+        idempotent; a reset clears what the messages after it rebuild). Bounded: past
+        ``PENDING_PAIRINGS`` the oldest go (the peer's resync restores them)."""
+        if message.get("reset"):
+            self._pending_pairings.clear()  # all of them anew: what came before is moot
+        self._pending_pairings.append(message)
+        if len(self._pending_pairings) > PENDING_PAIRINGS:
+            del self._pending_pairings[:len(self._pending_pairings) - PENDING_PAIRINGS]
+            log.warning("stateful: more than %d pairings messages waiting for the observer: the oldest dropped "
+                        "(the peer's next resync restores them)", PENDING_PAIRINGS)
+        if self.observer.ready.is_set():
+            await self._flush_pairings(timeout)
+
+    async def _flush_pairings(self, timeout: float) -> bool:
+        """Give the observer the pending pairings messages, in order, for at most ``timeout``; whether
+        none is left."""
+        with trio.move_on_after(timeout):
+            async with self._pairings_lock:
+                while self._pending_pairings:
+                    message = self._pending_pairings[0]
+                    try:
+                        problems = await self.observer.request("pairings", add=message.get("add") or [],
+                                                               remove=message.get("remove") or [],
+                                                               reset=bool(message.get("reset")))
+                    except ObserverError as exc:
+                        log.warning("stateful: pairings not kept: %s", exc)
+                        self._pending_pairings.clear()  # the observer is gone: the peer's resync restores them
+                        return True
+                    if self._pending_pairings and self._pending_pairings[0] is message:
+                        self._pending_pairings.pop(0)
+                    for problem in (problems or [])[:3]:
+                        log.warning("stateful: a pairing from the peer skipped: %s", problem)
+                return True
+        self.pairings_late += 1
+        log.info("stateful: the observer did not take the peer's pairings within %.0f ms: %d message(s) kept "
+                 "for the next turn (%d times so far)", timeout * 1000, len(self._pending_pairings), self.pairings_late)
+        return False
+
+    async def _flush_pairings_when_ready(self) -> None:
         await self.observer.ready.wait()
-        early, self._early_pairings = self._early_pairings, []
-        for message in early:
-            await self._tell_pairings(message, self.timings.status_observer_timeout)
+        await self._flush_pairings(self.timings.status_observer_timeout)
 
     async def _send_pairings(self) -> None:
         """Tell the peer which client leg pairs with which backend leg, and each leg's options (only the
@@ -437,6 +469,9 @@ class StatefulStandby:
         phases["plan"] = round((t1 - t0) * 1000, 1)
         with trio.move_on_after(CONTINUATIONS_TIMEOUT):
             try:
+                if self._pending_pairings:  # what the peer said last about its connections, before they are judged
+                    await self._flush_pairings(CONTINUATIONS_TIMEOUT)
+                    phases["pairings"] = round((trio.current_time() - t1) * 1000, 1)
                 first = await self.observer.request("continuations", first=CONTINUE_FIRST) or {}
                 phases["continuations"] = round((trio.current_time() - t1) * 1000, 1)
                 if first.get("rest"):

@@ -221,3 +221,67 @@ def test_the_dead_peers_connections_are_forgotten_at_the_takeover_and_at_its_res
             nursery.cancel_scope.cancel()
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+class SlowPairingsObserver(FakeObserver):
+    """Takes a pairings message only after ``delay`` (a busy observer); records what it took, in order."""
+
+    def __init__(self):
+        super().__init__()
+        self.delay = 0.0
+        self.taken: list[list] = []
+
+    async def request(self, op, view=None, **args):
+        if op == "pairings":
+            self.requests.append(op)
+            await trio.sleep(self.delay + 0.001)
+            self.taken.append([a[1] for a in args["add"]] + (["reset"] if args["reset"] else []))
+            return []
+        if op == "continuations":
+            self.requests.append(op)
+            return {"first": [], "rest": 0}
+        return await super().request(op, view, **args)
+
+
+def test_pairings_the_observer_is_too_slow_for_are_kept_in_order_and_given_before_a_takeover():
+    """The peer's pairings were dropped when the observer did not take them within its bound, and the peer
+    sends only changes, so those connections stayed unpaired until its resync 5 s
+    later and a death meanwhile reset them."""
+    def message(*ports, reset=False):
+        body = {"type": "pairings", "address": "10.0.0.1", "add": [["10.0.0.9", p] for p in ports], "remove": []}
+        return {**body, "reset": True} if reset else body
+
+    async def main():
+        observer, heard = SlowPairingsObserver(), [0.0]
+        standby = make(observer, heard)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(standby.run)
+            observer.delay = 5.0                     # slower than the bound (status_observer_timeout, 2 s)
+            standby.on_message(message(1001))
+            await trio.sleep(2.5)
+            assert observer.taken == [] and standby.pairings_late >= 1
+            observer.delay = 0.0
+            standby.on_message(message(1002))
+            await trio.sleep(0.1)
+            assert observer.taken == [[1001], [1002]]   # the kept one first, nothing lost
+            # a reset makes what is still pending moot
+            observer.delay = 5.0
+            standby.on_message(message(1003))
+            await trio.sleep(2.5)
+            observer.delay = 0.0
+            standby.on_message(message(1004, reset=True))
+            await trio.sleep(0.1)
+            assert observer.taken[2:] == [[1004, "reset"]]
+            # pending at the takeover: given to the observer before it judges the connections
+            observer.delay = 5.0
+            standby.on_message(message(1005))
+            await trio.sleep(2.5)
+            assert observer.taken[-1] == [1004, "reset"]
+            observer.delay = 0.0
+            observer.requests.clear()
+            await standby.takeover_plan()
+            assert observer.taken[-1] == [1005]
+            assert observer.requests.index("pairings") < observer.requests.index("continuations")
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
