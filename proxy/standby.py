@@ -31,7 +31,7 @@ import trio
 from pyroute2.netlink.exceptions import NetlinkError
 
 from proxy.config import Config, ConfigError, ServiceConfig, services_from_dicts
-from proxy.continuation import LegOptions, Pairing, PairingOutbox
+from proxy.continuation import LegOptions, Pairing, PairingInbox, PairingOutbox
 from proxy.netplane import NetworkError
 from proxy.observer import ObserverError, ObserverProcess
 from proxy.rstguard import RstGuard, RstGuardError, destroy_leftover_sockets, mark_own_close, remove_leftover
@@ -66,8 +66,6 @@ PAIRINGS_EVERY = 0.05
 PAIRINGS_NEW_WITHIN = 0.005
 #: every this many seconds, everything again, with ``reset``: the standby's table cannot drift
 PAIRINGS_RESYNC_EVERY = 5.0
-#: the peer's pairings messages kept for a slow observer at most (each holds up to 500 entries)
-PENDING_PAIRINGS = 400
 
 
 def _take_all(queue: "collections.deque") -> list:
@@ -145,10 +143,11 @@ class StatefulStandby:
         self._own_proxies = own_proxies or (lambda: [])
         self.outbox = PairingOutbox()
         self.pairings_sent = 0
-        #: the peer's pairings messages not yet taken by the observer, in order (:meth:`_tell_pairings`)
-        self._pending_pairings: list[dict] = []
+        #: the peer's pairings not yet taken by the observer, merged (never dropped: :class:`PairingInbox`)
+        self.inbox = PairingInbox()
+        self._pairings_arrived = trio.Event()
         self._pairings_lock = trio.Lock()
-        #: times the observer did not take them within the bound (they were kept and sent again later)
+        #: times the observer did not take them within the bound (they were kept and given again later)
         self.pairings_late = 0
         #: drop this node's kernel's FIN/RST from its own address unless the node marked the close as its
         #: own: if only this process dies (SIGKILL, a crash) its kernel would end every client's connection
@@ -203,7 +202,7 @@ class StatefulStandby:
             self._open_macvlan()
             nursery.start_soon(self._send_digests)
             nursery.start_soon(self._send_pairings)
-            nursery.start_soon(self._flush_pairings_when_ready)
+            nursery.start_soon(self._give_pairings)
             nursery.start_soon(self._handle_messages)
             if self._guard is not None:  # a node with its kernel objects (unit tests run without)
                 nursery.start_soon(self._keep_repair_guard_armed)
@@ -242,9 +241,19 @@ class StatefulStandby:
             self.peer_epoch = epoch
 
     def on_message(self, message: dict) -> None:
-        """A digest, snapshot request or snapshot from the peer: handled in this object's own task."""
-        if message.get("type") == "digest" and message.get("address") == self.addresses[PEER_ADDRESS]:
+        """A digest, snapshot request or snapshot from the peer: handled in this object's own task (dropped
+        when it is too far behind: the next one says the same). Pairings: merged into :attr:`inbox`,
+        never dropped."""
+        kind, address = message.get("type"), message.get("address")
+        if kind == "digest" and address == self.addresses[PEER_ADDRESS]:
             self._peer_heard_wall = time.time()
+        elif kind == "pairings":
+            if address == self.addresses[PEER_ADDRESS]:
+                self.inbox.take(message)
+                self._pairings_arrived.set()
+            else:
+                log.debug("stateful: pairings for %r ignored", address)
+            return
         try:
             self._messages_tx.send_nowait(message)
         except trio.WouldBlock:
@@ -268,8 +277,6 @@ class StatefulStandby:
                     c.pop("smb", None)
                 await self._send({"type": "snapshot", "address": own,
                                   "snapshot": {"connections": snap["connections"]}})
-            elif kind == "pairings" and address == peer:
-                await self._tell_pairings(message, timeout)
             elif kind == "snapshot" and address == peer:
                 theirs = message.get("snapshot") or {}
                 ours = await self._ask("snapshot", PEER_ADDRESS, {"connections": []}, timeout)
@@ -284,56 +291,40 @@ class StatefulStandby:
             else:
                 log.debug("stateful: %s for %r ignored", kind, address)
 
-    async def _tell_pairings(self, message: dict, timeout: float) -> None:
-        """Hand one pairings message of the peer to the observer, after those still pending.
-
-        Never dropped for a slow observer: the peer sends only changes (:class:`PairingOutbox`), so a
-        message lost here left its connections unpaired until the peer's next full resync (5 s), and a
-        death meanwhile reset them (bench/soak.py at load 12: a libnfs client's connection in about one
-        takeover in two, its mount failing). A message the observer did not take within ``timeout``
-        stays pending, in order, and goes first with the next one, at the takeover at the latest
-        (:meth:`_takeover_plan`). One taken but timed out before its answer is sent again: harmless, as
-        the same messages again in the same order leave the book as it was (adds and removals are
-        idempotent; a reset clears what the messages after it rebuild). Bounded: past
-        ``PENDING_PAIRINGS`` the oldest go (the peer's resync restores them)."""
-        if message.get("reset"):
-            self._pending_pairings.clear()  # all of them anew: what came before is moot
-        self._pending_pairings.append(message)
-        if len(self._pending_pairings) > PENDING_PAIRINGS:
-            del self._pending_pairings[:len(self._pending_pairings) - PENDING_PAIRINGS]
-            log.warning("stateful: more than %d pairings messages waiting for the observer: the oldest dropped "
-                        "(the peer's next resync restores them)", PENDING_PAIRINGS)
-        if self.observer.ready.is_set():
-            await self._flush_pairings(timeout)
+    async def _give_pairings(self) -> None:
+        """Give the observer the peer's pairings as they come (all that came meanwhile in one request),
+        from when it is ready."""
+        await self.observer.ready.wait()
+        while True:
+            await self._pairings_arrived.wait()
+            self._pairings_arrived = trio.Event()
+            await self._flush_pairings(self.timings.status_observer_timeout)
 
     async def _flush_pairings(self, timeout: float) -> bool:
-        """Give the observer the pending pairings messages, in order, for at most ``timeout``; whether
-        none is left."""
+        """Give the observer what the inbox holds, for at most ``timeout``; whether it took it. What it
+        did not take goes back to the inbox, before what came since. Given twice (taken, but the
+        answer came too late) is harmless: the same pairings again leave the book as it was."""
         with trio.move_on_after(timeout):
             async with self._pairings_lock:
-                while self._pending_pairings:
-                    message = self._pending_pairings[0]
-                    try:
-                        problems = await self.observer.request("pairings", add=message.get("add") or [],
-                                                               remove=message.get("remove") or [],
-                                                               reset=bool(message.get("reset")))
-                    except ObserverError as exc:
-                        log.warning("stateful: pairings not kept: %s", exc)
-                        self._pending_pairings.clear()  # the observer is gone: the peer's resync restores them
-                        return True
-                    if self._pending_pairings and self._pending_pairings[0] is message:
-                        self._pending_pairings.pop(0)
-                    for problem in (problems or [])[:3]:
-                        log.warning("stateful: a pairing from the peer skipped: %s", problem)
+                body = self.inbox.drain()
+                if body is None:
+                    return True
+                try:
+                    problems = await self.observer.request("pairings", **body)
+                except ObserverError as exc:  # gone: the peer's next resync restores them for the next one
+                    log.warning("stateful: pairings not kept: %s", exc)
+                    return True
+                except BaseException:
+                    self.inbox.put_back(body)
+                    raise
+                for problem in (problems or [])[:3]:
+                    log.warning("stateful: a pairing from the peer skipped: %s", problem)
                 return True
         self.pairings_late += 1
-        log.info("stateful: the observer did not take the peer's pairings within %.0f ms: %d message(s) kept "
-                 "for the next turn (%d times so far)", timeout * 1000, len(self._pending_pairings), self.pairings_late)
+        log.info("stateful: the observer did not take the peer's pairings within %.0f ms: kept for its next turn "
+                 "(%d times so far)", timeout * 1000, self.pairings_late)
+        self._pairings_arrived.set()
         return False
-
-    async def _flush_pairings_when_ready(self) -> None:
-        await self.observer.ready.wait()
-        await self._flush_pairings(self.timings.status_observer_timeout)
 
     async def _send_pairings(self) -> None:
         """Tell the peer which client leg pairs with which backend leg, and each leg's options (only the
@@ -469,7 +460,9 @@ class StatefulStandby:
         phases["plan"] = round((t1 - t0) * 1000, 1)
         with trio.move_on_after(CONTINUATIONS_TIMEOUT):
             try:
-                if self._pending_pairings:  # what the peer said last about its connections, before they are judged
+                if len(self.inbox) or self._pairings_lock.locked():
+                    # what the peer said last about its connections (some perhaps on their way to the
+                    # observer already), before they are judged
                     await self._flush_pairings(CONTINUATIONS_TIMEOUT)
                     phases["pairings"] = round((trio.current_time() - t1) * 1000, 1)
                 first = await self.observer.request("continuations", first=CONTINUE_FIRST) or {}

@@ -16,7 +16,7 @@ from capture.pcapfile import read_capture
 from protocols.frames import TcpSegment, parse_link
 from protocols.tcpstream import Data, TcpTracker
 from proxy.continuation import (TCPI_OPT_SACK, TCPI_OPT_TIMESTAMPS, TCPI_OPT_WSCALE, ContinuationBook, LegOptions,
-                                Pairing, PairingOutbox)
+                                Pairing, PairingInbox, PairingOutbox)
 
 CAPTURE = Path(__file__).parent / "fixtures" / "smb-proxied.pcap"
 NODE = "10.77.0.1"
@@ -349,6 +349,53 @@ def test_outbox_sends_deltas_in_bounded_batches_and_everything_after_a_resync():
     for body in first + delta:
         book.set_pairings(body["add"], body["remove"], bool(body.get("reset")))
     assert sorted(k.client_port for k in book.pairings) == list(range(1001, 1008))
+
+
+def _apply(book: dict, body: dict) -> None:
+    """What ContinuationBook.set_pairings does with a message, on a dict: reset, removals, additions."""
+    if body.get("reset"):
+        book.clear()
+    for item in body.get("remove") or ():
+        book.pop((item[0], item[1], item[2]), None)
+    for item in body.get("add") or ():
+        book[(item[0], item[1], item[2])] = item
+
+
+def test_the_inbox_merged_leaves_the_book_as_the_messages_one_by_one():
+    import random
+
+    rng = random.Random(7)
+    for _ in range(300):
+        one_by_one, merged, box = {}, {}, PairingInbox()
+        for _ in range(rng.randint(1, 12)):
+            ports = [rng.randint(1, 8) for _ in range(rng.randint(0, 5))]
+            body = {"add": [["10.0.0.9", p, 445, rng.randint(1, 9)] for p in ports[: len(ports) // 2]],
+                    "remove": [["10.0.0.9", p, 445] for p in ports[len(ports) // 2:]]}
+            if rng.random() < 0.1:
+                body["reset"] = True
+            _apply(one_by_one, body)
+            box.take(body)
+            if rng.random() < 0.3:               # given to the observer now and then
+                drained = box.drain()
+                if drained is not None and rng.random() < 0.5:
+                    box.put_back(drained)        # ... which did not take it
+                elif drained is not None:
+                    _apply(merged, drained)
+        _apply(merged, box.drain() or {})
+        assert merged == one_by_one
+        assert len(box) == 0 and box.drain() is None
+
+
+def test_the_inbox_is_bounded_by_the_peers_connections_not_by_its_messages():
+    box = PairingInbox(limit=100)
+    for i in range(10_000):                      # the same 50 connections told again and again
+        box.take({"add": [["10.0.0.9", 1000 + i % 50, 445, i]], "remove": []})
+    assert len(box) == 50 and box.dropped == 0
+    for i in range(200):
+        box.take({"add": [], "remove": [["10.0.0.9", 5000 + i, 445]]})
+    assert len(box) == 100 and box.dropped == 150   # past the bound: dropped and counted (a resync restores)
+    body = box.drain()
+    assert [a[3] for a in body["add"]][:3] == [9950, 9951, 9952]   # the last word per connection
 
 
 def test_outbox_tells_new_pairings_at_once_and_the_next_full_pass_sends_them_no_more():
