@@ -42,7 +42,7 @@ Sans-I/O: events of :class:`protocols.tcpstream.TcpTracker` in, plain data out. 
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Iterable
 
 from protocols.events import ConnKey
@@ -352,20 +352,27 @@ class Verdict:
     pairing: Pairing | None
     client: str                     # "ip:port" of the client
     reason: str | None = None       # None: continuable
-    states: tuple[TcpSocketState, TcpSocketState] | None = None
+    #: ``(client leg, backend leg)``; a *fresh* one has no backend leg (None): see :meth:`ContinuationBook._fresh`
+    states: tuple[TcpSocketState, TcpSocketState | None] | None = None
     pending_to_server: int = 0
     pending_to_client: int = 0
+    #: the peer had not relayed anything of it yet: the client leg is restored with the client's bytes
+    #: unread, and the standby connects the backend anew (as for a client it accepted itself)
+    fresh: bool = False
 
     def to_wire(self) -> dict:
         out: dict = {"client": self.client, "reason": self.reason,
                      "pending": [self.pending_to_server, self.pending_to_client]}
+        if self.fresh:
+            out["fresh"] = True
         if self.pairing is not None:
             out["service_port"] = self.pairing.service_port
             out["backend"] = f"{self.pairing.server[0]}:{self.pairing.server[1]}"
             out["source_port"] = self.pairing.source_port
         if self.states is not None:
             out["client_state"] = self.states[0].to_wire(max_queue=1 << 30)
-            out["backend_state"] = self.states[1].to_wire(max_queue=1 << 30)
+            if self.states[1] is not None:
+                out["backend_state"] = self.states[1].to_wire(max_queue=1 << 30)
         return out
 
 
@@ -615,7 +622,7 @@ class ContinuationBook:
         key, pairing, c, b = legs.key, legs.pairing, legs.client_conn, legs.backend_conn
         name = key.client
         if pairing is None:
-            return Verdict(None, name, "the peer did not say which backend leg it pairs with (nor its options)")
+            return self._fresh(key, c, now, states)
         if pairing.client_options is None or pairing.backend_options is None:
             return Verdict(pairing, name, "the peer could not read its options (it ended at once)")
         if c is None:
@@ -657,6 +664,83 @@ class ContinuationBook:
         except ValueError as exc:
             v.reason = f"inconsistent state: {exc}"
         return v
+
+    def _fresh(self, key: ConnKey, c: TcpConnection | None, now: float, states: bool) -> Verdict:
+        """A client leg the peer never paired: continuable *fresh* if the peer cannot have relayed any of it.
+
+        Why: a connection is paired a few milliseconds after the peer's process accepted it and
+        connected its backend; one in the peer kernel's accept queue at the death (handshake done, the
+        request perhaps sent, the process busy or already cut off) was reset, and a client that connects
+        per operation failed (bench/soak.py at load 12: a libnfs mount at about one takeover in two).
+        The frames show all it needs when the peer sent the client nothing (the client's ACK is still
+        the handshake's) and no backend leg the peer opened since may carry its bytes: the client leg
+        with every byte the client sent unread, and a new backend connection, as if this node had
+        accepted it. Otherwise it stays the exact-sequence reset."""
+        unpaired = "the peer did not say which backend leg it pairs with (nor its options)"
+        if c is None or c.mid_stream:
+            return Verdict(None, key.client, unpaired)
+        client = c.client
+        if client.isn is None or client.first_ack is None or client.last_ack is None or client.next_seq is None:
+            return Verdict(None, key.client, unpaired)
+        if client.last_ack != client.first_ack:
+            return Verdict(None, key.client, unpaired + "; it had sent the client bytes")
+        problem = _leg_problem(client, "client")
+        if problem:
+            return Verdict(None, key.client, problem)
+        tail = self.tails.get(key)
+        have = tail.data if tail is not None else b""
+        sent = seq_diff(client.next_seq, (client.isn + 1) & U32)
+        if (tail is not None and (tail.lost or tail.end != len(have))) or sent != len(have):
+            return Verdict(None, key.client, unpaired + f"; {sent} bytes from the client, {len(have)} kept")
+        if len(have) > self.cap:
+            return Verdict(None, key.client, unpaired + f"; {len(have)} bytes from the client: over the cap")
+        if self._relayed_since(c.opened_at):
+            return Verdict(None, key.client, unpaired + "; a backend leg it did not pair carried bytes since")
+        sample = self._peer_options(key.server_port)
+        if sample is None:
+            return Verdict(None, key.client, unpaired + "; no pairing to learn the peer's options from")
+        v = Verdict(None, key.client, pending_to_server=len(have), fresh=True)
+        if not states:
+            return v
+        options = 0
+        if client.timestamps and client.last_tsecr is not None:
+            options |= TCPI_OPT_TIMESTAMPS
+        if client.sack_permitted and sample.sack:
+            options |= TCPI_OPT_SACK
+        if client.wscale is not None and sample.wscale:
+            options |= TCPI_OPT_WSCALE
+        opts = LegOptions(options, client.wscale or 0, sample.rcv_wscale, client.mss or sample.snd_mss)
+        try:
+            state = _leg_state(self.address, key.server_port, (key.client_ip, key.client_port), client, opts, b"",
+                               now - c.last_seen)
+            v.states = (replace(state, recv_seq=(client.isn + 1) & U32, recv_queue=bytes(have)), None)
+        except ValueError as exc:
+            v.reason, v.fresh = f"inconsistent state: {exc}", False
+        return v
+
+    def _relayed_since(self, since: float) -> bool:
+        """Whether a backend leg of the peer that it did not pair, opened at or after ``since``, had
+        bytes acknowledged by its server (the peer relayed a client's bytes on it: perhaps this one's)."""
+        for tracker in self.trackers:
+            for key, b in tracker.connections.items():
+                if key.client_ip != self.address or key in self.by_backend or b.opened_at < since:
+                    continue
+                server = b.server
+                if server.first_ack is None or server.last_ack is None or server.last_ack != server.first_ack:
+                    return True
+        return False
+
+    def _peer_options(self, service_port: int) -> LegOptions | None:
+        """The options of the peer's latest paired client leg on ``service_port`` (else any port): its
+        own window scale, which no frame to it shows, is the same for every connection its listeners
+        accept."""
+        fallback = None
+        for p in reversed(self.pairings.values()):
+            if p.client_options is not None:
+                if p.service_port == service_port:
+                    return p.client_options
+                fallback = fallback or p.client_options
+        return fallback
 
     def summary(self, now: float, *, max_age: float = 0.0) -> dict:
         """For status while standing by: how many of the peer's connections are continuable now, why the

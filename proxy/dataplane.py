@@ -398,11 +398,13 @@ class ServiceProxy:
         finally:
             self.budget.release(FDS_PER_CONNECTION)
 
-    def _origins_anchor(self, client: Any, backend: Any, peer: tuple[str, int]) -> tuple[int, int, int, int] | None:
+    def _origins_anchor(self, client: Any, backend: Any, peer: tuple[str, int],
+                        client_origins: tuple[int, int] | None = None) -> tuple[int, int, int, int] | None:
         """A new connection's anchor (see :attr:`Connection.anchor`) from both legs' stream origins, read
-        before anything was written to either: where each direction's byte 0 is on both legs."""
+        before anything was written to either: where each direction's byte 0 is on both legs
+        (``client_origins``: the client leg's, when known otherwise)."""
         try:
-            client_remote, client_own = tcprepair.stream_origins(client)
+            client_remote, client_own = client_origins or tcprepair.stream_origins(client)
             backend_remote, backend_own = tcprepair.stream_origins(backend)
         except tcprepair.TcpRepairError as exc:  # (a reset meanwhile, no CAP_NET_ADMIN): continued only if seen
             self.stats.origins_unknown += 1
@@ -429,6 +431,24 @@ class ServiceProxy:
             source_ports._free.pop(backend.getsockname()[1], None)  # in use by the moved connection
         nursery.start_soon(self._proxy_adopted, tclient, tbackend, conn)
 
+    def serve_restored_client(self, client: socket.socket, port: int, nursery: trio.Nursery, *,
+                              peer: tuple[str, int], client_origins: tuple[int, int]) -> None:
+        """Serve a client leg that a takeover restored with the client's bytes unread and no backend leg
+        (the dead peer had relayed nothing of it: :meth:`proxy.continuation.ContinuationBook._fresh`): a
+        backend is connected as for a client accepted here. ``client_origins``: the client leg's
+        ``(remote ISN + 1, own ISN + 1)`` from the restored state (a restored socket's byte counters
+        start at the restore, so :func:`~proxy.tcprepair.stream_origins` cannot tell them)."""
+        self.budget.used += FDS_PER_CONNECTION  # as for an accepted client: its descriptor and the backend's to come
+
+        async def serve() -> None:
+            try:
+                await self._proxy_held(trio.socket.from_stdlib_socket(client), (str(peer[0]), int(peer[1])), port,
+                                       client_origins=client_origins)
+            finally:
+                self.budget.release(FDS_PER_CONNECTION)
+
+        nursery.start_soon(serve)
+
     async def _proxy_adopted(self, client: trio.socket.SocketType, backend: trio.socket.SocketType,
                              conn: Connection) -> None:
         try:
@@ -437,7 +457,8 @@ class ServiceProxy:
             self.budget.release(FDS_PER_CONNECTION)
 
     async def _proxy_held(self, client: trio.socket.SocketType, peer: tuple[str, int], port: int,
-                          backend: trio.socket.SocketType | None = None, conn: Connection | None = None) -> None:
+                          backend: trio.socket.SocketType | None = None, conn: Connection | None = None,
+                          client_origins: tuple[int, int] | None = None) -> None:
         conn = conn if conn is not None else Connection(client=peer, port=port)
         stats = self.stats
         stats.connections_total += 1
@@ -466,7 +487,7 @@ class ServiceProxy:
             conn.backend_source = backend.getsockname()
             conn.legs = (client, backend)
             if self.learn_origins and conn.anchor is None:
-                conn.anchor = self._origins_anchor(client, backend, peer)
+                conn.anchor = self._origins_anchor(client, backend, peer, client_origins)
             self.new_legs.append(conn)
 
             def to_backend(n: int) -> None:

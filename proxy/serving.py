@@ -80,6 +80,12 @@ class AddressService:
         assert self._connections is not None, "adopt needs a serving address"
         proxy.adopt(client, backend, port, self._connections, **kwargs)
 
+    def serve_restored_client(self, proxy: ServiceProxy, client, port: int, **kwargs: Any) -> None:
+        """Serve a client leg a takeover restored without a backend leg (the peer had relayed nothing of
+        it) as if it had been accepted here; ``kwargs``: :meth:`ServiceProxy.serve_restored_client`'s."""
+        assert self._connections is not None, "serve_restored_client needs a serving address"
+        proxy.serve_restored_client(client, port, self._connections, **kwargs)
+
     def active_connections(self) -> int:
         return sum(p.stats.connections_active for p in self.proxies)
 

@@ -242,19 +242,22 @@ def _restore_quiet(continuations: list[dict], takeover: Takeover) -> list[tuple[
         takeover.connections.append(record)
         if entry.get("reason") is not None:
             continue
+        fresh = entry.get("fresh") is True  # no backend leg: connected anew (ContinuationBook._fresh)
         try:
             cs = tcprepair.TcpSocketState.from_wire(entry["client_state"], max_queue=1 << 30)
-            bs = tcprepair.TcpSocketState.from_wire(entry["backend_state"], max_queue=1 << 30)
+            bs = None if fresh else tcprepair.TcpSocketState.from_wire(entry["backend_state"], max_queue=1 << 30)
             rc = tcprepair.restore_quiet(cs)
         except (KeyError, ValueError, tcprepair.TcpRepairError) as exc:
             record["reason"] = f"restore: {exc}"
             continue
         try:
-            rb = tcprepair.restore_quiet(bs)
+            rb = None if bs is None else tcprepair.restore_quiet(bs)
         except tcprepair.TcpRepairError as exc:
             rc.close_silently()
             record["reason"] = f"restore: {exc}"
             continue
+        if fresh:
+            record["fresh"] = True
         restored.append((record, rc, rb))
     return restored
 
@@ -372,18 +375,24 @@ def _go_live(restored: list[tuple[dict, Any, Any]], service: AddressService, tak
         if proxy is None:
             record["reason"] = f"no service on port {port} here"
             rc.close_silently()
-            rb.close_silently()
+            if rb is not None:
+                rb.close_silently()
             continue
         try:
             client = rc.go_live()
-            backend = rb.go_live()
+            backend = rb.go_live() if rb is not None else None
         except tcprepair.TcpRepairError as exc:
             record["reason"] = f"go live: {exc}"
-            for s in (rc.sock, rb.sock):
-                s.close()
+            for s in (rc.sock, rb.sock if rb is not None else None):
+                if s is not None:
+                    s.close()
             continue
-        service.adopt(proxy, client, backend, port, peer=(rc.state.remote_address, rc.state.remote_port),
-                      anchor=relay_anchor(rc.state, rb.state))
+        peer = (rc.state.remote_address, rc.state.remote_port)
+        if backend is None:  # fresh: the client's bytes wait unread; its backend is connected as for a new client
+            service.serve_restored_client(proxy, client, port, peer=peer,
+                                          client_origins=(rc.state.recv_seq, rc.state.send_seq))
+        else:
+            service.adopt(proxy, client, backend, port, peer=peer, anchor=relay_anchor(rc.state, rb.state))
         record["continued"] = True
         takeover.all_continued_at = trio.current_time()
         if takeover.first_continued_at is None:

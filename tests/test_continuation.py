@@ -594,3 +594,74 @@ def test_a_sweep_keeps_only_the_bytes_not_yet_acknowledged():
         assert book.memory() > need  # what a connection's first exchanges left
         assert book.sweep() == need == book.memory()
         assert v.reason is None and book.verdict(o.pairing.client_key(NODE), SEGMENTS[cut - 1][0]).states == v.states
+
+
+def _fresh_book(frames, *, sample: bool = True):
+    tracker = TcpTracker([445])
+    book = ContinuationBook(NODE, [tracker], cap=1 << 20)
+    if sample:  # another connection's pairing: the peer's own options (its window scale) come from it
+        other = Pairing(("10.77.0.200", 40000), 445, 50000, ("10.77.0.10", 445),
+                        LegOptions(TCPI_OPT_TIMESTAMPS | TCPI_OPT_SACK | TCPI_OPT_WSCALE, 7, 9, 1448), None)
+        book.set_pairings([other.to_wire()])
+    for ts, seg in frames:
+        book.feed([(ev.key, ev) for ev in tracker.feed(seg, ts)])
+    client_key = next(k for k in tracker.connections if k.server_ip == NODE)
+    return book, tracker, client_key
+
+
+def test_a_client_leg_the_peer_never_paired_nor_relayed_is_continued_fresh():
+    """A connection in the peer's accept queue at its death (handshake done, request sent, the process
+    never got to it): the client leg comes back with every byte the client sent unread, no backend leg
+    (the standby connects one anew). bench/soak.py: such libnfs connections were reset."""
+    frames = to_node(len(SEGMENTS))
+    client_frames = [(ts, s) for ts, s in frames if s.dport == 445]
+    backend_at = next(i for i, (ts, s) in enumerate(frames) if s.sport == 445)  # the server's SYN-ACK
+    # the client's frames up to the first that acknowledges a byte of the node (only the handshake's ACK so far)
+    isn = client_frames[0][1].seq
+    first_ack = next(s.ack for _, s in client_frames if s.flags & 0x10)
+    quiet = [f for f in client_frames if f[1].ack in (0, first_ack)]
+    assert any(s.payload for _, s in quiet), "the fixture's client sends its request before any answer"
+    book, tracker, key = _fresh_book(quiet)
+    v, = book.plan(quiet[-1][0] + 0.01)
+    sent = b"".join(s.payload for _, s in quiet)
+    assert v.reason is None and v.fresh and v.pairing is None and v.pending_to_server == len(sent)
+    cs, bs = v.states
+    assert bs is None
+    assert (cs.local_address, cs.local_port, cs.remote_address, cs.remote_port) == \
+        (NODE, 445, key.client_ip, key.client_port)
+    assert cs.recv_seq == (isn + 1) & 0xFFFFFFFF and cs.recv_queue == sent and cs.send_seq == first_ack
+    assert cs.send_queue == b"" and cs.rcv_wscale == 9      # the peer's own scale, from its other pairing
+    wire = v.to_wire()
+    assert wire["fresh"] is True and "backend_state" not in wire and "client_state" in wire
+    # without any pairing to learn the peer's options from: the reset, as before
+    book, _, _ = _fresh_book(quiet, sample=False)
+    v, = book.plan(quiet[-1][0] + 0.01)
+    assert not v.fresh and "no pairing to learn" in v.reason
+    # the peer had answered the client: it relayed, so no fresh start
+    answered = client_frames[:len(quiet) + 1]
+    assert answered[-1][1].ack != first_ack
+    book, _, _ = _fresh_book(answered)
+    v, = book.plan(answered[-1][0] + 0.01)
+    assert not v.fresh and "sent the client bytes" in v.reason
+
+
+def test_a_client_leg_whose_bytes_an_unpaired_backend_leg_may_carry_is_not_continued_fresh():
+    """The peer opened a backend leg after the client leg and its server acknowledged bytes on it (the
+    request went on, perhaps executed): replaying it on a new backend connection could run it twice."""
+    frames = to_node(len(SEGMENTS))
+    first_ack = next(s.ack for _, s in frames if s.dport == 445 and s.flags & 0x10)
+    upto = []
+    for ts, s in frames:
+        if s.dport == 445 and s.ack not in (0, first_ack):
+            break                                           # the client's view: nothing from the node yet
+        upto.append((ts, s))
+    book, tracker, key = _fresh_book(upto)
+    backend = next(c for k, c in tracker.connections.items() if k.client_ip == NODE)
+    carried = backend.server.last_ack != backend.server.first_ack
+    assert carried, "the premise: the server acknowledged the node's bytes before the node answered the client"
+    v, = book.plan(upto[-1][0] + 0.01)
+    assert not v.fresh and "carried bytes since" in v.reason, v.reason
+    # the same frames without the backend leg's: nothing says the peer relayed it
+    book, _, _ = _fresh_book([(ts, s) for ts, s in upto if s.dport == 445])
+    v, = book.plan(upto[-1][0] + 0.01)
+    assert v.fresh, v.reason
