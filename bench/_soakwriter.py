@@ -82,7 +82,8 @@ def reconnect_splices(want: bytes, got: bytes) -> list[int] | None:
     pieces = [pos]
     while pos < len(got):
         # the next reply: its header, unless cut inside it (another record mark there starts the next)
-        cut = got.find(mark, pos + 4, pos + READ_REPLY_HEADER)
+        # (a mark may start up to 3 bytes before the header's end and stick out past it)
+        cut = got.find(mark, pos + 1, pos + READ_REPLY_HEADER + len(mark) - 1)
         if cut >= 0:
             pieces.append(cut - pos)
             pos = cut

@@ -52,6 +52,8 @@ def test_a_reply_cut_again_is_the_known_shape():
 
 def test_a_reply_cut_inside_its_header_is_the_known_shape():
     assert reconnect_splices(WANT, cut(40_000, 60)) == [40_000, 60, len(WANT) - 40_060]
+    for y in (3, 129, 130, 131):  # the next mark sticking out past the header's end, or starting in its mark
+        assert reconnect_splices(WANT, cut(40_000, y)) == [40_000, y, len(WANT) - 40_000 - y], y
     assert reconnect_splices(WANT, cut(40_000, 2)) is None  # a record mark cut after 2 bytes: not told apart
 
 
