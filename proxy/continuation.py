@@ -302,6 +302,12 @@ class _Snapshot:
         self.address, self.conns, self.pairings, self.tails = address, conns, pairings, tails
         self.given: set[ConnKey] = set()
         self.order: list[ConnKey] | None = None
+        #: the unpaired client legs whose handshake with the peer was complete at the snapshot: only these
+        #: may be continued fresh. The legs are kept by reference and go on changing: a client whose SYN
+        #: came during the outage completes its handshake with this node (proxy.synlog) meanwhile, and
+        #: must not be restored a second time (EADDRNOTAVAIL, then a reset, in bench/soak.py)
+        self.fresh_ok = {k for c in conns for k, conn in c.items()
+                         if k.server_ip == address and k not in pairings and conn.client.first_ack is not None}
 
     def conn(self, key: ConnKey) -> TcpConnection | None:
         for c in self.conns:
@@ -579,7 +585,14 @@ class ContinuationBook:
                 chosen.append(key)
         snap.given = set(chosen)
         self._snapshot = snap
-        return [self._verdict(snap.legs(k), now) for k in chosen]
+        return [self._snap_verdict(snap, k, now) for k in chosen]
+
+    def _snap_verdict(self, snap: _Snapshot, key: ConnKey, now: float) -> Verdict:
+        v = self._verdict(snap.legs(key), now)
+        if v.fresh and key not in snap.fresh_ok:
+            v.fresh, v.states = False, None
+            v.reason = "the peer did not say which backend leg it pairs with; its handshake ended after the death"
+        return v
 
     @property
     def rest_waiting(self) -> int:
@@ -604,7 +617,7 @@ class ContinuationBook:
             snap.order = recent + [k for k in mine if k not in seen]
         take = len(snap.order) if limit is None else max(limit, 1)
         keys, snap.order = snap.order[:take], snap.order[take:]
-        return [self._verdict(snap.legs(k), now) for k in keys]
+        return [self._snap_verdict(snap, k, now) for k in keys]
 
     def verdict(self, key: ConnKey, now: float) -> Verdict:
         return self._verdict(self._legs(key), now)
