@@ -188,6 +188,11 @@ class PairingOutbox:
         self.sent = {}
         self._reset = True
 
+    @property
+    def resync_due(self) -> bool:
+        """A resync was asked for and not sent yet: :meth:`add` sends nothing until :meth:`update` has."""
+        return self._reset
+
     def add(self, new: Iterable[Pairing]) -> list[dict]:
         """Bodies telling only these (new) pairings, those not sent as they are; nothing is removed (the
         next :meth:`update` says what ended)."""

@@ -45,6 +45,10 @@ IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 RESERVED_PORTS = range(665, 1024)
 #: Descriptors a proxied connection holds for its whole life: the client and the backend socket.
 FDS_PER_CONNECTION = 2
+#: how long a new connection of a stateful node's own address waits for its pairing to be on the sync
+#: link before its first byte is relayed (:attr:`ServiceProxy.tell_new_legs`): about one turn of the
+#: event loop when it is not busy; bounded, so a slow pairing task costs a new client no more
+PAIRING_HOLD = 0.01
 #: Descriptors kept free when accepting, so that accepted connections still get pipes to move bytes.
 PIPE_HEADROOM = 64
 #: Errors that mean "out of descriptors" (or the kernel's socket memory), not a bug.
@@ -99,6 +103,9 @@ class Connection:
     #: the sockets, which end up in ``handed`` (client, backend) with the bytes a cancelled pump still
     #: held in ``spilled_to_*``; ``ended`` is set once the connection's task has let go of them
     moving: bool = False
+    #: set once the connection's pairing was handed to the sync link (a stateful node's own address:
+    #: :attr:`ServiceProxy.tell_new_legs`); None when nobody tells the peer
+    told: trio.Event | None = None
     pumps: trio.CancelScope = field(default_factory=trio.CancelScope)
     ended: trio.Event = field(default_factory=trio.Event)
     handed: tuple[socket.socket, socket.socket] | None = None
@@ -276,6 +283,12 @@ class ServiceProxy:
         #: peer their pairing at once (:meth:`proxy.standby.StatefulStandby._send_pairings` takes them);
         #: bounded, as nobody takes them on a stateless node (the periodic full pass finds any left out)
         self.new_legs: collections.deque[Connection] = collections.deque(maxlen=1024)
+        #: a stateful node's own address: wakes the task that tells the peer new pairings; each new
+        #: connection then waits (at most PAIRING_HOLD) until its pairing is on the sync link before the
+        #: first byte is relayed. Why: a connection the server has seen bytes of but the standby has no
+        #: pairing for is reset at a takeover (bench/SOAK.md: libnfs mounts failed in the pairing delay);
+        #: told first, the standby knows every connection whose bytes may have reached a server
+        self.tell_new_legs: Callable[[], None] | None = None
         #: a stateful node's own address: read each new connection's stream origins before its pumps start
         #: (proxy.tcprepair.stream_origins), its anchor for a standby that misses the handshakes (one
         #: restarted after them); a few system calls per connection, off the byte path
@@ -489,6 +502,12 @@ class ServiceProxy:
             if self.learn_origins and conn.anchor is None:
                 conn.anchor = self._origins_anchor(client, backend, peer, client_origins)
             self.new_legs.append(conn)
+            tell = self.tell_new_legs
+            if tell is not None:
+                conn.told = trio.Event()
+                tell()
+                with trio.move_on_after(PAIRING_HOLD):
+                    await conn.told.wait()
 
             def to_backend(n: int) -> None:
                 stats.bytes_to_backend += n

@@ -142,6 +142,7 @@ class StatefulStandby:
         #: their pairings and options go to the peer, so it can continue them if this node dies
         self._own_proxies = own_proxies or (lambda: [])
         self.outbox = PairingOutbox()
+        self._new_legs = trio.Event()  # set by a new connection of this node's own address
         self.pairings_sent = 0
         #: the peer's pairings not yet taken by the observer, merged (never dropped: :class:`PairingInbox`)
         self.inbox = PairingInbox()
@@ -332,28 +333,53 @@ class StatefulStandby:
         ``PAIRINGS_NEW_WITHIN`` of its backend connect (only the new ones are read), and every
         ``PAIRINGS_EVERY`` a full pass (ended connections, changes, any new one left out)."""
         last_full = resynced = trio.current_time()
-        while True:
-            await trio.sleep(PAIRINGS_NEW_WITHIN)
-            now = trio.current_time()
-            fresh = [(proxy, conn) for proxy in self._own_proxies() for conn in _take_all(proxy.new_legs)]
-            full = now - last_full >= PAIRINGS_EVERY
-            if not fresh and not full:
-                continue
-            if full:
-                last_full = now
-                if now - resynced >= PAIRINGS_RESYNC_EVERY:
-                    resynced = now
-                    self.outbox.resync()  # a message the peer could not take (observer starting) is not lost for long
-            try:
-                bodies = self.outbox.update(self._current_pairings()) if full else \
-                    self.outbox.add(self._pairings_of(fresh))
-            except OSError as exc:  # sock_diag refused: the peer cannot continue; say so once a while
-                log.warning("stateful: TCP_INFO of own connections not read: %s", exc)
-                await trio.sleep(5)
-                continue
-            for body in bodies:
-                await self._send({"type": "pairings", "address": self.addresses[OWN_ADDRESS], **body})
-                self.pairings_sent += 1
+        proxies: list = []
+        try:
+            while True:
+                # new connections wake this at once (ServiceProxy.tell_new_legs): each waits for its pairing
+                # to be on the link before its first byte is relayed
+                proxies = self._own_proxies()
+                for proxy in proxies:
+                    proxy.tell_new_legs = self._wake_pairings
+                with trio.move_on_after(PAIRINGS_NEW_WITHIN):
+                    await self._new_legs.wait()
+                self._new_legs = trio.Event()
+                now = trio.current_time()
+                fresh = [(proxy, conn) for proxy in proxies for conn in _take_all(proxy.new_legs)]
+                try:
+                    await self._tell_pairings_now(fresh, now - last_full >= PAIRINGS_EVERY or bool(
+                                                  fresh and self.outbox.resync_due), now - resynced)
+                finally:
+                    for _, conn in fresh:
+                        if conn.told is not None:
+                            conn.told.set()
+                if now - last_full >= PAIRINGS_EVERY:
+                    last_full = now
+                    if now - resynced >= PAIRINGS_RESYNC_EVERY:
+                        resynced = now
+        finally:
+            for proxy in proxies:
+                proxy.tell_new_legs = None
+
+    def _wake_pairings(self) -> None:
+        self._new_legs.set()
+
+    async def _tell_pairings_now(self, fresh: list[tuple[Any, Any]], full: bool, since_resync: float) -> None:
+        """Send the new connections' pairings (``fresh``), or everything that changed (``full``)."""
+        if not fresh and not full:
+            return
+        if full and since_resync >= PAIRINGS_RESYNC_EVERY:
+            self.outbox.resync()  # a message the peer could not take (observer starting) is not lost for long
+        try:
+            bodies = self.outbox.update(self._current_pairings()) if full else \
+                self.outbox.add(self._pairings_of(fresh))
+        except OSError as exc:  # sock_diag refused: the peer cannot continue; say so once a while
+            log.warning("stateful: TCP_INFO of own connections not read: %s", exc)
+            await trio.sleep(5)
+            return
+        for body in bodies:
+            await self._send({"type": "pairings", "address": self.addresses[OWN_ADDRESS], **body})
+            self.pairings_sent += 1
 
     def _current_pairings(self) -> list[Pairing]:
         return self._pairings_of([(proxy, conn) for proxy in self._own_proxies() for conn in list(proxy.connections)])

@@ -290,3 +290,42 @@ def test_pairings_the_observer_is_too_slow_for_are_kept_merged_and_given_before_
             nursery.cancel_scope.cancel()
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_a_new_connection_is_released_as_soon_as_its_pairing_is_on_the_link():
+    """The own address's proxies get a waker (``tell_new_legs``): a new connection wakes the pairings task
+    at once (not at its next 5 ms tick), and is released (``told``) once its pairing was sent."""
+    import collections
+
+    from proxy.dataplane import Connection
+
+    class FakeProxy:
+        def __init__(self):
+            self.new_legs = collections.deque()
+            self.tell_new_legs = None
+            self.connections = set()
+
+    async def main():
+        proxy = FakeProxy()
+        sent = []
+        standby = StatefulStandby(CONFIG, None, FakeSlot(), None, lambda: 0.0, TIMINGS, observer=FakeObserver(),
+                                  own_proxies=lambda: [proxy])
+
+        async def send(message):
+            sent.append((trio.current_time(), message["type"]))
+        standby._send = send
+        async with trio.open_nursery() as nursery:
+            await nursery.start(standby.run)
+            await trio.sleep(0.1)
+            assert proxy.tell_new_legs is not None
+            conn = Connection(client=("10.0.0.9", 40000), port=445)
+            conn.told = trio.Event()
+            proxy.new_legs.append(conn)
+            t0 = trio.current_time()
+            proxy.tell_new_legs()
+            await conn.told.wait()
+            assert trio.current_time() - t0 < 0.001       # at once, not at the next tick (5 ms)
+            nursery.cancel_scope.cancel()
+        assert proxy.tell_new_legs is None                  # the task gone: nobody waits for it any more
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
