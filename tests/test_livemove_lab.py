@@ -280,14 +280,16 @@ def test_clients_that_connect_during_moves_are_served_without_a_refusal_or_a_syn
     finally:
         probe.terminate()
         out, err = probe.communicate(timeout=10)
-    ops = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    # the attempts still in flight when the probe was stopped ("stopped") are neither answered nor failed
+    ops = [o for o in (json.loads(line) for line in out.splitlines() if line.startswith("{"))
+           if o.get("err") != "stopped"]
     failed = [o for o in ops if not o.get("ok")]
     slowest = max((o["e"] - o["s"] for o in ops), default=None)
     held = sum(m["in"].get("syns_passed") or 0 for m in moves)
     print(f"{len(ops)} connections, {len(failed)} failed, slowest {slowest:.3f} s, SYNs held and handed on {held}; "
           f"moves' pauses {[m['out'].get('pause_ms') for m in moves]} ms")
     assert len(ops) > 200, (len(ops), err[-1000:])
-    assert failed == [], (failed[:5], log_tails(lab))
+    assert failed == [], ([(o.get("err"), o["s"], o["e"]) for o in failed[:5]], moves, log_tails(lab))
     assert slowest < 0.9, sorted((o["e"] - o["s"], o) for o in ops)[-3:]
     for m in moves:
         assert m["out"]["outcome"] == m["in"]["outcome"] == "moved", m
