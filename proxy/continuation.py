@@ -307,12 +307,6 @@ class _Snapshot:
         self.address, self.conns, self.pairings, self.tails = address, conns, pairings, tails
         self.given: set[ConnKey] = set()
         self.order: list[ConnKey] | None = None
-        #: the unpaired client legs whose handshake with the peer was complete at the snapshot: only these
-        #: may be continued fresh. The legs are kept by reference and go on changing: a client whose SYN
-        #: came during the outage completes its handshake with this node (proxy.synlog) meanwhile, and
-        #: must not be restored a second time (EADDRNOTAVAIL, then a reset, in bench/soak.py)
-        self.fresh_ok = {k for c in conns for k, conn in c.items()
-                         if k.server_ip == address and k not in pairings and conn.client.first_ack is not None}
 
     def conn(self, key: ConnKey) -> TcpConnection | None:
         for c in self.conns:
@@ -413,6 +407,7 @@ class ContinuationBook:
         #: dictionaries, which keep their keys' hashes: cheap), the keys given, the order once computed
         self._snapshot: _Snapshot | None = None
         self._summary: tuple[float, dict] | None = None
+        self._answered_here: set[ConnKey] = set()
 
     # --------------------------------------------------------------------------------- input
     def _remote_is_client(self, key: ConnKey) -> bool:
@@ -593,11 +588,15 @@ class ContinuationBook:
         return [self._snap_verdict(snap, k, now) for k in chosen]
 
     def _snap_verdict(self, snap: _Snapshot, key: ConnKey, now: float) -> Verdict:
-        v = self._verdict(snap.legs(key), now)
-        if v.fresh and key not in snap.fresh_ok:
-            v.fresh, v.states = False, None
-            v.reason = "the peer did not say which backend leg it pairs with; its handshake ended after the death"
-        return v
+        return self._verdict(snap.legs(key), now)
+
+    def answered_here(self, clients: Iterable[tuple[str, int, int]]) -> None:
+        """These clients' SYNs (address, port, service port) went to this node's own kernel at the takeover
+        (proxy.synlog): their handshakes end here, with this node's sequence numbers, and the legs the
+        book sees go on changing (kept by reference), so without this such a leg looked like one the
+        peer left in its accept queue and was restored a second time (EADDRNOTAVAIL, then a reset, in
+        bench/soak.py). Never continued fresh. Bounded: forgotten with the next takeover's."""
+        self._answered_here = {ConnKey(ip, port, self.address, service_port) for ip, port, service_port in clients}
 
     @property
     def rest_waiting(self) -> int:
@@ -712,6 +711,8 @@ class ContinuationBook:
             return Verdict(None, key.client, unpaired + f"; {sent} bytes from the client, {len(have)} kept")
         if len(have) > self.cap:
             return Verdict(None, key.client, unpaired + f"; {len(have)} bytes from the client: over the cap")
+        if key in self._answered_here:
+            return Verdict(None, key.client, unpaired + "; its SYN was answered by this node at the takeover")
         if self._relayed_since(c.opened_at):
             return Verdict(None, key.client, unpaired + "; a backend leg it did not pair carried bytes since")
         sample = self._peer_options(key.server_port)

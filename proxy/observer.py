@@ -295,7 +295,12 @@ class _Observer:
                 return []
             return [v.to_wire() for v in self.book.plan_rest(time.time(), limit=request.get("limit"))]
         if op == "syns":  # a takeover: the SYNs new clients sent to the peer's address during the outage
-            return self.synlog.recent(time.time()) if self.synlog is not None else []
+            if self.synlog is None:
+                return []
+            packets = self.synlog.recent(time.time())
+            if self.book is not None:
+                self.book.answered_here(self.synlog.handed)
+            return packets
         if op == "continuation_summary":
             if self.book is None:
                 return None

@@ -39,6 +39,7 @@ class SynLog:
         self.limit = limit
         self._syns: OrderedDict[tuple[bytes, int, int], tuple[float, bytes]] = OrderedDict()
         self.seen = 0
+        self.handed: list[tuple[str, int, int]] = []
 
     def on_frame(self, frame: bytes | memoryview, ts: float) -> None:
         """One captured Ethernet frame (anything that is not a TCP segment to ``address`` is ignored)."""
@@ -71,6 +72,9 @@ class SynLog:
                 break
             del self._syns[key]
         out = [packet for _, packet in self._syns.values()]
+        #: the clients whose SYN went to this node's kernel: their connections are this node's own from
+        #: here on, never the peer's to continue (proxy.continuation.ContinuationBook.answered_here)
+        self.handed = [(socket.inet_ntoa(key[0]), key[1], key[2]) for key in self._syns]
         self._syns.clear()
         return out
 

@@ -26,7 +26,9 @@ def test_unanswered_syns_are_kept_as_ip_packets_and_given_once():
     [first, second] = log.recent(10.5)
     assert first == frame("10.77.0.100", 40000, 0x02)[14:-6]  # the IPv4 packet, without padding
     assert second[20:24] == struct.pack("!HH", 40001, 2049)
-    assert log.recent(10.5) == []
+    # named for the continuation book: these handshakes end with this node, not the peer
+    assert log.handed == [("10.77.0.100", 40000, 445), ("10.77.0.101", 40001, 2049)]
+    assert log.recent(10.5) == [] and log.handed == []
 
 
 def test_a_syn_the_peer_answered_or_an_old_one_is_not_replayed():
