@@ -745,6 +745,8 @@ class ContinuationBook:
                 if key.client_ip != self.address or key in self.by_backend or b.opened_at < since:
                     continue
                 server = b.server
+                if server.fin_seq is not None:
+                    continue  # the server closed it: over (the peer's own FIN is not seen on a switch)
                 if server.first_ack is None or server.last_ack is None or server.last_ack != server.first_ack:
                     return True
         return False

@@ -661,6 +661,14 @@ def test_a_client_leg_whose_bytes_an_unpaired_backend_leg_may_carry_is_not_conti
     assert carried, "the premise: the server acknowledged the node's bytes before the node answered the client"
     v, = book.plan(upto[-1][0] + 0.01)
     assert not v.fresh and "carried bytes since" in v.reason, v.reason
+    # a backend leg its server closed is over (the peer's own FIN is never seen on a switch): it lingers
+    # in the views, and once blocked every younger client leg
+    last = [s for _, s in upto if s.sport == 445][-1]
+    fin = TcpSegment(last.src, last.dst, last.sport, last.dport, last.seq + len(last.payload), last.ack,
+                     0x11, last.window, last.options, b"")
+    book, _, _ = _fresh_book(upto + [(upto[-1][0] + 0.001, fin)])
+    v, = book.plan(upto[-1][0] + 0.01)
+    assert v.fresh, v.reason
     # the same frames without the backend leg's: nothing says the peer relayed it
     book, _, _ = _fresh_book([(ts, s) for ts, s in upto if s.dport == 445])
     v, = book.plan(upto[-1][0] + 0.01)
