@@ -52,6 +52,8 @@ from proxy.tcprepair import RepairWindow, TcpSocketState
 __all__ = ["LegOptions", "Pairing", "ContinuationBook", "PairingInbox", "PairingOutbox", "DEFAULT_CAP", "relay_anchor"]
 
 U32 = 0xFFFF_FFFF
+#: how many backend legs the book remembers as once paired (ContinuationBook._once_paired)
+ONCE_PAIRED_KEPT = 1 << 17
 #: default bound of the bytes kept per leg (and of what one connection may need put back each way)
 DEFAULT_CAP = 4 << 20
 #: the new sockets' receive window until their first own advertisement (bytes)
@@ -408,6 +410,11 @@ class ContinuationBook:
         self._snapshot: _Snapshot | None = None
         self._summary: tuple[float, dict] | None = None
         self._answered_here: set[ConnKey] = set()
+        #: backend legs the peer ever paired (bounded, oldest out): such a leg carries its own client's
+        #: bytes, never those of a client leg the peer did not pair, also once its pairing was removed
+        #: (the connection ended at the peer, while its leg lingers in the views: on a switch the
+        #: peer's own FIN is not seen)
+        self._once_paired: OrderedDict[ConnKey, None] = OrderedDict()
 
     # --------------------------------------------------------------------------------- input
     def _remote_is_client(self, key: ConnKey) -> bool:
@@ -547,6 +554,9 @@ class ContinuationBook:
             self.pairings[key] = p
             self.by_backend[p.backend_key(self.address)] = p
             self._relay_due.add(p.backend_key(self.address))
+            self._once_paired[p.backend_key(self.address)] = None
+            while len(self._once_paired) > ONCE_PAIRED_KEPT:
+                self._once_paired.popitem(last=False)
         return problems
 
     def _conn(self, key: ConnKey) -> TcpConnection | None:
@@ -742,7 +752,7 @@ class ContinuationBook:
         bytes acknowledged by its server (the peer relayed a client's bytes on it: perhaps this one's)."""
         for tracker in self.trackers:
             for key, b in tracker.connections.items():
-                if key.client_ip != self.address or key in self.by_backend or b.opened_at < since:
+                if key.client_ip != self.address or key in self._once_paired or b.opened_at < since:
                     continue
                 server = b.server
                 if server.fin_seq is not None:

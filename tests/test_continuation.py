@@ -661,6 +661,21 @@ def test_a_client_leg_whose_bytes_an_unpaired_backend_leg_may_carry_is_not_conti
     assert carried, "the premise: the server acknowledged the node's bytes before the node answered the client"
     v, = book.plan(upto[-1][0] + 0.01)
     assert not v.fresh and "carried bytes since" in v.reason, v.reason
+    # a backend leg the peer paired with another client, also after that pairing was removed (the
+    # connection ended at the peer, its leg lingering in the views), carries that client's bytes
+    backend_key = next(k for k in tracker.connections if k.client_ip == NODE)
+    other = Pairing(("10.77.0.201", 40001), 445, backend_key.client_port, (backend_key.server_ip, backend_key.server_port),
+                    None, None)
+    tracker2 = TcpTracker([445])
+    book = ContinuationBook(NODE, [tracker2], cap=1 << 20)
+    sample = Pairing(("10.77.0.200", 40000), 445, 50000, ("10.77.0.10", 445),
+                     LegOptions(TCPI_OPT_TIMESTAMPS | TCPI_OPT_SACK | TCPI_OPT_WSCALE, 7, 9, 1448), None)
+    book.set_pairings([sample.to_wire(), other.to_wire()])
+    book.set_pairings(remove=[["10.77.0.201", 40001, 445]])
+    for ts, seg in upto:
+        book.feed([(ev.key, ev) for ev in tracker2.feed(seg, ts)])
+    v, = book.plan(upto[-1][0] + 0.01)
+    assert v.fresh, v.reason
     # a backend leg its server closed is over (the peer's own FIN is never seen on a switch): it lingers
     # in the views, and once blocked every younger client leg
     last = [s for _, s in upto if s.sport == 445][-1]
