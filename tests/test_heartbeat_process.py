@@ -134,7 +134,13 @@ async def test_the_kernel_filter_drops_what_is_not_from_the_peer_before_the_proc
             for _ in range(50):
                 s.sendto(b"x" * size, ("127.0.0.1", port))
             s.close()
-        await trio.sleep(1.3)  # the next stats report
+        # the counts come with the process's stats reports (about every second): wait for them (a CI run
+        # under load saw 39 of the 50 in the first report), then one more report, in which nothing else
+        # may have arrived
+        deadline = trio.current_time() + 10
+        while a.process.status()["paths"]["sync"]["rejected"] < 50 and trio.current_time() < deadline:
+            await trio.sleep(0.1)
+        await trio.sleep(1.3)
         st = a.process.status()["paths"]["sync"]
         assert st["rejected"] == 50, st  # only the right size from the peer's address reached the process
         nursery.cancel_scope.cancel()
