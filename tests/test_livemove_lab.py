@@ -101,7 +101,6 @@ def test_handover_and_back_moves_live_connections_without_a_reconnect(lab, pair)
     clients = lab.popen(lab.ns_client, [sys.executable, str(MOVE_CLIENTS), host, lab.smb_share, lab.smb_user,
                                         lab.smb_password, "livemove.bin", "10"],
                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    moves = []
     try:
         ready = json.loads(clients.stdout.readline() or "{}")
         assert ready.get("ready"), clients.stderr.read()[-1000:]
@@ -214,6 +213,19 @@ def test_hand_back_after_a_return_moves_the_connections_the_holder_served(lab, p
     assert len(ports_after) == 2 and report["connections"] == 1
 
 
+def four_moves(lab, a, b, pause: float) -> list[dict]:
+    """a's address a -> b -> a -> b -> a (handover, handover --back, twice); each move's records on both
+    sides, ``pause`` seconds after each."""
+    moves = []
+    for giver, taker, back in ((a, b, False), (b, a, True), (a, b, False), (b, a, True)):
+        since = time.time()
+        done, _ = handover(lab, a, back=back)
+        assert done.returncode == 0, done.stdout + done.stderr
+        moves.append({"out": last_move(giver, "out", since), "in": last_move(taker, "in", since)})
+        time.sleep(pause)
+    return moves
+
+
 def test_segments_that_arrive_during_the_lock_reach_the_new_holder_without_a_retransmission_timeout(lab, pair):
     """An NFS client that sends a call every 2 ms whatever the replies: every move's lock drops some of its
     segments. The giver passes the lock's copies on, the new holder delivers them once its sockets are live:
@@ -228,12 +240,7 @@ def test_segments_that_arrive_during_the_lock_reach_the_new_holder_without_a_ret
         ready = json.loads(client.stdout.readline() or "{}")
         assert ready.get("ready"), client.stderr.read()[-1000:]
         time.sleep(0.3)
-        for giver, taker, back in ((a, b, False), (b, a, True), (a, b, False), (b, a, True)):
-            since = time.time()
-            done, _ = handover(lab, a, back=back)
-            assert done.returncode == 0, done.stdout + done.stderr
-            moves.append({"out": last_move(giver, "out", since), "in": last_move(taker, "in", since)})
-            time.sleep(0.3)
+        moves = four_moves(lab, a, b, pause=0.3)
         report = stop_clients(client)
     finally:
         if client.poll() is None:
@@ -267,15 +274,9 @@ def test_clients_that_connect_during_moves_are_served_without_a_refusal_or_a_syn
                                       "--steady-ms", "5", "--interval-ms", "5", "--connect-timeout-ms", "3000",
                                       "--reply-timeout-ms", "3000", "--max-inflight", "40"],
                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    moves = []
     try:
         time.sleep(0.5)
-        for giver, taker, back in ((a, b, False), (b, a, True), (a, b, False), (b, a, True)):
-            since = time.time()
-            done, _ = handover(lab, a, back=back)
-            assert done.returncode == 0, done.stdout + done.stderr
-            moves.append({"out": last_move(giver, "out", since), "in": last_move(taker, "in", since)})
-            time.sleep(0.2)
+        moves = four_moves(lab, a, b, pause=0.2)
         time.sleep(0.5)
     finally:
         probe.terminate()
