@@ -415,6 +415,8 @@ class ContinuationBook:
         #: (the connection ended at the peer, while its leg lingers in the views: on a switch the
         #: peer's own FIN is not seen)
         self._once_paired: OrderedDict[ConnKey, None] = OrderedDict()
+        #: (now, the latest opened_at of a backend leg that may carry an unpaired client's bytes)
+        self._rivals: tuple[float, float] | None = None
 
     # --------------------------------------------------------------------------------- input
     def _remote_is_client(self, key: ConnKey) -> bool:
@@ -723,7 +725,7 @@ class ContinuationBook:
             return Verdict(None, key.client, unpaired + f"; {len(have)} bytes from the client: over the cap")
         if key in self._answered_here:
             return Verdict(None, key.client, unpaired + "; its SYN was answered by this node at the takeover")
-        if self._relayed_since(c.opened_at):
+        if self._relayed_since(c.opened_at, now):
             return Verdict(None, key.client, unpaired + "; a backend leg it did not pair carried bytes since")
         sample = self._peer_options(key.server_port)
         if sample is None:
@@ -747,19 +749,24 @@ class ContinuationBook:
             v.reason, v.fresh = f"inconsistent state: {exc}", False
         return v
 
-    def _relayed_since(self, since: float) -> bool:
-        """Whether a backend leg of the peer that it did not pair, opened at or after ``since``, had
-        bytes acknowledged by its server (the peer relayed a client's bytes on it: perhaps this one's)."""
-        for tracker in self.trackers:
-            for key, b in tracker.connections.items():
-                if key.client_ip != self.address or key in self._once_paired or b.opened_at < since:
-                    continue
-                server = b.server
-                if server.fin_seq is not None:
-                    continue  # the server closed it: over (the peer's own FIN is not seen on a switch)
-                if server.first_ack is None or server.last_ack is None or server.last_ack != server.first_ack:
-                    return True
-        return False
+    def _relayed_since(self, since: float, now: float) -> bool:
+        """Whether a backend leg of the peer that it never paired, opened at or after ``since``, had
+        bytes acknowledged by its server (the peer relayed a client's bytes on it: perhaps this one's).
+        The views are scanned once per ``now`` (a plan or a summary judges every unpaired leg with
+        the same ``now``), not once per leg."""
+        if self._rivals is None or self._rivals[0] != now:
+            latest = float("-inf")
+            for tracker in self.trackers:
+                for key, b in tracker.connections.items():
+                    if key.client_ip != self.address or key in self._once_paired or b.opened_at <= latest:
+                        continue
+                    server = b.server
+                    if server.fin_seq is not None:
+                        continue  # the server closed it: over (the peer's own FIN is not seen on a switch)
+                    if server.first_ack is None or server.last_ack is None or server.last_ack != server.first_ack:
+                        latest = b.opened_at
+            self._rivals = (now, latest)
+        return self._rivals[1] >= since
 
     def _peer_options(self, service_port: int) -> LegOptions | None:
         """The options of the peer's latest paired client leg on ``service_port`` (else any port): its
