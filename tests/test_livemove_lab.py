@@ -101,6 +101,7 @@ def test_handover_and_back_moves_live_connections_without_a_reconnect(lab, pair)
     clients = lab.popen(lab.ns_client, [sys.executable, str(MOVE_CLIENTS), host, lab.smb_share, lab.smb_user,
                                         lab.smb_password, "livemove.bin", "10"],
                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    moves = []
     try:
         ready = json.loads(clients.stdout.readline() or "{}")
         assert ready.get("ready"), clients.stderr.read()[-1000:]
@@ -235,7 +236,6 @@ def test_segments_that_arrive_during_the_lock_reach_the_new_holder_without_a_ret
     host = lab.addresses.service_a
     client = lab.popen(lab.ns_client, [sys.executable, str(NFS_PIPELINED), host, "2", "60"],
                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    moves = []
     try:
         ready = json.loads(client.stdout.readline() or "{}")
         assert ready.get("ready"), client.stderr.read()[-1000:]
