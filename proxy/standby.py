@@ -136,6 +136,8 @@ class StatefulStandby:
         self._fetch_lock = trio.Lock()
         self._rest_fetched = trio.Event()
         self._rest_fetched.set()
+        #: the busiest continuations when the takeover went on without them (see _takeover_plan)
+        self._late_first: trio.MemoryReceiveChannel | None = None
         self._nursery: trio.Nursery | None = None
         self._preparing = False
         #: this node's proxied connections (its own address's :class:`~proxy.dataplane.ServiceProxy` s):
@@ -461,6 +463,7 @@ class StatefulStandby:
 
     async def _takeover_plan(self) -> TakeoverPlan:
         plan = None
+        self._late_first = None  # a takeover that failed before its rest leaves nothing to the next one
         t0 = trio.current_time()
         self.plan_phases = phases = {}  # ms: where a takeover's plan phase went (the takeover record shows it)
         with trio.move_on_after(self.timings.observer_timeout):
@@ -481,28 +484,51 @@ class StatefulStandby:
                         self.timings.observer_timeout * 1000)
             return TakeoverPlan()
         # the legs' state as late as possible (never a prepared one: the last ACKs arrive after the death);
-        # only the busiest now, the rest once the address is up (continuations_rest)
-        t1 = trio.current_time()
-        phases["plan"] = round((t1 - t0) * 1000, 1)
-        with trio.move_on_after(CONTINUATIONS_TIMEOUT):
-            try:
-                if len(self.inbox) or self._pairings_lock.locked():
-                    # what the peer said last about its connections (some perhaps on their way to the
-                    # observer already), before they are judged
-                    await self._flush_pairings(CONTINUATIONS_TIMEOUT)
-                    phases["pairings"] = round((trio.current_time() - t1) * 1000, 1)
-                first = await self.observer.request("continuations", first=CONTINUE_FIRST) or {}
-                phases["continuations"] = round((trio.current_time() - t1) * 1000, 1)
-                if first.get("rest"):
-                    self._rest_fetched = trio.Event()  # set by continuations_rest when all are fetched
-                return replace(plan, continuations=first.get("first") or [], more_continuations=first.get("rest") or 0)
-            except ObserverError as exc:
-                log.warning("stateful: no continuations: %s", exc)
+        # only the busiest now, the rest once the address is up (continuations_rest). Asked in the
+        # background and waited for at most observer_timeout (issue 8: a takeover never waits on the
+        # observer beyond a small bound): later than that, the address comes up without them, the repair
+        # guard keeps this node's kernel from resetting them, and they are the rest's first chunk
+        phases["plan"] = round((trio.current_time() - t0) * 1000, 1)
+        answers_tx, answers_rx = trio.open_memory_channel[dict | None](1)
+        assert self._nursery is not None  # the observer is ready: run() is under way
+        self._rest_fetched = trio.Event()  # set once continuations_rest has given everything
+        self._nursery.start_soon(self._fetch_first_continuations, answers_tx, trio.current_time(), phases)
+        with trio.move_on_after(self.timings.observer_timeout):
+            first = await answers_rx.receive()
+            if first is None:  # the observer failed or timed out (counted and logged)
+                self._rest_fetched.set()
                 return plan
-        self.observer_timeouts += 1
-        log.warning("stateful: the observer did not say within %.0f ms which connections to continue: "
-                    "resetting them all", CONTINUATIONS_TIMEOUT * 1000)
-        return plan
+            if not first.get("rest"):
+                self._rest_fetched.set()
+            return replace(plan, continuations=first.get("first") or [], more_continuations=first.get("rest") or 0)
+        log.warning("stateful: the observer did not say within %.0f ms which connections to continue first: "
+                    "the address comes up without them, they follow", self.timings.observer_timeout * 1000)
+        self._late_first = answers_rx
+        phases["continuations_late"] = 1
+        return replace(plan, more_continuations=1)  # how many is unknown yet: at least the late first ones
+
+    async def _fetch_first_continuations(self, answers: trio.MemorySendChannel, t1: float,
+                                         phases: dict[str, float]) -> None:
+        """The busiest continuations (and how many more) to ``answers``; None if the observer failed or
+        did not answer within ``CONTINUATIONS_TIMEOUT`` (then every connection is reset)."""
+        first: dict | None = None
+        async with answers:
+            with trio.move_on_after(CONTINUATIONS_TIMEOUT) as bound:
+                try:
+                    if len(self.inbox) or self._pairings_lock.locked():
+                        # what the peer said last about its connections (some perhaps on their way to the
+                        # observer already), before they are judged
+                        await self._flush_pairings(CONTINUATIONS_TIMEOUT)
+                        phases["pairings"] = round((trio.current_time() - t1) * 1000, 1)
+                    first = await self.observer.request("continuations", first=CONTINUE_FIRST) or {}
+                    phases["continuations"] = round((trio.current_time() - t1) * 1000, 1)
+                except ObserverError as exc:
+                    log.warning("stateful: no continuations: %s", exc)
+            if bound.cancelled_caught:
+                self.observer_timeouts += 1
+                log.warning("stateful: the observer did not say within %.0f ms which connections to continue: "
+                            "resetting them all", CONTINUATIONS_TIMEOUT * 1000)
+            answers.send_nowait(first)  # room for one: never waits
 
     def _same_heartbeat(self, then: float | None) -> bool:
         """No heartbeat arrived since ``then`` (the last one when a plan was prepared). Not ``==``: each
@@ -519,6 +545,14 @@ class StatefulStandby:
         least busy), as the legs stood at the death verdict; [] when none are left, or if the observer
         does not answer in time (then the rest are given up: they get resets)."""
         rest: list[dict] = []
+        if self._late_first is not None:  # the takeover did not wait for the busiest: they come first
+            late, self._late_first = self._late_first, None
+            with trio.move_on_after(CONTINUATIONS_TIMEOUT):  # the fetch has this bound itself: a backstop
+                first = await late.receive()
+                if first and first.get("first"):
+                    return first["first"]
+            self._rest_fetched.set()  # none to give: the fetch failed, or nothing was continuable
+            return []
         with trio.move_on_after(CONTINUATIONS_TIMEOUT):
             try:
                 rest = await self.observer.request("continuations_rest", limit=limit) or []
@@ -590,6 +624,7 @@ class StatefulStandby:
 
     def continuations_done(self) -> None:
         """The takeover asks for no more continuations (all fetched, or it stopped): the views may forget."""
+        self._late_first = None
         self._rest_fetched.set()
 
     def _forget_soon(self, before: float, why: str) -> None:

@@ -11,7 +11,7 @@ import trio
 import trio.testing
 
 from proxy.config import parse_config
-from proxy.standby import PEER_ADDRESS, PEER_BACKEND, StatefulStandby
+from proxy.standby import CONTINUATIONS_TIMEOUT, PEER_ADDRESS, PEER_BACKEND, StatefulStandby
 from proxy.takeover import TakeoverPlan
 from proxy.timings import PairTimings
 
@@ -282,9 +282,10 @@ def test_pairings_the_observer_is_too_slow_for_are_kept_merged_and_given_before_
             await trio.sleep(2.5)
             assert observer.taken[-1] == [2002, "reset"]
             observer.delay = 0.0
-            await trio.sleep(1.0)                    # (a retry under way: the takeover waits for it, bounded)
-            observer.requests.clear()
-            await standby.takeover_plan()
+            await trio.sleep(1.0)                    # a retry under way: the continuations wait for it,
+            observer.requests.clear()                # the address perhaps not (then they follow it)
+            if (await standby.takeover_plan()).more_continuations:
+                await standby.continuations_rest()
             assert observer.taken[-1] == [2003], (observer.requests, len(standby.inbox), standby.plan_phases)
             assert observer.requests.index("pairings") < observer.requests.index("continuations")
             nursery.cancel_scope.cancel()
@@ -327,5 +328,77 @@ def test_a_new_connection_is_released_as_soon_as_its_pairing_is_on_the_link():
             assert trio.current_time() - t0 < 0.001       # at once, not at the next tick (5 ms)
             nursery.cancel_scope.cancel()
         assert proxy.tell_new_legs is None                  # the task gone: nobody waits for it any more
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+class SlowContinuationsObserver(FakeObserver):
+    """Answers ``live`` at once but ``continuations`` only after ``delay`` (forever if None): an observer
+    stuck behind a backlog of frames just when the takeover asks which connections to continue."""
+
+    def __init__(self, delay: float | None):
+        super().__init__()
+        self.delay = delay
+        self.rest = [[{"client": "10.0.0.9:6000"}], []]
+
+    async def request(self, op, view=None, **args):
+        if op == "continuations":
+            self.requests.append(op)
+            if self.delay is None:
+                await trio.sleep_forever()
+            await trio.sleep(self.delay)
+            return {"first": [{"client": "10.0.0.9:5000"}], "rest": 1}
+        if op == "continuations_rest":
+            self.requests.append(op)
+            await trio.sleep(0.001)
+            return self.rest.pop(0) if self.rest else []
+        return await super().request(op, view, **args)
+
+
+def test_a_slow_observer_at_the_continuations_delays_the_address_at_most_observer_timeout():
+    """Issue 8, finding 6: the takeover waited up to 1 s (CONTINUATIONS_TIMEOUT) for the busiest
+    continuations before its address came up. Now at most ``observer_timeout``: later ones are the first
+    chunk of the rest (restored with the address up, under the repair guard), nothing is lost."""
+    async def main():
+        observer, heard = SlowContinuationsObserver(delay=0.5), [0.0]
+        standby = make(observer, heard)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(standby.run)
+            observer.live[PEER_ADDRESS] = [connection(5000, 1), connection(6000, 1)]
+            start = trio.current_time()
+            plan = await standby.takeover_plan()
+            assert trio.current_time() - start <= 2 * TIMINGS.observer_timeout + 0.01
+            assert plan.continuations == [] and plan.more_continuations and len(plan.clients_to_reset) == 2
+            assert standby.plan_phases.get("continuations_late") == 1
+            # the late busiest first, then the observer's rest, then the end
+            assert await standby.continuations_rest() == [{"client": "10.0.0.9:5000"}]
+            assert 0.5 <= trio.current_time() - start < 0.6
+            assert await standby.continuations_rest() == [{"client": "10.0.0.9:6000"}]
+            assert await standby.continuations_rest() == []
+            assert standby._rest_fetched.is_set() and standby.observer_timeouts == 0
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_an_observer_that_never_says_which_to_continue_costs_resets_not_a_hang():
+    async def main():
+        observer, heard = SlowContinuationsObserver(delay=None), [0.0]
+        standby = make(observer, heard)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(standby.run)
+            observer.live[PEER_ADDRESS] = [connection(5000, 1)]
+            start = trio.current_time()
+            plan = await standby.takeover_plan()
+            assert trio.current_time() - start <= 2 * TIMINGS.observer_timeout + 0.01
+            assert plan.continuations == [] and plan.more_continuations
+            assert await standby.continuations_rest() == []   # given up after CONTINUATIONS_TIMEOUT: reset
+            assert trio.current_time() - start <= CONTINUATIONS_TIMEOUT + 0.01
+            assert standby._rest_fetched.is_set() and standby.observer_timeouts == 1
+            # the next takeover starts afresh: nothing of this one is given to it
+            observer.delay = 0.0
+            plan = await standby.takeover_plan()
+            assert plan.continuations == [{"client": "10.0.0.9:5000"}] and plan.more_continuations == 1
+            nursery.cancel_scope.cancel()
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
