@@ -11,9 +11,10 @@ event loop. :class:`StatefulStandby` is the node's only handle on all of it:
 * ``add_status``: the tables and the state comparison for ``pairproxy status``.
 
 A stateless node has no such object (the node holds None). Every request to the observer has a time
-limit (:class:`~proxy.timings.PairTimings`): a stuck observer costs a takeover at most
-``observer_timeout`` and then the takeover goes on as a stateless one; it never blocks the node's
-decisions, because digests and snapshots are handled in this object's own task.
+limit (:class:`~proxy.timings.PairTimings`): a stuck observer delays a takeover's address by at most
+``observer_timeout`` per step (the plan, the busiest continuations) and then the takeover goes on without
+what it would have said; it never blocks the node's decisions, because digests and snapshots are handled
+in this object's own task.
 """
 
 from __future__ import annotations
@@ -76,7 +77,8 @@ def _take_all(queue: "collections.deque") -> list:
 TCP_ESTABLISHED = 1
 #: how long a takeover waits for the continuation states (both legs of every connection, with their
 #: bytes to put back): worth more than the ~100 ms of ``observer_timeout``, since each one continued is a
-#: client that does not reconnect
+#: client that does not reconnect. The address does not wait that long: after ``observer_timeout`` it
+#: comes up and the late ones follow under the repair guard
 CONTINUATIONS_TIMEOUT = 1.0
 #: how many of the peer's connections (the busiest) a takeover restores before its address comes up; the
 #: rest follow with the address up, their kernel resets held back (issue 10, behaviour 7)
