@@ -97,6 +97,9 @@ def render(status: NodeStatus | None) -> str:
                 "first client was accepted)."),
         _Family("pairproxy_snooper_kernel_drops_total", "counter",
                 "Frames the kernel dropped before the snooper read them (stateful; view: own_address, peer_address, peer_backend)."),
+        _Family("pairproxy_snooper_segments_refused_total", "counter",
+                "Segments the stateful view's TCP tracker refused and ignored (view; reason: out_of_window, "
+                "rst_challenged, rst_out_of_window, syn_challenged): a spoofer's, or a capture gap's."),
         _Family("pairproxy_state_in_sync", "gauge",
                 "Stateful: 1 if this node's view of the peer's address matches the peer's own digest, 0 if not."),
         _Family("pairproxy_sync_link_dial_failures_total", "counter",
@@ -169,6 +172,9 @@ def render(status: NodeStatus | None) -> str:
         if sync is not None:
             for snooper in sync.snoopers:
                 fam["pairproxy_snooper_kernel_drops_total"].add(snooper.kernel_drops, view=snooper.view)
+                for reason in ("out_of_window", "rst_challenged", "rst_out_of_window", "syn_challenged"):
+                    fam["pairproxy_snooper_segments_refused_total"].add(getattr(snooper, reason), view=snooper.view,
+                                                                        reason=reason)
                 fam["pairproxy_snooper_frames_total"].add(snooper.frames_to, view=snooper.view, direction="to")
                 fam["pairproxy_snooper_frames_total"].add(snooper.frames_from, view=snooper.view, direction="from")
             if sync.sight != "unknown":

@@ -442,6 +442,13 @@ class SnooperStats:
     rcvbuf: int = 0
     path: str = "recv"           # how frames are read: "ring" (TPACKET_V3, mmap) or "recv" (the fallback)
     ring_bytes: int = 0          # the ring's size (0 on recv)
+    # what the view's TCP tracker refused (issue 8: a spoofer's segments change nothing and are counted):
+    # segments outside the receiver's window, RSTs in the window but not exact (a real receiver would
+    # send a challenge ACK) or outside it, SYNs on a live connection
+    out_of_window: int = 0
+    rst_challenged: int = 0
+    rst_out_of_window: int = 0
+    syn_challenged: int = 0
 
 
 @dataclass

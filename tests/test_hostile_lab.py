@@ -335,3 +335,128 @@ def test_key_rotation_gone_wrong_is_no_split_brain(lab, pair, tmp_path):
             smb_ls(lab, host)
     finally:
         b2.stop(10)
+
+
+# Runs in the attacker's namespace: segments spoofed from the client's 4-tuple towards the service
+# address, none of which a blind attacker could place (argv: client_ip client_port server_ip server_port
+# client_next_seq server_next_seq count). Far out-of-window data, ACKs and RSTs; RSTs inside the window
+# but not exact (RFC 5961: a challenge ACK, no reset); SYNs on the live connection; and SYNs of fake
+# handshakes from other ports of the client's address.
+ATTACK_TCP = r'''
+import os, random, socket, struct, sys, time
+
+cip, cport, sip, sport, cseq, sseq, count = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), \
+    int(sys.argv[5]), int(sys.argv[6]), int(sys.argv[7])
+raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)  # IP_HDRINCL implied
+
+def checksum(data):
+    if len(data) % 2:
+        data += b"\0"
+    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return ~s & 0xFFFF
+
+def send(seq, ack, flags, payload=b"", src_port=cport):
+    tcp = struct.pack("!HHIIBBHHH", src_port, sport, seq % (1 << 32), ack % (1 << 32), 5 << 4, flags, 65535, 0, 0)
+    pseudo = socket.inet_aton(cip) + socket.inet_aton(sip) + struct.pack("!BBH", 0, 6, len(tcp) + len(payload))
+    tcp = tcp[:16] + struct.pack("!H", checksum(pseudo + tcp + payload)) + tcp[18:]
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp) + len(payload), random.randrange(65536), 0, 64, 6, 0,
+                     socket.inet_aton(cip), socket.inet_aton(sip))
+    raw.sendto(ip + tcp + payload, (sip, 0))
+
+FIN, SYN, RST, PSH, ACK = 1, 2, 4, 8, 16
+far = lambda base: base + (1 << 31) + random.randrange(1 << 30)  # > 2**30 away either way: in no window
+sent = {"data_far": 0, "ack_far": 0, "rst_far": 0, "rst_in_window": 0, "syn_live": 0, "syn_fake": 0}
+for i in range(count):
+    kind = i % 6
+    if kind == 0:
+        send(far(cseq), sseq, PSH | ACK, os.urandom(random.randint(1, 200))); sent["data_far"] += 1
+    elif kind == 1:
+        send(far(cseq), far(sseq), ACK); sent["ack_far"] += 1
+    elif kind == 2:
+        send(far(cseq), 0, RST); sent["rst_far"] += 1
+    elif kind == 3:
+        send(cseq + random.randint(1000, 20000), 0, RST); sent["rst_in_window"] += 1
+    elif kind == 4:
+        send(random.randrange(1 << 32), 0, SYN); sent["syn_live"] += 1
+    else:
+        send(random.randrange(1 << 32), 0, SYN, src_port=random.randint(20000, 30000)); sent["syn_fake"] += 1
+    if i % 50 == 49:
+        time.sleep(0.005)
+print(" ".join(f"{k}={v}" for k, v in sent.items()))
+'''
+
+REFUSALS = ("out_of_window", "rst_challenged", "rst_out_of_window", "syn_challenged")
+
+
+def test_spoofed_segments_on_the_service_network_neither_steer_nor_stall_the_stateful_standby(lab, attacker,
+                                                                                              tmp_path):
+    """Issue 8, findings 6 and 7 on a real stateful pair, on a switch that floods only frames to the nodes:
+    a host without the key spoofs the client's 4-tuple of a's SMB session with segments no blind attacker
+    could place (far outside any window, RSTs in the window but not exact, SYNs on the live connection)
+    and fake handshakes. Nobody takes over, b's observer answers throughout, b counts what it refused
+    and keeps the connection; then a dies and b continues that same session."""
+    from deploy.lab.clients import SmbHolder, established, takeover_settled
+
+    addr = lab.addresses
+    lab.flood("nodes")
+    a = NodeProcess(lab, "a", pair=True, mode="stateful", log=tmp_path / "a.log")
+    b = NodeProcess(lab, "b", pair=True, mode="stateful", log=tmp_path / "b.log")
+    holder = None
+    try:
+        b.start(timeout=60)
+        a.start(timeout=60)
+        wait_pair_up(lab, a, b)
+        b.wait_for(lambda s: s["pair"]["state_sync"]["observer"] == "running", 10, "b's observer running")
+        holder = SmbHolder(lab, addr.service_a, "hostile-hold.bin")
+        assert holder.do("write")["ok"]
+        [client] = established(lab, addr.service_a, 445)
+
+        def seen(s):
+            conns = [c for c in s.get("connections", []) if c["client"] == client and c.get("tcp")]
+            return conns[0] if conns and conns[0]["tcp"]["client_next_seq"] is not None else None
+
+        before = b.wait_for(seen, 10, "b tracking a's SMB client")
+        tcp = seen(before)["tcp"]
+        sync = before["pair"]["state_sync"]
+        timeouts = sync["observer_timeouts"]
+        refused = {s["view"]: sum(s[k] for k in REFUSALS) for s in sync["snoopers"]}
+        cip, cport = client.rsplit(":", 1)
+        attack = subprocess.run(["ip", "netns", "exec", attacker, sys.executable, "-c", ATTACK_TCP, cip, cport,
+                                 addr.service_a, "445", str(tcp["client_next_seq"]),
+                                 str(tcp["server_next_seq"] or 0), "3000"],
+                                capture_output=True, text=True, timeout=60)
+        assert attack.returncode == 0, attack.stderr
+        sent = dict(kv.split("=") for kv in attack.stdout.split())
+        assert holder.do("write")["ok"]  # a's own kernel ignored them too
+        after = b.wait_for(lambda s: seen(s) and sum(
+            v[k] for v in s["pair"]["state_sync"]["snoopers"] if v["view"] == "peer_address" for k in REFUSALS)
+            >= refused["peer_address"] + 2000, 10, "b counting the refused segments")
+        peer_view = next(v for v in after["pair"]["state_sync"]["snoopers"] if v["view"] == "peer_address")
+        print("sent:", sent, "b refused:", {k: peer_view[k] for k in REFUSALS})
+        assert peer_view["rst_out_of_window"] >= int(sent["rst_far"]), peer_view
+        assert peer_view["rst_challenged"] >= int(sent["rst_in_window"]), peer_view
+        assert peer_view["syn_challenged"] >= int(sent["syn_live"]), peer_view
+        assert peer_view["out_of_window"] >= int(sent["data_far"]) + int(sent["ack_far"]), peer_view
+        for node in (a, b):
+            st = node.status()
+            assert node.proc.poll() is None and st["pair"]["takeovers"] == [], st["pair"]["takeovers"]
+            assert st["pair"]["peer_state"] == "alive"
+        assert after["pair"]["state_sync"]["observer_timeouts"] == timeouts
+        # b's view of the connection went on with the real client, not the spoofer
+        assert seen(after)["tcp"]["client_next_seq"] - tcp["client_next_seq"] < 1 << 24
+
+        a.kill_hard(link_down=True)
+        st = b.wait_for(takeover_settled(addr.service_a, "b"), 5, "b holding a's address")
+        [record] = [c for c in st["pair"]["takeovers"][-1]["connections"] if c["client"] == client]
+        assert record["continued"], record
+        assert holder.do("write")["ok"]  # the same session, through b
+        assert established(lab, addr.service_a, 445) == {client}
+    finally:
+        if holder is not None:
+            holder.close()
+        a.stop(10)
+        b.stop(10)
+        a.link_up()
+        lab.flood(False)

@@ -68,7 +68,7 @@ def test_a_node_with_only_the_units_capabilities_takes_over_and_serves(lab, host
                                                                         mode):
     """Stateless: macvlan, sysctls, ARP, ports below 1024. Stateful adds the snooper (AF_PACKET with
     SO_RCVBUFFORCE, in the observer child, which gets the capabilities as ambient ones) and the
-    resets of the dead peer's clients (raw IP)."""
+    continuation of the dead peer's client (TCP_REPAIR) or resets (raw IP)."""
     assert unit_capabilities() == {"CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_NET_BIND_SERVICE"}
     key = private_dir / "pair.key"
     shutil.copy(lab.pair_key_path, key)
@@ -110,8 +110,11 @@ def test_a_node_with_only_the_units_capabilities_takes_over_and_serves(lab, host
         a.kill_hard(link_down=True)
         st = b.wait_for(takeover_settled(lab.addresses.service_a, "b"), 5, "b holding a's address")
         if mode == "stateful":
-            t = st["pair"]["takeovers"][-1]  # the client's connection continued (TCP_REPAIR) or reset
-            assert t["connections_continued"] + t["clients_reset"] >= 1, t
+            # the client's connection continued: TCP_REPAIR works with CAP_NET_ADMIN alone, and the same
+            # session goes on writing through b
+            t = st["pair"]["takeovers"][-1]
+            assert t["connections_continued"] >= 1, t
+            assert holder.do("write")["ok"]
         for address in (lab.addresses.service_a, lab.addresses.service_b):
             cp = lab.run(lab.ns_client, [sys.executable, "-c", CLIENT_CONNECT.replace("s.recv(100)", "b''"),
                                          address, "445"], capture_output=True, text=True)

@@ -137,7 +137,8 @@ def test_merge_gives_one_record_per_connection_with_both_sides():
 def test_prometheus_text_of_a_pair_parses_with_the_values_of_the_status():
     sync = StateSync(in_sync=True, compared=9, matches=8, mismatches_in_a_row=0, behind=Behind(0, 0, 0.0),
                      snapshots_requested=0, last_difference=None, observer="running",
-                     snoopers=[SnooperStats("own_address", kernel_drops=3), SnooperStats("peer_address", kernel_drops=0)])
+                     snoopers=[SnooperStats("own_address", kernel_drops=3),
+                               SnooperStats("peer_address", kernel_drops=0, out_of_window=12, rst_out_of_window=4)])
     status = a_status(a_pair(mode="stateful", state_sync=sync))
     text = render(status)
     fams = families(text)
@@ -164,6 +165,10 @@ def test_prometheus_text_of_a_pair_parses_with_the_values_of_the_status():
     assert not [s for s in fams["pairproxy_last_takeover_seconds"].samples if s.labels["phase"] == "first_client"]
     assert value(fams, "pairproxy_snooper_kernel_drops", "pairproxy_snooper_kernel_drops_total", view="own_address") == 3
     assert value(fams, "pairproxy_state_in_sync") == 1
+    refused = "pairproxy_snooper_segments_refused"
+    assert value(fams, refused, refused + "_total", view="peer_address", reason="out_of_window") == 12
+    assert value(fams, refused, refused + "_total", view="peer_address", reason="rst_out_of_window") == 4
+    assert value(fams, refused, refused + "_total", view="own_address", reason="syn_challenged") == 0
     # every family has HELP and TYPE lines, also those without a sample now
     for line in text.splitlines():
         if line.startswith("# TYPE "):
@@ -275,12 +280,14 @@ def test_human_status_shows_the_frames_per_address_and_direction_and_a_blind_sta
                      last_difference=None, observer="running",
                      snoopers=[SnooperStats("own_address", frames=30, address="10.0.0.2", frames_to=20, frames_from=10),
                                SnooperStats("peer_address", address="10.0.0.1"),
-                               SnooperStats("peer_backend", address="10.0.0.1")],
+                               SnooperStats("peer_backend", address="10.0.0.1", frames=5, frames_to=5,
+                                            rst_challenged=2, syn_challenged=1)],
                      sight="nothing", sight_detail=detail, peer_connections=1)
     text = format_status(a_status(a_pair(mode="stateful", peer="a", state_sync=sync)))
-    assert "10.0.0.2        own address: 30 frames, 20 to it, 10 from it" in text
+    assert "10.0.0.2        own address: 30 frames, 20 to it, 10 from it\n" in text
     assert "10.0.0.1        a's address: 0 frames, 0 to a, 0 from a" in text
-    assert "a's backend connections: 0 frames" in text
+    assert ("a's backend connections: 5 frames, 5 to a, 0 from a; 3 segments refused (out of window 0, RST in "
+            "window 2, RST out of window 0, SYN on a live connection 1)") in text
     assert "\n" + detail in text and "state sync with a: NOT in sync" in text
     assert from_json(StateSync, to_json(sync)) == sync
 
