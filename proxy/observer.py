@@ -276,9 +276,14 @@ class _Observer:
         if op == "live":
             return view.live_connections()
         if op == "forget":  # connections the owner no longer has, or a dead peer's (see ViewSync)
+            from protocols.tcpstream import ConnectionClosed
+
             keep = request.get("keep")
-            return view.forget(float(request["before"]), gone=bool(request.get("gone")),
-                               keep=None if keep is None else {(c, s) for c, s in keep})
+            events = view.forget(float(request["before"]), gone=bool(request.get("gone")),
+                                 keep=None if keep is None else {(c, s) for c, s in keep})
+            if self.book is not None:  # its bytes kept of them go too (they leaked: bench/SOAK.md)
+                self.book.feed(events)
+            return sum(isinstance(ev, ConnectionClosed) for _, ev in events)
         if op == "watch":  # a takeover: remember who had what, and watch them come back
             self.watcher = ResumeWatcher.from_snapshot(view.snapshot())
             view.watcher = self.watcher

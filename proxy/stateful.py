@@ -96,16 +96,15 @@ class AddressView:
         """Is this tracked connection one of this view's (to the address, or from it as a client)?"""
         return (key.client_ip if self.as_client_of else key.server_ip) == self.address
 
-    def forget(self, before: float, *, keep: set[tuple[str, str]] | None = None, gone: bool) -> int:
+    def forget(self, before: float, *, keep: set[tuple[str, str]] | None = None, gone: bool) -> list:
         """Drop this view's connections first seen before ``before`` (capture time), except those in
-        ``keep`` ((client, server) pairs); how many. Why a view forgets (see :class:`ViewSync`): the
-        owner's snapshot no longer has them (``gone=False``), or the process that served them died
-        (``gone=True``: their late segments are ignored as after a close)."""
+        ``keep`` ((client, server) pairs); the events that ends them (one ``ConnectionClosed`` each, for
+        whatever else keeps per-connection state: a continuation book). Why a view forgets (see
+        :class:`ViewSync`): the owner's snapshot no longer has them (``gone=False``), or the process that
+        served them died (``gone=True``: their late segments are ignored as after a close)."""
         keys = [k for k, c in self.pipeline.tcp.connections.items()
                 if c.opened_at < before and self.covers(k) and (keep is None or (k.client, k.server) not in keep)]
-        if keys:
-            self.pipeline.forget(keys, gone=gone)
-        return len(keys)
+        return self.pipeline.forget(keys, gone=gone) if keys else []
 
     def live_connections(self) -> list[dict]:
         """Connections with known sequence numbers each way (those a valid RST can end)."""
