@@ -56,6 +56,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.nftables.expressions import genex, verdict
 from pyroute2.nftables.main import NFTables
 
+from protocols.frames import with_tcp_checksum
 from proxy.rstguard import (NF_ACCEPT, NF_DROP, NFPROTO_IPV4, NFT_CMP_EQ, NFT_PAYLOAD_NETWORK_HEADER,
                             NFT_PAYLOAD_TRANSPORT_HEADER, _REG, _cmp, _data, _delete_table, _drops, _load,
                             _table_exists)
@@ -243,31 +244,6 @@ class DropLog:
         self._sock.close()
 
 
-def _checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
-
-
-def _with_tcp_checksum(packet: bytes) -> bytes | None:
-    """``packet`` (IPv4 + TCP) with its TCP checksum computed (a copy taken on arrival may hold only the
-    pseudo-header sum: checksum offload); None if it is not a whole IPv4 TCP packet."""
-    if len(packet) < 40 or packet[0] >> 4 != 4 or packet[9] != socket.IPPROTO_TCP:
-        return None
-    ihl = (packet[0] & 0x0F) * 4
-    total = struct.unpack_from("!H", packet, 2)[0]
-    if ihl < 20 or total > len(packet) or total < ihl + 20:
-        return None
-    segment = bytearray(packet[ihl:total])
-    segment[16:18] = b"\0\0"
-    pseudo = packet[12:20] + struct.pack("!BBH", 0, socket.IPPROTO_TCP, len(segment))
-    segment[16:18] = struct.pack("!H", _checksum(pseudo + bytes(segment)))
-    return packet[:ihl] + bytes(segment)
-
-
 def deliver(packets: list[bytes]) -> int:
     """Hand segments a lock dropped to the sockets of this network namespace, as if they had just arrived
     (a raw IP socket: to a local address they loop back into TCP's input). Returns how many went."""
@@ -276,7 +252,7 @@ def deliver(packets: list[bytes]) -> int:
     sent = 0
     with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW) as raw:
         for packet in packets:
-            fixed = _with_tcp_checksum(packet)
+            fixed = with_tcp_checksum(packet)
             if fixed is None:
                 continue
             try:

@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import logging
 import socket
-import struct
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from protocols.frames import ACK, RST, ipv4_tcp
 from protocols.pipeline import Pipeline
 
 log = logging.getLogger("pairproxy.stateful")
@@ -112,25 +112,9 @@ class AddressView:
                 if c["tcp"].get("server_next_seq") is not None and c["tcp"].get("client_next_seq") is not None]
 
 
-def _checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
-
-
 def tcp_reset(src: str, dst: str, sport: int, dport: int, seq: int, ack: int) -> bytes:
-    """An IPv4 packet carrying a TCP RST+ACK, built with struct (a takeover may need thousands, and
-    they are built while the event loop waits; scapy takes ~0.5 ms for each)."""
-    saddr, daddr = socket.inet_aton(src), socket.inet_aton(dst)
-    tcp = struct.pack("!HHIIBBHHH", sport, dport, seq & 0xFFFFFFFF, ack & 0xFFFFFFFF, 5 << 4, 0x14, 0, 0, 0)
-    pseudo = saddr + daddr + struct.pack("!BBH", 0, socket.IPPROTO_TCP, len(tcp))
-    tcp = tcp[:16] + struct.pack("!H", _checksum(pseudo + tcp)) + tcp[18:]
-    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 0, 0x4000, 64, socket.IPPROTO_TCP, 0, saddr, daddr)
-    ip = ip[:10] + struct.pack("!H", _checksum(ip)) + ip[12:]
-    return ip + tcp
+    """An IPv4 packet carrying a TCP RST+ACK (a takeover may need thousands: built with struct)."""
+    return ipv4_tcp(src, dst, sport, dport, seq, ack, RST | ACK)
 
 
 def reset_frames(connections: list[dict], toward: str = "client") -> list[tuple[str, bytes]]:

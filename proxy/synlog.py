@@ -22,7 +22,7 @@ import socket
 import struct
 from collections import OrderedDict
 
-from proxy.stateful import _checksum
+from protocols.frames import with_tcp_checksum
 
 log = logging.getLogger("pairproxy.synlog")
 
@@ -79,19 +79,6 @@ class SynLog:
         return out
 
 
-def with_checksum(packet: bytes) -> bytes:
-    """``packet`` (IPv4 + TCP) with its TCP checksum computed. Why: a frame captured where the sender's
-    NIC computes checksums (offload; veth never does) carries only the pseudo-header's partial sum;
-    the receiving kernel trusted the device, but looped back through a raw socket it checks (and
-    counted TcpInCsumErrors instead of answering)."""
-    ihl = (packet[0] & 0x0F) * 4
-    segment = bytearray(packet[ihl:])
-    segment[16:18] = b"\0\0"
-    pseudo = packet[12:20] + struct.pack("!BBH", 0, socket.IPPROTO_TCP, len(segment))
-    segment[16:18] = struct.pack("!H", _checksum(pseudo + bytes(segment)))
-    return packet[:ihl] + bytes(segment)
-
-
 def inject(packets: list[bytes], address: str) -> int:
     """Hand each IPv4 packet (a client's SYN to ``address``, now a local address) to this network
     namespace's own input path; how many went in. Needs CAP_NET_RAW."""
@@ -100,8 +87,11 @@ def inject(packets: list[bytes], address: str) -> int:
         return sent
     with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW) as raw:
         for packet in packets:
+            fixed = with_tcp_checksum(packet)
+            if fixed is None:  # the log keeps whole IPv4 TCP packets only: never
+                continue
             try:
-                raw.sendto(with_checksum(packet), (address, 0))
+                raw.sendto(fixed, (address, 0))
                 sent += 1
             except OSError as exc:
                 log.warning("a SYN seen during the outage not answered: %s", exc)

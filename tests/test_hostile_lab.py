@@ -343,29 +343,18 @@ def test_key_rotation_gone_wrong_is_no_split_brain(lab, pair, tmp_path):
 # but not exact (RFC 5961: a challenge ACK, no reset); SYNs on the live connection; and SYNs of fake
 # handshakes from other ports of the client's address.
 ATTACK_TCP = r'''
-import os, random, socket, struct, sys, time
+import os, random, socket, sys, time
+
+from protocols.frames import ACK, PSH, RST, SYN, ipv4_tcp
 
 cip, cport, sip, sport, cseq, sseq, count = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), \
     int(sys.argv[5]), int(sys.argv[6]), int(sys.argv[7])
 raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)  # IP_HDRINCL implied
 
-def checksum(data):
-    if len(data) % 2:
-        data += b"\0"
-    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return ~s & 0xFFFF
-
 def send(seq, ack, flags, payload=b"", src_port=cport):
-    tcp = struct.pack("!HHIIBBHHH", src_port, sport, seq % (1 << 32), ack % (1 << 32), 5 << 4, flags, 65535, 0, 0)
-    pseudo = socket.inet_aton(cip) + socket.inet_aton(sip) + struct.pack("!BBH", 0, 6, len(tcp) + len(payload))
-    tcp = tcp[:16] + struct.pack("!H", checksum(pseudo + tcp + payload)) + tcp[18:]
-    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp) + len(payload), random.randrange(65536), 0, 64, 6, 0,
-                     socket.inet_aton(cip), socket.inet_aton(sip))
-    raw.sendto(ip + tcp + payload, (sip, 0))
+    packet = ipv4_tcp(cip, sip, src_port, sport, seq, ack, flags, payload, window=65535, ident=random.randrange(65536))
+    raw.sendto(packet, (sip, 0))
 
-FIN, SYN, RST, PSH, ACK = 1, 2, 4, 8, 16
 far = lambda base: base + (1 << 31) + random.randrange(1 << 30)  # > 2**30 away either way: in no window
 sent = {"data_far": 0, "ack_far": 0, "rst_far": 0, "rst_in_window": 0, "syn_live": 0, "syn_fake": 0}
 for i in range(count):

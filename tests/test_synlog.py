@@ -54,12 +54,12 @@ def test_the_table_is_bounded_and_bad_frames_are_ignored():
 def test_a_replayed_syn_gets_a_checksum_the_receiving_kernel_accepts():
     """Captured where the sender offloads checksums, a SYN carries only the pseudo-header's partial sum;
     looped back through a raw socket, the kernel checks it (the lab counted TcpInCsumErrors, no SYN-ACK)."""
-    from proxy.stateful import _checksum
-    from proxy.synlog import with_checksum
+    from protocols.frames import internet_checksum, with_tcp_checksum
 
     packet = frame("10.77.0.100", 40000, 0x02, payload=b"x")[14:-6]
-    fixed = with_checksum(packet)
+    fixed = with_tcp_checksum(packet)
     assert fixed[:36] == packet[:36] and fixed[38:] == packet[38:]
     pseudo = fixed[12:20] + struct.pack("!BBH", 0, socket.IPPROTO_TCP, len(fixed) - 20)
-    assert _checksum(pseudo + fixed[20:]) == 0  # a valid TCP checksum sums to zero
-    assert with_checksum(fixed) == fixed
+    assert internet_checksum(pseudo + fixed[20:]) == 0  # a valid TCP checksum sums to zero
+    assert with_tcp_checksum(fixed) == fixed
+    assert with_tcp_checksum(packet[:30]) is None and with_tcp_checksum(b"\x60" + packet[1:]) is None

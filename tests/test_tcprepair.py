@@ -480,13 +480,13 @@ def test_move_between_nodes(namespaces):
 def _late_ack(state: TcpSocketState, tsval: int) -> bytes:
     """The segment a frozen socket can still send after the freeze (its delayed ACK fires in repair mode):
     a pure ACK from ``state``'s local end, carrying a TSval later than the frozen one."""
-    from proxy.movelock import _with_tcp_checksum
+    from protocols.frames import with_tcp_checksum
 
     tcp = struct.pack("!HHIIBBHHH", state.local_port, state.remote_port, state.write_seq, state.rcv_nxt,
                       8 << 4, 0x10, 512, 0, 0) + struct.pack("!BBBBII", 1, 1, 8, 10, tsval, 0)
     ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 0, 0x4000, 64, socket.IPPROTO_TCP, 0,
                      socket.inet_aton(state.local_address), socket.inet_aton(state.remote_address))
-    return _with_tcp_checksum(ip + tcp)
+    return with_tcp_checksum(ip + tcp)
 
 
 @needs_root
