@@ -239,6 +239,9 @@ def format_status(status: NodeStatus) -> str:
         if s.source_ports_exhausted:
             lines.append(f"{'':<10} {s.source_ports_exhausted} clients refused: no free source port below 1024 "
                          f"(secure = false lifts the limit where the export allows it)")
+        if s.pairings_late:
+            lines.append(f"{'':<10} {s.pairings_late} new connections relayed before the peer was told of them "
+                         f"(a busy node): not continuable had this node died then")
     pair = status.pair
     if pair:
         link = pair.link

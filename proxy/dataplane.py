@@ -82,6 +82,9 @@ class ServiceStats:
     #: connections the relay did not take (a leg no longer established, the map full): spliced instead
     sockmap_refused: int = 0
     origins_unknown: int = 0
+    #: stateful: new connections whose first bytes were relayed before their pairing was on the sync link
+    #: (the hold, PAIRING_HOLD, ran out: a busy loop); if this node dies then, the peer cannot continue them
+    pairings_late: int = 0
     #: connections the relay handed to the splice pump mid-way (bulk, or a reader slower than the sender)
     sockmap_switched: int = 0
 
@@ -509,6 +512,8 @@ class ServiceProxy:
                 tell()
                 with trio.move_on_after(PAIRING_HOLD):
                     await conn.told.wait()
+                if not conn.told.is_set():
+                    stats.pairings_late += 1
 
             def to_backend(n: int) -> None:
                 stats.bytes_to_backend += n

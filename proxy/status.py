@@ -35,7 +35,7 @@ def service_status(proxy: Any) -> ServiceStatus:
         fd_limit_pauses=stats.fd_limit_pauses, fd_errors=stats.fd_errors,
         connections_sockmap=getattr(stats, "connections_sockmap", 0),
         sockmap_switched=getattr(stats, "sockmap_switched", 0), sockmap_refused=getattr(stats, "sockmap_refused", 0),
-        origins_unknown=getattr(stats, "origins_unknown", 0))
+        origins_unknown=getattr(stats, "origins_unknown", 0), pairings_late=getattr(stats, "pairings_late", 0))
 
 
 def proxied_connections(services: list[Any], now: float | None = None) -> list[ConnectionRecord]:

@@ -289,6 +289,7 @@ class ServiceStatus:
     sockmap_switched: int = 0           # handed from the kernel relay to the splice pump (bulk, slow reader)
     sockmap_refused: int = 0            # the relay could not take them (a leg already closing, map full)
     origins_unknown: int = 0            # stateful: new connections whose stream origins were not read (no anchor)
+    pairings_late: int = 0              # stateful: relayed before their pairing was on the sync link (not continuable)
 
 
 @dataclass

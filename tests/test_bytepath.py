@@ -686,6 +686,7 @@ def test_a_new_connection_waits_for_its_pairing_before_its_first_byte_is_relayed
             client.sendall(b"first")
             assert client.recv(100) == b"first"
         assert len(woken) == 1 and arrived[-1] - woken[0] >= 1.8
+        assert proxy.call(lambda: proxy.proxy.stats.pairings_late) == 1  # counted: status says so
 
         def tell_at_once():
             woken.append(time.monotonic())
@@ -698,3 +699,4 @@ def test_a_new_connection_waits_for_its_pairing_before_its_first_byte_is_relayed
             client.sendall(b"second")
             assert client.recv(100) == b"second"
         assert len(woken) == 2 and arrived[-1] - woken[1] < 1.0
+        assert proxy.call(lambda: proxy.proxy.stats.pairings_late) == 1
