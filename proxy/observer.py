@@ -37,6 +37,10 @@ _PAGE = os.sysconf("SC_PAGE_SIZE")
 SUMMARY_MAX_AGE = 0.5
 #: how often the continuation book drops the bytes both sides have (it trims a busy one as it goes)
 SWEEP_EVERY = 5.0
+#: fault injection, for tests only: ``op=seconds[,op=seconds...]`` in the node's environment makes the
+#: observer child block that long before it answers those requests, as one stuck behind a backlog of
+#: frames would (tests/test_continuation_lab.py: a takeover's address does not wait for a slow observer)
+DELAY_ENV = "PAIRPROXY_OBSERVER_DELAY"
 #: the TCP trackers' counters of what they refused, in each view's stats (schema SnooperStats)
 TRACKER_REFUSALS = ("out_of_window", "rst_challenged", "rst_out_of_window", "syn_challenged")
 #: at most this long processing the frames already captured before a takeover hands the outage's SYNs over
@@ -144,6 +148,18 @@ class ObserverProcess:
         return answer.get("result")
 
 
+def delays_from_environment() -> dict[str, float]:
+    """The request delays :data:`DELAY_ENV` asks for (none if unset); ValueError names a bad value."""
+    delays = {}
+    for item in filter(None, (part.strip() for part in os.environ.get(DELAY_ENV, "").split(","))):
+        op, _, seconds = item.partition("=")
+        try:
+            delays[op.strip()] = float(seconds)
+        except ValueError:
+            raise ValueError(f"{DELAY_ENV}: {item!r} is not op=seconds") from None
+    return delays
+
+
 # ---------------------------------------------------------------------------------- child side
 class _Observer:
     def __init__(self, setup: dict):
@@ -163,6 +179,7 @@ class _Observer:
             self.book = ContinuationBook(peer.address, [peer.pipeline.tcp, backend.pipeline.tcp],
                                          cap=DEFAULT_CAP if setup.get("continuation_cap") is None
                                          else setup["continuation_cap"])
+        self.delays = delays_from_environment()
         #: new clients' SYNs to the peer's address: answered at a takeover (proxy.synlog)
         self.synlog = None
         if peer is not None:
@@ -266,6 +283,8 @@ class _Observer:
         from proxy.stateful import ResumeWatcher
 
         op = request.get("op")
+        if op in self.delays:
+            time.sleep(self.delays[op])  # blocks everything here, frames too: a stuck observer
         view = self.views.get(request.get("view", ""))
         if view is None and op in ("digest", "snapshot", "live", "watch", "forget"):
             raise ValueError(f"unknown view {request.get('view')!r}")
@@ -344,7 +363,11 @@ async def _child_main() -> None:
     setup = await _read_message(stdin, buffer)
     if setup is None:
         return
-    observer = _Observer(setup)
+    try:
+        observer = _Observer(setup)
+    except ValueError as exc:  # a bad DELAY_ENV: said, not a traceback
+        await trio.lowlevel.FdStream(1).send_all(_frame({"ok": False, "error": str(exc)}))
+        return
     # imported now, not at the first resume report (ResumeWatcher.report): that is asked for by the
     # first status while this node holds the peer's address, i.e. during a takeover, and compiling the
     # status schema then held this process 0.1-0.14 s while the takeover waited for its answers

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from scapy.layers.inet import IP, TCP
 
 from capture.pcapfile import read_capture
@@ -228,3 +230,15 @@ def test_what_the_views_forget_the_continuation_book_forgets_too():
     assert key in observer.book.tails and observer.book.memory() > 0
     assert observer.answer({"op": "forget", "view": "peer_address", "before": float("inf"), "gone": True}) == 1
     assert key not in observer.book.tails and observer.book.memory() == 0
+
+
+def test_the_observer_delay_for_tests_is_parsed_or_refused_by_name(monkeypatch):
+    from proxy.observer import DELAY_ENV, delays_from_environment
+
+    monkeypatch.delenv(DELAY_ENV, raising=False)
+    assert delays_from_environment() == {}
+    monkeypatch.setenv(DELAY_ENV, "continuations=0.4, syns=0.1")
+    assert delays_from_environment() == {"continuations": 0.4, "syns": 0.1}
+    monkeypatch.setenv(DELAY_ENV, "continuations")
+    with pytest.raises(ValueError, match="PAIRPROXY_OBSERVER_DELAY: 'continuations' is not op=seconds"):
+        delays_from_environment()

@@ -177,8 +177,9 @@ class NodeProcess:
     """``pairproxy run`` of one lab node config in that node's namespace, owned by PID."""
 
     def __init__(self, lab: Lab, node: str, config: Path | None = None, log: Path | None = None,
-                 pair: bool = False, mode: str = "stateless"):
+                 pair: bool = False, mode: str = "stateless", env: dict[str, str] | None = None):
         self.lab = lab
+        self.env = env  # added to this process's environment (e.g. proxy.observer.DELAY_ENV)
         self.node = node
         self.ns = lab.ns_a if node == "a" else lab.ns_b
         self.config = config or lab.node_config_path(node, pair=pair, mode=mode)
@@ -193,7 +194,8 @@ class NodeProcess:
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log, "ab") as log:
             self.proc = self.lab.popen(self.ns, self._cli("run", "-c", str(self.config)),
-                                       stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+                                       stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                       env={**os.environ, **self.env} if self.env else None)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
