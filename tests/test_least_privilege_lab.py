@@ -1,7 +1,8 @@
 """A node installed as documented (deploy/install-host.sh) with exactly the systemd unit's privileges: a non-root user whose only capabilities are
 CAP_NET_ADMIN, CAP_NET_RAW and CAP_NET_BIND_SERVICE (ambient, and nothing else in the bounding set),
 with no_new_privs, as deploy/systemd/pairproxy@.service grants them. It takes over its peer's address
-(macvlan with the peer's MAC, sysctls, gratuitous ARP, ports below 1024) and serves a client.
+(macvlan with the peer's MAC, sysctls, gratuitous ARP, ports below 1024) and serves a client, and hands
+the address back with a live move when the peer returns.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -119,6 +121,19 @@ def test_a_node_with_only_the_units_capabilities_takes_over_and_serves(lab, host
             cp = lab.run(lab.ns_client, [sys.executable, "-c", CLIENT_CONNECT.replace("s.recv(100)", "b''"),
                                          address, "445"], capture_output=True, text=True)
             assert cp.returncode == 0, (address, cp.stderr)
+        # a returns and asks for its address back: b moves it out live (the move lock's nftables rules
+        # and NFLOG copies, TCP_REPAIR freezes) with the same capabilities
+        a.link_up()
+        since = time.time()
+        a.start(timeout=60)
+        a.wait_for(serving(lab.addresses.service_a, "a"), 20, "a serving its address again")
+        st = b.wait_for(lambda s: (s["pair"].get("last_move") or {}).get("finished") and
+                        s["pair"]["last_move"]["started_at"] >= since - 1, 10, "b's move out finished")
+        move = st["pair"]["last_move"]
+        assert move["direction"] == "out" and move["outcome"] == "moved", move
+        if mode == "stateful":  # the continued SMB session went back to a with the move
+            assert move["moved"] >= 1 and move["failed"] == 0, move
+            assert holder.do("write")["ok"]
         assert b.stop(20) == 0, (tmp_path / "b.log").read_text()[-2000:]
         assert lab.run(lab.ns_b, ["ip", "link", "show", "pp-a"], capture_output=True).returncode != 0, \
             "b could not remove its macvlan"
