@@ -327,7 +327,7 @@ def format_status(status: NodeStatus) -> str:
                      "peer_backend": f"{pair.peer}'s backend connections"}
             for s in sync.snoopers:
                 whose = "it" if s.view == "own_address" else pair.peer
-                refused = s.out_of_window + s.rst_challenged + s.rst_out_of_window + s.syn_challenged
+                refused = sum(s.segments_refused.values())
                 lines.append(f"  {s.address or '?':<15} {views.get(s.view, s.view)}: {s.frames} frames, "
                              f"{s.frames_to} to {whose}, {s.frames_from} from {whose}"
                              + (f"; {refused} segments refused (out of window {s.out_of_window}, RST in window "

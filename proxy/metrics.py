@@ -172,9 +172,8 @@ def render(status: NodeStatus | None) -> str:
         if sync is not None:
             for snooper in sync.snoopers:
                 fam["pairproxy_snooper_kernel_drops_total"].add(snooper.kernel_drops, view=snooper.view)
-                for reason in ("out_of_window", "rst_challenged", "rst_out_of_window", "syn_challenged"):
-                    fam["pairproxy_snooper_segments_refused_total"].add(getattr(snooper, reason), view=snooper.view,
-                                                                        reason=reason)
+                for reason, n in snooper.segments_refused.items():
+                    fam["pairproxy_snooper_segments_refused_total"].add(n, view=snooper.view, reason=reason)
                 fam["pairproxy_snooper_frames_total"].add(snooper.frames_to, view=snooper.view, direction="to")
                 fam["pairproxy_snooper_frames_total"].add(snooper.frames_from, view=snooper.view, direction="from")
             if sync.sight != "unknown":

@@ -41,8 +41,6 @@ SWEEP_EVERY = 5.0
 #: observer child block that long before it answers those requests, as one stuck behind a backlog of
 #: frames would (tests/test_continuation_lab.py: a takeover's address does not wait for a slow observer)
 DELAY_ENV = "PAIRPROXY_OBSERVER_DELAY"
-#: the TCP trackers' counters of what they refused, in each view's stats (schema SnooperStats)
-TRACKER_REFUSALS = ("out_of_window", "rst_challenged", "rst_out_of_window", "syn_challenged")
 #: at most this long processing the frames already captured before a takeover hands the outage's SYNs over
 SYNS_CATCH_UP = 0.02
 
@@ -352,8 +350,10 @@ class _Observer:
             # and this process's resident memory: everything the standby keeps of the peer lives here
             return dict(self.book.summary(time.time(), max_age=SUMMARY_MAX_AGE), observer_rss=_rss())
         if op == "stats":  # per view, in the order of the views: its snooper's counters, and which way frames went
+            from schema.records import SEGMENT_REFUSALS
+
             return [dict(s.stats(), address=v.address, frames_to=v.frames_to, frames_from=v.frames_from,
-                         **{k: v.pipeline.tcp.counters[k] for k in TRACKER_REFUSALS})
+                         **{k: v.pipeline.tcp.counters[k] for k in SEGMENT_REFUSALS})
                     for s, v in zip(self.snoopers, self.views.values())]
         raise ValueError(f"unknown request {op!r}")
 

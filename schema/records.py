@@ -451,6 +451,15 @@ class SnooperStats:
     rst_out_of_window: int = 0
     syn_challenged: int = 0
 
+    @property
+    def segments_refused(self) -> dict[str, int]:
+        """The counters above by name (``SEGMENT_REFUSALS``): what status and metrics show."""
+        return {reason: getattr(self, reason) for reason in SEGMENT_REFUSALS}
+
+
+#: the TCP tracker's counters of segments it refused, as SnooperStats carries them
+SEGMENT_REFUSALS = ("out_of_window", "rst_challenged", "rst_out_of_window", "syn_challenged")
+
 
 @dataclass
 class StateSync:
