@@ -88,6 +88,13 @@ def last_move(node, direction: str, since: float, within: float = 5.0) -> dict:
         time.sleep(0.02)
 
 
+def service_connections(lab, host: str) -> set[tuple[int, str]]:
+    """The client's established connections to ``host``'s SMB and NFS ports, each as (service port, client end):
+    keyed by both, because the kernel may give an SMB and an NFS connection the same ephemeral port (a
+    connect() port need only be unique per destination), and a set of client ends alone would count them once."""
+    return {(port, end) for port in (445, 2049) for end in established(lab, host, port)}
+
+
 def handover(lab, node, back: bool = False) -> tuple[subprocess.CompletedProcess, float]:
     argv = [sys.executable, "-m", "proxy.cli", "handover", "-c", str(node.config)] + (["--back"] if back else [])
     start = time.monotonic()
@@ -105,7 +112,7 @@ def test_handover_and_back_moves_live_connections_without_a_reconnect(lab, pair)
     try:
         ready = json.loads(clients.stdout.readline() or "{}")
         assert ready.get("ready"), clients.stderr.read()[-1000:]
-        ports_before = established(lab, host, 445) | established(lab, host, 2049)
+        ports_before = service_connections(lab, host)
         time.sleep(0.3)
         for _ in range(ROUNDS):
             for giver, taker, back in ((a, b, False), (b, a, True)):
@@ -121,7 +128,7 @@ def test_handover_and_back_moves_live_connections_without_a_reconnect(lab, pair)
                 time.sleep(0.3)
         b.wait_for(standing_by, 5, "b standing by after the last move back")
         time.sleep(0.2)
-        ports_after = established(lab, host, 445) | established(lab, host, 2049)
+        ports_after = service_connections(lab, host)
         clients.stdin.write("stop\n")
         clients.stdin.flush()
         report = json.loads(clients.stdout.readline() or "{}")
@@ -202,7 +209,7 @@ def test_hand_back_after_a_return_moves_the_connections_the_holder_served(lab, p
         b.wait_for(standing_by, 5, "b standing by")
         time.sleep(0.5)
         into, out = a.status()["pair"]["last_move"], b.status()["pair"]["last_move"]
-        ports_after = established(lab, host, 445) | established(lab, host, 2049)
+        ports_after = service_connections(lab, host)
     finally:
         report = stop_clients(clients)
     print("hand-back move:", json.dumps({"in": into, "out": out}))
@@ -317,7 +324,7 @@ def test_a_move_whose_peer_never_confirms_is_called_off_and_every_client_goes_on
     try:
         assert "ready" in json.loads(idle.stdout.readline() or "{}"), idle.stderr.read()[-1000:]
         time.sleep(0.3)
-        ports_before = established(lab, host, 445) | established(lab, host, 2049)
+        ports_before = service_connections(lab, host)
         lab.run(lab.ns_b, cut, check=True)
         try:  # at once (not through the CLI's start-up): a's side of the link must still be up
             began, since = time.monotonic(), time.time()
@@ -329,7 +336,7 @@ def test_a_move_whose_peer_never_confirms_is_called_off_and_every_client_goes_on
         move = a.status()["pair"]["last_move"]
         time.sleep(1.0)  # the clients go on after the pause (a request dropped by the lock: the client resends)
         st_a = a.status()
-        ports_after = established(lab, host, 445) | established(lab, host, 2049)
+        ports_after = service_connections(lab, host)
         # b's record of this move: written when it gives up (GO_WAIT after the giver's last word, which may
         # wait for a's retransmission timer once the blackhole is gone); an older record (the pair's start
         # can hand a's address back to it with a move) says b never began receiving this one
