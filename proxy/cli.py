@@ -339,7 +339,9 @@ def format_status(status: NodeStatus) -> str:
             if cont is not None:
                 why = "; ".join(f"{n} {reason}" for reason, n in sorted(cont.not_continuable.items()))
                 lines.append(f"a takeover now would continue {cont.continuable} of {pair.peer}'s {cont.connections} "
-                             f"connection(s) ({cont.bytes_kept} bytes kept"
+                             f"connection(s) ("
+                             + (f"{cont.inferred} paired from the frames, {pair.peer}'s word not yet here; "
+                                if cont.inferred else "") + f"{cont.bytes_kept} bytes kept"
                              + (f", observer {cont.observer_rss / 1048576:.1f} MiB resident" if cont.observer_rss else "")
                              + ")" + (f"; not: {why}" if why else ""))
         for r in pair.resume or []:

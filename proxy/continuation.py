@@ -58,6 +58,13 @@ ONCE_PAIRED_KEPT = 1 << 17
 DEFAULT_CAP = 4 << 20
 #: the new sockets' receive window until their first own advertisement (bytes)
 RECEIVE_WINDOW = 256 * 1024
+#: the most servers one service port is remembered to be relayed to (ContinuationBook._servers)
+SERVERS_PER_PORT = 64
+#: above this many (unpaired client legs x unpaired backend legs that carried bytes), nothing is inferred
+#: (ContinuationBook._infer): the scan is quadratic, and so many unpaired legs mean a peer that told nothing
+INFER_PAIRS_MAX = 1 << 16
+#: how many RPC calls of a client leg are read for their XIDs when a pairing is inferred
+INFER_XIDS_MAX = 4096
 #: margin added to the peer's last TSval, on top of the time since (ms ticks): PAWS only drops older ones
 TSVAL_MARGIN = 1000
 TCPI_OPT_TIMESTAMPS, TCPI_OPT_SACK, TCPI_OPT_WSCALE = 1, 2, 4
@@ -317,12 +324,21 @@ class _Snapshot:
                 return found
         return None
 
-    def legs(self, key: ConnKey) -> "_Legs":
-        pairing = self.pairings.get(key)
-        if pairing is None:
-            return _Legs(key, None, self.conn(key), None, None, None)
-        bkey = pairing.backend_key(self.address)
-        return _Legs(key, pairing, self.conn(key), self.conn(bkey), self.tails.get(key), self.tails.get(bkey))
+    def legs(self, key: ConnKey, inference: "_Inference | None" = None) -> "_Legs":
+        return _legs_of(key, self.pairings, self.conn, self.tails, self.address, inference)
+
+
+def _legs_of(key: ConnKey, pairings: dict, conn: Any, tails: dict, address: str,
+             inference: "_Inference | None") -> "_Legs":
+    """One client leg's :class:`_Legs`: the peer's pairing, else (``inference``) the frames' one."""
+    pairing = pairings.get(key)
+    if pairing is None and inference is not None:
+        pairing = inference.pairings.get(key)
+    if pairing is None:
+        return _Legs(key, None, conn(key), None, None, None, inference)
+    bkey = pairing.backend_key(address)
+    return _Legs(key, pairing, conn(key), conn(bkey), tails.get(key), tails.get(bkey),
+                 inference if key not in pairings else None)
 
 
 @dataclass(frozen=True)
@@ -335,6 +351,25 @@ class _Legs:
     backend_conn: TcpConnection | None
     client_tail: _Tail | None
     backend_tail: _Tail | None
+    #: what the frames alone said about the peer's unpaired legs (None: not asked; a paired leg)
+    inference: "_Inference | None" = None
+
+    @property
+    def inferred(self) -> bool:
+        """The pairing is the frames' (:meth:`ContinuationBook._infer`), not the peer's."""
+        return self.inference is not None and self.pairing is not None
+
+
+@dataclass(frozen=True)
+class _Inference:
+    """What the frames alone say of the peer's legs it did not pair, at one moment (:meth:`ContinuationBook._infer`)."""
+
+    #: client leg -> the backend leg that can only be its own, with options guessed from the peer's
+    #: other pairings (the peer's window scales, the same for every connection)
+    pairings: dict[ConnKey, Pairing]
+    #: the latest ``opened_at`` of an unpaired backend leg that carried bytes and is nobody's for sure:
+    #: it may carry the request of any client leg opened before it
+    latest_rival: float
 
 
 def _busiest_first(legs: _Legs) -> tuple[float, int]:
@@ -366,12 +401,16 @@ class Verdict:
     #: the peer had not relayed anything of it yet: the client leg is restored with the client's bytes
     #: unread, and the standby connects the backend anew (as for a client it accepted itself)
     fresh: bool = False
+    #: the peer's pairing of it never arrived: the frames named its backend leg (:meth:`ContinuationBook._infer`)
+    inferred: bool = False
 
     def to_wire(self) -> dict:
         out: dict = {"client": self.client, "reason": self.reason,
                      "pending": [self.pending_to_server, self.pending_to_client]}
         if self.fresh:
             out["fresh"] = True
+        if self.inferred:
+            out["inferred"] = True
         if self.pairing is not None:
             out["service_port"] = self.pairing.service_port
             out["backend"] = f"{self.pairing.server[0]}:{self.pairing.server[1]}"
@@ -415,8 +454,11 @@ class ContinuationBook:
         #: (the connection ended at the peer, while its leg lingers in the views: on a switch the
         #: peer's own FIN is not seen)
         self._once_paired: OrderedDict[ConnKey, None] = OrderedDict()
-        #: (now, the latest opened_at of a backend leg that may carry an unpaired client's bytes)
-        self._rivals: tuple[float, float] | None = None
+        #: service port -> the servers the peer relays it to (from its pairings, also removed ones; bounded
+        #: by its configuration): where an unpaired client leg's backend leg can be (:meth:`_infer`)
+        self._servers: dict[int, dict[tuple[str, int], None]] = {}
+        #: (the views it was made of, now, what they said): one scan per takeover request or summary
+        self._inference: tuple[int, float, _Inference] | None = None
 
     # --------------------------------------------------------------------------------- input
     def _remote_is_client(self, key: ConnKey) -> bool:
@@ -426,6 +468,7 @@ class ContinuationBook:
         """The events a frame produced (``Pipeline.feed_frame``'s list); only the remote's bytes count."""
         touched = set()
         address = self.address
+        self._inference = None  # the legs change: what the frames said is said again when asked
         for key, ev in events:
             if key.server_ip != address and key.client_ip != address:
                 continue  # not the peer's (e.g. this node's own backend connections)
@@ -453,6 +496,7 @@ class ContinuationBook:
                 tail.end += ev.length
                 tail.lost = f"a gap of {ev.length} bytes in the capture"
             elif isinstance(ev, ConnectionClosed):
+                self._inference = None
                 self.tails.pop(key, None)
                 self.relayed.pop(key, None)
                 self._active.pop(key, None)
@@ -531,6 +575,7 @@ class ContinuationBook:
     def set_pairings(self, add: Iterable[Any] = (), remove: Iterable[Any] = (), reset: bool = False) -> list[str]:
         """The peer's pairings message (:class:`PairingOutbox`); the problems with bad entries (skipped)."""
         problems = []
+        self._inference = None
         if reset:
             self.pairings.clear()
             self.by_backend.clear()
@@ -559,6 +604,9 @@ class ContinuationBook:
             self._once_paired[p.backend_key(self.address)] = None
             while len(self._once_paired) > ONCE_PAIRED_KEPT:
                 self._once_paired.popitem(last=False)
+            servers = self._servers.setdefault(p.service_port, {})
+            if p.server not in servers and len(servers) < SERVERS_PER_PORT:
+                servers[p.server] = None
         return problems
 
     def _conn(self, key: ConnKey) -> TcpConnection | None:
@@ -584,7 +632,8 @@ class ContinuationBook:
         by reference: the views forget the dead peer's connections soon after; the objects stay as they were."""
         if first is None:
             self._snapshot = None
-            legs = [self._legs(k) for k in (self.client_legs() if keys is None else keys)]
+            inference = self._infer([t.connections for t in self.trackers], self.pairings, now)
+            legs = [self._legs(k, inference) for k in (self.client_legs() if keys is None else keys)]
             legs.sort(key=_busiest_first)
             return [self._verdict(leg, now) for leg in legs]
         snap = _Snapshot(self.address, [dict(t.connections) for t in self.trackers], dict(self.pairings),
@@ -600,7 +649,10 @@ class ContinuationBook:
         return [self._snap_verdict(snap, k, now) for k in chosen]
 
     def _snap_verdict(self, snap: _Snapshot, key: ConnKey, now: float) -> Verdict:
-        return self._verdict(snap.legs(key), now)
+        legs = snap.legs(key)
+        if legs.pairing is None:
+            legs = snap.legs(key, self._infer(snap.conns, snap.pairings, now))
+        return self._verdict(legs, now)
 
     def answered_here(self, clients: Iterable[tuple[str, int, int]]) -> None:
         """These clients' SYNs (address, port, service port) went to this node's own kernel at the takeover
@@ -636,14 +688,12 @@ class ContinuationBook:
         return [self._snap_verdict(snap, k, now) for k in keys]
 
     def verdict(self, key: ConnKey, now: float) -> Verdict:
-        return self._verdict(self._legs(key), now)
+        inference = None if key in self.pairings else \
+            self._infer([t.connections for t in self.trackers], self.pairings, now)
+        return self._verdict(self._legs(key, inference), now)
 
-    def _legs(self, key: ConnKey) -> "_Legs":
-        pairing = self.pairings.get(key)
-        if pairing is None:
-            return _Legs(key, None, self._conn(key), None, None, None)
-        bkey = pairing.backend_key(self.address)
-        return _Legs(key, pairing, self._conn(key), self._conn(bkey), self.tails.get(key), self.tails.get(bkey))
+    def _legs(self, key: ConnKey, inference: _Inference | None = None) -> "_Legs":
+        return _legs_of(key, self.pairings, self._conn, self.tails, self.address, inference)
 
     def _verdict(self, legs: "_Legs", now: float, *, states: bool = True) -> Verdict:
         """``states=False``: only whether (and why not) continuable, without building the sockets' states
@@ -651,7 +701,15 @@ class ContinuationBook:
         key, pairing, c, b = legs.key, legs.pairing, legs.client_conn, legs.backend_conn
         name = key.client
         if pairing is None:
-            return self._fresh(key, c, now, states)
+            return self._fresh(key, c, now, states, legs.inference)
+        v = self._paired_verdict(legs, now, states)
+        v.inferred = legs.inferred
+        return v
+
+    def _paired_verdict(self, legs: "_Legs", now: float, states: bool) -> Verdict:
+        key, pairing, c, b = legs.key, legs.pairing, legs.client_conn, legs.backend_conn
+        name = key.client
+        assert pairing is not None
         if pairing.client_options is None or pairing.backend_options is None:
             return Verdict(pairing, name, "the peer could not read its options (it ended at once)")
         if c is None:
@@ -694,7 +752,8 @@ class ContinuationBook:
             v.reason = f"inconsistent state: {exc}"
         return v
 
-    def _fresh(self, key: ConnKey, c: TcpConnection | None, now: float, states: bool) -> Verdict:
+    def _fresh(self, key: ConnKey, c: TcpConnection | None, now: float, states: bool,
+               inference: _Inference | None = None) -> Verdict:
         """A client leg the peer never paired: continuable *fresh* if the peer cannot have relayed any of it.
 
         Why: a connection is paired a few milliseconds after the peer's process accepted it and
@@ -725,22 +784,16 @@ class ContinuationBook:
             return Verdict(None, key.client, unpaired + f"; {len(have)} bytes from the client: over the cap")
         if key in self._answered_here:
             return Verdict(None, key.client, unpaired + "; its SYN was answered by this node at the takeover")
-        if self._relayed_since(c.opened_at, now):
+        if inference is None:
+            inference = self._infer([t.connections for t in self.trackers], self.pairings, now)
+        if inference.latest_rival >= c.opened_at:
             return Verdict(None, key.client, unpaired + "; a backend leg it did not pair carried bytes since")
-        sample = self._peer_options(key.server_port)
-        if sample is None:
+        opts = self._client_options(client, key.server_port)
+        if opts is None:
             return Verdict(None, key.client, unpaired + "; no pairing to learn the peer's options from")
         v = Verdict(None, key.client, pending_to_server=len(have), fresh=True)
         if not states:
             return v
-        options = 0
-        if client.timestamps and client.last_tsecr is not None:
-            options |= TCPI_OPT_TIMESTAMPS
-        if client.sack_permitted and sample.sack:
-            options |= TCPI_OPT_SACK
-        if client.wscale is not None and sample.wscale:
-            options |= TCPI_OPT_WSCALE
-        opts = LegOptions(options, client.wscale or 0, sample.rcv_wscale, client.mss or sample.snd_mss)
         try:
             state = _leg_state(self.address, key.server_port, (key.client_ip, key.client_port), client, opts, b"",
                                now - c.last_seen)
@@ -749,24 +802,121 @@ class ContinuationBook:
             v.reason, v.fresh = f"inconsistent state: {exc}", False
         return v
 
-    def _relayed_since(self, since: float, now: float) -> bool:
-        """Whether a backend leg of the peer that it never paired, opened at or after ``since``, had
-        bytes acknowledged by its server (the peer relayed a client's bytes on it: perhaps this one's).
-        The views are scanned once per ``now`` (a plan or a summary judges every unpaired leg with
-        the same ``now``), not once per leg."""
-        if self._rivals is None or self._rivals[0] != now:
-            latest = float("-inf")
-            for tracker in self.trackers:
-                for key, b in tracker.connections.items():
-                    if key.client_ip != self.address or key in self._once_paired or b.opened_at <= latest:
-                        continue
-                    server = b.server
+    def _infer(self, conns: list[dict], pairings: dict[ConnKey, Pairing], now: float) -> _Inference:
+        """Which unpaired backend leg is which unpaired client leg's, from the frames alone.
+
+        Why: the peer tells its pairing before it relays a connection's first byte, but a pairing can
+        still miss a death (the hold ran out on a busy node, the message died with the link); the server
+        has then seen the client's request (its ACK on a backend leg the standby cannot place), so neither
+        a continuation nor a fresh start was safe, and the client was reset (bench/soak.py: the NFS
+        writer's only failures at takeovers, 13 in 200). The relay's invariant names the leg: the
+        bytes the server acknowledged on the backend leg are a prefix of what the client sent, what the
+        client acknowledged is a prefix of what the server sent, the backend leg was opened after the
+        client leg, to a server the peer relays that port to, and an RPC server's replies carry the XIDs
+        of the client's calls. A pairing is inferred only when it is the one both ways: the client leg
+        has exactly one such backend leg and that leg exactly one such client leg. Anything less stays
+        the reset. Options come from the SYNs seen and the peer's own scales in its other pairings.
+
+        ``conns``: the views' connection dictionaries (the book's trackers', or a takeover's snapshot);
+        cached per (views, ``now``), so judging every leg at one moment scans them once."""
+        cached = self._inference
+        if cached is not None and cached[0] == id(conns[0] if conns else None) and cached[1] == now:
+            return cached[2]
+        address = self.address
+        claimed = {p.backend_key(address) for p in pairings.values()}
+        clients: dict[ConnKey, TcpConnection] = {}
+        backends: dict[ConnKey, TcpConnection] = {}
+        for view in conns:
+            for key, conn in view.items():
+                if key.server_ip == address:
+                    if key not in pairings and key not in clients and not conn.mid_stream:
+                        clients[key] = conn
+                elif key.client_ip == address and key not in backends and key not in claimed \
+                        and key not in self._once_paired:
+                    server = conn.server
                     if server.fin_seq is not None:
                         continue  # the server closed it: over (the peer's own FIN is not seen on a switch)
-                    if server.first_ack is None or server.last_ack is None or server.last_ack != server.first_ack:
-                        latest = b.opened_at
-            self._rivals = (now, latest)
-        return self._rivals[1] >= since
+                    if server.first_ack is None or server.last_ack is None or server.last_ack == server.first_ack:
+                        continue  # the server acknowledged nothing of the peer's: no client's bytes on it
+                    backends[key] = conn
+        found: dict[ConnKey, list[TcpConnection]] = {}
+        claims: dict[ConnKey, int] = {}
+        if clients and backends and len(clients) * len(backends) <= INFER_PAIRS_MAX:
+            for ckey, c in clients.items():
+                servers = self._servers.get(ckey.server_port)
+                if not servers:
+                    continue
+                mine = [b for bkey, b in backends.items() if (bkey.server_ip, bkey.server_port) in servers
+                        and b.opened_at >= c.opened_at and self._could_carry(c, b)]
+                found[ckey] = mine
+                for b in mine:
+                    claims[b.key] = claims.get(b.key, 0) + 1
+        inferred: dict[ConnKey, Pairing] = {}
+        for ckey, mine in found.items():
+            if len(mine) != 1 or claims[mine[0].key] != 1:
+                continue
+            c, b = clients[ckey], mine[0]
+            copts, bopts = self._client_options(c.client, ckey.server_port), self._backend_options(b)
+            if copts is None or bopts is None:
+                continue
+            inferred[ckey] = Pairing((ckey.client_ip, ckey.client_port), ckey.server_port, b.key.client_port,
+                                     (b.key.server_ip, b.key.server_port), copts, bopts)
+        matched = {p.backend_key(address) for p in inferred.values()}
+        latest = max((b.opened_at for k, b in backends.items() if k not in matched), default=float("-inf"))
+        result = _Inference(inferred, latest)
+        self._inference = (id(conns[0] if conns else None), now, result)
+        return result
+
+    def _could_carry(self, c: TcpConnection, b: TcpConnection) -> bool:
+        """Whether backend leg ``b`` can be the one the peer relays client leg ``c`` on (:meth:`_infer`)."""
+        client, server = c.client, b.server
+        if None in (client.isn, client.first_ack, client.last_ack, client.next_seq, server.isn, server.next_seq):
+            return False
+        relayed = seq_diff(server.last_ack, server.first_ack)
+        if not 0 < relayed <= seq_diff(client.next_seq, (client.isn + 1) & U32):
+            return False
+        answered = seq_diff(client.last_ack, client.first_ack)
+        if not 0 <= answered <= seq_diff(server.next_seq, (server.isn + 1) & U32):
+            return False
+        calls = _rpc_xids(self.tails.get(c.key), records=INFER_XIDS_MAX)
+        replies = _rpc_xids(self.tails.get(b.key), records=1)
+        return calls is None or replies is None or replies <= calls
+
+    def _client_options(self, client: HalfStream, service_port: int) -> LegOptions | None:
+        """A client leg's options as the peer's kernel negotiated them, for a leg it did not pair: the
+        client's SYN says what it offered, the peer's latest pairing on the port its own window scale
+        (:meth:`_peer_options`); None without such a pairing."""
+        sample = self._peer_options(service_port)
+        if sample is None:
+            return None
+        options = 0
+        if client.timestamps and client.last_tsecr is not None:
+            options |= TCPI_OPT_TIMESTAMPS
+        if client.sack_permitted and sample.sack:
+            options |= TCPI_OPT_SACK
+        if client.wscale is not None and sample.wscale:
+            options |= TCPI_OPT_WSCALE
+        return LegOptions(options, client.wscale or 0, sample.rcv_wscale, _send_mss(client.mss, options, sample))
+
+    def _backend_options(self, b: TcpConnection) -> LegOptions | None:
+        """A backend leg's options, for one the peer did not pair: the server's SYN-ACK says what was
+        negotiated (a server answers only the options offered), the peer's latest pairing with the same
+        server (else any) its own window scale; None without such a pairing."""
+        server = b.server
+        sample = fallback = None
+        for p in reversed(self.pairings.values()):
+            if p.backend_options is not None:
+                if p.server == (b.key.server_ip, b.key.server_port):
+                    sample = p.backend_options
+                    break
+                fallback = fallback or p.backend_options
+        sample = sample or fallback
+        if sample is None:
+            return None
+        options = (TCPI_OPT_TIMESTAMPS if server.timestamps else 0) | (TCPI_OPT_SACK if server.sack_permitted else 0) \
+            | (TCPI_OPT_WSCALE if server.wscale is not None else 0)
+        return LegOptions(options, server.wscale or 0, sample.rcv_wscale if server.wscale is not None else 0,
+                          _send_mss(server.mss, options, sample))
 
     def _peer_options(self, service_port: int) -> LegOptions | None:
         """The options of the peer's latest paired client leg on ``service_port`` (else any port): its
@@ -789,14 +939,18 @@ class ContinuationBook:
             return self._summary[1]
         reasons: dict[str, int] = {}
         continuable = 0
-        for v in (self._verdict(self._legs(k), now, states=False) for k in self.client_legs()):
+        inference = self._infer([t.connections for t in self.trackers], self.pairings, now)
+        inferred = 0
+        for v in (self._verdict(self._legs(k, inference), now, states=False) for k in self.client_legs()):
             if v.reason is None:
                 continuable += 1
+                inferred += v.inferred
             else:
                 short = v.reason.split(":")[0]
                 reasons[short] = reasons.get(short, 0) + 1
         out = {"connections": continuable + sum(reasons.values()), "continuable": continuable,
-               "not_continuable": reasons, "bytes_kept": self.memory(), "pairings": len(self.pairings)}
+               "not_continuable": reasons, "bytes_kept": self.memory(), "pairings": len(self.pairings),
+               "inferred": inferred}
         self._summary = (now, out)
         return out
 
@@ -882,3 +1036,34 @@ def _leg_state(address: str, port: int, remote_addr: tuple[str, int], remote: Ha
         sack_permitted=opts.sack, timestamps=opts.timestamps, tsval=tsval,
         window=RepairWindow(snd_wl1=rcv_nxt, snd_wnd=window, max_window=window,
                             rcv_wnd=min(0xFFFF << rcv_wscale, RECEIVE_WINDOW), rcv_wup=rcv_nxt))
+
+
+def _send_mss(remote_mss: int | None, options: int, sample: LegOptions) -> int:
+    """``tcpi_snd_mss`` of a leg the peer did not describe: the remote's MSS (its SYN) less the
+    timestamp option, at most the peer's own (its sample's, from the same path); the inverse of
+    :func:`_mss_clamp`."""
+    if not remote_mss:
+        return sample.snd_mss
+    mss = remote_mss - (12 if options & TCPI_OPT_TIMESTAMPS else 0)
+    return min(mss, sample.snd_mss) if sample.snd_mss else mss
+
+
+def _rpc_xids(tail: _Tail | None, records: int) -> frozenset[bytes] | None:
+    """The XIDs of the first ``records`` ONC RPC records of a stream (RFC 5531 record marking: a 4-byte
+    mark, the last-fragment bit and the length; the XID first in a record), if the tail holds the
+    stream from its start and it looks like RPC (the first mark's last-fragment bit set: an SMB
+    stream's first byte is 0); else None (nothing to compare)."""
+    if tail is None or tail.lost is not None or tail.end != len(tail.data) or len(tail.data) < 8:
+        return None
+    data = tail.data
+    if not data[0] & 0x80:
+        return None
+    xids = set()
+    off, starts_record = 0, True
+    while off + 8 <= len(data) and len(xids) < records:
+        mark = int.from_bytes(data[off:off + 4], "big")
+        if starts_record:
+            xids.add(bytes(data[off + 4:off + 8]))
+        starts_record = bool(mark & 0x8000_0000)
+        off += 4 + (mark & 0x7FFF_FFFF)
+    return frozenset(xids)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import collections
 
 import logging
+import os
 import socket
 import struct
 import time
@@ -88,6 +89,10 @@ REST_CHUNK = 256
 #: the views forget the dead peer's connections once the takeover has fetched all of them (a forget of
 #: thousands takes the observer a while; the chunks would wait behind it): at the latest after this
 FORGET_WAITS_AT_MOST = 30.0
+#: fault injection for tests only: "LOW-HIGH", client ports whose connections' pairings this node never
+#: tells its peer (nor holds their first bytes for), as if every such message were lost on the way: the
+#: peer must place them from the frames alone (tests/test_continuation_lab.py; ContinuationBook._infer)
+WITHHOLD_ENV = "PAIRPROXY_WITHHOLD_PAIRINGS"
 
 
 @dataclass(frozen=True)
@@ -146,6 +151,7 @@ class StatefulStandby:
         #: their pairings and options go to the peer, so it can continue them if this node dies
         self._own_proxies = own_proxies or (lambda: [])
         self.outbox = PairingOutbox()
+        self._withheld = withheld_from_environment()
         self._new_legs = trio.Event()  # set by a new connection of this node's own address
         self.pairings_sent = 0
         #: the peer's pairings not yet taken by the observer, merged (never dropped: :class:`PairingInbox`)
@@ -392,8 +398,9 @@ class StatefulStandby:
         """The pairings of these (proxy, connection)s that have both legs and are not being moved; one
         already sent is reused (its options are not read again)."""
         found = []
+        low, high = self._withheld
         for proxy, conn in conns:
-            if conn.backend_source is None or conn.moving:
+            if conn.backend_source is None or conn.moving or low <= conn.client[1] <= high:
                 continue
             server = (str(proxy.service.backend.host), proxy.service.backend_port(conn.port))
             found.append((conn, server))
@@ -752,6 +759,21 @@ class StatefulStandby:
         self.observer_timeouts += 1
         log.warning("stateful: observer did not answer %s within %.0f ms", op, timeout * 1000)
         return default
+
+
+def withheld_from_environment() -> tuple[int, int]:
+    """The client ports :data:`WITHHOLD_ENV` names (an empty range if unset); ValueError names a bad value."""
+    value = os.environ.get(WITHHOLD_ENV, "").strip()
+    if not value:
+        return 1, 0
+    low, _, high = value.partition("-")
+    try:
+        ports = int(low), int(high or low)
+    except ValueError:
+        raise ValueError(f"{WITHHOLD_ENV}: {value!r} is not LOW-HIGH (client ports)") from None
+    if not 0 < ports[0] <= ports[1] <= 0xFFFF:
+        raise ValueError(f"{WITHHOLD_ENV}: {value!r} is not a range of ports")
+    return ports
 
 
 def examples(items: list[str], limit: int = LOG_EXAMPLES) -> str:

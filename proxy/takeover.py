@@ -239,6 +239,8 @@ def _restore_quiet(continuations: list[dict], takeover: Takeover) -> list[tuple[
     for entry in continuations:
         record = {"client": entry.get("client"), "continued": False, "reason": entry.get("reason"),
                   "pending": entry.get("pending")}
+        if entry.get("inferred") is True:  # its pairing never came from the peer: the frames named it
+            record["inferred"] = True
         takeover.connections.append(record)
         if entry.get("reason") is not None:
             continue
@@ -358,8 +360,10 @@ def _finish_continuing(standby: StatefulStandby, plan: TakeoverPlan, takeover: T
         standby.note_continued(continued)
     if takeover.connections:
         rest = {k: v for k, v in takeover.phases_ms.items() if k.startswith("rest.")}
-        log.info("stateful: continued %d of the peer's %d connection(s) in %.1f ms%s%s", len(continued),
+        inferred = sum(1 for r in takeover.connections if r["continued"] and r.get("inferred"))
+        log.info("stateful: continued %d of the peer's %d connection(s)%s in %.1f ms%s%s", len(continued),
                  len(takeover.connections),
+                 f" ({inferred} paired from the frames: the peer's pairing had not arrived)" if inferred else "",
                  ((takeover.all_continued_at or takeover.detected_at) - takeover.detected_at) * 1000,
                  f" (after the address: {rest})" if rest else "",
                  "".join(f"; {r['client']} reset: {r['reason']}" for r in takeover.connections

@@ -581,6 +581,10 @@ class ContinuationRecord:
     continued: bool
     reason: str | None          # why not continued (None when continued)
     pending: list[int] | None   # bytes put back: [to the server, to the client]
+    #: the peer had relayed nothing of it: its backend was connected anew (ContinuationBook._fresh)
+    fresh: bool = False
+    #: the peer's pairing of it never arrived: the frames named its backend leg (ContinuationBook._infer)
+    inferred: bool = False
 
 
 @dataclass
@@ -593,6 +597,8 @@ class ContinuationSummary:
     bytes_kept: int                   # the standby's buffers of bytes not yet acknowledged
     pairings: int                     # connections the peer told about (legs paired, options)
     observer_rss: int | None = None   # bytes: the observer's resident memory (all it keeps of both addresses)
+    #: of the continuable, those the peer never told about, paired from the frames alone (their pairing is late)
+    inferred: int = 0
 
 
 @dataclass

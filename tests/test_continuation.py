@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from capture.pcapfile import read_capture
-from protocols.frames import TcpSegment, parse_link
+from protocols.frames import ACK, PSH, SYN, TcpOptions, TcpSegment, parse_link
 from protocols.tcpstream import Data, TcpTracker
 from proxy.continuation import (TCPI_OPT_SACK, TCPI_OPT_TIMESTAMPS, TCPI_OPT_WSCALE, ContinuationBook, LegOptions,
                                 Pairing, PairingInbox, PairingOutbox)
@@ -712,3 +712,151 @@ def test_a_client_leg_whose_syn_this_node_answered_at_the_takeover_is_not_contin
             assert not v.fresh and v.states is None and "answered by this node" in v.reason
         else:
             assert v.fresh and v.reason is None and v.states[1] is None
+
+
+def _sample_for(o: "Oracle") -> Pairing:
+    """Another connection's pairing with the oracle's options: the peer's own window scales come from it."""
+    return replace(o.pairing, client=("10.77.0.200", 40000), source_port=50000)
+
+
+def test_a_pairing_that_never_arrived_is_inferred_from_the_frames_and_gives_the_oracles_state():
+    """The peer's pairing of a connection did not reach the standby (the hold ran out on a busy node,
+    the message died with the link) after it relayed the client's request: bench/soak.py reset such a
+    libnfs connection at 13 of 200 takeovers. The frames to the peer name its backend leg (the only
+    unpaired one whose server acknowledged bytes, opened after the client leg, to the port's server),
+    and the state is the one the peer's own pairing gives, at every cut of the capture where the server
+    had acknowledged bytes of the relay."""
+    inferred = 0
+    for cut in CUTS:
+        o = Oracle(cut)
+        if o.server_acked == 0:
+            continue
+        tracker = TcpTracker([445])
+        book = ContinuationBook(NODE, [tracker], cap=1 << 20)
+        book.set_pairings([_sample_for(o).to_wire()])
+        for ts, seg in to_node(cut):
+            book.feed([(ev.key, ev) for ev in tracker.feed(seg, ts)])
+        v, = book.plan(SEGMENTS[cut - 1][0])
+        assert v.inferred and not v.fresh and v.pairing == o.pairing, (cut, v.reason, v.pairing)
+        check_exact(v, o)
+        assert v.to_wire()["inferred"] is True and v.to_wire()["source_port"] == o.pairing.source_port
+        summary = book.summary(SEGMENTS[cut - 1][0])
+        assert summary["continuable"] == summary["inferred"] == 1 and summary["pairings"] == 1
+        inferred += 1
+    assert inferred > 10
+    # the peer's own pairing is not an inferred one
+    o = Oracle(CUTS[-1])
+    v, _ = standby_verdict(to_node(CUTS[-1]), o.pairing, SEGMENTS[CUTS[-1] - 1][0])
+    assert v.reason is None and not v.inferred and "inferred" not in v.to_wire()
+
+
+def test_a_pairing_is_not_inferred_when_another_client_leg_could_own_the_backend_leg():
+    """Two unpaired client legs (the fixture's, and a copy on another port without a backend leg of its
+    own), one unpaired backend leg that carried bytes: either may be the one relayed on it (an SMB
+    stream names no connection), so neither is paired from the frames: both stay the reset, as before."""
+    cut = CUTS[-1]
+    o = Oracle(cut)
+    frames = to_node(cut)
+    twin = [(ts, _copy(s, 7)) for ts, s in frames if s.dport == 445]  # the client leg only
+    tracker = TcpTracker([445])
+    book = ContinuationBook(NODE, [tracker], cap=1 << 20)
+    book.set_pairings([_sample_for(o).to_wire()])
+    for ts, seg in sorted(frames + twin, key=lambda f: f[0]):
+        book.feed([(ev.key, ev) for ev in tracker.feed(seg, ts)])
+    verdicts = book.plan(SEGMENTS[cut - 1][0])
+    assert len(verdicts) == 2
+    for v in verdicts:
+        assert not v.inferred and v.states is None and "did not say which backend leg" in v.reason, v.reason
+    # without a pairing that shows the peer's window scale on its backend legs, nothing is inferred either
+    tracker = TcpTracker([445])
+    book = ContinuationBook(NODE, [tracker], cap=1 << 20)
+    book.set_pairings([replace(_sample_for(o), backend_options=None).to_wire()])
+    for ts, seg in frames:
+        book.feed([(ev.key, ev) for ev in tracker.feed(seg, ts)])
+    v, = book.plan(SEGMENTS[cut - 1][0])
+    assert not v.inferred and v.states is None and "did not say which backend leg" in v.reason, v.reason
+
+
+RPC_NODE_SERVER = ("10.77.0.10", 2049)
+RPC_OPTIONS = TcpOptions(mss=1460, wscale=7, sack_permitted=True, tsval=100, tsecr=0)
+
+
+def _rpc_record(xid: int, body: int) -> bytes:
+    return (0x8000_0000 | (4 + body)).to_bytes(4, "big") + xid.to_bytes(4, "big") + bytes(body)
+
+
+def _rpc_relay(t: float, client_port: int, source_port: int, call_xid: int, reply_xid: int | None,
+               *, backend_after: float = 0.003, acked: int | None = None) -> list[tuple[float, TcpSegment]]:
+    """The frames to the node of one relayed RPC connection: the client's handshake and call, the
+    server's SYN-ACK, its ACK of ``acked`` bytes of the call (all by default) and its reply (if any)."""
+    client, server = "10.77.0.100", RPC_NODE_SERVER[0]
+    cisn, nisn_c, nisn_b, sisn = 1000 + client_port, 7000 + client_port, 9000 + source_port, 3000 + source_port
+    call = _rpc_record(call_xid, 92)
+    acked = len(call) if acked is None else acked
+    out = [(t, TcpSegment(client, NODE, client_port, 2049, cisn, 0, SYN, 64240, RPC_OPTIONS, b"")),
+           (t + 0.001, TcpSegment(client, NODE, client_port, 2049, cisn + 1, nisn_c + 1, ACK, 502,
+                                  TcpOptions(tsval=101, tsecr=500), b"")),
+           (t + 0.002, TcpSegment(client, NODE, client_port, 2049, cisn + 1, nisn_c + 1, ACK | PSH, 502,
+                                  TcpOptions(tsval=102, tsecr=500), call)),
+           (t + backend_after, TcpSegment(server, NODE, 2049, source_port, sisn, nisn_b + 1, SYN | ACK, 65160,
+                                          TcpOptions(mss=1460, wscale=6, sack_permitted=True, tsval=800, tsecr=600),
+                                          b"")),
+           (t + backend_after + 0.001, TcpSegment(server, NODE, 2049, source_port, sisn + 1, nisn_b + 1 + acked, ACK,
+                                                  509, TcpOptions(tsval=801, tsecr=601), b""))]
+    if reply_xid is not None:
+        out.append((t + backend_after + 0.002, TcpSegment(server, NODE, 2049, source_port, sisn + 1,
+                                                          nisn_b + 1 + acked, ACK | PSH, 509,
+                                                          TcpOptions(tsval=802, tsecr=601),
+                                                          _rpc_record(reply_xid, 24))))
+    return out
+
+
+def _rpc_book(*connections: list[tuple[float, TcpSegment]]):
+    tracker = TcpTracker([2049])
+    book = ContinuationBook(NODE, [tracker], cap=1 << 20)
+    every = TCPI_OPT_TIMESTAMPS | TCPI_OPT_SACK | TCPI_OPT_WSCALE
+    book.set_pairings([Pairing(("10.77.0.200", 40000), 2049, 50000, RPC_NODE_SERVER, LegOptions(every, 7, 9, 1448),
+                               LegOptions(every, 6, 8, 1448)).to_wire()])
+    for ts, seg in sorted((f for c in connections for f in c), key=lambda f: f[0]):
+        book.feed([(ev.key, ev) for ev in tracker.feed(seg, ts)])
+    return {v.client: v for v in book.plan(10.0)}
+
+
+def test_rpc_replies_name_the_client_leg_of_each_unpaired_backend_leg():
+    """Two libnfs connections relayed unpaired at the same moment, their calls the same size: the bytes
+    fit either way round, the XIDs of the replies say which is which."""
+    one = _rpc_relay(1.0, 801, 41001, 0x1111, 0x1111)
+    two = _rpc_relay(1.0005, 802, 41002, 0x2222, 0x2222)
+    verdicts = _rpc_book(one, two)
+    for client, source_port, xid in (("10.77.0.100:801", 41001, 0x1111), ("10.77.0.100:802", 41002, 0x2222)):
+        v = verdicts[client]
+        assert v.reason is None and v.inferred and v.pairing.source_port == source_port, (client, v.reason)
+        cs, bs = v.states
+        assert cs.send_queue == _rpc_record(xid, 24) and bs.send_queue == b""  # the reply the client lacks
+        assert (cs.rcv_wscale, cs.snd_wscale, bs.rcv_wscale, bs.snd_wscale) == (9, 7, 8, 6)
+        assert cs.timestamps and cs.sack_permitted and bs.timestamps and bs.mss == 1460
+    # before any reply: nothing tells the two apart, both are reset
+    verdicts = _rpc_book(_rpc_relay(1.0, 801, 41001, 0x1111, None), _rpc_relay(1.0005, 802, 41002, 0x2222, None))
+    assert all(not v.inferred and "carried bytes since" in v.reason for v in verdicts.values())
+    # one of them alone needs no reply: its backend leg can only be its own
+    v, = _rpc_book(_rpc_relay(1.0, 801, 41001, 0x1111, None)).values()
+    assert v.reason is None and v.inferred and v.states[1].send_queue == b""
+    # a reply to a call neither made pairs nothing with it; the other still pairs
+    verdicts = _rpc_book(one, _rpc_relay(1.0005, 802, 41002, 0x2222, 0x3333))
+    assert verdicts["10.77.0.100:801"].inferred and verdicts["10.77.0.100:801"].reason is None
+    assert not verdicts["10.77.0.100:802"].inferred and verdicts["10.77.0.100:802"].reason is not None
+
+
+def test_a_backend_leg_that_cannot_be_the_client_legs_is_not_paired_with_it():
+    """The relay's invariant: opened after the client leg, to the port's server, the server acknowledging
+    no more than the client sent. Any of these broken: no pairing from the frames."""
+    ok = _rpc_relay(1.0, 801, 41001, 0x1111, 0x1111)
+    assert _rpc_book(ok)["10.77.0.100:801"].inferred
+    before = _rpc_relay(1.0, 801, 41001, 0x1111, 0x1111, backend_after=-0.5)
+    more = _rpc_relay(1.0, 801, 41001, 0x1111, 0x1111, acked=200)
+    other_server = [(ts, replace(s, src="10.77.0.11") if s.src == RPC_NODE_SERVER[0] else s) for ts, s in ok]
+    for frames in (before, more, other_server):
+        v, = _rpc_book(frames).values()
+        assert not v.inferred and v.pairing is None, v.reason
+        # a leg opened before the client's cannot carry its bytes (a fresh start); the others may: a reset
+        assert (v.fresh and v.reason is None) if frames is before else ("carried bytes since" in v.reason), v.reason

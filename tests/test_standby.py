@@ -402,3 +402,24 @@ def test_an_observer_that_never_says_which_to_continue_costs_resets_not_a_hang()
             nursery.cancel_scope.cancel()
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_the_withheld_pairings_fault_injection_reads_a_port_range_and_names_a_bad_value(monkeypatch):
+    """Test-only fault injection (proxy.standby.WITHHOLD_ENV): unset withholds nothing; a bad value
+    stops the node with the variable named, never silently withholds nothing (a test would pass for
+    the wrong reason)."""
+    import pytest
+
+    from proxy.standby import WITHHOLD_ENV, withheld_from_environment
+
+    monkeypatch.delenv(WITHHOLD_ENV, raising=False)
+    low, high = withheld_from_environment()
+    assert not any(low <= port <= high for port in (1, 1000, 65535))
+    monkeypatch.setenv(WITHHOLD_ENV, "30101-30103")
+    assert withheld_from_environment() == (30101, 30103)
+    monkeypatch.setenv(WITHHOLD_ENV, "30101")
+    assert withheld_from_environment() == (30101, 30101)
+    for bad in ("many", "5-x", "0-10", "10-5", "1-70000"):
+        monkeypatch.setenv(WITHHOLD_ENV, bad)
+        with pytest.raises(ValueError, match=WITHHOLD_ENV):
+            withheld_from_environment()
