@@ -316,6 +316,7 @@ class _Snapshot:
         self.address, self.conns, self.pairings, self.tails = address, conns, pairings, tails
         self.given: set[ConnKey] = set()
         self.order: list[ConnKey] | None = None
+        self.inference: _Inference | None = None  # what the frames said of its unpaired legs, once asked
 
     def conn(self, key: ConnKey) -> TcpConnection | None:
         for c in self.conns:
@@ -457,8 +458,8 @@ class ContinuationBook:
         #: service port -> the servers the peer relays it to (from its pairings, also removed ones; bounded
         #: by its configuration): where an unpaired client leg's backend leg can be (:meth:`_infer`)
         self._servers: dict[int, dict[tuple[str, int], None]] = {}
-        #: (the views it was made of, now, what they said): one scan per takeover request or summary
-        self._inference: tuple[int, float, _Inference] | None = None
+        #: what the frames say of the unpaired legs (:meth:`_infer`), until the legs or pairings change
+        self._inference: _Inference | None = None
 
     # --------------------------------------------------------------------------------- input
     def _remote_is_client(self, key: ConnKey) -> bool:
@@ -632,7 +633,7 @@ class ContinuationBook:
         by reference: the views forget the dead peer's connections soon after; the objects stay as they were."""
         if first is None:
             self._snapshot = None
-            inference = self._infer([t.connections for t in self.trackers], self.pairings, now)
+            inference = self._own_inference()
             legs = [self._legs(k, inference) for k in (self.client_legs() if keys is None else keys)]
             legs.sort(key=_busiest_first)
             return [self._verdict(leg, now) for leg in legs]
@@ -651,7 +652,9 @@ class ContinuationBook:
     def _snap_verdict(self, snap: _Snapshot, key: ConnKey, now: float) -> Verdict:
         legs = snap.legs(key)
         if legs.pairing is None:
-            legs = snap.legs(key, self._infer(snap.conns, snap.pairings, now))
+            if snap.inference is None:  # once: the legs as the takeover found them
+                snap.inference = self._infer(snap.conns, snap.pairings)
+            legs = snap.legs(key, snap.inference)
         return self._verdict(legs, now)
 
     def answered_here(self, clients: Iterable[tuple[str, int, int]]) -> None:
@@ -689,7 +692,7 @@ class ContinuationBook:
 
     def verdict(self, key: ConnKey, now: float) -> Verdict:
         inference = None if key in self.pairings else \
-            self._infer([t.connections for t in self.trackers], self.pairings, now)
+            self._own_inference()
         return self._verdict(self._legs(key, inference), now)
 
     def _legs(self, key: ConnKey, inference: _Inference | None = None) -> "_Legs":
@@ -785,7 +788,7 @@ class ContinuationBook:
         if key in self._answered_here:
             return Verdict(None, key.client, unpaired + "; its SYN was answered by this node at the takeover")
         if inference is None:
-            inference = self._infer([t.connections for t in self.trackers], self.pairings, now)
+            inference = self._own_inference()
         if inference.latest_rival >= c.opened_at:
             return Verdict(None, key.client, unpaired + "; a backend leg it did not pair carried bytes since")
         opts = self._client_options(client, key.server_port)
@@ -802,7 +805,13 @@ class ContinuationBook:
             v.reason, v.fresh = f"inconsistent state: {exc}", False
         return v
 
-    def _infer(self, conns: list[dict], pairings: dict[ConnKey, Pairing], now: float) -> _Inference:
+    def _own_inference(self) -> _Inference:
+        """:meth:`_infer` of the views as they are now (one scan until a frame or a pairing changes them)."""
+        if self._inference is None:
+            self._inference = self._infer([t.connections for t in self.trackers], self.pairings)
+        return self._inference
+
+    def _infer(self, conns: list[dict], pairings: dict[ConnKey, Pairing]) -> _Inference:
         """Which unpaired backend leg is which unpaired client leg's, from the frames alone.
 
         Why: the peer tells its pairing before it relays a connection's first byte, but a pairing can
@@ -817,11 +826,7 @@ class ContinuationBook:
         has exactly one such backend leg and that leg exactly one such client leg. Anything less stays
         the reset. Options come from the SYNs seen and the peer's own scales in its other pairings.
 
-        ``conns``: the views' connection dictionaries (the book's trackers', or a takeover's snapshot);
-        cached per (views, ``now``), so judging every leg at one moment scans them once."""
-        cached = self._inference
-        if cached is not None and cached[0] == id(conns[0] if conns else None) and cached[1] == now:
-            return cached[2]
+        ``conns``: the views' connection dictionaries (the book's trackers', or a takeover's snapshot)."""
         address = self.address
         claimed = {p.backend_key(address) for p in pairings.values()}
         clients: dict[ConnKey, TcpConnection] = {}
@@ -863,9 +868,7 @@ class ContinuationBook:
                                      (b.key.server_ip, b.key.server_port), copts, bopts)
         matched = {p.backend_key(address) for p in inferred.values()}
         latest = max((b.opened_at for k, b in backends.items() if k not in matched), default=float("-inf"))
-        result = _Inference(inferred, latest)
-        self._inference = (id(conns[0] if conns else None), now, result)
-        return result
+        return _Inference(inferred, latest)
 
     def _could_carry(self, c: TcpConnection, b: TcpConnection) -> bool:
         """Whether backend leg ``b`` can be the one the peer relays client leg ``c`` on (:meth:`_infer`)."""
@@ -939,7 +942,7 @@ class ContinuationBook:
             return self._summary[1]
         reasons: dict[str, int] = {}
         continuable = 0
-        inference = self._infer([t.connections for t in self.trackers], self.pairings, now)
+        inference = self._own_inference()
         inferred = 0
         for v in (self._verdict(self._legs(k, inference), now, states=False) for k in self.client_legs()):
             if v.reason is None:

@@ -811,7 +811,8 @@ def _rpc_relay(t: float, client_port: int, source_port: int, call_xid: int, repl
     return out
 
 
-def _rpc_book(*connections: list[tuple[float, TcpSegment]]):
+def _rpc_book(*connections: list[tuple[float, TcpSegment]], rest: bool = False):
+    """Each connection's verdict by client; ``rest``: as a takeover's rest (after ``plan(first=0)``)."""
     tracker = TcpTracker([2049])
     book = ContinuationBook(NODE, [tracker], cap=1 << 20)
     every = TCPI_OPT_TIMESTAMPS | TCPI_OPT_SACK | TCPI_OPT_WSCALE
@@ -819,6 +820,9 @@ def _rpc_book(*connections: list[tuple[float, TcpSegment]]):
                                LegOptions(every, 6, 8, 1448)).to_wire()])
     for ts, seg in sorted((f for c in connections for f in c), key=lambda f: f[0]):
         book.feed([(ev.key, ev) for ev in tracker.feed(seg, ts)])
+    if rest:
+        assert book.plan(10.0, first=0) == []
+        return {v.client: v for v in book.plan_rest(10.0)}
     return {v.client: v for v in book.plan(10.0)}
 
 
@@ -828,6 +832,7 @@ def test_rpc_replies_name_the_client_leg_of_each_unpaired_backend_leg():
     one = _rpc_relay(1.0, 801, 41001, 0x1111, 0x1111)
     two = _rpc_relay(1.0005, 802, 41002, 0x2222, 0x2222)
     verdicts = _rpc_book(one, two)
+    assert _rpc_book(one, two, rest=True) == verdicts  # a takeover judges them so, after its address is up
     for client, source_port, xid in (("10.77.0.100:801", 41001, 0x1111), ("10.77.0.100:802", 41002, 0x2222)):
         v = verdicts[client]
         assert v.reason is None and v.inferred and v.pairing.source_port == source_port, (client, v.reason)
