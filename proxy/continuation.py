@@ -42,7 +42,7 @@ Sans-I/O: events of :class:`protocols.tcpstream.TcpTracker` in, plain data out. 
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterable
 
 from protocols.events import ConnKey
@@ -371,6 +371,10 @@ class _Inference:
     #: the latest ``opened_at`` of an unpaired backend leg that carried bytes and is nobody's for sure:
     #: it may carry the request of any client leg opened before it
     latest_rival: float
+    #: that leg (None: none), and per client leg how many backend legs could be its own: named in the
+    #: reason a leg is reset, so a log says which leg stood in the way
+    rival: ConnKey | None = None
+    candidates: dict[ConnKey, int] = field(default_factory=dict)
 
 
 def _busiest_first(legs: _Legs) -> tuple[float, int]:
@@ -790,7 +794,12 @@ class ContinuationBook:
         if inference is None:
             inference = self._own_inference()
         if inference.latest_rival >= c.opened_at:
-            return Verdict(None, key.client, unpaired + "; a backend leg it did not pair carried bytes since")
+            rival = inference.rival
+            n = inference.candidates.get(key, 0)
+            return Verdict(None, key.client, unpaired + "; a backend leg it did not pair carried bytes since"
+                           + (f": the latest, {rival.client_ip} port {rival.client_port} to {rival.server_ip} port "
+                              f"{rival.server_port}, {(inference.latest_rival - c.opened_at) * 1000:.0f} ms "
+                              f"younger; {n} could be its own" if rival is not None else ""))
         opts = self._client_options(client, key.server_port)
         if opts is None:
             return Verdict(None, key.client, unpaired + "; no pairing to learn the peer's options from")
@@ -867,8 +876,9 @@ class ContinuationBook:
             inferred[ckey] = Pairing((ckey.client_ip, ckey.client_port), ckey.server_port, b.key.client_port,
                                      (b.key.server_ip, b.key.server_port), copts, bopts)
         matched = {p.backend_key(address) for p in inferred.values()}
-        latest = max((b.opened_at for k, b in backends.items() if k not in matched), default=float("-inf"))
-        return _Inference(inferred, latest)
+        rivals = [(b.opened_at, k) for k, b in backends.items() if k not in matched]
+        latest, rival = max(rivals, key=lambda r: r[0]) if rivals else (float("-inf"), None)
+        return _Inference(inferred, latest, rival, {k: len(v) for k, v in found.items()})
 
     def _could_carry(self, c: TcpConnection, b: TcpConnection) -> bool:
         """Whether backend leg ``b`` can be the one the peer relays client leg ``c`` on (:meth:`_infer`)."""
