@@ -842,7 +842,8 @@ def test_rpc_replies_name_the_client_leg_of_each_unpaired_backend_leg():
         assert cs.timestamps and cs.sack_permitted and bs.timestamps and bs.mss == 1460
     # before any reply: nothing tells the two apart, both are reset
     verdicts = _rpc_book(_rpc_relay(1.0, 801, 41001, 0x1111, None), _rpc_relay(1.0005, 802, 41002, 0x2222, None))
-    assert all(not v.inferred and "carried bytes since" in v.reason for v in verdicts.values())
+    assert all(not v.inferred and "carried bytes since" in v.reason and "2 could be its own" in v.reason
+               for v in verdicts.values()), [v.reason for v in verdicts.values()]
     # one of them alone needs no reply: its backend leg can only be its own
     v, = _rpc_book(_rpc_relay(1.0, 801, 41001, 0x1111, None)).values()
     assert v.reason is None and v.inferred and v.states[1].send_queue == b""
