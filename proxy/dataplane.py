@@ -514,6 +514,10 @@ class ServiceProxy:
                     await conn.told.wait()
                 if not conn.told.is_set():
                     stats.pairings_late += 1
+                    self._warn("%s: client %s:%d relayed before its pairing was on the sync link (waited %.0f ms; "
+                               "%d so far): if this node dies now, the peer can continue it only if the frames "
+                               "name its backend leg", self.service.name, *peer, PAIRING_HOLD * 1000,
+                               stats.pairings_late)
 
             def to_backend(n: int) -> None:
                 stats.bytes_to_backend += n
