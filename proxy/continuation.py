@@ -41,6 +41,7 @@ Sans-I/O: events of :class:`protocols.tcpstream.TcpTracker` in, plain data out. 
 
 from __future__ import annotations
 
+import bisect
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterable
@@ -63,6 +64,9 @@ SERVERS_PER_PORT = 64
 #: above this many (unpaired client legs x unpaired backend legs that carried bytes), nothing is inferred
 #: (ContinuationBook._infer): the scan is quadratic, and so many unpaired legs mean a peer that told nothing
 INFER_PAIRS_MAX = 1 << 16
+#: a backend leg is taken for a client leg's only if opened within this many seconds after it (the peer
+#: connects the backend right after accepting the client; its accept queue may hold it a while under load)
+INFER_WITHIN = 2.0
 #: how many RPC calls of a client leg are read for their XIDs when a pairing is inferred
 INFER_XIDS_MAX = 4096
 #: margin added to the peer's last TSval, on top of the time since (ms ticks): PAWS only drops older ones
@@ -835,16 +839,26 @@ class ContinuationBook:
         has exactly one such backend leg and that leg exactly one such client leg. Anything less stays
         the reset. Options come from the SYNs seen and the peer's own scales in its other pairings.
 
+        The backend leg must also be opened within ``INFER_WITHIN`` of the client leg (the peer connects
+        it right after the accept), and a client leg picked up mid-stream in that time counts as one
+        more that could own it (its bytes cannot be compared): a backend leg whose own client leg is
+        not among the candidates (forgotten, never seen whole) must not be given to another one, whose
+        bytes would then be written to that server.
+
         ``conns``: the views' connection dictionaries (the book's trackers', or a takeover's snapshot)."""
         address = self.address
         claimed = {p.backend_key(address) for p in pairings.values()}
         clients: dict[ConnKey, TcpConnection] = {}
+        vague: list[float] = []  # when unpaired client legs picked up mid-stream were first seen
         backends: dict[ConnKey, TcpConnection] = {}
         for view in conns:
             for key, conn in view.items():
                 if key.server_ip == address:
-                    if key not in pairings and key not in clients and not conn.mid_stream:
-                        clients[key] = conn
+                    if key not in pairings and key not in clients:
+                        if conn.mid_stream:
+                            vague.append(conn.opened_at)
+                        else:
+                            clients[key] = conn
                 elif key.client_ip == address and key not in backends and key not in claimed \
                         and key not in self._once_paired:
                     server = conn.server
@@ -861,9 +875,14 @@ class ContinuationBook:
                 if not servers:
                     continue
                 mine = [b for bkey, b in backends.items() if (bkey.server_ip, bkey.server_port) in servers
-                        and b.opened_at >= c.opened_at and self._could_carry(c, b)]
+                        and 0 <= b.opened_at - c.opened_at <= INFER_WITHIN and self._could_carry(c, b)]
                 found[ckey] = mine
                 for b in mine:
+                    claims[b.key] = claims.get(b.key, 0) + 1
+            vague.sort()
+            for b in backends.values():  # a mid-stream leg seen in the INFER_WITHIN before it: one claim more
+                i = bisect.bisect_left(vague, b.opened_at - INFER_WITHIN)
+                if i < len(vague) and vague[i] <= b.opened_at:
                     claims[b.key] = claims.get(b.key, 0) + 1
         inferred: dict[ConnKey, Pairing] = {}
         for ckey, mine in found.items():

@@ -861,8 +861,17 @@ def test_a_backend_leg_that_cannot_be_the_client_legs_is_not_paired_with_it():
     before = _rpc_relay(1.0, 801, 41001, 0x1111, 0x1111, backend_after=-0.5)
     more = _rpc_relay(1.0, 801, 41001, 0x1111, 0x1111, acked=200)
     other_server = [(ts, replace(s, src="10.77.0.11") if s.src == RPC_NODE_SERVER[0] else s) for ts, s in ok]
-    for frames in (before, more, other_server):
+    late = _rpc_relay(1.0, 801, 41001, 0x1111, 0x1111, backend_after=2.5)
+    for frames in (before, more, other_server, late):
         v, = _rpc_book(frames).values()
         assert not v.inferred and v.pairing is None, v.reason
         # a leg opened before the client's cannot carry its bytes (a fresh start); the others may: a reset
         assert (v.fresh and v.reason is None) if frames is before else ("carried bytes since" in v.reason), v.reason
+    # an unpaired client leg picked up mid-stream shortly before (its bytes cannot be compared) may be the
+    # backend leg's own: no pairing from the frames, however well the other fits
+    vague = (1.0 - 0.3, TcpSegment("10.77.0.100", NODE, 990, 2049, 123456, 654321, ACK | PSH, 502,
+                                   TcpOptions(tsval=50, tsecr=40), _rpc_record(0x4444, 92)))
+    verdicts = _rpc_book(ok, [vague])
+    assert not verdicts["10.77.0.100:801"].inferred and "1 could be its own" in verdicts["10.77.0.100:801"].reason
+    vague = (1.0 - 2.5, vague[1])  # long before: not a candidate
+    assert _rpc_book(ok, [vague])["10.77.0.100:801"].inferred
