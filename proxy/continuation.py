@@ -869,6 +869,9 @@ class ContinuationBook:
                     backends[key] = conn
         found: dict[ConnKey, list[TcpConnection]] = {}
         claims: dict[ConnKey, int] = {}
+        if backends:  # only client legs opened in the INFER_WITHIN before a backend leg can own one
+            first, last = min(b.opened_at for b in backends.values()), max(b.opened_at for b in backends.values())
+            clients = {k: c for k, c in clients.items() if first - INFER_WITHIN <= c.opened_at <= last}
         if clients and backends and len(clients) * len(backends) <= INFER_PAIRS_MAX:
             for ckey, c in clients.items():
                 servers = self._servers.get(ckey.server_port)

@@ -875,3 +875,17 @@ def test_a_backend_leg_that_cannot_be_the_client_legs_is_not_paired_with_it():
     assert not verdicts["10.77.0.100:801"].inferred and "1 could be its own" in verdicts["10.77.0.100:801"].reason
     vague = (1.0 - 2.5, vague[1])  # long before: not a candidate
     assert _rpc_book(ok, [vague])["10.77.0.100:801"].inferred
+
+
+def test_client_legs_long_over_do_not_crowd_out_the_inference(monkeypatch):
+    """On a switch the standby never sees the peer's own FIN, so connections that ended at the peer linger
+    in its views for minutes (a client that connects per operation leaves thousands). Only client legs
+    opened shortly before a backend leg can own it: the old ones are not compared at all, and do not
+    count against the bound on the comparisons (here lowered to 10)."""
+    import proxy.continuation as continuation
+
+    monkeypatch.setattr(continuation, "INFER_PAIRS_MAX", 10)
+    old = [f for i in range(20) for f in _rpc_relay(1.0 + i * 0.01, 700 + i, 40700 + i, 0x100 + i, None)[:3]]
+    verdicts = _rpc_book(old, _rpc_relay(30.0, 801, 41001, 0x1111, 0x1111))
+    assert len(verdicts) == 21
+    assert verdicts["10.77.0.100:801"].inferred and verdicts["10.77.0.100:801"].reason is None
