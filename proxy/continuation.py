@@ -462,7 +462,10 @@ class ContinuationBook:
         #: bytes, never those of a client leg the peer did not pair, also once its pairing was removed
         #: (the connection ended at the peer, while its leg lingers in the views: on a switch the
         #: peer's own FIN is not seen)
-        self._once_paired: OrderedDict[ConnKey, None] = OrderedDict()
+        #: the value: when that leg (the instance the pairing was about) was first seen, None if never: a
+        #: secure service's backend reuses its few source ports, so a later leg on the same 4-tuple is
+        #: another connection, which may well be an unpaired client's
+        self._once_paired: OrderedDict[ConnKey, float | None] = OrderedDict()
         #: service port -> the servers the peer relays it to (from its pairings, also removed ones; bounded
         #: by its configuration): where an unpaired client leg's backend leg can be (:meth:`_infer`)
         self._servers: dict[int, dict[tuple[str, int], None]] = {}
@@ -596,7 +599,11 @@ class ContinuationBook:
                 continue
             old = self.pairings.pop(key, None)
             if old is not None:
-                self.by_backend.pop(old.backend_key(self.address), None)
+                bkey = old.backend_key(self.address)
+                self.by_backend.pop(bkey, None)
+                leg = self._conn(bkey)  # the instance it was about: seen by now (the connection ended)
+                if leg is not None:
+                    self._once_paired[bkey] = leg.opened_at
         for item in add:
             try:
                 p = Pairing.from_wire(item)
@@ -610,7 +617,9 @@ class ContinuationBook:
             self.pairings[key] = p
             self.by_backend[p.backend_key(self.address)] = p
             self._relay_due.add(p.backend_key(self.address))
-            self._once_paired[p.backend_key(self.address)] = None
+            leg = self._conn(p.backend_key(self.address))
+            self._once_paired[p.backend_key(self.address)] = None if leg is None else leg.opened_at
+            self._once_paired.move_to_end(p.backend_key(self.address))
             while len(self._once_paired) > ONCE_PAIRED_KEPT:
                 self._once_paired.popitem(last=False)
             servers = self._servers.setdefault(p.service_port, {})
@@ -859,8 +868,9 @@ class ContinuationBook:
                             vague.append(conn.opened_at)
                         else:
                             clients[key] = conn
-                elif key.client_ip == address and key not in backends and key not in claimed \
-                        and key not in self._once_paired:
+                elif key.client_ip == address and key not in backends and key not in claimed:
+                    if key in self._once_paired and self._once_paired[key] in (None, conn.opened_at):
+                        continue  # the leg the peer paired (or one it may have been): its own client's bytes
                     server = conn.server
                     if server.fin_seq is not None:
                         continue  # the server closed it: over (the peer's own FIN is not seen on a switch)

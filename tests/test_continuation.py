@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from capture.pcapfile import read_capture
-from protocols.frames import ACK, PSH, SYN, TcpOptions, TcpSegment, parse_link
+from protocols.frames import ACK, FIN, PSH, SYN, TcpOptions, TcpSegment, parse_link
 from protocols.tcpstream import Data, TcpTracker
 from proxy.continuation import (TCPI_OPT_SACK, TCPI_OPT_TIMESTAMPS, TCPI_OPT_WSCALE, ContinuationBook, LegOptions,
                                 Pairing, PairingInbox, PairingOutbox)
@@ -786,11 +786,13 @@ def _rpc_record(xid: int, body: int) -> bytes:
 
 
 def _rpc_relay(t: float, client_port: int, source_port: int, call_xid: int, reply_xid: int | None,
-               *, backend_after: float = 0.003, acked: int | None = None) -> list[tuple[float, TcpSegment]]:
+               *, backend_after: float = 0.003, acked: int | None = None,
+               isn_shift: int = 0) -> list[tuple[float, TcpSegment]]:
     """The frames to the node of one relayed RPC connection: the client's handshake and call, the
     server's SYN-ACK, its ACK of ``acked`` bytes of the call (all by default) and its reply (if any)."""
     client, server = "10.77.0.100", RPC_NODE_SERVER[0]
-    cisn, nisn_c, nisn_b, sisn = 1000 + client_port, 7000 + client_port, 9000 + source_port, 3000 + source_port
+    cisn, nisn_c = 1000 + client_port, 7000 + client_port
+    nisn_b, sisn = 9000 + source_port + isn_shift, 3000 + source_port + isn_shift
     call = _rpc_record(call_xid, 92)
     acked = len(call) if acked is None else acked
     out = [(t, TcpSegment(client, NODE, client_port, 2049, cisn, 0, SYN, 64240, RPC_OPTIONS, b"")),
@@ -889,3 +891,41 @@ def test_client_legs_long_over_do_not_crowd_out_the_inference(monkeypatch):
     verdicts = _rpc_book(old, _rpc_relay(30.0, 801, 41001, 0x1111, 0x1111))
     assert len(verdicts) == 21
     assert verdicts["10.77.0.100:801"].inferred and verdicts["10.77.0.100:801"].reason is None
+
+
+def test_a_backend_leg_on_a_reused_source_port_is_another_connection():
+    """A secure service's backend legs come from a few privileged source ports, reused at once (TCP
+    timestamps allow it): the leg of a connection the peer paired long ago and the leg of a young
+    unpaired one can share the 4-tuple. Only the instance the pairing was about carries its own
+    client's bytes; the young one is the unpaired client's (the soak's last NFS resets at takeovers,
+    "it had sent the client bytes", were such libnfs connections)."""
+    first = _rpc_relay(1.0, 801, 900, 0x1111, 0x1111)
+    last = first[-1][1]
+    server_fin = (1.1, replace(last, seq=last.seq + len(last.payload), flags=ACK | FIN, payload=b""))
+    young = _rpc_relay(5.0, 802, 900, 0x2222, 0x2222, isn_shift=100000)
+    tracker = TcpTracker([2049])
+    book = ContinuationBook(NODE, [tracker], cap=1 << 20)
+    every = TCPI_OPT_TIMESTAMPS | TCPI_OPT_SACK | TCPI_OPT_WSCALE
+    options = (LegOptions(every, 7, 9, 1448), LegOptions(every, 6, 8, 1448))
+    book.set_pairings([Pairing(("10.77.0.100", 801), 2049, 900, RPC_NODE_SERVER, *options).to_wire(),
+                       Pairing(("10.77.0.200", 40000), 2049, 50000, RPC_NODE_SERVER, *options).to_wire()])
+    for ts, seg in first + [server_fin]:
+        book.feed([(ev.key, ev) for ev in tracker.feed(seg, ts)])
+    book.set_pairings(remove=[["10.77.0.100", 801, 2049]])  # it ended at the peer
+    for ts, seg in young:
+        book.feed([(ev.key, ev) for ev in tracker.feed(seg, ts)])
+    v = {v.client: v for v in book.plan(10.0)}["10.77.0.100:802"]
+    assert v.reason is None and v.inferred and v.pairing.source_port == 900, v.reason
+    # the very leg the pairing was about, lingering (its server's FIN not seen), is never another's
+    tracker = TcpTracker([2049])
+    book = ContinuationBook(NODE, [tracker], cap=1 << 20)
+    book.set_pairings([Pairing(("10.77.0.100", 801), 2049, 900, RPC_NODE_SERVER, *options).to_wire(),
+                       Pairing(("10.77.0.200", 40000), 2049, 50000, RPC_NODE_SERVER, *options).to_wire()])
+    for ts, seg in first:
+        book.feed([(ev.key, ev) for ev in tracker.feed(seg, ts)])
+    book.set_pairings(remove=[["10.77.0.100", 801, 2049]])
+    twin = [(ts + 0.0005, replace(seg, sport=803)) for ts, seg in first[:3]]  # a client leg it could fit
+    for ts, seg in twin:
+        book.feed([(ev.key, ev) for ev in tracker.feed(seg, ts)])
+    v = {v.client: v for v in book.plan(10.0)}["10.77.0.100:803"]
+    assert not v.inferred and v.fresh, v.reason
