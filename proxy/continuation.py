@@ -469,8 +469,9 @@ class ContinuationBook:
         #: service port -> the servers the peer relays it to (from its pairings, also removed ones; bounded
         #: by its configuration): where an unpaired client leg's backend leg can be (:meth:`_infer`)
         self._servers: dict[int, dict[tuple[str, int], None]] = {}
-        #: what the frames say of the unpaired legs (:meth:`_infer`), until the legs or pairings change
-        self._inference: _Inference | None = None
+        #: what the frames say of the unpaired legs (:meth:`_infer`), with the trackers' segment count it
+        #: was made at: until a segment (also one that makes no event: an ACK) or a pairing changes them
+        self._inference: tuple[int, _Inference] | None = None
 
     # --------------------------------------------------------------------------------- input
     def _remote_is_client(self, key: ConnKey) -> bool:
@@ -480,7 +481,7 @@ class ContinuationBook:
         """The events a frame produced (``Pipeline.feed_frame``'s list); only the remote's bytes count."""
         touched = set()
         address = self.address
-        self._inference = None  # the legs change: what the frames said is said again when asked
+        self._inference = None  # the legs change (forgotten ones too): what the frames said is said again
         for key, ev in events:
             if key.server_ip != address and key.client_ip != address:
                 continue  # not the peer's (e.g. this node's own backend connections)
@@ -829,9 +830,10 @@ class ContinuationBook:
 
     def _own_inference(self) -> _Inference:
         """:meth:`_infer` of the views as they are now (one scan until a frame or a pairing changes them)."""
-        if self._inference is None:
-            self._inference = self._infer([t.connections for t in self.trackers], self.pairings)
-        return self._inference
+        seen = sum(t.counters["segments"] for t in self.trackers)
+        if self._inference is None or self._inference[0] != seen:
+            self._inference = (seen, self._infer([t.connections for t in self.trackers], self.pairings))
+        return self._inference[1]
 
     def _infer(self, conns: list[dict], pairings: dict[ConnKey, Pairing]) -> _Inference:
         """Which unpaired backend leg is which unpaired client leg's, from the frames alone.
