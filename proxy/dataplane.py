@@ -25,7 +25,7 @@ import struct
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Awaitable, Callable, Iterable
 
 import trio
 
@@ -293,6 +293,12 @@ class ServiceProxy:
         #: pairing for is reset at a takeover (bench/SOAK.md: libnfs mounts failed in the pairing delay);
         #: told first, the standby knows every connection whose bytes may have reached a server
         self.tell_new_legs: Callable[[], None] | None = None
+        #: a stateful node's own address: tells the peer one new connection's pairing from that
+        #: connection's own task, True once it is on the link (False: it cannot now, e.g. a resync of all
+        #: pairings is due: then ``tell_new_legs`` and the wait as before). Why: the hop to the pairings task
+        #: cost two turns of the event loop, and in the seconds after a restart (a busy loop) the hold ran
+        #: out for most new connections (bench/SOAK.md, 2026-11-29 night: ~60 per protocol per cycle)
+        self.tell_pairing: Callable[[Connection], Awaitable[bool]] | None = None
         #: a stateful node's own address: read each new connection's stream origins before its pumps start
         #: (proxy.tcprepair.stream_origins), its anchor for a standby that misses the handshakes (one
         #: restarted after them); a few system calls per connection, off the byte path
@@ -506,12 +512,15 @@ class ServiceProxy:
             if self.learn_origins and conn.anchor is None:
                 conn.anchor = self._origins_anchor(client, backend, peer, client_origins)
             self.new_legs.append(conn)
-            tell = self.tell_new_legs
-            if tell is not None:
+            tell_now, tell = self.tell_pairing, self.tell_new_legs
+            if tell_now is not None or tell is not None:
                 conn.told = trio.Event()
-                tell()
                 with trio.move_on_after(PAIRING_HOLD):
-                    await conn.told.wait()
+                    if tell_now is not None and await tell_now(conn):
+                        conn.told.set()  # (the send itself is never cut short: it returned, so it is out)
+                    elif tell is not None:
+                        tell()
+                        await conn.told.wait()
                 if not conn.told.is_set():
                     stats.pairings_late += 1
                     self._warn("%s: client %s:%d relayed before its pairing was on the sync link (waited %.0f ms; "

@@ -20,6 +20,7 @@ in this object's own task.
 from __future__ import annotations
 
 import collections
+import functools
 
 import logging
 import os
@@ -351,6 +352,8 @@ class StatefulStandby:
                 proxies = self._own_proxies()
                 for proxy in proxies:
                     proxy.tell_new_legs = self._wake_pairings
+                    if getattr(proxy, "tell_pairing", None) is None:
+                        proxy.tell_pairing = functools.partial(self._tell_pairing, proxy)
                 with trio.move_on_after(PAIRINGS_NEW_WITHIN):
                     await self._new_legs.wait()
                 self._new_legs = trio.Event()
@@ -370,9 +373,28 @@ class StatefulStandby:
         finally:
             for proxy in proxies:
                 proxy.tell_new_legs = None
+                proxy.tell_pairing = None
 
     def _wake_pairings(self) -> None:
         self._new_legs.set()
+
+    async def _tell_pairing(self, proxy: Any, conn: Any) -> bool:
+        """Tell the peer one new connection's pairing now, from the connection's own task
+        (:attr:`proxy.dataplane.ServiceProxy.tell_pairing`); True once it is on the link (or there is
+        nothing to tell), False if it cannot go this way: a resync of all pairings is due (the pairings
+        task sends that first) or its options could not be read. The send is shielded: a message cut
+        off half written would break the link for everyone."""
+        if self.outbox.resync_due:
+            return False
+        with trio.CancelScope(shield=True):
+            try:
+                bodies = self.outbox.add(self._pairings_of([(proxy, conn)]))
+            except OSError:
+                return False
+            for body in bodies:
+                await self._send({"type": "pairings", "address": self.addresses[OWN_ADDRESS], **body})
+                self.pairings_sent += 1
+        return True
 
     async def _tell_pairings_now(self, fresh: list[tuple[Any, Any]], full: bool, since_resync: float) -> None:
         """Send the new connections' pairings (``fresh``), or everything that changed (``full``)."""

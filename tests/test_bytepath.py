@@ -700,3 +700,18 @@ def test_a_new_connection_waits_for_its_pairing_before_its_first_byte_is_relayed
             assert client.recv(100) == b"second"
         assert len(woken) == 2 and arrived[-1] - woken[1] < 1.0
         assert proxy.call(lambda: proxy.proxy.stats.pairings_late) == 1
+        # told from the connection's own task (tell_pairing): no wake-up of the pairings task at all;
+        # when it cannot (False: a resync is due), the wake-up and the wait as before
+        answers: list[bool] = []
+
+        async def tell_pairing(conn):
+            answers.append(len(answers) == 0)
+            return answers[-1]
+
+        proxy.call(lambda: setattr(proxy.proxy, "tell_pairing", tell_pairing))
+        for n, word in enumerate((b"third", b"fourth")):
+            with connect(proxy) as client:
+                client.sendall(word)
+                assert client.recv(100) == word
+            assert len(answers) == n + 1 and len(woken) == 2 + n, (answers, woken)
+        assert proxy.call(lambda: proxy.proxy.stats.pairings_late) == 1

@@ -7,6 +7,9 @@ observer costs a takeover at most ``observer_timeout``.
 
 from __future__ import annotations
 
+import collections
+from types import SimpleNamespace
+
 import trio
 import trio.testing
 
@@ -63,6 +66,29 @@ class FakeSlot:
 
     def close(self):
         pass
+
+
+class FakeProxy:
+    """The own address's proxy as the pairings task sees it."""
+
+    def __init__(self):
+        self.new_legs = collections.deque()
+        self.tell_new_legs = None
+        self.tell_pairing = None
+        self.connections = set()
+        self.service = SimpleNamespace(backend=SimpleNamespace(host="10.0.0.10"), backend_port=lambda p: p)
+
+
+def recording_standby(proxy: FakeProxy) -> tuple[StatefulStandby, list]:
+    """A standby whose own address is ``proxy``'s; what it sends the peer: (trio time, message)."""
+    sent: list = []
+    standby = StatefulStandby(CONFIG, None, FakeSlot(), None, lambda: 0.0, TIMINGS, observer=FakeObserver(),
+                              own_proxies=lambda: [proxy])
+
+    async def send(message):
+        sent.append((trio.current_time(), message))
+    standby._send = send
+    return standby, sent
 
 
 def connection(port: int, seq: int) -> dict:
@@ -296,25 +322,11 @@ def test_pairings_the_observer_is_too_slow_for_are_kept_merged_and_given_before_
 def test_a_new_connection_is_released_as_soon_as_its_pairing_is_on_the_link():
     """The own address's proxies get a waker (``tell_new_legs``): a new connection wakes the pairings task
     at once (not at its next 5 ms tick), and is released (``told``) once its pairing was sent."""
-    import collections
-
     from proxy.dataplane import Connection
-
-    class FakeProxy:
-        def __init__(self):
-            self.new_legs = collections.deque()
-            self.tell_new_legs = None
-            self.connections = set()
 
     async def main():
         proxy = FakeProxy()
-        sent = []
-        standby = StatefulStandby(CONFIG, None, FakeSlot(), None, lambda: 0.0, TIMINGS, observer=FakeObserver(),
-                                  own_proxies=lambda: [proxy])
-
-        async def send(message):
-            sent.append((trio.current_time(), message["type"]))
-        standby._send = send
+        standby, sent = recording_standby(proxy)
         async with trio.open_nursery() as nursery:
             await nursery.start(standby.run)
             await trio.sleep(0.1)
@@ -423,3 +435,40 @@ def test_the_withheld_pairings_fault_injection_reads_a_port_range_and_names_a_ba
         monkeypatch.setenv(WITHHOLD_ENV, bad)
         with pytest.raises(ValueError, match=WITHHOLD_ENV):
             withheld_from_environment()
+
+
+def test_a_new_connection_tells_its_pairing_from_its_own_task_once_the_resync_is_out():
+    """``tell_pairing``: the connection's own task sends its pairing (no hop to the pairings task, which
+    cost two turns of a busy event loop: the hold ran out for most new connections right after a
+    restart). Not before the pairings task has sent the resync of everything (the peer would take a
+    lone addition, then the reset would drop it): then False, and the old path."""
+    import socket
+
+    from proxy.dataplane import Connection
+
+    async def main():
+        proxy = FakeProxy()
+        standby, sent = recording_standby(proxy)
+        a, b = socket.socketpair()
+        try:
+            conn = Connection(client=("10.0.0.9", 40000), port=445)
+            conn.backend_source, conn.legs = ("10.0.0.1", 50001), (a, b)
+            assert await standby._tell_pairing(proxy, conn) is False and sent == []  # the resync comes first
+            async with trio.open_nursery() as nursery:
+                await nursery.start(standby.run)
+                await trio.sleep(0.1)
+                assert proxy.tell_pairing is not None and not standby.outbox.resync_due
+                resync = [m for _, m in sent if m["type"] == "pairings"]
+                assert resync and resync[0].get("reset") is True
+                t0, before = trio.current_time(), len(sent)
+                assert await proxy.tell_pairing(conn) is True
+                told = [m for t, m in sent[before:] if t == t0 and m["type"] == "pairings"]
+                assert len(told) == 1 and told[0]["add"][0][:4] == ["10.0.0.9", 40000, 445, 50001], told
+                assert await proxy.tell_pairing(conn) is True and len(sent) == before + 1  # told once
+                nursery.cancel_scope.cancel()
+            assert proxy.tell_pairing is None
+        finally:
+            a.close()
+            b.close()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
