@@ -46,9 +46,10 @@ RESERVED_PORTS = range(665, 1024)
 #: Descriptors a proxied connection holds for its whole life: the client and the backend socket.
 FDS_PER_CONNECTION = 2
 #: how long a new connection of a stateful node's own address waits for its pairing to be on the sync
-#: link before its first byte is relayed (:attr:`ServiceProxy.tell_new_legs`): about one turn of the
-#: event loop when it is not busy; bounded, so a stalled pairing task costs a new client no more. 10 ms
-#: ran out at load 12 (bench/soak.py: connections relayed unpaired, "it had sent the client bytes")
+#: link before its first byte is relayed (:attr:`ServiceProxy.tell_pairing`, else
+#: :attr:`ServiceProxy.tell_new_legs`): about one turn of the event loop when it is not busy; bounded, so a
+#: stalled pairings task costs a new client no more. 10 ms ran out at load 12 (bench/soak.py: connections
+#: relayed unpaired, "it had sent the client bytes")
 PAIRING_HOLD = 0.05
 #: Descriptors kept free when accepting, so that accepted connections still get pipes to move bytes.
 PIPE_HEADROOM = 64
