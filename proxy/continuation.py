@@ -372,12 +372,11 @@ class _Inference:
     #: client leg -> the backend leg that can only be its own, with options guessed from the peer's
     #: other pairings (the peer's window scales, the same for every connection)
     pairings: dict[ConnKey, Pairing]
-    #: the latest ``opened_at`` of an unpaired backend leg that carried bytes and is nobody's for sure:
-    #: it may carry the request of any client leg opened before it
-    latest_rival: float
-    #: that leg (None: none), and per client leg how many backend legs could be its own: named in the
-    #: reason a leg is reset, so a log says which leg stood in the way
-    rival: ConnKey | None = None
+    #: per server, the latest unpaired backend leg to it that carried bytes and is nobody's for sure
+    #: (``opened_at``, the leg): it may carry the request of any client leg opened before it on a port
+    #: the peer relays to that server (:meth:`ContinuationBook._rival`)
+    rivals: dict[tuple[str, int], tuple[float, ConnKey]] = field(default_factory=dict)
+    #: per client leg, how many backend legs could be its own: said in the reason a leg is reset
     candidates: dict[ConnKey, int] = field(default_factory=dict)
 
 
@@ -791,8 +790,11 @@ class ContinuationBook:
         client = c.client
         if client.isn is None or client.first_ack is None or client.last_ack is None or client.next_seq is None:
             return Verdict(None, key.client, unpaired)
+        if inference is None:
+            inference = self._own_inference()
         if client.last_ack != client.first_ack:
-            return Verdict(None, key.client, unpaired + "; it had sent the client bytes")
+            return Verdict(None, key.client, unpaired + "; it had sent the client bytes; "
+                           f"{inference.candidates.get(key, 0)} backend legs could be its own")
         problem = _leg_problem(client, "client")
         if problem:
             return Verdict(None, key.client, problem)
@@ -805,15 +807,13 @@ class ContinuationBook:
             return Verdict(None, key.client, unpaired + f"; {len(have)} bytes from the client: over the cap")
         if key in self._answered_here:
             return Verdict(None, key.client, unpaired + "; its SYN was answered by this node at the takeover")
-        if inference is None:
-            inference = self._own_inference()
-        if inference.latest_rival >= c.opened_at:
-            rival = inference.rival
+        found = self._rival(inference, key.server_port)
+        if found is not None and found[0] >= c.opened_at:
+            at, rival = found
             n = inference.candidates.get(key, 0)
             return Verdict(None, key.client, unpaired + "; a backend leg it did not pair carried bytes since"
-                           + (f": the latest, {rival.client_ip} port {rival.client_port} to {rival.server_ip} port "
-                              f"{rival.server_port}, {(inference.latest_rival - c.opened_at) * 1000:.0f} ms "
-                              f"younger; {n} could be its own" if rival is not None else ""))
+                           f": the latest, {rival.client_ip} port {rival.client_port} to {rival.server_ip} port "
+                           f"{rival.server_port}, {(at - c.opened_at) * 1000:.0f} ms younger; {n} could be its own")
         opts = self._client_options(client, key.server_port)
         if opts is None:
             return Verdict(None, key.client, unpaired + "; no pairing to learn the peer's options from")
@@ -910,9 +910,22 @@ class ContinuationBook:
             inferred[ckey] = Pairing((ckey.client_ip, ckey.client_port), ckey.server_port, b.key.client_port,
                                      (b.key.server_ip, b.key.server_port), copts, bopts)
         matched = {p.backend_key(address) for p in inferred.values()}
-        rivals = [(b.opened_at, k) for k, b in backends.items() if k not in matched]
-        latest, rival = max(rivals, key=lambda r: r[0]) if rivals else (float("-inf"), None)
-        return _Inference(inferred, latest, rival, {k: len(v) for k, v in found.items()})
+        rivals: dict[tuple[str, int], tuple[float, ConnKey]] = {}
+        for k, b in backends.items():
+            server = (k.server_ip, k.server_port)
+            if k not in matched and (server not in rivals or rivals[server][0] < b.opened_at):
+                rivals[server] = (b.opened_at, k)
+        return _Inference(inferred, rivals, {k: len(v) for k, v in found.items()})
+
+    def _rival(self, inference: _Inference, service_port: int) -> tuple[float, ConnKey] | None:
+        """The latest unpaired backend leg that may carry the bytes of a client leg on ``service_port``:
+        one to a server the peer relays that port to, or to a server none of its pairings ever named
+        (its configuration may have changed); a leg to another port's server cannot (the peer relays a
+        port to that port's backend only)."""
+        mine = self._servers.get(service_port, {})
+        known = set().union(*self._servers.values()) if self._servers else set()
+        pool = [r for server, r in inference.rivals.items() if server in mine or server not in known]
+        return max(pool, key=lambda r: r[0]) if pool else None
 
     def _could_carry(self, c: TcpConnection, b: TcpConnection) -> bool:
         """Whether backend leg ``b`` can be the one the peer relays client leg ``c`` on (:meth:`_infer`)."""

@@ -929,3 +929,31 @@ def test_a_backend_leg_on_a_reused_source_port_is_another_connection():
         book.feed([(ev.key, ev) for ev in tracker.feed(seg, ts)])
     v = {v.client: v for v in book.plan(10.0)}["10.77.0.100:803"]
     assert not v.inferred and v.fresh, v.reason
+
+
+def test_a_backend_leg_to_another_ports_server_does_not_stand_in_the_way_of_a_fresh_start():
+    """An unpaired client leg the peer relayed nothing of is started afresh unless a backend leg that may
+    carry its bytes opened since. The peer relays port 2049 to the server's 2049 only: an SMB leg to the
+    server's 445 (the probe's connections, relayed unpaired in the same burst) cannot carry an NFS
+    client's bytes, and reset every young NFS client at the soak's takeovers. A leg to a server no
+    pairing ever named still may (the peer's configuration may have changed)."""
+    every = TCPI_OPT_TIMESTAMPS | TCPI_OPT_SACK | TCPI_OPT_WSCALE
+    options = (LegOptions(every, 7, 9, 1448), LegOptions(every, 6, 8, 1448))
+    nfs_client = _rpc_relay(1.0, 801, 41001, 0x1111, None)[:3]            # in the accept queue: no backend leg
+
+    def smb_leg(server: str) -> list:
+        frames = _rpc_relay(1.01, 802, 41002, 0x2222, None)[3:]          # the server's SYN-ACK and ACK
+        return [(ts, replace(seg, src=server, sport=445)) for ts, seg in frames]
+
+    for server, blocks in (("10.77.0.10", False), ("10.77.0.99", True)):
+        tracker = TcpTracker([2049, 445])
+        book = ContinuationBook(NODE, [tracker], cap=1 << 20)
+        book.set_pairings([Pairing(("10.77.0.200", 40000), 2049, 50000, RPC_NODE_SERVER, *options).to_wire(),
+                           Pairing(("10.77.0.200", 40001), 445, 50001, ("10.77.0.10", 445), *options).to_wire()])
+        for ts, seg in sorted(nfs_client + smb_leg(server), key=lambda f: f[0]):
+            book.feed([(ev.key, ev) for ev in tracker.feed(seg, ts)])
+        v = {v.client: v for v in book.plan(10.0)}["10.77.0.100:801"]
+        if blocks:
+            assert not v.fresh and f"to {server} port 445" in v.reason, v.reason
+        else:
+            assert v.fresh and v.reason is None, v.reason
