@@ -461,10 +461,11 @@ class ContinuationBook:
         #: bytes, never those of a client leg the peer did not pair, also once its pairing was removed
         #: (the connection ended at the peer, while its leg lingers in the views: on a switch the
         #: peer's own FIN is not seen)
-        #: the value: when that leg (the instance the pairing was about) was first seen, None if never: a
-        #: secure service's backend reuses its few source ports, so a later leg on the same 4-tuple is
-        #: another connection, which may well be an unpaired client's
-        self._once_paired: OrderedDict[ConnKey, float | None] = OrderedDict()
+        #: the value: which instance of that leg the pairing was about (the server's first sequence
+        #: number, from the pairing's anchor; None: not told, any): a secure service's backend reuses its
+        #: few source ports at once, so a later leg on the same 4-tuple is another connection, which may
+        #: well be an unpaired client's (:func:`_pairing_names`)
+        self._once_paired: OrderedDict[ConnKey, int | None] = OrderedDict()
         #: service port -> the servers the peer relays it to (from its pairings, also removed ones; bounded
         #: by its configuration): where an unpaired client leg's backend leg can be (:meth:`_infer`)
         self._servers: dict[int, dict[tuple[str, int], None]] = {}
@@ -599,11 +600,7 @@ class ContinuationBook:
                 continue
             old = self.pairings.pop(key, None)
             if old is not None:
-                bkey = old.backend_key(self.address)
-                self.by_backend.pop(bkey, None)
-                leg = self._conn(bkey)  # the instance it was about: seen by now (the connection ended)
-                if leg is not None:
-                    self._once_paired[bkey] = leg.opened_at
+                self.by_backend.pop(old.backend_key(self.address), None)
         for item in add:
             try:
                 p = Pairing.from_wire(item)
@@ -617,8 +614,7 @@ class ContinuationBook:
             self.pairings[key] = p
             self.by_backend[p.backend_key(self.address)] = p
             self._relay_due.add(p.backend_key(self.address))
-            leg = self._conn(p.backend_key(self.address))
-            self._once_paired[p.backend_key(self.address)] = None if leg is None else leg.opened_at
+            self._once_paired[p.backend_key(self.address)] = None if p.anchor is None else p.anchor[2]
             self._once_paired.move_to_end(p.backend_key(self.address))
             while len(self._once_paired) > ONCE_PAIRED_KEPT:
                 self._once_paired.popitem(last=False)
@@ -858,10 +854,11 @@ class ContinuationBook:
 
         ``conns``: the views' connection dictionaries (the book's trackers', or a takeover's snapshot)."""
         address = self.address
-        claimed = {p.backend_key(address) for p in pairings.values()}
+        claimed = {p.backend_key(address): None if p.anchor is None else p.anchor[2] for p in pairings.values()}
         clients: dict[ConnKey, TcpConnection] = {}
         vague: list[float] = []  # when unpaired client legs picked up mid-stream were first seen
         backends: dict[ConnKey, TcpConnection] = {}
+        maybe: dict[ConnKey, TcpConnection] = {}  # legs of an ended pairing that did not say which instance
         for view in conns:
             for key, conn in view.items():
                 if key.server_ip == address:
@@ -870,14 +867,20 @@ class ContinuationBook:
                             vague.append(conn.opened_at)
                         else:
                             clients[key] = conn
-                elif key.client_ip == address and key not in backends and key not in claimed:
-                    if key in self._once_paired and self._once_paired[key] in (None, conn.opened_at):
-                        continue  # the leg the peer paired (or one it may have been): its own client's bytes
+                elif key.client_ip == address and key not in backends and key not in maybe:
+                    if _pairing_names(claimed, key, conn):
+                        continue  # a live pairing's leg (its 4-tuple cannot be reused while it lives)
                     server = conn.server
                     if server.fin_seq is not None:
                         continue  # the server closed it: over (the peer's own FIN is not seen on a switch)
                     if server.first_ack is None or server.last_ack is None or server.last_ack == server.first_ack:
                         continue  # the server acknowledged nothing of the peer's: no client's bytes on it
+                    named = _pairing_names(self._once_paired, key, conn)
+                    if named and self._once_paired[key] is not None:
+                        continue  # the very leg an ended pairing named: its own client's bytes
+                    if named:  # that leg, or a new one on its port: given to nobody, but may be anybody's
+                        maybe[key] = conn
+                        continue
                     backends[key] = conn
         found: dict[ConnKey, list[TcpConnection]] = {}
         claims: dict[ConnKey, int] = {}
@@ -911,7 +914,7 @@ class ContinuationBook:
                                      (b.key.server_ip, b.key.server_port), copts, bopts)
         matched = {p.backend_key(address) for p in inferred.values()}
         rivals: dict[tuple[str, int], tuple[float, ConnKey]] = {}
-        for k, b in backends.items():
+        for k, b in [*backends.items(), *maybe.items()]:
             server = (k.server_ip, k.server_port)
             if k not in matched and (server not in rivals or rivals[server][0] < b.opened_at):
                 rivals[server] = (b.opened_at, k)
@@ -1096,6 +1099,16 @@ def _leg_state(address: str, port: int, remote_addr: tuple[str, int], remote: Ha
         sack_permitted=opts.sack, timestamps=opts.timestamps, tsval=tsval,
         window=RepairWindow(snd_wl1=rcv_nxt, snd_wnd=window, max_window=window,
                             rcv_wnd=min(0xFFFF << rcv_wscale, RECEIVE_WINDOW), rcv_wup=rcv_nxt))
+
+
+def _pairing_names(named: dict, key: ConnKey, leg: TcpConnection) -> bool:
+    """Whether a pairing in ``named`` (backend leg key -> the server's first sequence number it was
+    about, None: unknown) is about this instance of the leg: same 4-tuple, and the same server ISN
+    where the pairing says it (a source port reused at once is another connection)."""
+    if key not in named:
+        return False
+    first = named[key]
+    return first is None or leg.server.isn is None or first == (leg.server.isn + 1) & U32
 
 
 def _send_mss(remote_mss: int | None, options: int, sample: LegOptions) -> int:

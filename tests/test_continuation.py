@@ -664,8 +664,9 @@ def test_a_client_leg_whose_bytes_an_unpaired_backend_leg_may_carry_is_not_conti
     # a backend leg the peer paired with another client, also after that pairing was removed (the
     # connection ended at the peer, its leg lingering in the views), carries that client's bytes
     backend_key = next(k for k in tracker.connections if k.client_ip == NODE)
+    # (its anchor names the instance: the server's ISN + 1; without one, see the reused-port test)
     other = Pairing(("10.77.0.201", 40001), 445, backend_key.client_port, (backend_key.server_ip, backend_key.server_port),
-                    None, None)
+                    None, None, (0, 0, (backend.server.isn + 1) & 0xFFFFFFFF, 0))
     tracker2 = TcpTracker([445])
     book = ContinuationBook(NODE, [tracker2], cap=1 << 20)
     sample = Pairing(("10.77.0.200", 40000), 445, 50000, ("10.77.0.10", 445),
@@ -907,7 +908,10 @@ def test_a_backend_leg_on_a_reused_source_port_is_another_connection():
     book = ContinuationBook(NODE, [tracker], cap=1 << 20)
     every = TCPI_OPT_TIMESTAMPS | TCPI_OPT_SACK | TCPI_OPT_WSCALE
     options = (LegOptions(every, 7, 9, 1448), LegOptions(every, 6, 8, 1448))
-    book.set_pairings([Pairing(("10.77.0.100", 801), 2049, 900, RPC_NODE_SERVER, *options).to_wire(),
+    # the peer's anchor (stream origins read at the accept) names the instance: the server's ISN + 1
+    anchor = (1802, 9901, 3901, 7802)
+    paired = Pairing(("10.77.0.100", 801), 2049, 900, RPC_NODE_SERVER, *options, anchor)
+    book.set_pairings([paired.to_wire(),
                        Pairing(("10.77.0.200", 40000), 2049, 50000, RPC_NODE_SERVER, *options).to_wire()])
     for ts, seg in first + [server_fin]:
         book.feed([(ev.key, ev) for ev in tracker.feed(seg, ts)])
@@ -919,7 +923,7 @@ def test_a_backend_leg_on_a_reused_source_port_is_another_connection():
     # the very leg the pairing was about, lingering (its server's FIN not seen), is never another's
     tracker = TcpTracker([2049])
     book = ContinuationBook(NODE, [tracker], cap=1 << 20)
-    book.set_pairings([Pairing(("10.77.0.100", 801), 2049, 900, RPC_NODE_SERVER, *options).to_wire(),
+    book.set_pairings([paired.to_wire(),
                        Pairing(("10.77.0.200", 40000), 2049, 50000, RPC_NODE_SERVER, *options).to_wire()])
     for ts, seg in first:
         book.feed([(ev.key, ev) for ev in tracker.feed(seg, ts)])
@@ -929,6 +933,19 @@ def test_a_backend_leg_on_a_reused_source_port_is_another_connection():
         book.feed([(ev.key, ev) for ev in tracker.feed(seg, ts)])
     v = {v.client: v for v in book.plan(10.0)}["10.77.0.100:803"]
     assert not v.inferred and v.fresh, v.reason
+    # a pairing that does not say which instance (no anchor): a leg on its 4-tuple is given to nobody, and
+    # stands in the way of a fresh start (it may be the one that carried the client's request)
+    tracker = TcpTracker([2049])
+    book = ContinuationBook(NODE, [tracker], cap=1 << 20)
+    book.set_pairings([replace(paired, anchor=None).to_wire(),
+                       Pairing(("10.77.0.200", 40000), 2049, 50000, RPC_NODE_SERVER, *options).to_wire()])
+    for ts, seg in first + [server_fin]:
+        book.feed([(ev.key, ev) for ev in tracker.feed(seg, ts)])
+    book.set_pairings(remove=[["10.77.0.100", 801, 2049]])
+    for ts, seg in young:
+        book.feed([(ev.key, ev) for ev in tracker.feed(seg, ts)])
+    v = {v.client: v for v in book.plan(10.0)}["10.77.0.100:802"]
+    assert not v.inferred and not v.fresh and "carried bytes since" in v.reason, v.reason
 
 
 def test_a_backend_leg_to_another_ports_server_does_not_stand_in_the_way_of_a_fresh_start():
