@@ -509,7 +509,6 @@ class ContinuationBook:
                 tail.end += ev.length
                 tail.lost = f"a gap of {ev.length} bytes in the capture"
             elif isinstance(ev, ConnectionClosed):
-                self._inference = None
                 self.tails.pop(key, None)
                 self.relayed.pop(key, None)
                 self._active.pop(key, None)
@@ -714,10 +713,8 @@ class ContinuationBook:
     def _verdict(self, legs: "_Legs", now: float, *, states: bool = True) -> Verdict:
         """``states=False``: only whether (and why not) continuable, without building the sockets' states
         and copying their bytes (status asks for that often, for every connection)."""
-        key, pairing, c, b = legs.key, legs.pairing, legs.client_conn, legs.backend_conn
-        name = key.client
-        if pairing is None:
-            return self._fresh(key, c, now, states, legs.inference)
+        if legs.pairing is None:
+            return self._fresh(legs.key, legs.client_conn, now, states, legs.inference)
         v = self._paired_verdict(legs, now, states)
         v.inferred = legs.inferred
         return v
@@ -966,14 +963,8 @@ class ContinuationBook:
         negotiated (a server answers only the options offered), the peer's latest pairing with the same
         server (else any) its own window scale; None without such a pairing."""
         server = b.server
-        sample = fallback = None
-        for p in reversed(self.pairings.values()):
-            if p.backend_options is not None:
-                if p.server == (b.key.server_ip, b.key.server_port):
-                    sample = p.backend_options
-                    break
-                fallback = fallback or p.backend_options
-        sample = sample or fallback
+        sample = self._latest_options(lambda p: p.backend_options, lambda p: p.server == (b.key.server_ip,
+                                                                                         b.key.server_port))
         if sample is None:
             return None
         options = (TCPI_OPT_TIMESTAMPS if server.timestamps else 0) | (TCPI_OPT_SACK if server.sack_permitted else 0) \
@@ -985,12 +976,18 @@ class ContinuationBook:
         """The options of the peer's latest paired client leg on ``service_port`` (else any port): its
         own window scale, which no frame to it shows, is the same for every connection its listeners
         accept."""
+        return self._latest_options(lambda p: p.client_options, lambda p: p.service_port == service_port)
+
+    def _latest_options(self, options: Any, preferred: Any) -> LegOptions | None:
+        """``options(p)`` of the latest pairing ``p`` that has them and is ``preferred``, else of the latest
+        that has them: a sample of the peer's own side, which is the same for all its connections."""
         fallback = None
         for p in reversed(self.pairings.values()):
-            if p.client_options is not None:
-                if p.service_port == service_port:
-                    return p.client_options
-                fallback = fallback or p.client_options
+            found = options(p)
+            if found is not None:
+                if preferred(p):
+                    return found
+                fallback = fallback or found
         return fallback
 
     def summary(self, now: float, *, max_age: float = 0.0) -> dict:

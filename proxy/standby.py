@@ -352,7 +352,7 @@ class StatefulStandby:
                 proxies = self._own_proxies()
                 for proxy in proxies:
                     proxy.tell_new_legs = self._wake_pairings
-                    if getattr(proxy, "tell_pairing", None) is None:
+                    if proxy.tell_pairing is None:
                         proxy.tell_pairing = functools.partial(self._tell_pairing, proxy)
                 with trio.move_on_after(PAIRINGS_NEW_WITHIN):
                     await self._new_legs.wait()
