@@ -472,6 +472,9 @@ class ContinuationBook:
         #: what the frames say of the unpaired legs (:meth:`_infer`), with the trackers' segment count it
         #: was made at: until a segment (also one that makes no event: an ACK) or a pairing changes them
         self._inference: tuple[int, _Inference] | None = None
+        #: client legs the client closed (its FIN seen) whose pairing the peer removed since the last
+        #: :meth:`closed_at_peer`
+        self._closed_at_peer: list[ConnKey] = []
 
     # --------------------------------------------------------------------------------- input
     def _remote_is_client(self, key: ConnKey) -> bool:
@@ -600,6 +603,9 @@ class ContinuationBook:
             old = self.pairings.pop(key, None)
             if old is not None:
                 self.by_backend.pop(old.backend_key(self.address), None)
+                conn = self._conn(key)
+                if conn is not None and conn.client.fin_seq is not None:
+                    self._closed_at_peer.append(key)
         for item in add:
             try:
                 p = Pairing.from_wire(item)
@@ -621,6 +627,18 @@ class ContinuationBook:
             if p.server not in servers and len(servers) < SERVERS_PER_PORT:
                 servers[p.server] = None
         return problems
+
+    def closed_at_peer(self) -> list[ConnKey]:
+        """The client legs that are over at both ends since the last call, for the views to forget (as
+        gone: the client's last ACKs are not a new connection picked up mid-stream).
+
+        Why: the client sent its FIN and the peer has ended the connection (its pairing was removed),
+        but on a switch the standby never sees the peer's FIN, so the leg lingered in the views as
+        open, unpaired, until the view sync pruned it a second or more later; a death meanwhile
+        reported it as a connection of the peer's that had to be reset (every NFS takeover in
+        bench/continuation.py: the client's MOUNT call's connection, closed just before)."""
+        keys, self._closed_at_peer = self._closed_at_peer, []
+        return keys
 
     def _conn(self, key: ConnKey) -> TcpConnection | None:
         for tracker in self.trackers:
