@@ -210,17 +210,22 @@ def test_a_difference_is_counted_and_names_only_a_few_connections():
     assert sync.status()["forgotten"] == 497 and len(str(sync.status())) < 2000
 
 
+def _peer_observer():
+    """An observer's views of a peer at SERVER (backend 10.77.2.10) and its continuation book."""
+    from proxy.observer import _Observer
+
+    ports = [445, 2049, 111, 20048]
+    return _Observer({"views": {
+        "own_address": {"address": "10.77.0.2", "ports": ports},
+        "peer_address": {"address": SERVER, "ports": ports},
+        "peer_backend": {"address": SERVER, "ports": ports, "as_client_of": ["10.77.2.10"]}}})
+
+
 def test_what_the_views_forget_the_continuation_book_forgets_too():
     """bench/SOAK.md: the observer's memory grew over failover cycles. A view forgets connections whose
     close it did not see (the peer died; the owner's snapshot lacks them), but the continuation book
     kept its bytes and bookkeeping of each one for good: the events of the forget never reached it."""
-    from proxy.observer import _Observer
-
-    ports = [445, 2049, 111, 20048]
-    observer = _Observer({"views": {
-        "own_address": {"address": "10.77.0.2", "ports": ports},
-        "peer_address": {"address": SERVER, "ports": ports},
-        "peer_backend": {"address": SERVER, "ports": ports, "as_client_of": ["10.77.2.10"]}}})
+    observer = _peer_observer()
     view = observer.views["peer_address"]
     on_frame = observer._callback("peer_address", view)
     with open(FIXTURES / "smb-open.pcap", "rb") as f:
@@ -252,13 +257,7 @@ def test_a_connection_the_client_closed_and_the_peer_ended_leaves_the_views():
     pairing of a leg whose client sent its FIN ends it; without that FIN the leg stays (the view sync
     decides), and a late ACK of the closed one does not bring it back."""
     from proxy.continuation import Pairing
-    from proxy.observer import _Observer
-
-    ports = [445, 2049, 111, 20048]
-    observer = _Observer({"views": {
-        "own_address": {"address": "10.77.0.2", "ports": ports},
-        "peer_address": {"address": SERVER, "ports": ports},
-        "peer_backend": {"address": SERVER, "ports": ports, "as_client_of": ["10.77.2.10"]}}})
+    observer = _peer_observer()
     view = observer.views["peer_address"]
     on_frame = observer._callback("peer_address", view)
     client = "10.77.1.100"
