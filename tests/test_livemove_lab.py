@@ -95,13 +95,6 @@ def service_connections(lab, host: str) -> set[tuple[int, str]]:
     return {(port, end) for port in (445, 2049) for end in established(lab, host, port)}
 
 
-def handover(lab, node, back: bool = False) -> tuple[subprocess.CompletedProcess, float]:
-    argv = [sys.executable, "-m", "proxy.cli", "handover", "-c", str(node.config)] + (["--back"] if back else [])
-    start = time.monotonic()
-    done = lab.run(node.ns, argv, capture_output=True, text=True, timeout=60)
-    return done, time.monotonic() - start
-
-
 def test_handover_and_back_moves_live_connections_without_a_reconnect(lab, pair):
     a, b = pair
     host = lab.addresses.service_a
@@ -117,7 +110,7 @@ def test_handover_and_back_moves_live_connections_without_a_reconnect(lab, pair)
         for _ in range(ROUNDS):
             for giver, taker, back in ((a, b, False), (b, a, True)):
                 began, since = time.monotonic(), time.time()
-                done, took = handover(lab, a, back=back)
+                done, took = a.handover(back=back)
                 assert done.returncode == 0, done.stdout + done.stderr
                 out, into = last_move(giver, "out", since), last_move(taker, "in", since)
                 assert into["direction"] == "in" and out["direction"] == "out", (out, into, log_tails(lab))
@@ -227,7 +220,7 @@ def four_moves(lab, a, b, pause: float) -> list[dict]:
     moves = []
     for giver, taker, back in ((a, b, False), (b, a, True), (a, b, False), (b, a, True)):
         since = time.time()
-        done, _ = handover(lab, a, back=back)
+        done, _ = a.handover(back=back)
         assert done.returncode == 0, done.stdout + done.stderr
         moves.append({"out": last_move(giver, "out", since), "in": last_move(taker, "in", since)})
         time.sleep(pause)

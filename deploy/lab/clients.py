@@ -260,6 +260,14 @@ class NodeProcess:
         self.lab.run(self.ns, self._cli("cleanup", "-c", str(self.config)), check=True, capture_output=True)
         self.lab.set_links(self.ns, links, "up")
 
+    def handover(self, back: bool = False) -> tuple[subprocess.CompletedProcess, float]:
+        """``pairproxy handover`` (``--back``) for this node, as an operator runs it; the result and
+        how long it took (it returns once the address has arrived)."""
+        argv = self._cli("handover", "-c", str(self.config)) + (["--back"] if back else [])
+        start = time.monotonic()
+        done = self.lab.run(self.ns, argv, capture_output=True, text=True, timeout=60)
+        return done, time.monotonic() - start
+
     @property
     def pid(self) -> int | None:
         return self.proc.pid if self.proc else None

@@ -6,11 +6,12 @@ handle, then on one connection to port 2049: CREATE NAME, and every EVERY second
 BLOCK bytes (default 64 KiB) of fresh random data at offset 0 with FILE_SYNC and READ them back
 (MOUNT_HOST: ask that host's mountd instead, for proxies that pass only port 2049). The
 client never reconnects: a broken connection is an error. Prints ``{"ready": true, "local_port": N}``,
-then after SECONDS one JSON line: rounds, errors, read-backs that differed, the longest round.
+then after SECONDS (or at SIGUSR1) one JSON line: rounds, errors, read-backs that differed, the longest round.
 """
 
 import json
 import os
+import signal
 import socket
 import struct
 import sys
@@ -128,10 +129,12 @@ def main() -> int:
         raise RuntimeError("CREATE returned no file handle")
     fh = r.opaque()
     say(ready=True, local_port=nfs.sock.getsockname()[1])
+    stop = []
+    signal.signal(signal.SIGUSR1, lambda *_: stop.append(True))
     rounds = mismatches = 0
     longest, longest_at, error = 0.0, None, None
     start = time.monotonic()
-    while time.monotonic() - start < float(seconds):
+    while time.monotonic() - start < float(seconds) and not stop:
         t0 = time.monotonic()
         data = os.urandom(block)
         try:
