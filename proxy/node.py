@@ -525,8 +525,13 @@ class Node:
 
     async def _execute_one(self, action: roles.Action) -> roles.Event | None:
         if isinstance(action, roles.ServeOwnAddress):
+            left: tuple[list[dict], float] = ([], 0.0)
+            if action.holder_died and self.standby is not None:  # read before the address is up
+                left = await self.standby.holder_connections()
             await self._nursery.start(self._run_own)
             self.state = "pair"
+            if left[0]:
+                self.standby.end_holder_connections(*left)
         elif isinstance(action, roles.SendMessage):
             await self._send({"type": action.type, "address": action.address})
         elif isinstance(action, roles.AnnounceOwnAddress):

@@ -178,7 +178,13 @@ Event = (HelloReceived | PeerDeclaredDead | PeerProbing | PeerAlive | PeerRestar
 # -- actions out -------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ServeOwnAddress:
-    """Start serving the own address (listeners, address, gratuitous ARP)."""
+    """Start serving the own address (listeners, address, gratuitous ARP).
+
+    ``holder_died``: the peer held the address (a ``handover``, or a takeover while this node was
+    away) and died with it: the connections it served there are this node's to end (see
+    :meth:`proxy.standby.StatefulStandby.holder_connections`)."""
+
+    holder_died: bool = False
 
 
 @dataclass(frozen=True)
@@ -261,6 +267,7 @@ KINDS = (PEER_HOLDS_MINE, PEER_DOES_NOT_HOLD_MINE, OWNER_SERVES, NOBODY_ANSWERS,
 SERVE, ANNOUNCE, ASK_BACK, LEAVE = "serve", "announce", "ask_back", "leave"
 TAKE_OVER, RETRY_LATER, RELEASE, TELL_RELEASED = "take_over", "retry_later", "release", "tell_released"
 PREPARE, DROP_PREPARATION, WARN_BOTH_SERVE = "prepare", "drop_preparation", "warn_both_serve"
+SERVE_AFTER_HOLDER = "serve_after_holder"  # the peer died holding the own address
 
 # (state, kind) -> (new state, steps)
 OWN_TRANSITIONS: dict[tuple[str, str], tuple[str, tuple[str, ...]]] = {
@@ -273,7 +280,7 @@ OWN_TRANSITIONS: dict[tuple[str, str], tuple[str, tuple[str, ...]]] = {
     (YIELDED, PEER_HOLDS_MINE): (YIELDED, (ASK_BACK,)),
     (YIELDED, PEER_RELEASED_MINE): (SERVING, (SERVE,)),
     (YIELDED, PEER_DOES_NOT_HOLD_MINE): (SERVING, (SERVE,)),
-    (YIELDED, PEER_DEAD): (SERVING, (SERVE,)),
+    (YIELDED, PEER_DEAD): (SERVING, (SERVE_AFTER_HOLDER,)),
     # the peer declared this node dead wrongly: this node is the owner and keeps serving; the peer
     # lets go when it sees this node's hello (OWNER_SERVES on its side)
     (SERVING, PEER_HOLDS_MINE): (SERVING, (WARN_BOTH_SERVE,)),
@@ -561,6 +568,8 @@ class PairCore:
     def _step_actions(self, step: str) -> list[Action]:
         if step == SERVE:
             return [ServeOwnAddress()]
+        if step == SERVE_AFTER_HOLDER:
+            return [ServeOwnAddress(holder_died=True)]
         if step == ANNOUNCE:
             return [AnnounceOwnAddress()]
         if step == ASK_BACK:
@@ -699,7 +708,7 @@ OWN_TRANSITIONS.update({
     (HANDED_OVER, MOVE_BACK_WANTED): (HANDED_OVER, (ASK_MOVE_BACK,)),
     (HANDED_OVER, MINE_ARRIVES): (SERVING, (MOVE_IN_MINE,)),
     # the peer died holding it, or says it does not hold it (its move-in failed): serve it again
-    (HANDED_OVER, PEER_DEAD): (SERVING, (SERVE,)),
+    (HANDED_OVER, PEER_DEAD): (SERVING, (SERVE_AFTER_HOLDER,)),
     (HANDED_OVER, PEER_RELEASED_MINE): (SERVING, (SERVE,)),
     # SIGTERM in a pair: the peer takes the address with its connections at once; no drain, no refusals
     (SERVING, STOPPING_LINKED): (MOVING_OUT, (MOVE_OUT_MINE_STOPPING,)),

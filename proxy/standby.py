@@ -725,6 +725,38 @@ class StatefulStandby:
                      examples([f"{c['client']}->{c['server']}" for c in plan.backends_to_reset]))
         return clients, backends
 
+    # -- the own address back from a dead holder -----------------------------------------------------
+    async def holder_connections(self) -> tuple[list[dict], float]:
+        """The client connections the dead peer served on this node's *own* address while it held it (a
+        ``handover``, or a takeover while this node was away), as the own view saw them, and when they
+        were read (wall clock): :meth:`end_holder_connections` resets them once the address is back.
+
+        Why: this node's FIN/RST guard drops its kernel's resets from the own address (they are meant
+        for the sockets of a killed process, issue 10), so a client of the dead holder got no answer but
+        silence: its segments unanswered, it waited for its own timeouts (minutes). The holder's
+        connections are not continued here: this node has neither their pairings nor a view of their
+        backend legs (bench/MOVES.md). None known, or no answer within ``observer_timeout``: []."""
+        read_at = time.time()
+        if not self.observer.ready.is_set():
+            return [], read_at
+        conns = await self._ask("live", OWN_ADDRESS, [], self.timings.observer_timeout) or []
+        return [_as_the_client_has_it(c) for c in conns], read_at
+
+    def end_holder_connections(self, connections: list[dict], read_at: float) -> int:
+        """Reset each of the dead holder's clients (:meth:`holder_connections`) with an RST it accepts,
+        now that the own address is served here again; the own view forgets them (as gone: a late
+        segment of theirs is not a new connection). How many were sent."""
+        sent = _send_resets(connections)
+        if sent:
+            log.info("stateful: reset %d client connection(s) the dead holder of %s served there: %s (its "
+                     "connections to the file servers from that address are not known here)", sent,
+                     self.addresses[OWN_ADDRESS], examples([c["client"] for c in connections]))
+        if connections and self._nursery is not None:
+            self._nursery.start_soon(functools.partial(
+                self._ask, "forget", OWN_ADDRESS, 0, self.timings.status_observer_timeout, before=read_at,
+                gone=True))
+        return sent
+
     # -- status ------------------------------------------------------------------------------------
     async def add_status(self, status: NodeStatus, *, holds_peer: bool, takeovers: list[Takeover],
                          tables: bool = True) -> None:
@@ -802,6 +834,17 @@ def examples(items: list[str], limit: int = LOG_EXAMPLES) -> str:
     """A few of ``items`` for a log line, and how many more (a log line must not grow with a table)."""
     shown = ", ".join(items[:limit])
     return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def _as_the_client_has_it(connection: dict) -> dict:
+    """A connection of the own view whose server side this node last saw itself (before a ``handover``)
+    with the server's next sequence number as the client last acknowledged it: the holder went on
+    sending from another MAC, which a switch does not flood here, and an RST must carry exactly the
+    sequence number the client expects (RFC 5961)."""
+    tcp = connection.get("tcp") or {}
+    if tcp.get("client_last_ack") is None:
+        return connection
+    return {**connection, "tcp": {**tcp, "server_next_seq": tcp["client_last_ack"]}}
 
 
 def _send_resets(connections: list[dict], toward: str = "client") -> int:

@@ -616,3 +616,39 @@ def test_ten_moves_of_every_kind_and_the_clients_keep_one_session_throughout(lab
         assert smb_result["session_id"] == ready[0]["session_id"]
         assert nfs_result["local_port"] == ready[1]["local_port"]
         assert smb_result["rounds"] > 500 and nfs_result["rounds"] > 500, (smb_result, nfs_result)
+
+
+def test_a_node_whose_holder_dies_after_a_handover_resets_the_holders_clients_at_once(lab):
+    """a hands its address over (``handover``); b, holding it, dies with its machine; a serves its address
+    again. a's FIN/RST guard drops its kernel's resets from its own address (meant for the sockets of a
+    killed process), so before, the client of b's connection got no answer at all and waited for its
+    own timeout (30 s here, minutes for a kernel's retransmissions). Now a resets the connections it saw
+    the holder serve there, each with the sequence number the client expects: the client learns at once
+    and can reconnect. (They are not continued: a has neither b's pairings nor a view of b's backend
+    legs for its own address, bench/MOVES.md.)"""
+    host = lab.addresses.service_a
+    with stateful_pair(lab, "nodes") as (a, b):
+        proc = client_loop(lab, "nfs", host, "holder-dies.bin", 120.0)
+        try:
+            ready = json.loads(proc.stdout.readline() or "{}")
+            assert ready.get("ready"), proc.stderr.read()[-2000:]
+            done, _ = a.handover()
+            assert done.returncode == 0, done.stdout + done.stderr
+            a.wait_for(lambda s: s["pair"]["addresses"][host]["role"] == "handed_over", 5, "a handed over")
+            time.sleep(1.0)  # the client goes on through b
+            killed_at = b.kill_hard(link_down=True)
+            a.wait_for(serving(host, "a"), 5, "a serving its address again")
+            out, err = proc.communicate(timeout=40)
+            ended_after = time.monotonic() - killed_at
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+            lab.set_links(lab.ns_b, ("eth0",), "up")
+        result = json.loads(out.strip().splitlines()[-1])
+        print("client:", result, f"ended {ended_after:.2f} s after b's death")
+        assert result["rounds"] > 50 and result["mismatches"] == 0, result
+        assert result["error"] is not None and "reset" in result["error"].lower(), (result, err[-2000:])
+        assert ended_after < 3.0, ended_after  # the death verdict (~100 ms) and the reset, not a timeout
+        log_a = a.log.read_text(errors="replace")
+        assert "client connection(s) the dead holder of" in log_a, log_a[-3000:]

@@ -81,7 +81,21 @@ def test_a_handed_over_node_serves_again_when_the_holder_dies():
     a.handle(HandoverRequested())
     a.handle(MovedOut(A))
     actions = a.handle(PeerDeclaredDead(1.0, 0.1))
-    assert ServeOwnAddress() in actions and a.own_role == SERVING and a.peer_role == HOLDING
+    # the connections the holder served on it are this node's to end (a stateful node resets them)
+    assert ServeOwnAddress(holder_died=True) in actions and a.own_role == SERVING and a.peer_role == HOLDING
+
+
+def test_a_node_that_yielded_its_address_ends_the_holders_connections_when_the_holder_dies():
+    # a returned, found its address held by b and asked for it back; b dies before moving it
+    a = PairCore("a", "b", A, B, own_role=roles.CLAIMING, peer_role=STANDBY)
+    a.handle(HelloReceived(frozenset({A, B}), SERVING))
+    assert a.own_role == roles.YIELDED
+    assert ServeOwnAddress(holder_died=True) in a.handle(PeerDeclaredDead(2.0, 0.1))
+    # the peer says it does not hold it (its move-in failed): nothing of its to end there
+    a, _ = pair()
+    a.handle(HandoverRequested())
+    a.handle(MovedOut(A))
+    assert a.handle(HandbackDone(A)) == [ServeOwnAddress()] and a.own_role == SERVING
 
 
 def test_the_hand_back_after_a_return_is_a_live_move():
