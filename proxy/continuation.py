@@ -649,8 +649,18 @@ class ContinuationBook:
 
     # -------------------------------------------------------------------------------- output
     def client_legs(self) -> list[ConnKey]:
-        """The peer's client legs the trackers know (whether or not paired)."""
-        return sorted({k for t in self.trackers for k in t.connections if k.server_ip == self.address})
+        """The peer's client legs the trackers know (whether or not paired; :meth:`_peers`)."""
+        return sorted({k for t in self.trackers for k, c in t.connections.items() if self._peers(k, c)})
+
+    def _peers(self, key: ConnKey, conn: TcpConnection) -> bool:
+        """Is this client leg a connection of the peer's? Past its handshake (the client acknowledged
+        something) or picked up mid-stream, and not one whose SYN this node's own kernel answered at a
+        takeover (:meth:`answered_here`). Why: a SYN alone is nobody's connection yet (the peer died
+        before answering it, or this node answered it); such legs were each listed at a takeover as
+        "reset: the peer did not say which backend leg it pairs with", about 18 per takeover in the
+        soak (bench/SOAK.md, 2026-11-30), while no RST was sent and none was owed."""
+        return key.server_ip == self.address and (conn.mid_stream or conn.client.first_ack is not None) \
+            and key not in self._answered_here
 
     def plan(self, now: float, *, keys: Iterable[ConnKey] | None = None, first: int | None = None) -> list[Verdict]:
         """A verdict for every client leg of the peer (or for ``keys``), busiest first (:func:`_busiest_first`;
@@ -702,7 +712,7 @@ class ContinuationBook:
         if snap is None:
             return 0
         if snap.order is None:
-            return sum(1 for c in snap.conns for k in c if k.server_ip == self.address) - len(snap.given)
+            return sum(1 for c in snap.conns for k, conn in c.items() if self._peers(k, conn)) - len(snap.given)
         return len(snap.order)
 
     def plan_rest(self, now: float, limit: int | None = None) -> list[Verdict]:
@@ -712,7 +722,7 @@ class ContinuationBook:
         if snap is None:
             return []
         if snap.order is None:  # now, not on the way to the address coming up
-            mine = {k for c in snap.conns for k in c if k.server_ip == self.address} - snap.given
+            mine = {k for c in snap.conns for k, conn in c.items() if self._peers(k, conn)} - snap.given
             recent = [k for k in reversed(self._active) if k in mine]
             seen = set(recent)
             snap.order = recent + [k for k in mine if k not in seen]
