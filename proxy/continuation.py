@@ -472,9 +472,9 @@ class ContinuationBook:
         #: what the frames say of the unpaired legs (:meth:`_infer`), with the trackers' segment count it
         #: was made at: until a segment (also one that makes no event: an ACK) or a pairing changes them
         self._inference: tuple[int, _Inference] | None = None
-        #: client legs the client closed (its FIN seen) whose pairing the peer removed since the last
-        #: :meth:`closed_at_peer`
-        self._closed_at_peer: list[ConnKey] = []
+        #: client legs whose pairing the peer removed (the connection ended there), while the views
+        #: still hold them (bounded; gone with the leg): see :meth:`_peers`
+        self._ended_at_peer: OrderedDict[ConnKey, None] = OrderedDict()
 
     # --------------------------------------------------------------------------------- input
     def _remote_is_client(self, key: ConnKey) -> bool:
@@ -512,6 +512,7 @@ class ContinuationBook:
                 tail.end += ev.length
                 tail.lost = f"a gap of {ev.length} bytes in the capture"
             elif isinstance(ev, ConnectionClosed):
+                self._ended_at_peer.pop(key, None)
                 self.tails.pop(key, None)
                 self.relayed.pop(key, None)
                 self._active.pop(key, None)
@@ -603,9 +604,9 @@ class ContinuationBook:
             old = self.pairings.pop(key, None)
             if old is not None:
                 self.by_backend.pop(old.backend_key(self.address), None)
-                conn = self._conn(key)
-                if conn is not None and conn.client.fin_seq is not None:
-                    self._closed_at_peer.append(key)
+                self._ended_at_peer[key] = None
+                while len(self._ended_at_peer) > ONCE_PAIRED_KEPT:
+                    self._ended_at_peer.popitem(last=False)
         for item in add:
             try:
                 p = Pairing.from_wire(item)
@@ -628,18 +629,6 @@ class ContinuationBook:
                 servers[p.server] = None
         return problems
 
-    def closed_at_peer(self) -> list[ConnKey]:
-        """The client legs that are over at both ends since the last call, for the views to forget (as
-        gone: the client's last ACKs are not a new connection picked up mid-stream).
-
-        Why: the client sent its FIN and the peer has ended the connection (its pairing was removed),
-        but on a switch the standby never sees the peer's FIN, so the leg lingered in the views as
-        open, unpaired, until the view sync pruned it a second or more later; a death meanwhile
-        reported it as a connection of the peer's that had to be reset (every NFS takeover in
-        bench/continuation.py: the client's MOUNT call's connection, closed just before)."""
-        keys, self._closed_at_peer = self._closed_at_peer, []
-        return keys
-
     def _conn(self, key: ConnKey) -> TcpConnection | None:
         for tracker in self.trackers:
             conn = tracker.connections.get(key)
@@ -654,13 +643,23 @@ class ContinuationBook:
 
     def _peers(self, key: ConnKey, conn: TcpConnection) -> bool:
         """Is this client leg a connection of the peer's? Past its handshake (the client acknowledged
-        something) or picked up mid-stream, and not one whose SYN this node's own kernel answered at a
-        takeover (:meth:`answered_here`). Why: a SYN alone is nobody's connection yet (the peer died
-        before answering it, or this node answered it); such legs were each listed at a takeover as
-        "reset: the peer did not say which backend leg it pairs with", about 18 per takeover in the
-        soak (bench/SOAK.md, 2026-11-30), while no RST was sent and none was owed."""
-        return key.server_ip == self.address and (conn.mid_stream or conn.client.first_ack is not None) \
-            and key not in self._answered_here
+        something) or picked up mid-stream; not one whose SYN this node's own kernel answered at a
+        takeover (:meth:`answered_here`), nor one the client closed and the peer ended.
+
+        Why: a SYN alone is nobody's connection yet (the peer died before answering it, or this node
+        answered it); such legs were each listed at a takeover as "reset: the peer did not say which
+        backend leg it pairs with", about 18 per takeover in the soak (bench/SOAK.md, 2026-11-30),
+        while no RST was sent and none was owed."""
+        if key.server_ip != self.address or key in self._answered_here:
+            return False
+        if key in self._ended_at_peer and conn.client.fin_seq is not None:
+            # over at both ends: the client closed it and the peer ended it; on a switch the standby
+            # never sees the peer's FIN, so the leg lingers in the views until their sync prunes it
+            # (a second or more), and every NFS takeover of bench/continuation.py listed the client's
+            # MOUNT connection as reset. (The views do not forget it on the peer's word: the client's
+            # last frames, the call among them, may still be on their way through the capture.)
+            return False
+        return conn.mid_stream or conn.client.first_ack is not None
 
     def plan(self, now: float, *, keys: Iterable[ConnKey] | None = None, first: int | None = None) -> list[Verdict]:
         """A verdict for every client leg of the peer (or for ``keys``), busiest first (:func:`_busiest_first`;

@@ -322,9 +322,6 @@ class _Observer:
                 return []
             problems = self.book.set_pairings(request.get("add") or [], request.get("remove") or [],
                                               bool(request.get("reset")))
-            over = self.book.closed_at_peer()
-            if over:  # closed by the client and ended at the peer: nothing left to continue or reset
-                self.book.feed(self.views["peer_address"].pipeline.forget(over, gone=True))
             self._relay(self.book, self.views["peer_address"])  # a new pairing's replies so far
             return problems
         if op == "continuations":  # a takeover: each connection's two legs to restore, or why not
