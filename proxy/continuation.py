@@ -449,6 +449,9 @@ class ContinuationBook:
         #: backend leg -> stream position up to which its server's bytes were handed on (-1: never)
         self.relayed: dict[ConnKey, int] = {}
         self._relay_due: set[ConnKey] = set()  # backend legs with bytes (or a pairing) since the last relay
+        #: client leg -> its backend leg, whose server bytes wait for the client leg to be seen at all
+        #: (it is captured in another ring, and may come a batch later than the pairing and the reply)
+        self._relay_waiting: dict[ConnKey, ConnKey] = {}
         #: client legs whose server sent bytes on the backend leg, least recent first (the relay was
         #: moving bytes on them): the busiest are the last, found in O(first) at a takeover
         self._active: OrderedDict[ConnKey, None] = OrderedDict()
@@ -488,6 +491,8 @@ class ContinuationBook:
         for key, ev in events:
             if key.server_ip != address and key.client_ip != address:
                 continue  # not the peer's (e.g. this node's own backend connections)
+            if self._relay_waiting and key in self._relay_waiting:  # its client leg is here now
+                self._relay_due.add(self._relay_waiting.pop(key))
             if isinstance(ev, Data):
                 if ev.from_client != self._remote_is_client(key):
                     continue  # the peer's own bytes (seen on a hub): the other leg's remote has them
@@ -570,6 +575,11 @@ class ContinuationBook:
                 continue
             ckey = pairing.client_key(self.address)
             c = self._conn(ckey)
+            if c is None and tail is not None:
+                # not seen yet: relayed when it is (a MOUNT call's one reply, else never decoded: the
+                # export's root handle unknown, every path of the NFS view with it; bounded by the pairings)
+                self._relay_waiting[ckey] = bkey
+                continue
             if tail is None or c is None or c.server.next_seq is not None:
                 continue
             done = self.relayed.get(bkey)
@@ -595,6 +605,7 @@ class ContinuationBook:
         if reset:
             self.pairings.clear()
             self.by_backend.clear()
+            self._relay_waiting.clear()
         for item in remove:
             try:
                 key = ConnKey(str(item[0]), int(item[1]), self.address, int(item[2]))
@@ -602,6 +613,7 @@ class ContinuationBook:
                 problems.append(f"removal {item!r} unreadable")
                 continue
             old = self.pairings.pop(key, None)
+            self._relay_waiting.pop(key, None)
             if old is not None:
                 self.by_backend.pop(old.backend_key(self.address), None)
                 self._ended_at_peer[key] = None

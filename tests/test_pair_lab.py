@@ -160,7 +160,10 @@ def test_sync_link_cut_before_any_heartbeat_is_no_takeover(lab):
         a.start()
         b.wait_for(lambda s: s["pair"]["link"]["state"] == "connected", 10, "b: link up")
         time.sleep(0.3)
-        paths = b.status()["pair"]["heartbeat"]["paths"]
+        # both paths reported by b's heartbeat process (its first report may come after the link: on a
+        # fast machine the link was up and the status had no paths yet), and neither has heard a
+        paths = b.wait_for(lambda s: {"sync", "service"} <= set(s["pair"]["heartbeat"]["paths"]), 5,
+                           "b's heartbeat process reporting both paths")["pair"]["heartbeat"]["paths"]
         assert not paths["sync"]["up"] and not paths["service"]["up"], paths
         lab.run(lab.ns_a, ["ip", "link", "set", "sync0", "down"], check=True)
         time.sleep(0.6)
