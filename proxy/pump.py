@@ -320,7 +320,8 @@ async def sockmap_relay(relay, client: trio.socket.SocketType, backend: trio.soc
             if peek:
                 if relay.holding(src):
                     # a burst past the window (or a leave under way): the held bytes go out with it
-                    governor.request(lc, f"a burst {name}: more than {WINDOW} bytes at once")
+                    governor.request(lc, f"a burst {name}: more than {WINDOW} bytes at once" if relay.seen(src) > WINDOW
+                                     else f"bytes {name} arrived before the other leg was in the relay")
                     await trio.sleep_forever()
                 # the program passes bytes to a socket's own queue only while leaving: a bug, not data to lose
                 raise RuntimeError(f"{name}: bytes on a relayed socket's own queue")
