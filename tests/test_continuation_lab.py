@@ -319,7 +319,14 @@ def test_many_connections_the_busiest_first_and_none_reset_while_the_rest_are_re
         print("idle:", closed, "busy:", {k: v for k, v in result.items() if k != "gaps"})
         assert closed["closed_cleanly"] == idle, closed
         assert result["error"] is None and result["wrong"] == 0, result
-        assert takeover["clients_reset"] == 0
+        # every one of this test's connections continued, none reset; the lab outlives a test, and a
+        # client connection an earlier test left to a's address (its last segments picked up mid-stream
+        # by this b) is rightly reset, not continued (CI 2026-11-30: one such)
+        # (connections_continued == idle + 1 above; the status lists the records of only some connections)
+        ours = idle_clients | {busy_client}
+        assert not [c for c in takeover["connections"] if c["client"] in ours and not c["continued"]]
+        strays = [c for c in takeover["connections"] if c["client"] not in ours]
+        assert all(not c["continued"] for c in strays), strays
         # the busy one first, before the address came up; the rest after it
         busy_record = next(c for c in takeover["connections"] if c["client"] == busy_client)
         assert busy_record["continued"]
