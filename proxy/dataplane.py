@@ -31,7 +31,7 @@ import trio
 
 from proxy.config import ServiceConfig
 from proxy.fds import BUDGET, FdBudget
-from proxy import sockmap, tcprepair
+from proxy import faults, sockmap, tcprepair
 from proxy.pump import PIPES, ConnectionLost, Switch, send_all, sockmap_relay, splice_pump
 from proxy.rstguard import mark_own_close
 
@@ -304,6 +304,8 @@ class ServiceProxy:
         #: (proxy.tcprepair.stream_origins), its anchor for a standby that misses the handshakes (one
         #: restarted after them); a few system calls per connection, off the byte path
         self.learn_origins = False
+        #: client ports whose origins are not read (test-only fault injection, :data:`proxy.faults.UNREAD_ORIGINS`)
+        self.unread_origins = faults.NO_PORTS
         #: per backend port, for ``secure`` services: the source ports below 1024 free towards it
         self._source_ports: dict[int, SourcePorts] = {}
         self._warned_at = -1e9
@@ -428,6 +430,9 @@ class ServiceProxy:
         before anything was written to either: where each direction's byte 0 is on both legs
         (``client_origins``: the client leg's, when known otherwise)."""
         try:
+            low, high = self.unread_origins
+            if low <= peer[1] <= high:
+                raise tcprepair.TcpRepairError("read stream origins", errno.EPERM, f"{faults.UNREAD_ORIGINS} says so")
             client_remote, client_own = client_origins or tcprepair.stream_origins(client)
             backend_remote, backend_own = tcprepair.stream_origins(backend)
         except tcprepair.TcpRepairError as exc:  # (a reset meanwhile, no CAP_NET_ADMIN): continued only if seen

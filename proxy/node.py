@@ -32,7 +32,7 @@ from proxy import roles
 from proxy.arp import announce, who_has
 from proxy.config import Config, service_to_dict
 from proxy.control import bind_control_socket, serve_control
-from proxy import drain, livemove, movelock
+from proxy import drain, faults, livemove, movelock
 from proxy.drain import DrainRedirect, DrainTunnel, flows_from_message
 from proxy.handback import leave, release
 from proxy.metrics import serve_node_metrics
@@ -257,8 +257,10 @@ class Node:
             # peer gives a starting node only claim_wait to connect before it may declare it dead
             from proxy.standby import StatefulStandby
 
+            unread = faults.client_ports(faults.UNREAD_ORIGINS)
             for proxy in self.own_service.proxies:  # anchors for a standby that misses their handshakes
                 proxy.learn_origins = True
+                proxy.unread_origins = unread
 
             self.standby = StatefulStandby(self.config, self.peer_info, self.peer_macvlan, self._send,
                                            lambda: self.detector.last_heartbeat, timings,

@@ -23,7 +23,6 @@ import collections
 import functools
 
 import logging
-import os
 import socket
 import struct
 import time
@@ -33,6 +32,7 @@ from typing import Any, Awaitable, Callable
 import trio
 from pyroute2.netlink.exceptions import NetlinkError
 
+from proxy import faults
 from proxy.config import Config, ConfigError, ServiceConfig, services_from_dicts
 from proxy.continuation import LegOptions, Pairing, PairingInbox, PairingOutbox
 from proxy.netplane import NetworkError
@@ -90,10 +90,6 @@ REST_CHUNK = 256
 #: the views forget the dead peer's connections once the takeover has fetched all of them (a forget of
 #: thousands takes the observer a while; the chunks would wait behind it): at the latest after this
 FORGET_WAITS_AT_MOST = 30.0
-#: fault injection for tests only: "LOW-HIGH", client ports whose connections' pairings this node never
-#: tells its peer (nor holds their first bytes for), as if every such message were lost on the way: the
-#: peer must place them from the frames alone (tests/test_continuation_lab.py; ContinuationBook._infer)
-WITHHOLD_ENV = "PAIRPROXY_WITHHOLD_PAIRINGS"
 
 
 @dataclass(frozen=True)
@@ -152,7 +148,7 @@ class StatefulStandby:
         #: their pairings and options go to the peer, so it can continue them if this node dies
         self._own_proxies = own_proxies or (lambda: [])
         self.outbox = PairingOutbox()
-        self._withheld = withheld_from_environment()
+        self._withheld = faults.client_ports(faults.WITHHOLD_PAIRINGS)
         self._new_legs = trio.Event()  # set by a new connection of this node's own address
         self.pairings_sent = 0
         #: the peer's pairings not yet taken by the observer, merged (never dropped: :class:`PairingInbox`)
@@ -813,21 +809,6 @@ class StatefulStandby:
         self.observer_timeouts += 1
         log.warning("stateful: observer did not answer %s within %.0f ms", op, timeout * 1000)
         return default
-
-
-def withheld_from_environment() -> tuple[int, int]:
-    """The client ports :data:`WITHHOLD_ENV` names (an empty range if unset); ValueError names a bad value."""
-    value = os.environ.get(WITHHOLD_ENV, "").strip()
-    if not value:
-        return 1, 0
-    low, _, high = value.partition("-")
-    try:
-        ports = int(low), int(high or low)
-    except ValueError:
-        raise ValueError(f"{WITHHOLD_ENV}: {value!r} is not LOW-HIGH (client ports)") from None
-    if not 0 < ports[0] <= ports[1] <= 0xFFFF:
-        raise ValueError(f"{WITHHOLD_ENV}: {value!r} is not a range of ports")
-    return ports
 
 
 def examples(items: list[str], limit: int = LOG_EXAMPLES) -> str:

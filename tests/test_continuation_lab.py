@@ -16,6 +16,7 @@ import pytest
 
 from deploy.lab import PairTimings, nodeconfigs
 from deploy.lab.clients import SCRIPTS, NodeProcess, established, rst_guard_in, serving, takeover_settled, wait_until
+from proxy import faults
 from proxy.status import NodeStatus, from_json
 
 pytestmark = pytest.mark.lab
@@ -211,6 +212,26 @@ def test_a_continued_connection_goes_back_to_a_and_on_to_b_again(lab, continuing
             proc.wait(10)
 
 
+@contextlib.contextmanager
+def smb_client_while_b_restarts(lab, b, host: str, name: str):
+    """An SMB client looping through ``host`` (smb_loop.py, 60 s), then b restarted (an upgrade), so its
+    new observer picks the client's connection up mid-stream: ``(client process, its ready line, its
+    connection)``; the client killed afterwards if still running."""
+    proc = client_loop(lab, "smb", host, name, 60.0)
+    try:
+        ready = json.loads(proc.stdout.readline() or "{}")
+        assert ready.get("ready"), proc.stderr.read()[-2000:]
+        before = established(lab, host, 445)
+        assert len(before) == 1
+        b.stop(10)
+        b.start(timeout=30)
+        yield proc, ready, before
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
 @pytest.mark.parametrize("continuing_pair", ["nodes"], indirect=True)
 def test_a_standby_restarted_after_the_connection_began_continues_it(lab, continuing_pair):
     """b restarts (an upgrade) while a serves a client: b's new observer picks the connection up
@@ -220,14 +241,7 @@ def test_a_standby_restarted_after_the_connection_began_continues_it(lab, contin
     mid-stream")."""
     a, b, _ = continuing_pair
     host = lab.addresses.service_a
-    proc = client_loop(lab, "smb", host, "continue-after-b-restart.bin", 60.0)
-    try:
-        ready = json.loads(proc.stdout.readline() or "{}")
-        assert ready.get("ready"), proc.stderr.read()[-2000:]
-        before = established(lab, host, 445)
-        assert len(before) == 1
-        b.stop(10)
-        b.start(timeout=30)
+    with smb_client_while_b_restarts(lab, b, host, "continue-after-b-restart.bin") as (proc, ready, before):
         st = b.wait_for(lambda s: s["pair"]["state_sync"]["observer"] == "running" and
                         (s["pair"]["state_sync"].get("continuation") or {}).get("continuable", 0) >= 1, 20,
                         "the restarted b able to continue a's client")
@@ -235,10 +249,53 @@ def test_a_standby_restarted_after_the_connection_began_continues_it(lab, contin
         assert seen["tcp"]["handshake_seen"] is False  # b knows it only from the middle on
         time.sleep(1.0)
         a_dies_and_b_continues(lab, a, b, host, before, proc, ready)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+
+
+def test_a_connection_picked_up_mid_stream_without_its_anchor_is_reset_at_once_and_reported_so(lab):
+    """Behaviour 5: what cannot be continued gets the exact-sequence reset, and the standby says why, before
+    and at the takeover. Fault injection: a does not read its connections' stream origins (as when that
+    read fails: proxy.faults.UNREAD_ORIGINS), so their pairings carry no anchor. b restarts while an SMB
+    client loops through a, and its new observer picks the connection up mid-stream. While standing by,
+    b's status counts it as not continuable, "picked up mid-stream". At a's death b resets it with the
+    sequence number the client expects: the client's call fails as soon as b holds the address (not
+    after smbprotocol's 60 s timeout, as with no reset or a wrong one), and the takeover record says
+    reset, and why."""
+    host = lab.addresses.service_a
+    with stateful_pair(lab, "nodes", env_a={faults.UNREAD_ORIGINS: "1-65535"}) as (a, b):
+        with smb_client_while_b_restarts(lab, b, host, "midstream-reset.bin") as (proc, _, before):
+            def sees_it(s):
+                cont = s["pair"]["state_sync"].get("continuation") or {}
+                return s["pair"]["state_sync"]["observer"] == "running" and cont.get("pairings", 0) >= 1 \
+                    and any(c["client"] in before for c in s["connections"])
+
+            st = b.wait_for(sees_it, 20, "the restarted b told of a's connection and seeing it")
+            [seen] = [c for c in st["connections"] if c["client"] in before]
+            assert seen["tcp"]["handshake_seen"] is False
+            cont = st["pair"]["state_sync"]["continuation"]
+            print("b standing by:", json.dumps(cont))
+            assert cont["continuable"] == 0
+            assert cont["not_continuable"] == {"picked up mid-stream": 1}  # (the reasons, without details)
+            human = lab.run(lab.ns_b, [sys.executable, "-m", "proxy.cli", "status", "-c", str(b.config)],
+                            capture_output=True, text=True)
+            assert "a takeover now would continue 0 of a's 1 connection(s)" in human.stdout, human.stdout
+            assert "not: 1 picked up mid-stream" in human.stdout, human.stdout
+            assert "stream origins not read" in a.log.read_text(errors="replace")
+            time.sleep(0.5)
+            killed_at = a.kill_hard(link_down=True)
+            st = b.wait_for(takeover_settled(host, "b"), 5, "b holding a's address")
+            takeover = st["pair"]["takeovers"][-1]
+            print("takeover:", json.dumps(takeover)[:2000])
+            [mine] = [c for c in takeover["connections"] if c["client"] in before]
+            assert not mine["continued"]
+            assert mine["reason"] == "picked up mid-stream: the client's handshake was not seen"
+            out, err = proc.communicate(timeout=30)
+            result = json.loads(out.strip().splitlines()[-1])
+            print("client:", result, "failed", round(result["failed_at"] - killed_at, 3), "s after the death")
+            assert result["error"] is not None and result["rounds"] > 0, (result, err[-2000:])
+            # the reset goes out when the address does: a's death is declared after dead_after (the lab's
+            # 100 ms), the address is up within a few ms of that (measured: 85-112 ms after the kill)
+            assert result["failed_at"] - killed_at < 0.5, result
+            assert not established(lab, host, 445) & before
 
 
 ECHO_PORT = 7777
@@ -431,11 +488,10 @@ def test_connections_whose_pairing_never_reached_b_are_paired_from_the_frames_an
     which made a call and got its reply through a; a fourth, told as usual, gives b the peer's options.
     b pairs each from the frames (the backend leg only it can be, the replies' XIDs), continues all
     three at a's death (SIGKILL), and each makes its next call on the same connection."""
-    from proxy.standby import WITHHOLD_ENV
-
     host = lab.addresses.service_a
     client = None
-    with stateful_pair(lab, "nodes", env_a={WITHHOLD_ENV: f"{UNTOLD_PORTS[0]}-{UNTOLD_PORTS[-1]}"}) as (a, b):
+    untold_range = f"{UNTOLD_PORTS[0]}-{UNTOLD_PORTS[-1]}"
+    with stateful_pair(lab, "nodes", env_a={faults.WITHHOLD_PAIRINGS: untold_range}) as (a, b):
         try:
             client = lab.popen(lab.ns_client, [sys.executable, "-c", UNTOLD_CONNECTIONS, host,
                                                *map(str, UNTOLD_PORTS)],

@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 from types import SimpleNamespace
 
+import pytest
 import trio
 import trio.testing
 
@@ -416,25 +417,24 @@ def test_an_observer_that_never_says_which_to_continue_costs_resets_not_a_hang()
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
 
 
-def test_the_withheld_pairings_fault_injection_reads_a_port_range_and_names_a_bad_value(monkeypatch):
-    """Test-only fault injection (proxy.standby.WITHHOLD_ENV): unset withholds nothing; a bad value
-    stops the node with the variable named, never silently withholds nothing (a test would pass for
-    the wrong reason)."""
-    import pytest
+@pytest.mark.parametrize("variable", ["PAIRPROXY_WITHHOLD_PAIRINGS", "PAIRPROXY_UNREAD_ORIGINS"])
+def test_a_fault_injection_reads_a_port_range_and_names_a_bad_value(monkeypatch, variable):
+    """Test-only fault injection (proxy.faults): unset injects nothing; a bad value stops the node with
+    the variable named, never silently injects nothing (a test would pass for the wrong reason)."""
+    from proxy import faults
 
-    from proxy.standby import WITHHOLD_ENV, withheld_from_environment
-
-    monkeypatch.delenv(WITHHOLD_ENV, raising=False)
-    low, high = withheld_from_environment()
+    assert variable in (faults.WITHHOLD_PAIRINGS, faults.UNREAD_ORIGINS)
+    monkeypatch.delenv(variable, raising=False)
+    low, high = faults.client_ports(variable)
     assert not any(low <= port <= high for port in (1, 1000, 65535))
-    monkeypatch.setenv(WITHHOLD_ENV, "30101-30103")
-    assert withheld_from_environment() == (30101, 30103)
-    monkeypatch.setenv(WITHHOLD_ENV, "30101")
-    assert withheld_from_environment() == (30101, 30101)
+    monkeypatch.setenv(variable, "30101-30103")
+    assert faults.client_ports(variable) == (30101, 30103)
+    monkeypatch.setenv(variable, "30101")
+    assert faults.client_ports(variable) == (30101, 30101)
     for bad in ("many", "5-x", "0-10", "10-5", "1-70000"):
-        monkeypatch.setenv(WITHHOLD_ENV, bad)
-        with pytest.raises(ValueError, match=WITHHOLD_ENV):
-            withheld_from_environment()
+        monkeypatch.setenv(variable, bad)
+        with pytest.raises(ValueError, match=variable):
+            faults.client_ports(variable)
 
 
 def test_a_new_connection_tells_its_pairing_from_its_own_task_once_the_resync_is_out():

@@ -6,7 +6,8 @@ reconnects behind the test's back). Every EVERY seconds (default 0.01) it writes
 64 KiB) of fresh random data at offset 0 and reads them back. Prints ``{"ready": true, "session_id": N}``
 once open, then, after SECONDS, one JSON line: rounds, errors, read-backs that differed, the session id
 at the start and the end, and the longest round (the stall a takeover caused). Any exception ends the
-loop and is reported: a client that continued across a node's death has none. SIGUSR1 ends the loop
+loop and is reported, with when it came (``failed_at``, CLOCK_MONOTONIC, the same clock as the test's): a
+client that continued across a node's death has none. SIGUSR1 ends the loop
 early (with the same report).
 """
 
@@ -51,7 +52,7 @@ def main() -> int:
     rounds = mismatches = 0
     longest = 0.0
     longest_at = None
-    error = None
+    error = failed_at = None
     start = time.monotonic()
     while time.monotonic() - start < float(seconds) and not stop:
         t0 = time.monotonic()
@@ -61,6 +62,7 @@ def main() -> int:
             back = handle.read(0, block)
         except Exception as exc:  # the test wants to know what the client saw, whatever it was
             error = f"{type(exc).__name__}: {exc}"[:300]
+            failed_at = time.monotonic()
             break
         rounds += 1
         if back != data:
@@ -70,7 +72,8 @@ def main() -> int:
             longest, longest_at = took, round(t0 - start, 3)
         time.sleep(max(0.0, every - took))
     say(done=True, rounds=rounds, mismatches=mismatches, error=error, session_id=session.session_id,
-        first_session_id=first_session, longest_round_s=round(longest, 3), longest_at_s=longest_at)
+        first_session_id=first_session, longest_round_s=round(longest, 3), longest_at_s=longest_at,
+        failed_at=failed_at)
     try:
         handle.close()
         tree.disconnect()
