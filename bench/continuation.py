@@ -1,7 +1,8 @@
 """Continuation benchmark (issue 10): an established SMB session and an established NFS connection across
-the death of the node that proxies them; pairproxy's stateful pair vs. keepalived (VRRPv3) + haproxy.
+the death of the node that proxies them; pairproxy's stateful pair vs. its stateless pair and keepalived
+(VRRPv3) + haproxy, in the same run.
 
-    sudo .venv/bin/python bench/continuation.py [--runs 10] [--setups stateful,keepalived]
+    sudo .venv/bin/python bench/continuation.py [--runs 10] [--setups stateful,stateless,keepalived]
         [--switch nodes] [--prefix c10b] [--json FILE]
 
 Per run, setup and protocol, in its own lab (prefix ``c10b``): the client (deploy/lab/scripts/smb_loop.py:
@@ -9,9 +10,11 @@ smbprotocol with a session, a tree and an open file; deploy/lab/scripts/nfs_loop
 connection) writes 64 KiB and reads it back every 10 ms for 4 s; 1.5 s in, node a dies (its link down,
 then SIGKILL of its processes). Recorded: the client's longest round (the stall across the death), its
 error if any (the client never reconnects: an error is what a reconnecting application would have to
-handle), whether the SMB session id stayed the same, read-backs that differed, and pairproxy's takeover
-record (continued or reset). pairproxy runs the lab's stateful pair configs (heartbeat 20 ms, dead_after
-100 ms) on a switch flooding only the nodes' ports (``--switch hub`` for the hub); keepalived as
+handle) and how long after the death it came (``error_after_s``: how long the application waited to
+learn that it must reconnect), whether the SMB session id stayed the same, read-backs that differed, and
+pairproxy's takeover record (continued or reset). pairproxy runs the lab's pair configs (heartbeat 20 ms,
+dead_after 100 ms): stateful on a switch flooding only the nodes' ports (``--switch hub`` for the hub),
+stateless on the lab's learning switch (its standby needs nothing of the peer's frames); keepalived as
 bench/failover.py runs it (``advert_int 0.01``, haproxy ``mode tcp`` on the VIP, 445 and 2049; the NFS
 client mounts from the server's own mountd, haproxy passes only 2049).
 """
@@ -35,6 +38,8 @@ from deploy.lab import nodeconfigs  # noqa: E402
 from deploy.lab.clients import SCRIPTS  # noqa: E402
 
 VIP = "10.77.0.50"
+#: what one run compares: pairproxy's two modes, then keepalived + haproxy
+SETUPS = ("stateful", "stateless", "keepalived")
 SECONDS, KILL_AT = 4.0, 1.5
 HUNG_AFTER = 15.0  # a client still waiting this long after its loop's end is hung (smbprotocol waits 60 s)
 
@@ -62,31 +67,39 @@ def finish(proc: subprocess.Popen, ready: dict) -> dict:
     return result
 
 
-def run_pairproxy(bench: Bench, i: int, protocol: str) -> dict:
+def error_after(result: dict, killed_at: float) -> dict:
+    """``result`` with ``error_after_s``: from the death to the client's error (None: no error, or hung)."""
+    failed_at = result.get("failed_at")
+    result["error_after_s"] = None if failed_at is None else round(failed_at - killed_at, 3)
+    return result
+
+
+def run_pairproxy(bench: Bench, i: int, protocol: str, mode: str) -> dict:
     lab = bench.lab
-    a = bench.started(NodeProcess(lab, "a", pair=True, mode="stateful", log=bench.work / f"a-{i}-{protocol}.log"))
-    b = bench.started(NodeProcess(lab, "b", pair=True, mode="stateful", log=bench.work / f"b-{i}-{protocol}.log"))
+    a = bench.started(NodeProcess(lab, "a", pair=True, mode=mode, log=bench.work / f"a-{i}-{mode}-{protocol}.log"))
+    b = bench.started(NodeProcess(lab, "b", pair=True, mode=mode, log=bench.work / f"b-{i}-{mode}-{protocol}.log"))
     try:
         b.start()
         a.start()
         a.wait_for(serving(lab.addresses.service_a, "a"), 15, "a serving")
         b.wait_for(standing_by, 15, "b standing by")
-        for node in (a, b):
-            node.wait_for(lambda s: s["pair"]["state_sync"]["observer"] == "running", 15, "observer running")
-        proc = client(lab, protocol, lab.addresses.service_a, f"bench-{protocol}-{i}.bin")
+        if mode == "stateful":
+            for node in (a, b):
+                node.wait_for(lambda s: s["pair"]["state_sync"]["observer"] == "running", 15, "observer running")
+        proc = client(lab, protocol, lab.addresses.service_a, f"bench-{mode}-{protocol}-{i}.bin")
         ready = json.loads(proc.stdout.readline() or "{}")
         if not ready.get("ready"):
             return {"error": "client did not start: " + proc.stderr.read()[-300:]}
         time.sleep(KILL_AT)
         load = os.getloadavg()[0]
         before = {n.node: n.status()["pair"]["takeovers_total"] for n in (a, b)}  # false takeovers so far
-        a.kill_hard(link_down=True)
+        killed_at = a.kill_hard(link_down=True)
         st = b.wait_for(serving(lab.addresses.service_a, "b"), 10, "b holding a's address")
-        result = finish(proc, ready)
+        result = error_after(finish(proc, ready), killed_at)
         t = st["pair"]["takeovers"][-1]
-        result.update(load=round(load, 2), false_takeovers_before_kill=before, silence_ms=t["silence_ms"], address_moved_ms=t["address_moved_ms"],
-                      continued=t["connections_continued"], reset=t["clients_reset"],
-                      reasons=[c["reason"] for c in t["connections"] if not c["continued"]])
+        result.update(load=round(load, 2), false_takeovers_before_kill=before, silence_ms=t["silence_ms"],
+                      address_moved_ms=t["address_moved_ms"], continued=t["connections_continued"],
+                      reset=t["clients_reset"], reasons=[c["reason"] for c in t["connections"] if not c["continued"]])
         return result
     finally:
         bench.stop(a)
@@ -109,8 +122,8 @@ def run_keepalived(bench: Bench, i: int, protocol: str) -> dict:
             return {"error": "client did not start: " + proc.stderr.read()[-300:]}
         time.sleep(KILL_AT)
         load = os.getloadavg()[0]
-        ka_a.kill_hard()
-        result = finish(proc, ready)
+        killed_at = ka_a.kill_hard()
+        result = error_after(finish(proc, ready), killed_at)
         result.update(load=round(load, 2))
         return result
     finally:
@@ -281,12 +294,15 @@ def main_scale(args) -> int:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=10)
-    parser.add_argument("--setups", default="stateful,keepalived")
-    parser.add_argument("--switch", default="nodes", choices=("nodes", "hub"))
-    parser.add_argument("--prefix", default="c10b")
-    parser.add_argument("--json", default=str(Path(__file__).parent / "continuation-latest.json"))
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
+    parser.add_argument("--runs", type=int, default=10, help="runs per setup and protocol (default 10)")
+    parser.add_argument("--setups", default=",".join(SETUPS),
+                        help="comma-separated, of: " + ", ".join(SETUPS) + " (default: all, in this order)")
+    parser.add_argument("--switch", default="nodes", choices=("nodes", "hub"),
+                        help="the stateful pair's switch: flooding only the nodes' ports (default), or a hub")
+    parser.add_argument("--prefix", default="c10b", help="the lab's name prefix (its namespaces and links)")
+    parser.add_argument("--json", default=str(Path(__file__).parent / "continuation-latest.json"),
+                        help="where the raw results go (default bench/continuation-latest.json)")
     parser.add_argument("--scale", default=None,
                         help="instead: idle connections plus a busy one, e.g. 1,100,1000,5000 (verdict to all continued)")
     parser.add_argument("--heartbeat", default="50ms", help="--scale: the pair's heartbeat")
@@ -299,7 +315,10 @@ def main() -> int:
             args.json = str(Path(__file__).parent / "continuation-scale-latest.json")
         return main_scale(args)
     started = datetime.datetime.now(datetime.timezone.utc)
-    setups = args.setups.split(",")
+    setups = [s.strip() for s in args.setups.split(",") if s.strip()]
+    unknown = [s for s in setups if s not in SETUPS]
+    if unknown or not setups:
+        parser.error(f"--setups: {', '.join(unknown) or 'none given'}: not a setup (one of {', '.join(SETUPS)})")
     results: dict = {s: {"smb": [], "nfs": []} for s in setups}
     with Bench("continuation", prefix=args.prefix, default_prefix="c10b") as bench:
         lab = bench.up()
@@ -311,10 +330,14 @@ def main() -> int:
                 if setup == "stateful":
                     bench.lab.flood(args.switch)
                 for protocol in ("smb", "nfs"):
-                    r = (run_pairproxy if setup == "stateful" else run_keepalived)(bench, i, protocol)
+                    if setup == "keepalived":
+                        r = run_keepalived(bench, i, protocol)
+                    else:
+                        r = run_pairproxy(bench, i, protocol, setup)
                     results[setup][protocol].append(r)
-                    say(f"run {i} {setup} {protocol}: stall {r.get('longest_round_s')} s, error {r.get('error')}, "
-                        f"same session {r.get('same_session')}, continued {r.get('continued')}, load {r.get('load')}")
+                    say(f"run {i} {setup} {protocol}: stall {r.get('longest_round_s')} s, error {r.get('error')} "
+                        f"(after {r.get('error_after_s')} s), same session {r.get('same_session')}, "
+                        f"continued {r.get('continued')}, load {r.get('load')}")
                 if setup == "stateful":
                     bench.lab.flood(False)
     summary = {}
@@ -324,6 +347,8 @@ def main() -> int:
             summary[f"{setup}/{protocol}"] = {
                 "runs": len(runs), "errors": len(runs) - len(ok),
                 "stall_s": stats([r.get("longest_round_s") for r in ok]),
+                "error_after_s": stats([r.get("error_after_s") for r in runs if r.get("error_after_s") is not None]),
+                "hung": sum(1 for r in runs if str(r.get("error", "")).startswith("hung")),
                 "mismatches": sum(r.get("mismatches") or 0 for r in runs),
                 "session_changed": sum(1 for r in runs if r.get("same_session") is False),
                 "load": stats([r.get("load") for r in runs])}

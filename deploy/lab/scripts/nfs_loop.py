@@ -6,7 +6,8 @@ handle, then on one connection to port 2049: CREATE NAME, and every EVERY second
 BLOCK bytes (default 64 KiB) of fresh random data at offset 0 with FILE_SYNC and READ them back
 (MOUNT_HOST: ask that host's mountd instead, for proxies that pass only port 2049). The
 client never reconnects: a broken connection is an error. Prints ``{"ready": true, "local_port": N}``,
-then after SECONDS (or at SIGUSR1) one JSON line: rounds, errors, read-backs that differed, the longest round.
+then after SECONDS (or at SIGUSR1) one JSON line: rounds, errors, read-backs that differed, the longest round,
+and when the error came (``failed_at``, CLOCK_MONOTONIC).
 """
 
 import json
@@ -132,7 +133,7 @@ def main() -> int:
     stop = []
     signal.signal(signal.SIGUSR1, lambda *_: stop.append(True))
     rounds = mismatches = 0
-    longest, longest_at, error = 0.0, None, None
+    longest, longest_at, error, failed_at = 0.0, None, None, None
     start = time.monotonic()
     while time.monotonic() - start < float(seconds) and not stop:
         t0 = time.monotonic()
@@ -152,6 +153,7 @@ def main() -> int:
             back = r.opaque()
         except Exception as exc:  # the test wants to know what the client saw, whatever it was
             error = f"{type(exc).__name__}: {exc}"[:300]
+            failed_at = time.monotonic()
             break
         rounds += 1
         if back != data:
@@ -161,7 +163,7 @@ def main() -> int:
             longest, longest_at = took, round(t0 - start, 3)
         time.sleep(max(0.0, every - took))
     say(done=True, rounds=rounds, mismatches=mismatches, error=error, longest_round_s=round(longest, 3),
-        longest_at_s=longest_at, local_port=nfs.sock.getsockname()[1])
+        longest_at_s=longest_at, local_port=nfs.sock.getsockname()[1], failed_at=failed_at)
     nfs.sock.close()
     return 0
 
