@@ -101,6 +101,9 @@ class Bench:
     # ---- life cycle
     def __enter__(self) -> "Bench":
         signal.signal(signal.SIGTERM, _interrupt)
+        # and Ctrl-C's SIGINT also when started in the background (``&`` in a script): the shell starts
+        # such a job with SIGINT ignored, and its lab would stay up until a SIGTERM
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         return self
 
     def __exit__(self, *exc_info) -> None:

@@ -68,6 +68,13 @@ def seq_diff(a: int, b: int) -> int:
     return d - 0x100000000 if d & 0x80000000 else d
 
 
+def _later(a: int | None, b: int | None) -> int | None:
+    """The later of two sequence numbers (either may be unknown: None)."""
+    if a is None or b is None:
+        return b if a is None else a
+    return a if seq_diff(a, b) >= 0 else b
+
+
 @dataclass(frozen=True, slots=True)
 class ConnectionOpened:
     key: ConnKey
@@ -177,12 +184,15 @@ class TcpConnection:
 
         Seen one way only (a standby that receives only the frames destined to its peer), a side whose
         frames are never seen is known from the other side's: its next sequence number is what the other
-        side acknowledged last, its last TSval what the other side echoed."""
+        side acknowledged last, its last TSval what the other side echoed. A side seen, but not lately,
+        is known the same way when the other side acknowledged more than it was seen to send: it went on
+        from a MAC the switch does not flood here (the holder of this node's own address after a
+        ``handover``), and a reset must carry what the receiver expects exactly (RFC 5961)."""
         c, s = self.client, self.server
         scaling = self.window_scaling()
         return {
-            "client_next_seq": c.next_seq if c.next_seq is not None else s.last_ack,
-            "server_next_seq": s.next_seq if s.next_seq is not None else c.last_ack,
+            "client_next_seq": _later(c.next_seq, s.last_ack),
+            "server_next_seq": _later(s.next_seq, c.last_ack),
             "client_last_ack": c.last_ack,
             "server_last_ack": s.last_ack,
             "client_window": self.window_bytes(c) if scaling else c.window,

@@ -55,6 +55,10 @@ __all__ = ["LegOptions", "Pairing", "ContinuationBook", "PairingInbox", "Pairing
 U32 = 0xFFFF_FFFF
 #: how many backend legs the book remembers as once paired (ContinuationBook._once_paired)
 ONCE_PAIRED_KEPT = 1 << 17
+#: how many client legs the book remembers as ended at the peer (ContinuationBook._ended_at_peer): one
+#: per connection a view holds at most (protocols.tcpstream.TcpTracker's max_connections); each goes
+#: when its leg does, so the bound is reached only by legs the views dropped unseen
+ENDED_AT_PEER_KEPT = 1 << 16
 #: default bound of the bytes kept per leg (and of what one connection may need put back each way)
 DEFAULT_CAP = 4 << 20
 #: the new sockets' receive window until their first own advertisement (bytes)
@@ -617,7 +621,7 @@ class ContinuationBook:
             if old is not None:
                 self.by_backend.pop(old.backend_key(self.address), None)
                 self._ended_at_peer[key] = None
-                while len(self._ended_at_peer) > ONCE_PAIRED_KEPT:
+                while len(self._ended_at_peer) > ENDED_AT_PEER_KEPT:
                     self._ended_at_peer.popitem(last=False)
         for item in add:
             try:

@@ -736,7 +736,7 @@ class StatefulStandby:
         if not self.observer.ready.is_set():
             return [], read_at
         conns = await self._ask("live", OWN_ADDRESS, [], self.timings.observer_timeout) or []
-        return [_as_the_client_has_it(c) for c in conns], read_at
+        return conns, read_at
 
     def end_holder_connections(self, connections: list[dict], read_at: float) -> int:
         """Reset each of the dead holder's clients (:meth:`holder_connections`) with an RST it accepts,
@@ -815,17 +815,6 @@ def examples(items: list[str], limit: int = LOG_EXAMPLES) -> str:
     """A few of ``items`` for a log line, and how many more (a log line must not grow with a table)."""
     shown = ", ".join(items[:limit])
     return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
-
-
-def _as_the_client_has_it(connection: dict) -> dict:
-    """A connection of the own view whose server side this node last saw itself (before a ``handover``)
-    with the server's next sequence number as the client last acknowledged it: the holder went on
-    sending from another MAC, which a switch does not flood here, and an RST must carry exactly the
-    sequence number the client expects (RFC 5961)."""
-    tcp = connection.get("tcp") or {}
-    if tcp.get("client_last_ack") is None:
-        return connection
-    return {**connection, "tcp": {**tcp, "server_next_seq": tcp["client_last_ack"]}}
 
 
 def _send_resets(connections: list[dict], toward: str = "client") -> int:

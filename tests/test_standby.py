@@ -472,22 +472,3 @@ def test_a_new_connection_tells_its_pairing_from_its_own_task_once_the_resync_is
             b.close()
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
-
-
-def test_a_dead_holders_clients_are_reset_at_the_sequence_number_they_acknowledged():
-    """After a ``handover`` the own view last saw the server side from this node's own frames; the holder
-    went on sending from its MAC (not flooded here), so the RST takes the client's last ACK, which is
-    exactly what the client expects (RFC 5961); a connection without one keeps what the view knows."""
-    from proxy.standby import _as_the_client_has_it
-    from proxy.stateful import reset_frames
-
-    seen = {"client": "10.77.1.100:40000", "server": "10.77.0.1:2049",
-            "tcp": {"server_next_seq": 1000, "client_next_seq": 5000, "client_last_ack": 9000}}
-    fixed = _as_the_client_has_it(seen)
-    assert fixed["tcp"]["server_next_seq"] == 9000 and seen["tcp"]["server_next_seq"] == 1000
-    [(to, packet)] = reset_frames([fixed])
-    assert to == "10.77.1.100"
-    assert int.from_bytes(packet[24:28], "big") == 9000 and int.from_bytes(packet[28:32], "big") == 5000
-    assert packet[33] & 0x04  # RST
-    unknown = {**seen, "tcp": {**seen["tcp"], "client_last_ack": None}}
-    assert _as_the_client_has_it(unknown) == unknown

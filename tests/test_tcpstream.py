@@ -39,6 +39,30 @@ def test_handshake_data_and_sequence_state():
     assert state["sack_permitted"] and state["timestamps"] and state["handshake_seen"]
 
 
+
+def test_a_side_that_went_on_unseen_is_known_from_what_the_other_acknowledged():
+    """After a ``handover`` a node's own view last saw the server side from its own frames; the holder
+    went on sending from its MAC (not flooded here), so the server's next sequence number is the
+    client's last ACK, the later one, across the wrap. The RST carries exactly it (RFC 5961). A client
+    ACK behind what the server was seen to send (bytes in flight) leaves the server's as seen."""
+    from proxy.stateful import reset_frames
+
+    sisn = 0xFFFFFF00
+    t = TcpTracker([445])
+    handshake(t, sisn=sisn)
+    t.feed(seg("s", sisn + 1, b"x" * 100, ack=1001), 1)
+    conn = next(iter(t.connections.values()))
+    t.feed(seg("c", 1001, b"ping", ack=(sisn + 1 + 50) & 0xFFFFFFFF), 2)  # half of it acknowledged
+    assert conn.sequence_state()["server_next_seq"] == (sisn + 1 + 100) & 0xFFFFFFFF
+    went_on_to = (sisn + 1 + 100 + 5000) & 0xFFFFFFFF  # past the wrap
+    t.feed(seg("c", 1005, b"hello", ack=went_on_to), 3)
+    state = conn.sequence_state()
+    assert state["server_next_seq"] == went_on_to and state["client_next_seq"] == 1010
+    [(to, packet)] = reset_frames([{"client": "%s:%d" % C, "server": "%s:%d" % S, "tcp": state}])
+    assert to == C[0]
+    assert int.from_bytes(packet[24:28], "big") == went_on_to and int.from_bytes(packet[28:32], "big") == 1010
+    assert packet[33] & RST
+
 def test_retransmission_overlap_and_out_of_order():
     t = TcpTracker([445])
     handshake(t)
