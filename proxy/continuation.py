@@ -479,8 +479,8 @@ class ContinuationBook:
         #: what the frames say of the unpaired legs (:meth:`_infer`), with the trackers' segment count it
         #: was made at: until a segment (also one that makes no event: an ACK) or a pairing changes them
         self._inference: tuple[int, _Inference] | None = None
-        #: client legs whose pairing the peer removed (the connection ended there), while the views
-        #: still hold them (bounded; gone with the leg): see :meth:`_peers`
+        #: client legs the peer said ended there (their pairing removed, also one never added here), while
+        #: the views may still hold them (bounded; gone with the leg, or a new pairing): see :meth:`_peers`
         self._ended_at_peer: OrderedDict[ConnKey, None] = OrderedDict()
 
     # --------------------------------------------------------------------------------- input
@@ -620,9 +620,14 @@ class ContinuationBook:
             self._relay_waiting.pop(key, None)
             if old is not None:
                 self.by_backend.pop(old.backend_key(self.address), None)
-                self._ended_at_peer[key] = None
-                while len(self._ended_at_peer) > ENDED_AT_PEER_KEPT:
-                    self._ended_at_peer.popitem(last=False)
+            # also without a pairing here: a connection of a few milliseconds (the NFS client's MOUNT
+            # call) has its add and its removal merged in the inbox (PairingInbox: the last word wins),
+            # and the book never had it; without the mark its leg, closed by the client, was the peer's
+            # and reset at a death (7 NFS takeovers in 20 of bench/continuation.py, 2026-11-30)
+            self._ended_at_peer[key] = None
+            self._ended_at_peer.move_to_end(key)
+            while len(self._ended_at_peer) > ENDED_AT_PEER_KEPT:
+                self._ended_at_peer.popitem(last=False)
         for item in add:
             try:
                 p = Pairing.from_wire(item)
@@ -630,6 +635,7 @@ class ContinuationBook:
                 problems.append(str(exc))
                 continue
             key = p.client_key(self.address)
+            self._ended_at_peer.pop(key, None)  # a new connection on the 4-tuple of an ended one
             old = self.pairings.get(key)
             if old is not None:
                 self.by_backend.pop(old.backend_key(self.address), None)

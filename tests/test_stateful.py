@@ -294,3 +294,37 @@ def test_a_connection_the_client_closed_and_the_peer_ended_leaves_the_views():
     assert "did not say which backend leg" in plan[0]["reason"]
     assert observer.answer({"op": "continuation_summary"})["connections"] == 1
     assert len(view.pipeline.tcp.connections) == 2  # the views keep both
+
+
+
+def test_a_connection_whose_pairing_came_and_went_in_one_message_is_not_the_peers_once_closed():
+    """A connection of a few milliseconds (the NFS client's MOUNT call): its pairing and the pairing's
+    removal are merged in the standby's inbox before the observer takes them (the last word wins), so
+    the book gets a removal of a pairing it never had. That is still the peer's word that the
+    connection ended: closed by its client, the leg is not the peer's (it was reset at 7 NFS takeovers
+    in 20 of bench/continuation.py). A new pairing on the same 4-tuple makes it the peer's again."""
+    from proxy.continuation import Pairing, PairingInbox
+    observer = _peer_observer()
+    on_frame = observer._callback("peer_address", observer.views["peer_address"])
+    client, port = "10.77.1.100", 40003
+    ts = 100.0
+    for f in (frame(client, SERVER, port, 20048, 1000, "S"),
+              frame(client, SERVER, port, 20048, 1001, "A", ack=5001),
+              frame(client, SERVER, port, 20048, 1001, "PA", ack=5001, payload=b"c" * 40),
+              frame(client, SERVER, port, 20048, 1041, "A", ack=5101)):
+        ts += 0.001
+        on_frame(f, ts)
+    wire = Pairing((client, port), 20048, 903, ("10.77.2.10", 20048), None, None).to_wire()
+    inbox = PairingInbox()
+    inbox.take({"add": [wire]})
+    inbox.take({"remove": [[client, port, 20048]]})
+    body = inbox.drain()
+    assert body["add"] == [] and body["remove"] == [[client, port, 20048]]
+    assert observer.answer({"op": "pairings", **body}) == []
+    [verdict] = observer.answer({"op": "continuations"})  # open at its client: still the peer's
+    assert "did not say which backend leg" in verdict["reason"]
+    ts += 0.001
+    on_frame(frame(client, SERVER, port, 20048, 1041, "FA", ack=5101), ts)
+    assert observer.answer({"op": "continuations"}) == []
+    assert observer.answer({"op": "pairings", "add": [wire]}) == []
+    assert [v["client"] for v in observer.answer({"op": "continuations"})] == [f"{client}:{port}"]
