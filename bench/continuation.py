@@ -99,7 +99,8 @@ def run_pairproxy(bench: Bench, i: int, protocol: str, mode: str) -> dict:
         t = st["pair"]["takeovers"][-1]
         result.update(load=round(load, 2), false_takeovers_before_kill=before, silence_ms=t["silence_ms"],
                       address_moved_ms=t["address_moved_ms"], continued=t["connections_continued"],
-                      reset=t["clients_reset"], reasons=[c["reason"] for c in t["connections"] if not c["continued"]])
+                      reset=t["clients_reset"],
+                      resets=[{"client": c["client"], "reason": c["reason"]} for c in t["connections"] if not c["continued"]])
         return result
     finally:
         bench.stop(a)
@@ -307,7 +308,7 @@ def main() -> int:
                         help="instead: idle connections plus a busy one, e.g. 1,100,1000,5000 (verdict to all continued)")
     parser.add_argument("--heartbeat", default="50ms", help="--scale: the pair's heartbeat")
     parser.add_argument("--dead-after", default="500ms", help="--scale: the pair's dead_after")
-    parser.add_argument("--keep-logs", action="store_true", help="--scale: keep the nodes' logs (their directory "
+    parser.add_argument("--keep-logs", action="store_true", help="keep the nodes' logs (their directory "
                         "is printed at the end; removed otherwise)")
     args = parser.parse_args()
     if args.scale:
@@ -320,7 +321,7 @@ def main() -> int:
     if unknown or not setups:
         parser.error(f"--setups: {', '.join(unknown) or 'none given'}: not a setup (one of {', '.join(SETUPS)})")
     results: dict = {s: {"smb": [], "nfs": []} for s in setups}
-    with Bench("continuation", prefix=args.prefix, default_prefix="c10b") as bench:
+    with Bench("continuation", prefix=args.prefix, default_prefix="c10b", keep_work=args.keep_logs) as bench:
         lab = bench.up()
         for ns in (lab.ns_a, lab.ns_b):
             bench.sysctl(ns, "net.ipv4.ip_nonlocal_bind", "1")

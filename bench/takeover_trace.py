@@ -17,14 +17,21 @@ the death:
 * the first answer from a's address that carries data (SMB2 NEGOTIATE response or RPC reply).
 
 Clocks: tcpdump stamps with CLOCK_REALTIME; the death is recorded with both clocks.
+
+``--sched``: also ``perf sched record`` (system-wide, CLOCK_MONOTONIC) across the death, and per run who had
+the 2 CPUs from the death to the first data reply and from b's address up to it: milliseconds run per
+process (b's node, each of its children, the servers, the client probe, kernel threads), and how long b's
+node process waited runnable for a CPU (perf's "sch delay") in those windows.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import datetime
 import json
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -95,7 +102,55 @@ def timeline(client_pcap: Path, b_pcap: Path, host: str, died: float, macs: dict
     return out
 
 
-def one_run(bench: Bench, i: int, mode: str, timings: PairTimings) -> dict:
+#: one line of ``perf sched timehist``: time, [cpu], task[tid] or task[tid/pid], wait, sch delay, run (ms)
+TIMEHIST = re.compile(r"^\s*(\d+\.\d+)\s+\[(\d+)\]\s+(.*?)\[(\d+)(?:/(\d+))?\]\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s*$")
+
+
+def process_roles(node_pid: int) -> dict[int, str]:
+    """pid -> a name for the ``--sched`` summary: b's node process and its children, others by command."""
+    out = subprocess.run(["ps", "-e", "-o", "pid=,ppid=,comm="], capture_output=True, text=True).stdout
+    procs = {}
+    for line in out.splitlines():
+        pid, ppid, comm = line.split(None, 2)
+        procs[int(pid)] = (int(ppid), comm.strip())
+    roles = {}
+    for pid, (ppid, comm) in procs.items():
+        if pid == node_pid:
+            roles[pid] = "b node"
+        elif ppid == node_pid:
+            roles[pid] = f"b child {comm} [{pid}]"
+    return roles
+
+
+def overlap(a0: float, a1: float, b0: float, b1: float) -> float:
+    return max(0.0, min(a1, b1) - max(a0, b0))
+
+
+def sched_summary(path: Path, windows: dict[str, tuple[float, float]], roles: dict[int, str],
+                  node_pid: int) -> dict:
+    """Per window (monotonic seconds): ms run per process group, and b's node's ms runnable but waiting."""
+    text = subprocess.run(["perf", "sched", "timehist", "-i", str(path)], capture_output=True, text=True).stdout
+    ran = {w: collections.Counter() for w in windows}
+    waited = dict.fromkeys(windows, 0.0)
+    for line in text.splitlines():
+        m = TIMEHIST.match(line)
+        if not m:
+            continue
+        t, comm, tid, pid = float(m[1]), m[3].strip(), int(m[4]), int(m[5] or m[4])
+        delay, run = float(m[7]) / 1000, float(m[8]) / 1000
+        if pid == 0 or comm.startswith("<idle>") or comm.startswith("swapper"):
+            continue
+        name = roles.get(pid) or roles.get(tid) or re.sub(r"[/:]\d+.*$", "", comm)
+        for w, (start, end) in windows.items():
+            ran[w][name] += overlap(t - run, t, start, end) * 1000
+            if pid == node_pid:
+                waited[w] += overlap(t - run - delay, t - run, start, end) * 1000
+    return {w: {"window_ms": round((end - start) * 1000, 1), "b_node_waited_ms": round(waited[w], 2),
+                "ran_ms": {k: round(v, 2) for k, v in ran[w].most_common(12) if v >= 0.05}}
+            for w, (start, end) in windows.items()}
+
+
+def one_run(bench: Bench, i: int, mode: str, timings: PairTimings, sched: bool = False) -> dict:
     lab, work = bench.lab, bench.work
     host = lab.addresses.service_a
     cfg = bench.pair_configs(mode, timings)
@@ -105,7 +160,10 @@ def one_run(bench: Bench, i: int, mode: str, timings: PairTimings) -> dict:
     a = bench.started(NodeProcess(lab, "a", config=cfg["a"], log=logs["a"]))
     b = bench.started(NodeProcess(lab, "b", config=cfg["b"], log=logs["b"]))
     caps = {"client": work / f"client-{i}.pcap", "b": work / f"b-{i}.pcap"}
+    sched_file = work / f"sched-{i}.data"
     dumps = []
+    recorder = None
+    roles: dict[int, str] = {}
     try:
         b.start(60)
         a.start(60)
@@ -118,15 +176,25 @@ def one_run(bench: Bench, i: int, mode: str, timings: PairTimings) -> dict:
         time.sleep(0.5)
         probe = bench.started(Probe(lab, host)).start()
         probe.wait_ok(10, timeout=30)
+        if sched:
+            roles = process_roles(b.pid)
+            recorder = subprocess.Popen(["perf", "sched", "record", "-k", "CLOCK_MONOTONIC", "-a", "-o",
+                                         str(sched_file)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(0.2)
         died = a.kill_hard(link_down=True, links=MACHINE_LINKS)
         died_wall = time.time() - (time.monotonic() - died)
         b.wait_for(serving(host, "b"), 10, "b holding a's address", tables=False)
         probe.wait_ok(10, after=died, timeout=30)
         time.sleep(0.2)
+        if recorder is not None:
+            recorder.send_signal(signal.SIGINT)
+            recorder.wait(30)
         recs = bench.stop(probe)
         st = b.status()["pair"]["takeovers"][-1]
     finally:
+        if recorder is not None and recorder.poll() is None:
+            recorder.kill()
+            recorder.wait(5)
         time.sleep(0.3)  # what the kernel holds for tcpdump reaches the file
         for d in dumps:
             d.terminate()
@@ -141,6 +209,16 @@ def one_run(bench: Bench, i: int, mode: str, timings: PairTimings) -> dict:
            "b_log_ms": {k: round((v - died_wall) * 1000, 1) for k, v in ev.items()},
            "b_status": {k: st.get(k) for k in ("silence_ms", "address_moved_ms", "first_client_ms")},
            "wire": timeline(caps["client"], caps["b"], host, died_wall, macs)}
+    if sched:
+        reply = (out["wire"]["first_data_reply"] or {}).get("ms")
+        up = out["b_log_ms"].get("address_up")
+        windows = {}
+        if reply is not None:
+            windows["death_to_first_reply"] = (died, died + reply / 1000)
+            if up is not None and up < reply:
+                windows["address_up_to_first_reply"] = (died + up / 1000, died + reply / 1000)
+        out["sched"] = sched_summary(sched_file, windows, roles, b.pid) if windows else None
+        sched_file.unlink(missing_ok=True)
     return out
 
 
@@ -153,6 +231,8 @@ def main() -> int:
     ap.add_argument("--prefix", default="ptt")
     ap.add_argument("--json")
     ap.add_argument("--keep-work", action="store_true", help="keep the captures and logs (path printed)")
+    ap.add_argument("--sched", action="store_true", help="also perf sched record across the death: who ran "
+                    "on the CPUs until the first data reply (needs perf)")
     args = ap.parse_args()
     timings = PairTimings.from_ms(args.heartbeat, args.dead_after)
     runs = []
@@ -161,7 +241,7 @@ def main() -> int:
         bench.up()
         say(f"captures and logs in {bench.work}")
         for i in range(1, args.runs + 1):
-            r = one_run(bench, i, args.mode, timings)
+            r = one_run(bench, i, args.mode, timings, sched=args.sched)
             runs.append(r)
             w = r["wire"]
             syns = w["syns"]
@@ -169,6 +249,8 @@ def main() -> int:
             say(f"   garp {w['garp']}; first syn-ack {w['first_synack']}; first data reply {w['first_data_reply']}")
             after_up = [s for s in syns if s["ms"] >= (r["b_log_ms"].get("address_up") or 0) - 5]
             say(f"   SYNs after the death: {len(syns)}; around/after address up: {after_up[:8]}")
+            for w, summary in (r.get("sched") or {}).items():
+                say(f"   {w}: {summary}")
     if args.json:
         Path(args.json).write_text(json.dumps({**run_info("takeover_trace.py", started), "runs": runs}, indent=1))
     return 0

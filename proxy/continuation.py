@@ -479,8 +479,9 @@ class ContinuationBook:
         #: what the frames say of the unpaired legs (:meth:`_infer`), with the trackers' segment count it
         #: was made at: until a segment (also one that makes no event: an ACK) or a pairing changes them
         self._inference: tuple[int, _Inference] | None = None
-        #: client legs the peer said ended there (their pairing removed, also one never added here), while
-        #: the views may still hold them (bounded; gone with the leg, or a new pairing): see :meth:`_peers`
+        #: legs the peer said ended there (a client leg whose pairing it removed, also one never added
+        #: here, and that pairing's backend leg), while the views may still hold them (bounded; gone with
+        #: the leg, or a new pairing): see :meth:`ended_at_peer`
         self._ended_at_peer: OrderedDict[ConnKey, None] = OrderedDict()
 
     # --------------------------------------------------------------------------------- input
@@ -620,6 +621,7 @@ class ContinuationBook:
             self._relay_waiting.pop(key, None)
             if old is not None:
                 self.by_backend.pop(old.backend_key(self.address), None)
+                self._ended_at_peer[old.backend_key(self.address)] = None
             # also without a pairing here: a connection of a few milliseconds (the NFS client's MOUNT
             # call) has its add and its removal merged in the inbox (PairingInbox: the last word wins),
             # and the book never had it; without the mark its leg, closed by the client, was the peer's
@@ -635,7 +637,8 @@ class ContinuationBook:
                 problems.append(str(exc))
                 continue
             key = p.client_key(self.address)
-            self._ended_at_peer.pop(key, None)  # a new connection on the 4-tuple of an ended one
+            self._ended_at_peer.pop(key, None)  # a new connection on the 4-tuples of ended ones
+            self._ended_at_peer.pop(p.backend_key(self.address), None)
             old = self.pairings.get(key)
             if old is not None:
                 self.by_backend.pop(old.backend_key(self.address), None)
@@ -672,16 +675,23 @@ class ContinuationBook:
         answered it); such legs were each listed at a takeover as "reset: the peer did not say which
         backend leg it pairs with", about 18 per takeover in the soak (bench/SOAK.md, 2026-11-30),
         while no RST was sent and none was owed."""
-        if key.server_ip != self.address or key in self._answered_here:
-            return False
-        if key in self._ended_at_peer and conn.client.fin_seq is not None:
-            # over at both ends: the client closed it and the peer ended it; on a switch the standby
-            # never sees the peer's FIN, so the leg lingers in the views until their sync prunes it
-            # (a second or more), and every NFS takeover of bench/continuation.py listed the client's
-            # MOUNT connection as reset. (The views do not forget it on the peer's word: the client's
-            # last frames, the call among them, may still be on their way through the capture.)
+        if key.server_ip != self.address or key in self._answered_here or self.ended_at_peer(key, conn):
             return False
         return conn.mid_stream or conn.client.first_ack is not None
+
+    def ended_at_peer(self, key: ConnKey, conn: TcpConnection) -> bool:
+        """Is this leg over at both ends: its remote closed it (the client's FIN seen, or on a backend leg
+        the server's) and the peer said the connection ended (its pairing removed)? Then it is nobody's
+        connection, to continue or to reset.
+
+        Why: on a switch the standby never sees the peer's FIN, so the leg lingers in the views until
+        their sync prunes it (a second or more), and every NFS takeover of bench/continuation.py listed
+        the client's MOUNT connection as reset. (The views do not forget it on the peer's word: the
+        client's last frames, the call among them, may still be on their way through the capture.)"""
+        if key not in self._ended_at_peer:
+            return False
+        remote = conn.client if self._remote_is_client(key) else conn.server  # a backend leg: the server's FIN
+        return remote.fin_seq is not None
 
     def plan(self, now: float, *, keys: Iterable[ConnKey] | None = None, first: int | None = None) -> list[Verdict]:
         """A verdict for every client leg of the peer (or for ``keys``), busiest first (:func:`_busiest_first`;
@@ -704,7 +714,10 @@ class ContinuationBook:
         for key in reversed(self._active):
             if len(chosen) >= max(first, 0):
                 break
-            if snap.conn(key) is not None:
+            conn = snap.conn(key)
+            # (a leg stays in _active until its close is seen, which a one-way view may never see: the
+            # client's MOUNT connection, closed and ended at the peer, was reset at every NFS takeover)
+            if conn is not None and self._peers(key, conn):
                 chosen.append(key)
         snap.given = set(chosen)
         self._snapshot = snap

@@ -297,6 +297,47 @@ def test_a_connection_the_client_closed_and_the_peer_ended_leaves_the_views():
 
 
 
+
+def test_a_closed_connection_the_peer_relayed_is_neither_continued_nor_reset_at_the_takeover():
+    """The bench's MOUNT call, as a takeover sees it: the peer relayed the reply (so the leg counts as
+    recently busy, and a takeover's first pick goes by that), then the client closed and the peer ended
+    it. The busiest-first pick passed the check the full plan makes and reported it as reset (every NFS
+    takeover of bench/continuation.py, 2026-11-30), and the takeover sent its client an RST, and its
+    server one once the server's FIN was in: none is owed. The connection still open at its client
+    stays the peer's, in all three."""
+    from proxy.continuation import Pairing
+    observer = _peer_observer()
+    client_side = observer._callback("peer_address", observer.views["peer_address"])
+    backend_side = observer._callback("peer_backend", observer.views["peer_backend"])
+    client, backend = "10.77.1.100", "10.77.2.10"
+    ts = 100.0
+    pairings = []
+    for port in (40001, 40002):
+        source = 900 + port % 100
+        for on_frame, f in ((client_side, frame(client, SERVER, port, 20048, 1000, "S")),
+                            (client_side, frame(client, SERVER, port, 20048, 1001, "A", ack=5001)),
+                            (client_side, frame(client, SERVER, port, 20048, 1001, "PA", ack=5001, payload=b"c" * 40)),
+                            (backend_side, frame(backend, SERVER, 20048, source, 7000, "SA", ack=3001)),
+                            (backend_side, frame(backend, SERVER, 20048, source, 7001, "PA", ack=3041, payload=b"r" * 100)),
+                            (client_side, frame(client, SERVER, port, 20048, 1041, "A", ack=5101))):
+            ts += 0.001
+            on_frame(f, ts)
+        pairings.append(Pairing((client, port), 20048, source, (backend, 20048), None, None).to_wire())
+    assert observer.answer({"op": "pairings", "add": pairings}) == []
+    assert observer.answer({"op": "pairings", "remove": [[client, 40001, 20048]]}) == []
+    ts += 0.001
+    client_side(frame(client, SERVER, 40001, 20048, 1041, "FA", ack=5101), ts)
+    takeover = observer.answer({"op": "continuations", "first": 8})
+    rest = observer.answer({"op": "continuations_rest"})
+    assert [v["client"] for v in takeover["first"] + rest] == [f"{client}:40002"], (takeover, rest)
+    live = observer.answer({"op": "live", "view": "peer_address"})
+    assert [c["client"] for c in live] == [f"{client}:40002"]
+    # its backend leg: the server's FIN too; the one still open is reset toward the server, as before
+    ts += 0.001
+    backend_side(frame(backend, SERVER, 20048, 901, 7101, "FA", ack=3041), ts)
+    live = observer.answer({"op": "live", "view": "peer_backend"})
+    assert [c["client"] for c in live] == [f"{SERVER}:902"], live
+
 def test_a_connection_whose_pairing_came_and_went_in_one_message_is_not_the_peers_once_closed():
     """A connection of a few milliseconds (the NFS client's MOUNT call): its pairing and the pairing's
     removal are merged in the standby's inbox before the observer takes them (the last word wins), so
