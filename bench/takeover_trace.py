@@ -30,6 +30,7 @@ import argparse
 import collections
 import datetime
 import json
+import os
 import re
 import signal
 import subprocess
@@ -106,19 +107,24 @@ def timeline(client_pcap: Path, b_pcap: Path, host: str, died: float, macs: dict
 TIMEHIST = re.compile(r"^\s*(\d+\.\d+)\s+\[(\d+)\]\s+(.*?)\[(\d+)(?:/(\d+))?\]\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s*$")
 
 
-def process_roles(node_pid: int) -> dict[int, str]:
-    """pid -> a name for the ``--sched`` summary: b's node process and its children, others by command."""
-    out = subprocess.run(["ps", "-e", "-o", "pid=,ppid=,comm="], capture_output=True, text=True).stdout
+def process_roles(node_pid: int, named: dict[int, str]) -> dict[int, str]:
+    """pid -> a name for the ``--sched`` summary: b's node process and its children, the ``named`` ones
+    (this script, the client probe) and their children; others go by their command."""
+    out = subprocess.run(["ps", "-e", "-o", "pid=,ppid=,args="], capture_output=True, text=True).stdout
     procs = {}
     for line in out.splitlines():
-        pid, ppid, comm = line.split(None, 2)
-        procs[int(pid)] = (int(ppid), comm.strip())
-    roles = {}
+        pid, ppid, args = (line.split(None, 2) + [""])[:3]
+        module = re.search(r"-m (\S+)", args)  # a node's children: python -m proxy.observer, proxy.heartbeat
+        comm = module[1] if module else Path(args.split()[0]).name if args else "?"
+        procs[int(pid)] = (int(ppid), comm)
+    roles = dict(named)
     for pid, (ppid, comm) in procs.items():
         if pid == node_pid:
             roles[pid] = "b node"
         elif ppid == node_pid:
-            roles[pid] = f"b child {comm} [{pid}]"
+            roles[pid] = f"b's {comm}"
+        elif ppid in named:
+            roles[pid] = f"{named[ppid]}'s child {comm}"
     return roles
 
 
@@ -177,9 +183,11 @@ def one_run(bench: Bench, i: int, mode: str, timings: PairTimings, sched: bool =
         probe = bench.started(Probe(lab, host)).start()
         probe.wait_ok(10, timeout=30)
         if sched:
-            roles = process_roles(b.pid)
+            roles = process_roles(b.pid, {os.getpid(): "this script (polls b's status)",
+                                          probe.proc.pid: "client probe", a.pid: "a node"})
             recorder = subprocess.Popen(["perf", "sched", "record", "-k", "CLOCK_MONOTONIC", "-a", "-o",
                                          str(sched_file)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(1.0)  # perf's start-up (reading every task's state) is not part of the death
         time.sleep(0.2)
         died = a.kill_hard(link_down=True, links=MACHINE_LINKS)
         died_wall = time.time() - (time.monotonic() - died)

@@ -442,6 +442,37 @@ async def test_callback_errors_counted(net: Net, caplog, path: str):
     assert sum(1 for r in caplog.records if "on_frame raised ValueError" in r.getMessage()) == 1
 
 
+
+async def test_a_link_down_costs_no_cpu_and_the_frames_come_again_when_it_is_up(net: Net, caplog, path: str):
+    """The interface goes down under a running snooper: the kernel sets ENETDOWN on the socket, which
+    then polls ready until the error is read. The ring path never read it and spun: a full core while
+    the link was down (a stateful node's observer, 0.98 s of CPU per second). Now the error is read and
+    said, the loop waits, and once the link is up again the frames come as before."""
+    rec = Recorder()
+    with in_netns(net.a):
+        sn = Snooper("va", [A_ADDR], PORTS, rec, ring=path == "ring")
+    with sn:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sn.run)
+            await trio.to_thread.run_sync(net.tcp, A_ADDR, PORTS[0], 100, 10)
+            await _settle(sn)
+            before = sn.counters["frames"]
+            assert before > 0
+            _ip("-n", net.a, "link", "set", "va", "down")
+            await trio.sleep(0.05)  # the error arrives
+            cpu = time.process_time()
+            await trio.sleep(0.5)
+            spent = time.process_time() - cpu
+            _ip("-n", net.a, "link", "set", "va", "up")
+            await trio.sleep(0.2)  # the veth pair's carrier is back
+            await trio.to_thread.run_sync(net.tcp, A_ADDR, PORTS[0], 100, 10)
+            await _settle(sn)
+            nursery.cancel_scope.cancel()
+    assert spent < 0.05, f"{spent:.3f} s of CPU in 0.5 s with the link down"
+    assert sn.counters["frames"] > before
+    if path == "ring":
+        assert any("Network is down" in r.getMessage() for r in caplog.records)
+
 def test_close_is_idempotent_and_bad_interface(net: Net, path: str):
     with in_netns(net.a):
         sn = Snooper("va", [A_ADDR], PORTS, lambda f, t: None, ring=path == "ring")
