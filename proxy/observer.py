@@ -399,3 +399,10 @@ if __name__ == "__main__":
         trio.run(_child_main)
     except KeyboardInterrupt:
         pass
+    # the node is gone (or stopping): leave without the interpreter's finalization, which frees the
+    # decoded tables object by object: 11 ms of CPU to exit after the node's SIGKILL, 6-8 ms without it
+    # (measured from /proc/PID/schedstat, lab pair, one NFS client). In the lab a dead node's exit runs on
+    # the survivor's two cores during its takeover. Nothing is left to flush but the log.
+    logging.shutdown()
+    sys.stderr.flush()
+    os._exit(0)
