@@ -2,7 +2,7 @@
 
     sudo .venv/bin/python bench/moves.py --prefix m11b --json bench/moves-latest.json   # ~3 min
 
-What runs (the lab of tests/test_pair_lab.py, stateless pair):
+What runs (the lab of tests/test_pair_lab.py, a stateless pair; ``--mode stateful`` for a stateful one):
 
 1. **pairproxy, client stall per move**: bench/_moveprobe.py in the client namespace (an smbprotocol
    client with an open file writing + reading back 512 bytes every 10 ms, and an NFSv3 client sending RPC
@@ -174,7 +174,8 @@ def seconds_of_day() -> float:
 def run_pairproxy(bench: Bench, args) -> dict:
     lab = bench.lab
     host = lab.addresses.service_a
-    cfg = bench.pair_configs("stateless", PairTimings.from_ms(args.heartbeat, args.dead_after))
+    bench.flood(args.mode == "stateful")  # as bench/failover.py: a stateful standby snoops its peer's frames
+    cfg = bench.pair_configs(args.mode, PairTimings.from_ms(args.heartbeat, args.dead_after))
     a = bench.started(NodeProcess(lab, "a", config=cfg["a"], log=bench.work / "pair-a.log"))
     b = bench.started(NodeProcess(lab, "b", config=cfg["b"], log=bench.work / "pair-b.log"))
     b.start()
@@ -363,6 +364,8 @@ def main() -> int:
     ap.add_argument("--connections", type=int, default=1000, help="idle connections for the bulk move (0: skip)")
     ap.add_argument("--transfer-mib", type=int, default=64, help="download moved mid-way, MiB (0: skip)")
     ap.add_argument("--systems", default="pairproxy,keepalived")
+    ap.add_argument("--mode", default="stateless", choices=("stateless", "stateful"),
+                    help="the pair's mode (default stateless)")
     ap.add_argument("--json", help="write all numbers to this file")
     ap.add_argument("--keep-logs", action="store_true")
     args = ap.parse_args()
