@@ -55,9 +55,9 @@ __all__ = ["LegOptions", "Pairing", "ContinuationBook", "PairingInbox", "Pairing
 U32 = 0xFFFF_FFFF
 #: how many backend legs the book remembers as once paired (ContinuationBook._once_paired)
 ONCE_PAIRED_KEPT = 1 << 17
-#: how many client legs the book remembers as ended at the peer (ContinuationBook._ended_at_peer): one
-#: per connection a view holds at most (protocols.tcpstream.TcpTracker's max_connections); each goes
-#: when its leg does, so the bound is reached only by legs the views dropped unseen
+#: how many legs the book remembers as ended at the peer (ContinuationBook._ended_at_peer): one per
+#: connection a view holds at most (protocols.tcpstream.TcpTracker's max_connections); each goes when
+#: its leg does, so the bound is reached only by legs the views dropped unseen
 ENDED_AT_PEER_KEPT = 1 << 16
 #: default bound of the bytes kept per leg (and of what one connection may need put back each way)
 DEFAULT_CAP = 4 << 20
@@ -329,11 +329,10 @@ class _Snapshot:
     bench/failover.py run 19 at 3edf7f3 reset 12 connections, "258 bytes from the server not yet
     delivered, 0 kept"."""
 
-    def __init__(self, address: str, conns: list[dict], pairings: dict, tails: dict,
-                 live: "ContinuationBook | None" = None):
+    def __init__(self, address: str, conns: list[dict], pairings: dict, tails: dict, live: "ContinuationBook"):
         self.address, self.conns = address, conns
-        self.pairings = pairings if live is None else ChainMap(pairings, live.pairings)
-        self.tails = tails if live is None else ChainMap(tails, live.tails)
+        self.pairings = ChainMap(pairings, live.pairings)
+        self.tails = ChainMap(tails, live.tails)
         self.live = live
         self.given: set[ConnKey] = set()
         self.order: list[ConnKey] | None = None
@@ -344,7 +343,7 @@ class _Snapshot:
             found = c.get(key)
             if found is not None:
                 return found
-        return None if self.live is None else self.live._conn(key)
+        return self.live._conn(key)
 
     def legs(self, key: ConnKey, inference: "_Inference | None" = None) -> "_Legs":
         return _legs_of(key, self.pairings, self.conn, self.tails, self.address, inference)
@@ -632,15 +631,17 @@ class ContinuationBook:
                 continue
             old = self.pairings.pop(key, None)
             self._relay_waiting.pop(key, None)
+            ended = [key]
             if old is not None:
                 self.by_backend.pop(old.backend_key(self.address), None)
-                self._ended_at_peer[old.backend_key(self.address)] = None
-            # also without a pairing here: a connection of a few milliseconds (the NFS client's MOUNT
-            # call) has its add and its removal merged in the inbox (PairingInbox: the last word wins),
-            # and the book never had it; without the mark its leg, closed by the client, was the peer's
-            # and reset at a death (7 NFS takeovers in 20 of bench/continuation.py, 2026-11-30)
-            self._ended_at_peer[key] = None
-            self._ended_at_peer.move_to_end(key)
+                ended.append(old.backend_key(self.address))
+            # the client leg also without a pairing here: a connection of a few milliseconds (the NFS
+            # client's MOUNT call) has its add and its removal merged in the inbox (PairingInbox: the last
+            # word wins), and the book never had it; without the mark its leg, closed by the client, was
+            # the peer's and reset at a death (7 NFS takeovers in 20 of bench/continuation.py, 2026-11-30)
+            for leg in ended:
+                self._ended_at_peer[leg] = None
+                self._ended_at_peer.move_to_end(leg)
             while len(self._ended_at_peer) > ENDED_AT_PEER_KEPT:
                 self._ended_at_peer.popitem(last=False)
         for item in add:
@@ -722,7 +723,7 @@ class ContinuationBook:
             legs.sort(key=_busiest_first)
             return [self._verdict(leg, now) for leg in legs]
         snap = _Snapshot(self.address, [dict(t.connections) for t in self.trackers], dict(self.pairings),
-                         dict(self.tails), live=self)
+                         dict(self.tails), self)
         chosen: list[ConnKey] = []
         for key in reversed(self._active):
             if len(chosen) >= max(first, 0):

@@ -277,17 +277,6 @@ class _Observer:
             await trio.sleep(SWEEP_EVERY)
             self.book.sweep()
 
-    def _ended_at_peer(self, view: Any, connection: dict) -> bool:
-        """A connection of a view of the peer (as :meth:`live_connections` gives it) that is over at both
-        ends (:meth:`proxy.continuation.ContinuationBook.ended_at_peer`)."""
-        from protocols.events import ConnKey
-
-        client_ip, client_port = connection["client"].rsplit(":", 1)
-        server_ip, server_port = connection["server"].rsplit(":", 1)
-        key = ConnKey(client_ip, int(client_port), server_ip, int(server_port))
-        conn = view.pipeline.tcp.connections.get(key)
-        return conn is not None and self.book.ended_at_peer(key, conn)
-
     def answer(self, request: dict) -> Any:
         from proxy.stateful import ResumeWatcher
 
@@ -304,7 +293,10 @@ class _Observer:
         if op == "live":
             live = view.live_connections()
             if self.book is not None and view in (self.views.get("peer_address"), self.views.get("peer_backend")):
-                live = [c for c in live if not self._ended_at_peer(view, c)]  # no RST owed, nor sent
+                # over at both ends (ContinuationBook.ended_at_peer): no RST owed, nor sent
+                over = {(k.client, k.server) for k, c in view.pipeline.tcp.connections.items()
+                        if self.book.ended_at_peer(k, c)}
+                live = [c for c in live if (c["client"], c["server"]) not in over]
             return live
         if op == "forget":  # connections the owner no longer has, or a dead peer's (see ViewSync)
             from protocols.tcpstream import ConnectionClosed
