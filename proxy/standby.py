@@ -82,8 +82,8 @@ TCP_ESTABLISHED = 1
 #: client that does not reconnect. The address does not wait that long: after ``observer_timeout`` it
 #: comes up and the late ones follow under the repair guard
 CONTINUATIONS_TIMEOUT = 1.0
-#: how many of the peer's connections (the busiest) a takeover restores before its address comes up; the
-#: rest follow with the address up, their kernel resets held back (issue 10, behaviour 7)
+#: how many of the peer's connections (the busiest) a takeover restores first; the rest follow, their
+#: kernel resets held back (issue 10, behaviour 7)
 CONTINUE_FIRST = 32
 #: ... the rest in chunks of this many (the observer builds the next while this node restores one)
 REST_CHUNK = 256
@@ -474,9 +474,15 @@ class StatefulStandby:
         if self._nursery is not None and self.observer.ready.is_set():
             self._nursery.start_soon(self._ask, "unwatch", None, None, self.timings.status_observer_timeout)
 
-    async def takeover_plan(self) -> TakeoverPlan:
+    def repair_guard_armed(self) -> bool:
+        """A repair guard is ready for a takeover to take at once (:meth:`open_repair_guard`)."""
+        return self._armed_repair_guard is not None
+
+    async def takeover_plan(self, *, wait_for_first: bool = True) -> TakeoverPlan:
         """The connections to reset: prepared during this silence if recent enough, else fetched now;
-        at most ``observer_timeout`` (then none: a stateless takeover)."""
+        at most ``observer_timeout`` (then none: a stateless takeover). The continuations are asked
+        for at once; with ``wait_for_first`` the busiest come in the plan (waited for at most
+        ``observer_timeout``), else they all follow with :meth:`continuations_rest`."""
         if not self.observer.ready.is_set():
             return TakeoverPlan()
         # the peer's process is dead, and every connection this node saw it serve with it: once the
@@ -484,11 +490,11 @@ class StatefulStandby:
         # observer answers in time (the resets go to the clients it knew; the rest reconnect anyway)
         dead_since = time.time()
         try:
-            return await self._takeover_plan()
+            return await self._takeover_plan(wait_for_first)
         finally:
             self._forget_soon(dead_since, "taken over")
 
-    async def _takeover_plan(self) -> TakeoverPlan:
+    async def _takeover_plan(self, wait_for_first: bool) -> TakeoverPlan:
         plan = None
         self._late_first = None  # a takeover that failed before its rest leaves nothing to the next one
         t0 = trio.current_time()
@@ -511,15 +517,19 @@ class StatefulStandby:
                         self.timings.observer_timeout * 1000)
             return TakeoverPlan()
         # the legs' state as late as possible (never a prepared one: the last ACKs arrive after the death);
-        # only the busiest now, the rest once the address is up (continuations_rest). Asked in the
-        # background and waited for at most observer_timeout (issue 8: a takeover never waits on the
-        # observer beyond a small bound): later than that, the address comes up without them, the repair
-        # guard keeps this node's kernel from resetting them, and they are the rest's first chunk
+        # the busiest first, the rest in chunks (continuations_rest). Asked in the background. With a
+        # repair guard armed the takeover does not wait for them at all: its address comes up at once
+        # (1.4-3.9 ms sooner, bench/FAILOVER.md), the guard keeps this node's kernel from resetting
+        # them meanwhile, and they are the rest's first chunk. Without one they are waited for at most
+        # observer_timeout (issue 8: a takeover never waits on the observer beyond a small bound)
         phases["plan"] = round((trio.current_time() - t0) * 1000, 1)
         answers_tx, answers_rx = trio.open_memory_channel[dict | None](1)
         assert self._nursery is not None  # the observer is ready: run() is under way
         self._rest_fetched = trio.Event()  # set once continuations_rest has given everything
         self._nursery.start_soon(self._fetch_first_continuations, answers_tx, trio.current_time(), phases)
+        if not wait_for_first:
+            self._late_first = answers_rx
+            return replace(plan, more_continuations=1)  # how many is unknown yet: at least the first ones
         with trio.move_on_after(self.timings.observer_timeout):
             first = await answers_rx.receive()
             if first is None:  # the observer failed or timed out (counted and logged)

@@ -79,6 +79,11 @@ class SynLog:
         return out
 
 
+def destination_port(packet: bytes) -> int:
+    """The TCP destination port of an IPv4 packet the log gave (:meth:`SynLog.recent`)."""
+    return struct.unpack_from("!H", packet, (packet[0] & 0x0F) * 4 + 2)[0]
+
+
 def inject(packets: list[bytes], address: str) -> int:
     """Hand each IPv4 packet (a client's SYN to ``address``, now a local address) to this network
     namespace's own input path; how many went in. Needs CAP_NET_RAW."""

@@ -10,12 +10,16 @@ keepalived's ``become_master``/``restore_interface`` and :mod:`proxy.serving` do
    the peer is leaving (it drains them itself);
 3. the macvlan with the peer's MAC (already there in stateful mode: then it is not ours to undo);
    a leaving peer's connections passed on to it (:mod:`proxy.drain`), before its clients come here;
-4. stateful: the peer's continuable connections (:mod:`proxy.continuation`) restored with TCP_REPAIR,
-   both legs, still quiet (repair mode sends nothing), *before* the address exists: a segment that
-   found the address without its socket would be answered with a reset;
+4. stateful: the peer's continuable connections (:mod:`proxy.continuation`) are restored with
+   TCP_REPAIR, both legs. A segment that found the address without its socket would be answered with a
+   reset, so with the repair guard (:mod:`proxy.rstguard`, armed while standing by) holding this node's
+   kernel's resets back they are all restored once the address is up, busiest first, and the address
+   does not wait for the observer's answer; without a guard the busiest are restored here, still quiet
+   (repair mode sends nothing), *before* the address exists;
 5. the peer's services on its address, as a /32 on the macvlan, announced with this node's own MAC
    (:class:`~proxy.serving.AddressService`: listeners, address, gratuitous ARP); then the restored
-   legs go live (their queued bytes leave at once) and get their pumps;
+   legs go live (their queued bytes leave at once) and get their pumps; then the others, and the SYNs
+   new clients sent during the outage;
 6. stateful: exact-sequence resets to the peer's other clients and to the backends it left connected;
 7. a watcher that records when the first client is served.
 
@@ -140,10 +144,12 @@ async def take_over(*, node: NodeConfig, peer: PeerConfig, peer_hello: dict[str,
             guard = await standby.open_repair_guard()
             phases["plan.guard"] = round((trio.current_time() - t) * 1000, 1)
 
+        # with a guard ready the address need not wait for the busiest continuations (step 4)
+        wait_for_first = not standby.repair_guard_armed()
         try:
             async with trio.open_nursery() as both:
                 both.start_soon(open_guard)
-                plan = await standby.takeover_plan()
+                plan = await standby.takeover_plan(wait_for_first=wait_for_first)
                 phases["plan.fetch"] = round((trio.current_time() - mark) * 1000, 1)
                 phases.update({f"plan.{k}": v for k, v in standby.plan_phases.items()})
         except BaseException:  # cancelled (the node stops): not left behind
@@ -216,12 +222,12 @@ async def take_over(*, node: NodeConfig, peer: PeerConfig, peer_hello: dict[str,
     # not continued
     if standby is not None:
         if plan.more_continuations:
-            nursery.start_soon(_answer_syns_then_continue_rest, standby, plan, service, takeover, guard)
+            nursery.start_soon(_continue_rest, standby, plan, service, takeover, guard, nursery)
         else:
             if guard is not None:  # nothing left to repair: the kernel may reset what finds no socket
                 nursery.start_soon(trio.to_thread.run_sync, guard.close)
             _finish_continuing(standby, plan, takeover)
-            nursery.start_soon(_answer_syns, standby, takeover)
+            nursery.start_soon(_answer_syns, standby, takeover, service, nursery)
     # 7. the first client, and the end of a drain
     nursery.start_soon(_watch_first_client, takeover, service)
     if drain is not None:
@@ -272,28 +278,48 @@ REST_BATCH = 8
 REST_SLICE = 0.005
 
 
-async def _answer_syns(standby: StatefulStandby, takeover: Takeover) -> None:
+#: the SYNs of the outage are handed to this node's kernel oldest first, per service port one every this
+#: long: all at once, each an SMB client's new session (an smbd fork) on the backend in the same
+#: instant, they delayed every new client's first answer by 5-9 ms here, the first of them too
+#: (bench/FAILOVER.md, 2026-11-30 later); paced, the first answers came as without them. The last of 10
+#: waits 45 ms, not the 1 s of its own SYN retransmission
+OUTAGE_SYN_SPACING = 0.005
+
+
+async def _answer_syns(standby: StatefulStandby, takeover: Takeover, service: AddressService,
+                       nursery: trio.Nursery) -> None:
     """New clients' SYNs to the peer's address that arrived during the outage, handed to this node's own
-    kernel now that it holds the address: answered at once, instead of after the clients' 1 s SYN
-    retransmission (issue 10, behaviour 3; :mod:`proxy.synlog`)."""
+    kernel now that it holds the address: answered at once (one port's paced, :data:`OUTAGE_SYN_SPACING`),
+    instead of after the clients' 1 s SYN retransmission (issue 10, behaviour 3; :mod:`proxy.synlog`).
+    Returns once they are fetched; the handing runs on in ``nursery`` while ``service`` holds the address
+    (afterwards a SYN sent to it would leave this node instead)."""
     packets = await standby.outage_syns()
-    if packets:
-        takeover.syns_answered = synlog.inject(packets, takeover.address)
-        log.info("stateful: %d SYN(s) new clients sent to %s during the outage handed to this node's kernel",
-                 takeover.syns_answered, takeover.address)
+    if not packets:
+        return
+    by_port: dict[int, list[bytes]] = {}
+    for packet in packets:  # oldest first, as the log gives them
+        by_port.setdefault(synlog.destination_port(packet), []).append(packet)
 
+    async def hand(port: int, queue: list[bytes]) -> None:
+        for i, packet in enumerate(queue):
+            if i:
+                await trio.sleep(OUTAGE_SYN_SPACING)
+            if service.state not in ("idle", "serving"):  # handed back (or stopped) meanwhile
+                return
+            takeover.syns_answered += synlog.inject([packet], takeover.address)
+        log.info("stateful: %d SYN(s) new clients sent to %s:%d during the outage handed to this node's kernel",
+                 len(queue), takeover.address, port)
 
-async def _answer_syns_then_continue_rest(standby: StatefulStandby, plan: TakeoverPlan, service: AddressService,
-                                          takeover: Takeover, guard: RstGuard | None) -> None:
-    await _answer_syns(standby, takeover)
-    await _continue_rest(standby, plan, service, takeover, guard)
+    for port, queue in by_port.items():
+        nursery.start_soon(hand, port, queue)
 
 
 async def _continue_rest(standby: StatefulStandby, plan: TakeoverPlan, service: AddressService,
-                         takeover: Takeover, guard: RstGuard | None) -> None:
-    """With the address up: the least busy connections, restored and live a batch at a time (the next
-    chunk is fetched from the observer meanwhile); then the guard goes and the connections not continued
-    get their resets."""
+                         takeover: Takeover, guard: RstGuard | None, nursery: trio.Nursery) -> None:
+    """With the address up: the connections not restored before it, busiest first, restored and live a
+    batch at a time (the next chunk is fetched from the observer meanwhile), and after the first chunk
+    the outage's SYNs (:func:`_answer_syns`, in ``nursery``); then the guard goes and the connections not
+    continued get their resets."""
     rest: list[dict] = []
     chunks_tx, chunks_rx = trio.open_memory_channel[list](1)
     # where the rest's time goes (status: the takeover's phases): restoring and going live here, waiting
@@ -302,7 +328,11 @@ async def _continue_rest(standby: StatefulStandby, plan: TakeoverPlan, service: 
 
     async def fetch() -> None:
         async with chunks_tx:
-            while chunk := await standby.continuations_rest():
+            chunk = await standby.continuations_rest()  # the busiest: before the new clients' SYNs
+            if chunk:
+                await chunks_tx.send(chunk)
+            await _answer_syns(standby, takeover, service, nursery)
+            while chunk and (chunk := await standby.continuations_rest()):
                 await chunks_tx.send(chunk)
 
     # no garbage collection while thousands of connections are made: the collections found nothing to

@@ -344,7 +344,7 @@ def echo_pair(lab, tmp_path):
 
 def test_many_connections_the_busiest_first_and_none_reset_while_the_rest_are_repaired(lab, echo_pair):
     """Behaviour 7: 300 idle connections and a busy one (an echo every 2 ms) through a; a dies. b restores
-    the busiest before a's address comes up and the rest after it, a few at a time, while its kernel's
+    the busiest first, as a's address comes up, and the rest after it, a few at a time, while its kernel's
     resets for the ones not yet restored are held back (the idle clients send their next request right
     at the death: their segments reach b during the repair). Every one is continued: the busy client
     sees no error, each idle one gets its answer and closes cleanly."""
@@ -384,7 +384,7 @@ def test_many_connections_the_busiest_first_and_none_reset_while_the_rest_are_re
         assert not [c for c in takeover["connections"] if c["client"] in ours and not c["continued"]]
         strays = [c for c in takeover["connections"] if c["client"] not in ours]
         assert all(not c["continued"] for c in strays), strays
-        # the busy one first, before the address came up; the rest after it
+        # the busy one first, as the address came up; the rest after it
         busy_record = next(c for c in takeover["connections"] if c["client"] == busy_client)
         assert busy_record["continued"]
         assert takeover["connections"].index(busy_record) == 0
@@ -568,9 +568,9 @@ def test_a_client_whose_syn_arrived_during_the_outage_connects_at_the_takeover(l
 def test_a_slow_observer_does_not_hold_the_address_back_and_the_connection_is_still_continued(lab):
     """Issue 8, finding 6: b's observer answers "which connections to continue" only after 400 ms (fault
     injection: blocked as one stuck behind a backlog of frames). The address comes up without waiting
-    for it (observer_timeout, 100 ms here); the busiest connection, named late, is restored after the
-    address under the repair guard: the SMB client with its open file goes on, same connection and
-    session, no error."""
+    for it (b has its repair guard armed: it does not wait at all); the busiest connection, named late,
+    is restored after the address under the repair guard: the SMB client with its open file goes on,
+    same connection and session, no error."""
     from proxy.observer import DELAY_ENV
 
     host = lab.addresses.service_a
@@ -585,7 +585,6 @@ def test_a_slow_observer_does_not_hold_the_address_back_and_the_connection_is_st
                        10, "b able to continue the client's connection")
             time.sleep(0.5)
             takeover = a_dies_and_b_continues(lab, a, b, host, before, proc, ready)
-            assert takeover["phases_ms"].get("plan.continuations_late") == 1, takeover["phases_ms"]
             assert takeover["address_moved_ms"] < 300, takeover   # 400 ms before: it waited for the observer
             assert takeover["first_continued_ms"] >= 300, takeover  # restored once the observer answered
         finally:

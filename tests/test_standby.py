@@ -394,6 +394,29 @@ def test_a_slow_observer_at_the_continuations_delays_the_address_at_most_observe
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
 
 
+def test_with_a_repair_guard_the_address_does_not_wait_for_the_continuations_at_all():
+    """``wait_for_first=False`` (the takeover has a repair guard armed): the plan comes without the
+    continuations, however slow the observer, and the busiest are the rest's first chunk."""
+    async def main():
+        observer, heard = SlowContinuationsObserver(delay=0.05), [0.0]
+        standby = make(observer, heard)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(standby.run)
+            observer.live[PEER_ADDRESS] = [connection(5000, 1), connection(6000, 1)]
+            start = trio.current_time()
+            plan = await standby.takeover_plan(wait_for_first=False)
+            assert trio.current_time() - start < 0.05          # not the observer's 50 ms
+            assert plan.continuations == [] and plan.more_continuations == 1 and len(plan.clients_to_reset) == 2
+            assert "continuations_late" not in standby.plan_phases
+            assert await standby.continuations_rest() == [{"client": "10.0.0.9:5000"}]
+            assert await standby.continuations_rest() == [{"client": "10.0.0.9:6000"}]
+            assert await standby.continuations_rest() == []
+            assert standby._rest_fetched.is_set() and standby.observer_timeouts == 0
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
 def test_an_observer_that_never_says_which_to_continue_costs_resets_not_a_hang():
     async def main():
         observer, heard = SlowContinuationsObserver(delay=None), [0.0]

@@ -80,13 +80,28 @@ class FakeService:
 
 
 class FakeStandby:
-    def __init__(self, plan=TakeoverPlan(), stuck=False):
+    def __init__(self, plan=TakeoverPlan(), stuck=False, syns=(), armed=False):
         self.plan, self.stuck, self.calls = plan, stuck, []
         self.plan_phases = {"plan": 0.0}
+        self.syns, self.armed = list(syns), armed
+        self.rest = [list(plan.continuations)] if plan.more_continuations else []
 
-    async def takeover_plan(self):
-        self.calls.append("plan")
+    def repair_guard_armed(self):
+        return self.armed
+
+    async def takeover_plan(self, *, wait_for_first=True):
+        self.calls.append(f"plan wait_for_first={wait_for_first}")
         return self.plan
+
+    async def continuations_rest(self):
+        self.calls.append("rest")
+        return self.rest.pop(0) if self.rest else []
+
+    def continuations_done(self):
+        self.calls.append("continuations done")
+
+    def note_continued(self, clients):
+        pass
 
     def send_resets(self, plan):
         self.calls.append("resets")
@@ -100,7 +115,8 @@ class FakeStandby:
         return None
 
     async def outage_syns(self):
-        return []
+        self.calls.append("syns")
+        return self.syns
 
 
 @pytest.fixture(autouse=True)
@@ -143,7 +159,7 @@ def test_a_stateful_standby_keeps_its_macvlan_and_gives_the_resets_and_the_resum
             assert (held.takeover.resets, held.takeover.backend_resets) == (1, 1)
             await handback.release(held, macvlan=slot, standby=standby)
             assert slot.is_open and slot.log == []
-            assert standby.calls == ["plan", "resets", "end"] and held.takeover.resume[0]["verdict"] == "resumed"
+            assert standby.calls == ["plan wait_for_first=True", "resets", "syns", "end"] and held.takeover.resume[0]["verdict"] == "resumed"
             nursery.cancel_scope.cancel()
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
@@ -201,3 +217,69 @@ def test_without_the_peers_hello_there_is_nothing_to_retry(hello, words):
 
 def test_held_address_is_what_release_needs():
     assert set(HeldAddress.__dataclass_fields__) == {"service", "done", "takeover", "opened_macvlan", "drain"}
+
+
+def syn(client_port: int, port: int) -> bytes:
+    """A client's SYN to PEER's address, as the SYN log keeps it (an IPv4 packet)."""
+    import struct
+    tcp = struct.pack("!HHIIBBHHH", client_port, port, 1, 0, 5 << 4, 0x02, 65535, 0, 0)
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 40, 0, 0, 64, 6, 0, bytes([10, 0, 0, 9]), PEER.address.packed)
+    return ip + tcp
+
+
+def test_the_outages_syns_are_handed_over_oldest_first_paced_per_port_and_not_after_a_release(monkeypatch):
+    """All at once they were an smbd fork each on the backend in one instant, delaying every new client's
+    first answer (bench/FAILOVER.md): per port one every OUTAGE_SYN_SPACING, the ports side by side; a SYN
+    still waiting when the address is released is not sent (it would leave this node)."""
+    handed: list[tuple[float, int, int]] = []
+
+    def inject(packets, address):
+        assert address == str(PEER.address)
+        for p in packets:
+            handed.append((trio.current_time(), synlog.destination_port(p), int.from_bytes(p[20:22], "big")))
+        return len(packets)
+
+    from proxy import synlog
+    monkeypatch.setattr(synlog, "inject", inject)
+    spacing = takeover.OUTAGE_SYN_SPACING
+    syns = [syn(5000, 445), syn(5001, 2049), syn(5002, 445), syn(5003, 445), syn(5004, 2049)]
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            standby = FakeStandby(syns=syns)
+            held = await run_takeover(nursery, FakeSlot(), standby)
+            up = held.takeover.address_up_at
+            await trio.sleep(1.0)
+            by_port = {port: [(round((t - up) / spacing, 3), c) for t, p, c in handed if p == port]
+                       for port in (445, 2049)}
+            assert by_port == {445: [(0, 5000), (1, 5002), (2, 5003)], 2049: [(0, 5001), (1, 5004)]}
+            assert held.takeover.syns_answered == 5
+            # released with SYNs still waiting: the rest are not sent
+            handed.clear()
+            standby = FakeStandby(syns=[syn(6000 + i, 445) for i in range(10)])
+            held = await run_takeover(nursery, FakeSlot(already_open=True), standby)
+            await trio.sleep(spacing * 2.5)
+            held.service.stop(0)
+            await trio.sleep(1.0)
+            assert [c for _, _, c in handed] == [6000, 6001, 6002] and held.takeover.syns_answered == 3
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+@pytest.mark.parametrize("armed", [True, False])
+def test_the_address_waits_for_the_busiest_continuations_only_without_a_repair_guard(armed):
+    """With the repair guard armed the address comes up at once and every continuation follows it (the
+    busiest first, before the outage's SYNs); without one the busiest are asked for before it."""
+    async def main():
+        async with trio.open_nursery() as nursery:
+            plan = TakeoverPlan(more_continuations=1)
+            standby = FakeStandby(plan=plan, armed=armed)
+            standby.rest = [[{"client": "10.0.0.9:5000", "reason": "not continuable"}]]  # then none
+            await run_takeover(nursery, FakeSlot(), standby)
+            await trio.sleep(0.1)
+            assert standby.calls[0] == f"plan wait_for_first={not armed}"
+            assert standby.calls[1:] == ["rest", "syns", "rest", "continuations done", "resets"], standby.calls
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
