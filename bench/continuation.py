@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.driver import (Bench, KeepalivedNode, LabError, NodeProcess, PairTimings, say, serving, standing_by, stats,  # noqa: E402
                           wait_until, run_info)
 from deploy.lab import nodeconfigs  # noqa: E402
-from deploy.lab.clients import SCRIPTS  # noqa: E402
+from deploy.lab.clients import SCRIPTS, takeover_settled  # noqa: E402
 
 VIP = "10.77.0.50"
 #: what one run compares: pairproxy's two modes, then keepalived + haproxy
@@ -94,9 +94,10 @@ def run_pairproxy(bench: Bench, i: int, protocol: str, mode: str) -> dict:
         load = os.getloadavg()[0]
         before = {n.node: n.status()["pair"]["takeovers_total"] for n in (a, b)}  # false takeovers so far
         killed_at = a.kill_hard(link_down=True)
-        st = b.wait_for(serving(lab.addresses.service_a, "b"), 10, "b holding a's address")
+        b.wait_for(serving(lab.addresses.service_a, "b"), 10, "b holding a's address")
         result = error_after(finish(proc, ready), killed_at)
-        t = st["pair"]["takeovers"][-1]
+        # the takeover's counts once every connection of a's is decided (continued after the address)
+        t = b.wait_for(takeover_settled(lab.addresses.service_a, "b"), 10, "b's takeover settled")["pair"]["takeovers"][-1]
         result.update(load=round(load, 2), false_takeovers_before_kill=before, silence_ms=t["silence_ms"],
                       address_moved_ms=t["address_moved_ms"], continued=t["connections_continued"],
                       reset=t["clients_reset"],
