@@ -12,7 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .clients import IoLoop, NodeProcess, SmbHolder, established, serving
+from .clients import IoLoop, NodeProcess, SmbHolder, established, serving, takeover_settled
 from .core import Lab
 
 
@@ -147,7 +147,8 @@ def run_stateful_demo(lab: Lab) -> bool:
         old = established(lab, addr.service_a, 445)
         died = a.kill_hard(link_down=True)
         tl.say("node a killed (SIGKILL, link down); the client is idle and sends nothing", died)
-        st = b.wait_for(serving(addr.service_a, "b"), 10, "b taking over")
+        # settled: a's connections are continued right after the address comes up
+        st = b.wait_for(takeover_settled(addr.service_a, "b"), 10, "b taking over")
         t = st["pair"]["takeovers"][-1]
         tl.say(f"node b: took over {addr.service_a} after {t['silence_ms']:.0f} ms of silence; continued "
                f"{t['connections_continued']} of a's connection(s) with TCP_REPAIR (both legs), reset "
