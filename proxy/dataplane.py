@@ -195,6 +195,10 @@ class SourcePorts:
         """``port`` is free again (its connection ended, or it could not be used now)."""
         self._free[port] = None
 
+    def hold(self, port: int) -> None:
+        """``port`` is in use by a connection that did not take it from here (a restored one)."""
+        self._free.pop(port, None)
+
 
 def _backend_socket() -> trio.socket.SocketType:
     sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -327,12 +331,26 @@ class ServiceProxy:
         """The pool of source ports for connections arriving on ``port`` (None: kernel-chosen)."""
         if not self.service.privileged_source_port:
             return None
-        target = self.service.backend_port(port)
+        return self._pool(self.service.backend_port(port))
+
+    def _pool(self, target: int) -> SourcePorts:
         pool = self._source_ports.get(target)
         if pool is None:
             # never one of our own listening ports (binding it would fail anyway)
             pool = self._source_ports[target] = SourcePorts(p for p in RESERVED_PORTS if p not in self.service.ports)
         return pool
+
+    def source_pool_towards(self, server: tuple[str, int]) -> SourcePorts | None:
+        """The pool of source ports towards ``server`` (host, port) if this proxy connects there from
+        chosen ports (a ``secure`` service), else None. A takeover holds the dead peer's backend legs'
+        ports in it until each is continued here or reset (:mod:`proxy.takeover`): a new connection from
+        one of them would meet the peer's leg still established at the server, and that leg's restore
+        would fail (EADDRNOTAVAIL)."""
+        if not self.service.privileged_source_port or str(self.service.backend.host) != server[0]:
+            return None
+        if server[1] not in {self.service.backend_port(p) for p in self.service.ports}:
+            return None
+        return self._pool(server[1])
 
     def _warn(self, message: str, *args) -> None:
         """A warning at most once a second per service (a flood of failing clients must not flood
@@ -457,7 +475,7 @@ class ServiceProxy:
                           bytes_to_client=bytes_to_client, anchor=anchor)
         source_ports = self.source_ports(port)
         if source_ports is not None:
-            source_ports._free.pop(backend.getsockname()[1], None)  # in use by the moved connection
+            source_ports.hold(backend.getsockname()[1])  # in use by the moved connection
         nursery.start_soon(self._proxy_adopted, tclient, tbackend, conn)
 
     def serve_restored_client(self, client: socket.socket, port: int, nursery: trio.Nursery, *,

@@ -43,6 +43,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from proxy import synlog, tcprepair
 from proxy.config import ConfigError, NodeConfig, PeerConfig, services_from_dicts
 from proxy.continuation import relay_anchor
+from proxy.dataplane import SourcePorts
 from proxy.drain import DrainRedirect
 from proxy.netplane import NetworkError, PeerMacvlan
 from proxy.rstguard import RstGuard
@@ -185,6 +186,8 @@ async def take_over(*, node: NodeConfig, peer: PeerConfig, peer_hello: dict[str,
     # 5. the peer's services on its address
     service = AddressService(ipaddress.IPv4Interface(f"{peer.address}/32"), peer.macvlan, services,
                              announce_ifname=node.interface, announce_mac=mac)
+    for pool, port in _peer_source_ports(service, plan.backends_to_reset):  # before a new client can take one
+        pool.hold(port)
     done = trio.Event()
 
     async def serve_peer_address(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -226,7 +229,7 @@ async def take_over(*, node: NodeConfig, peer: PeerConfig, peer_hello: dict[str,
         else:
             if guard is not None:  # nothing left to repair: the kernel may reset what finds no socket
                 nursery.start_soon(trio.to_thread.run_sync, guard.close)
-            _finish_continuing(standby, plan, takeover)
+            _finish_continuing(standby, plan, takeover, service)
             nursery.start_soon(_answer_syns, standby, takeover, service, nursery)
     # 7. the first client, and the end of a drain
     nursery.start_soon(_watch_first_client, takeover, service)
@@ -378,12 +381,37 @@ async def _continue_rest(standby: StatefulStandby, plan: TakeoverPlan, service: 
         with trio.CancelScope(shield=True):
             if guard is not None:
                 await trio.to_thread.run_sync(guard.close)
-            _finish_continuing(standby, replace(plan, continuations=plan.continuations + rest), takeover)
+            _finish_continuing(standby, replace(plan, continuations=plan.continuations + rest), takeover, service)
 
 
-def _finish_continuing(standby: StatefulStandby, plan: TakeoverPlan, takeover: Takeover) -> None:
-    """Every connection is continued or not: resets to the others, the resume report told, a log line."""
-    takeover.resets, takeover.backend_resets = standby.send_resets(_not_continued(plan, takeover))
+def _peer_source_ports(service: AddressService, backends: list[dict]) -> list[tuple[SourcePorts, int]]:
+    """The dead peer's backend legs' source ports in ``service``'s pools (``secure`` services only), as
+    ``(pool, port)``. A takeover holds them from before its address is up until each leg is continued
+    (its connection gives the port back when it ends) or reset (given back then): a new backend
+    connection from one of them met the peer's leg still established at the server, and that leg's
+    restore failed ("Cannot assign requested address", bench/FAILOVER.md)."""
+    found = []
+    for leg in backends:
+        try:
+            host, port = str(leg["server"]).rsplit(":", 1)
+            server, source_port = (host, int(port)), int(str(leg["client"]).rsplit(":", 1)[1])
+        except (KeyError, ValueError, IndexError):
+            continue
+        pools = (proxy.source_pool_towards(server) for proxy in service.proxies)
+        pool = next((p for p in pools if p is not None), None)
+        if pool is not None:
+            found.append((pool, source_port))
+    return found
+
+
+def _finish_continuing(standby: StatefulStandby, plan: TakeoverPlan, takeover: Takeover,
+                       service: AddressService) -> None:
+    """Every connection is continued or not: resets to the others (their backend legs' source ports
+    free again), the resume report told, a log line."""
+    ended = _not_continued(plan, takeover)
+    takeover.resets, takeover.backend_resets = standby.send_resets(ended)
+    for pool, port in _peer_source_ports(service, ended.backends_to_reset):
+        pool.give_back(port)
     takeover.settled_at = trio.current_time()
     continued = [r["client"] for r in takeover.connections if r["continued"]]
     if continued:

@@ -15,6 +15,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from proxy import handback, takeover
 from proxy.config import NodeConfig, PeerConfig, parse_endpoint, service_to_dict, ServiceConfig
+from proxy.dataplane import ServiceProxy
 from proxy.netplane import NetworkError
 from proxy.takeover import HeldAddress, TakeoverError, TakeoverPlan, take_over
 
@@ -59,7 +60,7 @@ class FakeService:
     def __init__(self, address, ifname, services, **kw):
         self.address, self.ifname, self.state = address, ifname, "idle"
         self.address_up_at = None
-        self.proxies = []
+        self.proxies = [ServiceProxy(s, address.ip) for s in services]  # objects only: nothing listens
         self.stopped_with = None
         self._stop = trio.Event()
         FakeService.instances.append(self)
@@ -85,6 +86,7 @@ class FakeStandby:
         self.plan_phases = {"plan": 0.0}
         self.syns, self.armed = list(syns), armed
         self.rest = [list(plan.continuations)] if plan.more_continuations else []
+        self.gate: trio.Event | None = None  # set: continuations_rest waits for it
 
     def repair_guard_armed(self):
         return self.armed
@@ -95,6 +97,8 @@ class FakeStandby:
 
     async def continuations_rest(self):
         self.calls.append("rest")
+        if self.gate is not None:
+            await self.gate.wait()
         return self.rest.pop(0) if self.rest else []
 
     def continuations_done(self):
@@ -280,6 +284,35 @@ def test_the_address_waits_for_the_busiest_continuations_only_without_a_repair_g
             await trio.sleep(0.1)
             assert standby.calls[0] == f"plan wait_for_first={not armed}"
             assert standby.calls[1:] == ["rest", "syns", "rest", "continuations done", "resets"], standby.calls
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_the_dead_peers_backend_ports_are_kept_from_new_clients_until_continued_or_reset():
+    """A secure (NFS) service's new backend connection from a port of a dead peer's leg met that leg, still
+    established at the server, and the leg's restore failed with EADDRNOTAVAIL (bench/FAILOVER.md): the
+    ports are out of the pool from before the address is up until the leg is reset (then back) or
+    continued (its connection gives it back when it ends)."""
+    nfs = ServiceConfig(name="nfs", protocol="nfs", port=2049, backend=parse_endpoint("10.0.2.10:2049"))
+    hello = {"mac": "02:00:00:00:00:01", "services": [service_to_dict(SERVICE), service_to_dict(nfs)]}
+    legs = [{"client": "10.0.0.1:920", "server": "10.0.2.10:2049"}, {"client": "10.0.0.1:921", "server": "10.0.2.10:2049"},
+            {"client": "10.0.0.1:40000", "server": "10.0.2.10:9000"}]  # not a secure service's: no pool
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            standby = FakeStandby(TakeoverPlan(backends_to_reset=legs, more_continuations=1), armed=True)
+            standby.rest = [[{"client": "10.0.0.9:5000", "reason": "not continuable"}]]
+            standby.gate = trio.Event()
+            held = await run_takeover(nursery, FakeSlot(), standby, hello=hello)
+            [proxy] = [p for p in held.service.proxies if p.service.name == "nfs"]
+            pool = proxy.source_ports(2049)
+            assert held.service.state == "serving" and 920 not in pool._free and 921 not in pool._free
+            assert len(pool) == pool.size - 2
+            assert [p.source_pool_towards(("10.0.2.10", 9000)) for p in held.service.proxies] == [None, None]
+            standby.gate.set()  # the rest: none continued, all reset, the ports free again
+            await trio.sleep(0.1)
+            assert "resets" in standby.calls and 920 in pool._free and 921 in pool._free and len(pool) == pool.size
             nursery.cancel_scope.cancel()
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
