@@ -584,12 +584,15 @@ class StatefulStandby:
         rest: list[dict] = []
         if self._late_first is not None:  # the takeover did not wait for the busiest: they come first
             late, self._late_first = self._late_first, None
+            first: dict | None = None
             with trio.move_on_after(CONTINUATIONS_TIMEOUT):  # the fetch has this bound itself: a backstop
                 first = await late.receive()
-                if first and first.get("first"):
-                    return first["first"]
-            self._rest_fetched.set()  # none to give: the fetch failed, or nothing was continuable
-            return []
+            if first and first.get("first"):
+                return first["first"]
+            if not (first and first.get("rest")):
+                self._rest_fetched.set()  # none to give: the fetch failed, or the peer had no connection
+                return []
+            # none of them busy (idle clients only): straight on to the rest
         with trio.move_on_after(CONTINUATIONS_TIMEOUT):
             try:
                 rest = await self.observer.request("continuations_rest", limit=limit) or []

@@ -417,6 +417,34 @@ def test_with_a_repair_guard_the_address_does_not_wait_for_the_continuations_at_
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
 
 
+@pytest.mark.parametrize("wait_for_first", [True, False])
+def test_idle_connections_only_none_busy_are_still_all_given(wait_for_first):
+    """None of the peer's connections busy (the observer's busiest-first list empty, one more waiting):
+    the rest still comes, whether the takeover waited for the busiest or not (CI, 2026-11-30: without a
+    wait the empty first list ended the rest, and an idle client was neither continued nor reported)."""
+    class IdleOnly(SlowContinuationsObserver):
+        async def request(self, op, view=None, **args):
+            if op == "continuations":
+                self.requests.append(op)
+                return {"first": [], "rest": 1}
+            return await super().request(op, view, **args)
+
+    async def main():
+        observer, heard = IdleOnly(delay=0.0), [0.0]
+        standby = make(observer, heard)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(standby.run)
+            observer.live[PEER_ADDRESS] = [connection(6000, 1)]
+            plan = await standby.takeover_plan(wait_for_first=wait_for_first)
+            assert plan.continuations == [] and plan.more_continuations == 1
+            assert await standby.continuations_rest() == [{"client": "10.0.0.9:6000"}]
+            assert await standby.continuations_rest() == []
+            assert standby._rest_fetched.is_set() and standby.observer_timeouts == 0
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
 def test_an_observer_that_never_says_which_to_continue_costs_resets_not_a_hang():
     async def main():
         observer, heard = SlowContinuationsObserver(delay=None), [0.0]
