@@ -44,6 +44,10 @@ only) stopped at once, a death kinder to keepalived (bench/takeover_trace.py).
 Measured per run and protocol:
 
 * ``takeover``: death -> end of the first successful operation that *started* after the death;
+* ``outage_attempts``: the attempts begun within 20 ms of the death (their SYNs went to a dead node in
+  every setup): how many were answered at all, and when (a stateful pair hands those SYNs to the
+  survivor's kernel; elsewhere each waits for the probe's 50 ms connect timeout, as a real client
+  would for its 1 s SYN retransmission);
 * ``handback``: node a restarted (link up + start; for keepalived a's stale VIP removed first, as a
   rebooted machine would have lost it) -> the longest gap between two successive successful
   operations from just before the restart until the hand-back is complete (+0.5 s);
@@ -86,6 +90,20 @@ def first_success_after(records: list[dict], proto: str, at: float) -> float | N
     """Seconds from ``at`` to the end of the first successful operation that started at or after it."""
     ends = [r["e"] for r in records if r["p"] == proto and r["ok"] and r["s"] >= at]
     return min(ends) - at if ends else None
+
+
+#: attempts begun this soon after the death sent their SYN to a dead node in every setup (none serves
+#: before ~28 ms at 10/30): whether they were answered at all is the outage-SYN handling's doing
+OUTAGE_ATTEMPTS_WINDOW = 0.020
+
+
+def outage_attempts(records: list[dict], proto: str, died: float) -> dict:
+    """The attempts begun within OUTAGE_ATTEMPTS_WINDOW of the death: how many, how many were answered
+    (stateful mode hands their SYNs to the survivor's kernel; elsewhere they wait for the probe's connect
+    timeout), and when the answered ones ended (seconds after the death)."""
+    begun = [r for r in records if r["p"] == proto and died <= r["s"] < died + OUTAGE_ATTEMPTS_WINDOW]
+    return {"begun": len(begun), "answered": sum(1 for r in begun if r["ok"]),
+            "answered_after_s": sorted(r["e"] - died for r in begun if r["ok"])}
 
 
 def longest_gap(records: list[dict], proto: str, start: float, end: float, ref: float) -> dict:
@@ -146,6 +164,7 @@ def takeover_phase(bench: Bench, probe: Probe, died: float, out: dict) -> None:
     out["takeover_s"] = {p: first_success_after(recs, p, died) for p in PROTOS}
     out["takeover_failed_attempts"] = {p: sum(1 for r in recs if r["p"] == p and not r["ok"] and r["s"] >= died)
                                        for p in PROTOS}
+    out["outage_attempts"] = {p: outage_attempts(recs, p, died) for p in PROTOS}
 
 
 def handback_phase(bench: Bench, probe: Probe, back: float, done: float, out: dict) -> None:
@@ -297,6 +316,10 @@ def summarise(runs: list[dict], setups: list[Setup], idle_cap: float) -> dict:
             s[f"takeover_{p}"] = stats([r["takeover_s"][p] for r in rs])
             s[f"handback_{p}"] = stats([r["handback"][p]["longest_gap_s"] for r in rs])
         s["handback_restart_to_serving"] = stats([r["handback_restart_to_serving_s"] for r in rs])
+        for p in PROTOS:
+            outage = [r["outage_attempts"][p] for r in rs if "outage_attempts" in r]
+            s[f"outage_{p}"] = {"begun": sum(o["begun"] for o in outage), "answered": sum(o["answered"] for o in outage)}
+            s[f"outage_answered_{p}"] = stats([t for o in outage for t in o["answered_after_s"]])
         idle = [c for r in rs for c in r["idle"]]
         s["idle_notice"] = capped_stats([c["notice_s"] for c in idle], idle_cap)
         for p in PROTOS:
@@ -346,6 +369,8 @@ def table(summ: dict, setups: list[Setup]) -> list[str]:
             ("death -> idle connection ended (all 4)", "idle_notice", True),
             ("… idle SMB connections (2/run)", "idle_notice_smb", True),
             ("… idle NFS connections (2/run)", "idle_notice_nfs", True),
+            ("… SMB attempts begun 0-20 ms after the death, answered: death -> answer", "outage_answered_smb", False),
+            ("… NFS attempts begun 0-20 ms after the death, answered: death -> answer", "outage_answered_nfs", False),
             ("hand-back: longest SMB gap", "handback_smb", False),
             ("hand-back: longest NFS gap", "handback_nfs", False),
             ("hand-back: restart -> a serves again", "handback_restart_to_serving", False),
@@ -360,6 +385,9 @@ def table(summ: dict, setups: list[Setup]) -> list[str]:
     for label, key, capped in rows:
         lines.append(f"| {label} | " + " | ".join(cell(summ[s.key].get(key, {}), capped) for s in setups) + " |")
     counts = [("runs", lambda s: str(s["runs"])),
+              ("attempts begun 0-20 ms after the death: answered / begun (SMB; NFS)",
+               lambda s: f"{s['outage_smb']['answered']} / {s['outage_smb']['begun']}; "
+                         f"{s['outage_nfs']['answered']} / {s['outage_nfs']['begun']}"),
               ("idle connections: how they ended", lambda s: ", ".join(f"{k} {v}" for k, v in sorted(s["idle_events"].items()))),
               ("b: client / backend connections reset (median)",
                lambda s: "" if "clients_reset" not in s else
