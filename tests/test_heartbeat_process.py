@@ -161,6 +161,10 @@ def test_the_node_state_the_process_reads_before_each_send_stopped_running_gone(
     node = subprocess.Popen(["sleep", "30"])
     fd = _open_stat(node.pid)
     try:
+        # just started, it may be in D a moment (its exec reading the binary: CI, 2026-11-30), then S
+        deadline = time.monotonic() + 2
+        while process_state(fd) not in "RS" and time.monotonic() < deadline:
+            time.sleep(0.005)
         assert process_state(fd) in "RS"
         node.send_signal(signal.SIGSTOP)
         deadline = time.monotonic() + 2
@@ -168,7 +172,7 @@ def test_the_node_state_the_process_reads_before_each_send_stopped_running_gone(
             time.sleep(0.005)
         assert process_state(fd) == "T"
         node.send_signal(signal.SIGCONT)
-        while process_state(fd) == "T" and time.monotonic() < deadline:
+        while process_state(fd) not in "RS" and time.monotonic() < deadline:
             time.sleep(0.005)
         assert process_state(fd) in "RS"
         node.kill()
