@@ -41,7 +41,7 @@ import trio
 from pyroute2.netlink.exceptions import NetlinkError
 
 from proxy import synlog, tcprepair
-from proxy.config import ConfigError, NodeConfig, PeerConfig, services_from_dicts
+from proxy.config import ConfigError, NodeConfig, PeerConfig, parse_endpoint, services_from_dicts
 from proxy.continuation import relay_anchor
 from proxy.dataplane import SourcePorts
 from proxy.drain import DrainRedirect
@@ -393,14 +393,13 @@ def _peer_source_ports(service: AddressService, backends: list[dict]) -> list[tu
     found = []
     for leg in backends:
         try:
-            host, port = str(leg["server"]).rsplit(":", 1)
-            server, source_port = (host, int(port)), int(str(leg["client"]).rsplit(":", 1)[1])
-        except (KeyError, ValueError, IndexError):
+            server, source = parse_endpoint(leg.get("server")), parse_endpoint(leg.get("client"))
+        except ValueError:
             continue
-        pools = (proxy.source_pool_towards(server) for proxy in service.proxies)
+        pools = (proxy.source_pool_towards((str(server.host), server.port)) for proxy in service.proxies)
         pool = next((p for p in pools if p is not None), None)
         if pool is not None:
-            found.append((pool, source_port))
+            found.append((pool, source.port))
     return found
 
 

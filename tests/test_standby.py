@@ -368,6 +368,14 @@ class SlowContinuationsObserver(FakeObserver):
         return await super().request(op, view, **args)
 
 
+async def assert_rest_then_done(standby, *chunks) -> None:
+    """``continuations_rest`` gives ``chunks`` in order, then [] with everything fetched, no timeout."""
+    for chunk in chunks:
+        assert await standby.continuations_rest() == chunk
+    assert await standby.continuations_rest() == []
+    assert standby._rest_fetched.is_set() and standby.observer_timeouts == 0
+
+
 def test_a_slow_observer_at_the_continuations_delays_the_address_at_most_observer_timeout():
     """Issue 8, finding 6: the takeover waited up to 1 s (CONTINUATIONS_TIMEOUT) for the busiest
     continuations before its address came up. Now at most ``observer_timeout``: later ones are the first
@@ -386,9 +394,7 @@ def test_a_slow_observer_at_the_continuations_delays_the_address_at_most_observe
             # the late busiest first, then the observer's rest, then the end
             assert await standby.continuations_rest() == [{"client": "10.0.0.9:5000"}]
             assert 0.5 <= trio.current_time() - start < 0.6
-            assert await standby.continuations_rest() == [{"client": "10.0.0.9:6000"}]
-            assert await standby.continuations_rest() == []
-            assert standby._rest_fetched.is_set() and standby.observer_timeouts == 0
+            await assert_rest_then_done(standby, [{"client": "10.0.0.9:6000"}])
             nursery.cancel_scope.cancel()
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
@@ -408,10 +414,7 @@ def test_with_a_repair_guard_the_address_does_not_wait_for_the_continuations_at_
             assert trio.current_time() - start < 0.05          # not the observer's 50 ms
             assert plan.continuations == [] and plan.more_continuations == 1 and len(plan.clients_to_reset) == 2
             assert "continuations_late" not in standby.plan_phases
-            assert await standby.continuations_rest() == [{"client": "10.0.0.9:5000"}]
-            assert await standby.continuations_rest() == [{"client": "10.0.0.9:6000"}]
-            assert await standby.continuations_rest() == []
-            assert standby._rest_fetched.is_set() and standby.observer_timeouts == 0
+            await assert_rest_then_done(standby, [{"client": "10.0.0.9:5000"}], [{"client": "10.0.0.9:6000"}])
             nursery.cancel_scope.cancel()
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
@@ -437,9 +440,7 @@ def test_idle_connections_only_none_busy_are_still_all_given(wait_for_first):
             observer.live[PEER_ADDRESS] = [connection(6000, 1)]
             plan = await standby.takeover_plan(wait_for_first=wait_for_first)
             assert plan.continuations == [] and plan.more_continuations == 1
-            assert await standby.continuations_rest() == [{"client": "10.0.0.9:6000"}]
-            assert await standby.continuations_rest() == []
-            assert standby._rest_fetched.is_set() and standby.observer_timeouts == 0
+            await assert_rest_then_done(standby, [{"client": "10.0.0.9:6000"}])
             nursery.cancel_scope.cancel()
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
